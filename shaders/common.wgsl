@@ -1,0 +1,62 @@
+// Shared by every microclip kernel (prepended by the host before compilation).
+//
+// Numerics conventions:
+// * A micro-batch mean is accumulated as sum_i (x_i * inv_n) so it cannot overflow
+//   when the true mean is finite, in blocks of ROW_BLOCK rows (sum of block sums):
+//   the rounding error grows like ROW_BLOCK + rows / ROW_BLOCK, not like rows.
+// * Squared norms travel as (scale, ssq) pairs: the value is scale^2 * ssq with
+//   scale = max |g| over the covered elements (BLAS nrm2 style), so 1e30 and 1e-30
+//   do not overflow or underflow.
+// * Non-finite values are detected on the bits (NaN/Inf may be assumed absent by
+//   WGSL implementations for arithmetic, never for bitcasts).
+
+const ROW_BLOCK: u32 = 16u;
+const FLAG_NAN: u32 = 1u;
+const FLAG_INF: u32 = 2u;
+
+// (scale, ssq) partial squared norm with non-finite flags, one per (micro-batch, tile).
+struct Partial {
+    scale: f32,
+    ssq: f32,
+    flags: u32,
+    pad: u32,
+}
+
+// A micro-batch's norm as scale * root, with the non-finite flags of its mean.
+struct MbNorm {
+    scale: f32,
+    root: f32,
+    flags: u32,
+    pad: u32,
+}
+
+fn nonfinite_flags(v: f32) -> u32 {
+    let bits = bitcast<u32>(v);
+    if ((bits & 0x7f800000u) != 0x7f800000u) {
+        return 0u;
+    }
+    return select(FLAG_INF, FLAG_NAN, (bits & 0x007fffffu) != 0u);
+}
+
+// Combine two (scale, ssq) pairs.
+fn combine_scaled(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let s = max(a.x, b.x);
+    if (s == 0.0) {
+        return vec2<f32>(0.0, 0.0);
+    }
+    let ra = a.x / s;
+    let rb = b.x / s;
+    return vec2<f32>(s, a.y * ra * ra + b.y * rb * rb);
+}
+
+// Whether the norm written as (scale, root) pair a is smaller than b's, with no
+// overflow: the roots lie in [1, sqrt(D)] whenever scale > 0.
+fn norm_less(a: vec2<f32>, b: vec2<f32>) -> bool {
+    if (b.x == 0.0) {
+        return false;
+    }
+    if (a.x == 0.0) {
+        return true;
+    }
+    return (a.x / b.x) * (a.y / b.y) < 1.0;
+}

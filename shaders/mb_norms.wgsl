@@ -1,0 +1,53 @@
+// Pass 2: one workgroup per micro-batch combines the (scale, ssq, flags) records of
+// all its column tiles, over all tensors, into (scale, root = sqrt(ssq), flags):
+// the norm is scale * root. Strided sequential combine per thread, then a tree.
+
+const WG: u32 = 256u;
+
+struct Params {
+    micro_batches: u32,
+    tiles_total: u32,
+    groups_x: u32, // micro-batch = wg.x + wg.y * groups_x
+    pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> partials: array<Partial>;
+@group(0) @binding(2) var<storage, read_write> mb_norms: array<MbNorm>;
+
+var<workgroup> red: array<vec2<f32>, WG>;
+var<workgroup> red_flags: atomic<u32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let mb = wg.x + wg.y * params.groups_x;
+    if (mb >= params.micro_batches) {
+        return; // whole workgroup: uniform
+    }
+    if (lid == 0u) {
+        atomicStore(&red_flags, 0u);
+    }
+    var acc = vec2<f32>(0.0, 0.0);
+    var flags = 0u;
+    let base = mb * params.tiles_total;
+    for (var t = lid; t < params.tiles_total; t += WG) {
+        let p = partials[base + t];
+        acc = combine_scaled(acc, vec2<f32>(p.scale, p.ssq));
+        flags |= p.flags;
+    }
+    red[lid] = acc;
+    if (flags != 0u) {
+        atomicOr(&red_flags, flags);
+    }
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] = combine_scaled(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let r = red[0];
+        mb_norms[mb] = MbNorm(r.x, sqrt(r.y), atomicLoad(&red_flags), 0u);
+    }
+}

@@ -1,0 +1,207 @@
+//! The public entry point: a [`Clipper`] that owns a backend.
+
+use crate::config::{tensor_widths, ClipConfig};
+use crate::cpu;
+use crate::error::{ClipError, Result};
+use crate::gpu::{GpuClipper, GpuTensor, GpuTensorMut};
+
+/// Which backend to build a [`Clipper`] on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The GPU when an adapter exists, else the CPU (unless
+    /// [`REQUIRE_GPU_ENV`](crate::REQUIRE_GPU_ENV) is `1`, then an error).
+    #[default]
+    Auto,
+    /// The default wgpu adapter; an error when there is none.
+    Gpu,
+    /// The multi-threaded CPU implementation.
+    Cpu,
+}
+
+/// The backend that actually ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendKind {
+    /// WGSL kernels on this adapter (its name and wgpu backend, e.g. `"llvmpipe (Vulkan)"`).
+    Gpu(String),
+    /// The CPU implementation.
+    Cpu,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendKind::Gpu(name) => write!(f, "gpu: {name}"),
+            BackendKind::Cpu => write!(f, "cpu"),
+        }
+    }
+}
+
+/// Per-step statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipStats {
+    /// `norm_j` for each micro-batch (NaN or +inf for a non-finite one; +inf also
+    /// when a finite norm exceeds `f32::MAX`).
+    pub norms: Vec<f32>,
+    /// The factor `s_j` applied to each micro-batch mean (0 for a skipped one).
+    pub factors: Vec<f32>,
+    /// The bound `C` used this step (NaN when adaptive and no micro-batch is finite).
+    pub clip_bound: f32,
+    /// Micro-batches with finite `norm_j > C`.
+    pub clipped_count: usize,
+    /// Micro-batches whose mean gradient holds NaN or infinity.
+    pub nonfinite_count: usize,
+    /// The backend that ran.
+    pub backend: BackendKind,
+}
+
+/// The clipped average (one vector per input tensor) and the statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipOutput {
+    /// `out_p`, of length `D_p`, for each input tensor `p`.
+    pub grads: Vec<Vec<f32>>,
+    /// The statistics of the step.
+    pub stats: ClipStats,
+}
+
+enum Engine {
+    Gpu(Box<GpuClipper>),
+    Cpu,
+}
+
+/// Runs micro-batch clipping. Build once and reuse: GPU pipelines are created in the
+/// constructor and scratch buffers are kept between calls.
+pub struct Clipper {
+    engine: Engine,
+}
+
+impl Clipper {
+    /// Builds a clipper, blocking on adapter and device creation (pollster).
+    pub fn new(backend: Backend) -> Result<Self> {
+        pollster::block_on(Self::new_async(backend))
+    }
+
+    /// Builds a clipper asynchronously.
+    pub async fn new_async(backend: Backend) -> Result<Self> {
+        let engine = match backend {
+            Backend::Cpu => Engine::Cpu,
+            Backend::Gpu => Engine::Gpu(Box::new(GpuClipper::new_default().await?)),
+            Backend::Auto => match GpuClipper::new_default().await {
+                Ok(gpu) => Engine::Gpu(Box::new(gpu)),
+                Err(e) if gpu_required() => return Err(e),
+                Err(_) => Engine::Cpu,
+            },
+        };
+        Ok(Self { engine })
+    }
+
+    /// Builds a GPU clipper on a device and queue the caller already has (a
+    /// framework's), so that its buffers can be passed in directly.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self {
+            engine: Engine::Gpu(Box::new(GpuClipper::from_device(device, queue))),
+        }
+    }
+
+    /// The backend this clipper runs on.
+    pub fn backend(&self) -> BackendKind {
+        match &self.engine {
+            Engine::Gpu(gpu) => BackendKind::Gpu(gpu.adapter_name().to_string()),
+            Engine::Cpu => BackendKind::Cpu,
+        }
+    }
+
+    /// The wgpu device of a GPU clipper (to create buffers for [`Self::clip_buffers`]).
+    pub fn device(&self) -> Option<&wgpu::Device> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.device()),
+            Engine::Cpu => None,
+        }
+    }
+
+    /// The wgpu queue of a GPU clipper.
+    pub fn queue(&self) -> Option<&wgpu::Queue> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.queue()),
+            Engine::Cpu => None,
+        }
+    }
+
+    /// Limits the bytes one storage binding may cover (default: the device's
+    /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
+    /// windows; tests use a small value to exercise that path. No effect on the CPU.
+    pub fn set_max_binding_bytes(&mut self, bytes: u64) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_max_binding_bytes(bytes);
+        }
+    }
+
+    /// Clips host slices: tensor `p` is a row-major `[n_samples, D_p]` matrix.
+    pub fn clip(
+        &mut self,
+        config: &ClipConfig,
+        tensors: &[&[f32]],
+        n_samples: usize,
+    ) -> Result<ClipOutput> {
+        let offsets = config.row_offsets(n_samples)?;
+        let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
+        match &mut self.engine {
+            Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, tensors),
+            Engine::Cpu => cpu::clip(config, &offsets, &widths, tensors),
+        }
+    }
+
+    /// Clips gradients that already live in `wgpu::Buffer`s on this clipper's
+    /// device, writing `out_p` (f32, `D_p` elements) into the caller's buffers.
+    /// No gradient data crosses to the host; the statistics are read back.
+    pub fn clip_buffers_into(
+        &mut self,
+        config: &ClipConfig,
+        inputs: &[GpuTensor<'_>],
+        n_samples: usize,
+        outputs: &[GpuTensorMut<'_>],
+    ) -> Result<ClipStats> {
+        let gpu = self.gpu_engine()?;
+        if inputs.len() != outputs.len() {
+            return Err(ClipError::OutputCount {
+                inputs: inputs.len(),
+                outputs: outputs.len(),
+            });
+        }
+        let offsets = config.row_offsets(n_samples)?;
+        gpu.clip_buffers(config, &offsets, inputs, outputs)
+    }
+
+    /// Like [`Self::clip_buffers_into`], returning new buffers (usage
+    /// `STORAGE | COPY_SRC | COPY_DST`) holding `out_p`.
+    pub fn clip_buffers(
+        &mut self,
+        config: &ClipConfig,
+        inputs: &[GpuTensor<'_>],
+        n_samples: usize,
+    ) -> Result<(Vec<wgpu::Buffer>, ClipStats)> {
+        let gpu = self.gpu_engine()?;
+        let buffers: Vec<wgpu::Buffer> = inputs.iter().map(|t| gpu.output_buffer(t.cols)).collect();
+        let outputs: Vec<GpuTensorMut<'_>> = buffers
+            .iter()
+            .zip(inputs)
+            .map(|(buffer, t)| GpuTensorMut {
+                buffer,
+                offset: 0,
+                cols: t.cols,
+            })
+            .collect();
+        let stats = self.clip_buffers_into(config, inputs, n_samples, &outputs)?;
+        Ok((buffers, stats))
+    }
+
+    fn gpu_engine(&mut self) -> Result<&mut GpuClipper> {
+        match &mut self.engine {
+            Engine::Gpu(gpu) => Ok(gpu),
+            Engine::Cpu => Err(ClipError::NotGpu),
+        }
+    }
+}
+
+fn gpu_required() -> bool {
+    std::env::var(crate::REQUIRE_GPU_ENV).is_ok_and(|v| v == "1")
+}

@@ -1,0 +1,152 @@
+//! The CPU backend: the same contract as the kernels, multi-threaded with rayon over
+//! blocks of columns, accumulating in float64 (f32 squares summed in f64 can neither
+//! overflow nor underflow). Blocks are fixed-size and reduced in order, so the result
+//! does not depend on the number of threads.
+
+use rayon::prelude::*;
+
+use crate::clipper::{BackendKind, ClipOutput, ClipStats};
+use crate::config::{ClipBound, ClipConfig, NonFinitePolicy};
+use crate::error::{ClipError, Result};
+
+/// Columns per parallel task.
+const BLOCK_COLS: usize = 2048;
+
+/// Micro-batch mean of columns `[c0, c0 + out.len())` of a `[N, d]` tensor, into `out`.
+fn block_mean(t: &[f32], d: usize, c0: usize, rows: std::ops::Range<usize>, out: &mut [f64]) {
+    out.fill(0.0);
+    let inv_n = 1.0 / rows.len() as f64;
+    for i in rows {
+        let row = &t[i * d + c0..i * d + c0 + out.len()];
+        for (o, &x) in out.iter_mut().zip(row) {
+            *o += x as f64;
+        }
+    }
+    out.iter_mut().for_each(|o| *o *= inv_n);
+}
+
+/// Runs the step on the CPU. `offsets` and `widths` are validated by the caller.
+pub(crate) fn clip(
+    config: &ClipConfig,
+    offsets: &[usize],
+    widths: &[usize],
+    tensors: &[&[f32]],
+) -> Result<ClipOutput> {
+    let m = offsets.len() - 1;
+    // Column blocks of every tensor: (tensor, first column, width).
+    let blocks: Vec<(usize, usize, usize)> = widths
+        .iter()
+        .enumerate()
+        .flat_map(|(p, &d)| {
+            (0..d)
+                .step_by(BLOCK_COLS)
+                .map(move |c| (p, c, BLOCK_COLS.min(d - c)))
+        })
+        .collect();
+
+    // Pass 1: per block, the squared norm of each micro-batch mean.
+    let block_ssq: Vec<Vec<f64>> = blocks
+        .par_iter()
+        .map(|&(p, c0, w)| {
+            let mut mean = vec![0.0f64; w];
+            (0..m)
+                .map(|j| {
+                    block_mean(
+                        tensors[p],
+                        widths[p],
+                        c0,
+                        offsets[j]..offsets[j + 1],
+                        &mut mean,
+                    );
+                    mean.iter().map(|v| v * v).sum::<f64>()
+                })
+                .collect()
+        })
+        .collect();
+    let norms: Vec<f64> = (0..m)
+        .map(|j| block_ssq.iter().map(|b| b[j]).sum::<f64>().sqrt())
+        .collect();
+    // The mean is NaN where a NaN (or +inf and -inf) entered it, and its square sum
+    // then NaN; an infinity alone gives +inf.
+    let nonfinite: Vec<bool> = norms.iter().map(|n| !n.is_finite()).collect();
+    let nonfinite_count = nonfinite.iter().filter(|&&b| b).count();
+    if config.non_finite == NonFinitePolicy::Error && nonfinite_count > 0 {
+        return Err(ClipError::NonFinite {
+            micro_batch: nonfinite.iter().position(|&b| b).unwrap_or(0),
+            count: nonfinite_count,
+        });
+    }
+
+    // Pass 2: bound and factors.
+    let bound = match config.bound {
+        ClipBound::Fixed(c) => c as f64,
+        ClipBound::Adaptive { scale } => {
+            let min = norms
+                .iter()
+                .copied()
+                .filter(|n| n.is_finite())
+                .fold(f64::INFINITY, f64::min);
+            if min.is_finite() {
+                min * scale as f64
+            } else {
+                f64::NAN
+            }
+        }
+    };
+    let propagate = config.non_finite == NonFinitePolicy::Propagate;
+    let factors: Vec<f64> = norms
+        .iter()
+        .map(|&n| match n {
+            n if n.is_nan() && propagate => f64::NAN,
+            n if !n.is_finite() => 0.0,
+            n if n > bound => bound / n,
+            _ => 1.0,
+        })
+        .collect();
+    let clipped_count = norms
+        .iter()
+        .filter(|&&n| n.is_finite() && n > bound)
+        .count();
+    let weights: Vec<f64> = factors.iter().map(|s| s / m as f64).collect();
+
+    // Pass 3: weighted sum of the micro-batch means, block by block.
+    let block_out: Vec<Vec<f32>> = blocks
+        .par_iter()
+        .map(|&(p, c0, w)| {
+            let mut mean = vec![0.0f64; w];
+            let mut acc = vec![0.0f64; w];
+            for j in 0..m {
+                if weights[j] == 0.0 && !propagate {
+                    continue;
+                }
+                block_mean(
+                    tensors[p],
+                    widths[p],
+                    c0,
+                    offsets[j]..offsets[j + 1],
+                    &mut mean,
+                );
+                acc.iter_mut()
+                    .zip(&mean)
+                    .for_each(|(a, g)| *a += weights[j] * g);
+            }
+            acc.into_iter().map(|v| v as f32).collect()
+        })
+        .collect();
+    let mut grads: Vec<Vec<f32>> = widths.iter().map(|&d| Vec::with_capacity(d)).collect();
+    for (&(p, _, _), out) in blocks.iter().zip(block_out) {
+        grads[p].extend_from_slice(&out);
+    }
+
+    Ok(ClipOutput {
+        grads,
+        stats: ClipStats {
+            norms: norms.iter().map(|&n| n as f32).collect(),
+            factors: factors.iter().map(|&s| s as f32).collect(),
+            clip_bound: bound as f32,
+            clipped_count,
+            nonfinite_count,
+            backend: BackendKind::Cpu,
+        },
+    })
+}

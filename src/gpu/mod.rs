@@ -1,0 +1,651 @@
+//! GPU execution: validation of caller buffers, buffer pooling, encoding of the
+//! four passes, submission and the read-back of the statistics.
+//!
+//! Passes (one compute pass, wgpu inserts the barriers between dispatches):
+//! 1. `mb_partials`: per (micro-batch, 1024-column tile) partial squared norm of the
+//!    micro-batch mean, for every tensor and row window;
+//! 2. `mb_norms`: per micro-batch norm over all tiles of all tensors;
+//! 3. `clip_factors`: bound (fixed or adaptive), factors, weights, counts;
+//! 4. `weighted_sum`: `out_p = sum_j (s_j / M) * mean_j`, per tensor and window.
+
+pub(crate) mod kernels;
+mod plan;
+mod pool;
+
+use crate::clipper::{BackendKind, ClipOutput, ClipStats};
+use crate::config::{ClipBound, ClipConfig, NonFinitePolicy};
+use crate::error::{ClipError, Result};
+use kernels::{
+    FactorsParams, Kernels, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES, PARTIAL_BYTES,
+    STATS_BYTES,
+};
+use plan::{aligned_binding, dispatch_2d, plan_windows, tiles, Window, WORKGROUP};
+use pool::{Pool, Slot};
+use wgpu::BufferUsages as U;
+
+/// A per-sample gradient tensor in a caller's buffer: a row-major `[N, cols]` f32
+/// matrix starting at byte `offset` (a multiple of 4). The buffer needs
+/// `BufferUsages::STORAGE` and must belong to the clipper's device.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuTensor<'a> {
+    /// The buffer holding the tensor.
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset of element `[0, 0]`.
+    pub offset: u64,
+    /// Row width `D_p`.
+    pub cols: usize,
+}
+
+/// Where to write `out_p`: `cols` f32 starting at byte `offset` (a multiple of 4) of
+/// a buffer with `BufferUsages::STORAGE`, not one of the input buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuTensorMut<'a> {
+    /// The buffer to write.
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset of `out_p[0]`.
+    pub offset: u64,
+    /// Number of elements, equal to the input tensor's `cols`.
+    pub cols: usize,
+}
+
+/// The GPU engine behind [`crate::Clipper`].
+pub(crate) struct GpuClipper {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    adapter_name: String,
+    kernels: Kernels,
+    pool: Pool,
+    max_binding: u64,
+    storage_align: u64,
+    uniform_align: u64,
+}
+
+/// Byte layout of one call's scratch data, shared by encoding and read-back.
+struct CallLayout {
+    micro_batches: u64,
+    tiles_total: u64,
+    /// (tile base, windows) per tensor.
+    tensors: Vec<(u64, Vec<Window>)>,
+    carry_cols: u64,
+}
+
+impl GpuClipper {
+    /// The default adapter with all of its limits.
+    pub async fn new_default() -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("microclip"),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
+        Ok(Self::from_device(device, queue))
+    }
+
+    /// Builds the pipelines on an existing device.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
+        let limits = device.limits();
+        Self {
+            adapter_name: format!("{} ({:?})", info.name, info.backend),
+            kernels: Kernels::new(&device),
+            pool: Pool::new(device.clone()),
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
+            storage_align: limits.min_storage_buffer_offset_alignment as u64,
+            uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
+            device,
+            queue,
+        }
+    }
+
+    pub fn adapter_name(&self) -> &str {
+        &self.adapter_name
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    pub fn set_max_binding_bytes(&mut self, bytes: u64) {
+        let limits = self.device.limits();
+        let device_max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        self.max_binding = bytes.clamp(self.storage_align + 4, device_max) / 4 * 4;
+    }
+
+    /// A new output buffer for `cols` f32.
+    pub fn output_buffer(&self, cols: usize) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("microclip output"),
+            size: (cols as u64 * 4).max(4),
+            usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Host slices in, host vectors out: uploads each tensor once into a pooled
+    /// buffer (the input itself, not a copy of a device buffer).
+    pub fn clip_host(
+        &mut self,
+        config: &ClipConfig,
+        offsets: &[usize],
+        widths: &[usize],
+        tensors: &[&[f32]],
+    ) -> Result<ClipOutput> {
+        let max_buffer = self.device.limits().max_buffer_size;
+        let mut inputs = Vec::with_capacity(tensors.len());
+        let mut outputs = Vec::with_capacity(tensors.len());
+        for (p, (t, &cols)) in tensors.iter().zip(widths).enumerate() {
+            let bytes = std::mem::size_of_val(*t) as u64;
+            if bytes > max_buffer {
+                return Err(ClipError::TooLarge(format!(
+                    "tensor {p}: {bytes} bytes exceed the device's largest buffer ({max_buffer} bytes)"
+                )));
+            }
+            let input = self
+                .pool
+                .get(Slot::Input(p), bytes, U::STORAGE | U::COPY_DST);
+            self.queue.write_buffer(&input, 0, bytemuck::cast_slice(t));
+            let output = self.pool.get(
+                Slot::Output(p),
+                cols as u64 * 4,
+                U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            );
+            inputs.push((input, cols));
+            outputs.push((output, cols));
+        }
+        let in_views: Vec<GpuTensor<'_>> = inputs
+            .iter()
+            .map(|(buffer, cols)| GpuTensor {
+                buffer,
+                offset: 0,
+                cols: *cols,
+            })
+            .collect();
+        let out_views: Vec<GpuTensorMut<'_>> = outputs
+            .iter()
+            .map(|(buffer, cols)| GpuTensorMut {
+                buffer,
+                offset: 0,
+                cols: *cols,
+            })
+            .collect();
+        let (stats, grads) = self.run(config, offsets, &in_views, &out_views, true)?;
+        Ok(ClipOutput { grads, stats })
+    }
+
+    /// Caller buffers in and out; only the statistics are read back.
+    pub fn clip_buffers(
+        &mut self,
+        config: &ClipConfig,
+        offsets: &[usize],
+        inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensorMut<'_>],
+    ) -> Result<ClipStats> {
+        self.run(config, offsets, inputs, outputs, false)
+            .map(|(stats, _)| stats)
+    }
+
+    fn check_buffers(
+        &self,
+        n: u64,
+        inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensorMut<'_>],
+    ) -> Result<()> {
+        if inputs.is_empty() {
+            return Err(ClipError::NoTensors);
+        }
+        let range_error = |tensor: usize, reason: String| ClipError::BufferRange { tensor, reason };
+        for (p, (t, o)) in inputs.iter().zip(outputs).enumerate() {
+            if t.cols == 0 {
+                return Err(range_error(p, "cols must be >= 1".into()));
+            }
+            let cols = t.cols as u64;
+            for (what, buffer, offset, len) in [
+                (
+                    "input",
+                    t.buffer,
+                    t.offset,
+                    n.saturating_mul(cols).saturating_mul(4),
+                ),
+                ("output", o.buffer, o.offset, cols * 4),
+            ] {
+                if offset % 4 != 0 {
+                    return Err(range_error(
+                        p,
+                        format!("{what} offset {offset} is not a multiple of 4"),
+                    ));
+                }
+                if offset.saturating_add(len) > buffer.size() {
+                    return Err(range_error(
+                        p,
+                        format!(
+                            "{what} needs bytes [{offset}, {}) but its buffer has {} bytes",
+                            offset.saturating_add(len),
+                            buffer.size()
+                        ),
+                    ));
+                }
+                if !buffer.usage().contains(U::STORAGE) {
+                    return Err(range_error(
+                        p,
+                        format!("{what} buffer lacks BufferUsages::STORAGE"),
+                    ));
+                }
+            }
+            if o.cols != t.cols {
+                return Err(range_error(
+                    p,
+                    format!("output has {} cols, input {}", o.cols, t.cols),
+                ));
+            }
+            if inputs.iter().any(|i| i.buffer == o.buffer) {
+                return Err(range_error(
+                    p,
+                    "output buffer is also an input buffer".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn plan(&self, offsets: &[u32], inputs: &[GpuTensor<'_>]) -> Result<CallLayout> {
+        let mut tiles_total = 0u64;
+        let mut carry_cols = 0u64;
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            let cols = t.cols as u64;
+            let windows = plan_windows(
+                offsets,
+                cols,
+                t.offset,
+                self.max_binding,
+                self.storage_align,
+            )?;
+            if windows.len() > 1 {
+                carry_cols = carry_cols.max(cols);
+            }
+            tensors.push((tiles_total, windows));
+            tiles_total += tiles(cols);
+        }
+        let micro_batches = offsets.len() as u64 - 1;
+        let partial_bytes = micro_batches * tiles_total * PARTIAL_BYTES;
+        if partial_bytes > self.max_binding {
+            return Err(ClipError::TooLarge(format!(
+                "{micro_batches} micro-batches x {tiles_total} column tiles need {partial_bytes} bytes of norm partials, over one storage binding ({} bytes)",
+                self.max_binding
+            )));
+        }
+        Ok(CallLayout {
+            micro_batches,
+            tiles_total,
+            tensors,
+            carry_cols,
+        })
+    }
+
+    fn run(
+        &mut self,
+        config: &ClipConfig,
+        offsets: &[usize],
+        inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensorMut<'_>],
+        read_outputs: bool,
+    ) -> Result<(ClipStats, Vec<Vec<f32>>)> {
+        let n = *offsets.last().expect("validated offsets") as u64;
+        if n >= u32::MAX as u64 {
+            return Err(ClipError::TooLarge(format!("{n} rows exceed u32 indexing")));
+        }
+        self.check_buffers(n, inputs, outputs)?;
+        let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+        let layout = self.plan(&offsets_u32, inputs)?;
+
+        let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let readback =
+            self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
+        let validation = pollster::block_on(validation_scope.pop());
+        let oom = pollster::block_on(oom_scope.pop());
+        if let Some(e) = validation.or(oom) {
+            return Err(ClipError::Device(e.to_string()));
+        }
+        let bytes = self.read_back(&readback?)?;
+
+        let m = layout.micro_batches as usize;
+        let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        let floats: &[f32] = bytemuck::cast_slice(&bytes);
+        let stats = ClipStats {
+            clip_bound: floats[0],
+            clipped_count: word(1) as usize,
+            nonfinite_count: word(2) as usize,
+            norms: floats[4..4 + m].to_vec(),
+            factors: floats[4 + m..4 + 2 * m].to_vec(),
+            backend: BackendKind::Gpu(self.adapter_name.clone()),
+        };
+        if config.non_finite == NonFinitePolicy::Error && stats.nonfinite_count > 0 {
+            return Err(ClipError::NonFinite {
+                micro_batch: word(3) as usize,
+                count: stats.nonfinite_count,
+            });
+        }
+        let mut grads = Vec::new();
+        if read_outputs {
+            let mut at = 4 + 2 * m;
+            for t in inputs {
+                grads.push(floats[at..at + t.cols].to_vec());
+                at += t.cols;
+            }
+        }
+        Ok((stats, grads))
+    }
+
+    /// Records the four passes and the copies into the read-back buffer, submits,
+    /// and returns the read-back buffer and its used length.
+    fn encode_and_submit(
+        &mut self,
+        config: &ClipConfig,
+        offsets: &[u32],
+        layout: &CallLayout,
+        inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensorMut<'_>],
+        read_outputs: bool,
+    ) -> Result<(wgpu::Buffer, u64)> {
+        let m = layout.micro_batches;
+        let storage = U::STORAGE | U::COPY_DST | U::COPY_SRC;
+        let row_offsets = self
+            .pool
+            .get(Slot::RowOffsets, offsets.len() as u64 * 4, storage);
+        self.queue
+            .write_buffer(&row_offsets, 0, bytemuck::cast_slice(offsets));
+        let partials = self.pool.get(
+            Slot::Partials,
+            m * layout.tiles_total * PARTIAL_BYTES,
+            storage,
+        );
+        let mb_norms = self.pool.get(Slot::MbNorms, m * MB_NORM_BYTES, storage);
+        let factors = self.pool.get(Slot::Factors, m * 4, storage);
+        let weights = self.pool.get(Slot::Weights, m * 4, storage);
+        let norms = self.pool.get(Slot::Norms, m * 4, storage);
+        let stats = self.pool.get(Slot::Stats, STATS_BYTES, storage);
+        let carry = self
+            .pool
+            .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
+
+        // All uniform blocks of the call in one buffer, one block per aligned slot.
+        let mut params = ParamBlocks::new(self.uniform_align);
+        let mut partial_dispatches = Vec::new();
+        let mut sum_dispatches = Vec::new();
+        let carry_half = layout.carry_cols as u32;
+        for ((tile_base, windows), (t, o)) in layout.tensors.iter().zip(inputs.iter().zip(outputs))
+        {
+            let cols = t.cols as u64;
+            let n_tiles = tiles(cols);
+            let (tiles_x, tiles_y) = dispatch_2d(n_tiles)?;
+            let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
+            let (out_bind, out_size, out_offset) =
+                aligned_binding(o.offset, cols * 4, self.storage_align);
+            for (k, w) in windows.iter().enumerate() {
+                let p = params.push(&PartialsParams {
+                    cols: cols as u32,
+                    elem_offset: w.elem_offset,
+                    row_start: w.row_start,
+                    row_end: w.row_end,
+                    mb_first: w.mb_first,
+                    tiles: n_tiles as u32,
+                    tiles_x,
+                    tile_base: *tile_base as u32,
+                    tiles_total: layout.tiles_total as u32,
+                    carry_in: w.carry_in as u32,
+                    carry_out: w.carry_out as u32,
+                    last_local: w.mb_count - 1,
+                    carry_in_base: ((k + 1) % 2) as u32 * carry_half,
+                    carry_out_base: (k % 2) as u32 * carry_half,
+                    pad: [0; 2],
+                });
+                partial_dispatches.push((p, t.buffer, w.clone(), (tiles_x, tiles_y, w.mb_count)));
+                let s = params.push(&SumParams {
+                    cols: cols as u32,
+                    elem_offset: w.elem_offset,
+                    row_start: w.row_start,
+                    row_end: w.row_end,
+                    mb_first: w.mb_first,
+                    mb_count: w.mb_count,
+                    groups_x,
+                    out_offset,
+                    accumulate: (k > 0) as u32,
+                    skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
+                    pad: [0; 2],
+                });
+                sum_dispatches.push((
+                    s,
+                    t.buffer,
+                    w.clone(),
+                    (o.buffer, out_bind, out_size),
+                    (groups_x, groups_y),
+                ));
+            }
+        }
+        let (norm_groups_x, norm_groups_y) = dispatch_2d(m)?;
+        let norms_params = params.push(&NormsParams {
+            micro_batches: m as u32,
+            tiles_total: layout.tiles_total as u32,
+            groups_x: norm_groups_x,
+            pad: 0,
+        });
+        let (adaptive, bound) = match config.bound {
+            ClipBound::Fixed(c) => (0, c),
+            ClipBound::Adaptive { scale } => (1, scale),
+        };
+        let factor_params = params.push(&FactorsParams {
+            micro_batches: m as u32,
+            adaptive,
+            policy: (config.non_finite == NonFinitePolicy::Propagate) as u32,
+            pad: 0,
+            bound,
+            pad1: [0.0; 3],
+        });
+        let uniforms = self.pool.get(
+            Slot::Params,
+            params.bytes.len() as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        self.queue.write_buffer(&uniforms, 0, &params.bytes);
+
+        let device = &self.device;
+        let uniform = |at: u64, size: u64| {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &uniforms,
+                offset: at,
+                size: wgpu::BufferSize::new(size),
+            })
+        };
+        let bind = |pipeline: &wgpu::ComputePipeline, resources: Vec<wgpu::BindingResource<'_>>| {
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+                .into_iter()
+                .enumerate()
+                .map(|(i, resource)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource,
+                })
+                .collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        };
+        let k = &self.kernels;
+        let partial_groups: Vec<_> = partial_dispatches
+            .iter()
+            .map(|(p, buffer, w, _)| {
+                bind(
+                    &k.partials,
+                    vec![
+                        uniform(*p, std::mem::size_of::<PartialsParams>() as u64),
+                        range(buffer, w.bind_offset, w.bind_size),
+                        whole(&row_offsets),
+                        whole(&partials),
+                        whole(&carry),
+                    ],
+                )
+            })
+            .collect();
+        let norms_group = bind(
+            &k.norms,
+            vec![
+                uniform(norms_params, std::mem::size_of::<NormsParams>() as u64),
+                whole(&partials),
+                whole(&mb_norms),
+            ],
+        );
+        let factors_group = bind(
+            &k.factors,
+            vec![
+                uniform(factor_params, std::mem::size_of::<FactorsParams>() as u64),
+                whole(&mb_norms),
+                whole(&factors),
+                whole(&weights),
+                whole(&norms),
+                whole(&stats),
+            ],
+        );
+        let sum_groups: Vec<_> = sum_dispatches
+            .iter()
+            .map(|(s, buffer, w, (out, out_bind, out_size), _)| {
+                bind(
+                    &k.weighted_sum,
+                    vec![
+                        uniform(*s, std::mem::size_of::<SumParams>() as u64),
+                        range(buffer, w.bind_offset, w.bind_size),
+                        whole(&row_offsets),
+                        whole(&weights),
+                        range(out, *out_bind, *out_size),
+                    ],
+                )
+            })
+            .collect();
+
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("microclip"),
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("microclip"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&k.partials);
+            for (group, (_, _, _, (x, y, z))) in partial_groups.iter().zip(&partial_dispatches) {
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(*x, *y, *z);
+            }
+            pass.set_pipeline(&k.norms);
+            pass.set_bind_group(0, &norms_group, &[]);
+            pass.dispatch_workgroups(norm_groups_x, norm_groups_y, 1);
+            pass.set_pipeline(&k.factors);
+            pass.set_bind_group(0, &factors_group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+            pass.set_pipeline(&k.weighted_sum);
+            for (group, (_, _, _, _, (x, y))) in sum_groups.iter().zip(&sum_dispatches) {
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+        }
+
+        // Read-back layout: [stats 16 B][norms M x 4][factors M x 4][outputs...].
+        let out_bytes: u64 = if read_outputs {
+            inputs.iter().map(|t| t.cols as u64 * 4).sum()
+        } else {
+            0
+        };
+        let total = STATS_BYTES + 8 * m + out_bytes;
+        let readback = self
+            .pool
+            .get(Slot::Readback, total, U::MAP_READ | U::COPY_DST);
+        encoder.copy_buffer_to_buffer(&stats, 0, &readback, 0, STATS_BYTES);
+        encoder.copy_buffer_to_buffer(&norms, 0, &readback, STATS_BYTES, 4 * m);
+        encoder.copy_buffer_to_buffer(&factors, 0, &readback, STATS_BYTES + 4 * m, 4 * m);
+        if read_outputs {
+            let mut at = STATS_BYTES + 8 * m;
+            for o in outputs {
+                let len = o.cols as u64 * 4;
+                encoder.copy_buffer_to_buffer(o.buffer, o.offset, &readback, at, len);
+                at += len;
+            }
+        }
+        self.queue.submit([encoder.finish()]);
+        Ok((readback, total))
+    }
+
+    fn read_back(&self, (buffer, len): &(wgpu::Buffer, u64)) -> Result<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        buffer.map_async(wgpu::MapMode::Read, ..*len, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| ClipError::Device(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| ClipError::Device(e.to_string()))?
+            .map_err(|e| ClipError::Device(e.to_string()))?;
+        let bytes = buffer
+            .get_mapped_range(..*len)
+            .map_err(|e| ClipError::Device(e.to_string()))?
+            .to_vec();
+        buffer.unmap();
+        Ok(bytes)
+    }
+}
+
+/// `size` bytes of `buffer` from `offset` as a binding.
+fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset,
+        size: wgpu::BufferSize::new(size.max(4)),
+    })
+}
+
+/// A whole scratch buffer as a binding.
+fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
+    buffer.as_entire_binding()
+}
+
+/// Uniform blocks packed at the device's uniform offset alignment.
+struct ParamBlocks {
+    align: u64,
+    bytes: Vec<u8>,
+}
+
+impl ParamBlocks {
+    fn new(align: u64) -> Self {
+        Self {
+            align,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Appends a block and returns its byte offset.
+    fn push<T: bytemuck::Pod>(&mut self, block: &T) -> u64 {
+        let at = (self.bytes.len() as u64).next_multiple_of(self.align);
+        self.bytes.resize(at as usize, 0);
+        self.bytes.extend_from_slice(bytemuck::bytes_of(block));
+        at
+    }
+}

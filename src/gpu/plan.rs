@@ -1,0 +1,181 @@
+//! Planning: how a tensor is cut into row windows that fit one storage binding, and
+//! how many workgroups each pass dispatches. Pure arithmetic, tested without a GPU.
+
+use crate::error::{ClipError, Result};
+
+/// Columns one workgroup of the norm pass covers (must match `TILE` in mb_partials.wgsl).
+pub(crate) const TILE_COLS: u64 = 1024;
+/// Workgroup size of every kernel.
+pub(crate) const WORKGROUP: u64 = 256;
+/// Largest workgroup count of one dispatch dimension (WebGPU default limit).
+pub(crate) const MAX_GROUPS_PER_DIM: u32 = 65535;
+
+/// A range of rows of one tensor, bound as one storage binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// First row.
+    pub row_start: u32,
+    /// One past the last row.
+    pub row_end: u32,
+    /// First micro-batch that has rows in the window.
+    pub mb_first: u32,
+    /// Number of micro-batches with rows in the window.
+    pub mb_count: u32,
+    /// The first micro-batch began in an earlier window.
+    pub carry_in: bool,
+    /// The last micro-batch goes on in a later window.
+    pub carry_out: bool,
+    /// Byte offset of the binding in the buffer (aligned to the device's storage
+    /// offset alignment).
+    pub bind_offset: u64,
+    /// Byte size of the binding.
+    pub bind_size: u64,
+    /// Element index, within the binding, of (row_start, column 0).
+    pub elem_offset: u32,
+}
+
+/// A byte range `[offset, offset + len)` of a buffer bound from an aligned start.
+pub(crate) fn aligned_binding(offset: u64, len: u64, align: u64) -> (u64, u64, u32) {
+    let start = offset - offset % align;
+    let elem_offset = ((offset - start) / 4) as u32;
+    (start, offset + len - start, elem_offset)
+}
+
+/// The micro-batch holding `row`.
+fn micro_batch_of(offsets: &[u32], row: u32) -> u32 {
+    (offsets.partition_point(|&o| o <= row) - 1) as u32
+}
+
+/// Cuts a `[N, cols]` tensor that starts at byte `base` of its buffer into windows
+/// of whole rows, each bound in at most `max_binding` bytes and touching at most
+/// `MAX_GROUPS_PER_DIM` micro-batches.
+pub(crate) fn plan_windows(
+    offsets: &[u32],
+    cols: u64,
+    base: u64,
+    max_binding: u64,
+    align: u64,
+) -> Result<Vec<Window>> {
+    let n = *offsets.last().expect("offsets hold at least [0, N]");
+    let row_bytes = cols * 4;
+    let usable = max_binding.saturating_sub(align - 4).min(u32::MAX as u64);
+    let rows_max = usable / row_bytes;
+    if rows_max == 0 {
+        return Err(ClipError::TooLarge(format!(
+            "one row of {cols} f32 ({row_bytes} bytes) does not fit in a storage binding of {max_binding} bytes"
+        )));
+    }
+    let mut windows = Vec::new();
+    let mut row_start = 0u32;
+    while row_start < n {
+        let mut row_end = (row_start as u64 + rows_max).min(n as u64) as u32;
+        let mb_first = micro_batch_of(offsets, row_start);
+        let mut mb_last = micro_batch_of(offsets, row_end - 1);
+        if mb_last - mb_first >= MAX_GROUPS_PER_DIM {
+            mb_last = mb_first + MAX_GROUPS_PER_DIM - 1;
+            row_end = offsets[mb_last as usize + 1];
+        }
+        let (bind_offset, bind_size, elem_offset) = aligned_binding(
+            base + row_start as u64 * row_bytes,
+            (row_end - row_start) as u64 * row_bytes,
+            align,
+        );
+        windows.push(Window {
+            row_start,
+            row_end,
+            mb_first,
+            mb_count: mb_last - mb_first + 1,
+            carry_in: offsets[mb_first as usize] < row_start,
+            carry_out: offsets[mb_last as usize + 1] > row_end,
+            bind_offset,
+            bind_size,
+            elem_offset,
+        });
+        row_start = row_end;
+    }
+    Ok(windows)
+}
+
+/// Splits `groups` workgroups into a 2-D dispatch `(x, y)` with `x * y >= groups`;
+/// kernels recover the linear index as `wg.x + wg.y * x`.
+pub(crate) fn dispatch_2d(groups: u64) -> Result<(u32, u32)> {
+    let x = groups.clamp(1, MAX_GROUPS_PER_DIM as u64);
+    let y = groups.div_ceil(x);
+    if y > MAX_GROUPS_PER_DIM as u64 {
+        return Err(ClipError::TooLarge(format!(
+            "{groups} workgroups exceed one dispatch"
+        )));
+    }
+    Ok((x as u32, y.max(1) as u32))
+}
+
+/// Column tiles of a tensor of `cols` columns in the norm pass.
+pub(crate) fn tiles(cols: u64) -> u64 {
+    cols.div_ceil(TILE_COLS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offsets(n: u32, b: u32) -> Vec<u32> {
+        let mut o: Vec<u32> = (0..n).step_by(b as usize).collect();
+        o.push(n);
+        o
+    }
+
+    #[test]
+    fn one_window_when_everything_fits() {
+        let w = plan_windows(&offsets(10, 3), 7, 0, 1 << 20, 256).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].row_start, w[0].row_end, w[0].mb_count), (0, 10, 4));
+        assert!(!w[0].carry_in && !w[0].carry_out);
+        assert_eq!(w[0].bind_size, 10 * 7 * 4);
+    }
+
+    #[test]
+    fn windows_cover_all_rows_and_mark_cut_micro_batches() {
+        // 10 rows of 100 f32 = 400 bytes; the binding holds 2 rows after alignment slack.
+        let o = offsets(10, 3);
+        let w = plan_windows(&o, 100, 12, 1052, 256).unwrap();
+        assert_eq!(w.len(), 5);
+        let mut row = 0;
+        for win in &w {
+            assert_eq!(win.row_start, row);
+            row = win.row_end;
+            assert!(win.bind_offset % 256 == 0);
+            assert!(win.bind_size <= 1052);
+            let first_byte = win.bind_offset + win.elem_offset as u64 * 4;
+            assert_eq!(first_byte, 12 + win.row_start as u64 * 400);
+        }
+        assert_eq!(row, 10);
+        // rows [2,4): micro-batch 0 = [0,3) began earlier, micro-batch 1 = [3,6) goes on.
+        assert_eq!((w[1].mb_first, w[1].mb_count), (0, 2));
+        assert!(w[1].carry_in && w[1].carry_out);
+        assert!(!w[0].carry_in && w[0].carry_out);
+        assert!(!w[4].carry_out);
+    }
+
+    #[test]
+    fn row_larger_than_a_binding_is_an_error() {
+        let e = plan_windows(&offsets(4, 1), 1000, 0, 2048, 256).unwrap_err();
+        assert!(matches!(e, ClipError::TooLarge(_)));
+    }
+
+    #[test]
+    fn windows_hold_at_most_one_dispatch_of_micro_batches() {
+        let n = 200_000u32;
+        let w = plan_windows(&offsets(n, 1), 1, 0, 1 << 30, 256).unwrap();
+        assert!(w.iter().all(|w| w.mb_count <= MAX_GROUPS_PER_DIM));
+        assert_eq!(w.last().unwrap().row_end, n);
+    }
+
+    #[test]
+    fn dispatch_shapes() {
+        assert_eq!(dispatch_2d(1).unwrap(), (1, 1));
+        assert_eq!(dispatch_2d(65535).unwrap(), (65535, 1));
+        assert_eq!(dispatch_2d(65536).unwrap(), (65535, 2));
+        assert_eq!(tiles(1), 1);
+        assert_eq!(tiles(1025), 2);
+    }
+}

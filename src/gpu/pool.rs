@@ -1,0 +1,61 @@
+//! Grow-only scratch buffers, reused across calls.
+
+use std::collections::HashMap;
+
+/// What a pooled buffer is for; with an index for per-tensor slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Slot {
+    RowOffsets,
+    Params,
+    Partials,
+    MbNorms,
+    Factors,
+    Weights,
+    Norms,
+    Stats,
+    Carry,
+    Readback,
+    /// Host-path upload of input tensor `p`.
+    Input(usize),
+    /// Host-path output of tensor `p`.
+    Output(usize),
+}
+
+/// Buffers by slot; a request larger than the slot's buffer replaces it.
+pub(crate) struct Pool {
+    device: wgpu::Device,
+    buffers: HashMap<Slot, wgpu::Buffer>,
+}
+
+impl Pool {
+    pub fn new(device: wgpu::Device) -> Self {
+        Self {
+            device,
+            buffers: HashMap::new(),
+        }
+    }
+
+    /// A buffer of at least `size` bytes with `usage`.
+    pub fn get(&mut self, slot: Slot, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        let size = size.max(16).next_multiple_of(16);
+        if let Some(b) = self.buffers.get(&slot) {
+            if b.size() >= size && b.usage() == usage {
+                return b.clone();
+            }
+        }
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(&format!("microclip {slot:?}")),
+            size,
+            usage,
+            mapped_at_creation: false,
+        });
+        self.buffers.insert(slot, buffer.clone());
+        buffer
+    }
+
+    /// Bytes held by the pool.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn bytes(&self) -> u64 {
+        self.buffers.values().map(|b| b.size()).sum()
+    }
+}

@@ -1,0 +1,90 @@
+//! # microclip: micro-batch gradient clipping on wgpu
+//!
+//! A batch of N per-sample gradients is split into M micro-batches of consecutive
+//! rows. Each micro-batch gradient is averaged, clipped to L2 norm `C`, and the
+//! clipped gradients are averaged:
+//!
+//! ```text
+//! g_j    = mean of the rows of micro-batch j        (each tensor p: [N, D_p] -> [D_p])
+//! norm_j = || g_j ||_2   over ALL tensors together
+//! s_j    = min(1, C / norm_j)      (s_j = 1 when norm_j = 0)
+//! out_p  = (1/M) * sum_j s_j * g_j,p
+//! ```
+//!
+//! `C` is fixed ([`ClipBound::Fixed`]) or adaptive as in "Revisit Micro-batch
+//! Clipping" (Algorithm 1): `C_t = scale * min_j norm_j` ([`ClipBound::Adaptive`]).
+//! The statistics ([`ClipStats`]) carry the norms, factors, the bound used and how
+//! many micro-batches were clipped (`norm_j > C`) or non-finite.
+//!
+//! ## Quick start (host slices)
+//!
+//! ```
+//! use microclip::{Backend, ClipConfig, Clipper, MicroBatches};
+//!
+//! // 6 samples; two parameter tensors of widths 3 and 2, row-major [N, D_p].
+//! let w: Vec<f32> = (0..18).map(|i| i as f32 * 0.1).collect();
+//! let b: Vec<f32> = (0..12).map(|i| 1.0 - i as f32 * 0.05).collect();
+//! let mut clipper = Clipper::new(Backend::Cpu)?; // or Backend::Auto / Backend::Gpu
+//! let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
+//! let out = clipper.clip(&cfg, &[&w, &b], 6)?;
+//! assert_eq!(out.grads[0].len(), 3);
+//! assert_eq!(out.stats.norms.len(), 3); // M = 6 / 2
+//! # Ok::<(), microclip::ClipError>(())
+//! ```
+//!
+//! ## GPU buffers the caller owns
+//!
+//! [`Clipper::clip_buffers_into`] takes [`GpuTensor`]s (a `wgpu::Buffer`, a byte
+//! offset and the row width) on the clipper's device and writes the clipped average
+//! into caller buffers; [`Clipper::clip_buffers`] returns new buffers instead. Only
+//! the statistics (O(M) bytes) come back to the host. Build the clipper on the
+//! framework's own device with [`Clipper::from_device`].
+//!
+//! ## Backends
+//!
+//! [`Backend::Gpu`] runs the WGSL kernels in `shaders/`; [`Backend::Cpu`] runs the
+//! same semantics on the CPU with rayon; [`Backend::Auto`] takes the GPU when an
+//! adapter exists and the CPU otherwise. [`ClipStats::backend`] says which one ran.
+//!
+//! ## Numerics
+//!
+//! * Means are accumulated as `sum_i (x_i / n_j)` so they never overflow when the
+//!   true mean is finite; norms are accumulated as (scale, scaled sum of squares)
+//!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
+//!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported
+//!   as `+inf`) still clips correctly.
+//! * All reductions are trees or fixed blocks, never float atomics: the same input on
+//!   the same adapter gives bitwise the same output.
+//! * [`reference`] is a plain float64 implementation used by the tests.
+//!
+//! ## Memory
+//!
+//! No copy of the `N x D` input is ever made on the device. The GPU path uses
+//! `M x ceil(D_total / 1024) x 16` bytes of norm partials, `M x 16` bytes of
+//! per-micro-batch state, `N x 4` bytes of row offsets and, only when a tensor is
+//! larger than one storage binding, two carry rows of `D_p x 4` bytes.
+
+#![warn(missing_docs)]
+
+mod clipper;
+mod config;
+mod cpu;
+mod error;
+mod gpu;
+pub mod reference;
+
+pub use clipper::{Backend, BackendKind, ClipOutput, ClipStats, Clipper};
+pub use config::{ClipBound, ClipConfig, MicroBatches, NonFinitePolicy};
+pub use error::{ClipError, Result};
+pub use gpu::{GpuTensor, GpuTensorMut};
+
+/// The WGSL sources as the GPU backend compiles them (shared prelude included), for
+/// validation tools and for reading.
+pub mod shaders {
+    pub use crate::gpu::kernels::{kernel_names, kernel_source};
+}
+
+/// Environment variable: when set to `1`, [`Clipper::new`] with [`Backend::Auto`]
+/// and the GPU test helpers fail instead of falling back or skipping when no GPU
+/// adapter exists. CI sets it so that GPU tests cannot silently pass without a GPU.
+pub const REQUIRE_GPU_ENV: &str = "MICROCLIP_REQUIRE_GPU";

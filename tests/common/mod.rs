@@ -1,0 +1,205 @@
+//! Test helpers: clippers, random inputs of awkward shapes, and comparison with the
+//! float64 reference.
+#![allow(dead_code)]
+
+use microclip::reference::{clip_f64, Reference};
+use microclip::{Backend, ClipConfig, ClipOutput, Clipper, REQUIRE_GPU_ENV};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A GPU clipper, or `None` (test skipped with a message) when there is no adapter
+/// and `MICROCLIP_REQUIRE_GPU` is not `1`. With it set, a missing GPU fails the test.
+pub fn gpu() -> Option<Clipper> {
+    match Clipper::new(Backend::Gpu) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1") {
+                panic!("{REQUIRE_GPU_ENV}=1 but no GPU clipper: {e}");
+            }
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+/// Random per-sample gradients: `n` rows per tensor, each row with its own scale
+/// (some rows 10x larger, like "dragger" samples), values of both signs.
+pub fn random_tensors(seed: u64, n: usize, widths: &[usize], magnitude: f32) -> Vec<Vec<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let row_scale: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random_bool(0.2) {
+                10.0
+            } else {
+                rng.random_range(0.1..2.0)
+            }
+        })
+        .collect();
+    widths
+        .iter()
+        .map(|&d| {
+            (0..n * d)
+                .map(|k| {
+                    let base: f32 = rng.random_range(-1.0..1.0) + 0.3; // a shared direction
+                    base * row_scale[k / d] * magnitude
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Random strictly increasing offsets `[0, ..., n]` with `m` micro-batches.
+pub fn random_offsets(seed: u64, n: usize, m: usize) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut cuts: Vec<usize> = (1..n).collect();
+    for i in (1..cuts.len()).rev() {
+        cuts.swap(i, rng.random_range(0..=i));
+    }
+    let mut o: Vec<usize> = cuts.into_iter().take(m.saturating_sub(1)).collect();
+    o.push(0);
+    o.push(n);
+    o.sort_unstable();
+    o
+}
+
+pub fn slices(t: &[Vec<f32>]) -> Vec<&[f32]> {
+    t.iter().map(|v| v.as_slice()).collect()
+}
+
+/// Relative L2 error of `got` against `want` over all tensors (finite entries).
+pub fn rel_l2(got: &[Vec<f32>], want: &[Vec<f64>]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        for (&a, &b) in g.iter().zip(w) {
+            num += (a as f64 - b).powi(2);
+            den += b * b;
+        }
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn same_nonfinite(a: f64, b: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || (a.is_infinite() && a == b)
+}
+
+/// Checks every output element, the norms, factors, bound and counts against the
+/// float64 reference. `tol` is the relative L2 bound on the output.
+pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) {
+    assert_eq!(out.grads.len(), want.grads.len(), "{what}: tensor count");
+    // Every element: finite where the reference is, NaN/inf where it is, and close.
+    let scale: f64 = want
+        .grads
+        .iter()
+        .flatten()
+        .filter(|v| v.is_finite())
+        .map(|v| v * v)
+        .sum::<f64>()
+        .sqrt()
+        / (want.grads.iter().map(|g| g.len()).sum::<usize>() as f64).sqrt();
+    for (p, (g, w)) in out.grads.iter().zip(&want.grads).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: tensor {p} length");
+        for (c, (&a, &b)) in g.iter().zip(w).enumerate() {
+            let a = a as f64;
+            if b.is_finite() {
+                let err = (a - b).abs();
+                assert!(
+                    a.is_finite() && err <= 1e-4 * (b.abs() + scale) + f64::MIN_POSITIVE,
+                    "{what}: out[{p}][{c}] = {a:e}, reference {b:e} (rms {scale:e})"
+                );
+            } else {
+                assert!(
+                    same_nonfinite(a, b),
+                    "{what}: out[{p}][{c}] = {a}, reference {b}"
+                );
+            }
+        }
+    }
+    let finite_got: Vec<Vec<f32>> = out
+        .grads
+        .iter()
+        .zip(&want.grads)
+        .map(|(g, w)| {
+            g.iter()
+                .zip(w)
+                .filter(|(_, b)| b.is_finite())
+                .map(|(a, _)| *a)
+                .collect()
+        })
+        .collect();
+    let finite_want: Vec<Vec<f64>> = want
+        .grads
+        .iter()
+        .map(|w| w.iter().copied().filter(|b| b.is_finite()).collect())
+        .collect();
+    let err = rel_l2(&finite_got, &finite_want);
+    assert!(err <= tol, "{what}: relative L2 error {err:e} > {tol:e}");
+
+    let s = &out.stats;
+    assert_eq!(s.norms.len(), want.norms.len(), "{what}: norms length");
+    for (j, (&a, &b)) in s.norms.iter().zip(&want.norms).enumerate() {
+        let a = a as f64;
+        if b.is_finite() && b <= f32::MAX as f64 {
+            assert!(
+                (a - b).abs() <= 1e-5 * b + f64::MIN_POSITIVE,
+                "{what}: norm[{j}] = {a:e}, reference {b:e}"
+            );
+        } else if b.is_finite() {
+            assert_eq!(a, f64::INFINITY, "{what}: norm[{j}] beyond f32 range");
+        } else {
+            assert!(
+                same_nonfinite(a, b),
+                "{what}: norm[{j}] = {a}, reference {b}"
+            );
+        }
+    }
+    for (j, (&a, &b)) in s.factors.iter().zip(&want.factors).enumerate() {
+        let a = a as f64;
+        if b.is_nan() {
+            assert!(a.is_nan(), "{what}: factor[{j}] = {a}, reference NaN");
+        } else {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.max(1e-30) + 1e-7,
+                "{what}: factor[{j}] = {a:e}, reference {b:e}"
+            );
+        }
+    }
+    if want.clip_bound.is_nan() {
+        assert!(
+            s.clip_bound.is_nan(),
+            "{what}: bound {} (reference NaN)",
+            s.clip_bound
+        );
+    } else {
+        let b = want.clip_bound;
+        assert!(
+            (s.clip_bound as f64 - b).abs() <= 1e-5 * b,
+            "{what}: bound {} vs reference {b}",
+            s.clip_bound
+        );
+    }
+    assert_eq!(s.clipped_count, want.clipped_count, "{what}: clipped count");
+    assert_eq!(
+        s.nonfinite_count, want.nonfinite_count,
+        "{what}: non-finite count"
+    );
+}
+
+/// Runs `clipper` and the reference on the same input and compares.
+pub fn check(
+    clipper: &mut Clipper,
+    cfg: &ClipConfig,
+    tensors: &[Vec<f32>],
+    n: usize,
+    tol: f64,
+    what: &str,
+) {
+    let want = clip_f64(cfg, &slices(tensors), n).expect("reference");
+    let got = clipper
+        .clip(cfg, &slices(tensors), n)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_matches(&got, &want, tol, what);
+}
