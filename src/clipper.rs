@@ -44,7 +44,8 @@ pub struct ClipStats {
     pub norms: Vec<f32>,
     /// The factor `s_j` applied to each micro-batch mean (0 for a skipped one).
     pub factors: Vec<f32>,
-    /// The bound `C` used this step (NaN when adaptive and no micro-batch is finite).
+    /// The bound `C` used this step (NaN when adaptive and no micro-batch is finite;
+    /// +inf when an adaptive bound exceeds `f32::MAX`, the factors stay exact).
     pub clip_bound: f32,
     /// Micro-batches with finite `norm_j > C`.
     pub clipped_count: usize,

@@ -3,8 +3,10 @@
 mod common;
 
 use common::*;
+use microclip::reference::clip_f64;
 use microclip::{ClipConfig, MicroBatches, NonFinitePolicy};
-use proptest::prelude::*;
+use microclip::{ClipError, ClipOutput, Clipper, GpuTensor, GpuTensorMut};
+use wgpu::util::DeviceExt;
 
 const TOL: f64 = 3e-5;
 
@@ -62,5 +64,218 @@ fn windows_smaller_than_a_tensor() {
             TOL,
             &format!("binding {max_binding} offsets"),
         );
+    }
+}
+
+#[test]
+fn random_shapes_match_float64_reference() {
+    let Some(gpu) = gpu() else { return };
+    run_random_cases(gpu, 64, TOL);
+}
+
+#[test]
+fn large_rows_stay_accurate() {
+    // D in the millions: tree/blocked accumulation keeps the f32 result within 3e-5.
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (6, 3_000_001);
+    let t = random_tensors(11, n, &[d], 1.0);
+    for b in [1, 4, 6] {
+        check(
+            &mut gpu,
+            &ClipConfig::fixed(0.1, MicroBatches::Uniform(b)),
+            &t,
+            n,
+            TOL,
+            "D=3M",
+        );
+    }
+}
+
+#[test]
+fn near_f32_max_means_and_norms() {
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (4, 1500);
+    let t: Vec<f32> = (0..n * d)
+        .map(|k| if k % 3 == 0 { -3.0e38 } else { 3.0e38 })
+        .collect();
+    // The true norms exceed f32::MAX (reported as +inf), the factors are still exact.
+    for cfg in [
+        ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
+        ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
+    ] {
+        check(&mut gpu, &cfg, &[t.clone()], n, TOL, "near f32::MAX");
+    }
+    let tiny: Vec<f32> = t.iter().map(|v| v * 1e-76).collect(); // ~3e-38, near the smallest normal
+    check(
+        &mut gpu,
+        &ClipConfig::fixed(1e-37, MicroBatches::Uniform(2)),
+        &[tiny],
+        n,
+        1e-4,
+        "tiny",
+    );
+}
+
+fn with_non_finite(n: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let mut t = random_tensors(5, n, widths, 1.0);
+    let d1 = widths[1];
+    t[0][widths[0] + 2] = f32::NAN; // row 1: micro-batch 0 (b = 2)
+    t[1][2 * d1 + d1 - 1] = f32::INFINITY; // row 2: micro-batch 1
+    t[1][4 * d1] = f32::INFINITY; // rows 4 and 5, same column: +inf - inf = NaN, micro-batch 2
+    t[1][5 * d1] = f32::NEG_INFINITY;
+    t
+}
+
+#[test]
+fn non_finite_policies() {
+    let Some(mut gpu) = gpu() else { return };
+    let (n, widths) = (11, [5usize, 1030]);
+    let t = with_non_finite(n, &widths);
+    for bound in [
+        ClipConfig::fixed(0.2, MicroBatches::Uniform(2)),
+        ClipConfig::adaptive(1.0, MicroBatches::Uniform(2)),
+    ] {
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Propagate] {
+            let cfg = bound.clone().with_non_finite(policy);
+            check(&mut gpu, &cfg, &t, n, TOL, &format!("{cfg:?}"));
+        }
+        let cfg = bound.clone().with_non_finite(NonFinitePolicy::Error);
+        let err = gpu.clip(&cfg, &slices(&t), n).unwrap_err();
+        assert_eq!(
+            err,
+            ClipError::NonFinite {
+                micro_batch: 0,
+                count: 3
+            }
+        );
+        assert_eq!(clip_f64(&cfg, &slices(&t), n).unwrap_err(), err);
+    }
+    // Every micro-batch non-finite: adaptive bound is NaN, Skip gives zeros.
+    let all_nan = vec![f32::NAN; 4 * 3];
+    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(2));
+    let out = gpu.clip(&cfg, &[&all_nan], 4).unwrap();
+    assert!(out.stats.clip_bound.is_nan());
+    assert_eq!(out.grads[0], vec![0.0; 3]);
+    assert_eq!(out.stats.nonfinite_count, 2);
+}
+
+#[test]
+fn same_input_gives_bitwise_same_output() {
+    let Some(mut gpu) = gpu() else { return };
+    let t = random_tensors(3, 40, &[5000, 33], 1.0);
+    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(3));
+    let bits = |o: &ClipOutput| -> Vec<u32> {
+        o.grads
+            .iter()
+            .flatten()
+            .chain(&o.stats.norms)
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let a = gpu.clip(&cfg, &slices(&t), 40).unwrap();
+    let b = gpu.clip(&cfg, &slices(&t), 40).unwrap();
+    assert_eq!(bits(&a), bits(&b));
+}
+
+fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Vec<f32> {
+    let device = gpu.device().unwrap();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: len as u64 * 4,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len as u64 * 4);
+    gpu.queue().unwrap().submit([enc.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
+    v
+}
+
+#[test]
+fn caller_buffers_with_offsets_and_poisoned_outputs() {
+    let Some(mut gpu) = gpu() else { return };
+    let (n, widths) = (9, [700usize, 3, 1500]);
+    let t = random_tensors(21, n, &widths, 1.0);
+    let device = gpu.device().unwrap().clone();
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    // Tensors 0 and 1 share one buffer: tensor 1 starts 12 bytes after tensor 0 ends.
+    let mut packed: Vec<f32> = t[0].clone();
+    packed.extend_from_slice(&[7.0; 3]);
+    packed.extend_from_slice(&t[1]);
+    let shared = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&packed),
+        usage,
+    });
+    let mut padded = vec![5.0f32; 33]; // tensor 2 at byte offset 132 (not 256-aligned)
+    padded.extend_from_slice(&t[2]);
+    let own = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&padded),
+        usage,
+    });
+    let inputs = [
+        GpuTensor {
+            buffer: &shared,
+            offset: 0,
+            cols: widths[0],
+        },
+        GpuTensor {
+            buffer: &shared,
+            offset: (n * widths[0] + 3) as u64 * 4,
+            cols: widths[1],
+        },
+        GpuTensor {
+            buffer: &own,
+            offset: 132,
+            cols: widths[2],
+        },
+    ];
+    let total: usize = widths.iter().sum::<usize>() + 10;
+    let poison = vec![f32::NAN; total];
+    let out = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&poison),
+        usage,
+    });
+    let at = [4usize, 4 + widths[0] + 1, 4 + widths[0] + 1 + widths[1] + 2];
+    let outputs: Vec<GpuTensorMut<'_>> = (0..3)
+        .map(|p| GpuTensorMut {
+            buffer: &out,
+            offset: at[p] as u64 * 4,
+            cols: widths[p],
+        })
+        .collect();
+    let want = clip_f64(
+        &ClipConfig::fixed(0.4, MicroBatches::Uniform(2)),
+        &slices(&t),
+        n,
+    )
+    .unwrap();
+    for max_binding in [u64::MAX, 6000 * 4] {
+        gpu.set_max_binding_bytes(max_binding);
+        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(2));
+        let stats = gpu.clip_buffers_into(&cfg, &inputs, n, &outputs).unwrap();
+        let all = read_buffer(&gpu, &out, 0, total);
+        let grads: Vec<Vec<f32>> = (0..3)
+            .map(|p| all[at[p]..at[p] + widths[p]].to_vec())
+            .collect();
+        assert_matches(&ClipOutput { grads, stats }, &want, TOL, "caller buffers");
+        // Bytes between the outputs are untouched.
+        for k in [0, 1, 2, 3, at[1] - 1, at[2] - 1, at[2] - 2, total - 1] {
+            assert!(all[k].is_nan(), "byte range {k} overwritten");
+        }
+        // Buffers the clipper returns.
+        let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+        let grads: Vec<Vec<f32>> = bufs
+            .iter()
+            .zip(widths)
+            .map(|(b, d)| read_buffer(&gpu, b, 0, d))
+            .collect();
+        assert_matches(&ClipOutput { grads, stats }, &want, TOL, "returned buffers");
     }
 }

@@ -70,26 +70,42 @@ struct CallLayout {
 }
 
 impl GpuClipper {
-    /// The default adapter with all of its limits.
+    /// The default adapter with all of its limits: a primary backend (Vulkan, Metal,
+    /// DX12) first, OpenGL only when none exists; `WGPU_BACKEND` overrides the order.
     pub async fn new_default() -> Result<Self> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("microclip"),
-                required_limits: adapter.limits(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
-        Ok(Self::from_device(device, queue))
+        let mut last_error = String::from("no adapter");
+        let tries = match wgpu::Backends::from_env() {
+            Some(only) => vec![only],
+            None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::GL],
+        };
+        for backends in tries {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends = backends;
+            let instance = wgpu::Instance::new(desc);
+            let adapter = match instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(adapter) => adapter,
+                Err(e) => {
+                    last_error = e.to_string();
+                    continue;
+                }
+            };
+            let (device, queue) = adapter
+                .request_device(&wgpu::DeviceDescriptor {
+                    label: Some("microclip"),
+                    required_limits: adapter.limits(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
+            return Ok(Self::from_device(device, queue));
+        }
+        Err(ClipError::NoAdapter(last_error))
     }
 
     /// Builds the pipelines on an existing device.

@@ -3,9 +3,13 @@
 #![allow(dead_code)]
 
 use microclip::reference::{clip_f64, Reference};
+use microclip::MicroBatches;
 use microclip::{Backend, ClipConfig, ClipOutput, Clipper, REQUIRE_GPU_ENV};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
 
 /// A GPU clipper, or `None` (test skipped with a message) when there is no adapter
 /// and `MICROCLIP_REQUIRE_GPU` is not `1`. With it set, a missing GPU fails the test.
@@ -173,6 +177,12 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
             "{what}: bound {} (reference NaN)",
             s.clip_bound
         );
+    } else if want.clip_bound > f32::MAX as f64 {
+        assert_eq!(
+            s.clip_bound,
+            f32::INFINITY,
+            "{what}: bound beyond f32 range"
+        );
     } else {
         let b = want.clip_bound;
         assert!(
@@ -202,4 +212,93 @@ pub fn check(
         .clip(cfg, &slices(tensors), n)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_matches(&got, &want, tol, what);
+}
+
+/// One random case: shape, layout, bound, magnitude and binding limit.
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    widths: Vec<usize>,
+    layout: MicroBatches,
+    adaptive: Option<f32>,
+    clip: f32,
+    magnitude: f32,
+    max_binding: Option<u64>,
+    seed: u64,
+}
+
+fn width() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1..40usize,
+        1..3000usize,
+        (1..10usize, -1..=1i64).prop_map(|(k, d)| (k as i64 * 256 + d).max(1) as usize),
+        (1..4usize, -1..=1i64).prop_map(|(k, d)| (k as i64 * 1024 + d) as usize),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        1..48usize,
+        prop::collection::vec(width(), 1..6),
+        any::<u64>(),
+    )
+        .prop_flat_map(|(n, widths, seed)| {
+            let layout = prop_oneof![
+                (1..=n + 1).prop_map(MicroBatches::Uniform),
+                Just(MicroBatches::Uniform(1)),
+                Just(MicroBatches::Uniform(n)),
+                (1..=n).prop_map(move |m| MicroBatches::Offsets(random_offsets(seed, n, m))),
+            ];
+            let max_w = *widths.iter().max().unwrap() as u64;
+            let max_binding = prop_oneof![
+                Just(None),
+                (0..20_000u64).prop_map(move |extra| Some(max_w * 4 + 256 + extra)),
+            ];
+            (
+                Just((n, widths, seed)),
+                layout,
+                prop_oneof![Just(None), Just(Some(1.0f32)), (0.2f32..3.0).prop_map(Some)],
+                -3.0f32..3.0,
+                prop_oneof![
+                    Just(1.0f32),
+                    Just(1e30),
+                    Just(1e-30),
+                    Just(1e-3),
+                    Just(1e36)
+                ],
+                max_binding,
+            )
+        })
+        .prop_map(
+            |((n, widths, seed), layout, adaptive, log_clip, magnitude, max_binding)| Case {
+                n,
+                widths,
+                layout,
+                adaptive,
+                clip: (10f32.powf(log_clip) * magnitude).min(1e37),
+                magnitude,
+                max_binding,
+                seed,
+            },
+        )
+}
+
+/// Runs `cases` random cases (shape, layout, bound, magnitude, binding limit) on
+/// `clipper` against the float64 reference; proptest shrinks a failure.
+pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
+    let clipper = RefCell::new(clipper);
+    let mut runner = TestRunner::new(Config::with_cases(cases));
+    runner
+        .run(&case(), |c| {
+            let mut clipper = clipper.borrow_mut();
+            clipper.set_max_binding_bytes(c.max_binding.unwrap_or(u64::MAX));
+            let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
+            let cfg = match c.adaptive {
+                Some(scale) => ClipConfig::adaptive(scale, c.layout.clone()),
+                None => ClipConfig::fixed(c.clip, c.layout.clone()),
+            };
+            check(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"));
+            Ok(())
+        })
+        .unwrap();
 }

@@ -1,0 +1,224 @@
+//! Every typed error, on both backends, raised before any GPU work.
+
+mod common;
+
+use common::gpu;
+use microclip::{Backend, ClipConfig, ClipError, Clipper, GpuTensor, GpuTensorMut, MicroBatches};
+use wgpu::util::DeviceExt;
+
+#[test]
+fn cpu_host_errors() {
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    let t = vec![1.0f32; 12];
+    let nan = cpu
+        .clip(
+            &ClipConfig::fixed(f32::NAN, MicroBatches::Uniform(2)),
+            &[&t],
+            4,
+        )
+        .unwrap_err();
+    assert!(matches!(nan, ClipError::InvalidClipNorm(c) if c.is_nan()));
+    host_errors(&mut cpu);
+}
+
+#[test]
+fn gpu_host_errors() {
+    let Some(mut gpu) = gpu() else { return };
+    let t = vec![1.0f32; 12];
+    let nan = gpu
+        .clip(
+            &ClipConfig::fixed(f32::NAN, MicroBatches::Uniform(2)),
+            &[&t],
+            4,
+        )
+        .unwrap_err();
+    assert!(matches!(nan, ClipError::InvalidClipNorm(c) if c.is_nan()));
+    host_errors(&mut gpu);
+}
+
+fn host_errors(clipper: &mut Clipper) {
+    let t = vec![1.0f32; 12];
+    let ok = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
+    for c in [0.0, -1.0, f32::INFINITY] {
+        assert_eq!(
+            clipper
+                .clip(&ClipConfig::fixed(c, MicroBatches::Uniform(2)), &[&t], 4)
+                .unwrap_err(),
+            ClipError::InvalidClipNorm(c)
+        );
+    }
+    assert!(matches!(
+        clipper
+            .clip(
+                &ClipConfig::adaptive(-2.0, MicroBatches::Uniform(2)),
+                &[&t],
+                4
+            )
+            .unwrap_err(),
+        ClipError::InvalidAdaptiveScale(_)
+    ));
+    assert_eq!(
+        clipper
+            .clip(&ClipConfig::fixed(1.0, MicroBatches::Uniform(0)), &[&t], 4)
+            .unwrap_err(),
+        ClipError::ZeroMicroBatchSize
+    );
+    assert_eq!(
+        clipper.clip(&ok, &[&t], 0).unwrap_err(),
+        ClipError::NoSamples
+    );
+    assert_eq!(clipper.clip(&ok, &[], 4).unwrap_err(), ClipError::NoTensors);
+    assert_eq!(
+        clipper.clip(&ok, &[&t, &t[..5]], 4).unwrap_err(),
+        ClipError::TensorLength {
+            tensor: 1,
+            len: 5,
+            n_samples: 4
+        }
+    );
+    for bad in [
+        vec![0, 2],
+        vec![1, 4],
+        vec![0, 2, 2, 4],
+        vec![0, 3, 2, 4],
+        vec![0, 4, 5],
+        vec![4],
+    ] {
+        let cfg = ClipConfig::fixed(1.0, MicroBatches::Offsets(bad.clone()));
+        assert!(
+            matches!(
+                clipper.clip(&cfg, &[&t], 4).unwrap_err(),
+                ClipError::InvalidOffsets(_)
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn cpu_clipper_rejects_gpu_buffers() {
+    let Some(gpu) = gpu() else { return };
+    let device = gpu.device().unwrap();
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
+    let err = cpu
+        .clip_buffers(
+            &cfg,
+            &[GpuTensor {
+                buffer: &buf,
+                offset: 0,
+                cols: 1,
+            }],
+            4,
+        )
+        .unwrap_err();
+    assert_eq!(err, ClipError::NotGpu);
+}
+
+#[test]
+fn gpu_buffer_errors() {
+    let Some(mut gpu) = gpu() else { return };
+    let device = gpu.device().unwrap().clone();
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let make = |floats: usize, usage| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&vec![1.0f32; floats]),
+            usage,
+        })
+    };
+    let input = make(4 * 8, storage);
+    let out = make(8, storage);
+    let no_storage = make(4 * 8, wgpu::BufferUsages::COPY_DST);
+    let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
+    let t = |buffer, offset, cols| GpuTensor {
+        buffer,
+        offset,
+        cols,
+    };
+    let o = |buffer, offset, cols| GpuTensorMut {
+        buffer,
+        offset,
+        cols,
+    };
+    let range_err = |e: ClipError| matches!(e, ClipError::BufferRange { .. });
+    // Fits exactly: 4 rows x 8 cols.
+    gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[o(&out, 0, 8)])
+        .unwrap();
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 4, 8)], 4, &[o(&out, 0, 8)])
+                .unwrap_err()
+        ),
+        "overrun"
+    );
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 2, 4)], 4, &[o(&out, 0, 4)])
+                .unwrap_err()
+        ),
+        "misaligned"
+    );
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 0, 0)], 4, &[o(&out, 0, 0)])
+                .unwrap_err()
+        ),
+        "zero cols"
+    );
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[o(&out, 4, 8)])
+                .unwrap_err()
+        ),
+        "output overrun"
+    );
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 0, 4)], 4, &[o(&out, 0, 5)])
+                .unwrap_err()
+        ),
+        "cols mismatch"
+    );
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&no_storage, 0, 8)], 4, &[o(&out, 0, 8)])
+                .unwrap_err()
+        ),
+        "usage"
+    );
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 0, 4)], 4, &[o(&input, 64, 4)])
+                .unwrap_err()
+        ),
+        "aliasing"
+    );
+    assert_eq!(
+        gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[])
+            .unwrap_err(),
+        ClipError::OutputCount {
+            inputs: 1,
+            outputs: 0
+        }
+    );
+    assert_eq!(
+        gpu.clip_buffers_into(&cfg, &[], 4, &[]).unwrap_err(),
+        ClipError::NoTensors
+    );
+    // A row larger than one storage binding.
+    gpu.set_max_binding_bytes(1024);
+    let wide = make(4 * 1000, storage);
+    let wide_out = make(1000, storage);
+    assert!(matches!(
+        gpu.clip_buffers_into(&cfg, &[t(&wide, 0, 1000)], 4, &[o(&wide_out, 0, 1000)])
+            .unwrap_err(),
+        ClipError::TooLarge(_)
+    ));
+}
