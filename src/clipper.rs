@@ -127,6 +127,16 @@ impl Clipper {
         }
     }
 
+    /// Extra device memory this clipper holds between calls: norm partials,
+    /// per-micro-batch state, row offsets, parameters, carry rows and the read-back
+    /// buffer (not the host path's upload of the input itself). 0 on the CPU.
+    pub fn scratch_bytes(&self) -> u64 {
+        match &self.engine {
+            Engine::Gpu(gpu) => gpu.scratch_bytes(),
+            Engine::Cpu => 0,
+        }
+    }
+
     /// Limits the bytes one storage binding may cover (default: the device's
     /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
     /// windows; tests use a small value to exercise that path. No effect on the CPU.

@@ -103,7 +103,14 @@ fn near_f32_max_means_and_norms() {
         ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
         ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
     ] {
-        check(&mut gpu, &cfg, &[t.clone()], n, TOL, "near f32::MAX");
+        check(
+            &mut gpu,
+            &cfg,
+            std::slice::from_ref(&t),
+            n,
+            TOL,
+            "near f32::MAX",
+        );
     }
     let tiny: Vec<f32> = t.iter().map(|v| v * 1e-76).collect(); // ~3e-38, near the smallest normal
     check(

@@ -138,6 +138,10 @@ impl GpuClipper {
         &self.queue
     }
 
+    pub fn scratch_bytes(&self) -> u64 {
+        self.pool.scratch_bytes()
+    }
+
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         let limits = self.device.limits();
         let device_max = limits

@@ -53,9 +53,13 @@ impl Pool {
         buffer
     }
 
-    /// Bytes held by the pool.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub fn bytes(&self) -> u64 {
-        self.buffers.values().map(|b| b.size()).sum()
+    /// Bytes of scratch held (everything but the host path's input and output
+    /// tensors, which hold the caller's data rather than extra state).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.buffers
+            .iter()
+            .filter(|(slot, _)| !matches!(slot, Slot::Input(_) | Slot::Output(_)))
+            .map(|(_, b)| b.size())
+            .sum()
     }
 }
