@@ -55,7 +55,7 @@
 //!   as `+inf`) still clips correctly.
 //! * All reductions are trees or fixed blocks, never float atomics: the same input on
 //!   the same adapter gives bitwise the same output.
-//! * [`reference`] is a plain float64 implementation used by the tests.
+//! * [`reference`](mod@reference) is a plain float64 implementation used by the tests.
 //!
 //! ## Memory
 //!
