@@ -6,6 +6,9 @@
 const WG: u32 = 256u;
 const POLICY_SKIP: u32 = 0u;      // Skip and Error: factor 0 (the host raises Error)
 const POLICY_PROPAGATE: u32 = 1u; // factor = min(1, C / norm) in IEEE arithmetic
+const FN_HARD: u32 = 0u;          // s = min(1, C / norm), 1 when norm = 0
+const FN_AUTOMATIC: u32 = 1u;     // s = C / (norm + gamma)
+const FN_NORMALIZE: u32 = 2u;     // s = C / norm, 0 when norm = 0
 
 struct Params {
     micro_batches: u32,
@@ -13,9 +16,9 @@ struct Params {
     policy: u32,
     pad: u32,
     bound: f32,
+    function: u32, // FN_HARD, FN_AUTOMATIC or FN_NORMALIZE
+    gamma: f32,    // FN_AUTOMATIC: s = C / (norm + gamma)
     pad1: f32,
-    pad2: f32,
-    pad3: f32,
 }
 
 struct Stats {
@@ -100,12 +103,24 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             norm = select(inf_f32(), nan_f32(), has_nan);
             // Propagate: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
             factor = select(0.0, select(0.0, nan_f32(), has_nan), params.policy == POLICY_PROPAGATE);
-        } else if (n.scale > 0.0) {
+        } else {
             // C / norm without forming either: ratios of scales, then of roots.
-            let ratio = (bound.x / n.scale) * (bound.y / n.root);
-            if (ratio < 1.0) {
-                factor = ratio;
+            let positive = n.scale > 0.0;
+            var ratio = 1.0;
+            if (positive) {
+                ratio = (bound.x / n.scale) * (bound.y / n.root);
+            }
+            let over = positive && ratio < 1.0; // norm > C
+            if (over) {
                 atomicAdd(&clipped, 1u);
+            }
+            if (params.function == FN_HARD) {
+                factor = select(1.0, ratio, over);
+            } else if (params.function == FN_NORMALIZE) {
+                factor = select(0.0, ratio, positive);
+            } else {
+                // C / (norm + gamma); a norm beyond f32::MAX leaves C / norm.
+                factor = select(ratio, (bound.x * bound.y) / (norm + params.gamma), norm <= 3.4028235e38);
             }
         }
         factors[j] = factor;

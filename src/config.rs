@@ -26,6 +26,23 @@ pub enum MicroBatches {
     Offsets(Vec<usize>),
 }
 
+/// How a micro-batch's factor `s_j` follows from its norm and the bound `C`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ClipFunction {
+    /// `s_j = min(1, C / norm_j)` (1 when `norm_j = 0`): the classic clip.
+    #[default]
+    Hard,
+    /// AUTO-S (Bu et al., "Automatic Clipping"): `s_j = C / (norm_j + gamma)`, every
+    /// micro-batch rescaled to just under norm `C`; `gamma` finite and > 0 (0.01 is
+    /// the paper's default).
+    Automatic {
+        /// Stability constant added to the norm.
+        gamma: f32,
+    },
+    /// `s_j = C / norm_j` (0 when `norm_j = 0`): every micro-batch to norm exactly `C`.
+    Normalize,
+}
+
 /// What to do with a micro-batch whose mean gradient contains NaN or infinity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NonFinitePolicy {
@@ -60,6 +77,8 @@ pub struct ClipConfig {
     pub micro_batches: MicroBatches,
     /// The non-finite policy.
     pub non_finite: NonFinitePolicy,
+    /// The clip function (default [`ClipFunction::Hard`]).
+    pub function: ClipFunction,
 }
 
 impl ClipConfig {
@@ -69,6 +88,7 @@ impl ClipConfig {
             bound: ClipBound::Fixed(c),
             micro_batches,
             non_finite: NonFinitePolicy::default(),
+            function: ClipFunction::default(),
         }
     }
 
@@ -78,7 +98,14 @@ impl ClipConfig {
             bound: ClipBound::Adaptive { scale },
             micro_batches,
             non_finite: NonFinitePolicy::default(),
+            function: ClipFunction::default(),
         }
+    }
+
+    /// Replace the clip function.
+    pub fn with_function(mut self, function: ClipFunction) -> Self {
+        self.function = function;
+        self
     }
 
     /// Replace the non-finite policy.
@@ -97,6 +124,11 @@ impl ClipConfig {
                 return Err(ClipError::InvalidAdaptiveScale(scale))
             }
             _ => {}
+        }
+        if let ClipFunction::Automatic { gamma } = self.function {
+            if !(gamma.is_finite() && gamma > 0.0) {
+                return Err(ClipError::InvalidGamma(gamma));
+            }
         }
         if self.micro_batches == MicroBatches::Uniform(0) {
             return Err(ClipError::ZeroMicroBatchSize);

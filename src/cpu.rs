@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{ClipBound, ClipConfig, NonFinitePolicy};
+use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::error::{ClipError, Result};
 
 /// Columns per parallel task.
@@ -99,8 +99,13 @@ pub(crate) fn clip(
         .map(|&n| match n {
             n if n.is_nan() && propagate => f64::NAN,
             n if !n.is_finite() => 0.0,
-            n if n > bound => bound / n,
-            _ => 1.0,
+            n => match config.function {
+                ClipFunction::Hard if n > bound => bound / n,
+                ClipFunction::Hard => 1.0,
+                ClipFunction::Automatic { gamma } => bound / (n + gamma as f64),
+                ClipFunction::Normalize if n == 0.0 => 0.0,
+                ClipFunction::Normalize => bound / n,
+            },
         })
         .collect();
     let clipped_count = norms

@@ -10,6 +10,9 @@ pub enum ClipError {
     /// The adaptive-bound scale is zero, negative, NaN or infinite.
     #[error("adaptive clip scale must be finite and > 0, got {0}")]
     InvalidAdaptiveScale(f32),
+    /// The AUTO-S stability constant is zero, negative, NaN or infinite.
+    #[error("automatic clipping gamma must be finite and > 0, got {0}")]
+    InvalidGamma(f32),
     /// `MicroBatches::Uniform(0)`.
     #[error("micro-batch size must be >= 1")]
     ZeroMicroBatchSize,

@@ -7,7 +7,7 @@
 //! ```text
 //! g_j    = mean of the rows of micro-batch j        (each tensor p: [N, D_p] -> [D_p])
 //! norm_j = || g_j ||_2   over ALL tensors together
-//! s_j    = min(1, C / norm_j)      (s_j = 1 when norm_j = 0)
+//! s_j    = min(1, C / norm_j)      (s_j = 1 when norm_j = 0; see ClipFunction)
 //! out_p  = (1/M) * sum_j s_j * g_j,p
 //! ```
 //!
@@ -74,7 +74,7 @@ mod gpu;
 pub mod reference;
 
 pub use clipper::{Backend, BackendKind, ClipOutput, ClipStats, Clipper};
-pub use config::{ClipBound, ClipConfig, MicroBatches, NonFinitePolicy};
+pub use config::{ClipBound, ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
 pub use error::{ClipError, Result};
 pub use gpu::{GpuTensor, GpuTensorMut};
 

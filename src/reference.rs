@@ -2,7 +2,7 @@
 //! speed. The tests compare both backends against it; it is public so that users
 //! can check their own integration the same way.
 
-use crate::config::{tensor_widths, ClipBound, ClipConfig, NonFinitePolicy};
+use crate::config::{tensor_widths, ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::error::{ClipError, Result};
 
 /// The float64 result of one clipping step.
@@ -83,10 +83,14 @@ pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Re
                     NonFinitePolicy::Propagate if n.is_nan() => f64::NAN,
                     _ => 0.0,
                 }
-            } else if n > clip_bound {
-                clip_bound / n
             } else {
-                1.0
+                match config.function {
+                    ClipFunction::Hard if n > clip_bound => clip_bound / n,
+                    ClipFunction::Hard => 1.0,
+                    ClipFunction::Automatic { gamma } => clip_bound / (n + gamma as f64),
+                    ClipFunction::Normalize if n == 0.0 => 0.0,
+                    ClipFunction::Normalize => clip_bound / n,
+                }
             }
         })
         .collect();

@@ -3,7 +3,9 @@
 mod common;
 
 use common::gpu;
-use microclip::{Backend, ClipConfig, ClipError, Clipper, GpuTensor, GpuTensorMut, MicroBatches};
+use microclip::{
+    Backend, ClipConfig, ClipError, ClipFunction, Clipper, GpuTensor, GpuTensorMut, MicroBatches,
+};
 use wgpu::util::DeviceExt;
 
 #[test]
@@ -63,6 +65,14 @@ fn host_errors(clipper: &mut Clipper) {
             .unwrap_err(),
         ClipError::ZeroMicroBatchSize
     );
+    for gamma in [0.0, -0.5, f32::INFINITY] {
+        let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(2))
+            .with_function(ClipFunction::Automatic { gamma });
+        assert_eq!(
+            clipper.clip(&cfg, &[&t], 4).unwrap_err(),
+            ClipError::InvalidGamma(gamma)
+        );
+    }
     assert_eq!(
         clipper.clip(&ok, &[&t], 0).unwrap_err(),
         ClipError::NoSamples

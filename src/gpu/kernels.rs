@@ -82,7 +82,9 @@ pub(crate) struct FactorsParams {
     pub policy: u32,
     pub pad: u32,
     pub bound: f32,
-    pub pad1: [f32; 3],
+    pub function: u32,
+    pub gamma: f32,
+    pub pad1: f32,
 }
 
 /// `Params` of weighted_sum.wgsl.

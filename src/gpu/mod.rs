@@ -13,7 +13,7 @@ mod plan;
 mod pool;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{ClipBound, ClipConfig, NonFinitePolicy};
+use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::error::{ClipError, Result};
 use kernels::{
     FactorsParams, Kernels, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES, PARTIAL_BYTES,
@@ -479,7 +479,16 @@ impl GpuClipper {
             policy: (config.non_finite == NonFinitePolicy::Propagate) as u32,
             pad: 0,
             bound,
-            pad1: [0.0; 3],
+            function: match config.function {
+                ClipFunction::Hard => 0,
+                ClipFunction::Automatic { .. } => 1,
+                ClipFunction::Normalize => 2,
+            },
+            gamma: match config.function {
+                ClipFunction::Automatic { gamma } => gamma,
+                _ => 0.0,
+            },
+            pad1: 0.0,
         });
         let uniforms = self.pool.get(
             Slot::Params,
