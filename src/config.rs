@@ -82,24 +82,24 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
-    /// Fixed clip norm `c`, [`NonFinitePolicy::Skip`].
-    pub fn fixed(c: f32, micro_batches: MicroBatches) -> Self {
+    /// Any bound, hard clipping, [`NonFinitePolicy::Skip`].
+    pub fn new(bound: ClipBound, micro_batches: MicroBatches) -> Self {
         Self {
-            bound: ClipBound::Fixed(c),
+            bound,
             micro_batches,
             non_finite: NonFinitePolicy::default(),
             function: ClipFunction::default(),
         }
     }
 
+    /// Fixed clip norm `c`, [`NonFinitePolicy::Skip`].
+    pub fn fixed(c: f32, micro_batches: MicroBatches) -> Self {
+        Self::new(ClipBound::Fixed(c), micro_batches)
+    }
+
     /// Adaptive bound `scale * min_j norm_j` (paper's Algorithm 1 with `scale = 1`).
     pub fn adaptive(scale: f32, micro_batches: MicroBatches) -> Self {
-        Self {
-            bound: ClipBound::Adaptive { scale },
-            micro_batches,
-            non_finite: NonFinitePolicy::default(),
-            function: ClipFunction::default(),
-        }
+        Self::new(ClipBound::Adaptive { scale }, micro_batches)
     }
 
     /// Replace the clip function.

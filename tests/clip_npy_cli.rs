@@ -1,0 +1,452 @@
+//! The `clip_npy` example end to end: inputs written with npyz into a temporary
+//! directory, the example binary run as a subprocess, and its outputs checked against
+//! the float64 reference (`microclip::reference::clip_f64`).
+
+mod common;
+
+use microclip::reference::{clip_f64, Reference};
+use microclip::{ClipConfig, MicroBatches};
+use npyz::{AutoSerialize, DType, NpyFile, Order, WriterBuilder};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const N: usize = 13;
+const D: usize = 1027;
+
+/// The example binary, built (or found up to date) by cargo once per test run, in the
+/// profile this test was built with. Asking cargo, rather than taking whatever
+/// `target/*/examples/clip_npy` holds, never runs a stale binary.
+fn example_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let profile = if cfg!(debug_assertions) {
+            "test"
+        } else {
+            "release"
+        };
+        let out = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "clip_npy",
+                "--profile",
+                profile,
+            ])
+            .arg("--message-format=json-render-diagnostics")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running cargo");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "cargo build --example clip_npy: {stderr}"
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clip_npy")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no clip_npy executable")
+    })
+}
+
+/// The backends to run: "gpu" too when `common::gpu()` finds an adapter (it fails the
+/// test instead of skipping when `MICROCLIP_REQUIRE_GPU=1`).
+fn backends() -> Vec<&'static str> {
+    static GPU: OnceLock<bool> = OnceLock::new();
+    match *GPU.get_or_init(|| common::gpu().is_some()) {
+        true => vec!["cpu", "gpu"],
+        false => vec!["cpu"],
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop unless the test failed.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("microclip-clip_npy-{pid}-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+
+    fn write<T: AutoSerialize>(&self, file: &str, shape: &[usize], order: Order, data: &[T]) {
+        let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
+        let f = std::fs::File::create(self.path(file)).unwrap();
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&shape)
+            .order(order)
+            .writer(std::io::BufWriter::new(f))
+            .begin_nd()
+            .unwrap();
+        for x in data {
+            w.push(x).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    /// Reads a float32 .npy file written by the example: (shape, data).
+    fn read_f32(&self, file: &str) -> (Vec<u64>, Vec<f32>) {
+        let npy = NpyFile::new(std::fs::File::open(self.path(file)).unwrap()).unwrap();
+        assert_eq!(npy.dtype().descr(), "'<f4'", "{file}: dtype");
+        assert_eq!(npy.order(), Order::C);
+        (npy.shape().to_vec(), npy.into_vec().unwrap())
+    }
+
+    fn stats(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.path("stats.json")).unwrap()).unwrap()
+    }
+
+    /// Runs the example with whitespace-separated arguments; `@name` is a file here.
+    fn run(&self, args: &str) -> Output {
+        let args = args.split_whitespace().map(|a| match a.strip_prefix('@') {
+            Some(file) => self.path(file).into_os_string(),
+            None => a.into(),
+        });
+        Command::new(example_bin())
+            .args(args)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .expect("running clip_npy")
+    }
+
+    /// Runs the example, expecting success; returns stdout.
+    fn ok(&self, args: &str) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "clip_npy {args} failed: {stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the example, expecting exit status 1 and one `error: ...` line on stderr.
+    fn fails(&self, args: &str) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "clip_npy {args}: {stderr}");
+        assert!(
+            !stderr.contains("panicked"),
+            "clip_npy {args} panicked: {stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("error: ") && lines[0].len() > 10,
+            "clip_npy {args}: want one `error: ...` line, got {stderr:?}"
+        );
+        lines[0].to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Random `[N, D]` gradients (both signs, uneven row scales) as float64 and float32,
+/// written to `g64.npy` and `g32.npy`. The float64 values carry bits below f32
+/// precision; the float32 ones are their rounding, what the example computes with.
+fn write_grads(dir: &Dir) -> Vec<f32> {
+    let t = common::random_tensors(7, N, &[D], 1.0).remove(0);
+    let g64: Vec<f64> = t
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| v as f64 + 1e-12 * k as f64)
+        .collect();
+    let g32: Vec<f32> = g64.iter().map(|&v| v as f32).collect();
+    dir.write("g64.npy", &[N, D], Order::C, &g64);
+    dir.write("g32.npy", &[N, D], Order::C, &g32);
+    g32
+}
+
+/// Checks out.npy, norms.npy, stats.json and the stdout summary against the reference.
+fn check_outputs(dir: &Dir, stdout: &str, want: &Reference, backend: &str, what: &str) {
+    let (shape, out) = dir.read_f32("out.npy");
+    assert_eq!(shape, [D as u64], "{what}: OUT shape");
+    let want_out = &want.grads[0];
+    let num: f64 = out
+        .iter()
+        .zip(want_out)
+        .map(|(&a, b)| (a as f64 - b).powi(2))
+        .sum();
+    let den: f64 = want_out.iter().map(|b| b * b).sum();
+    let err = (num / den).sqrt();
+    assert!(err <= 1e-5, "{what}: OUT relative L2 error {err:e}");
+
+    let (shape, norms) = dir.read_f32("norms.npy");
+    let m = want.norms.len();
+    assert_eq!(shape, [m as u64], "{what}: NORMS shape");
+    for (j, (&a, &b)) in norms.iter().zip(&want.norms).enumerate() {
+        assert!(
+            (a as f64 - b).abs() <= 1e-5 * b,
+            "{what}: norm {j}: {a} vs {b}"
+        );
+    }
+
+    let stats = dir.stats();
+    assert_eq!(stats["micro_batches"], m, "{what}: {stats}");
+    assert_eq!(
+        stats["clipped_count"], want.clipped_count,
+        "{what}: {stats}"
+    );
+    assert_eq!(stats["nonfinite_count"], 0, "{what}: {stats}");
+    let bound = stats["clip_bound"].as_f64().unwrap();
+    assert!(
+        (bound - want.clip_bound).abs() <= 1e-5 * want.clip_bound,
+        "{what}: {stats}"
+    );
+    assert_eq!(stats["backend"], backend, "{what}: {stats}");
+    let adapter = &stats["adapter"];
+    match backend {
+        "gpu" => assert!(!adapter.as_str().unwrap().is_empty(), "{what}: {stats}"),
+        _ => assert!(adapter.is_null(), "{what}: {stats}"),
+    }
+
+    // stdout: one `field: value` line per field, with the values of stats.json.
+    for (field, value) in stats.as_object().unwrap() {
+        let line = stdout.lines().find(|l| l.starts_with(&format!("{field}:")));
+        let line = line.unwrap_or_else(|| panic!("{what}: no {field} in {stdout:?}"));
+        let got = line[field.len() + 1..].trim();
+        match value {
+            Value::Number(v) => {
+                let (got, v) = (got.parse::<f64>().unwrap(), v.as_f64().unwrap());
+                assert!((got - v).abs() <= 1e-6 * v, "{what}: {line:?} vs {value}")
+            }
+            Value::String(v) => assert_eq!(got, v, "{what}"),
+            _ => assert_eq!(got, "none", "{what}"),
+        }
+    }
+}
+
+#[test]
+fn uniform_micro_batches_match_reference() {
+    let dir = Dir::new("uniform");
+    let g = write_grads(&dir);
+    let layout = MicroBatches::Uniform(4);
+
+    // A fixed bound halfway between the two middle norms: two of the four micro-batches
+    // are clipped, and no norm is near enough to C for rounding to decide.
+    let loose = clip_f64(&ClipConfig::fixed(1e30, layout.clone()), &[&g], N).unwrap();
+    let mut sorted = loose.norms.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(sorted[2] > 1.01 * sorted[1], "norms too close: {sorted:?}");
+    let c = ((sorted[1] + sorted[2]) / 2.0) as f32;
+    let want = clip_f64(&ClipConfig::fixed(c, layout), &[&g], N).unwrap();
+    assert_eq!(want.clipped_count, 2);
+
+    for backend in backends() {
+        for input in ["g32", "g64"] {
+            let stdout = dir.ok(&format!(
+                "--grads @{input}.npy --micro-batch 4 --clip {c} --backend {backend} \
+                 --out @out.npy --norms @norms.npy --stats @stats.json"
+            ));
+            check_outputs(&dir, &stdout, &want, backend, &format!("{backend} {input}"));
+        }
+    }
+}
+
+#[test]
+fn offsets_and_adaptive_bound_match_reference() {
+    let dir = Dir::new("offsets");
+    let g = write_grads(&dir);
+    let offsets = vec![0usize, 1, 5, 13];
+    dir.write("o.npy", &[4], Order::C, &[0i64, 1, 5, 13]);
+
+    for (clip, scale) in [("min", 1.0), ("min:0.5", 0.5)] {
+        let cfg = ClipConfig::adaptive(scale, MicroBatches::Offsets(offsets.clone()));
+        let want = clip_f64(&cfg, &[&g], N).unwrap();
+        assert!(want.clipped_count >= 2, "--clip {clip}: {want:?}");
+        for backend in backends() {
+            for input in ["g32", "g64"] {
+                let stdout = dir.ok(&format!(
+                    "--grads @{input}.npy --offsets @o.npy --clip {clip} --backend {backend} \
+                     --non-finite error --out @out.npy --norms @norms.npy --stats @stats.json"
+                ));
+                let what = format!("{backend} {input} --clip {clip}");
+                check_outputs(&dir, &stdout, &want, backend, &what);
+            }
+        }
+    }
+}
+
+/// Every offsets integer type and a Fortran-ordered G give bitwise the same output.
+#[test]
+fn offset_dtypes_and_fortran_order() {
+    let dir = Dir::new("dtypes");
+    let g = write_grads(&dir);
+    let column_major: Vec<f32> = (0..N * D).map(|k| g[(k % N) * D + k / N]).collect();
+    dir.write("g_fortran.npy", &[N, D], Order::Fortran, &column_major);
+    let o = [0u32, 1, 5, 13];
+    dir.write("i32.npy", &[4], Order::C, &o.map(|v| v as i32));
+    dir.write("i64.npy", &[4], Order::C, &o.map(|v| v as i64));
+    dir.write("u32.npy", &[4], Order::C, &o);
+    dir.write("u64.npy", &[4], Order::C, &o.map(|v| v as u64));
+
+    let clip = |grads: &str, offsets: &str| {
+        dir.ok(&format!(
+            "--grads @{grads}.npy --offsets @{offsets}.npy --clip 0.5 --backend cpu --out @o.npy"
+        ));
+        dir.read_f32("o.npy").1
+    };
+    let first = clip("g32", "i64");
+    for offsets in ["i32", "u32", "u64"] {
+        assert_eq!(clip("g32", offsets), first, "offsets as {offsets}");
+    }
+    assert_eq!(clip("g_fortran", "i64"), first, "Fortran order");
+}
+
+/// All micro-batches non-finite: the adaptive bound is NaN, written as JSON null.
+#[test]
+fn nan_bound_is_null_in_json() {
+    let dir = Dir::new("nan");
+    let mut g = vec![1.0f32; 6 * 5];
+    g[0] = f32::NAN;
+    g[2 * 5 + 3] = f32::INFINITY;
+    g[4 * 5 + 1] = f32::NAN;
+    dir.write("g.npy", &[6, 5], Order::C, &g);
+    for backend in backends() {
+        let args = format!(
+            "--grads @g.npy --micro-batch 2 --clip min --backend {backend} \
+             --out @out.npy --stats @stats.json"
+        );
+        let stdout = dir.ok(&args);
+        assert!(stdout.contains("nonfinite_count: 3"), "{backend}: {stdout}");
+        assert!(
+            stdout.contains("clip_bound:      NaN"),
+            "{backend}: {stdout}"
+        );
+        let stats = dir.stats();
+        assert!(stats["clip_bound"].is_null(), "{backend}: {stats}");
+        assert_eq!(stats["nonfinite_count"], 3, "{backend}: {stats}");
+        assert_eq!(stats["clipped_count"], 0, "{backend}: {stats}");
+        assert_eq!(dir.read_f32("out.npy").1, [0.0; 5], "{backend}");
+
+        let err = dir.fails(&format!("{args} --non-finite error"));
+        assert!(
+            err.contains("micro-batch 0 has a non-finite gradient"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_give_one_error_line() {
+    let dir = Dir::new("bad");
+    let g = [0.5f32; N * 4];
+    dir.write("g.npy", &[N, 4], Order::C, &g);
+    dir.write("g1d.npy", &[N * 4], Order::C, &g);
+    dir.write("g3d.npy", &[N, 2, 2], Order::C, &g);
+    dir.write("g_empty.npy", &[N, 0], Order::C, &[] as &[f32]);
+    dir.write("g_int.npy", &[N, 4], Order::C, &[1i32; N * 4]);
+    dir.write("o_short.npy", &[4], Order::C, &[0i64, 1, 5, 12]);
+    dir.write("o_neg.npy", &[4], Order::C, &[-1i64, 1, 5, 13]);
+    dir.write("o_float.npy", &[4], Order::C, &[0.0f64, 1.0, 5.0, 13.0]);
+    dir.write("o_2d.npy", &[2, 2], Order::C, &[0i64, 1, 5, 13]);
+    std::fs::write(dir.path("junk.npy"), "not an npy file").unwrap();
+    // float16: a header written by npyz, then raw half-precision zeros.
+    let mut f = std::fs::File::create(dir.path("g_f16.npy")).unwrap();
+    npyz::WriteOptions::new_header_only()
+        .dtype(DType::new_scalar("<f2".parse().unwrap()))
+        .shape(&[N as u64, 4])
+        .writer(&mut f)
+        .write_header_only()
+        .unwrap();
+    f.write_all(&[0u8; N * 4 * 2]).unwrap();
+    drop(f);
+
+    let rest = "--micro-batch 4 --clip 1 --backend cpu --out @out.npy";
+    let cases = [
+        // (arguments, a word the message must hold)
+        (format!("--grads @missing.npy {rest}"), "missing.npy"),
+        (format!("--grads @junk.npy {rest}"), "junk.npy"),
+        (format!("--grads @g_int.npy {rest}"), "float32 or float64"),
+        (format!("--grads @g_f16.npy {rest}"), "float16"),
+        (format!("--grads @g1d.npy {rest}"), "2-D"),
+        (format!("--grads @g3d.npy {rest}"), "2-D"),
+        (format!("--grads @g_empty.npy {rest}"), "empty"),
+        (
+            format!("--grads @g.npy {rest} --non-finite ignore"),
+            "ignore",
+        ),
+        (
+            "--grads @g.npy --micro-batch 4 --clip 1 --backend tpu --out @out.npy".into(),
+            "tpu",
+        ),
+        (format!("--grads @g.npy {rest} --bogus"), "--bogus"),
+        (
+            format!("--grads @g.npy {rest} --offsets @o_short.npy"),
+            "--offsets",
+        ),
+        (
+            "--grads @g.npy --micro-batch 4 --clip 1 --backend cpu --out @no-such-dir/o.npy".into(),
+            "no-such-dir",
+        ),
+        ("--grads @g.npy --micro-batch 4 --clip 1".into(), "--out"),
+        (
+            "--grads @g.npy --micro-batch 4 --out @out.npy".into(),
+            "--clip",
+        ),
+        (
+            "--grads @g.npy --clip 1 --out @out.npy".into(),
+            "--micro-batch",
+        ),
+        (
+            "--grads @g.npy --micro-batch 0 --clip 1 --out @out.npy".into(),
+            "micro-batch size",
+        ),
+        (
+            "--grads @g.npy --micro-batch -2 --clip 1 --out @out.npy".into(),
+            "micro-batch",
+        ),
+    ];
+    let offsets = [
+        ("o_short", "N = 13"),
+        ("o_neg", "offset -1"),
+        ("o_float", "int64"),
+        ("o_2d", "1-D"),
+        ("missing-o", "missing-o.npy"),
+    ];
+    let offsets = offsets.iter().map(|(o, why)| {
+        (
+            format!("--grads @g.npy --offsets @{o}.npy --clip 1 --out @out.npy"),
+            *why,
+        )
+    });
+    let clips = [
+        "0", "-1", "abc", "nan", "inf", "min:0", "min:-1", "min:x", "minimum",
+    ];
+    let clips = clips.iter().map(|c| {
+        (
+            format!("--grads @g.npy --micro-batch 4 --clip {c} --out @out.npy"),
+            "--clip",
+        )
+    });
+    for (args, needle) in cases.into_iter().chain(offsets).chain(clips) {
+        let err = dir.fails(&args);
+        assert!(
+            err.contains(needle),
+            "{args}: {err:?} does not mention {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn help_mentions_float64_rounding() {
+    let dir = Dir::new("help");
+    let out = dir.run("--help");
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("float64 is rounded to float32"), "{help}");
+}
