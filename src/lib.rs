@@ -66,6 +66,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accountant;
 mod clipper;
 mod config;
 mod cpu;

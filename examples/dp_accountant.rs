@@ -1,0 +1,154 @@
+//! RDP privacy accountant for DP-SGD with (micro-batch) clipping.
+//!
+//! Epsilon spent:
+//!
+//! ```text
+//! cargo run --release --example dp_accountant -- \
+//!     --sampling-rate 0.0042667 --noise-multiplier 1.1 --steps 14062 --delta 1e-5
+//! ```
+//!
+//! prints a short summary and, as its last line, `epsilon=<value> order=<alpha>`.
+//!
+//! Noise multiplier needed for a target epsilon:
+//!
+//! ```text
+//! cargo run --release --example dp_accountant -- \
+//!     --sampling-rate 0.0042667 --target-epsilon 3 --steps 14062 --delta 1e-5
+//! ```
+//!
+//! prints `noise_multiplier=<sigma>` as its last line.
+//!
+//! The sampling rate is the expected batch size over the dataset size (Poisson
+//! sampling); the noise multiplier is the noise standard deviation over the clip
+//! norm, for noise added to the SUM of the clipped micro-batch gradients. Bad
+//! arguments print one `error: ...` line and exit with a non-zero status.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use microclip::accountant;
+
+/// RDP accountant for the Poisson-subsampled Gaussian mechanism (DP-SGD).
+#[derive(Parser, Debug)]
+#[command(name = "dp_accountant")]
+struct Args {
+    /// Sampling rate q = expected batch size / dataset size, in [0, 1].
+    #[arg(long, value_name = "Q")]
+    sampling_rate: f64,
+
+    /// Noise multiplier sigma (noise std / clip norm): compute epsilon.
+    #[arg(
+        long,
+        value_name = "SIGMA",
+        conflicts_with = "target_epsilon",
+        required_unless_present = "target_epsilon"
+    )]
+    noise_multiplier: Option<f64>,
+
+    /// Target epsilon: compute the smallest noise multiplier that reaches it.
+    #[arg(long, value_name = "E")]
+    target_epsilon: Option<f64>,
+
+    /// Number of training steps (noisy releases).
+    #[arg(long, value_name = "T")]
+    steps: u64,
+
+    /// Target delta, in (0, 1).
+    #[arg(long, value_name = "DELTA")]
+    delta: f64,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            return fail(&clap_error_line(&e));
+        }
+    };
+    match run(&args) {
+        Ok(lines) => {
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                if writeln!(out, "{line}").is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// A clap error as one line: its first paragraph (the message and, for missing
+/// arguments, their names), without clap's own `error: ` prefix, usage or tips.
+fn clap_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let msg = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let msg = msg.trim_start_matches("error:").trim();
+    if msg.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        msg.to_string()
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "error: {msg}");
+    ExitCode::from(2)
+}
+
+fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
+    let (q, steps, delta) = (args.sampling_rate, args.steps, args.delta);
+    let orders = accountant::default_orders();
+    let mut lines = vec![
+        "Poisson-subsampled Gaussian mechanism, RDP accountant".to_string(),
+        format!("  sampling rate q  : {q}"),
+        format!("  steps            : {steps}"),
+        format!("  delta            : {delta}"),
+        format!(
+            "  RDP orders       : {} ({} .. {})",
+            orders.len(),
+            orders[0],
+            orders[orders.len() - 1]
+        ),
+    ];
+    match args.noise_multiplier {
+        Some(sigma) => {
+            let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
+            let (classic, classic_order) = accountant::epsilon_classic(q, sigma, steps, delta)?;
+            lines.push(format!("  noise multiplier : {sigma}"));
+            lines.push(format!(
+                "  epsilon          : {eps:.4} (Balle et al. 2020 conversion, as Opacus / dp_accounting)"
+            ));
+            lines.push(format!(
+                "  epsilon, classic : {classic:.4} at order {classic_order} (eps = rdp - ln(delta)/(alpha-1))"
+            ));
+            lines.push(format!("epsilon={eps} order={order}"));
+        }
+        None => {
+            // clap makes one of the two required; a missing target reads as NaN
+            // and is reported as an invalid target epsilon.
+            let target = args.target_epsilon.unwrap_or(f64::NAN);
+            let sigma = accountant::noise_multiplier_for_epsilon(q, steps, delta, target)?;
+            let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
+            lines.push(format!("  target epsilon   : {target}"));
+            lines.push(format!(
+                "  epsilon reached  : {eps:.6} at order {order} (Balle et al. 2020 conversion)"
+            ));
+            lines.push(format!("noise_multiplier={sigma}"));
+        }
+    }
+    Ok(lines)
+}
