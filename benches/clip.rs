@@ -1,1 +1,315 @@
-fn main() {}
+//! Criterion benches of microclip (`cargo bench`), small shapes so that the whole
+//! run completes in a few minutes even on a software adapter (lavapipe):
+//!
+//! * `gpu_device/N64_D262144`: micro-batches b = 1 and 8, inputs already in device
+//!   buffers (`clip_buffers_into`), next to the vec4 read-and-sum reference over
+//!   the same bytes (`examples/bench_report/reference.wgsl`);
+//! * `gpu_device/multi_N64_b4`: 100 tensors (D_p from 1 to 12,500, each its own
+//!   buffer) against one tensor of the same total width, and the read-and-sum;
+//! * `cpu_host/...`: the same shapes on the CPU backend (`Clipper::clip` on host
+//!   slices) next to a multi-threaded rayon sum over the same slice.
+//!
+//! Throughput is the input size, N x D x 4 bytes. GPU timing uses `iter_custom`
+//! with wall clock around each call: `clip_buffers_into` submits and polls the
+//! device until its statistics are read back; the reference submits and polls
+//! until the queue is idle. Flat sampling, 10 samples: one GPU iteration can take
+//! a second on lavapipe. Without a GPU adapter only the CPU benches run (a note is
+//! printed; with `MICROCLIP_REQUIRE_GPU=1` that is an error).
+//!
+//! For the full report (read_ratio, the 5-pass baseline, big shapes) run
+//! `cargo run --release --example bench_report`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use microclip::{
+    Backend, ClipConfig, Clipper, GpuTensor, GpuTensorMut, MicroBatches, REQUIRE_GPU_ENV,
+};
+use rayon::prelude::*;
+
+#[allow(dead_code)]
+#[path = "../examples/bench_report/kernels.rs"]
+mod kernels;
+
+#[allow(dead_code)]
+#[path = "../examples/bench_report/data.rs"]
+mod data;
+
+use kernels::{Gpu, RefKernels};
+
+const SEED: u64 = 0xbe7c;
+/// Main shape: N samples of D columns, micro-batch sizes.
+const N: usize = 64;
+const D: usize = 262_144;
+const BS: [usize; 2] = [1, 8];
+/// Multi-tensor shape: N_MULTI samples, b = B_MULTI, TENSORS widths up to MAX_D_P.
+const N_MULTI: usize = 64;
+const B_MULTI: usize = 4;
+const TENSORS: usize = 100;
+const MAX_D_P: usize = 12_500;
+
+/// A clip bound that clips about half of the micro-batches: the median norm of a
+/// probe call that clips nothing.
+fn median_bound(norms: &[f32]) -> f32 {
+    let mut v: Vec<f32> = norms.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f32::total_cmp);
+    v.get(v.len() / 2)
+        .copied()
+        .filter(|&c| c > 0.0)
+        .unwrap_or(1.0)
+}
+
+fn probe_config(b: usize) -> ClipConfig {
+    ClipConfig::fixed(f32::MAX, MicroBatches::Uniform(b))
+}
+
+fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+}
+
+/// Times `clip_buffers_into` on device buffers `tensors` (buffer, D_p).
+fn bench_device(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    gpu: &Gpu,
+    id: &str,
+    n: usize,
+    b: usize,
+    tensors: &[(&wgpu::Buffer, usize)],
+) {
+    let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
+    let outs: Vec<wgpu::Buffer> = tensors
+        .iter()
+        .map(|&(_, d)| {
+            gpu.storage_buffer("output", (d * 4) as u64)
+                .expect("output")
+        })
+        .collect();
+    let inputs: Vec<GpuTensor<'_>> = tensors
+        .iter()
+        .map(|&(buffer, cols)| GpuTensor {
+            buffer,
+            offset: 0,
+            cols,
+        })
+        .collect();
+    let outputs: Vec<GpuTensorMut<'_>> = outs
+        .iter()
+        .zip(tensors)
+        .map(|(buffer, &(_, cols))| GpuTensorMut {
+            buffer,
+            offset: 0,
+            cols,
+        })
+        .collect();
+    let probe = clipper
+        .clip_buffers_into(&probe_config(b), &inputs, n, &outputs)
+        .expect("probe");
+    let cfg = ClipConfig::fixed(median_bound(&probe.norms), MicroBatches::Uniform(b));
+    group.bench_function(id, |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                let stats = clipper
+                    .clip_buffers_into(&cfg, &inputs, n, &outputs)
+                    .expect("clip_buffers_into");
+                total += t.elapsed();
+                black_box(stats);
+            }
+            total
+        })
+    });
+}
+
+/// Times the vec4 read-and-sum over the first `bytes` of `buffer`.
+fn bench_read_sum(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    gpu: &Gpu,
+    refk: &RefKernels,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+) {
+    let job = refk.read_sum(gpu, buffer, bytes);
+    group.bench_function("read_sum", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                job.job.run(gpu);
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+}
+
+fn gpu_benches(c: &mut Criterion) {
+    let base = match Clipper::new(Backend::Gpu) {
+        Ok(clipper) => clipper,
+        Err(e) => {
+            if std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1") {
+                panic!("{REQUIRE_GPU_ENV}=1 but no GPU clipper: {e}");
+            }
+            eprintln!("note: no GPU adapter ({e}); only the CPU benches run");
+            return;
+        }
+    };
+    eprintln!("GPU benches on {}", base.backend());
+    let gpu = Gpu::new(
+        base.device().expect("gpu").clone(),
+        base.queue().expect("gpu").clone(),
+        None,
+    );
+    drop(base);
+    let refk = RefKernels::new(&gpu);
+
+    let x = data::device_tensor(&gpu, SEED, 0, N, D).expect("input");
+    let mut group = c.benchmark_group(format!("gpu_device/N{N}_D{D}"));
+    configure(&mut group);
+    group.throughput(Throughput::Bytes((N * D * 4) as u64));
+    for b in BS {
+        bench_device(
+            &mut group,
+            &gpu,
+            &format!("microclip/b{b}"),
+            N,
+            b,
+            &[(&x, D)],
+        );
+    }
+    bench_read_sum(&mut group, &gpu, &refk, &x, (N * D * 4) as u64);
+    group.finish();
+    drop(x);
+
+    let widths = data::spread_widths(TENSORS, MAX_D_P);
+    let total: usize = widths.iter().sum();
+    let many: Vec<wgpu::Buffer> = widths
+        .iter()
+        .enumerate()
+        .map(|(p, &d)| data::device_tensor(&gpu, SEED, 100 + p as u64, N_MULTI, d).expect("input"))
+        .collect();
+    let single = data::device_tensor(&gpu, SEED, 1, N_MULTI, total).expect("input");
+    let mut group = c.benchmark_group(format!("gpu_device/multi_N{N_MULTI}_b{B_MULTI}"));
+    configure(&mut group);
+    group.throughput(Throughput::Bytes((N_MULTI * total * 4) as u64));
+    let many_refs: Vec<(&wgpu::Buffer, usize)> =
+        many.iter().zip(&widths).map(|(b, &d)| (b, d)).collect();
+    bench_device(
+        &mut group,
+        &gpu,
+        &format!("microclip/{TENSORS}_buffers"),
+        N_MULTI,
+        B_MULTI,
+        &many_refs,
+    );
+    bench_device(
+        &mut group,
+        &gpu,
+        "microclip/1_buffer",
+        N_MULTI,
+        B_MULTI,
+        &[(&single, total)],
+    );
+    bench_read_sum(
+        &mut group,
+        &gpu,
+        &refk,
+        &single,
+        (N_MULTI * total * 4) as u64,
+    );
+    group.finish();
+}
+
+/// Multi-threaded sum with 8 independent lanes per task (vectorised).
+fn rayon_sum(x: &[f32]) -> f32 {
+    x.par_chunks(1 << 16)
+        .map(|c| {
+            let mut acc = [0.0f32; 8];
+            let mut it = c.chunks_exact(8);
+            for v in &mut it {
+                for (a, &e) in acc.iter_mut().zip(v) {
+                    *a += e;
+                }
+            }
+            acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+        })
+        .sum()
+}
+
+/// Times `Clipper::clip` on the CPU backend.
+fn bench_host(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    clipper: &mut Clipper,
+    id: &str,
+    n: usize,
+    b: usize,
+    tensors: &[&[f32]],
+) {
+    let probe = clipper.clip(&probe_config(b), tensors, n).expect("probe");
+    let cfg = ClipConfig::fixed(median_bound(&probe.stats.norms), MicroBatches::Uniform(b));
+    group.bench_function(id, |bench| {
+        bench.iter(|| clipper.clip(&cfg, black_box(tensors), n).expect("clip"))
+    });
+}
+
+fn cpu_benches(c: &mut Criterion) {
+    let mut clipper = Clipper::new(Backend::Cpu).expect("cpu clipper");
+    let x = data::host_tensor(SEED, 0, N, D);
+    let mut group = c.benchmark_group(format!("cpu_host/N{N}_D{D}"));
+    configure(&mut group);
+    group.throughput(Throughput::Bytes((N * D * 4) as u64));
+    for b in BS {
+        bench_host(
+            &mut group,
+            &mut clipper,
+            &format!("microclip/b{b}"),
+            N,
+            b,
+            &[&x],
+        );
+    }
+    group.bench_function("read_sum", |bench| bench.iter(|| rayon_sum(black_box(&x))));
+    group.finish();
+    drop(x);
+
+    let widths = data::spread_widths(TENSORS, MAX_D_P);
+    let total: usize = widths.iter().sum();
+    let many: Vec<Vec<f32>> = widths
+        .iter()
+        .enumerate()
+        .map(|(p, &d)| data::host_tensor(SEED, 100 + p as u64, N_MULTI, d))
+        .collect();
+    let many_refs: Vec<&[f32]> = many.iter().map(|v| v.as_slice()).collect();
+    let single = data::host_tensor(SEED, 1, N_MULTI, total);
+    let mut group = c.benchmark_group(format!("cpu_host/multi_N{N_MULTI}_b{B_MULTI}"));
+    configure(&mut group);
+    group.throughput(Throughput::Bytes((N_MULTI * total * 4) as u64));
+    bench_host(
+        &mut group,
+        &mut clipper,
+        &format!("microclip/{TENSORS}_tensors"),
+        N_MULTI,
+        B_MULTI,
+        &many_refs,
+    );
+    bench_host(
+        &mut group,
+        &mut clipper,
+        "microclip/1_tensor",
+        N_MULTI,
+        B_MULTI,
+        &[&single],
+    );
+    group.bench_function("read_sum", |bench| {
+        bench.iter(|| rayon_sum(black_box(&single)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, gpu_benches, cpu_benches);
+criterion_main!(benches);

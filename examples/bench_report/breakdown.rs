@@ -1,0 +1,292 @@
+//! `--breakdown`: where microclip's time goes, per kernel.
+//!
+//! Replays microclip's two kernels that read the input, `mb_partials` and
+//! `weighted_sum` (sources from `microclip::shaders::kernel_source`, parameter
+//! blocks laid out as in the WGSL), each as its own submit, on a shape that fits
+//! one storage binding (no row windows, no carry). `weighted_sum` gets the weights
+//! `s_j / M` from the statistics of a real call, and its output is compared with
+//! microclip's (a mismatch means the replayed layout is stale: the breakdown is
+//! then skipped, the report goes on). "rest" = full call - both kernels: the tiny
+//! `mb_norms` and `clip_factors` dispatches plus host-side encoding, submit and the
+//! read-back of the statistics.
+
+use microclip::{ClipConfig, Clipper, GpuTensor, GpuTensorMut, MicroBatches};
+use wgpu::util::DeviceExt;
+
+use crate::data;
+use crate::kernels::{Gpu, RefKernels};
+use crate::report::{interleaved, median};
+
+/// `Params` of mb_partials.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct PartialsParams {
+    cols: u32,
+    elem_offset: u32,
+    row_start: u32,
+    row_end: u32,
+    mb_first: u32,
+    tiles: u32,
+    tiles_x: u32,
+    tile_base: u32,
+    tiles_total: u32,
+    carry_in: u32,
+    carry_out: u32,
+    last_local: u32,
+    carry_in_base: u32,
+    carry_out_base: u32,
+    pad: [u32; 2],
+}
+
+/// `Params` of weighted_sum.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct SumParams {
+    cols: u32,
+    elem_offset: u32,
+    row_start: u32,
+    row_end: u32,
+    mb_first: u32,
+    mb_count: u32,
+    groups_x: u32,
+    out_offset: u32,
+    accumulate: u32,
+    skip_zero: u32,
+    pad: [u32; 2],
+}
+
+/// One kernel with its bind group and dispatch, run as one submit.
+struct Single {
+    pipeline: wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+    groups: (u32, u32, u32),
+}
+
+impl Single {
+    fn new(
+        gpu: &Gpu,
+        kernel: &str,
+        resources: &[wgpu::BindingResource<'_>],
+        groups: (u32, u32, u32),
+    ) -> Self {
+        let source = microclip::shaders::kernel_source(kernel).expect("kernel");
+        let module = gpu
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(kernel),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = gpu
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(kernel),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        Self {
+            pipeline,
+            group,
+            groups,
+        }
+    }
+
+    fn run(&self, gpu: &Gpu) {
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.pipeline);
+            pass.set_bind_group(0, &self.group, &[]);
+            pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
+        }
+        gpu.queue.submit([encoder.finish()]);
+        gpu.wait();
+    }
+}
+
+fn split(groups: u64) -> (u32, u32) {
+    let x = groups.clamp(1, 65535);
+    (x as u32, groups.div_ceil(x).max(1) as u32)
+}
+
+fn uniform<T: bytemuck::Pod>(gpu: &Gpu, block: &T) -> wgpu::Buffer {
+    gpu.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("breakdown params"),
+            contents: bytemuck::bytes_of(block),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+}
+
+fn storage_init(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
+    gpu.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("breakdown data"),
+            contents: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+/// Runs the breakdown for each b on `[n, d]` (shrunk to one binding); returns
+/// markdown lines.
+pub fn run(
+    gpu: &Gpu,
+    refk: &RefKernels,
+    n: usize,
+    d: usize,
+    bs: &[usize],
+    warmup: usize,
+    runs: usize,
+) -> Result<Vec<String>, String> {
+    // One binding, no windows: N x D x 4 <= max_binding - (align - 4).
+    let usable = gpu.max_binding.saturating_sub(gpu.storage_align) as usize;
+    let d = d.min(usable / (n * 4) / 1024 * 1024).max(1024);
+    let x = data::device_tensor(gpu, 0xb4ea, 0, n, d)?;
+    let bytes = (n * d * 4) as u64;
+    let reference = refk.read_sum(gpu, &x, bytes);
+    let out = gpu.storage_buffer("breakdown out (microclip)", (d * 4) as u64)?;
+    let mut lines = vec![
+        String::new(),
+        format!("## per-kernel breakdown (N = {n}, D = {d}, one binding; median of {runs} runs, each kernel its own submit)"),
+        String::new(),
+        "| b | M | full call ms | mb_partials ms | weighted_sum ms | rest ms | read-sum ms | mb_partials / read | weighted_sum / read | workgroups (partials, sum) |".to_string(),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".to_string(),
+    ];
+    for &b in bs.iter().filter(|&&b| b <= n) {
+        let m = n.div_ceil(b);
+        let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
+        let input = [GpuTensor {
+            buffer: &x,
+            offset: 0,
+            cols: d,
+        }];
+        let output = [GpuTensorMut {
+            buffer: &out,
+            offset: 0,
+            cols: d,
+        }];
+        let probe = clipper
+            .clip_buffers_into(
+                &ClipConfig::fixed(f32::MAX, MicroBatches::Uniform(b)),
+                &input,
+                n,
+                &output,
+            )
+            .map_err(|e| e.to_string())?;
+        let mut sorted = probe.norms.clone();
+        sorted.sort_by(f32::total_cmp);
+        let cfg = ClipConfig::fixed(
+            sorted[m / 2].max(f32::MIN_POSITIVE),
+            MicroBatches::Uniform(b),
+        );
+        let stats = clipper
+            .clip_buffers_into(&cfg, &input, n, &output)
+            .map_err(|e| e.to_string())?;
+        let want = gpu.read_f32(&out, 0, d as u64);
+
+        let offsets: Vec<u32> = (0..m).map(|j| (j * b) as u32).chain([n as u32]).collect();
+        let offsets = storage_init(gpu, bytemuck::cast_slice(&offsets));
+        let weights: Vec<f32> = stats.factors.iter().map(|&s| s / m as f32).collect();
+        let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
+        let tiles = d.div_ceil(1024) as u64;
+        let (tx, ty) = split(tiles);
+        let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
+        let carry = gpu.storage_buffer("breakdown carry", 16)?;
+        let pp = uniform(
+            gpu,
+            &PartialsParams {
+                cols: d as u32,
+                row_end: n as u32,
+                tiles: tiles as u32,
+                tiles_x: tx,
+                tiles_total: tiles as u32,
+                last_local: (m - 1) as u32,
+                ..Default::default()
+            },
+        );
+        let part = Single::new(
+            gpu,
+            "mb_partials",
+            &[
+                pp.as_entire_binding(),
+                x.as_entire_binding(),
+                offsets.as_entire_binding(),
+                partials.as_entire_binding(),
+                carry.as_entire_binding(),
+            ],
+            (tx, ty, m as u32),
+        );
+        let (gx, gy) = split((d as u64).div_ceil(256));
+        let sp = uniform(
+            gpu,
+            &SumParams {
+                cols: d as u32,
+                row_end: n as u32,
+                mb_count: m as u32,
+                groups_x: gx,
+                skip_zero: 1,
+                ..Default::default()
+            },
+        );
+        let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
+        let sum = Single::new(
+            gpu,
+            "weighted_sum",
+            &[
+                sp.as_entire_binding(),
+                x.as_entire_binding(),
+                offsets.as_entire_binding(),
+                weights.as_entire_binding(),
+                replay_out.as_entire_binding(),
+            ],
+            (gx, gy, 1),
+        );
+        sum.run(gpu);
+        let got = gpu.read_f32(&replay_out, 0, d as u64);
+        if got != want {
+            lines.push(format!(
+                "| {b} | {m} | replayed weighted_sum differs from microclip's output: kernel layout changed, breakdown skipped | | | | | | | |"
+            ));
+            continue;
+        }
+        let s = interleaved(
+            warmup,
+            runs,
+            &mut [
+                &mut || reference.job.run(gpu),
+                &mut || {
+                    clipper
+                        .clip_buffers_into(&cfg, &input, n, &output)
+                        .expect("clip");
+                },
+                &mut || part.run(gpu),
+                &mut || sum.run(gpu),
+            ],
+        );
+        let [read, full, p, w] = [0, 1, 2, 3].map(|i| median(&s[i]));
+        lines.push(format!(
+            "| {b} | {m} | {full:.2} | {p:.2} | {w:.2} | {:.2} | {read:.2} | {:.2} | {:.2} | {}, {} |",
+            full - p - w,
+            p / read,
+            w / read,
+            tiles * m as u64,
+            (d as u64).div_ceil(256)
+        ));
+    }
+    Ok(lines)
+}

@@ -1,0 +1,793 @@
+//! The cases of the report and how each backend runs them.
+//!
+//! GPU: every input lives in a device buffer before timing starts; each case gets
+//! a fresh `Clipper::from_device` on the shared device (so `scratch_bytes` is that
+//! case's own), C = the median micro-batch norm of a probe call (about half the
+//! micro-batches clipped), then warm-up and `runs` rounds of [reference read-sum,
+//! microclip, (5-pass baseline)] interleaved.
+//!
+//! CPU: the same shapes as host `Vec<f32>`s through `Clipper::clip`, interleaved
+//! with a multi-threaded rayon sum over the same bytes.
+
+use microclip::{Backend, ClipConfig, Clipper, GpuTensor, GpuTensorMut, MicroBatches};
+use rayon::prelude::*;
+
+use crate::data;
+use crate::kernels::{Baseline, Gpu, ReadSum, RefKernels};
+use crate::report::{interleaved, median, Method, Report, Row};
+
+/// Input seed of every case.
+const SEED: u64 = 0x5eed_c11b;
+/// Micro-batch sizes that also run the 5-pass baseline (main shape only).
+pub const BASELINE_B: [usize; 2] = [1, 8];
+
+/// The shapes, every D divided by `scale` (N and b kept, so the
+/// micro-batch structure is the same; only the bytes shrink).
+pub struct Sizes {
+    pub scale: usize,
+    /// (N, D) of the main shape, run for every b in `bs`.
+    pub main: (usize, usize),
+    pub bs: Vec<usize>,
+    /// (N, D, b): few samples, wide rows.
+    pub wide: (usize, usize, usize),
+    /// (N, D, b): many samples, narrow rows (also run on the GPU host path).
+    pub tall: (usize, usize, usize),
+    /// (N, b, tensors, largest D_p).
+    pub multi: (usize, usize, usize, usize),
+}
+
+impl Sizes {
+    pub fn new(scale: usize) -> Self {
+        let s = |d: usize| (d / scale.max(1)).max(1);
+        Self {
+            scale: scale.max(1),
+            main: (256, s(1_000_000)),
+            bs: vec![1, 4, 8, 32, 256],
+            wide: (64, s(4_000_000), 4),
+            tall: (1024, s(65_536), 16),
+            multi: (64, 4, 100, s(200_000)),
+        }
+    }
+
+    /// A note for every row when the sizes are scaled.
+    fn note(&self) -> String {
+        if self.scale > 1 {
+            format!("D/{}", self.scale)
+        } else {
+            String::new()
+        }
+    }
+
+    fn header(&self, why: &str) -> String {
+        if self.scale > 1 {
+            format!(
+                "sizes: the issue's shapes with every D divided by {} ({why}); N, b and the tensor count unchanged",
+                self.scale
+            )
+        } else {
+            "sizes: the issue's shapes (main input 1.02 GB)".to_string()
+        }
+    }
+}
+
+/// Joins the non-empty parts with "; ".
+fn join(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Run options shared by the cases.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub warmup: usize,
+    pub runs: usize,
+    /// Binding-size override for microclip and the bench kernels.
+    pub max_binding: Option<u64>,
+    /// Also time the GPU host-slice path (`clip()`, upload included) on the tall shape.
+    pub host_row: bool,
+    /// Also time microclip's input-reading kernels one by one (GPU only).
+    pub breakdown: bool,
+    /// Divide every D by this (default: 16 on a software (CPU-type) adapter, else 1).
+    pub scale: Option<usize>,
+}
+
+fn min_bytes(n: usize, d: usize) -> u64 {
+    (n * d * 4 + d * 4) as u64
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&a, &b) in got.iter().zip(want) {
+        num += (a as f64 - b as f64).powi(2);
+        den += (b as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// The median of the finite norms (a clip bound that clips about half), or 1.
+fn median_norm(norms: &[f32]) -> f32 {
+    let finite: Vec<f64> = norms
+        .iter()
+        .filter(|v| v.is_finite() && **v > 0.0)
+        .map(|&v| v as f64)
+        .collect();
+    let c = median(&finite) as f32;
+    if c.is_finite() && c > 0.0 {
+        c
+    } else {
+        1.0
+    }
+}
+
+/// Probe config: nothing is clipped, the statistics give the norms.
+fn probe_config(b: usize) -> ClipConfig {
+    ClipConfig::fixed(f32::MAX, MicroBatches::Uniform(b))
+}
+
+// ---------------------------------------------------------------------------------
+// GPU
+
+struct GpuCtx {
+    gpu: Gpu,
+    refk: RefKernels,
+    baseline: Baseline,
+    backend: String,
+    opts: Opts,
+    /// Row note of the size scaling ("D/16"), empty at full size.
+    size_note: String,
+    /// Cases whose N had to be halved.
+    scaled: Vec<String>,
+}
+
+impl GpuCtx {
+    fn clipper(&self) -> Clipper {
+        let mut c = Clipper::from_device(self.gpu.device.clone(), self.gpu.queue.clone());
+        if let Some(mb) = self.opts.max_binding {
+            c.set_max_binding_bytes(mb);
+        }
+        c
+    }
+
+    /// Uploads tensor `tensor` as `[n, d]`, halving `n` while the buffer cannot be
+    /// created (larger than `max_buffer_size`, or out of memory). Returns the buffer,
+    /// the `n` used and a note when it was scaled down.
+    fn input(
+        &mut self,
+        what: &str,
+        tensor: u64,
+        n: usize,
+        d: usize,
+        b_max: usize,
+    ) -> Result<(wgpu::Buffer, usize, String), String> {
+        let mut rows = n;
+        loop {
+            match data::device_tensor(&self.gpu, SEED, tensor, rows, d) {
+                Ok(buffer) => {
+                    let mut halved = String::new();
+                    if rows < n {
+                        halved = format!("scaled down: N {n} -> {rows}");
+                        self.scaled.push(format!("{what}: {halved}"));
+                    }
+                    return Ok((buffer, rows, join(&[&self.size_note, &halved])));
+                }
+                Err(e) if rows / 2 >= b_max.max(1) => {
+                    eprintln!("{what}: cannot hold [{rows}, {d}] f32 ({e}); halving N");
+                    rows /= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Times microclip on device buffers (and the 5-pass baseline on a single tensor),
+/// interleaved with `reference`. `tensors`: (buffer, D_p).
+#[allow(clippy::too_many_arguments)]
+fn device_case(
+    ctx: &GpuCtx,
+    case: &str,
+    n: usize,
+    b: usize,
+    tensors: &[(&wgpu::Buffer, usize)],
+    reference: &ReadSum,
+    with_baseline: bool,
+    note: &str,
+) -> Result<Vec<Row>, String> {
+    let gpu = &ctx.gpu;
+    let d_total: usize = tensors.iter().map(|t| t.1).sum();
+    eprintln!(
+        "case {case}: N={n} D={d_total} b={b} tensors={}",
+        tensors.len()
+    );
+    let mut clipper = ctx.clipper();
+    let outs: Vec<wgpu::Buffer> = tensors
+        .iter()
+        .map(|&(_, d)| gpu.storage_buffer("output", (d * 4) as u64))
+        .collect::<Result<_, _>>()?;
+    let inputs: Vec<GpuTensor<'_>> = tensors
+        .iter()
+        .map(|&(buffer, cols)| GpuTensor {
+            buffer,
+            offset: 0,
+            cols,
+        })
+        .collect();
+    let outputs: Vec<GpuTensorMut<'_>> = outs
+        .iter()
+        .zip(tensors)
+        .map(|(buffer, &(_, cols))| GpuTensorMut {
+            buffer,
+            offset: 0,
+            cols,
+        })
+        .collect();
+    let probe = clipper
+        .clip_buffers_into(&probe_config(b), &inputs, n, &outputs)
+        .map_err(|e| format!("{case}: {e}"))?;
+    let c = median_norm(&probe.norms);
+    let cfg = ClipConfig::fixed(c, MicroBatches::Uniform(b));
+
+    let mut baseline_note = String::new();
+    let baseline = if with_baseline && tensors.len() == 1 {
+        match ctx
+            .baseline
+            .prepare(gpu, tensors[0].0, n, tensors[0].1, b, c)
+        {
+            Ok(job) => Some(job),
+            Err(e) => {
+                eprintln!("{case}: 5-pass baseline skipped: {e}");
+                baseline_note = format!("5-pass baseline skipped: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // One correctness check of the baseline against microclip on this shape.
+    let mut check_err = f64::NAN;
+    if let Some(bl) = &baseline {
+        clipper
+            .clip_buffers_into(&cfg, &inputs, n, &outputs)
+            .map_err(|e| format!("{case}: {e}"))?;
+        bl.job.run(gpu);
+        let d = tensors[0].1 as u64;
+        let ours = gpu.read_f32(&outs[0], 0, d);
+        let theirs = gpu.read_f32(&bl.out, 0, d);
+        check_err = rel_l2(&theirs, &ours);
+        if check_err.is_nan() || check_err >= 1e-4 {
+            return Err(format!(
+                "{case}: 5-pass baseline disagrees with microclip (relative L2 {check_err:.3e})"
+            ));
+        }
+    }
+
+    let mut stats = None;
+    let samples = {
+        let mut run_ref = || reference.job.run(gpu);
+        let mut run_clip = || {
+            stats = Some(
+                clipper
+                    .clip_buffers_into(&cfg, &inputs, n, &outputs)
+                    .expect("clip_buffers_into"),
+            )
+        };
+        let mut run_base = || {
+            if let Some(bl) = &baseline {
+                bl.job.run(gpu);
+            }
+        };
+        let mut fs: Vec<&mut dyn FnMut()> = vec![&mut run_ref, &mut run_clip];
+        if baseline.is_some() {
+            fs.push(&mut run_base);
+        }
+        interleaved(ctx.opts.warmup, ctx.opts.runs, &mut fs)
+    };
+    let stats = stats.expect("at least one run");
+    let read_ms = median(&samples[0]);
+    let ours_ms = median(&samples[1]);
+    let mut notes: Vec<String> = vec![format!(
+        "clipped {}/{}",
+        stats.clipped_count,
+        stats.norms.len()
+    )];
+    if !note.is_empty() {
+        notes.push(note.to_string());
+    }
+    if !baseline_note.is_empty() {
+        notes.push(baseline_note);
+    }
+    let row = |method, median_ms, extra, note: String| Row {
+        case: case.to_string(),
+        method,
+        path: "device",
+        backend: ctx.backend.clone(),
+        n,
+        d: d_total,
+        b,
+        tensors: tensors.len(),
+        median_ms,
+        runs: ctx.opts.runs,
+        min_bytes: min_bytes(n, d_total),
+        read_ms,
+        extra_device_bytes: extra,
+        speedup: None,
+        note,
+    };
+    let mut rows = vec![row(
+        Method::Microclip,
+        ours_ms,
+        clipper.scratch_bytes(),
+        notes.join("; "),
+    )];
+    if let Some(bl) = &baseline {
+        let base_ms = median(&samples[2]);
+        let mut base = row(
+            Method::Baseline5Pass,
+            base_ms,
+            bl.extra_bytes,
+            format!(
+                "{} dispatches, moves {:.0} MB; speedup of microclip (5-pass / microclip) {:.2}x; rel L2 vs microclip {:.1e}",
+                bl.job.dispatches(),
+                bl.moved_bytes as f64 / 1e6,
+                base_ms / ours_ms,
+                check_err
+            ),
+        );
+        base.speedup = Some(base_ms / ours_ms);
+        rows.push(base);
+    }
+    Ok(rows)
+}
+
+/// The GPU host-slice path (`Clipper::clip`: upload, four passes, output read
+/// back), against the device read-sum over the same bytes.
+fn gpu_host_case(
+    ctx: &GpuCtx,
+    case: &str,
+    n: usize,
+    d: usize,
+    b: usize,
+    reference: &ReadSum,
+) -> Result<Row, String> {
+    eprintln!("case {case}: N={n} D={d} b={b} (host slices)");
+    let host = data::host_tensor(SEED, 2, n, d);
+    let mut clipper = ctx.clipper();
+    let probe = clipper
+        .clip(&probe_config(b), &[&host], n)
+        .map_err(|e| e.to_string())?;
+    let cfg = ClipConfig::fixed(median_norm(&probe.stats.norms), MicroBatches::Uniform(b));
+    let gpu = &ctx.gpu;
+    let samples = {
+        let mut run_ref = || reference.job.run(gpu);
+        let mut run_clip = || {
+            clipper.clip(&cfg, &[&host], n).expect("clip");
+        };
+        interleaved(
+            ctx.opts.warmup,
+            ctx.opts.runs,
+            &mut [&mut run_ref, &mut run_clip],
+        )
+    };
+    Ok(Row {
+        case: case.to_string(),
+        method: Method::Microclip,
+        path: "host",
+        backend: ctx.backend.clone(),
+        n,
+        d,
+        b,
+        tensors: 1,
+        median_ms: median(&samples[1]),
+        runs: ctx.opts.runs,
+        min_bytes: min_bytes(n, d),
+        read_ms: median(&samples[0]),
+        extra_device_bytes: clipper.scratch_bytes(),
+        speedup: None,
+        note: join(&[
+            &format!(
+                "upload of {:.0} MB + output read-back included; extra bytes exclude the uploaded input",
+                (n * d * 4) as f64 / 1e6
+            ),
+            &ctx.size_note,
+        ]),
+    })
+}
+
+/// Runs every case on the default GPU adapter.
+pub fn run_gpu(opts: Opts) -> Result<Report, String> {
+    let base = Clipper::new(Backend::Gpu).map_err(|e| format!("no GPU clipper: {e}"))?;
+    let backend = base.backend().to_string();
+    let device = base.device().expect("gpu").clone();
+    let queue = base.queue().expect("gpu").clone();
+    drop(base);
+    let info = device.adapter_info();
+    let limits = device.limits();
+    let software = info.device_type == wgpu::DeviceType::Cpu;
+    let sizes = &Sizes::new(opts.scale.unwrap_or(if software { 16 } else { 1 }));
+    let why = match opts.scale {
+        Some(_) => "--scale / --quick",
+        None => "default on a software (CPU-type) adapter, whose shaders run on the host cores far below memory bandwidth; --scale 1 runs the full sizes",
+    };
+    let gpu = Gpu::new(device, queue, opts.max_binding);
+    let mut ctx = GpuCtx {
+        refk: RefKernels::new(&gpu),
+        baseline: Baseline::new(&gpu),
+        gpu,
+        backend,
+        opts,
+        size_note: sizes.note(),
+        scaled: Vec::new(),
+    };
+    let checks = crate::check::verify(&ctx.gpu, &ctx.refk, &ctx.baseline)?;
+    for c in &checks {
+        eprintln!("{c}");
+    }
+
+    let mut header = vec![
+        "# microclip bench_report".to_string(),
+        format!(
+            "backend: {} (driver: {} {}; device type {:?})",
+            ctx.backend, info.driver, info.driver_info, info.device_type
+        ),
+        format!(
+            "limits: max_buffer_size = {}, max_storage_buffer_binding_size = {}; bench kernels bind <= {} bytes per dispatch",
+            limits.max_buffer_size, limits.max_storage_buffer_binding_size, ctx.gpu.max_binding
+        ),
+        format!(
+            "lavapipe threads: LP_NUM_THREADS = {} (unset: one per CPU core; {} cores here)",
+            std::env::var("LP_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        sizes.header(why),
+    ];
+    header.extend(checks);
+    let mut rows = Vec::new();
+
+    // Main shape: bandwidth probes, then every b.
+    let (n0, d0) = sizes.main;
+    let (x, n, note) = ctx.input("main", 0, n0, d0, 1)?;
+    let bytes = (n * d0 * 4) as u64;
+    let reference = ctx.refk.read_sum(&ctx.gpu, &x, bytes);
+    {
+        let dst = ctx.gpu.storage_buffer("copy destination", bytes)?;
+        let copy = ctx.refk.copy(&ctx.gpu, &x, &dst, bytes);
+        let gpu = &ctx.gpu;
+        let s = interleaved(
+            ctx.opts.warmup,
+            ctx.opts.runs,
+            &mut [&mut || reference.job.run(gpu), &mut || copy.run(gpu)],
+        );
+        let (read_ms, copy_ms) = (median(&s[0]), median(&s[1]));
+        header.push(format!(
+            "adapter bandwidth on {:.0} MB: copy kernel {:.2} GB/s (read + write bytes counted; {:.2} ms), vec4 read-and-sum {:.2} GB/s ({:.2} ms); windows of {} dispatches",
+            bytes as f64 / 1e6,
+            2.0 * bytes as f64 / (copy_ms * 1e-3) / 1e9,
+            copy_ms,
+            bytes as f64 / (read_ms * 1e-3) / 1e9,
+            read_ms,
+            reference.job.dispatches()
+        ));
+    }
+    for &b in &sizes.bs {
+        if b > n {
+            header.push(format!("main: b = {b} skipped (N = {n} after scaling)"));
+            continue;
+        }
+        rows.extend(device_case(
+            &ctx,
+            "main",
+            n,
+            b,
+            &[(&x, d0)],
+            &reference,
+            BASELINE_B.contains(&b),
+            &note,
+        )?);
+    }
+    drop(reference);
+    drop(x);
+
+    // Few wide rows, then many narrow rows (+ the host path on the same shape).
+    for (what, (n0, d, b), host) in [
+        ("wide", sizes.wide, false),
+        ("tall", sizes.tall, ctx.opts.host_row),
+    ] {
+        let (x, n, note) = ctx.input(what, 1, n0, d, b)?;
+        let reference = ctx.refk.read_sum(&ctx.gpu, &x, (n * d * 4) as u64);
+        rows.extend(device_case(
+            &ctx,
+            what,
+            n,
+            b,
+            &[(&x, d)],
+            &reference,
+            false,
+            &note,
+        )?);
+        if host {
+            rows.push(gpu_host_case(&ctx, what, n, d, b, &reference)?);
+        }
+    }
+
+    // Many tensors, each its own buffer, versus one tensor of the same total size;
+    // both against the read-sum over the single buffer (the same number of bytes).
+    let (n0, b, count, max_d) = sizes.multi;
+    let widths = data::spread_widths(count, max_d);
+    let total: usize = widths.iter().sum();
+    let (single, n, note) = ctx.input("multi", 3, n0, total, b)?;
+    let many: Vec<wgpu::Buffer> = widths
+        .iter()
+        .enumerate()
+        .map(|(p, &d)| data::device_tensor(&ctx.gpu, SEED, 100 + p as u64, n, d))
+        .collect::<Result<_, _>>()?;
+    let reference = ctx.refk.read_sum(&ctx.gpu, &single, (n * total * 4) as u64);
+    let multi_note = join(&[
+        &format!("D_p from {} to {}", widths[0], widths[count - 1]),
+        &note,
+    ]);
+    let many_refs: Vec<(&wgpu::Buffer, usize)> =
+        many.iter().zip(&widths).map(|(b, &d)| (b, d)).collect();
+    rows.extend(device_case(
+        &ctx,
+        &format!("multi: {count} buffers"),
+        n,
+        b,
+        &many_refs,
+        &reference,
+        false,
+        &multi_note,
+    )?);
+    rows.extend(device_case(
+        &ctx,
+        "multi: 1 buffer, same total",
+        n,
+        b,
+        &[(&single, total)],
+        &reference,
+        false,
+        note.as_str(),
+    )?);
+
+    drop((many, single, reference));
+
+    let footer = if ctx.opts.breakdown {
+        let (n, d) = sizes.main;
+        crate::breakdown::run(
+            &ctx.gpu,
+            &ctx.refk,
+            n,
+            d,
+            &sizes.bs,
+            ctx.opts.warmup,
+            ctx.opts.runs,
+        )?
+    } else {
+        Vec::new()
+    };
+    for s in &ctx.scaled {
+        header.push(format!("scaled down: {s}"));
+    }
+    push_conventions(&mut header, &ctx.opts, true);
+    Ok(Report {
+        header,
+        rows,
+        footer,
+    })
+}
+
+fn push_conventions(header: &mut Vec<String>, opts: &Opts, gpu: bool) {
+    header.push(format!(
+        "timing: median of {} runs after {} warm-up, interleaved with the reference over the same bytes; {}",
+        opts.runs,
+        opts.warmup,
+        if gpu {
+            "GPU times are wall clock around submit + poll (clip_buffers_into returns after its statistics are read back; the reference and baseline jobs submit and poll until the queue is idle)"
+        } else {
+            "CPU times are wall clock around Clipper::clip on host slices (output vectors included)"
+        }
+    ));
+    header.push(
+        "min MB = N x D x 4 (input read once) + D x 4 (output); GB/s = min bytes / median; read_ratio = median / read-sum median over the same N x D x 4 bytes (1.0 = physical floor; a two-pass method cannot go below 2.0 at b = 1)".to_string(),
+    );
+    header.push(if gpu {
+        "read-sum = vec4 read-and-sum WGSL kernel on the same adapter (64 KiB per workgroup, one partial per workgroup); extra device bytes = Clipper::scratch_bytes() after the case (5-pass rows: its intermediates)".to_string()
+    } else {
+        "read-sum = rayon sum (8 f32 lanes per task) over the same slice; extra device bytes = 0".to_string()
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// CPU
+
+/// Multi-threaded sum of a slice: 64 Ki-element tasks, 8 independent f32 lanes each
+/// (so the compiler vectorises it), a memory-bound read of every element once.
+fn cpu_sum(x: &[f32]) -> f32 {
+    x.par_chunks(1 << 16)
+        .map(|c| {
+            let mut acc = [0.0f32; 8];
+            let mut it = c.chunks_exact(8);
+            for v in &mut it {
+                for (a, &e) in acc.iter_mut().zip(v) {
+                    *a += e;
+                }
+            }
+            acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+        })
+        .sum()
+}
+
+fn cpu_copy(src: &[f32], dst: &mut [f32]) {
+    dst.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_case(
+    clipper: &mut Clipper,
+    opts: &Opts,
+    case: &str,
+    n: usize,
+    b: usize,
+    tensors: &[&[f32]],
+    reference: &[f32],
+    note: &str,
+) -> Result<Row, String> {
+    let d_total: usize = tensors.iter().map(|t| t.len() / n).sum();
+    eprintln!(
+        "case {case}: N={n} D={d_total} b={b} tensors={} (cpu)",
+        tensors.len()
+    );
+    let probe = clipper
+        .clip(&probe_config(b), tensors, n)
+        .map_err(|e| e.to_string())?;
+    let cfg = ClipConfig::fixed(median_norm(&probe.stats.norms), MicroBatches::Uniform(b));
+    let mut clipped = 0;
+    let samples = {
+        let mut run_ref = || {
+            std::hint::black_box(cpu_sum(std::hint::black_box(reference)));
+        };
+        let mut run_clip = || {
+            clipped = clipper
+                .clip(&cfg, tensors, n)
+                .expect("clip")
+                .stats
+                .clipped_count;
+        };
+        interleaved(opts.warmup, opts.runs, &mut [&mut run_ref, &mut run_clip])
+    };
+    let mut notes = vec![format!("clipped {clipped}/{}", n.div_ceil(b))];
+    if !note.is_empty() {
+        notes.push(note.to_string());
+    }
+    Ok(Row {
+        case: case.to_string(),
+        method: Method::Microclip,
+        path: "host",
+        backend: "cpu".to_string(),
+        n,
+        d: d_total,
+        b,
+        tensors: tensors.len(),
+        median_ms: median(&samples[1]),
+        runs: opts.runs,
+        min_bytes: min_bytes(n, d_total),
+        read_ms: median(&samples[0]),
+        extra_device_bytes: 0,
+        speedup: None,
+        note: notes.join("; "),
+    })
+}
+
+/// Runs every case on the CPU backend (host slices).
+pub fn run_cpu(opts: Opts) -> Result<Report, String> {
+    let sizes = &Sizes::new(opts.scale.unwrap_or(1));
+    let mut clipper = Clipper::new(Backend::Cpu).map_err(|e| e.to_string())?;
+    let mut header = vec![
+        "# microclip bench_report".to_string(),
+        format!(
+            "backend: cpu (rayon, {} threads)",
+            rayon::current_num_threads()
+        ),
+        sizes.header("--scale / --quick"),
+    ];
+    let mut rows = Vec::new();
+
+    let (n, d) = sizes.main;
+    let x = data::host_tensor(SEED, 0, n, d);
+    {
+        let mut dst = vec![0.0f32; x.len()];
+        let s = interleaved(
+            opts.warmup,
+            opts.runs,
+            &mut [
+                &mut || {
+                    std::hint::black_box(cpu_sum(&x));
+                },
+                &mut || cpu_copy(&x, &mut dst),
+            ],
+        );
+        let bytes = (x.len() * 4) as f64;
+        let (read_ms, copy_ms) = (median(&s[0]), median(&s[1]));
+        header.push(format!(
+            "host bandwidth on {:.0} MB: rayon copy {:.2} GB/s (read + write bytes counted; {:.2} ms), rayon read-and-sum {:.2} GB/s ({:.2} ms)",
+            bytes / 1e6,
+            2.0 * bytes / (copy_ms * 1e-3) / 1e9,
+            copy_ms,
+            bytes / (read_ms * 1e-3) / 1e9,
+            read_ms
+        ));
+    }
+    for &b in &sizes.bs {
+        if b <= n {
+            rows.push(cpu_case(
+                &mut clipper,
+                &opts,
+                "main",
+                n,
+                b,
+                &[&x],
+                &x,
+                &sizes.note(),
+            )?);
+        }
+    }
+    drop(x);
+    for (what, (n, d, b)) in [("wide", sizes.wide), ("tall", sizes.tall)] {
+        let x = data::host_tensor(SEED, 1, n, d);
+        rows.push(cpu_case(
+            &mut clipper,
+            &opts,
+            what,
+            n,
+            b,
+            &[&x],
+            &x,
+            &sizes.note(),
+        )?);
+    }
+    let (n, b, count, max_d) = sizes.multi;
+    let widths = data::spread_widths(count, max_d);
+    let total: usize = widths.iter().sum();
+    let single = data::host_tensor(SEED, 3, n, total);
+    let many: Vec<Vec<f32>> = widths
+        .iter()
+        .enumerate()
+        .map(|(p, &d)| data::host_tensor(SEED, 100 + p as u64, n, d))
+        .collect();
+    let many_refs: Vec<&[f32]> = many.iter().map(|v| v.as_slice()).collect();
+    let note = join(&[
+        &format!("D_p from {} to {}", widths[0], widths[count - 1]),
+        &sizes.note(),
+    ]);
+    rows.push(cpu_case(
+        &mut clipper,
+        &opts,
+        &format!("multi: {count} tensors"),
+        n,
+        b,
+        &many_refs,
+        &single,
+        &note,
+    )?);
+    rows.push(cpu_case(
+        &mut clipper,
+        &opts,
+        "multi: 1 tensor, same total",
+        n,
+        b,
+        &[&single],
+        &single,
+        &sizes.note(),
+    )?);
+    push_conventions(&mut header, &opts, false);
+    Ok(Report {
+        header,
+        rows,
+        footer: Vec::new(),
+    })
+}

@@ -1,0 +1,151 @@
+//! # bench_report: how close microclip gets to reading its input once
+//!
+//! ```text
+//! cargo run --release --example bench_report                    # default GPU adapter
+//! cargo run --release --example bench_report -- --backend cpu   # CPU backend
+//! cargo run --release --example bench_report -- --quick         # D / 64, 5 runs
+//! cargo run --release --example bench_report -- --json rows.json
+//! cargo run --release --example bench_report -- --scale 1        # full sizes anywhere
+//! ```
+//!
+//! In one process on one adapter it times every case, prints a markdown table and
+//! ends with a line a script can read:
+//!
+//! ```text
+//! summary: worst_read_ratio=<r1> worst_read_ratio_b1=<r2> speedup_vs_5pass_b1=<s>
+//! ```
+//!
+//! ## What is measured
+//!
+//! * **Cases** (f32): N = 256, D = 1,000,000 for b in {1, 4, 8, 32, 256};
+//!   N = 64, D = 4,000,000, b = 4; N = 1024, D = 65,536, b = 16; N = 64, b = 4 with
+//!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total, each its own
+//!   buffer) and one tensor of the same total width. On the GPU the inputs are in
+//!   device buffers before timing (`clip_buffers_into`); one extra row times the
+//!   host-slice path (`clip()`, upload included) on the N = 1024 shape. The CPU
+//!   backend runs the same shapes on host slices.
+//! * **Sizes**: `--scale S` divides every D by S (N, b and the tensor count stay,
+//!   so the micro-batch structure is unchanged). Default: S = 16 on a software
+//!   adapter (wgpu device type `Cpu`, e.g. lavapipe: its shaders run on the host
+//!   cores at well under 1 GB/s, so the full sizes would take tens of minutes),
+//!   S = 1 elsewhere and on the CPU backend; `--quick` is S = 64 with 5 runs. Every
+//!   row of a scaled run says `D/S`, and the header says why.
+//! * **Time**: median over `--runs` (default 11) runs after `--warmup` (default 2)
+//!   runs. GPU: wall clock
+//!   around the call; `clip_buffers_into` submits and blocks until its statistics
+//!   are read back, the bench's own jobs submit and poll until the queue is idle.
+//! * **Bytes**: the minimum a clipping step must move, N x D x 4 (input read once)
+//!   + D x 4 (output written once); GB/s = those bytes / median time.
+//! * **read_ratio** = median time / median time of a plain vec4 read-and-sum kernel
+//!   over the same N x D x 4 bytes on the same adapter (CPU: a multi-threaded rayon
+//!   sum over the same slice), sampled interleaved with the case in the same run so
+//!   that both see the same background load. 1.0 is the physical floor; a method
+//!   that reads the input twice cannot go below 2.0 at b = 1 (microclip reads it in
+//!   `mb_partials` and again in `weighted_sum`). For the 100-buffer case the
+//!   reference reads one buffer of the same total size.
+//! * **Adapter bandwidth**: a vec4 copy kernel over the main input (GB/s counting
+//!   bytes read + written) and the read-and-sum, printed in the header.
+//! * **5-pass baseline** (`baseline.wgsl`): mean -> norms -> factors -> scale ->
+//!   sum, one kernel each with materialised intermediates, for b = 1 and 8 on the
+//!   main shape; speedup = its time / microclip's. It is checked against microclip
+//!   (relative L2 < 1e-4) at start-up and again on each timed shape.
+//! * **Extra device bytes**: `Clipper::scratch_bytes()` of a fresh clipper after the
+//!   case (5-pass rows: its intermediates).
+//!
+//! Every bench kernel binds at most `max_storage_buffer_binding_size` bytes per
+//! dispatch and loops over windows. A case whose input does not fit one buffer
+//! (`max_buffer_size`, or out of memory) has N halved until it does; the table and
+//! header say so. `--max-binding BYTES` lowers the binding size for microclip and
+//! the bench kernels alike (to exercise the windowed paths).
+//!
+//! `--breakdown` adds a per-kernel table (see `breakdown.rs`): microclip's
+//! `mb_partials` and `weighted_sum` replayed one by one on the main shape shrunk to
+//! one storage binding, to show which pass the time goes to.
+//!
+//! The summary's worst ratios cover the microclip rows of the device path (all rows
+//! on the CPU backend); `speedup_vs_5pass_b1` is `nan` on the CPU backend.
+
+mod breakdown;
+mod cases;
+mod check;
+mod data;
+mod kernels;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Gpu,
+    Cpu,
+}
+
+/// Bandwidth report of microclip: time per case, effective GB/s, read_ratio
+/// against a plain read-and-sum on the same adapter, and a 5-pass baseline.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Backend to measure: the default GPU adapter, or the CPU backend.
+    #[arg(long, value_enum, default_value = "gpu")]
+    backend: BackendArg,
+    /// Small sizes (every D / 64: 16 MB inputs), 5 runs, 1 warm-up: for iterating.
+    #[arg(long)]
+    quick: bool,
+    /// Divide every D by this (default: 16 on a software (CPU-type) GPU adapter
+    /// such as lavapipe, else 1 = the issue's sizes; --quick: 64).
+    #[arg(long)]
+    scale: Option<usize>,
+    /// Timed runs per case (default: 11, or 5 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Warm-up runs per case (default: 2, or 1 with --quick).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Also write every row as a JSON list to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Bytes one storage binding may cover (default: the device's limit).
+    #[arg(long)]
+    max_binding: Option<u64>,
+    /// Skip the GPU host-slice row.
+    #[arg(long)]
+    no_host: bool,
+    /// Also time microclip's two input-reading kernels one by one (GPU; main
+    /// shape shrunk to one storage binding).
+    #[arg(long)]
+    breakdown: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let opts = cases::Opts {
+        warmup: args.warmup.unwrap_or(if args.quick { 1 } else { 2 }),
+        runs: args.runs.unwrap_or(if args.quick { 5 } else { 11 }).max(1),
+        max_binding: args.max_binding,
+        host_row: !args.no_host,
+        breakdown: args.breakdown,
+        scale: args.scale.or(args.quick.then_some(64)),
+    };
+    let report = match args.backend {
+        BackendArg::Gpu => cases::run_gpu(opts),
+        BackendArg::Cpu => cases::run_cpu(opts),
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench_report: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    report.print();
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.json()).expect("json");
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("bench_report: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

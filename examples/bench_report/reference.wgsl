@@ -1,0 +1,67 @@
+// Reference kernels of the bench: the cheapest passes over the same bytes.
+//
+// read_sum: every element read once with vec4 loads; each workgroup sums
+//           WG * ITEMS vec4 (64 KiB) and writes one partial sum.
+// copy:     every element read once and written once (vec4).
+//
+// The host binds the buffer in windows of at most one storage binding and
+// dispatches each window separately; `count` is the window's length in vec4.
+
+const WG: u32 = 256u;
+const ITEMS: u32 = 16u;
+
+struct Params {
+    count: u32,    // vec4 elements in this window
+    groups: u32,   // workgroups of this window
+    groups_x: u32, // group = wg.x + wg.y * groups_x
+    out_base: u32, // index of this window's first partial sum
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<vec4<f32>>;
+
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(256)
+fn read_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wg.x + wg.y * params.groups_x;
+    if (group >= params.groups) {
+        return; // whole workgroup: uniform
+    }
+    let base = group * (WG * ITEMS) + lid;
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = base + k * WG;
+        if (i < params.count) {
+            acc += src[i];
+        }
+    }
+    red[lid] = (acc.x + acc.y) + (acc.z + acc.w);
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        partials[params.out_base + group] = red[0];
+    }
+}
+
+@compute @workgroup_size(256)
+fn copy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wg.x + wg.y * params.groups_x;
+    if (group >= params.groups) {
+        return;
+    }
+    let base = group * (WG * ITEMS) + lid;
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = base + k * WG;
+        if (i < params.count) {
+            dst[i] = src[i];
+        }
+    }
+}
