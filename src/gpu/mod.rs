@@ -55,6 +55,9 @@ pub(crate) struct GpuClipper {
     adapter_name: String,
     kernels: Kernels,
     pool: Pool,
+    /// The device's largest storage binding (and buffer).
+    device_max_binding: u64,
+    /// The binding limit in use (`device_max_binding` unless lowered).
     max_binding: u64,
     storage_align: u64,
     uniform_align: u64,
@@ -112,13 +115,15 @@ impl GpuClipper {
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let info = device.adapter_info();
         let limits = device.limits();
+        let device_max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         Self {
             adapter_name: format!("{} ({:?})", info.name, info.backend),
             kernels: Kernels::new(&device),
             pool: Pool::new(device.clone()),
-            max_binding: limits
-                .max_storage_buffer_binding_size
-                .min(limits.max_buffer_size),
+            device_max_binding,
+            max_binding: device_max_binding,
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
             device,
@@ -143,11 +148,7 @@ impl GpuClipper {
     }
 
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
-        let limits = self.device.limits();
-        let device_max = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
-        self.max_binding = bytes.clamp(self.storage_align + 4, device_max) / 4 * 4;
+        self.max_binding = bytes.clamp(self.storage_align + 4, self.device_max_binding) / 4 * 4;
     }
 
     /// A new output buffer for `cols` f32.
