@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! cargo run --release --example clip_npy -- \
-//!     --grads G.npy (--micro-batch B | --offsets O.npy) --clip (C | min[:SCALE]) \
+//!     --grads G.npy (--micro-batch B | --offsets O.npy) --clip (C | C1,C2,... | min[:SCALE]) \
+//!     [--mode hard|auto|normalize] [--gamma GAMMA] [--groups COLS.npy] \
+//!     [--noise-multiplier SIGMA --seed SEED [--step STEP]] \
 //!     [--non-finite skip|propagate|error] [--backend auto|gpu|cpu] \
 //!     --out OUT.npy [--norms NORMS.npy] [--stats STATS.json]
 //! ```
@@ -11,17 +13,28 @@
 //!   Fortran order.
 //! * `O.npy`: 1-D int32/int64/uint32/uint64 row offsets `[0, ..., N]`.
 //! * `--clip 1.5` is a fixed bound, `--clip min` the adaptive bound `min_j norm_j`,
-//!   `--clip min:0.5` the adaptive bound `0.5 * min_j norm_j`.
-//! * `OUT.npy`: float32 `[D]`, the clipped average; `NORMS.npy`: float32 `[M]`;
-//!   `STATS.json`: `clipped_count`, `nonfinite_count`, `micro_batches`, `clip_bound`
-//!   (null when not finite), `backend` (`"gpu"` / `"cpu"`) and `adapter` (null on
-//!   the CPU). The same summary is printed to stdout.
+//!   `--clip min:0.5` the adaptive bound `0.5 * min_j norm_j`, `--clip 1,0.5` one
+//!   fixed bound per group (with `--groups`; a single number applies to every group).
+//! * `--mode`: `hard` `min(1, C / norm)` (default), `auto` AUTO-S `C / (norm + GAMMA)`
+//!   (`--gamma`, default 0.01), `normalize` `C / norm`.
+//! * `COLS.npy`: 1-D integer column offsets `[0, ..., D]` splitting the D columns into
+//!   G parameter groups, each clipped against its own bound. The columns of each
+//!   group are copied into a tensor of their own on the host (one copy of the input).
+//! * `--noise-multiplier SIGMA --seed SEED [--step STEP]`: DP-SGD Gaussian noise of
+//!   standard deviation `SIGMA * sqrt(sum_g C_g^2)` added to the sum before the
+//!   division by M; column `c` draws element `c` of the `(SEED, STEP)` stream.
+//! * `OUT.npy`: float32 `[D]`, the clipped average; `NORMS.npy`: float32 `[M]`, or
+//!   `[M, G]` with `--groups`; `STATS.json`: `clipped_count`, `nonfinite_count`,
+//!   `micro_batches`, `groups`, `clip_bound` (the total `sqrt(sum_g C_g^2)`, null when
+//!   not finite), `group_bounds`, `noise_std`, `backend` (`"gpu"` / `"cpu"`) and
+//!   `adapter` (null on the CPU). The same summary is printed to stdout.
 //!
 //! Errors are one line on stderr, `error: ...`, with exit status 1.
 
 use clap::{ArgGroup, Parser, ValueEnum};
 use microclip::{
-    Backend, BackendKind, ClipBound, ClipConfig, Clipper, MicroBatches, NonFinitePolicy,
+    Backend, BackendKind, ClipBound, ClipConfig, ClipFunction, Clipper, GaussianNoise,
+    MicroBatches, NonFinitePolicy,
 };
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::error::Error;
@@ -46,9 +59,32 @@ struct Args {
     /// Micro-batch row offsets [0, ..., N]: 1-D int32/int64/uint32/uint64 .npy
     #[arg(long, value_name = "O.npy")]
     offsets: Option<PathBuf>,
-    /// Clip bound: a number C > 0 (fixed), or min[:SCALE] (adaptive: SCALE * min_j norm_j, SCALE = 1 by default)
-    #[arg(long, value_name = "C|min[:SCALE]", value_parser = parse_clip, allow_negative_numbers = true)]
+    /// Clip bound: a number C > 0 (fixed), C1,C2,... (one per group), or min[:SCALE] (adaptive: SCALE * min_j norm_j, SCALE = 1 by default)
+    #[arg(long, value_name = "C|C1,C2,...|min[:SCALE]", value_parser = parse_clip, allow_negative_numbers = true)]
     clip: ClipBound,
+    /// Clip function: hard min(1, C/norm), auto C/(norm + gamma) (AUTO-S), normalize C/norm
+    #[arg(long, value_enum, default_value = "hard")]
+    mode: Mode,
+    /// AUTO-S stability constant (only with --mode auto)
+    #[arg(long, value_name = "GAMMA", allow_negative_numbers = true)]
+    gamma: Option<f32>,
+    /// Parameter groups: 1-D integer column offsets [0, ..., D]
+    #[arg(long, value_name = "COLS.npy")]
+    groups: Option<PathBuf>,
+    /// DP-SGD noise multiplier sigma: Gaussian noise of std sigma * sqrt(sum_g C_g^2)
+    #[arg(
+        long,
+        value_name = "SIGMA",
+        requires = "seed",
+        allow_negative_numbers = true
+    )]
+    noise_multiplier: Option<f32>,
+    /// Noise generator key (needed with --noise-multiplier)
+    #[arg(long, value_name = "SEED")]
+    seed: Option<u64>,
+    /// Training step: each step draws fresh noise
+    #[arg(long, value_name = "STEP", default_value_t = 0)]
+    step: u64,
     /// What to do with a micro-batch whose mean gradient holds NaN or infinity
     #[arg(long, value_enum, default_value = "skip")]
     non_finite: Policy,
@@ -64,6 +100,13 @@ struct Args {
     /// Optional output: the summary as a JSON object
     #[arg(long, value_name = "STATS.json")]
     stats: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Mode {
+    Hard,
+    Auto,
+    Normalize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,14 +131,19 @@ fn parse_clip(s: &str) -> Result<ClipBound, String> {
             Some(scale) => ClipBound::Adaptive { scale: num(scale)? },
             None => return Err(format!("expected C, min or min:SCALE, got {s:?}")),
         },
+        None if s.contains(',') => {
+            ClipBound::PerGroup(s.split(',').map(num).collect::<Result<_, _>>()?)
+        }
         None => ClipBound::Fixed(num(s)?),
     };
-    match bound {
-        ClipBound::Fixed(v) | ClipBound::Adaptive { scale: v } if !(v.is_finite() && v > 0.0) => {
-            Err(format!("must be finite and > 0, got {s:?}"))
-        }
-        _ => Ok(bound),
+    let values = match &bound {
+        ClipBound::Fixed(v) | ClipBound::Adaptive { scale: v } => vec![*v],
+        ClipBound::PerGroup(v) => v.clone(),
+    };
+    if values.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(format!("must be finite and > 0, got {s:?}"));
     }
+    Ok(bound)
 }
 
 /// The element types `--grads` accepts. Another one (float16, once npyz's `half`
@@ -199,12 +247,37 @@ fn read_offsets(path: &Path) -> Res<Vec<usize>> {
     })
 }
 
-fn write_f32(path: &Path, data: &[f32]) -> Res<()> {
+/// Reads the `--groups` column offsets and checks them against `d` columns.
+fn read_column_groups(path: &Path, d: usize) -> Res<Vec<usize>> {
+    let cols = read_offsets(path)?;
+    let ok = cols.len() >= 2
+        && cols[0] == 0
+        && cols[cols.len() - 1] == d
+        && cols.windows(2).all(|w| w[0] < w[1]);
+    if !ok {
+        return Err(format!(
+            "{}: column groups must be strictly increasing offsets [0, ..., D = {d}], got {cols:?}",
+            path.display()
+        )
+        .into());
+    }
+    Ok(cols)
+}
+
+/// The columns `[c0, c1)` of the row-major `[n, d]` matrix `g`, as `[n, c1 - c0]`.
+fn columns(g: &[f32], n: usize, d: usize, c0: usize, c1: usize) -> Vec<f32> {
+    (0..n)
+        .flat_map(|i| &g[i * d + c0..i * d + c1])
+        .copied()
+        .collect()
+}
+
+fn write_f32(path: &Path, shape: &[u64], data: &[f32]) -> Res<()> {
     in_file(path, || {
         let file = BufWriter::new(File::create(path)?);
         let mut w = npyz::WriteOptions::new()
             .default_dtype()
-            .shape(&[data.len() as u64])
+            .shape(shape)
             .writer(file)
             .begin_nd()?;
         w.extend(data.iter().copied())?;
@@ -233,34 +306,76 @@ fn run() -> Res<()> {
         Policy::Propagate => NonFinitePolicy::Propagate,
         Policy::Error => NonFinitePolicy::Error,
     };
-    let cfg = match args.clip {
-        ClipBound::Fixed(c) => ClipConfig::fixed(c, layout),
-        ClipBound::Adaptive { scale } => ClipConfig::adaptive(scale, layout),
+    let function = match (args.mode, args.gamma) {
+        (Mode::Hard, None) => ClipFunction::Hard,
+        (Mode::Normalize, None) => ClipFunction::Normalize,
+        (Mode::Auto, gamma) => ClipFunction::Automatic {
+            gamma: gamma.unwrap_or(0.01),
+        },
+        (_, Some(_)) => return Err("--gamma needs --mode auto".into()),
     };
-    let cfg = cfg.with_non_finite(policy);
-    cfg.validate()?;
+    let mut cfg = ClipConfig::new(args.clip.clone(), layout)
+        .with_non_finite(policy)
+        .with_function(function);
+    if let Some(multiplier) = args.noise_multiplier {
+        cfg = cfg.with_noise(GaussianNoise {
+            multiplier,
+            seed: args.seed.unwrap_or_default(),
+            step: args.step,
+        });
+    }
+    if args.groups.is_none() {
+        cfg.validate()?; // before reading G (with groups: once they are known)
+    }
 
     let (grads, n) = read_grads(&args.grads)?;
+    let d = grads.len() / n;
+    // Column groups become one tensor per group (a host copy of the input).
+    let cols = match &args.groups {
+        Some(path) => read_column_groups(path, d)?,
+        None => vec![0, d],
+    };
+    let group_tensors: Vec<Vec<f32>>;
+    let tensors: Vec<&[f32]> = if args.groups.is_some() {
+        cfg = cfg.with_groups((0..cols.len() - 1).collect());
+        group_tensors = cols
+            .windows(2)
+            .map(|w| columns(&grads, n, d, w[0], w[1]))
+            .collect();
+        group_tensors.iter().map(Vec::as_slice).collect()
+    } else {
+        vec![&grads]
+    };
+    cfg.validate()?;
     let mut clipper = Clipper::new(match args.backend {
         BackendArg::Auto => Backend::Auto,
         BackendArg::Gpu => Backend::Gpu,
         BackendArg::Cpu => Backend::Cpu,
     })?;
-    let out = clipper.clip(&cfg, &[&grads], n)?;
-    write_f32(&args.out, &out.grads[0])?;
+    let out = clipper.clip(&cfg, &tensors, n)?;
+    write_f32(&args.out, &[d as u64], &out.grads.concat())?;
     let s = &out.stats;
+    let m = s.norms.len() / s.groups;
     if let Some(path) = &args.norms {
-        write_f32(path, &s.norms)?;
+        let shape = match args.groups {
+            Some(_) => vec![m as u64, s.groups as u64],
+            None => vec![m as u64],
+        };
+        write_f32(path, &shape, &s.norms)?;
     }
 
     let (backend, adapter) = match &s.backend {
         BackendKind::Gpu(name) => ("gpu", Some(name.as_str())),
         BackendKind::Cpu => ("cpu", None),
     };
-    let clip_bound = s.clip_bound.is_finite().then_some(s.clip_bound);
+    let finite = |v: f32| v.is_finite().then_some(v);
+    let group_bounds: Vec<Option<f32>> = s.group_bounds.iter().map(|&c| finite(c)).collect();
     let summary = serde_json::json!({
-        "micro_batches": s.norms.len(),
-        "clip_bound": clip_bound,
+        "micro_batches": m,
+        "groups": s.groups,
+        "clip_bound": finite(s.clip_bound),
+        "group_bounds": group_bounds,
+        "noise_std": finite(s.noise_std),
         "clipped_count": s.clipped_count,
         "nonfinite_count": s.nonfinite_count,
         "backend": backend,
@@ -274,8 +389,11 @@ fn run() -> Res<()> {
             Ok(f.flush()?)
         })?;
     }
-    println!("micro_batches:   {}", s.norms.len());
+    println!("micro_batches:   {m}");
+    println!("groups:          {}", s.groups);
     println!("clip_bound:      {}", s.clip_bound);
+    println!("group_bounds:    {:?}", s.group_bounds);
+    println!("noise_std:       {}", s.noise_std);
     println!("clipped_count:   {}", s.clipped_count);
     println!("nonfinite_count: {}", s.nonfinite_count);
     println!("backend:         {backend}");

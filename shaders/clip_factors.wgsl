@@ -1,7 +1,12 @@
-// Pass 3: one workgroup turns the micro-batch norms into the clip bound (fixed, or
-// adaptive: scale * the smallest finite norm, found by a tree so no host round trip
-// is needed), the factors s_j = min(1, C / norm_j), the weights s_j / M used by the
-// weighted sum, the reported f32 norms and the counts.
+// Pass 3: one workgroup turns the (micro-batch, group) norms into the bound of each
+// group (fixed, or adaptive: scale * the smallest norm of the group over the finite
+// micro-batches, found by a tree so no host round trip is needed), the factors
+// s_{j,g}, the weights s_{j,g} / M used by the weighted sum, the reported f32 norms,
+// the counts, the total sensitivity sqrt(sum_g C_g^2) and the noise scale.
+//
+// Phases: (A) per micro-batch, the flags of all its groups (a micro-batch is
+// non-finite when any group is); (B) per group, the bound and the factors; (C) the
+// totals.
 
 const WG: u32 = 256u;
 const POLICY_SKIP: u32 = 0u;      // Skip and Error: factor 0 (the host raises Error)
@@ -12,20 +17,24 @@ const FN_NORMALIZE: u32 = 2u;     // s = C / norm, 0 when norm = 0
 
 struct Params {
     micro_batches: u32,
-    adaptive: u32,  // 0: fixed bound `bound`; 1: bound = `bound` * min finite norm
+    adaptive: u32,  // 0: fixed bounds in `bounds`; 1: bound = `scale` * min finite norm
     policy: u32,
-    pad: u32,
-    bound: f32,
-    function: u32, // FN_HARD, FN_AUTOMATIC or FN_NORMALIZE
-    gamma: f32,    // FN_AUTOMATIC: s = C / (norm + gamma)
-    pad1: f32,
+    groups: u32,    // parameter groups G
+    scale: f32,
+    function: u32,  // FN_HARD, FN_AUTOMATIC or FN_NORMALIZE
+    gamma: f32,     // FN_AUTOMATIC: s = C / (norm + gamma)
+    sigma: f32,     // noise multiplier (0 without noise)
 }
 
 struct Stats {
-    clip_bound: f32,
+    sensitivity: f32, // sqrt(sum_g C_g^2)
     clipped: u32,
     nonfinite: u32,
     first_nonfinite: u32,
+    noise_scale: f32, // sigma * sensitivity / M
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -34,6 +43,8 @@ struct Stats {
 @group(0) @binding(3) var<storage, read_write> weights: array<f32>;
 @group(0) @binding(4) var<storage, read_write> norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> stats: Stats;
+@group(0) @binding(6) var<storage, read_write> bounds: array<f32>; // C_g: in when fixed, out
+@group(0) @binding(7) var<storage, read_write> mb_flags: array<u32>;
 
 var<workgroup> red_min: array<vec2<f32>, WG>;
 var<workgroup> red_found: array<u32, WG>;
@@ -52,87 +63,136 @@ fn inf_f32() -> f32 {
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let m = params.micro_batches;
+    let groups = params.groups;
     if (lid == 0u) {
         atomicStore(&clipped, 0u);
         atomicStore(&nonfinite, 0u);
         atomicStore(&first_nonfinite, 0xffffffffu);
     }
-
-    // Smallest finite norm (as a (scale, root) pair), for the adaptive bound.
-    var best = vec2<f32>(0.0, 0.0);
-    var found = 0u;
-    for (var j = lid; j < m; j += WG) {
-        let n = mb_norms[j];
-        let v = vec2<f32>(n.scale, n.root);
-        if (n.flags == 0u && (found == 0u || norm_less(v, best))) {
-            best = v;
-            found = 1u;
-        }
-    }
-    red_min[lid] = best;
-    red_found[lid] = found;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            let other = red_min[lid + s];
-            if (red_found[lid + s] == 1u
-                && (red_found[lid] == 0u || norm_less(other, red_min[lid]))) {
-                red_min[lid] = other;
-                red_found[lid] = 1u;
-            }
-        }
-        workgroupBarrier();
-    }
-    // The bound as a (scale, root) pair: C = bound.x * bound.y.
-    var bound = vec2<f32>(params.bound, 1.0);
-    var bound_valid = true;
-    if (params.adaptive == 1u) {
-        bound = vec2<f32>(red_min[0].x * params.bound, red_min[0].y);
-        bound_valid = red_found[0] == 1u;
-    }
 
-    let inv_m = 1.0 / f32(m);
+    // (A) Micro-batch flags.
     for (var j = lid; j < m; j += WG) {
-        let n = mb_norms[j];
-        var factor = 1.0;
-        var norm = n.scale * n.root;
-        if (n.flags != 0u) {
+        var flags = 0u;
+        for (var g = 0u; g < groups; g++) {
+            flags |= mb_norms[j * groups + g].flags;
+        }
+        mb_flags[j] = flags;
+        if (flags != 0u) {
             atomicAdd(&nonfinite, 1u);
             atomicMin(&first_nonfinite, j);
-            let has_nan = (n.flags & FLAG_NAN) != 0u;
-            norm = select(inf_f32(), nan_f32(), has_nan);
-            // Propagate: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
-            factor = select(0.0, select(0.0, nan_f32(), has_nan), params.policy == POLICY_PROPAGATE);
-        } else {
-            // C / norm without forming either: ratios of scales, then of roots.
-            let positive = n.scale > 0.0;
-            var ratio = 1.0;
-            if (positive) {
-                ratio = (bound.x / n.scale) * (bound.y / n.root);
-            }
-            let over = positive && ratio < 1.0; // norm > C
-            if (over) {
-                atomicAdd(&clipped, 1u);
-            }
-            if (params.function == FN_HARD) {
-                factor = select(1.0, ratio, over);
-            } else if (params.function == FN_NORMALIZE) {
-                factor = select(0.0, ratio, positive);
-            } else {
-                // C / (norm + gamma); a norm beyond f32::MAX leaves C / norm.
-                factor = select(ratio, (bound.x * bound.y) / (norm + params.gamma), norm <= 3.4028235e38);
-            }
         }
-        factors[j] = factor;
-        weights[j] = factor * inv_m;
-        norms[j] = norm;
     }
-    workgroupBarrier();
-    if (lid == 0u) {
-        var c = bound.x * bound.y;
-        if (!bound_valid) {
-            c = nan_f32();
+    storageBarrier();
+
+    // (B) Per group.
+    let inv_m = 1.0 / f32(m);
+    for (var g = 0u; g < groups; g++) {
+        // Smallest norm over the finite micro-batches, as a (scale, root) pair.
+        var best = vec2<f32>(0.0, 0.0);
+        var found = 0u;
+        if (params.adaptive == 1u) {
+            for (var j = lid; j < m; j += WG) {
+                let n = mb_norms[j * groups + g];
+                let v = vec2<f32>(n.scale, n.root);
+                if (mb_flags[j] == 0u && (found == 0u || norm_less(v, best))) {
+                    best = v;
+                    found = 1u;
+                }
+            }
         }
-        stats = Stats(c, atomicLoad(&clipped), atomicLoad(&nonfinite), atomicLoad(&first_nonfinite));
+        red_min[lid] = best;
+        red_found[lid] = found;
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if (lid < s) {
+                let other = red_min[lid + s];
+                if (red_found[lid + s] == 1u
+                    && (red_found[lid] == 0u || norm_less(other, red_min[lid]))) {
+                    red_min[lid] = other;
+                    red_found[lid] = 1u;
+                }
+            }
+            workgroupBarrier();
+        }
+        // The bound as a (scale, root) pair: C = bound.x * bound.y.
+        // Fixed bounds are only read and adaptive ones only written, by thread 0
+        // after the barrier below: no thread reads what another writes.
+        var bound = vec2<f32>(1.0, 1.0);
+        var bound_valid = true;
+        if (params.adaptive == 0u) {
+            bound.x = bounds[g];
+        } else {
+            bound = vec2<f32>(red_min[0].x * params.scale, red_min[0].y);
+            bound_valid = red_found[0] == 1u;
+        }
+        workgroupBarrier(); // everyone has read red_min before the next group's tree
+
+        for (var j = lid; j < m; j += WG) {
+            let at = j * groups + g;
+            let n = mb_norms[at];
+            var factor = 1.0;
+            var norm = n.scale * n.root;
+            if (n.flags != 0u) {
+                let has_nan = (n.flags & FLAG_NAN) != 0u;
+                norm = select(inf_f32(), nan_f32(), has_nan);
+                // Propagate: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
+                factor = select(0.0, select(0.0, nan_f32(), has_nan), params.policy == POLICY_PROPAGATE);
+            } else {
+                // C / norm without forming either: ratios of scales, then of roots.
+                let positive = n.scale > 0.0;
+                var ratio = 1.0;
+                if (positive) {
+                    ratio = (bound.x / n.scale) * (bound.y / n.root);
+                }
+                let over = positive && ratio < 1.0; // norm > C
+                let finite_mb = mb_flags[j] == 0u;
+                if (over && finite_mb) {
+                    atomicAdd(&clipped, 1u);
+                }
+                if (!finite_mb && params.policy != POLICY_PROPAGATE) {
+                    factor = 0.0; // Skip drops the whole micro-batch
+                } else if (params.function == FN_HARD) {
+                    factor = select(1.0, ratio, over);
+                } else if (params.function == FN_NORMALIZE) {
+                    factor = select(0.0, ratio, positive);
+                } else {
+                    // C / (norm + gamma); a norm beyond f32::MAX leaves C / norm.
+                    factor = select(ratio, (bound.x * bound.y) / (norm + params.gamma), norm <= 3.4028235e38);
+                }
+            }
+            factors[at] = factor;
+            weights[at] = factor * inv_m;
+            norms[at] = norm;
+        }
+        if (lid == 0u && params.adaptive == 1u) {
+            bounds[g] = select(nan_f32(), bound.x * bound.y, bound_valid);
+        }
+    }
+    storageBarrier();
+
+    // (C) Totals: the sensitivity sqrt(sum_g C_g^2), scaled by the largest bound.
+    if (lid == 0u) {
+        var top = 0.0;
+        var any_nan = false;
+        for (var g = 0u; g < groups; g++) {
+            let c = bounds[g];
+            any_nan = any_nan || nonfinite_flags(c) == FLAG_NAN;
+            top = max(top, c);
+        }
+        var sensitivity = top;
+        if (groups > 1u && top > 0.0 && top <= 3.4028235e38) {
+            var ssq = 0.0;
+            for (var g = 0u; g < groups; g++) {
+                let r = bounds[g] / top;
+                ssq += r * r;
+            }
+            sensitivity = top * sqrt(ssq);
+        }
+        if (any_nan) {
+            sensitivity = nan_f32();
+        }
+        stats = Stats(sensitivity, atomicLoad(&clipped), atomicLoad(&nonfinite),
+            atomicLoad(&first_nonfinite), params.sigma * sensitivity * inv_m, 0u, 0u, 0u);
     }
 }

@@ -1,36 +1,42 @@
-// Pass 2: one workgroup per micro-batch combines the (scale, ssq, flags) records of
-// all its column tiles, over all tensors, into (scale, root = sqrt(ssq), flags):
-// the norm is scale * root. Strided sequential combine per thread, then a tree.
+// Pass 2: one workgroup per (micro-batch, parameter group) combines the (scale, ssq,
+// flags) records of the group's column tiles (tiles are numbered group by group, so
+// group g owns tiles [group_tiles[g], group_tiles[g + 1])) into (scale,
+// root = sqrt(ssq), flags): the norm is scale * root. Strided sequential combine
+// per thread, then a tree.
 
 const WG: u32 = 256u;
 
 struct Params {
     micro_batches: u32,
     tiles_total: u32,
-    groups_x: u32, // micro-batch = wg.x + wg.y * groups_x
-    pad: u32,
+    groups_x: u32, // (micro-batch, group) index = wg.x + wg.y * groups_x
+    groups: u32,   // parameter groups G
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> partials: array<Partial>;
-@group(0) @binding(2) var<storage, read_write> mb_norms: array<MbNorm>;
+@group(0) @binding(2) var<storage, read> group_tiles: array<u32>;
+@group(0) @binding(3) var<storage, read_write> mb_norms: array<MbNorm>;
 
 var<workgroup> red: array<vec2<f32>, WG>;
 var<workgroup> red_flags: atomic<u32>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let mb = wg.x + wg.y * params.groups_x;
-    if (mb >= params.micro_batches) {
+    let at = wg.x + wg.y * params.groups_x;
+    if (at >= params.micro_batches * params.groups) {
         return; // whole workgroup: uniform
     }
+    let mb = at / params.groups;
+    let group = at % params.groups;
     if (lid == 0u) {
         atomicStore(&red_flags, 0u);
     }
     var acc = vec2<f32>(0.0, 0.0);
     var flags = 0u;
     let base = mb * params.tiles_total;
-    for (var t = lid; t < params.tiles_total; t += WG) {
+    let tile_end = group_tiles[group + 1u];
+    for (var t = group_tiles[group] + lid; t < tile_end; t += WG) {
         let p = partials[base + t];
         acc = combine_scaled(acc, vec2<f32>(p.scale, p.ssq));
         flags |= p.flags;
@@ -48,6 +54,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     if (lid == 0u) {
         let r = red[0];
-        mb_norms[mb] = MbNorm(r.x, sqrt(r.y), atomicLoad(&red_flags), 0u);
+        mb_norms[at] = MbNorm(r.x, sqrt(r.y), atomicLoad(&red_flags), 0u);
     }
 }

@@ -1,4 +1,5 @@
-// Pass 4: out_p[c] = sum_j w_j * mean_j[c] with w_j = s_j / M, one thread per column,
+// Pass 4: out_p[c] = sum_j w_j * mean_j[c] with w_j = s_{j,g} / M (g the tensor's
+// parameter group), one thread per column,
 // re-reading the rows of the window. Micro-batch terms are accumulated in blocks of
 // ROW_BLOCK (sum of block sums). Windows after the first add to the output.
 
@@ -15,8 +16,8 @@ struct Params {
     out_offset: u32, // element index of out_p[0] in `out`
     accumulate: u32, // 1: add to what `out` holds (not the first window)
     skip_zero: u32,  // 1: a zero weight skips its micro-batch (so 0 * NaN never happens)
-    pad0: u32,
-    pad1: u32,
+    groups: u32,     // parameter groups G: weights are [M, G]
+    group: u32,      // this tensor's group
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -36,7 +37,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var in_block = 0u;
     for (var k = 0u; k < params.mb_count; k++) {
         let mb = params.mb_first + k;
-        let w = weights[mb];
+        let w = weights[mb * params.groups + params.group];
         if (params.skip_zero == 1u && w == 0.0) {
             continue;
         }

@@ -1,6 +1,6 @@
 //! The public entry point: a [`Clipper`] that owns a backend.
 
-use crate::config::{tensor_widths, ClipConfig};
+use crate::config::{tensor_widths, ClipConfig, GaussianNoise};
 use crate::cpu;
 use crate::error::{ClipError, Result};
 use crate::gpu::{GpuClipper, GpuTensor, GpuTensorMut};
@@ -36,21 +36,31 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
-/// Per-step statistics.
+/// Per-step statistics. With G parameter groups, `norms` and `factors` hold one
+/// value per (micro-batch, group), micro-batch-major: entry `j * G + g`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipStats {
-    /// `norm_j` for each micro-batch (NaN or +inf for a non-finite one; +inf also
-    /// when a finite norm exceeds `f32::MAX`).
+    /// Number of parameter groups G (1 without groups).
+    pub groups: usize,
+    /// `norm_{j,g}` (NaN or +inf for a non-finite one; +inf also when a finite norm
+    /// exceeds `f32::MAX`).
     pub norms: Vec<f32>,
-    /// The factor `s_j` applied to each micro-batch mean (0 for a skipped one).
+    /// The factor `s_{j,g}` applied to micro-batch `j`'s mean in group `g` (0 for a
+    /// skipped micro-batch).
     pub factors: Vec<f32>,
-    /// The bound `C` used this step (NaN when adaptive and no micro-batch is finite;
-    /// +inf when an adaptive bound exceeds `f32::MAX`, the factors stay exact).
+    /// The bound `C_g` of each group (NaN when adaptive and no micro-batch is
+    /// finite; +inf when an adaptive bound exceeds `f32::MAX`, the factors stay exact).
+    pub group_bounds: Vec<f32>,
+    /// The total sensitivity `sqrt(sum_g C_g^2)`: with one group, the bound `C`
+    /// used this step.
     pub clip_bound: f32,
-    /// Micro-batches with finite `norm_j > C`.
+    /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`.
     pub clipped_count: usize,
-    /// Micro-batches whose mean gradient holds NaN or infinity.
+    /// Micro-batches whose mean gradient holds NaN or infinity (in any group).
     pub nonfinite_count: usize,
+    /// Standard deviation of the Gaussian noise added before the division by M,
+    /// `sigma * clip_bound` (0 without noise).
+    pub noise_std: f32,
     /// The backend that ran.
     pub backend: BackendKind,
 }
@@ -155,6 +165,7 @@ impl Clipper {
     ) -> Result<ClipOutput> {
         let offsets = config.row_offsets(n_samples)?;
         let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
+        config.tensor_groups(tensors.len())?;
         match &mut self.engine {
             Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, tensors),
             Engine::Cpu => cpu::clip(config, &offsets, &widths, tensors),
@@ -179,6 +190,7 @@ impl Clipper {
             });
         }
         let offsets = config.row_offsets(n_samples)?;
+        config.tensor_groups(inputs.len())?;
         gpu.clip_buffers(config, &offsets, inputs, outputs)
     }
 
@@ -203,6 +215,19 @@ impl Clipper {
             .collect();
         let stats = self.clip_buffers_into(config, inputs, n_samples, &outputs)?;
         Ok((buffers, stats))
+    }
+
+    /// The raw random words the GPU noise pass draws for output elements
+    /// `first..first + count` under `noise`'s seed and step; they equal
+    /// [`crate::noise::philox_word`] bit for bit. For tests of the generator.
+    #[doc(hidden)]
+    pub fn gpu_philox_words(
+        &mut self,
+        noise: &GaussianNoise,
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<u32>> {
+        self.gpu_engine()?.philox_words(noise, first, count)
     }
 
     fn gpu_engine(&mut self) -> Result<&mut GpuClipper> {

@@ -1,15 +1,22 @@
-//! What the caller asks for: clip bound, micro-batch layout, non-finite policy.
+//! What the caller asks for: clip bound, micro-batch layout, non-finite policy,
+//! clip function, parameter groups and Gaussian noise.
 
 use crate::error::{ClipError, Result};
 
-/// How the clip bound `C` of a step is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How the clip bound `C` of a step is chosen. With parameter groups
+/// ([`ClipConfig::with_groups`]) every group `g` gets its own bound `C_g`.
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClipBound {
-    /// A fixed bound `C` (finite, > 0).
+    /// A fixed bound `C` (finite, > 0), the same for every group.
     Fixed(f32),
+    /// One fixed bound `C_g` per parameter group (each finite, > 0); needs
+    /// [`ClipConfig::with_groups`] with as many groups as bounds.
+    PerGroup(Vec<f32>),
     /// The paper's Algorithm 1: `C_t = scale * min_j norm_j` over the step's finite
     /// micro-batch gradients. With `scale = 1` every micro-batch gradient leaves the
-    /// step with norm `C_t`. Computed on the device, without a host round trip.
+    /// step with norm `C_t`. Computed on the device, without a host round trip. With
+    /// groups, per group: `C_g = scale * min_j norm_{j,g}`. The bound depends on the
+    /// data, so noise calibrated to it carries no differential-privacy guarantee.
     Adaptive {
         /// Multiplier on the smallest norm (finite, > 0; 1 in the paper).
         scale: f32,
@@ -60,6 +67,26 @@ pub enum NonFinitePolicy {
     Error,
 }
 
+/// Gaussian noise for DP-SGD: the output becomes `(sum_j s_j g_j + z) / M` with
+/// `z ~ N(0, (multiplier * S)^2 I)` and `S = sqrt(sum_g C_g^2)` the total
+/// sensitivity (one sample changes one micro-batch, whose clipped contribution has
+/// norm at most `S`).
+///
+/// The noise is drawn by Philox4x32-10 keyed by `seed`, with counter
+/// `(element / 4, step)` and Box-Muller, where `element` numbers the outputs of all
+/// tensors in order: it does not depend on the backend, workgroup sizes or row
+/// windows. The GPU and CPU backends draw bitwise the same random bits and the same
+/// normals up to float rounding; see [`noise`](mod@crate::noise).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GaussianNoise {
+    /// Noise multiplier `sigma` (finite, >= 0).
+    pub multiplier: f32,
+    /// Key of the generator.
+    pub seed: u64,
+    /// Training step: each step draws fresh noise.
+    pub step: u64,
+}
+
 /// A complete clipping configuration.
 ///
 /// ```
@@ -79,6 +106,10 @@ pub struct ClipConfig {
     pub non_finite: NonFinitePolicy,
     /// The clip function (default [`ClipFunction::Hard`]).
     pub function: ClipFunction,
+    /// The parameter group of each tensor (`None`: one group of all tensors).
+    pub groups: Option<Vec<usize>>,
+    /// Gaussian noise added to the sum before the division by M (`None`: none).
+    pub noise: Option<GaussianNoise>,
 }
 
 impl ClipConfig {
@@ -89,6 +120,8 @@ impl ClipConfig {
             micro_batches,
             non_finite: NonFinitePolicy::default(),
             function: ClipFunction::default(),
+            groups: None,
+            noise: None,
         }
     }
 
@@ -108,6 +141,20 @@ impl ClipConfig {
         self
     }
 
+    /// Parameter groups: tensor `p` belongs to group `group_of_tensor[p]`. Groups
+    /// are numbered `0..G` and none may be empty. Norms, factors and bounds become
+    /// per (micro-batch, group); see [`ClipBound`] for the bound of each group.
+    pub fn with_groups(mut self, group_of_tensor: Vec<usize>) -> Self {
+        self.groups = Some(group_of_tensor);
+        self
+    }
+
+    /// Add Gaussian noise (DP-SGD); see [`GaussianNoise`].
+    pub fn with_noise(mut self, noise: GaussianNoise) -> Self {
+        self.noise = Some(noise);
+        self
+    }
+
     /// Replace the non-finite policy.
     pub fn with_non_finite(mut self, policy: NonFinitePolicy) -> Self {
         self.non_finite = policy;
@@ -116,14 +163,39 @@ impl ClipConfig {
 
     /// Check the parts that do not depend on the data.
     pub fn validate(&self) -> Result<()> {
-        match self.bound {
-            ClipBound::Fixed(c) if !(c.is_finite() && c > 0.0) => {
-                return Err(ClipError::InvalidClipNorm(c))
+        let positive = |c: f32| c.is_finite() && c > 0.0;
+        match &self.bound {
+            ClipBound::Fixed(c) if !positive(*c) => return Err(ClipError::InvalidClipNorm(*c)),
+            ClipBound::PerGroup(bounds) => {
+                if let Some(&c) = bounds.iter().find(|&&c| !positive(c)) {
+                    return Err(ClipError::InvalidClipNorm(c));
+                }
+                let groups = self.group_count();
+                if bounds.len() != groups || self.groups.is_none() {
+                    return Err(ClipError::InvalidGroups(format!(
+                        "{} per-group bounds for {groups} groups",
+                        bounds.len()
+                    )));
+                }
             }
-            ClipBound::Adaptive { scale } if !(scale.is_finite() && scale > 0.0) => {
-                return Err(ClipError::InvalidAdaptiveScale(scale))
+            ClipBound::Adaptive { scale } if !positive(*scale) => {
+                return Err(ClipError::InvalidAdaptiveScale(*scale))
             }
             _ => {}
+        }
+        if let Some(groups) = &self.groups {
+            let g = self.group_count();
+            if let Some(empty) = (0..g).find(|k| !groups.contains(k)) {
+                return Err(ClipError::InvalidGroups(format!(
+                    "group {empty} has no tensor (groups must be numbered 0..{g} with none empty)"
+                )));
+            }
+        }
+        if let Some(noise) = &self.noise {
+            let sigma = noise.multiplier;
+            if !(sigma.is_finite() && sigma >= 0.0) {
+                return Err(ClipError::InvalidNoise(sigma));
+            }
         }
         if let ClipFunction::Automatic { gamma } = self.function {
             if !(gamma.is_finite() && gamma > 0.0) {
@@ -134,6 +206,25 @@ impl ClipConfig {
             return Err(ClipError::ZeroMicroBatchSize);
         }
         Ok(())
+    }
+
+    /// The number of parameter groups G (1 without groups).
+    pub fn group_count(&self) -> usize {
+        self.groups
+            .as_ref()
+            .map_or(1, |g| g.iter().max().map_or(0, |&m| m + 1))
+    }
+
+    /// The group of each of `tensors` tensors, checked against the group layout.
+    pub(crate) fn tensor_groups(&self, tensors: usize) -> Result<Vec<usize>> {
+        match &self.groups {
+            None => Ok(vec![0; tensors]),
+            Some(g) if g.len() == tensors => Ok(g.clone()),
+            Some(g) => Err(ClipError::InvalidGroups(format!(
+                "{} group indices for {tensors} tensors",
+                g.len()
+            ))),
+        }
     }
 
     /// The row offsets `[o_0 = 0, ..., o_M = n_samples]` this layout gives for a

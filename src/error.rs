@@ -13,6 +13,13 @@ pub enum ClipError {
     /// The AUTO-S stability constant is zero, negative, NaN or infinite.
     #[error("automatic clipping gamma must be finite and > 0, got {0}")]
     InvalidGamma(f32),
+    /// The parameter groups do not match the tensors or the per-group bounds, or a
+    /// group is empty.
+    #[error("invalid parameter groups: {0}")]
+    InvalidGroups(String),
+    /// The noise multiplier is negative, NaN or infinite.
+    #[error("noise multiplier must be finite and >= 0, got {0}")]
+    InvalidNoise(f32),
     /// `MicroBatches::Uniform(0)`.
     #[error("micro-batch size must be >= 1")]
     ZeroMicroBatchSize,

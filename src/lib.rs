@@ -72,10 +72,13 @@ mod config;
 mod cpu;
 mod error;
 mod gpu;
+pub mod noise;
 pub mod reference;
 
 pub use clipper::{Backend, BackendKind, ClipOutput, ClipStats, Clipper};
-pub use config::{ClipBound, ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
+pub use config::{
+    ClipBound, ClipConfig, ClipFunction, GaussianNoise, MicroBatches, NonFinitePolicy,
+};
 pub use error::{ClipError, Result};
 pub use gpu::{GpuTensor, GpuTensorMut};
 

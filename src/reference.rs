@@ -4,29 +4,40 @@
 
 use crate::config::{tensor_widths, ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::error::{ClipError, Result};
+use crate::noise::standard_normal;
 
 /// The float64 result of one clipping step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reference {
     /// `out_p` per tensor.
     pub grads: Vec<Vec<f64>>,
-    /// `norm_j` (NaN when the mean holds a NaN, +inf when it holds an infinity).
+    /// Number of parameter groups G.
+    pub groups: usize,
+    /// `norm_{j,g}` at `j * G + g` (NaN when the mean holds a NaN, +inf when it
+    /// holds an infinity).
     pub norms: Vec<f64>,
-    /// `s_j`.
+    /// `s_{j,g}` at `j * G + g`.
     pub factors: Vec<f64>,
-    /// The bound used (NaN when adaptive and no micro-batch is finite).
+    /// `C_g` per group (NaN when adaptive and no micro-batch is finite).
+    pub group_bounds: Vec<f64>,
+    /// The total sensitivity `sqrt(sum_g C_g^2)` (`C` with one group).
     pub clip_bound: f64,
-    /// Finite micro-batches with `norm_j > C`.
+    /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`.
     pub clipped_count: usize,
-    /// Micro-batches whose mean holds NaN or infinity.
+    /// Micro-batches whose mean holds NaN or infinity (in any group).
     pub nonfinite_count: usize,
+    /// Standard deviation of the noise added before the division by M:
+    /// `sigma * clip_bound` (0 without noise).
+    pub noise_std: f64,
 }
 
 /// Computes the clipping step in float64 from f32 inputs (each `[n_samples, D_p]`).
 pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Result<Reference> {
     let offsets = config.row_offsets(n_samples)?;
     let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
+    let group_of = config.tensor_groups(tensors.len())?;
     let m = offsets.len() - 1;
+    let groups = config.group_count();
 
     // g_j per tensor, in float64.
     let means: Vec<Vec<Vec<f64>>> = (0..m)
@@ -45,81 +56,120 @@ pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Re
                 .collect()
         })
         .collect();
-    let norms: Vec<f64> = means
-        .iter()
-        .map(|g| g.iter().flatten().map(|v| v * v).sum::<f64>().sqrt())
+    let norms: Vec<f64> = (0..m * groups)
+        .map(|at| {
+            let (j, g) = (at / groups, at % groups);
+            means[j]
+                .iter()
+                .zip(&group_of)
+                .filter(|(_, &pg)| pg == g)
+                .flat_map(|(mean, _)| mean)
+                .map(|v| v * v)
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
-    let finite = |n: &f64| n.is_finite();
-    let nonfinite_count = norms.iter().filter(|n| !finite(n)).count();
+    // A micro-batch is non-finite when any of its groups is.
+    let finite_mb: Vec<bool> = (0..m)
+        .map(|j| {
+            norms[j * groups..(j + 1) * groups]
+                .iter()
+                .all(|n| n.is_finite())
+        })
+        .collect();
+    let nonfinite_count = finite_mb.iter().filter(|f| !**f).count();
     if config.non_finite == NonFinitePolicy::Error {
-        if let Some(j) = norms.iter().position(|n| !finite(n)) {
+        if let Some(j) = finite_mb.iter().position(|f| !f) {
             return Err(ClipError::NonFinite {
                 micro_batch: j,
                 count: nonfinite_count,
             });
         }
     }
-    let clip_bound = match config.bound {
-        ClipBound::Fixed(c) => c as f64,
-        ClipBound::Adaptive { scale } => {
-            let min = norms
-                .iter()
-                .copied()
-                .filter(finite)
-                .fold(f64::INFINITY, f64::min);
-            if min.is_finite() {
-                scale as f64 * min
-            } else {
-                f64::NAN
-            }
-        }
-    };
-    let factors: Vec<f64> = norms
-        .iter()
-        .map(|&n| {
-            if !n.is_finite() {
-                match config.non_finite {
-                    // Plain arithmetic: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
-                    NonFinitePolicy::Propagate if n.is_nan() => f64::NAN,
-                    _ => 0.0,
-                }
-            } else {
-                match config.function {
-                    ClipFunction::Hard if n > clip_bound => clip_bound / n,
-                    ClipFunction::Hard => 1.0,
-                    ClipFunction::Automatic { gamma } => clip_bound / (n + gamma as f64),
-                    ClipFunction::Normalize if n == 0.0 => 0.0,
-                    ClipFunction::Normalize => clip_bound / n,
+    let group_bounds: Vec<f64> = (0..groups)
+        .map(|g| match &config.bound {
+            ClipBound::Fixed(c) => *c as f64,
+            ClipBound::PerGroup(c) => c[g] as f64,
+            ClipBound::Adaptive { scale } => {
+                let min = (0..m)
+                    .filter(|&j| finite_mb[j])
+                    .map(|j| norms[j * groups + g])
+                    .fold(f64::INFINITY, f64::min);
+                if min.is_finite() {
+                    *scale as f64 * min
+                } else {
+                    f64::NAN
                 }
             }
         })
         .collect();
-    let clipped_count = norms
-        .iter()
-        .filter(|&&n| n.is_finite() && n > clip_bound)
+    let propagate = config.non_finite == NonFinitePolicy::Propagate;
+    let factors: Vec<f64> = (0..m * groups)
+        .map(|at| {
+            let (n, c) = (norms[at], group_bounds[at % groups]);
+            if !n.is_finite() {
+                // Plain arithmetic: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
+                if propagate && n.is_nan() {
+                    f64::NAN
+                } else {
+                    0.0
+                }
+            } else if !propagate && !finite_mb[at / groups] {
+                0.0 // Skip drops the whole micro-batch
+            } else {
+                match config.function {
+                    ClipFunction::Hard if n > c => c / n,
+                    ClipFunction::Hard => 1.0,
+                    ClipFunction::Automatic { gamma } => c / (n + gamma as f64),
+                    ClipFunction::Normalize if n == 0.0 => 0.0,
+                    ClipFunction::Normalize => c / n,
+                }
+            }
+        })
+        .collect();
+    let clipped_count = (0..m * groups)
+        .filter(|&at| finite_mb[at / groups] && norms[at] > group_bounds[at % groups])
         .count();
-    let skip = config.non_finite != NonFinitePolicy::Propagate;
+    let clip_bound = group_bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
+    let noise_std = config
+        .noise
+        .map_or(0.0, |n| n.multiplier as f64 * clip_bound);
+    let mut first_element = 0u64;
     let grads = widths
         .iter()
         .enumerate()
         .map(|(p, &d)| {
-            (0..d)
+            let g = group_of[p];
+            let out = (0..d)
                 .map(|c| {
                     let sum: f64 = (0..m)
-                        .filter(|&j| !(skip && factors[j] == 0.0))
-                        .map(|j| factors[j] * means[j][p][c])
+                        .map(|j| factors[j * groups + g])
+                        .enumerate()
+                        .filter(|&(_, s)| propagate || s != 0.0)
+                        .map(|(j, s)| s * means[j][p][c])
                         .sum();
-                    sum / m as f64
+                    let z = match config.noise {
+                        Some(n) => {
+                            noise_std * standard_normal(n.seed, n.step, first_element + c as u64)
+                        }
+                        None => 0.0,
+                    };
+                    (sum + z) / m as f64
                 })
-                .collect()
+                .collect();
+            first_element += d as u64;
+            out
         })
         .collect();
     Ok(Reference {
         grads,
+        groups,
         norms,
         factors,
+        group_bounds,
         clip_bound,
         clipped_count,
         nonfinite_count,
+        noise_std,
     })
 }

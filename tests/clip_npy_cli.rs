@@ -5,7 +5,7 @@
 mod common;
 
 use microclip::reference::{clip_f64, Reference};
-use microclip::{ClipConfig, MicroBatches};
+use microclip::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, MicroBatches};
 use npyz::{AutoSerialize, DType, NpyFile, Order, WriterBuilder};
 use serde_json::Value;
 use std::io::Write;
@@ -225,6 +225,18 @@ fn check_outputs(dir: &Dir, stdout: &str, want: &Reference, backend: &str, what:
                 assert!((got - v).abs() <= 1e-6 * v, "{what}: {line:?} vs {value}")
             }
             Value::String(v) => assert_eq!(got, v, "{what}"),
+            Value::Array(v) => {
+                let got: Vec<f64> = got
+                    .trim_matches(['[', ']'])
+                    .split(',')
+                    .map(|x| x.trim().parse().unwrap())
+                    .collect();
+                assert_eq!(got.len(), v.len(), "{what}: {line:?}");
+                for (a, b) in got.iter().zip(v) {
+                    let b = b.as_f64().unwrap();
+                    assert!((a - b).abs() <= 1e-6 * b, "{what}: {line:?} vs {value}");
+                }
+            }
             _ => assert_eq!(got, "none", "{what}"),
         }
     }
@@ -254,6 +266,110 @@ fn uniform_micro_batches_match_reference() {
             ));
             check_outputs(&dir, &stdout, &want, backend, &format!("{backend} {input}"));
         }
+    }
+}
+
+/// Column groups with one bound each, AUTO-S, and seeded noise: the reference runs
+/// on the same columns split into one tensor per group.
+#[test]
+fn groups_modes_and_noise_match_reference() {
+    let dir = Dir::new("groups");
+    let g = write_grads(&dir);
+    let cols = [0usize, 300, 301, D];
+    dir.write("cols.npy", &[4], Order::C, &[0i64, 300, 301, D as i64]);
+    let split: Vec<Vec<f32>> = cols
+        .windows(2)
+        .map(|w| {
+            (0..N)
+                .flat_map(|i| &g[i * D + w[0]..i * D + w[1]])
+                .copied()
+                .collect()
+        })
+        .collect();
+    let split: Vec<&[f32]> = split.iter().map(Vec::as_slice).collect();
+    let noise = GaussianNoise {
+        multiplier: 0.8,
+        seed: 12345,
+        step: 7,
+    };
+    let layout = MicroBatches::Uniform(3);
+    let cases = [
+        (
+            "--clip 0.5,0.01,2 --mode hard",
+            ClipConfig::new(ClipBound::PerGroup(vec![0.5, 0.01, 2.0]), layout.clone()),
+        ),
+        (
+            "--clip 0.3 --mode auto --gamma 0.05",
+            ClipConfig::fixed(0.3, layout.clone())
+                .with_function(ClipFunction::Automatic { gamma: 0.05 }),
+        ),
+        (
+            "--clip min:2 --mode normalize",
+            ClipConfig::adaptive(2.0, layout.clone()).with_function(ClipFunction::Normalize),
+        ),
+    ];
+    for (flags, cfg) in cases {
+        let cfg = cfg.with_groups(vec![0, 1, 2]).with_noise(noise);
+        let want = clip_f64(&cfg, &split, N).unwrap();
+        let want_out: Vec<f64> = want.grads.concat();
+        let rms = (want_out.iter().map(|v| v * v).sum::<f64>() / D as f64).sqrt();
+        for backend in backends() {
+            let what = format!("{backend} {flags}");
+            let stdout = dir.ok(&format!(
+                "--grads @g32.npy --micro-batch 3 {flags} --groups @cols.npy \
+                 --noise-multiplier 0.8 --seed 12345 --step 7 --backend {backend} \
+                 --out @out.npy --norms @norms.npy --stats @stats.json"
+            ));
+            let (shape, out) = dir.read_f32("out.npy");
+            assert_eq!(shape, [D as u64], "{what}");
+            for (c, (&a, &b)) in out.iter().zip(&want_out).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() <= 1e-5 * (b.abs() + rms),
+                    "{what}: out[{c}] = {a}, reference {b}"
+                );
+            }
+            let (shape, norms) = dir.read_f32("norms.npy");
+            assert_eq!(shape, [5, 3], "{what}: NORMS is [M, G]");
+            for (&a, &b) in norms.iter().zip(&want.norms) {
+                assert!((a as f64 - b).abs() <= 1e-5 * b, "{what}: norm {a} vs {b}");
+            }
+            let stats = dir.stats();
+            assert_eq!(stats["groups"], 3, "{what}: {stats}");
+            assert_eq!(
+                stats["clipped_count"], want.clipped_count,
+                "{what}: {stats}"
+            );
+            let std = stats["noise_std"].as_f64().unwrap();
+            assert!(
+                (std - want.noise_std).abs() <= 1e-5 * want.noise_std,
+                "{what}: {stats}"
+            );
+            assert!(stdout.contains("groups:          3"), "{what}: {stdout}");
+        }
+    }
+    let fails = [
+        ("--clip 1,2 --groups @cols.npy", "groups"),
+        ("--clip 1,2", "groups"),
+        ("--clip 1,-2 --groups @cols.npy", "--clip"),
+        ("--clip 1 --gamma 0.1", "--mode auto"),
+        ("--clip 1 --mode auto --gamma -1", "gamma"),
+        ("--clip 1 --mode soft", "soft"),
+        ("--clip 1 --noise-multiplier 1", "--seed"),
+        (
+            "--clip 1 --noise-multiplier -1 --seed 3",
+            "noise multiplier",
+        ),
+        ("--clip 1 --groups @o_bad.npy", "column groups"),
+    ];
+    dir.write("o_bad.npy", &[3], Order::C, &[0i64, 500, 400]);
+    for (flags, needle) in fails {
+        let err = dir.fails(&format!(
+            "--grads @g32.npy --micro-batch 3 {flags} --backend cpu --out @out.npy"
+        ));
+        assert!(
+            err.contains(needle),
+            "{flags}: {err:?} does not mention {needle:?}"
+        );
     }
 }
 

@@ -4,7 +4,8 @@ mod common;
 
 use common::gpu;
 use microclip::{
-    Backend, ClipConfig, ClipError, ClipFunction, Clipper, GpuTensor, GpuTensorMut, MicroBatches,
+    Backend, ClipBound, ClipConfig, ClipError, ClipFunction, Clipper, GaussianNoise, GpuTensor,
+    GpuTensorMut, MicroBatches,
 };
 use wgpu::util::DeviceExt;
 
@@ -41,6 +42,7 @@ fn gpu_host_errors() {
 fn host_errors(clipper: &mut Clipper) {
     let t = vec![1.0f32; 12];
     let ok = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
+    group_and_noise_errors(clipper, &t);
     for c in [0.0, -1.0, f32::INFINITY] {
         assert_eq!(
             clipper
@@ -231,4 +233,57 @@ fn gpu_buffer_errors() {
             .unwrap_err(),
         ClipError::TooLarge(_)
     ));
+}
+
+/// Parameter groups and noise: every inconsistent combination is a typed error.
+fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
+    let layout = MicroBatches::Uniform(2);
+    let two = [t, t];
+    let mut groups_err = |cfg: ClipConfig, tensors: &[&[f32]]| {
+        let e = clipper.clip(&cfg, tensors, 4).unwrap_err();
+        assert!(matches!(e, ClipError::InvalidGroups(_)), "{cfg:?}: {e:?}");
+    };
+    // Group 1 of 0..3 is empty.
+    groups_err(
+        ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![0, 2]),
+        &two,
+    );
+    // Three group indices for two tensors.
+    groups_err(
+        ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![0, 1, 1]),
+        &two,
+    );
+    // Per-group bounds without groups, or with the wrong count.
+    let per_group = |b: Vec<f32>| ClipConfig::new(ClipBound::PerGroup(b), layout.clone());
+    groups_err(per_group(vec![1.0]), &[t]);
+    groups_err(per_group(vec![1.0]).with_groups(vec![0, 1]), &two);
+    assert_eq!(
+        clipper
+            .clip(&per_group(vec![1.0, -3.0]).with_groups(vec![0, 1]), &two, 4)
+            .unwrap_err(),
+        ClipError::InvalidClipNorm(-3.0)
+    );
+    for sigma in [-1.0, f32::INFINITY] {
+        let cfg = ClipConfig::fixed(1.0, layout.clone()).with_noise(GaussianNoise {
+            multiplier: sigma,
+            seed: 1,
+            step: 0,
+        });
+        assert_eq!(
+            clipper.clip(&cfg, &[t], 4).unwrap_err(),
+            ClipError::InvalidNoise(sigma)
+        );
+    }
+    // And a valid grouped, noised configuration runs.
+    let cfg = per_group(vec![1.0, 0.5])
+        .with_groups(vec![1, 0])
+        .with_noise(GaussianNoise {
+            multiplier: 1.0,
+            seed: 3,
+            step: 4,
+        });
+    let out = clipper.clip(&cfg, &two, 4).unwrap();
+    assert_eq!(out.stats.norms.len(), 2 * 2);
+    assert!((out.stats.clip_bound - 1.25f32.sqrt()).abs() < 1e-6);
+    assert!((out.stats.noise_std - 1.25f32.sqrt()).abs() < 1e-6);
 }

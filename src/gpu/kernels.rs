@@ -7,7 +7,7 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
 
 /// Every kernel: (name, needs the column-mean helper, body).
-pub(crate) const KERNELS: [(&str, bool, &str); 4] = [
+pub(crate) const KERNELS: [(&str, bool, &str); 5] = [
     (
         "mb_partials",
         true,
@@ -27,6 +27,11 @@ pub(crate) const KERNELS: [(&str, bool, &str); 4] = [
         "weighted_sum",
         true,
         include_str!("../../shaders/weighted_sum.wgsl"),
+    ),
+    (
+        "add_noise",
+        false,
+        include_str!("../../shaders/add_noise.wgsl"),
     ),
 ];
 
@@ -70,7 +75,7 @@ pub(crate) struct NormsParams {
     pub micro_batches: u32,
     pub tiles_total: u32,
     pub groups_x: u32,
-    pub pad: u32,
+    pub groups: u32,
 }
 
 /// `Params` of clip_factors.wgsl.
@@ -80,11 +85,11 @@ pub(crate) struct FactorsParams {
     pub micro_batches: u32,
     pub adaptive: u32,
     pub policy: u32,
-    pub pad: u32,
-    pub bound: f32,
+    pub groups: u32,
+    pub scale: f32,
     pub function: u32,
     pub gamma: f32,
-    pub pad1: f32,
+    pub sigma: f32,
 }
 
 /// `Params` of weighted_sum.wgsl.
@@ -101,22 +106,43 @@ pub(crate) struct SumParams {
     pub out_offset: u32,
     pub accumulate: u32,
     pub skip_zero: u32,
+    pub groups: u32,
+    pub group: u32,
+}
+
+/// `Params` of add_noise.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct NoiseParams {
+    pub cols: u32,
+    pub out_offset: u32,
+    pub first: [u32; 2],
+    pub seed: [u32; 2],
+    pub step: [u32; 2],
+    pub groups_x: u32,
+    pub mode: u32,
     pub pad: [u32; 2],
 }
+
+/// `NoiseParams::mode`: add the noise to the output.
+pub(crate) const NOISE_MODE_ADD: u32 = 0;
+/// `NoiseParams::mode`: write each element's raw Philox word (tests).
+pub(crate) const NOISE_MODE_RAW_WORDS: u32 = 1;
 
 /// Size in bytes of the `Partial` record of common.wgsl.
 pub(crate) const PARTIAL_BYTES: u64 = 16;
 /// Size in bytes of the `MbNorm` record of common.wgsl.
 pub(crate) const MB_NORM_BYTES: u64 = 16;
 /// Size in bytes of the `Stats` record of clip_factors.wgsl.
-pub(crate) const STATS_BYTES: u64 = 16;
+pub(crate) const STATS_BYTES: u64 = 32;
 
-/// The four compute pipelines.
+/// The compute pipelines.
 pub(crate) struct Kernels {
     pub partials: wgpu::ComputePipeline,
     pub norms: wgpu::ComputePipeline,
     pub factors: wgpu::ComputePipeline,
     pub weighted_sum: wgpu::ComputePipeline,
+    pub add_noise: wgpu::ComputePipeline,
 }
 
 impl Kernels {
@@ -141,6 +167,7 @@ impl Kernels {
             norms: build("mb_norms"),
             factors: build("clip_factors"),
             weighted_sum: build("weighted_sum"),
+            add_noise: build("add_noise"),
         }
     }
 }

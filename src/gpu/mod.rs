@@ -4,20 +4,23 @@
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, 1024-column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window;
-//! 2. `mb_norms`: per micro-batch norm over all tiles of all tensors;
-//! 3. `clip_factors`: bound (fixed or adaptive), factors, weights, counts;
-//! 4. `weighted_sum`: `out_p = sum_j (s_j / M) * mean_j`, per tensor and window.
+//! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
+//!    (tiles are numbered group by group);
+//! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
+//!    total sensitivity and the noise scale;
+//! 4. `weighted_sum`: `out_p = sum_j (s_{j,g} / M) * mean_j`, per tensor and window;
+//! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
 pub(crate) mod kernels;
 mod plan;
 mod pool;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
+use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinitePolicy};
 use crate::error::{ClipError, Result};
 use kernels::{
-    FactorsParams, Kernels, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES, PARTIAL_BYTES,
-    STATS_BYTES,
+    FactorsParams, Kernels, NoiseParams, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES,
+    NOISE_MODE_ADD, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{aligned_binding, dispatch_2d, plan_windows, tiles, Window, WORKGROUP};
 use pool::{Pool, Slot};
@@ -66,9 +69,12 @@ pub(crate) struct GpuClipper {
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
 struct CallLayout {
     micro_batches: u64,
+    groups: u64,
     tiles_total: u64,
-    /// (tile base, windows) per tensor.
-    tensors: Vec<(u64, Vec<Window>)>,
+    /// First tile of each group, then `tiles_total`.
+    group_tiles: Vec<u32>,
+    /// (tile base, windows, group) per tensor.
+    tensors: Vec<(u64, Vec<Window>, u32)>,
     carry_cols: u64,
 }
 
@@ -287,11 +293,30 @@ impl GpuClipper {
         Ok(())
     }
 
-    fn plan(&self, offsets: &[u32], inputs: &[GpuTensor<'_>]) -> Result<CallLayout> {
+    fn plan(
+        &self,
+        offsets: &[u32],
+        inputs: &[GpuTensor<'_>],
+        group_of: &[usize],
+    ) -> Result<CallLayout> {
+        let groups = group_of.iter().max().map_or(1, |g| g + 1);
+        // Tiles are numbered group by group, so each group's tiles are contiguous.
+        let mut tile_bases = vec![0u64; inputs.len()];
+        let mut group_tiles = Vec::with_capacity(groups + 1);
         let mut tiles_total = 0u64;
+        for g in 0..groups {
+            group_tiles.push(tiles_total as u32);
+            for (p, t) in inputs.iter().enumerate() {
+                if group_of[p] == g {
+                    tile_bases[p] = tiles_total;
+                    tiles_total += tiles(t.cols as u64);
+                }
+            }
+        }
+        group_tiles.push(tiles_total as u32);
         let mut carry_cols = 0u64;
         let mut tensors = Vec::with_capacity(inputs.len());
-        for t in inputs {
+        for (p, t) in inputs.iter().enumerate() {
             let cols = t.cols as u64;
             let windows = plan_windows(
                 offsets,
@@ -303,8 +328,7 @@ impl GpuClipper {
             if windows.len() > 1 {
                 carry_cols = carry_cols.max(cols);
             }
-            tensors.push((tiles_total, windows));
-            tiles_total += tiles(cols);
+            tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
         let micro_batches = offsets.len() as u64 - 1;
         let partial_bytes = micro_batches * tiles_total * PARTIAL_BYTES;
@@ -316,7 +340,9 @@ impl GpuClipper {
         }
         Ok(CallLayout {
             micro_batches,
+            groups: groups as u64,
             tiles_total,
+            group_tiles,
             tensors,
             carry_cols,
         })
@@ -336,7 +362,8 @@ impl GpuClipper {
         }
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
-        let layout = self.plan(&offsets_u32, inputs)?;
+        let group_of = config.tensor_groups(inputs.len())?;
+        let layout = self.plan(&offsets_u32, inputs, &group_of)?;
 
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -350,14 +377,19 @@ impl GpuClipper {
         let bytes = self.read_back(&readback?)?;
 
         let m = layout.micro_batches as usize;
+        let g = layout.groups as usize;
         let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
         let floats: &[f32] = bytemuck::cast_slice(&bytes);
+        let at = STATS_BYTES as usize / 4;
         let stats = ClipStats {
+            groups: g,
             clip_bound: floats[0],
             clipped_count: word(1) as usize,
             nonfinite_count: word(2) as usize,
-            norms: floats[4..4 + m].to_vec(),
-            factors: floats[4 + m..4 + 2 * m].to_vec(),
+            noise_std: config.noise.map_or(0.0, |n| n.multiplier * floats[0]),
+            norms: floats[at..at + m * g].to_vec(),
+            factors: floats[at + m * g..at + 2 * m * g].to_vec(),
+            group_bounds: floats[at + 2 * m * g..at + 2 * m * g + g].to_vec(),
             backend: BackendKind::Gpu(self.adapter_name.clone()),
         };
         if config.non_finite == NonFinitePolicy::Error && stats.nonfinite_count > 0 {
@@ -368,7 +400,7 @@ impl GpuClipper {
         }
         let mut grads = Vec::new();
         if read_outputs {
-            let mut at = 4 + 2 * m;
+            let mut at = at + 2 * m * g + g;
             for t in inputs {
                 grads.push(floats[at..at + t.cols].to_vec());
                 at += t.cols;
@@ -389,6 +421,7 @@ impl GpuClipper {
         read_outputs: bool,
     ) -> Result<(wgpu::Buffer, u64)> {
         let m = layout.micro_batches;
+        let g = layout.groups;
         let storage = U::STORAGE | U::COPY_DST | U::COPY_SRC;
         let row_offsets = self
             .pool
@@ -400,11 +433,23 @@ impl GpuClipper {
             m * layout.tiles_total * PARTIAL_BYTES,
             storage,
         );
-        let mb_norms = self.pool.get(Slot::MbNorms, m * MB_NORM_BYTES, storage);
-        let factors = self.pool.get(Slot::Factors, m * 4, storage);
-        let weights = self.pool.get(Slot::Weights, m * 4, storage);
-        let norms = self.pool.get(Slot::Norms, m * 4, storage);
+        let mb_norms = self.pool.get(Slot::MbNorms, m * g * MB_NORM_BYTES, storage);
+        let factors = self.pool.get(Slot::Factors, m * g * 4, storage);
+        let weights = self.pool.get(Slot::Weights, m * g * 4, storage);
+        let norms = self.pool.get(Slot::Norms, m * g * 4, storage);
         let stats = self.pool.get(Slot::Stats, STATS_BYTES, storage);
+        let mb_flags = self.pool.get(Slot::MbFlags, m * 4, storage);
+        let group_tiles = self.pool.get(Slot::GroupTiles, (g + 1) * 4, storage);
+        self.queue
+            .write_buffer(&group_tiles, 0, bytemuck::cast_slice(&layout.group_tiles));
+        let bounds = self.pool.get(Slot::Bounds, g * 4, storage);
+        let fixed_bounds: Vec<f32> = match &config.bound {
+            ClipBound::Fixed(c) => vec![*c; g as usize],
+            ClipBound::PerGroup(c) => c.clone(),
+            ClipBound::Adaptive { .. } => vec![0.0; g as usize],
+        };
+        self.queue
+            .write_buffer(&bounds, 0, bytemuck::cast_slice(&fixed_bounds));
         let carry = self
             .pool
             .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
@@ -413,8 +458,11 @@ impl GpuClipper {
         let mut params = ParamBlocks::new(self.uniform_align);
         let mut partial_dispatches = Vec::new();
         let mut sum_dispatches = Vec::new();
+        let mut noise_dispatches = Vec::new();
+        let mut first_element = 0u64;
         let carry_half = layout.carry_cols as u32;
-        for ((tile_base, windows), (t, o)) in layout.tensors.iter().zip(inputs.iter().zip(outputs))
+        for ((tile_base, windows, group), (t, o)) in
+            layout.tensors.iter().zip(inputs.iter().zip(outputs))
         {
             let cols = t.cols as u64;
             let n_tiles = tiles(cols);
@@ -452,7 +500,8 @@ impl GpuClipper {
                     out_offset,
                     accumulate: (k > 0) as u32,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
-                    pad: [0; 2],
+                    groups: g as u32,
+                    group: *group,
                 });
                 sum_dispatches.push((
                     s,
@@ -462,24 +511,36 @@ impl GpuClipper {
                     (groups_x, groups_y),
                 ));
             }
+            if let Some(noise) = config.noise {
+                let n = params.push(&noise_params(
+                    &noise,
+                    first_element,
+                    cols as u32,
+                    out_offset,
+                    groups_x,
+                    NOISE_MODE_ADD,
+                ));
+                noise_dispatches.push((n, (o.buffer, out_bind, out_size), (groups_x, groups_y)));
+            }
+            first_element += cols;
         }
-        let (norm_groups_x, norm_groups_y) = dispatch_2d(m)?;
+        let (norm_groups_x, norm_groups_y) = dispatch_2d(m * g)?;
         let norms_params = params.push(&NormsParams {
             micro_batches: m as u32,
             tiles_total: layout.tiles_total as u32,
             groups_x: norm_groups_x,
-            pad: 0,
+            groups: g as u32,
         });
-        let (adaptive, bound) = match config.bound {
-            ClipBound::Fixed(c) => (0, c),
+        let (adaptive, scale) = match config.bound {
             ClipBound::Adaptive { scale } => (1, scale),
+            _ => (0, 1.0),
         };
         let factor_params = params.push(&FactorsParams {
             micro_batches: m as u32,
             adaptive,
             policy: (config.non_finite == NonFinitePolicy::Propagate) as u32,
-            pad: 0,
-            bound,
+            groups: g as u32,
+            scale,
             function: match config.function {
                 ClipFunction::Hard => 0,
                 ClipFunction::Automatic { .. } => 1,
@@ -489,7 +550,7 @@ impl GpuClipper {
                 ClipFunction::Automatic { gamma } => gamma,
                 _ => 0.0,
             },
-            pad1: 0.0,
+            sigma: config.noise.map_or(0.0, |n| n.multiplier),
         });
         let uniforms = self.pool.get(
             Slot::Params,
@@ -542,6 +603,7 @@ impl GpuClipper {
             vec![
                 uniform(norms_params, std::mem::size_of::<NormsParams>() as u64),
                 whole(&partials),
+                whole(&group_tiles),
                 whole(&mb_norms),
             ],
         );
@@ -554,6 +616,8 @@ impl GpuClipper {
                 whole(&weights),
                 whole(&norms),
                 whole(&stats),
+                whole(&bounds),
+                whole(&mb_flags),
             ],
         );
         let sum_groups: Vec<_> = sum_dispatches
@@ -566,6 +630,19 @@ impl GpuClipper {
                         range(buffer, w.bind_offset, w.bind_size),
                         whole(&row_offsets),
                         whole(&weights),
+                        range(out, *out_bind, *out_size),
+                    ],
+                )
+            })
+            .collect();
+        let noise_groups: Vec<_> = noise_dispatches
+            .iter()
+            .map(|(n, (out, out_bind, out_size), _)| {
+                bind(
+                    &k.add_noise,
+                    vec![
+                        uniform(*n, std::mem::size_of::<NoiseParams>() as u64),
+                        whole(&stats),
                         range(out, *out_bind, *out_size),
                     ],
                 )
@@ -596,23 +673,33 @@ impl GpuClipper {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, 1);
             }
+            if !noise_groups.is_empty() {
+                pass.set_pipeline(&k.add_noise);
+            }
+            for (group, (_, _, (x, y))) in noise_groups.iter().zip(&noise_dispatches) {
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
         }
 
-        // Read-back layout: [stats 16 B][norms M x 4][factors M x 4][outputs...].
+        // Read-back layout: [stats][norms M x G][factors M x G][bounds G][outputs...].
         let out_bytes: u64 = if read_outputs {
             inputs.iter().map(|t| t.cols as u64 * 4).sum()
         } else {
             0
         };
-        let total = STATS_BYTES + 8 * m + out_bytes;
+        let per_mb = 4 * m * g;
+        let outputs_at = STATS_BYTES + 2 * per_mb + 4 * g;
+        let total = outputs_at + out_bytes;
         let readback = self
             .pool
             .get(Slot::Readback, total, U::MAP_READ | U::COPY_DST);
         encoder.copy_buffer_to_buffer(&stats, 0, &readback, 0, STATS_BYTES);
-        encoder.copy_buffer_to_buffer(&norms, 0, &readback, STATS_BYTES, 4 * m);
-        encoder.copy_buffer_to_buffer(&factors, 0, &readback, STATS_BYTES + 4 * m, 4 * m);
+        encoder.copy_buffer_to_buffer(&norms, 0, &readback, STATS_BYTES, per_mb);
+        encoder.copy_buffer_to_buffer(&factors, 0, &readback, STATS_BYTES + per_mb, per_mb);
+        encoder.copy_buffer_to_buffer(&bounds, 0, &readback, STATS_BYTES + 2 * per_mb, 4 * g);
         if read_outputs {
-            let mut at = STATS_BYTES + 8 * m;
+            let mut at = outputs_at;
             for o in outputs {
                 let len = o.cols as u64 * 4;
                 encoder.copy_buffer_to_buffer(o.buffer, o.offset, &readback, at, len);
@@ -621,6 +708,68 @@ impl GpuClipper {
         }
         self.queue.submit([encoder.finish()]);
         Ok((readback, total))
+    }
+
+    /// The raw Philox words the noise pass draws for output elements
+    /// `first..first + count` (the same words as [`crate::noise::philox_word`]).
+    pub fn philox_words(
+        &mut self,
+        noise: &GaussianNoise,
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<u32>> {
+        let count = count.max(1);
+        let bytes = count as u64 * 4;
+        let out = self
+            .pool
+            .get(Slot::Output(usize::MAX), bytes, U::STORAGE | U::COPY_SRC);
+        let stats = self.pool.get(
+            Slot::Stats,
+            STATS_BYTES,
+            U::STORAGE | U::COPY_DST | U::COPY_SRC,
+        );
+        let (groups_x, groups_y) = dispatch_2d((count as u64).div_ceil(WORKGROUP))?;
+        let params = noise_params(noise, first, count, 0, groups_x, NOISE_MODE_RAW_WORDS);
+        let uniforms = self.pool.get(
+            Slot::Params,
+            std::mem::size_of::<NoiseParams>() as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        self.queue
+            .write_buffer(&uniforms, 0, bytemuck::bytes_of(&params));
+        let pipeline = &self.kernels.add_noise;
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: range(&uniforms, 0, std::mem::size_of::<NoiseParams>() as u64),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: whole(&stats),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: range(&out, 0, bytes),
+                },
+            ],
+        });
+        let readback = self
+            .pool
+            .get(Slot::Readback, bytes, U::MAP_READ | U::COPY_DST);
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(groups_x, groups_y, 1);
+        }
+        encoder.copy_buffer_to_buffer(&out, 0, &readback, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let words = self.read_back(&(readback, bytes))?;
+        Ok(bytemuck::cast_slice(&words).to_vec())
     }
 
     fn read_back(&self, (buffer, len): &(wgpu::Buffer, u64)) -> Result<Vec<u8>> {
@@ -640,6 +789,28 @@ impl GpuClipper {
             .to_vec();
         buffer.unmap();
         Ok(bytes)
+    }
+}
+
+/// The `add_noise` parameters for one tensor whose first output is element `first`.
+fn noise_params(
+    noise: &GaussianNoise,
+    first: u64,
+    cols: u32,
+    out_offset: u32,
+    groups_x: u32,
+    mode: u32,
+) -> NoiseParams {
+    let halves = |v: u64| [v as u32, (v >> 32) as u32];
+    NoiseParams {
+        cols,
+        out_offset,
+        first: halves(first),
+        seed: halves(noise.seed),
+        step: halves(noise.step),
+        groups_x,
+        mode,
+        pad: [0; 2],
     }
 }
 

@@ -13,6 +13,12 @@ pub(crate) enum Slot {
     Weights,
     Norms,
     Stats,
+    /// Per-group bounds `C_g`.
+    Bounds,
+    /// Per-micro-batch non-finite flags.
+    MbFlags,
+    /// First tile of each group.
+    GroupTiles,
     Carry,
     Readback,
     /// Host-path upload of input tensor `p`.

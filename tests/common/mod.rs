@@ -4,7 +4,7 @@
 
 use microclip::reference::{clip_f64, Reference};
 use microclip::{Backend, ClipConfig, ClipOutput, Clipper, REQUIRE_GPU_ENV};
-use microclip::{ClipFunction, MicroBatches};
+use microclip::{ClipBound, ClipFunction, GaussianNoise, MicroBatches};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use rand::rngs::StdRng;
@@ -90,6 +90,11 @@ pub fn rel_l2(got: &[Vec<f32>], want: &[Vec<f64>]) -> f64 {
     }
 }
 
+/// A reference value an f32 result can hold (not near or beyond `f32::MAX`).
+fn in_f32_range(b: f64) -> bool {
+    b.is_finite() && b.abs() < 0.9999 * f32::MAX as f64
+}
+
 fn same_nonfinite(a: f64, b: f64) -> bool {
     (a.is_nan() && b.is_nan()) || (a.is_infinite() && a == b)
 }
@@ -112,7 +117,14 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
         assert_eq!(g.len(), w.len(), "{what}: tensor {p} length");
         for (c, (&a, &b)) in g.iter().zip(w).enumerate() {
             let a = a as f64;
-            if b.is_finite() {
+            if b.is_finite() && b.abs() >= 0.9999 * f32::MAX as f64 && a.is_infinite() {
+                // The true value is (about) beyond f32's range: inf of its sign.
+                assert_eq!(
+                    a.signum(),
+                    b.signum(),
+                    "{what}: out[{p}][{c}] = {a}, reference {b:e}"
+                );
+            } else if b.is_finite() {
                 let err = (a - b).abs();
                 assert!(
                     a.is_finite() && err <= 1e-4 * (b.abs() + scale) + F32_FLOOR,
@@ -133,7 +145,7 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
         .map(|(g, w)| {
             g.iter()
                 .zip(w)
-                .filter(|(_, b)| b.is_finite())
+                .filter(|(_, b)| in_f32_range(**b))
                 .map(|(a, _)| *a)
                 .collect()
         })
@@ -141,7 +153,7 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
     let finite_want: Vec<Vec<f64>> = want
         .grads
         .iter()
-        .map(|w| w.iter().copied().filter(|b| b.is_finite()).collect())
+        .map(|w| w.iter().copied().filter(|b| in_f32_range(*b)).collect())
         .collect();
     let err = rel_l2(&finite_got, &finite_want);
     // Results at the bottom of f32's range (subnormals may flush to zero on a GPU)
@@ -200,6 +212,28 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
             s.clip_bound
         );
     }
+    assert_eq!(s.groups, want.groups, "{what}: groups");
+    assert_eq!(
+        s.group_bounds.len(),
+        want.group_bounds.len(),
+        "{what}: bounds"
+    );
+    for (g, (&a, &b)) in s.group_bounds.iter().zip(&want.group_bounds).enumerate() {
+        let a = a as f64;
+        assert!(
+            same_nonfinite(a, b)
+                || (b > f32::MAX as f64 && a == f64::INFINITY)
+                || (a - b).abs() <= 1e-5 * b,
+            "{what}: group bound {g} = {a:e}, reference {b:e}"
+        );
+    }
+    let (a, b) = (s.noise_std as f64, want.noise_std);
+    assert!(
+        same_nonfinite(a, b)
+            || (b > f32::MAX as f64 && a == f64::INFINITY)
+            || (a - b).abs() <= 1e-5 * b,
+        "{what}: noise std {a:e}, reference {b:e}"
+    );
     assert_eq!(s.clipped_count, want.clipped_count, "{what}: clipped count");
     assert_eq!(
         s.nonfinite_count, want.nonfinite_count,
@@ -234,7 +268,45 @@ struct Case {
     magnitude: f32,
     max_binding: Option<u64>,
     function: ClipFunction,
+    /// (number of groups, per-group bounds instead of one) when grouped.
+    groups: Option<(usize, bool)>,
+    noise: Option<GaussianNoise>,
     seed: u64,
+}
+
+impl Case {
+    /// The group of each tensor: the first G tensors take groups 0..G (so none is
+    /// empty), the others a pseudo-random one.
+    fn group_of(&self, g: usize) -> Vec<usize> {
+        (0..self.widths.len())
+            .map(|p| {
+                if p < g {
+                    g - 1 - p
+                } else {
+                    (self.seed as usize ^ (p * 7919)) % g
+                }
+            })
+            .collect()
+    }
+
+    fn config(&self) -> ClipConfig {
+        let mut bound = match self.adaptive {
+            Some(scale) => ClipBound::Adaptive { scale },
+            None => ClipBound::Fixed(self.clip),
+        };
+        let mut cfg =
+            ClipConfig::new(bound.clone(), self.layout.clone()).with_function(self.function);
+        if let Some((g, per_group)) = self.groups {
+            if per_group && self.adaptive.is_none() {
+                bound = ClipBound::PerGroup((0..g).map(|k| self.clip / (1.0 + k as f32)).collect());
+            }
+            cfg = ClipConfig { bound, ..cfg }.with_groups(self.group_of(g));
+        }
+        if let Some(noise) = self.noise {
+            cfg = cfg.with_noise(noise);
+        }
+        cfg
+    }
 }
 
 fn width() -> impl Strategy<Value = usize> {
@@ -253,6 +325,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<u64>(),
     )
         .prop_flat_map(|(n, widths, seed)| {
+            let tensors = widths.len();
             let layout = prop_oneof![
                 (1..=n + 1).prop_map(MicroBatches::Uniform),
                 Just(MicroBatches::Uniform(1)),
@@ -282,10 +355,29 @@ fn case() -> impl Strategy<Value = Case> {
                     1 => (1e-3f32..1.0).prop_map(|gamma| ClipFunction::Automatic { gamma }),
                     1 => Just(ClipFunction::Normalize),
                 ],
+                prop_oneof![
+                    2 => Just(None),
+                    1 => (1..=tensors, any::<bool>()).prop_map(Some),
+                ],
+                prop_oneof![
+                    3 => Just(None),
+                    1 => (0.0f32..1.5, any::<u64>(), any::<u64>())
+                        .prop_map(|(multiplier, seed, step)| Some(GaussianNoise { multiplier, seed, step })),
+                ],
             )
         })
         .prop_map(
-            |((n, widths, seed), layout, adaptive, log_clip, magnitude, max_binding, function)| {
+            |(
+                (n, widths, seed),
+                layout,
+                adaptive,
+                log_clip,
+                magnitude,
+                max_binding,
+                function,
+                groups,
+                noise,
+            )| {
                 Case {
                     n,
                     widths,
@@ -295,6 +387,8 @@ fn case() -> impl Strategy<Value = Case> {
                     magnitude,
                     max_binding,
                     function,
+                    groups,
+                    noise,
                     seed,
                 }
             },
@@ -311,11 +405,7 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
             let mut clipper = clipper.borrow_mut();
             clipper.set_max_binding_bytes(c.max_binding.unwrap_or(u64::MAX));
             let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
-            let cfg = match c.adaptive {
-                Some(scale) => ClipConfig::adaptive(scale, c.layout.clone()),
-                None => ClipConfig::fixed(c.clip, c.layout.clone()),
-            }
-            .with_function(c.function);
+            let cfg = c.config();
             check(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"));
             Ok(())
         })
