@@ -16,6 +16,14 @@
 //! The statistics ([`ClipStats`]) carry the norms, factors, the bound used and how
 //! many micro-batches were clipped (`norm_j > C`) or non-finite.
 //!
+//! For DP-SGD: [`ClipFunction`] chooses hard clipping, AUTO-S or normalisation;
+//! [`ClipConfig::with_groups`] clips parameter groups against their own bounds
+//! ([`ClipBound::PerGroup`]; norms and factors become `[M, G]`);
+//! [`ClipConfig::with_noise`] adds seeded Gaussian noise ([`GaussianNoise`],
+//! generator in [`noise`](mod@noise)) calibrated to the total sensitivity
+//! `sqrt(sum_g C_g^2)`; [`accountant`] turns (q, sigma, steps, delta) into epsilon.
+//! The README's "Using microclip for DP-SGD" has a worked example.
+//!
 //! ## Quick start (host slices)
 //!
 //! ```
@@ -60,11 +68,18 @@
 //! ## Memory
 //!
 //! No copy of the `N x D` input is ever made on the device. The GPU path uses
-//! `M x ceil(D_total / 1024) x 16` bytes of norm partials, `M x 16` bytes of
-//! per-micro-batch state, `N x 4` bytes of row offsets and, only when a tensor is
-//! larger than one storage binding, two carry rows of `D_p x 4` bytes.
+//! `M x ceil(D_total / 1024) x 16` bytes of norm partials, `M x G x 28 + M x 4`
+//! bytes of per-(micro-batch, group) state, `N x 4` bytes of row offsets, `G x 8`
+//! bytes of group tables and, only when a tensor is larger than one storage
+//! binding, two carry rows of `D_p x 4` bytes. Noise is generated in place in the
+//! output: no buffer of random numbers.
 
 #![warn(missing_docs)]
+
+// Every Rust example in the README compiles and runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
 
 pub mod accountant;
 mod clipper;
