@@ -76,7 +76,8 @@ pub struct ClipOutput {
 
 enum Engine {
     Gpu(Box<GpuClipper>),
-    Cpu,
+    /// The CPU backend and its fused-path memory budget in bytes.
+    Cpu(usize),
 }
 
 /// Runs micro-batch clipping. Build once and reuse: GPU pipelines are created in the
@@ -94,12 +95,12 @@ impl Clipper {
     /// Builds a clipper asynchronously.
     pub async fn new_async(backend: Backend) -> Result<Self> {
         let engine = match backend {
-            Backend::Cpu => Engine::Cpu,
+            Backend::Cpu => Engine::Cpu(cpu::DEFAULT_FUSED_BUDGET_BYTES),
             Backend::Gpu => Engine::Gpu(Box::new(GpuClipper::new_default().await?)),
             Backend::Auto => match GpuClipper::new_default().await {
                 Ok(gpu) => Engine::Gpu(Box::new(gpu)),
                 Err(e) if gpu_required() => return Err(e),
-                Err(_) => Engine::Cpu,
+                Err(_) => Engine::Cpu(cpu::DEFAULT_FUSED_BUDGET_BYTES),
             },
         };
         Ok(Self { engine })
@@ -117,7 +118,7 @@ impl Clipper {
     pub fn backend(&self) -> BackendKind {
         match &self.engine {
             Engine::Gpu(gpu) => BackendKind::Gpu(gpu.adapter_name().to_string()),
-            Engine::Cpu => BackendKind::Cpu,
+            Engine::Cpu(_) => BackendKind::Cpu,
         }
     }
 
@@ -125,7 +126,7 @@ impl Clipper {
     pub fn device(&self) -> Option<&wgpu::Device> {
         match &self.engine {
             Engine::Gpu(gpu) => Some(gpu.device()),
-            Engine::Cpu => None,
+            Engine::Cpu(_) => None,
         }
     }
 
@@ -133,7 +134,7 @@ impl Clipper {
     pub fn queue(&self) -> Option<&wgpu::Queue> {
         match &self.engine {
             Engine::Gpu(gpu) => Some(gpu.queue()),
-            Engine::Cpu => None,
+            Engine::Cpu(_) => None,
         }
     }
 
@@ -143,7 +144,7 @@ impl Clipper {
     pub fn scratch_bytes(&self) -> u64 {
         match &self.engine {
             Engine::Gpu(gpu) => gpu.scratch_bytes(),
-            Engine::Cpu => 0,
+            Engine::Cpu(_) => 0,
         }
     }
 
@@ -153,6 +154,16 @@ impl Clipper {
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         if let Engine::Gpu(gpu) = &mut self.engine {
             gpu.set_max_binding_bytes(bytes);
+        }
+    }
+
+    /// Sets the host memory the CPU backend's one-read path may keep hot (default
+    /// 16 MiB); 0 forces the two-pass path. For tests of both paths. No effect on
+    /// the GPU.
+    #[doc(hidden)]
+    pub fn set_cpu_fused_budget_bytes(&mut self, bytes: usize) {
+        if let Engine::Cpu(budget) = &mut self.engine {
+            *budget = bytes;
         }
     }
 
@@ -168,7 +179,7 @@ impl Clipper {
         config.tensor_groups(tensors.len())?;
         match &mut self.engine {
             Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, tensors),
-            Engine::Cpu => cpu::clip(config, &offsets, &widths, tensors),
+            Engine::Cpu(budget) => cpu::clip(config, &offsets, &widths, tensors, *budget),
         }
     }
 
@@ -233,7 +244,7 @@ impl Clipper {
     fn gpu_engine(&mut self) -> Result<&mut GpuClipper> {
         match &mut self.engine {
             Engine::Gpu(gpu) => Ok(gpu),
-            Engine::Cpu => Err(ClipError::NotGpu),
+            Engine::Cpu(_) => Err(ClipError::NotGpu),
         }
     }
 }

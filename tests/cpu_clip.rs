@@ -5,12 +5,17 @@ mod common;
 use common::*;
 use microclip::reference::clip_f64;
 use microclip::{
-    Backend, BackendKind, ClipConfig, ClipError, Clipper, MicroBatches, NonFinitePolicy,
+    Backend, BackendKind, ClipConfig, ClipError, ClipFunction, Clipper, MicroBatches,
+    NonFinitePolicy,
 };
 
 #[test]
 fn random_shapes_match_float64_reference() {
+    // The one-read path (the default for these sizes), then the two-pass path.
     run_random_cases(Clipper::new(Backend::Cpu).unwrap(), 128, 1e-6);
+    let mut two_pass = Clipper::new(Backend::Cpu).unwrap();
+    two_pass.set_cpu_fused_budget_bytes(0);
+    run_random_cases(two_pass, 128, 1e-6);
 }
 
 #[test]
@@ -20,21 +25,26 @@ fn non_finite_policies() {
     let mut t = random_tensors(2, n, &[4, 300], 1.0);
     t[0][5] = f32::NAN;
     t[1][3 * 300 + 7] = f32::INFINITY;
-    for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Propagate] {
-        for cfg in [
-            ClipConfig::fixed(0.3, MicroBatches::Uniform(3)),
-            ClipConfig::adaptive(1.0, MicroBatches::Uniform(3)),
-        ] {
-            check(
-                &mut cpu,
-                &cfg.with_non_finite(policy),
-                &t,
-                n,
-                1e-6,
-                &format!("{policy:?}"),
-            );
+    // Both CPU paths (one-read, then two-pass), micro-batches of 3 rows and of 1,
+    // groups where only one group of a micro-batch is non-finite.
+    for budget in [usize::MAX, 0] {
+        cpu.set_cpu_fused_budget_bytes(budget);
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Propagate] {
+            for b in [3, 1] {
+                for cfg in [
+                    ClipConfig::fixed(0.3, MicroBatches::Uniform(b)),
+                    ClipConfig::adaptive(1.0, MicroBatches::Uniform(b)),
+                    ClipConfig::adaptive(0.5, MicroBatches::Uniform(b))
+                        .with_groups(vec![1, 0])
+                        .with_function(ClipFunction::Automatic { gamma: 0.1 }),
+                ] {
+                    let what = format!("budget {budget} {policy:?} {cfg:?}");
+                    check(&mut cpu, &cfg.with_non_finite(policy), &t, n, 1e-6, &what);
+                }
+            }
         }
     }
+    cpu.set_cpu_fused_budget_bytes(usize::MAX);
     let cfg =
         ClipConfig::fixed(0.3, MicroBatches::Uniform(3)).with_non_finite(NonFinitePolicy::Error);
     let err = cpu.clip(&cfg, &slices(&t), n).unwrap_err();
@@ -77,4 +87,35 @@ fn auto_names_the_backend_that_ran() {
         .unwrap();
     assert_eq!(out.stats.backend, auto.backend());
     eprintln!("auto chose {}", auto.backend());
+}
+
+/// The one-read path in groups of R = 1, 2, 3 and 16 micro-batches per barrier,
+/// and the two-pass path: all match the reference, and the one-read results are
+/// bitwise equal (the additions happen in the same order whatever R is).
+#[test]
+fn fused_group_sizes_agree_bitwise() {
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    let (n, widths) = (29, [600usize, 400]);
+    let t = random_tensors(5, n, &widths, 1.0);
+    let cols: usize = widths.iter().sum();
+    for cfg in [
+        ClipConfig::fixed(0.5, MicroBatches::Uniform(2)),
+        ClipConfig::adaptive(0.8, MicroBatches::Offsets(vec![0, 1, 2, 9, 10, 29])),
+        ClipConfig::fixed(0.5, MicroBatches::Uniform(1))
+            .with_function(ClipFunction::Normalize)
+            .with_groups(vec![1, 0]),
+    ] {
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for r in [1, 2, 3, 16] {
+            cpu.set_cpu_fused_budget_bytes(8 * cols + 4 * cols * r);
+            check(&mut cpu, &cfg, &t, n, 1e-6, &format!("R = {r} {cfg:?}"));
+            let out = cpu.clip(&cfg, &slices(&t), n).unwrap().grads;
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert_eq!(&out, f, "R = {r} {cfg:?}"),
+            }
+        }
+        cpu.set_cpu_fused_budget_bytes(0);
+        check(&mut cpu, &cfg, &t, n, 1e-6, &format!("two-pass {cfg:?}"));
+    }
 }

@@ -1,0 +1,171 @@
+//! One read of the input, in groups of R consecutive micro-batches: every thread
+//! forms the means of its own column blocks (f64 sums, kept as f32 rows when a
+//! micro-batch has several rows) and their squared norms, the threads meet at a
+//! barrier to combine the partial norms in block order, and each thread adds
+//! `sum_r h_r * mean_r` to its f64 accumulator while the group's rows or means are
+//! still in the last-level cache. One sweep of the accumulator per group rather
+//! than per micro-batch.
+//!
+//! Extra host memory: an f64 accumulator of `8 x sum_p D_p` bytes and, when a
+//! micro-batch has more than one row, R f32 means of `4 x sum_p D_p` bytes each.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Barrier;
+
+use super::{
+    add_row, axpy, factor, scale_and_sum_squares, sum_squares, PathOutput, Plan, BLOCK_COLS,
+};
+use crate::config::{ClipBound, ClipFunction};
+
+/// The factor `h` applied during the pass: `s_j` with a fixed bound; `s_j / C` with
+/// an adaptive one (hard clipping with `scale <= 1` is `C / norm_j` for every j).
+fn pass_factor(plan: &Plan<'_>, group: usize, n: f64, mb_finite: bool) -> f64 {
+    let f = plan.config.function;
+    match &plan.config.bound {
+        ClipBound::Fixed(c) => factor(f, *c as f64, n, mb_finite, plan.propagate),
+        ClipBound::PerGroup(c) => factor(f, c[group] as f64, n, mb_finite, plan.propagate),
+        ClipBound::Adaptive { .. } => {
+            let f = match f {
+                ClipFunction::Hard => ClipFunction::Normalize,
+                other => other,
+            };
+            factor(f, 1.0, n, mb_finite, plan.propagate)
+        }
+    }
+}
+
+/// Blocks `[0, blocks)` split into `threads` contiguous ranges of about equal width.
+fn split(plan: &Plan<'_>, threads: usize) -> Vec<Range<usize>> {
+    let total: usize = plan.blocks.iter().map(|b| b.w).sum();
+    let mut ranges = Vec::with_capacity(threads);
+    let (mut start, mut width) = (0, 0);
+    for (k, b) in plan.blocks.iter().enumerate() {
+        width += b.w;
+        if width * threads >= total * (ranges.len() + 1) && ranges.len() + 1 < threads {
+            ranges.push(start..k + 1);
+            start = k + 1;
+        }
+    }
+    ranges.push(start..plan.blocks.len());
+    ranges
+}
+
+/// One thread's share: returns the norms (thread 0 only) and its accumulator.
+fn worker(
+    plan: &Plan<'_>,
+    blocks: Range<usize>,
+    group_size: usize,
+    partials: &[Vec<AtomicU64>; 2],
+    barrier: &Barrier,
+    record: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let mine = &plan.blocks[blocks.clone()];
+    let n_blocks = plan.blocks.len();
+    let width: usize = mine.iter().map(|b| b.w).sum();
+    let m = plan.micro_batches();
+    let several_rows = (0..m).any(|j| plan.rows(j).len() > 1);
+    let mut acc = vec![0.0f64; width];
+    let mut means = vec![0.0f32; if several_rows { group_size * width } else { 0 }];
+    let mut sum = vec![0.0f64; BLOCK_COLS];
+    let mut norms = Vec::new();
+    let mut h = vec![0.0f64; group_size * plan.groups];
+    for (step, first) in (0..m).step_by(group_size).enumerate() {
+        let mbs = first..(first + group_size).min(m);
+        let slot = &partials[step % 2];
+        // Phase A: means and partial squared norms of this thread's blocks.
+        for (r, j) in mbs.clone().enumerate() {
+            let rows = plan.rows(j);
+            let inv_n = 1.0 / rows.len() as f64;
+            let mean = &mut means[if rows.len() > 1 { r * width } else { 0 }..];
+            let mut at = 0;
+            for (k, b) in blocks.clone().zip(mine) {
+                let ssq = if rows.len() == 1 {
+                    sum_squares(plan.segment(b, rows.start))
+                } else {
+                    let sum = &mut sum[..b.w];
+                    for i in rows.clone() {
+                        add_row(sum, plan.segment(b, i), i == rows.start);
+                    }
+                    scale_and_sum_squares(sum, inv_n, Some(&mut mean[at..at + b.w]))
+                };
+                slot[r * n_blocks + k].store(ssq.to_bits(), Relaxed);
+                at += b.w;
+            }
+        }
+        // Every thread's partials are written before anyone reads them; the slots
+        // alternate, so nobody writes group s + 2's before all have read group s's.
+        barrier.wait();
+        for (r, _) in mbs.clone().enumerate() {
+            let norms_j = plan.norms(|k| f64::from_bits(slot[r * n_blocks + k].load(Relaxed)));
+            let mb_finite = norms_j.iter().all(|n| n.is_finite());
+            for (g, &n) in norms_j.iter().enumerate() {
+                h[r * plan.groups + g] = pass_factor(plan, g, n, mb_finite);
+            }
+            if record {
+                norms.extend_from_slice(&norms_j);
+            }
+        }
+        // Phase B: acc += h_j * mean_j for the group's micro-batches, block by block
+        // (the accumulator block stays in the core's cache), from the rows (one-row
+        // micro-batches) or the means, still in the last-level cache.
+        let mut at = 0;
+        for b in mine {
+            let acc = &mut acc[at..at + b.w];
+            for (r, j) in mbs.clone().enumerate() {
+                let h = h[r * plan.groups + plan.group(b)];
+                if h == 0.0 && !plan.propagate {
+                    continue;
+                }
+                let rows = plan.rows(j);
+                if rows.len() == 1 {
+                    axpy(acc, h, plan.segment(b, rows.start));
+                } else {
+                    axpy(acc, h, &means[r * width + at..r * width + at + b.w]);
+                }
+            }
+            at += b.w;
+        }
+    }
+    (norms, acc)
+}
+
+/// Runs the pass with groups of `group_size` micro-batches between barriers.
+pub(super) fn run(plan: &Plan<'_>, group_size: usize) -> PathOutput {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(plan.blocks.len())
+        .max(1);
+    let ranges = split(plan, threads);
+    let slots = group_size * plan.blocks.len();
+    let partials = [0, 1].map(|_| (0..slots).map(|_| AtomicU64::new(0)).collect());
+    let barrier = Barrier::new(ranges.len());
+    let results: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .enumerate()
+            .map(|(t, r)| {
+                let (partials, barrier) = (&partials, &barrier);
+                s.spawn(move || worker(plan, r.clone(), group_size, partials, barrier, t == 0))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("clip worker panicked"))
+            .collect()
+    });
+    let mut sums: Vec<Vec<f64>> = plan.widths.iter().map(|&d| Vec::with_capacity(d)).collect();
+    for (r, (_, acc)) in ranges.iter().zip(&results) {
+        let mut at = 0;
+        for b in &plan.blocks[r.clone()] {
+            sums[b.tensor].extend_from_slice(&acc[at..at + b.w]);
+            at += b.w;
+        }
+    }
+    let adaptive_scaled = matches!(plan.config.bound, ClipBound::Adaptive { .. });
+    PathOutput {
+        norms: results.into_iter().next().map(|r| r.0).unwrap_or_default(),
+        sums,
+        adaptive_scaled,
+    }
+}

@@ -1,0 +1,350 @@
+//! The CPU backend: the same contract as the kernels, multi-threaded, accumulating
+//! in float64 (f32 squares summed in f64 can neither overflow nor underflow).
+//!
+//! Two paths, chosen per call (see [`choose`]):
+//! * [`fused`]: one read of the input. Micro-batch by micro-batch, each thread forms
+//!   the mean of its columns, the threads exchange partial norms at a barrier, and
+//!   each adds `h_j * mean_j` to its accumulator while the micro-batch is still in
+//!   cache. The factor must be known from the micro-batch's own norm: with a fixed
+//!   bound it is `s_j`; with an adaptive bound `C` every clip function factors as
+//!   `s_j = C * h(norm_j)` (hard clipping only when `scale <= 1`, since then
+//!   `C <= norm_j` for every j), and `C` multiplies the sum at the end.
+//! * [`two_pass`]: norms first, then the weighted sum, over fixed column blocks
+//!   that stay in the core's cache; reads the input twice.
+//!
+//! Partial norms are formed over fixed column blocks and summed in block order, so
+//! the result does not depend on the number of threads.
+
+mod fused;
+mod two_pass;
+
+use std::ops::Range;
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use crate::clipper::{BackendKind, ClipOutput, ClipStats};
+use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
+use crate::error::{ClipError, Result};
+use crate::noise::standard_normal;
+
+/// Columns per block (the unit of parallel work and of the partial norms).
+const BLOCK_COLS: usize = 4096;
+
+/// Host memory the fused path may keep hot across a group of micro-batches: its
+/// f64 accumulator row and the group's rows (or f32 means). About two thirds of a
+/// 32 MiB L3; beyond it the two-pass path, whose working set is one column block,
+/// moves fewer bytes.
+pub(crate) const DEFAULT_FUSED_BUDGET_BYTES: usize = 20 << 20;
+
+/// A column block of one tensor.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    tensor: usize,
+    c0: usize,
+    w: usize,
+}
+
+/// One call's inputs and layout, shared by both paths.
+struct Plan<'a> {
+    config: &'a ClipConfig,
+    offsets: &'a [usize],
+    widths: &'a [usize],
+    tensors: &'a [&'a [f32]],
+    groups: usize,
+    group_of: Vec<usize>,
+    blocks: Vec<Block>,
+    propagate: bool,
+}
+
+impl<'a> Plan<'a> {
+    fn micro_batches(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    fn rows(&self, j: usize) -> Range<usize> {
+        self.offsets[j]..self.offsets[j + 1]
+    }
+
+    /// Row `i` of block `b`'s columns.
+    fn segment(&self, b: &Block, i: usize) -> &'a [f32] {
+        let d = self.widths[b.tensor];
+        &self.tensors[b.tensor][i * d + b.c0..i * d + b.c0 + b.w]
+    }
+
+    fn group(&self, b: &Block) -> usize {
+        self.group_of[b.tensor]
+    }
+
+    /// Norms `[M, G]` from per-(micro-batch, block) squared norms, in block order.
+    fn norms(&self, block_ssq: impl Fn(usize) -> f64) -> Vec<f64> {
+        let mut ssq = vec![0.0f64; self.groups];
+        for (k, b) in self.blocks.iter().enumerate() {
+            ssq[self.group(b)] += block_ssq(k);
+        }
+        ssq.into_iter().map(f64::sqrt).collect()
+    }
+}
+
+/// Independent accumulators of the hot sums: a chain of dependent f64 adds runs at
+/// one add per 3-4 cycles, lanes let the compiler vectorise. Fixed, so the order
+/// of additions (and the result) does not depend on the machine.
+const LANES: usize = 8;
+
+// The hot loops, compiled for AVX2 (x86-64) and NEON (AArch64) as well as the
+// baseline, chosen at run time. No FMA contraction happens in Rust, so every
+// version computes bitwise the same result.
+
+/// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn sum_squares(row: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += (x as f64) * (x as f64);
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(rest) {
+        *l += (x as f64) * (x as f64);
+    }
+    lanes.iter().sum()
+}
+
+/// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given) and returns
+/// `sum_c (sum[c] * inv_n)^2`, in `LANES` interleaved partial sums.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    match mean {
+        Some(mean) => {
+            for (cs, cm) in sum.chunks(LANES).zip(mean.chunks_mut(LANES)) {
+                for ((l, &s), m) in lanes.iter_mut().zip(cs).zip(cm) {
+                    let v = s * inv_n;
+                    *l += v * v;
+                    *m = v as f32;
+                }
+            }
+        }
+        None => {
+            for cs in sum.chunks(LANES) {
+                for (l, &s) in lanes.iter_mut().zip(cs) {
+                    *l += (s * inv_n) * (s * inv_n);
+                }
+            }
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// `sum[c] = x[c]` (`first`) or `sum[c] += x[c]`, in f64.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn add_row(sum: &mut [f64], x: &[f32], first: bool) {
+    if first {
+        for (s, &x) in sum.iter_mut().zip(x) {
+            *s = x as f64;
+        }
+    } else {
+        for (s, &x) in sum.iter_mut().zip(x) {
+            *s += x as f64;
+        }
+    }
+}
+
+/// `acc[c] += h * x[c]`, in f64.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn axpy(acc: &mut [f64], h: f64, x: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(x) {
+        *a += h * x as f64;
+    }
+}
+
+/// `s` for one (micro-batch, group) norm `n` under `bound`.
+fn factor(function: ClipFunction, bound: f64, n: f64, mb_finite: bool, propagate: bool) -> f64 {
+    match n {
+        n if n.is_nan() && propagate => f64::NAN,
+        n if !n.is_finite() => 0.0,
+        _ if !propagate && !mb_finite => 0.0, // Skip drops the whole micro-batch
+        n => match function {
+            ClipFunction::Hard if n > bound => bound / n,
+            ClipFunction::Hard => 1.0,
+            ClipFunction::Automatic { gamma } => bound / (n + gamma as f64),
+            ClipFunction::Normalize if n == 0.0 => 0.0,
+            ClipFunction::Normalize => bound / n,
+        },
+    }
+}
+
+/// Bounds, factors and counts of a step, from its `[M, G]` norms.
+struct Factors {
+    bounds: Vec<f64>,
+    factors: Vec<f64>,
+    clipped: usize,
+    nonfinite: usize,
+}
+
+fn factors(plan: &Plan<'_>, norms: &[f64]) -> Result<Factors> {
+    let (m, g) = (plan.micro_batches(), plan.groups);
+    // A micro-batch is non-finite when any of its groups is.
+    let finite_mb: Vec<bool> = norms
+        .chunks(g)
+        .map(|n| n.iter().all(|v| v.is_finite()))
+        .collect();
+    let nonfinite = finite_mb.iter().filter(|f| !**f).count();
+    if plan.config.non_finite == NonFinitePolicy::Error && nonfinite > 0 {
+        return Err(ClipError::NonFinite {
+            micro_batch: finite_mb.iter().position(|f| !f).unwrap_or(0),
+            count: nonfinite,
+        });
+    }
+    let bounds: Vec<f64> = (0..g)
+        .map(|k| match &plan.config.bound {
+            ClipBound::Fixed(c) => *c as f64,
+            ClipBound::PerGroup(c) => c[k] as f64,
+            ClipBound::Adaptive { scale } => {
+                let min = (0..m)
+                    .filter(|&j| finite_mb[j])
+                    .map(|j| norms[j * g + k])
+                    .fold(f64::INFINITY, f64::min);
+                if min.is_finite() {
+                    min * *scale as f64
+                } else {
+                    f64::NAN
+                }
+            }
+        })
+        .collect();
+    let function = plan.config.function;
+    let factors = (0..m * g)
+        .map(|at| {
+            let mb_finite = finite_mb[at / g];
+            factor(
+                function,
+                bounds[at % g],
+                norms[at],
+                mb_finite,
+                plan.propagate,
+            )
+        })
+        .collect();
+    let clipped = (0..m * g)
+        .filter(|&at| finite_mb[at / g] && norms[at] > bounds[at % g])
+        .count();
+    Ok(Factors {
+        bounds,
+        factors,
+        clipped,
+        nonfinite,
+    })
+}
+
+/// What a path returns: the `[M, G]` norms and, per tensor, `sum_j h_j * mean_j`
+/// in f64; `adaptive_scaled` says that `h_j = s_j / C_g` (fused path, adaptive
+/// bound) rather than `s_j`.
+struct PathOutput {
+    norms: Vec<f64>,
+    sums: Vec<Vec<f64>>,
+    adaptive_scaled: bool,
+}
+
+/// Micro-batches per barrier of the fused path, at most.
+const MAX_GROUP: usize = 16;
+
+/// The fused path's group size R, or `None` for the two-pass path: the f64
+/// accumulator row and R rows (or f32 means) must fit in `budget` bytes.
+fn choose(plan: &Plan<'_>, budget: usize) -> Option<usize> {
+    let hard_adaptive_above_min = matches!(
+        (plan.config.function, &plan.config.bound),
+        (ClipFunction::Hard, ClipBound::Adaptive { scale }) if *scale > 1.0
+    );
+    let cols: usize = plan.widths.iter().sum();
+    let per_group = budget.checked_sub(8 * cols)? / (4 * cols);
+    (!hard_adaptive_above_min && per_group >= 1)
+        .then(|| per_group.min(MAX_GROUP).min(plan.micro_batches()))
+}
+
+/// Runs the step on the CPU. `offsets` and `widths` are validated by the caller.
+pub(crate) fn clip(
+    config: &ClipConfig,
+    offsets: &[usize],
+    widths: &[usize],
+    tensors: &[&[f32]],
+    fused_budget: usize,
+) -> Result<ClipOutput> {
+    let blocks = widths
+        .iter()
+        .enumerate()
+        .flat_map(|(tensor, &d)| {
+            (0..d).step_by(BLOCK_COLS).map(move |c0| Block {
+                tensor,
+                c0,
+                w: BLOCK_COLS.min(d - c0),
+            })
+        })
+        .collect();
+    let plan = Plan {
+        config,
+        offsets,
+        widths,
+        tensors,
+        groups: config.group_count(),
+        group_of: config.tensor_groups(tensors.len())?,
+        blocks,
+        propagate: config.non_finite == NonFinitePolicy::Propagate,
+    };
+    let out = match choose(&plan, fused_budget) {
+        Some(group_size) => fused::run(&plan, group_size),
+        None => two_pass::run(&plan)?,
+    };
+    let f = factors(&plan, &out.norms)?;
+    let m = plan.micro_batches() as f64;
+    let sensitivity = f.bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
+    let noise_std = config
+        .noise
+        .map_or(0.0, |n| n.multiplier as f64 * sensitivity);
+
+    let mut first_element = 0u64;
+    let grads = out
+        .sums
+        .iter()
+        .enumerate()
+        .map(|(p, sum)| {
+            let bound = f.bounds[plan.group_of[p]];
+            // With no finite micro-batch the bound is NaN, and every h_j is already
+            // the final factor (NaN or 0) of a non-finite micro-batch.
+            let scale = if out.adaptive_scaled && !bound.is_nan() {
+                bound / m
+            } else {
+                1.0 / m
+            };
+            let first = first_element;
+            first_element += sum.len() as u64;
+            sum.par_iter()
+                .enumerate()
+                .map(|(c, &v)| {
+                    let z = config.noise.map_or(0.0, |n| {
+                        noise_std * standard_normal(n.seed, n.step, first + c as u64) / m
+                    });
+                    (v * scale + z) as f32
+                })
+                .collect()
+        })
+        .collect();
+
+    let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+    Ok(ClipOutput {
+        grads,
+        stats: ClipStats {
+            groups: plan.groups,
+            norms: to_f32(&out.norms),
+            factors: to_f32(&f.factors),
+            group_bounds: to_f32(&f.bounds),
+            clip_bound: sensitivity as f32,
+            clipped_count: f.clipped,
+            nonfinite_count: f.nonfinite,
+            noise_std: noise_std as f32,
+            backend: BackendKind::Cpu,
+        },
+    })
+}
