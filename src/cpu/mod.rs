@@ -2,10 +2,10 @@
 //! in float64 (f32 squares summed in f64 can neither overflow nor underflow).
 //!
 //! Two paths, chosen per call (see [`choose`]):
-//! * [`fused`]: one read of the input. Micro-batch by micro-batch, each thread forms
-//!   the mean of its columns, the threads exchange partial norms at a barrier, and
-//!   each adds `h_j * mean_j` to its accumulator while the micro-batch is still in
-//!   cache. The factor must be known from the micro-batch's own norm: with a fixed
+//! * [`fused`]: one read of the input. For a group of R micro-batches, each thread
+//!   forms the means of its columns, the threads exchange partial norms at a
+//!   barrier, and each adds `sum_r h_r * mean_r` to its accumulator while the
+//!   group's rows or means are still in the last-level cache. The factor must be known from the micro-batch's own norm: with a fixed
 //!   bound it is `s_j`; with an adaptive bound `C` every clip function factors as
 //!   `s_j = C * h(norm_j)` (hard clipping only when `scale <= 1`, since then
 //!   `C <= norm_j` for every j), and `C` multiplies the sum at the end.
