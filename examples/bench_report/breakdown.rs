@@ -52,7 +52,8 @@ struct SumParams {
     out_offset: u32,
     accumulate: u32,
     skip_zero: u32,
-    pad: [u32; 2],
+    groups: u32,
+    group: u32,
 }
 
 /// One kernel with its bind group and dispatch, run as one submit.
@@ -240,6 +241,7 @@ pub fn run(
                 mb_count: m as u32,
                 groups_x: gx,
                 skip_zero: 1,
+                groups: 1,
                 ..Default::default()
             },
         );
