@@ -22,6 +22,10 @@ fn smoke_shapes() {
         (33, &[4096, 17], 32),
         (64, &[1000], 64),
         (5, &[2049], 2),
+        // around the norm pass's 4096-column tile, and several tiles
+        (6, &[4095, 4096, 4097], 1),
+        (9, &[8191, 1, 12289], 4),
+        (3, &[8193], 3),
     ];
     for (k, &(n, widths, b)) in cases.iter().enumerate() {
         let t = random_tensors(k as u64, n, widths, 1.0);
@@ -64,6 +68,30 @@ fn windows_smaller_than_a_tensor() {
             TOL,
             &format!("binding {max_binding} offsets"),
         );
+    }
+}
+
+#[test]
+fn windows_over_several_column_tiles() {
+    // Rows wider than one norm tile (4096 columns), cut into windows: the carry
+    // crosses tile boundaries.
+    let Some(mut gpu) = gpu() else { return };
+    let n = 11;
+    let widths = [8193, 5, 4095];
+    let t = random_tensors(17, n, &widths, 1.0);
+    for max_binding in [8193 * 4 + 256, 3 * 8193 * 4] {
+        gpu.set_max_binding_bytes(max_binding);
+        for b in [1, 3, 4, 11] {
+            let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+            check(
+                &mut gpu,
+                &cfg,
+                &t,
+                n,
+                TOL,
+                &format!("binding {max_binding} b {b}"),
+            );
+        }
     }
 }
 
@@ -121,6 +149,41 @@ fn near_f32_max_means_and_norms() {
         1e-4,
         "tiny",
     );
+}
+
+#[test]
+fn mixed_magnitudes_in_one_tile() {
+    // Every class of the one-pass scaled sum of squares in the same tile: big
+    // (> 2^52), medium and small (< 2^-63) means, and each pair without the third.
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (4, 5000);
+    let classes: [&[f32]; 4] = [
+        &[1e30, 1.0, 1e-30],
+        &[1e20, 3.0],
+        &[2.0, 1e-25],
+        &[1e-35, 1e-20],
+    ];
+    for (k, mags) in classes.iter().enumerate() {
+        let base = random_tensors(40 + k as u64, n, &[d], 1.0).remove(0);
+        let t: Vec<f32> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * mags[(i % d) % mags.len()])
+            .collect();
+        for cfg in [
+            ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
+            ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
+        ] {
+            check(
+                &mut gpu,
+                &cfg,
+                std::slice::from_ref(&t),
+                n,
+                TOL,
+                &format!("mixed {mags:?}"),
+            );
+        }
+    }
 }
 
 fn with_non_finite(n: usize, widths: &[usize]) -> Vec<Vec<f32>> {

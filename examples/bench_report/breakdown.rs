@@ -17,6 +17,9 @@ use crate::data;
 use crate::kernels::{Gpu, RefKernels};
 use crate::report::{interleaved, median};
 
+/// Columns per workgroup of mb_partials.wgsl (`TILE` there).
+const TILE: usize = 4096;
+
 /// `Params` of mb_partials.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -155,7 +158,7 @@ pub fn run(
 ) -> Result<Vec<String>, String> {
     // One binding, no windows: N x D x 4 <= max_binding - (align - 4).
     let usable = gpu.max_binding.saturating_sub(gpu.storage_align) as usize;
-    let d = d.min(usable / (n * 4) / 1024 * 1024).max(1024);
+    let d = d.min(usable / (n * 4) / TILE * TILE).max(TILE);
     let x = data::device_tensor(gpu, 0xb4ea, 0, n, d)?;
     let bytes = (n * d * 4) as u64;
     let reference = refk.read_sum(gpu, &x, bytes);
@@ -203,7 +206,7 @@ pub fn run(
         let offsets = storage_init(gpu, bytemuck::cast_slice(&offsets));
         let weights: Vec<f32> = stats.factors.iter().map(|&s| s / m as f32).collect();
         let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
-        let tiles = d.div_ceil(1024) as u64;
+        let tiles = d.div_ceil(TILE) as u64;
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
         let carry = gpu.storage_buffer("breakdown carry", 16)?;

@@ -2,7 +2,7 @@
 //! four passes, submission and the read-back of the statistics.
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
-//! 1. `mb_partials`: per (micro-batch, 1024-column tile) partial squared norm of the
+//! 1. `mb_partials`: per (micro-batch, 4096-column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window;
 //! 2. `mb_norms`: per micro-batch norm over all tiles of all tensors;
 //! 3. `clip_factors`: bound (fixed or adaptive), factors, weights, counts;

@@ -4,7 +4,7 @@
 use crate::error::{ClipError, Result};
 
 /// Columns one workgroup of the norm pass covers (must match `TILE` in mb_partials.wgsl).
-pub(crate) const TILE_COLS: u64 = 1024;
+pub(crate) const TILE_COLS: u64 = 4096;
 /// Workgroup size of every kernel.
 pub(crate) const WORKGROUP: u64 = 256;
 /// Largest workgroup count of one dispatch dimension (WebGPU default limit).
@@ -171,11 +171,18 @@ mod tests {
     }
 
     #[test]
+    fn tile_matches_the_shader() {
+        let src = include_str!("../../shaders/mb_partials.wgsl");
+        assert!(src.contains(&format!("const TILE: u32 = {TILE_COLS}u;")));
+    }
+
+    #[test]
     fn dispatch_shapes() {
         assert_eq!(dispatch_2d(1).unwrap(), (1, 1));
         assert_eq!(dispatch_2d(65535).unwrap(), (65535, 1));
         assert_eq!(dispatch_2d(65536).unwrap(), (65535, 2));
         assert_eq!(tiles(1), 1);
-        assert_eq!(tiles(1025), 2);
+        assert_eq!(tiles(4096), 1);
+        assert_eq!(tiles(4097), 2);
     }
 }
