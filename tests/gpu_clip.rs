@@ -77,7 +77,7 @@ fn windows_over_several_column_tiles() {
     // crosses tile boundaries.
     let Some(mut gpu) = gpu() else { return };
     let n = 11;
-    let widths = [8193, 5, 4095];
+    let widths = [8193, 5, 4095, 4100];
     let t = random_tensors(17, n, &widths, 1.0);
     for max_binding in [8193 * 4 + 256, 3 * 8193 * 4] {
         gpu.set_max_binding_bytes(max_binding);
@@ -262,6 +262,42 @@ fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) ->
     device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
     let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
     v
+}
+
+#[test]
+fn vec4_and_scalar_loads_give_the_same_bits() {
+    // cols % 4 == 0: at byte offset 0 the norm pass loads vec4, at offset 4 scalars.
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (10, 4100);
+    let t = random_tensors(23, n, &[d], 1.0).remove(0);
+    let device = gpu.device().unwrap().clone();
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(3));
+    let mut results = Vec::new();
+    for pad in [0usize, 1] {
+        let mut data = vec![0.0f32; pad];
+        data.extend_from_slice(&t);
+        let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&data),
+            usage,
+        });
+        let inputs = [GpuTensor {
+            buffer: &input,
+            offset: pad as u64 * 4,
+            cols: d,
+        }];
+        let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+        let out = read_buffer(&gpu, &bufs[0], 0, d);
+        let bits: Vec<u32> = out
+            .iter()
+            .chain(&stats.norms)
+            .map(|v| v.to_bits())
+            .collect();
+        results.push(bits);
+    }
+    assert_eq!(results[0], results[1]);
 }
 
 #[test]

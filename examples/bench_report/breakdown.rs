@@ -38,7 +38,8 @@ struct PartialsParams {
     last_local: u32,
     carry_in_base: u32,
     carry_out_base: u32,
-    pad: [u32; 2],
+    vec4_path: u32,
+    pad: u32,
 }
 
 /// `Params` of weighted_sum.wgsl.
@@ -219,6 +220,7 @@ pub fn run(
                 tiles_x: tx,
                 tiles_total: tiles as u32,
                 last_local: (m - 1) as u32,
+                vec4_path: d.is_multiple_of(4) as u32,
                 ..Default::default()
             },
         );
@@ -231,6 +233,7 @@ pub fn run(
                 offsets.as_entire_binding(),
                 partials.as_entire_binding(),
                 carry.as_entire_binding(),
+                x.as_entire_binding(),
             ],
             (tx, ty, m as u32),
         );

@@ -60,7 +60,8 @@ pub(crate) struct PartialsParams {
     pub last_local: u32,
     pub carry_in_base: u32,
     pub carry_out_base: u32,
-    pub pad: [u32; 2],
+    pub vec4_path: u32,
+    pub pad: u32,
 }
 
 /// `Params` of mb_norms.wgsl.

@@ -19,7 +19,7 @@ use kernels::{
     FactorsParams, Kernels, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES, PARTIAL_BYTES,
     STATS_BYTES,
 };
-use plan::{aligned_binding, dispatch_2d, plan_windows, tiles, Window, WORKGROUP};
+use plan::{aligned_binding, dispatch_2d, plan_windows, tiles, vec4_rows, Window, WORKGROUP};
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
 
@@ -438,9 +438,16 @@ impl GpuClipper {
                     last_local: w.mb_count - 1,
                     carry_in_base: ((k + 1) % 2) as u32 * carry_half,
                     carry_out_base: (k % 2) as u32 * carry_half,
-                    pad: [0; 2],
+                    vec4_path: vec4_rows(cols, w) as u32,
+                    pad: 0,
                 });
-                partial_dispatches.push((p, t.buffer, w.clone(), (tiles_x, tiles_y, w.mb_count)));
+                partial_dispatches.push((
+                    p,
+                    t.buffer,
+                    w.clone(),
+                    vec4_rows(cols, w),
+                    (tiles_x, tiles_y, w.mb_count),
+                ));
                 let s = params.push(&SumParams {
                     cols: cols as u32,
                     elem_offset: w.elem_offset,
@@ -524,7 +531,7 @@ impl GpuClipper {
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
-            .map(|(p, buffer, w, _)| {
+            .map(|(p, buffer, w, vec4, _)| {
                 bind(
                     &k.partials,
                     vec![
@@ -533,6 +540,12 @@ impl GpuClipper {
                         whole(&row_offsets),
                         whole(&partials),
                         whole(&carry),
+                        // the rows again as vec4, or any read-only buffer when unused
+                        if *vec4 {
+                            range(buffer, w.bind_offset, w.bind_size)
+                        } else {
+                            whole(&row_offsets)
+                        },
                     ],
                 )
             })
@@ -581,7 +594,7 @@ impl GpuClipper {
                 timestamp_writes: None,
             });
             pass.set_pipeline(&k.partials);
-            for (group, (_, _, _, (x, y, z))) in partial_groups.iter().zip(&partial_dispatches) {
+            for (group, (_, _, _, _, (x, y, z))) in partial_groups.iter().zip(&partial_dispatches) {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, *z);
             }

@@ -114,6 +114,13 @@ pub(crate) fn tiles(cols: u64) -> u64 {
     cols.div_ceil(TILE_COLS)
 }
 
+/// Whether mb_partials may read a window's rows as vec4: every row starts at a
+/// multiple of 4 elements from the start of the binding (so the binding, whose
+/// start is aligned, is also a whole number of vec4).
+pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
+    cols.is_multiple_of(4) && w.elem_offset.is_multiple_of(4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +175,15 @@ mod tests {
         let w = plan_windows(&offsets(n, 1), 1, 0, 1 << 30, 256).unwrap();
         assert!(w.iter().all(|w| w.mb_count <= MAX_GROUPS_PER_DIM));
         assert_eq!(w.last().unwrap().row_end, n);
+    }
+
+    #[test]
+    fn vec4_rows_need_aligned_rows() {
+        let w = |cols, base| plan_windows(&offsets(10, 3), cols, base, 1 << 20, 256).unwrap();
+        assert!(vec4_rows(8, &w(8, 0)[0]));
+        assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
+        assert!(!vec4_rows(8, &w(8, 260)[0]));
+        assert!(!vec4_rows(6, &w(6, 0)[0]));
     }
 
     #[test]
