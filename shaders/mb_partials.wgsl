@@ -17,6 +17,10 @@
 // rewrites the three sums as (scale = max |g|, ssq = sum (g / scale)^2), the record
 // the later passes expect (ssq in [1, TILE]).
 //
+// With write_means = 1 (micro-batches of 3 rows or more on average, see
+// `materialize_means` in plan.rs) each finished mean is also stored in `means`, so
+// that pass 4 reads M rows of means instead of the N input rows.
+//
 // A tensor larger than one storage binding is processed in row windows. A
 // micro-batch cut by a window boundary passes its partial column sums to the next
 // window through `carry` (two halves, read one and write the other, so no workgroup
@@ -53,7 +57,11 @@ struct Params {
     carry_in_base: u32, // element offsets of the two halves of `carry`
     carry_out_base: u32,
     vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
+    write_means: u32,   // 1: also store each finished micro-batch mean in `means`
+    means_base: u32,    // element index of mean_0[0] of this tensor in `means`
+    pad0: u32,
     pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -63,6 +71,9 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> carry: array<f32>;
 // The same rows as `grads`, as vec4 (bound to a dummy buffer when vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<vec4<f32>>;
+// [M, D_p] micro-batch means per tensor, read by weighted_means.wgsl (a dummy
+// buffer when write_means = 0).
+@group(0) @binding(6) var<storage, read_write> means: array<f32>;
 
 // (small, medium, big) sums of squares, and the max |g| bits.
 var<workgroup> red_sums: array<vec3<f32>, WG>;
@@ -188,6 +199,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 carry[at + 1u] = v.y;
                 carry[at + 2u] = v.z;
                 carry[at + 3u] = v.w;
+            } else if (params.write_means == 1u) {
+                let at = params.means_base + mb * params.cols + col;
+                means[at] = v.x;
+                means[at + 1u] = v.y;
+                means[at + 2u] = v.z;
+                means[at + 3u] = v.w;
             }
             max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
         }
@@ -214,6 +231,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     }
                     if (gives_carry) {
                         carry[params.carry_out_base + col] = v[j];
+                    } else if (params.write_means == 1u) {
+                        means[params.means_base + mb * params.cols + col] = v[j];
                     }
                 }
             }

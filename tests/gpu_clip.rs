@@ -220,6 +220,13 @@ fn non_finite_policies() {
         );
         assert_eq!(clip_f64(&cfg, &slices(&t), n).unwrap_err(), err);
     }
+    // Micro-batches of 3 and 4 rows: pass 4 reads the materialised means.
+    for b in [3, 4] {
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Propagate] {
+            let cfg = ClipConfig::fixed(0.2, MicroBatches::Uniform(b)).with_non_finite(policy);
+            check(&mut gpu, &cfg, &t, n, TOL, &format!("{cfg:?}"));
+        }
+    }
     // Every micro-batch non-finite: adaptive bound is NaN, Skip gives zeros.
     let all_nan = vec![f32::NAN; 4 * 3];
     let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(2));
@@ -356,15 +363,11 @@ fn caller_buffers_with_offsets_and_poisoned_outputs() {
             cols: widths[p],
         })
         .collect();
-    let want = clip_f64(
-        &ClipConfig::fixed(0.4, MicroBatches::Uniform(2)),
-        &slices(&t),
-        n,
-    )
-    .unwrap();
-    for max_binding in [u64::MAX, 6000 * 4] {
+    // b = 2 re-reads the rows in pass 4, b = 3 reads materialised means.
+    for (b, max_binding) in [(2, u64::MAX), (2, 6000 * 4), (3, u64::MAX), (3, 6000 * 4)] {
+        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(b));
+        let want = clip_f64(&cfg, &slices(&t), n).unwrap();
         gpu.set_max_binding_bytes(max_binding);
-        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(2));
         let stats = gpu.clip_buffers_into(&cfg, &inputs, n, &outputs).unwrap();
         let all = read_buffer(&gpu, &out, 0, total);
         let grads: Vec<Vec<f32>> = (0..3)

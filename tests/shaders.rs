@@ -4,7 +4,7 @@
 #[test]
 fn every_kernel_validates_with_naga() {
     let names: Vec<&str> = microclip::shaders::kernel_names().collect();
-    assert_eq!(names.len(), 4);
+    assert_eq!(names.len(), 5);
     for name in names {
         let source = microclip::shaders::kernel_source(name).unwrap();
         let module = naga::front::wgsl::parse_str(&source)

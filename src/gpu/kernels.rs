@@ -7,7 +7,7 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
 
 /// Every kernel: (name, needs the column-mean helper, body).
-pub(crate) const KERNELS: [(&str, bool, &str); 4] = [
+pub(crate) const KERNELS: [(&str, bool, &str); 5] = [
     (
         "mb_partials",
         true,
@@ -27,6 +27,11 @@ pub(crate) const KERNELS: [(&str, bool, &str); 4] = [
         "weighted_sum",
         true,
         include_str!("../../shaders/weighted_sum.wgsl"),
+    ),
+    (
+        "weighted_means",
+        false,
+        include_str!("../../shaders/weighted_means.wgsl"),
     ),
 ];
 
@@ -61,7 +66,9 @@ pub(crate) struct PartialsParams {
     pub carry_in_base: u32,
     pub carry_out_base: u32,
     pub vec4_path: u32,
-    pub pad: u32,
+    pub write_means: u32,
+    pub means_base: u32,
+    pub pad: [u32; 3],
 }
 
 /// `Params` of mb_norms.wgsl.
@@ -105,6 +112,19 @@ pub(crate) struct SumParams {
     pub pad: [u32; 2],
 }
 
+/// `Params` of weighted_means.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct MeansSumParams {
+    pub cols: u32,
+    pub means_base: u32,
+    pub micro_batches: u32,
+    pub groups_x: u32,
+    pub out_offset: u32,
+    pub skip_zero: u32,
+    pub pad: [u32; 2],
+}
+
 /// Size in bytes of the `Partial` record of common.wgsl.
 pub(crate) const PARTIAL_BYTES: u64 = 16;
 /// Size in bytes of the `MbNorm` record of common.wgsl.
@@ -112,12 +132,13 @@ pub(crate) const MB_NORM_BYTES: u64 = 16;
 /// Size in bytes of the `Stats` record of clip_factors.wgsl.
 pub(crate) const STATS_BYTES: u64 = 16;
 
-/// The four compute pipelines.
+/// The compute pipelines.
 pub(crate) struct Kernels {
     pub partials: wgpu::ComputePipeline,
     pub norms: wgpu::ComputePipeline,
     pub factors: wgpu::ComputePipeline,
     pub weighted_sum: wgpu::ComputePipeline,
+    pub weighted_means: wgpu::ComputePipeline,
 }
 
 impl Kernels {
@@ -142,6 +163,7 @@ impl Kernels {
             norms: build("mb_norms"),
             factors: build("clip_factors"),
             weighted_sum: build("weighted_sum"),
+            weighted_means: build("weighted_means"),
         }
     }
 }

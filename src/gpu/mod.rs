@@ -16,10 +16,13 @@ use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::error::{ClipError, Result};
 use kernels::{
-    FactorsParams, Kernels, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES, PARTIAL_BYTES,
-    STATS_BYTES,
+    FactorsParams, Kernels, MeansSumParams, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES,
+    PARTIAL_BYTES, STATS_BYTES,
 };
-use plan::{aligned_binding, dispatch_2d, plan_windows, tiles, vec4_rows, Window, WORKGROUP};
+use plan::{
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, tiles, vec4_rows, Window,
+    WORKGROUP,
+};
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
 
@@ -408,6 +411,13 @@ impl GpuClipper {
         let carry = self
             .pool
             .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
+        let total_cols: u64 = inputs.iter().map(|t| t.cols as u64).sum();
+        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
+        let with_means = materialize_means(n, m, total_cols, self.max_binding);
+        let means_bytes = if with_means { m * total_cols * 4 } else { 0 };
+        let means = self.pool.get(Slot::Means, means_bytes, storage);
+        let mut means_base = 0u64;
+        let mut means_dispatches = Vec::new();
 
         // All uniform blocks of the call in one buffer, one block per aligned slot.
         let mut params = ParamBlocks::new(self.uniform_align);
@@ -439,7 +449,9 @@ impl GpuClipper {
                     carry_in_base: ((k + 1) % 2) as u32 * carry_half,
                     carry_out_base: (k % 2) as u32 * carry_half,
                     vec4_path: vec4_rows(cols, w) as u32,
-                    pad: 0,
+                    write_means: with_means as u32,
+                    means_base: means_base as u32,
+                    pad: [0; 3],
                 });
                 partial_dispatches.push((
                     p,
@@ -448,27 +460,42 @@ impl GpuClipper {
                     vec4_rows(cols, w),
                     (tiles_x, tiles_y, w.mb_count),
                 ));
-                let s = params.push(&SumParams {
+                if !with_means {
+                    let s = params.push(&SumParams {
+                        cols: cols as u32,
+                        elem_offset: w.elem_offset,
+                        row_start: w.row_start,
+                        row_end: w.row_end,
+                        mb_first: w.mb_first,
+                        mb_count: w.mb_count,
+                        groups_x,
+                        out_offset,
+                        accumulate: (k > 0) as u32,
+                        skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
+                        pad: [0; 2],
+                    });
+                    sum_dispatches.push((
+                        s,
+                        t.buffer,
+                        w.clone(),
+                        (o.buffer, out_bind, out_size),
+                        (groups_x, groups_y),
+                    ));
+                }
+            }
+            if with_means {
+                let p = params.push(&MeansSumParams {
                     cols: cols as u32,
-                    elem_offset: w.elem_offset,
-                    row_start: w.row_start,
-                    row_end: w.row_end,
-                    mb_first: w.mb_first,
-                    mb_count: w.mb_count,
+                    means_base: means_base as u32,
+                    micro_batches: m as u32,
                     groups_x,
                     out_offset,
-                    accumulate: (k > 0) as u32,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
                     pad: [0; 2],
                 });
-                sum_dispatches.push((
-                    s,
-                    t.buffer,
-                    w.clone(),
-                    (o.buffer, out_bind, out_size),
-                    (groups_x, groups_y),
-                ));
+                means_dispatches.push((p, (o.buffer, out_bind, out_size), (groups_x, groups_y)));
             }
+            means_base += m * cols;
         }
         let (norm_groups_x, norm_groups_y) = dispatch_2d(m)?;
         let norms_params = params.push(&NormsParams {
@@ -546,6 +573,7 @@ impl GpuClipper {
                         } else {
                             whole(&row_offsets)
                         },
+                        whole(&means),
                     ],
                 )
             })
@@ -585,6 +613,21 @@ impl GpuClipper {
             })
             .collect();
 
+        let means_groups: Vec<_> = means_dispatches
+            .iter()
+            .map(|(p, (out, out_bind, out_size), _)| {
+                bind(
+                    &k.weighted_means,
+                    vec![
+                        uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
+                        whole(&means),
+                        whole(&weights),
+                        range(out, *out_bind, *out_size),
+                    ],
+                )
+            })
+            .collect();
+
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("microclip"),
         });
@@ -608,6 +651,13 @@ impl GpuClipper {
             for (group, (_, _, _, _, (x, y))) in sum_groups.iter().zip(&sum_dispatches) {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, 1);
+            }
+            if !means_groups.is_empty() {
+                pass.set_pipeline(&k.weighted_means);
+                for (group, (_, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
+                    pass.set_bind_group(0, group, &[]);
+                    pass.dispatch_workgroups(*x, *y, 1);
+                }
             }
         }
 

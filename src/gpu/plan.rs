@@ -121,6 +121,22 @@ pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
     cols.is_multiple_of(4) && w.elem_offset.is_multiple_of(4)
 }
 
+/// Whether a call materialises the micro-batch means: pass 1 also writes the
+/// `[M, D_p]` means of every tensor (`means_bytes = M x sum D_p x 4` of extra device
+/// memory) and pass 4 reads them instead of re-reading the `N` input rows. Input
+/// bytes read: `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
+/// `2 x N x D x 4`, so it pays when the average micro-batch holds `b = N / M >= 3`
+/// rows. Only when the means fit one storage binding; otherwise the rows are
+/// re-read (no extra memory).
+pub(crate) fn materialize_means(
+    n: u64,
+    micro_batches: u64,
+    total_cols: u64,
+    max_binding: u64,
+) -> bool {
+    n >= 3 * micro_batches && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +200,15 @@ mod tests {
         assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
         assert!(!vec4_rows(8, &w(8, 260)[0]));
         assert!(!vec4_rows(6, &w(6, 0)[0]));
+    }
+
+    #[test]
+    fn means_are_materialised_from_three_rows_per_micro_batch() {
+        assert!(!materialize_means(256, 256, 1000, 1 << 27)); // b = 1
+        assert!(!materialize_means(10, 4, 1000, 1 << 27)); // b = 2.5
+        assert!(materialize_means(12, 4, 1000, 1 << 27)); // b = 3
+        assert!(materialize_means(256, 1, 1000, 1 << 27));
+        assert!(!materialize_means(256, 64, 1 << 20, 1 << 27)); // 256 MiB of means
     }
 
     #[test]

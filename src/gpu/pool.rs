@@ -14,6 +14,8 @@ pub(crate) enum Slot {
     Norms,
     Stats,
     Carry,
+    /// `[M, D_p]` micro-batch means, when a call materialises them.
+    Means,
     Readback,
     /// Host-path upload of input tensor `p`.
     Input(usize),
