@@ -1,17 +1,45 @@
-// Pass 1: segmented reduction over rows. One workgroup per (column tile, micro-batch
-// of the window); each of its 256 threads owns COLS_PER_THREAD columns of the tile
-// (strided by the workgroup size, so loads coalesce). The thread forms the
-// micro-batch mean of its columns, then the workgroup reduces the tile's partial
-// squared norm to one (scale, ssq, flags) record.
+// Pass 1: segmented reduction over rows. One workgroup of WG = 64 threads per
+// (column tile of TILE = 4096 columns, micro-batch of the window). Each thread walks
+// groups of 4 adjacent columns of the tile (group index strided by WG, so loads
+// coalesce), as one vec4 load per row when the tensor's rows are 16-byte aligned
+// in the binding, else as 4 scalar loads; it forms the micro-batch mean of each
+// column (blocked, as column_mean) and accumulates its squared norm privately; the
+// workgroup then does ONE tree reduction and writes the tile's (scale, ssq, flags)
+// record. Per workgroup: 7 barriers for 4096 columns (was 17 for 1024).
+//
+// Scaled sum of squares in one pass, without divisions (Blue's algorithm, as in
+// LAPACK 3.10's snrm2 / Anderson 2017, "Algorithm 978"): three accumulators with
+// constant power-of-two scalings, for magnitudes below T_SML = 2^-63, between,
+// and above T_BIG = 2^52. None can overflow or lose the small terms that matter.
+// The maximum |g| comes for free as an integer max over the bits (the order of |float| bits is
+// the order of magnitudes), which also yields the NaN/Inf flags: any NaN puts the
+// max above 0x7f800000, an Inf (without NaN) makes it equal. At the end lane 0
+// rewrites the three sums as (scale = max |g|, ssq = sum (g / scale)^2), the record
+// the later passes expect (ssq in [1, TILE]).
+//
+// With write_means = 1 (micro-batches of 3 rows or more on average, see
+// `materialize_means` in plan.rs) each finished mean is also stored in `means`, so
+// that pass 4 reads M rows of means instead of the N input rows.
 //
 // A tensor larger than one storage binding is processed in row windows. A
 // micro-batch cut by a window boundary passes its partial column sums to the next
 // window through `carry` (two halves, read one and write the other, so no workgroup
 // reads what another writes in the same dispatch).
 
-const WG: u32 = 256u;
-const COLS_PER_THREAD: u32 = 4u;
-const TILE: u32 = 1024u; // WG * COLS_PER_THREAD
+const WG: u32 = 64u;
+const TILE: u32 = 4096u; // columns per workgroup; must match TILE_COLS in plan.rs
+
+// Blue's thresholds and scalings for f32 (all powers of two, so scaling is exact).
+// Terms: |g| < T_SML: (g * S_SML)^2 < 2^74; T_SML <= |g| <= T_BIG: g^2 <= 2^104;
+// |g| > T_BIG: (g * S_BIG)^2 < 2^104. Sums of 2^20 such terms stay below f32::MAX.
+// S_SML is larger than LAPACK's 2^75 so that subnormal g still square to normals.
+const S_SML: f32 = 0x1p100f;
+const S_BIG: f32 = 0x1p-76f;
+const INV_S_SML: f32 = 0x1p-100f;
+const INV_S_BIG: f32 = 0x1p76f;
+const T_SML_BITS: u32 = 0x20000000u; // bits of T_SML = 2^-63
+const T_BIG_BITS: u32 = 0x59800000u; // bits of T_BIG = 2^52
+const INF_BITS: u32 = 0x7f800000u;
 
 struct Params {
     cols: u32,          // D_p
@@ -28,8 +56,12 @@ struct Params {
     last_local: u32,    // index (within the window) of the window's last micro-batch
     carry_in_base: u32, // element offsets of the two halves of `carry`
     carry_out_base: u32,
+    vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
+    write_means: u32,   // 1: also store each finished micro-batch mean in `means`
+    means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     pad0: u32,
     pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -37,12 +69,97 @@ struct Params {
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
 @group(0) @binding(4) var<storage, read_write> carry: array<f32>;
+// The same rows as `grads`, as vec4 (bound to a dummy buffer when vec4_path = 0).
+@group(0) @binding(5) var<storage, read> grads4: array<vec4<f32>>;
+// [M, D_p] micro-batch means per tensor, read by weighted_means.wgsl (a dummy
+// buffer when write_means = 0).
+@group(0) @binding(6) var<storage, read_write> means: array<f32>;
 
-var<workgroup> red_scale: array<f32, WG>;
-var<workgroup> red_ssq: array<f32, WG>;
-var<workgroup> red_flags: atomic<u32>;
+// (small, medium, big) sums of squares, and the max |g| bits.
+var<workgroup> red_sums: array<vec3<f32>, WG>;
+var<workgroup> red_max: array<u32, WG>;
 
-@compute @workgroup_size(256)
+// The partial squared norm held by Blue's three sums, as (scale, ssq) with
+// scale = max_abs: scale^2 * ssq = sml / S_SML^2 + med + big / S_BIG^2. Each
+// ratio below is formed so that it neither overflows nor underflows unless the
+// term it scales is negligible next to max_abs^2.
+fn blue_to_scaled(sums: vec3<f32>, max_abs: f32) -> vec2<f32> {
+    if (max_abs == 0.0) {
+        return vec2<f32>(0.0, 0.0);
+    }
+    let r_sml = (INV_S_SML / max_abs); // <= 2^-37 when max_abs >= T_SML
+    var ssq = 0.0;
+    if (sums.z > 0.0) {
+        // max_abs > T_BIG: r_big in [2^-52, 2^24).
+        let r_big = INV_S_BIG / max_abs;
+        ssq = (sums.z * r_big) * r_big + (sums.y / max_abs) / max_abs;
+    } else if (sums.y > 0.0) {
+        // T_SML <= max_abs <= T_BIG.
+        ssq = (sums.y / max_abs) / max_abs + (sums.x * r_sml) * r_sml;
+    } else {
+        // max_abs < T_SML: r_sml in (2^-37, 2^49].
+        ssq = (sums.x * r_sml) * r_sml;
+    }
+    return vec2<f32>(max_abs, ssq);
+}
+
+// column_mean on four adjacent columns: `first` and `stride` count vec4. The same
+// operations per component as column_mean, so both paths give the same bits.
+fn column_mean4(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f32> {
+    var total = vec4<f32>(0.0);
+    var block = vec4<f32>(0.0);
+    var idx = first;
+    for (var r = 0u; r < rows; r++) {
+        block += grads4[idx] * inv_n;
+        idx += stride;
+        if ((r + 1u) % ROW_BLOCK == 0u) {
+            total += block;
+            block = vec4<f32>(0.0);
+        }
+    }
+    return total + block;
+}
+
+// Adds the squares of four means to Blue's sums, classified on the bits (NaN/Inf
+// fall in no class, whatever the compiler assumes about float comparisons);
+// branch-free. Returns the max |v| bits.
+// column_mean4 with scalar loads (`first` and `stride` count f32): for rows that
+// are not 16-byte aligned. Same operations per component, so the same bits.
+fn column_mean4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f32> {
+    var total = vec4<f32>(0.0);
+    var block = vec4<f32>(0.0);
+    var idx = first;
+    for (var r = 0u; r < rows; r++) {
+        let x = vec4<f32>(grads[idx], grads[idx + 1u], grads[idx + 2u], grads[idx + 3u]);
+        block += x * inv_n;
+        idx += stride;
+        if ((r + 1u) % ROW_BLOCK == 0u) {
+            total += block;
+            block = vec4<f32>(0.0);
+        }
+    }
+    return total + block;
+}
+
+fn accumulate4(v: vec4<f32>, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
+    let bits = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
+    let sml = bits < vec4<u32>(T_SML_BITS);
+    let big = bits > vec4<u32>(T_BIG_BITS) & bits < vec4<u32>(INF_BITS);
+    let med = bits >= vec4<u32>(T_SML_BITS) & bits <= vec4<u32>(T_BIG_BITS);
+    let f = select(select(vec4<f32>(1.0), vec4<f32>(S_SML), sml), vec4<f32>(S_BIG), big);
+    let t = v * f;
+    let t2 = t * t;
+    *sml_acc += select(vec4<f32>(0.0), t2, sml);
+    *med_acc += select(vec4<f32>(0.0), t2, med);
+    *big_acc += select(vec4<f32>(0.0), t2, big);
+    return bits;
+}
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let tile = wg.x + wg.y * params.tiles_x;
     if (tile >= params.tiles) {
@@ -55,73 +172,99 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let inv_n = 1.0 / f32(mb_hi - mb_lo);
     let lo = max(mb_lo, params.row_start);
     let hi = min(mb_hi, params.row_end);
+    let rows = hi - lo;
     let takes_carry = local_mb == 0u && params.carry_in == 1u;
     let gives_carry = local_mb == params.last_local && params.carry_out == 1u;
+    let row0 = params.elem_offset + (lo - params.row_start) * params.cols;
+    let col_end = min(params.cols, (tile + 1u) * TILE);
 
-    if (lid == 0u) {
-        atomicStore(&red_flags, 0u);
-    }
-    var g = array<f32, COLS_PER_THREAD>();
-    var local_max = 0.0;
-    var flags = 0u;
-    for (var k = 0u; k < COLS_PER_THREAD; k++) {
-        let col = tile * TILE + k * WG + lid;
-        if (col < params.cols) {
-            let first = params.elem_offset + (lo - params.row_start) * params.cols + col;
-            var v = column_mean(first, hi - lo, params.cols, inv_n);
+    // Four accumulators per class: column c goes to lane c % 4, thread (c / 4) % WG.
+    var sml_acc = vec4<f32>(0.0);
+    var med_acc = vec4<f32>(0.0);
+    var big_acc = vec4<f32>(0.0);
+    var max4 = vec4<u32>(0u);
+    if (params.vec4_path == 1u) {
+        let stride4 = params.cols >> 2u;
+        let row04 = row0 >> 2u;
+        for (var c4 = (tile * TILE >> 2u) + lid; c4 < (col_end >> 2u); c4 += WG) {
+            var v = column_mean4(row04 + c4, rows, stride4, inv_n);
+            let col = c4 << 2u;
             if (takes_carry) {
-                v += carry[params.carry_in_base + col];
+                let at = params.carry_in_base + col;
+                v += vec4<f32>(carry[at], carry[at + 1u], carry[at + 2u], carry[at + 3u]);
             }
             if (gives_carry) {
-                carry[params.carry_out_base + col] = v;
+                let at = params.carry_out_base + col;
+                carry[at] = v.x;
+                carry[at + 1u] = v.y;
+                carry[at + 2u] = v.z;
+                carry[at + 3u] = v.w;
+            } else if (params.write_means == 1u) {
+                let at = params.means_base + mb * params.cols + col;
+                means[at] = v.x;
+                means[at + 1u] = v.y;
+                means[at + 2u] = v.z;
+                means[at + 3u] = v.w;
             }
-            g[k] = v;
-            let f = nonfinite_flags(v);
-            flags |= f;
-            if (f == 0u) {
-                local_max = max(local_max, abs(v));
+            max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
+        }
+    } else {
+        // Scalar loads, the same columns per thread and lane as the vec4 path (so
+        // the alignment of a tensor does not change a bit of its result).
+        for (var c4 = (tile * TILE >> 2u) + lid; c4 < ((col_end + 3u) >> 2u); c4 += WG) {
+            let col0 = c4 << 2u;
+            var v = vec4<f32>(0.0);
+            if (col0 + 4u <= col_end) {
+                v = column_mean4_scalar(row0 + col0, rows, params.cols, inv_n);
+            } else {
+                for (var j = 0u; j < 4u; j++) {
+                    if (col0 + j < col_end) {
+                        v[j] = column_mean(row0 + col0 + j, rows, params.cols, inv_n);
+                    }
+                }
             }
+            for (var j = 0u; j < 4u; j++) {
+                let col = col0 + j;
+                if (col < col_end) {
+                    if (takes_carry) {
+                        v[j] += carry[params.carry_in_base + col];
+                    }
+                    if (gives_carry) {
+                        carry[params.carry_out_base + col] = v[j];
+                    } else if (params.write_means == 1u) {
+                        means[params.means_base + mb * params.cols + col] = v[j];
+                    }
+                }
+            }
+            max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
         }
     }
     if (gives_carry) {
         return; // whole workgroup: uniform; the norm is formed in a later window
     }
 
-    // Tile scale: max |g| over finite values.
-    red_scale[lid] = local_max;
-    if (flags != 0u) {
-        atomicOr(&red_flags, flags);
-    }
+    red_sums[lid] = vec3<f32>(hsum(sml_acc), hsum(med_acc), hsum(big_acc));
+    red_max[lid] = max(max(max4.x, max4.y), max(max4.z, max4.w));
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            red_scale[lid] = max(red_scale[lid], red_scale[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let scale = red_scale[0];
-
-    // Scaled sum of squares.
-    var ssq = 0.0;
-    if (scale > 0.0) {
-        for (var k = 0u; k < COLS_PER_THREAD; k++) {
-            let col = tile * TILE + k * WG + lid;
-            if (col < params.cols && nonfinite_flags(g[k]) == 0u) {
-                let r = g[k] / scale;
-                ssq += r * r;
-            }
-        }
-    }
-    red_ssq[lid] = ssq;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red_ssq[lid] += red_ssq[lid + s];
+            red_sums[lid] += red_sums[lid + s];
+            red_max[lid] = max(red_max[lid], red_max[lid + s]);
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
         let at = mb * params.tiles_total + params.tile_base + tile;
-        partials[at] = Partial(scale, red_ssq[0], atomicLoad(&red_flags), 0u);
+        let m = red_max[0];
+        var flags = 0u;
+        var rec = vec2<f32>(0.0, 0.0);
+        if (m > INF_BITS) {
+            flags = FLAG_NAN;
+        } else if (m == INF_BITS) {
+            flags = FLAG_INF;
+        } else {
+            rec = blue_to_scaled(red_sums[0], bitcast<f32>(m));
+        }
+        partials[at] = Partial(rec.x, rec.y, flags, 0u);
     }
 }

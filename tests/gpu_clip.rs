@@ -22,6 +22,10 @@ fn smoke_shapes() {
         (33, &[4096, 17], 32),
         (64, &[1000], 64),
         (5, &[2049], 2),
+        // around the norm pass's 4096-column tile, and several tiles
+        (6, &[4095, 4096, 4097], 1),
+        (9, &[8191, 1, 12289], 4),
+        (3, &[8193], 3),
     ];
     for (k, &(n, widths, b)) in cases.iter().enumerate() {
         let t = random_tensors(k as u64, n, widths, 1.0);
@@ -64,6 +68,30 @@ fn windows_smaller_than_a_tensor() {
             TOL,
             &format!("binding {max_binding} offsets"),
         );
+    }
+}
+
+#[test]
+fn windows_over_several_column_tiles() {
+    // Rows wider than one norm tile (4096 columns), cut into windows: the carry
+    // crosses tile boundaries.
+    let Some(mut gpu) = gpu() else { return };
+    let n = 11;
+    let widths = [8193, 5, 4095, 4100];
+    let t = random_tensors(17, n, &widths, 1.0);
+    for max_binding in [8193 * 4 + 256, 3 * 8193 * 4] {
+        gpu.set_max_binding_bytes(max_binding);
+        for b in [1, 3, 4, 11] {
+            let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+            check(
+                &mut gpu,
+                &cfg,
+                &t,
+                n,
+                TOL,
+                &format!("binding {max_binding} b {b}"),
+            );
+        }
     }
 }
 
@@ -123,6 +151,41 @@ fn near_f32_max_means_and_norms() {
     );
 }
 
+#[test]
+fn mixed_magnitudes_in_one_tile() {
+    // Every class of the one-pass scaled sum of squares in the same tile: big
+    // (> 2^52), medium and small (< 2^-63) means, and each pair without the third.
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (4, 5000);
+    let classes: [&[f32]; 4] = [
+        &[1e30, 1.0, 1e-30],
+        &[1e20, 3.0],
+        &[2.0, 1e-25],
+        &[1e-35, 1e-20],
+    ];
+    for (k, mags) in classes.iter().enumerate() {
+        let base = random_tensors(40 + k as u64, n, &[d], 1.0).remove(0);
+        let t: Vec<f32> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * mags[(i % d) % mags.len()])
+            .collect();
+        for cfg in [
+            ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
+            ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
+        ] {
+            check(
+                &mut gpu,
+                &cfg,
+                std::slice::from_ref(&t),
+                n,
+                TOL,
+                &format!("mixed {mags:?}"),
+            );
+        }
+    }
+}
+
 fn with_non_finite(n: usize, widths: &[usize]) -> Vec<Vec<f32>> {
     let mut t = random_tensors(5, n, widths, 1.0);
     let d1 = widths[1];
@@ -156,6 +219,13 @@ fn non_finite_policies() {
             }
         );
         assert_eq!(clip_f64(&cfg, &slices(&t), n).unwrap_err(), err);
+    }
+    // Micro-batches of 3 and 4 rows: pass 4 reads the materialised means.
+    for b in [3, 4] {
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Propagate] {
+            let cfg = ClipConfig::fixed(0.2, MicroBatches::Uniform(b)).with_non_finite(policy);
+            check(&mut gpu, &cfg, &t, n, TOL, &format!("{cfg:?}"));
+        }
     }
     // Every micro-batch non-finite: adaptive bound is NaN, Skip gives zeros.
     let all_nan = vec![f32::NAN; 4 * 3];
@@ -199,6 +269,42 @@ fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) ->
     device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
     let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
     v
+}
+
+#[test]
+fn vec4_and_scalar_loads_give_the_same_bits() {
+    // cols % 4 == 0: at byte offset 0 the norm pass loads vec4, at offset 4 scalars.
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (10, 4100);
+    let t = random_tensors(23, n, &[d], 1.0).remove(0);
+    let device = gpu.device().unwrap().clone();
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(3));
+    let mut results = Vec::new();
+    for pad in [0usize, 1] {
+        let mut data = vec![0.0f32; pad];
+        data.extend_from_slice(&t);
+        let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&data),
+            usage,
+        });
+        let inputs = [GpuTensor {
+            buffer: &input,
+            offset: pad as u64 * 4,
+            cols: d,
+        }];
+        let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+        let out = read_buffer(&gpu, &bufs[0], 0, d);
+        let bits: Vec<u32> = out
+            .iter()
+            .chain(&stats.norms)
+            .map(|v| v.to_bits())
+            .collect();
+        results.push(bits);
+    }
+    assert_eq!(results[0], results[1]);
 }
 
 #[test]
@@ -257,15 +363,11 @@ fn caller_buffers_with_offsets_and_poisoned_outputs() {
             cols: widths[p],
         })
         .collect();
-    let want = clip_f64(
-        &ClipConfig::fixed(0.4, MicroBatches::Uniform(2)),
-        &slices(&t),
-        n,
-    )
-    .unwrap();
-    for max_binding in [u64::MAX, 6000 * 4] {
+    // b = 2 re-reads the rows in pass 4, b = 3 reads materialised means.
+    for (b, max_binding) in [(2, u64::MAX), (2, 6000 * 4), (3, u64::MAX), (3, 6000 * 4)] {
+        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(b));
+        let want = clip_f64(&cfg, &slices(&t), n).unwrap();
         gpu.set_max_binding_bytes(max_binding);
-        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(2));
         let stats = gpu.clip_buffers_into(&cfg, &inputs, n, &outputs).unwrap();
         let all = read_buffer(&gpu, &out, 0, total);
         let grads: Vec<Vec<f32>> = (0..3)

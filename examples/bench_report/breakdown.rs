@@ -1,12 +1,14 @@
 //! `--breakdown`: where microclip's time goes, per kernel.
 //!
-//! Replays microclip's two kernels that read the input, `mb_partials` and
-//! `weighted_sum` (sources from `microclip::shaders::kernel_source`, parameter
-//! blocks laid out as in the WGSL), each as its own submit, on a shape that fits
-//! one storage binding (no row windows, no carry). `weighted_sum` gets the weights
-//! `s_j / M` from the statistics of a real call, and its output is compared with
-//! microclip's (a mismatch means the replayed layout is stale: the breakdown is
-//! then skipped, the report goes on). "rest" = full call - both kernels: the tiny
+//! Replays microclip's two big kernels, `mb_partials` and pass 4 (`weighted_sum`
+//! re-reading the N rows, or `weighted_means` reading the M means that
+//! `mb_partials` wrote, when b >= 3 as in microclip's `materialize_means` rule;
+//! sources from `microclip::shaders::kernel_source`, parameter blocks laid out as
+//! in the WGSL), each as its own submit, on a shape that fits one storage binding
+//! (no row windows, no carry). Pass 4 gets the weights `s_j / M` from the
+//! statistics of a real call, and its output is compared with microclip's (a
+//! mismatch means the replayed layout is stale: the breakdown is then skipped, the
+//! report goes on). "rest" = full call - both kernels: the tiny
 //! `mb_norms` and `clip_factors` dispatches plus host-side encoding, submit and the
 //! read-back of the statistics.
 
@@ -16,6 +18,9 @@ use wgpu::util::DeviceExt;
 use crate::data;
 use crate::kernels::{Gpu, RefKernels};
 use crate::report::{interleaved, median};
+
+/// Columns per workgroup of mb_partials.wgsl (`TILE` there).
+const TILE: usize = 4096;
 
 /// `Params` of mb_partials.wgsl.
 #[repr(C)]
@@ -35,7 +40,24 @@ struct PartialsParams {
     last_local: u32,
     carry_in_base: u32,
     carry_out_base: u32,
-    pad: [u32; 2],
+    vec4_path: u32,
+    write_means: u32,
+    means_base: u32,
+    pad: [u32; 3],
+}
+
+/// `Params` of weighted_means.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct MeansSumParams {
+    cols: u32,
+    means_base: u32,
+    micro_batches: u32,
+    groups_x: u32,
+    out_offset: u32,
+    skip_zero: u32,
+    groups: u32,
+    group: u32,
 }
 
 /// `Params` of weighted_sum.wgsl.
@@ -156,7 +178,7 @@ pub fn run(
 ) -> Result<Vec<String>, String> {
     // One binding, no windows: N x D x 4 <= max_binding - (align - 4).
     let usable = gpu.max_binding.saturating_sub(gpu.storage_align) as usize;
-    let d = d.min(usable / (n * 4) / 1024 * 1024).max(1024);
+    let d = d.min(usable / (n * 4) / TILE * TILE).max(TILE);
     let x = data::device_tensor(gpu, 0xb4ea, 0, n, d)?;
     let bytes = (n * d * 4) as u64;
     let reference = refk.read_sum(gpu, &x, bytes);
@@ -165,8 +187,8 @@ pub fn run(
         String::new(),
         format!("## per-kernel breakdown (N = {n}, D = {d}, one binding; median of {runs} runs, each kernel its own submit)"),
         String::new(),
-        "| b | M | full call ms | mb_partials ms | weighted_sum ms | rest ms | read-sum ms | mb_partials / read | weighted_sum / read | workgroups (partials, sum) |".to_string(),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".to_string(),
+        "| b | M | full call ms | mb_partials ms | pass 4 ms | rest ms | read-sum ms | mb_partials / read | pass 4 / read | pass 4 | workgroups (partials, sum) |".to_string(),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|".to_string(),
     ];
     for &b in bs.iter().filter(|&&b| b <= n) {
         let m = n.div_ceil(b);
@@ -204,10 +226,17 @@ pub fn run(
         let offsets = storage_init(gpu, bytemuck::cast_slice(&offsets));
         let weights: Vec<f32> = stats.factors.iter().map(|&s| s / m as f32).collect();
         let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
-        let tiles = d.div_ceil(1024) as u64;
+        let tiles = d.div_ceil(TILE) as u64;
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
         let carry = gpu.storage_buffer("breakdown carry", 16)?;
+        // microclip's rule (plan.rs `materialize_means`): b >= 3 writes the means in
+        // pass 1 and pass 4 is weighted_means over them.
+        let with_means = n >= 3 * m && (m * d * 4) as u64 <= gpu.max_binding;
+        let means = gpu.storage_buffer(
+            "breakdown means",
+            if with_means { (m * d * 4) as u64 } else { 16 },
+        )?;
         let pp = uniform(
             gpu,
             &PartialsParams {
@@ -217,6 +246,8 @@ pub fn run(
                 tiles_x: tx,
                 tiles_total: tiles as u32,
                 last_local: (m - 1) as u32,
+                vec4_path: d.is_multiple_of(4) as u32,
+                write_means: with_means as u32,
                 ..Default::default()
             },
         );
@@ -229,40 +260,68 @@ pub fn run(
                 offsets.as_entire_binding(),
                 partials.as_entire_binding(),
                 carry.as_entire_binding(),
+                x.as_entire_binding(),
+                means.as_entire_binding(),
             ],
             (tx, ty, m as u32),
         );
         let (gx, gy) = split((d as u64).div_ceil(256));
-        let sp = uniform(
-            gpu,
-            &SumParams {
-                cols: d as u32,
-                row_end: n as u32,
-                mb_count: m as u32,
-                groups_x: gx,
-                skip_zero: 1,
-                groups: 1,
-                ..Default::default()
-            },
-        );
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
-        let sum = Single::new(
-            gpu,
-            "weighted_sum",
-            &[
-                sp.as_entire_binding(),
-                x.as_entire_binding(),
-                offsets.as_entire_binding(),
-                weights.as_entire_binding(),
-                replay_out.as_entire_binding(),
-            ],
-            (gx, gy, 1),
-        );
+        let sum = if with_means {
+            let sp = uniform(
+                gpu,
+                &MeansSumParams {
+                    cols: d as u32,
+                    micro_batches: m as u32,
+                    groups_x: gx,
+                    skip_zero: 1,
+                    groups: 1,
+                    ..Default::default()
+                },
+            );
+            Single::new(
+                gpu,
+                "weighted_means",
+                &[
+                    sp.as_entire_binding(),
+                    means.as_entire_binding(),
+                    weights.as_entire_binding(),
+                    replay_out.as_entire_binding(),
+                ],
+                (gx, gy, 1),
+            )
+        } else {
+            let sp = uniform(
+                gpu,
+                &SumParams {
+                    cols: d as u32,
+                    row_end: n as u32,
+                    mb_count: m as u32,
+                    groups_x: gx,
+                    skip_zero: 1,
+                    groups: 1,
+                    ..Default::default()
+                },
+            );
+            Single::new(
+                gpu,
+                "weighted_sum",
+                &[
+                    sp.as_entire_binding(),
+                    x.as_entire_binding(),
+                    offsets.as_entire_binding(),
+                    weights.as_entire_binding(),
+                    replay_out.as_entire_binding(),
+                ],
+                (gx, gy, 1),
+            )
+        };
+        part.run(gpu);
         sum.run(gpu);
         let got = gpu.read_f32(&replay_out, 0, d as u64);
         if got != want {
             lines.push(format!(
-                "| {b} | {m} | replayed weighted_sum differs from microclip's output: kernel layout changed, breakdown skipped | | | | | | | |"
+                "| {b} | {m} | replayed pass 4 differs from microclip's output: kernel layout changed, breakdown skipped | | | | | | | |"
             ));
             continue;
         }
@@ -282,10 +341,15 @@ pub fn run(
         );
         let [read, full, p, w] = [0, 1, 2, 3].map(|i| median(&s[i]));
         lines.push(format!(
-            "| {b} | {m} | {full:.2} | {p:.2} | {w:.2} | {:.2} | {read:.2} | {:.2} | {:.2} | {}, {} |",
+            "| {b} | {m} | {full:.2} | {p:.2} | {w:.2} | {:.2} | {read:.2} | {:.2} | {:.2} | {} | {}, {} |",
             full - p - w,
             p / read,
             w / read,
+            if with_means {
+                "weighted_means (M rows)"
+            } else {
+                "weighted_sum (N rows)"
+            },
             tiles * m as u64,
             (d as u64).div_ceil(256)
         ));

@@ -7,7 +7,7 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
 
 /// Every kernel: (name, needs the column-mean helper, body).
-pub(crate) const KERNELS: [(&str, bool, &str); 5] = [
+pub(crate) const KERNELS: [(&str, bool, &str); 6] = [
     (
         "mb_partials",
         true,
@@ -27,6 +27,11 @@ pub(crate) const KERNELS: [(&str, bool, &str); 5] = [
         "weighted_sum",
         true,
         include_str!("../../shaders/weighted_sum.wgsl"),
+    ),
+    (
+        "weighted_means",
+        false,
+        include_str!("../../shaders/weighted_means.wgsl"),
     ),
     (
         "add_noise",
@@ -65,7 +70,10 @@ pub(crate) struct PartialsParams {
     pub last_local: u32,
     pub carry_in_base: u32,
     pub carry_out_base: u32,
-    pub pad: [u32; 2],
+    pub vec4_path: u32,
+    pub write_means: u32,
+    pub means_base: u32,
+    pub pad: [u32; 3],
 }
 
 /// `Params` of mb_norms.wgsl.
@@ -128,6 +136,19 @@ pub(crate) struct NoiseParams {
 pub(crate) const NOISE_MODE_ADD: u32 = 0;
 /// `NoiseParams::mode`: write each element's raw Philox word (tests).
 pub(crate) const NOISE_MODE_RAW_WORDS: u32 = 1;
+/// `Params` of weighted_means.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct MeansSumParams {
+    pub cols: u32,
+    pub means_base: u32,
+    pub micro_batches: u32,
+    pub groups_x: u32,
+    pub out_offset: u32,
+    pub skip_zero: u32,
+    pub groups: u32,
+    pub group: u32,
+}
 
 /// Size in bytes of the `Partial` record of common.wgsl.
 pub(crate) const PARTIAL_BYTES: u64 = 16;
@@ -143,6 +164,7 @@ pub(crate) struct Kernels {
     pub factors: wgpu::ComputePipeline,
     pub weighted_sum: wgpu::ComputePipeline,
     pub add_noise: wgpu::ComputePipeline,
+    pub weighted_means: wgpu::ComputePipeline,
 }
 
 impl Kernels {
@@ -168,6 +190,7 @@ impl Kernels {
             factors: build("clip_factors"),
             weighted_sum: build("weighted_sum"),
             add_noise: build("add_noise"),
+            weighted_means: build("weighted_means"),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! four passes, submission and the read-back of the statistics.
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
-//! 1. `mb_partials`: per (micro-batch, 1024-column tile) partial squared norm of the
+//! 1. `mb_partials`: per (micro-batch, 4096-column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window;
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
 //!    (tiles are numbered group by group);
@@ -19,10 +19,13 @@ use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinitePolicy};
 use crate::error::{ClipError, Result};
 use kernels::{
-    FactorsParams, Kernels, NoiseParams, NormsParams, PartialsParams, SumParams, MB_NORM_BYTES,
-    NOISE_MODE_ADD, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
+    FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams, SumParams,
+    MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
 };
-use plan::{aligned_binding, dispatch_2d, plan_windows, tiles, Window, WORKGROUP};
+use plan::{
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, tiles, vec4_rows, Window,
+    WORKGROUP,
+};
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
 
@@ -453,6 +456,13 @@ impl GpuClipper {
         let carry = self
             .pool
             .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
+        let total_cols: u64 = inputs.iter().map(|t| t.cols as u64).sum();
+        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
+        let with_means = materialize_means(n, m, total_cols, self.max_binding);
+        let means_bytes = if with_means { m * total_cols * 4 } else { 0 };
+        let means = self.pool.get(Slot::Means, means_bytes, storage);
+        let mut means_base = 0u64;
+        let mut means_dispatches = Vec::new();
 
         // All uniform blocks of the call in one buffer, one block per aligned slot.
         let mut params = ParamBlocks::new(self.uniform_align);
@@ -486,31 +496,56 @@ impl GpuClipper {
                     last_local: w.mb_count - 1,
                     carry_in_base: ((k + 1) % 2) as u32 * carry_half,
                     carry_out_base: (k % 2) as u32 * carry_half,
-                    pad: [0; 2],
+                    vec4_path: vec4_rows(cols, w) as u32,
+                    write_means: with_means as u32,
+                    means_base: means_base as u32,
+                    pad: [0; 3],
                 });
-                partial_dispatches.push((p, t.buffer, w.clone(), (tiles_x, tiles_y, w.mb_count)));
-                let s = params.push(&SumParams {
+                partial_dispatches.push((
+                    p,
+                    t.buffer,
+                    w.clone(),
+                    vec4_rows(cols, w),
+                    (tiles_x, tiles_y, w.mb_count),
+                ));
+                if !with_means {
+                    let s = params.push(&SumParams {
+                        cols: cols as u32,
+                        elem_offset: w.elem_offset,
+                        row_start: w.row_start,
+                        row_end: w.row_end,
+                        mb_first: w.mb_first,
+                        mb_count: w.mb_count,
+                        groups_x,
+                        out_offset,
+                        accumulate: (k > 0) as u32,
+                        skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
+                        groups: g as u32,
+                        group: *group,
+                    });
+                    sum_dispatches.push((
+                        s,
+                        t.buffer,
+                        w.clone(),
+                        (o.buffer, out_bind, out_size),
+                        (groups_x, groups_y),
+                    ));
+                }
+            }
+            if with_means {
+                let p = params.push(&MeansSumParams {
                     cols: cols as u32,
-                    elem_offset: w.elem_offset,
-                    row_start: w.row_start,
-                    row_end: w.row_end,
-                    mb_first: w.mb_first,
-                    mb_count: w.mb_count,
+                    means_base: means_base as u32,
+                    micro_batches: m as u32,
                     groups_x,
                     out_offset,
-                    accumulate: (k > 0) as u32,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
                     groups: g as u32,
                     group: *group,
                 });
-                sum_dispatches.push((
-                    s,
-                    t.buffer,
-                    w.clone(),
-                    (o.buffer, out_bind, out_size),
-                    (groups_x, groups_y),
-                ));
+                means_dispatches.push((p, (o.buffer, out_bind, out_size), (groups_x, groups_y)));
             }
+            means_base += m * cols;
             if let Some(noise) = config.noise {
                 let n = params.push(&noise_params(
                     &noise,
@@ -585,7 +620,7 @@ impl GpuClipper {
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
-            .map(|(p, buffer, w, _)| {
+            .map(|(p, buffer, w, vec4, _)| {
                 bind(
                     &k.partials,
                     vec![
@@ -594,6 +629,13 @@ impl GpuClipper {
                         whole(&row_offsets),
                         whole(&partials),
                         whole(&carry),
+                        // the rows again as vec4, or any read-only buffer when unused
+                        if *vec4 {
+                            range(buffer, w.bind_offset, w.bind_size)
+                        } else {
+                            whole(&row_offsets)
+                        },
+                        whole(&means),
                     ],
                 )
             })
@@ -649,6 +691,21 @@ impl GpuClipper {
             })
             .collect();
 
+        let means_groups: Vec<_> = means_dispatches
+            .iter()
+            .map(|(p, (out, out_bind, out_size), _)| {
+                bind(
+                    &k.weighted_means,
+                    vec![
+                        uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
+                        whole(&means),
+                        whole(&weights),
+                        range(out, *out_bind, *out_size),
+                    ],
+                )
+            })
+            .collect();
+
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("microclip"),
         });
@@ -658,7 +715,7 @@ impl GpuClipper {
                 timestamp_writes: None,
             });
             pass.set_pipeline(&k.partials);
-            for (group, (_, _, _, (x, y, z))) in partial_groups.iter().zip(&partial_dispatches) {
+            for (group, (_, _, _, _, (x, y, z))) in partial_groups.iter().zip(&partial_dispatches) {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, *z);
             }
@@ -672,6 +729,13 @@ impl GpuClipper {
             for (group, (_, _, _, _, (x, y))) in sum_groups.iter().zip(&sum_dispatches) {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, 1);
+            }
+            if !means_groups.is_empty() {
+                pass.set_pipeline(&k.weighted_means);
+                for (group, (_, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
+                    pass.set_bind_group(0, group, &[]);
+                    pass.dispatch_workgroups(*x, *y, 1);
+                }
             }
             if !noise_groups.is_empty() {
                 pass.set_pipeline(&k.add_noise);

@@ -4,7 +4,7 @@
 use crate::error::{ClipError, Result};
 
 /// Columns one workgroup of the norm pass covers (must match `TILE` in mb_partials.wgsl).
-pub(crate) const TILE_COLS: u64 = 1024;
+pub(crate) const TILE_COLS: u64 = 4096;
 /// Workgroup size of every kernel.
 pub(crate) const WORKGROUP: u64 = 256;
 /// Largest workgroup count of one dispatch dimension (WebGPU default limit).
@@ -114,6 +114,29 @@ pub(crate) fn tiles(cols: u64) -> u64 {
     cols.div_ceil(TILE_COLS)
 }
 
+/// Whether mb_partials may read a window's rows as vec4: every row starts at a
+/// multiple of 4 elements from the start of the binding (so the binding, whose
+/// start is aligned, is also a whole number of vec4).
+pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
+    cols.is_multiple_of(4) && w.elem_offset.is_multiple_of(4)
+}
+
+/// Whether a call materialises the micro-batch means: pass 1 also writes the
+/// `[M, D_p]` means of every tensor (`means_bytes = M x sum D_p x 4` of extra device
+/// memory) and pass 4 reads them instead of re-reading the `N` input rows. Input
+/// bytes read: `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
+/// `2 x N x D x 4`, so it pays when the average micro-batch holds `b = N / M >= 3`
+/// rows. Only when the means fit one storage binding; otherwise the rows are
+/// re-read (no extra memory).
+pub(crate) fn materialize_means(
+    n: u64,
+    micro_batches: u64,
+    total_cols: u64,
+    max_binding: u64,
+) -> bool {
+    n >= 3 * micro_batches && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,11 +194,36 @@ mod tests {
     }
 
     #[test]
+    fn vec4_rows_need_aligned_rows() {
+        let w = |cols, base| plan_windows(&offsets(10, 3), cols, base, 1 << 20, 256).unwrap();
+        assert!(vec4_rows(8, &w(8, 0)[0]));
+        assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
+        assert!(!vec4_rows(8, &w(8, 260)[0]));
+        assert!(!vec4_rows(6, &w(6, 0)[0]));
+    }
+
+    #[test]
+    fn means_are_materialised_from_three_rows_per_micro_batch() {
+        assert!(!materialize_means(256, 256, 1000, 1 << 27)); // b = 1
+        assert!(!materialize_means(10, 4, 1000, 1 << 27)); // b = 2.5
+        assert!(materialize_means(12, 4, 1000, 1 << 27)); // b = 3
+        assert!(materialize_means(256, 1, 1000, 1 << 27));
+        assert!(!materialize_means(256, 64, 1 << 20, 1 << 27)); // 256 MiB of means
+    }
+
+    #[test]
+    fn tile_matches_the_shader() {
+        let src = include_str!("../../shaders/mb_partials.wgsl");
+        assert!(src.contains(&format!("const TILE: u32 = {TILE_COLS}u;")));
+    }
+
+    #[test]
     fn dispatch_shapes() {
         assert_eq!(dispatch_2d(1).unwrap(), (1, 1));
         assert_eq!(dispatch_2d(65535).unwrap(), (65535, 1));
         assert_eq!(dispatch_2d(65536).unwrap(), (65535, 2));
         assert_eq!(tiles(1), 1);
-        assert_eq!(tiles(1025), 2);
+        assert_eq!(tiles(4096), 1);
+        assert_eq!(tiles(4097), 2);
     }
 }

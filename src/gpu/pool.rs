@@ -20,6 +20,8 @@ pub(crate) enum Slot {
     /// First tile of each group.
     GroupTiles,
     Carry,
+    /// `[M, D_p]` micro-batch means, when a call materialises them.
+    Means,
     Readback,
     /// Host-path upload of input tensor `p`.
     Input(usize),

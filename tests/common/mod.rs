@@ -315,6 +315,7 @@ fn width() -> impl Strategy<Value = usize> {
         1..3000usize,
         (1..10usize, -1..=1i64).prop_map(|(k, d)| (k as i64 * 256 + d).max(1) as usize),
         (1..4usize, -1..=1i64).prop_map(|(k, d)| (k as i64 * 1024 + d) as usize),
+        (1..3usize, -1..=1i64).prop_map(|(k, d)| (k as i64 * 4096 + d) as usize),
     ]
 }
 
