@@ -85,8 +85,13 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     }
     storageBarrier();
 
-    // (B) Per group.
+    // (B) Per group. Every thread also sums C_g^2 as a (scale, ssq) pair (the
+    // bounds are the same in all threads), so the sensitivity sqrt(sum_g C_g^2) and
+    // the noise scale are formed without overflow even when a bound is beyond
+    // f32::MAX.
     let inv_m = 1.0 / f32(m);
+    var sens = vec2<f32>(0.0, 0.0);
+    var sens_valid = true;
     for (var g = 0u; g < groups; g++) {
         // Smallest norm over the finite micro-batches, as a (scale, root) pair.
         var best = vec2<f32>(0.0, 0.0);
@@ -123,10 +128,13 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         if (params.adaptive == 0u) {
             bound.x = bounds[g];
         } else {
-            bound = vec2<f32>(red_min[0].x * params.scale, red_min[0].y);
+            // The scale goes into the root, so the pair's scale stays a norm's.
+            bound = vec2<f32>(red_min[0].x, red_min[0].y * params.scale);
             bound_valid = red_found[0] == 1u;
         }
         workgroupBarrier(); // everyone has read red_min before the next group's tree
+        sens = combine_scaled(sens, vec2<f32>(bound.x, bound.y * bound.y));
+        sens_valid = sens_valid && bound_valid;
 
         for (var j = lid; j < m; j += WG) {
             let at = j * groups + g;
@@ -157,8 +165,16 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                 } else if (params.function == FN_NORMALIZE) {
                     factor = select(0.0, ratio, positive);
                 } else {
-                    // C / (norm + gamma); a norm beyond f32::MAX leaves C / norm.
-                    factor = select(ratio, (bound.x * bound.y) / (norm + params.gamma), norm <= 3.4028235e38);
+                    // C / (norm + gamma) = (C / norm) * (norm / (norm + gamma)), so
+                    // neither C nor the norm has to fit in f32; a norm beyond f32::MAX
+                    // leaves C / norm, and a zero norm gives C / gamma.
+                    if (!positive) {
+                        factor = (bound.x * bound.y) / params.gamma;
+                    } else if (norm <= 3.4028235e38) {
+                        factor = ratio * (norm / (norm + params.gamma));
+                    } else {
+                        factor = ratio;
+                    }
                 }
             }
             factors[at] = factor;
@@ -169,30 +185,17 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             bounds[g] = select(nan_f32(), bound.x * bound.y, bound_valid);
         }
     }
-    storageBarrier();
 
-    // (C) Totals: the sensitivity sqrt(sum_g C_g^2), scaled by the largest bound.
+    // (C) Totals.
     if (lid == 0u) {
-        var top = 0.0;
-        var any_nan = false;
-        for (var g = 0u; g < groups; g++) {
-            let c = bounds[g];
-            any_nan = any_nan || nonfinite_flags(c) == FLAG_NAN;
-            top = max(top, c);
-        }
-        var sensitivity = top;
-        if (groups > 1u && top > 0.0 && top <= 3.4028235e38) {
-            var ssq = 0.0;
-            for (var g = 0u; g < groups; g++) {
-                let r = bounds[g] / top;
-                ssq += r * r;
-            }
-            sensitivity = top * sqrt(ssq);
-        }
-        if (any_nan) {
+        let root = sqrt(sens.y);
+        var sensitivity = sens.x * root;
+        var noise_scale = ((params.sigma * inv_m) * sens.x) * root;
+        if (!sens_valid) {
             sensitivity = nan_f32();
+            noise_scale = nan_f32();
         }
         stats = Stats(sensitivity, atomicLoad(&clipped), atomicLoad(&nonfinite),
-            atomicLoad(&first_nonfinite), params.sigma * sensitivity * inv_m, 0u, 0u, 0u);
+            atomicLoad(&first_nonfinite), noise_scale, 0u, 0u, 0u);
     }
 }

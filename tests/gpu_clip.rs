@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use microclip::reference::clip_f64;
-use microclip::{ClipConfig, MicroBatches, NonFinitePolicy};
+use microclip::{ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
 use microclip::{ClipError, ClipOutput, Clipper, GpuTensor, GpuTensorMut};
 use wgpu::util::DeviceExt;
 
@@ -387,4 +387,23 @@ fn caller_buffers_with_offsets_and_poisoned_outputs() {
             .collect();
         assert_matches(&ClipOutput { grads, stats }, &want, TOL, "returned buffers");
     }
+}
+
+/// Found by the random test: an adaptive AUTO-S bound beyond `f32::MAX` (scale 2 on
+/// norms near 2.9e38) must still give the finite factors `C / (norm + gamma)`.
+#[test]
+fn automatic_clipping_with_a_bound_beyond_f32_max() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 4;
+    let t = random_tensors(13461045567923405046, n, &[22, 4097, 3072, 1], 1e36);
+    let cfg = ClipConfig::adaptive(1.9968778, MicroBatches::Uniform(2))
+        .with_function(ClipFunction::Automatic { gamma: 0.001 });
+    check(&mut gpu, &cfg, &t, n, 3e-5, "AUTO-S, bound 5.7e38");
+    // A zero noise multiplier on that infinite-in-f32 sensitivity adds exactly 0.
+    let cfg = cfg.with_noise(microclip::GaussianNoise {
+        multiplier: 0.0,
+        seed: 1,
+        step: 2,
+    });
+    check(&mut gpu, &cfg, &t, n, 3e-5, "AUTO-S, bound 5.7e38, sigma 0");
 }

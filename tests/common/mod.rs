@@ -389,7 +389,9 @@ fn case() -> impl Strategy<Value = Case> {
                     max_binding,
                     function,
                     groups,
-                    noise,
+                    // GPU noise is formed in f32: with values near f32::MAX the noise
+                    // term itself can overflow where the float64 reference does not.
+                    noise: noise.filter(|_| magnitude < 1e36),
                     seed,
                 }
             },
