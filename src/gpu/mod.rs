@@ -389,7 +389,11 @@ impl GpuClipper {
             clip_bound: floats[0],
             clipped_count: word(1) as usize,
             nonfinite_count: word(2) as usize,
-            noise_std: config.noise.map_or(0.0, |n| n.multiplier * floats[0]),
+            // sigma * S, where sigma = 0 means no noise even if S overflowed f32.
+            noise_std: config
+                .noise
+                .filter(|n| n.multiplier != 0.0)
+                .map_or(0.0, |n| n.multiplier * floats[0]),
             norms: floats[at..at + m * g].to_vec(),
             factors: floats[at + m * g..at + 2 * m * g].to_vec(),
             group_bounds: floats[at + 2 * m * g..at + 2 * m * g + g].to_vec(),
