@@ -265,7 +265,10 @@ pub fn run(
         );
         let (gx, gy) = split((d as u64).div_ceil(256));
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
-        let sum = if with_means {
+        // b = 1 (M = N): microclip's pass 4 reads the rows as the means (plan.rs
+        // `rows_are_means`).
+        let rows_are_means = !with_means && m == n;
+        let sum = if with_means || rows_are_means {
             let sp = uniform(
                 gpu,
                 &MeansSumParams {
@@ -281,7 +284,11 @@ pub fn run(
                 "weighted_means",
                 &[
                     sp.as_entire_binding(),
-                    means.as_entire_binding(),
+                    if with_means {
+                        means.as_entire_binding()
+                    } else {
+                        x.as_entire_binding()
+                    },
                     weights.as_entire_binding(),
                     replay_out.as_entire_binding(),
                 ],
@@ -343,6 +350,8 @@ pub fn run(
             w / read,
             if with_means {
                 "weighted_means (M rows)"
+            } else if rows_are_means {
+                "weighted_means (N = M rows of the input)"
             } else {
                 "weighted_sum (N rows)"
             },

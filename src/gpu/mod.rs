@@ -3,10 +3,12 @@
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, 4096-column tile) partial squared norm of the
-//!    micro-batch mean, for every tensor and row window;
+//!    micro-batch mean, for every tensor and row window (and, when
+//!    `materialize_means` says so, the means themselves);
 //! 2. `mb_norms`: per micro-batch norm over all tiles of all tensors;
 //! 3. `clip_factors`: bound (fixed or adaptive), factors, weights, counts;
-//! 4. `weighted_sum`: `out_p = sum_j (s_j / M) * mean_j`, per tensor and window.
+//! 4. `weighted_sum`: `out_p = sum_j (s_j / M) * mean_j`, per tensor and window;
+//!    or `weighted_means`, the same sum over the stored means, per tensor.
 
 pub(crate) mod kernels;
 mod plan;
@@ -20,8 +22,8 @@ use kernels::{
     PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, plan_windows, tiles, vec4_rows, Window,
-    WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tiles,
+    vec4_rows, Window, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -432,6 +434,7 @@ impl GpuClipper {
             let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
             let (out_bind, out_size, out_offset) =
                 aligned_binding(o.offset, cols * 4, self.storage_align);
+            let rows_are_means = !with_means && rows_are_means(n, m, windows);
             for (k, w) in windows.iter().enumerate() {
                 let p = params.push(&PartialsParams {
                     cols: cols as u32,
@@ -460,7 +463,7 @@ impl GpuClipper {
                     vec4_rows(cols, w),
                     (tiles_x, tiles_y, w.mb_count),
                 ));
-                if !with_means {
+                if !with_means && !rows_are_means {
                     let s = params.push(&SumParams {
                         cols: cols as u32,
                         elem_offset: w.elem_offset,
@@ -483,17 +486,28 @@ impl GpuClipper {
                     ));
                 }
             }
-            if with_means {
+            if with_means || rows_are_means {
+                let (source, base) = if with_means {
+                    ((&means, 0, means.size()), means_base as u32)
+                } else {
+                    let w = &windows[0];
+                    ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset)
+                };
                 let p = params.push(&MeansSumParams {
                     cols: cols as u32,
-                    means_base: means_base as u32,
+                    means_base: base,
                     micro_batches: m as u32,
                     groups_x,
                     out_offset,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
                     pad: [0; 2],
                 });
-                means_dispatches.push((p, (o.buffer, out_bind, out_size), (groups_x, groups_y)));
+                means_dispatches.push((
+                    p,
+                    source,
+                    (o.buffer, out_bind, out_size),
+                    (groups_x, groups_y),
+                ));
             }
             means_base += m * cols;
         }
@@ -615,12 +629,12 @@ impl GpuClipper {
 
         let means_groups: Vec<_> = means_dispatches
             .iter()
-            .map(|(p, (out, out_bind, out_size), _)| {
+            .map(|(p, (source, at, size), (out, out_bind, out_size), _)| {
                 bind(
                     &k.weighted_means,
                     vec![
                         uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
-                        whole(&means),
+                        range(source, *at, *size),
                         whole(&weights),
                         range(out, *out_bind, *out_size),
                     ],
@@ -654,7 +668,7 @@ impl GpuClipper {
             }
             if !means_groups.is_empty() {
                 pass.set_pipeline(&k.weighted_means);
-                for (group, (_, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
+                for (group, (_, _, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
                     pass.set_bind_group(0, group, &[]);
                     pass.dispatch_workgroups(*x, *y, 1);
                 }
