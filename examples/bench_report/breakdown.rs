@@ -56,7 +56,8 @@ struct MeansSumParams {
     groups_x: u32,
     out_offset: u32,
     skip_zero: u32,
-    pad: [u32; 2],
+    vec4_path: u32,
+    pad: u32,
 }
 
 /// `Params` of weighted_sum.wgsl.
@@ -269,30 +270,30 @@ pub fn run(
         // `rows_are_means`).
         let rows_are_means = !with_means && m == n;
         let sum = if with_means || rows_are_means {
+            let (mx, my) = split((d as u64).div_ceil(1024));
             let sp = uniform(
                 gpu,
                 &MeansSumParams {
                     cols: d as u32,
                     micro_batches: m as u32,
-                    groups_x: gx,
+                    groups_x: mx,
                     skip_zero: 1,
+                    vec4_path: d.is_multiple_of(4) as u32,
                     ..Default::default()
                 },
             );
+            let source = if with_means { &means } else { &x };
             Single::new(
                 gpu,
                 "weighted_means",
                 &[
                     sp.as_entire_binding(),
-                    if with_means {
-                        means.as_entire_binding()
-                    } else {
-                        x.as_entire_binding()
-                    },
+                    source.as_entire_binding(),
                     weights.as_entire_binding(),
                     replay_out.as_entire_binding(),
+                    source.as_entire_binding(),
                 ],
-                (gx, gy, 1),
+                (mx, my, 1),
             )
         } else {
             let sp = uniform(

@@ -493,21 +493,19 @@ impl GpuClipper {
                     let w = &windows[0];
                     ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset)
                 };
+                let vec4 = cols.is_multiple_of(4) && base.is_multiple_of(4);
+                let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
                 let p = params.push(&MeansSumParams {
                     cols: cols as u32,
                     means_base: base,
                     micro_batches: m as u32,
-                    groups_x,
+                    groups_x: mx,
                     out_offset,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
-                    pad: [0; 2],
+                    vec4_path: vec4 as u32,
+                    pad: 0,
                 });
-                means_dispatches.push((
-                    p,
-                    source,
-                    (o.buffer, out_bind, out_size),
-                    (groups_x, groups_y),
-                ));
+                means_dispatches.push((p, source, vec4, (o.buffer, out_bind, out_size), (mx, my)));
             }
             means_base += m * cols;
         }
@@ -629,17 +627,25 @@ impl GpuClipper {
 
         let means_groups: Vec<_> = means_dispatches
             .iter()
-            .map(|(p, (source, at, size), (out, out_bind, out_size), _)| {
-                bind(
-                    &k.weighted_means,
-                    vec![
-                        uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
-                        range(source, *at, *size),
-                        whole(&weights),
-                        range(out, *out_bind, *out_size),
-                    ],
-                )
-            })
+            .map(
+                |(p, (source, at, size), vec4, (out, out_bind, out_size), _)| {
+                    bind(
+                        &k.weighted_means,
+                        vec![
+                            uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
+                            range(source, *at, *size),
+                            whole(&weights),
+                            range(out, *out_bind, *out_size),
+                            // the means again as vec4, or any read-only buffer when unused
+                            if *vec4 {
+                                range(source, *at, *size)
+                            } else {
+                                whole(&row_offsets)
+                            },
+                        ],
+                    )
+                },
+            )
             .collect();
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -668,7 +674,7 @@ impl GpuClipper {
             }
             if !means_groups.is_empty() {
                 pass.set_pipeline(&k.weighted_means);
-                for (group, (_, _, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
+                for (group, (_, _, _, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
                     pass.set_bind_group(0, group, &[]);
                     pass.dispatch_workgroups(*x, *y, 1);
                 }
