@@ -139,8 +139,10 @@ impl Clipper {
     }
 
     /// Extra device memory this clipper holds between calls: norm partials,
-    /// per-micro-batch state, row offsets, parameters, carry rows and the read-back
-    /// buffer (not the host path's upload of the input itself). 0 on the CPU.
+    /// per-micro-batch state, row offsets, parameters, carry rows, micro-batch means
+    /// (`M x D_total x 4` bytes, pooled from the first call with `N / M >= 3`) and
+    /// the read-back buffer (not the host path's upload of the input itself). 0 on
+    /// the CPU.
     pub fn scratch_bytes(&self) -> u64 {
         match &self.engine {
             Engine::Gpu(gpu) => gpu.scratch_bytes(),

@@ -68,11 +68,14 @@
 //! ## Memory
 //!
 //! No copy of the `N x D` input is ever made on the device. The GPU path uses
-//! `M x ceil(D_total / 1024) x 16` bytes of norm partials, `M x G x 28 + M x 4`
+//! `M x sum_p ceil(D_p / 4096) x 16` bytes of norm partials, `M x G x 28 + M x 4`
 //! bytes of per-(micro-batch, group) state, `N x 4` bytes of row offsets, `G x 8`
 //! bytes of group tables and, only when a tensor is larger than one storage
-//! binding, two carry rows of `D_p x 4` bytes. Noise is generated in place in the
-//! output: no buffer of random numbers.
+//! binding, two carry rows of `D_p x 4` bytes. When the micro-batches hold
+//! `b = N / M >= 3` rows on average and the means fit one storage binding, it also
+//! keeps the `M x D_total x 4` bytes of micro-batch means (a fraction `1 / b` of
+//! the input), which saves re-reading the input in the last pass. Noise is
+//! generated in place in the output: no buffer of random numbers.
 
 #![warn(missing_docs)]
 

@@ -273,38 +273,41 @@ fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) ->
 
 #[test]
 fn vec4_and_scalar_loads_give_the_same_bits() {
-    // cols % 4 == 0: at byte offset 0 the norm pass loads vec4, at offset 4 scalars.
+    // cols % 4 == 0: at byte offset 0 the input is loaded as vec4, at offset 4 as scalars.
     let Some(mut gpu) = gpu() else { return };
     let (n, d) = (10, 4100);
     let t = random_tensors(23, n, &[d], 1.0).remove(0);
     let device = gpu.device().unwrap().clone();
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(3));
-    let mut results = Vec::new();
-    for pad in [0usize, 1] {
-        let mut data = vec![0.0f32; pad];
-        data.extend_from_slice(&t);
-        let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(&data),
-            usage,
-        });
-        let inputs = [GpuTensor {
-            buffer: &input,
-            offset: pad as u64 * 4,
-            cols: d,
-        }];
-        let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
-        let out = read_buffer(&gpu, &bufs[0], 0, d);
-        let bits: Vec<u32> = out
-            .iter()
-            .chain(&stats.norms)
-            .map(|v| v.to_bits())
-            .collect();
-        results.push(bits);
+    // b = 3: pass 4 reads stored means; b = 1: it reads the rows (vec4 or scalar).
+    for b in [1, 3] {
+        let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+        let mut results = Vec::new();
+        for pad in [0usize, 1] {
+            let mut data = vec![0.0f32; pad];
+            data.extend_from_slice(&t);
+            let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&data),
+                usage,
+            });
+            let inputs = [GpuTensor {
+                buffer: &input,
+                offset: pad as u64 * 4,
+                cols: d,
+            }];
+            let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+            let out = read_buffer(&gpu, &bufs[0], 0, d);
+            let bits: Vec<u32> = out
+                .iter()
+                .chain(&stats.norms)
+                .map(|v| v.to_bits())
+                .collect();
+            results.push(bits);
+        }
+        assert_eq!(results[0], results[1], "b = {b}");
     }
-    assert_eq!(results[0], results[1]);
 }
 
 #[test]

@@ -56,8 +56,10 @@ struct MeansSumParams {
     groups_x: u32,
     out_offset: u32,
     skip_zero: u32,
+    vec4_path: u32,
     groups: u32,
     group: u32,
+    pad: [u32; 3],
 }
 
 /// `Params` of weighted_sum.wgsl.
@@ -267,28 +269,35 @@ pub fn run(
         );
         let (gx, gy) = split((d as u64).div_ceil(256));
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
-        let sum = if with_means {
+        // b = 1 (M = N): microclip's pass 4 reads the rows as the means (plan.rs
+        // `rows_are_means`).
+        let rows_are_means = !with_means && m == n;
+        let sum = if with_means || rows_are_means {
+            let (mx, my) = split((d as u64).div_ceil(1024));
             let sp = uniform(
                 gpu,
                 &MeansSumParams {
                     cols: d as u32,
                     micro_batches: m as u32,
-                    groups_x: gx,
+                    groups_x: mx,
                     skip_zero: 1,
                     groups: 1,
+                    vec4_path: d.is_multiple_of(4) as u32,
                     ..Default::default()
                 },
             );
+            let source = if with_means { &means } else { &x };
             Single::new(
                 gpu,
                 "weighted_means",
                 &[
                     sp.as_entire_binding(),
-                    means.as_entire_binding(),
+                    source.as_entire_binding(),
                     weights.as_entire_binding(),
                     replay_out.as_entire_binding(),
+                    source.as_entire_binding(),
                 ],
-                (gx, gy, 1),
+                (mx, my, 1),
             )
         } else {
             let sp = uniform(
@@ -347,6 +356,8 @@ pub fn run(
             w / read,
             if with_means {
                 "weighted_means (M rows)"
+            } else if rows_are_means {
+                "weighted_means (N = M rows of the input)"
             } else {
                 "weighted_sum (N rows)"
             },

@@ -146,8 +146,10 @@ pub(crate) struct MeansSumParams {
     pub groups_x: u32,
     pub out_offset: u32,
     pub skip_zero: u32,
+    pub vec4_path: u32,
     pub groups: u32,
     pub group: u32,
+    pub pad: [u32; 3],
 }
 
 /// Size in bytes of the `Partial` record of common.wgsl.

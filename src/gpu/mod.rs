@@ -3,12 +3,14 @@
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, 4096-column tile) partial squared norm of the
-//!    micro-batch mean, for every tensor and row window;
+//!    micro-batch mean, for every tensor and row window (and, when
+//!    `materialize_means` says so, the means themselves);
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
 //!    (tiles are numbered group by group);
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
 //!    total sensitivity and the noise scale;
 //! 4. `weighted_sum`: `out_p = sum_j (s_{j,g} / M) * mean_j`, per tensor and window;
+//!    or `weighted_means`, the same sum over the stored means, per tensor;
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
 pub(crate) mod kernels;
@@ -23,8 +25,8 @@ use kernels::{
     MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, plan_windows, tiles, vec4_rows, Window,
-    WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tiles,
+    vec4_rows, Window, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -484,6 +486,7 @@ impl GpuClipper {
             let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
             let (out_bind, out_size, out_offset) =
                 aligned_binding(o.offset, cols * 4, self.storage_align);
+            let rows_are_means = !with_means && rows_are_means(n, m, windows);
             for (k, w) in windows.iter().enumerate() {
                 let p = params.push(&PartialsParams {
                     cols: cols as u32,
@@ -512,7 +515,7 @@ impl GpuClipper {
                     vec4_rows(cols, w),
                     (tiles_x, tiles_y, w.mb_count),
                 ));
-                if !with_means {
+                if !with_means && !rows_are_means {
                     let s = params.push(&SumParams {
                         cols: cols as u32,
                         elem_offset: w.elem_offset,
@@ -536,18 +539,28 @@ impl GpuClipper {
                     ));
                 }
             }
-            if with_means {
+            if with_means || rows_are_means {
+                let (source, base) = if with_means {
+                    ((&means, 0, means.size()), means_base as u32)
+                } else {
+                    let w = &windows[0];
+                    ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset)
+                };
+                let vec4 = cols.is_multiple_of(4) && base.is_multiple_of(4);
+                let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
                 let p = params.push(&MeansSumParams {
                     cols: cols as u32,
-                    means_base: means_base as u32,
+                    means_base: base,
                     micro_batches: m as u32,
-                    groups_x,
+                    groups_x: mx,
                     out_offset,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
+                    vec4_path: vec4 as u32,
                     groups: g as u32,
                     group: *group,
+                    pad: [0; 3],
                 });
-                means_dispatches.push((p, (o.buffer, out_bind, out_size), (groups_x, groups_y)));
+                means_dispatches.push((p, source, vec4, (o.buffer, out_bind, out_size), (mx, my)));
             }
             means_base += m * cols;
             if let Some(noise) = config.noise {
@@ -697,17 +710,25 @@ impl GpuClipper {
 
         let means_groups: Vec<_> = means_dispatches
             .iter()
-            .map(|(p, (out, out_bind, out_size), _)| {
-                bind(
-                    &k.weighted_means,
-                    vec![
-                        uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
-                        whole(&means),
-                        whole(&weights),
-                        range(out, *out_bind, *out_size),
-                    ],
-                )
-            })
+            .map(
+                |(p, (source, at, size), vec4, (out, out_bind, out_size), _)| {
+                    bind(
+                        &k.weighted_means,
+                        vec![
+                            uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
+                            range(source, *at, *size),
+                            whole(&weights),
+                            range(out, *out_bind, *out_size),
+                            // the means again as vec4, or any read-only buffer when unused
+                            if *vec4 {
+                                range(source, *at, *size)
+                            } else {
+                                whole(&row_offsets)
+                            },
+                        ],
+                    )
+                },
+            )
             .collect();
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -736,7 +757,7 @@ impl GpuClipper {
             }
             if !means_groups.is_empty() {
                 pass.set_pipeline(&k.weighted_means);
-                for (group, (_, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
+                for (group, (_, _, _, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
                     pass.set_bind_group(0, group, &[]);
                     pass.dispatch_workgroups(*x, *y, 1);
                 }

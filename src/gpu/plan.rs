@@ -137,6 +137,15 @@ pub(crate) fn materialize_means(
     n >= 3 * micro_batches && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
 }
 
+/// Whether pass 4 can read a tensor's input rows as the micro-batch means: every
+/// micro-batch is one row (`M = N`, where the mean of a row is the row, bitwise)
+/// and the tensor is one window. Then `weighted_means` (two loads per element)
+/// replaces `weighted_sum` (which re-derives each one-row mean from the offsets),
+/// with no extra memory.
+pub(crate) fn rows_are_means(n: u64, micro_batches: u64, windows: &[Window]) -> bool {
+    micro_batches == n && windows.len() == 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

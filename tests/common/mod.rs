@@ -334,9 +334,13 @@ fn case() -> impl Strategy<Value = Case> {
                 (1..=n).prop_map(move |m| MicroBatches::Offsets(random_offsets(seed, n, m))),
             ];
             let max_w = *widths.iter().max().unwrap() as u64;
+            // A limit below one row is a TooLarge error (tested in errors.rs), and so is
+            // one below the norm partials (16 bytes per micro-batch and 4096-column tile).
+            let tiles: u64 = widths.iter().map(|&w| (w as u64).div_ceil(4096)).sum();
+            let floor = (max_w * 4 + 256).max(n as u64 * tiles * 16);
             let max_binding = prop_oneof![
                 Just(None),
-                (0..20_000u64).prop_map(move |extra| Some(max_w * 4 + 256 + extra)),
+                (0..20_000u64).prop_map(move |extra| Some(floor + extra)),
             ];
             (
                 Just((n, widths, seed)),
