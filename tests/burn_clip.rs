@@ -72,7 +72,7 @@ impl ParamRef<'_> {
         .try_to_vec::<f32>()
         .unwrap()
     }
-    fn from_params(&self, g: &GradientsParams) -> Vec<f32> {
+    fn in_params(&self, g: &GradientsParams) -> Vec<f32> {
         match self {
             ParamRef::W(p) => g.get::<2>(p.id).unwrap().into_data(),
             ParamRef::B(p) => g.get::<1>(p.id).unwrap().into_data(),
@@ -119,8 +119,8 @@ fn micro_batch_grads(
     let mut rows = MicroBatchGrads::new(model);
     let mut host = vec![Vec::new(); model.params().len()];
     for j in 0..m {
-        let xj = x.clone().slice([j * b..(j + 1) * b]);
-        let yj = y.clone().slice([j * b..(j + 1) * b]);
+        let xj = x.clone().narrow(0, j * b, b);
+        let yj = y.clone().narrow(0, j * b, b);
         let grads = mse(model.forward(xj), yj).backward();
         for (h, p) in host.iter_mut().zip(model.params()) {
             h.extend(p.grad_host(&grads));
@@ -157,7 +157,7 @@ fn clipped_gradient_matches_the_float64_reference() {
             );
         }
         for (p, w) in model.params().iter().zip(&want.grads) {
-            let got = p.from_params(&grads);
+            let got = p.in_params(&grads);
             assert_eq!(got.len(), w.len());
             for (g, w) in got.iter().zip(w) {
                 assert!(
