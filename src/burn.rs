@@ -60,8 +60,10 @@
 //! The gradient rows, the stacked `[M, D_p]` tensors and the clipped output never
 //! leave the device: the adapter never reads a tensor (no `into_data`, `to_data`
 //! or `read` call), it passes the `wgpu::Buffer` handles CubeCL owns straight to
-//! [`Clipper::clip_buffers_into`], and the only bytes read back are microclip's
-//! statistics (`O(M)`). Before microclip records its work, the adapter flushes
+//! [`Clipper::clip_buffers`], copies the clipped average into burn tensors with a
+//! device-side `copy_buffer_to_buffer` (CubeCL packs tensors into shared page
+//! buffers, and one dispatch cannot bind a buffer both read-only and read-write),
+//! and the only bytes read back are microclip's statistics (`O(M)`). Before microclip records its work, the adapter flushes
 //! burn's pending commands on the shared queue (`client.flush()`), so the wgpu
 //! queue orders burn's backward, microclip's kernels and burn's next operations.
 //!
