@@ -48,6 +48,11 @@
 //! the statistics (O(M) bytes) come back to the host. Build the clipper on the
 //! framework's own device with [`Clipper::from_device`].
 //!
+//! ## burn
+//!
+//! With the `burn` feature, `microclip::burn` shares one wgpu device with burn 0.22
+//! and clips burn gradient tensors in burn's own buffers.
+//!
 //! ## Backends
 //!
 //! [`Backend::Gpu`] runs the WGSL kernels in `shaders/`; [`Backend::Cpu`] runs the
@@ -85,6 +90,8 @@
 struct ReadmeExamples;
 
 pub mod accountant;
+#[cfg(feature = "burn")]
+pub mod burn;
 mod clipper;
 mod config;
 mod cpu;
