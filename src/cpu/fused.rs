@@ -13,9 +13,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{
-    add_row, axpy, factor, scale_and_sum_squares, sum_squares, PathOutput, Plan, BLOCK_COLS,
-};
+use super::{add_row, axpy, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
 
 /// The factor `h` applied during the pass: `s_j` with a fixed bound; `s_j / C` with
@@ -130,8 +128,10 @@ fn worker(
     (norms, acc)
 }
 
-/// Runs the pass with groups of `group_size` micro-batches between barriers.
-pub(super) fn run(plan: &Plan<'_>, group_size: usize) -> PathOutput {
+/// Runs the pass with groups of `group_size` micro-batches between barriers;
+/// returns the `[M, G]` norms and, per tensor, `sum_j h_j * mean_j` with `h_j` of
+/// [`pass_factor`] (`s_j / C_g` under an adaptive bound).
+pub(super) fn run(plan: &Plan<'_>, group_size: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(plan.blocks.len())
@@ -154,18 +154,15 @@ pub(super) fn run(plan: &Plan<'_>, group_size: usize) -> PathOutput {
             .map(|h| h.join().expect("clip worker panicked"))
             .collect()
     });
-    let mut sums: Vec<Vec<f64>> = plan.widths.iter().map(|&d| Vec::with_capacity(d)).collect();
-    for (r, (_, acc)) in ranges.iter().zip(&results) {
-        let mut at = 0;
-        for b in &plan.blocks[r.clone()] {
-            sums[b.tensor].extend_from_slice(&acc[at..at + b.w]);
-            at += b.w;
-        }
-    }
-    let adaptive_scaled = matches!(plan.config.bound, ClipBound::Adaptive { .. });
-    PathOutput {
-        norms: results.into_iter().next().map(|r| r.0).unwrap_or_default(),
-        sums,
-        adaptive_scaled,
-    }
+    // Each thread's accumulator holds its blocks in order, and the threads' ranges
+    // follow each other: cut them back into blocks.
+    let block_sums = ranges.iter().zip(&results).flat_map(|(r, (_, acc))| {
+        plan.blocks[r.clone()].iter().scan(0, move |at, b| {
+            *at += b.w;
+            Some(&acc[*at - b.w..*at])
+        })
+    });
+    let sums = plan.per_tensor(block_sums);
+    let norms = results.into_iter().next().map(|r| r.0).unwrap_or_default();
+    (norms, sums)
 }

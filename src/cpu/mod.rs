@@ -76,6 +76,15 @@ impl<'a> Plan<'a> {
         self.group_of[b.tensor]
     }
 
+    /// Per-block rows (in block order) joined into one row per tensor.
+    fn per_tensor<'s>(&self, block_rows: impl Iterator<Item = &'s [f64]>) -> Vec<Vec<f64>> {
+        let mut rows: Vec<Vec<f64>> = self.widths.iter().map(|&d| Vec::with_capacity(d)).collect();
+        for (b, r) in self.blocks.iter().zip(block_rows) {
+            rows[b.tensor].extend_from_slice(r);
+        }
+        rows
+    }
+
     /// Norms `[M, G]` from per-(micro-batch, block) squared norms, in block order.
     fn norms(&self, block_ssq: impl Fn(usize) -> f64) -> Vec<f64> {
         let mut ssq = vec![0.0f64; self.groups];
@@ -239,15 +248,6 @@ fn factors(plan: &Plan<'_>, norms: &[f64]) -> Result<Factors> {
     })
 }
 
-/// What a path returns: the `[M, G]` norms and, per tensor, `sum_j h_j * mean_j`
-/// in f64; `adaptive_scaled` says that `h_j = s_j / C_g` (fused path, adaptive
-/// bound) rather than `s_j`.
-struct PathOutput {
-    norms: Vec<f64>,
-    sums: Vec<Vec<f64>>,
-    adaptive_scaled: bool,
-}
-
 /// Micro-batches per barrier of the fused path, at most.
 const MAX_GROUP: usize = 16;
 
@@ -293,11 +293,22 @@ pub(crate) fn clip(
         blocks,
         propagate: config.non_finite == NonFinitePolicy::Propagate,
     };
-    let out = match choose(&plan, fused_budget) {
-        Some(group_size) => fused::run(&plan, group_size),
-        None => two_pass::run(&plan)?,
+    // Per tensor, sum_j h_j * mean_j, where h_j = s_j / C_g when `adaptive_scaled`
+    // (the fused path under an adaptive bound), else s_j.
+    let (norms, sums, f, adaptive_scaled) = match choose(&plan, fused_budget) {
+        Some(group_size) => {
+            let (norms, sums) = fused::run(&plan, group_size);
+            let f = factors(&plan, &norms)?;
+            let adaptive = matches!(config.bound, ClipBound::Adaptive { .. });
+            (norms, sums, f, adaptive)
+        }
+        None => {
+            let norms = two_pass::norms(&plan);
+            let f = factors(&plan, &norms)?;
+            let sums = two_pass::sums(&plan, &f.factors);
+            (norms, sums, f, false)
+        }
     };
-    let f = factors(&plan, &out.norms)?;
     let m = plan.micro_batches() as f64;
     let sensitivity = f.bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
     let noise_std = config
@@ -305,15 +316,14 @@ pub(crate) fn clip(
         .map_or(0.0, |n| n.multiplier as f64 * sensitivity);
 
     let mut first_element = 0u64;
-    let grads = out
-        .sums
+    let grads = sums
         .iter()
         .enumerate()
         .map(|(p, sum)| {
             let bound = f.bounds[plan.group_of[p]];
             // With no finite micro-batch the bound is NaN, and every h_j is already
             // the final factor (NaN or 0) of a non-finite micro-batch.
-            let scale = if out.adaptive_scaled && !bound.is_nan() {
+            let scale = if adaptive_scaled && !bound.is_nan() {
                 bound / m
             } else {
                 1.0 / m
@@ -337,7 +347,7 @@ pub(crate) fn clip(
         grads,
         stats: ClipStats {
             groups: plan.groups,
-            norms: to_f32(&out.norms),
+            norms: to_f32(&norms),
             factors: to_f32(&f.factors),
             group_bounds: to_f32(&f.bounds),
             clip_bound: sensitivity as f32,

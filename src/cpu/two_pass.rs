@@ -5,8 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{add_row, axpy, factors, scale_and_sum_squares, sum_squares, PathOutput, Plan};
-use crate::error::Result;
+use super::{add_row, axpy, scale_and_sum_squares, sum_squares, Plan};
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
 fn block_ssq(plan: &Plan<'_>, b: &super::Block, j: usize, sum: &mut [f64]) -> f64 {
@@ -22,9 +21,9 @@ fn block_ssq(plan: &Plan<'_>, b: &super::Block, j: usize, sum: &mut [f64]) -> f6
     scale_and_sum_squares(sum, inv_n, None)
 }
 
-pub(super) fn run(plan: &Plan<'_>) -> Result<PathOutput> {
-    let (m, g) = (plan.micro_batches(), plan.groups);
-    // Pass 1: per block, the squared norm of each micro-batch mean.
+/// Pass 1: the `[M, G]` norms, per block in parallel, summed in block order.
+pub(super) fn norms(plan: &Plan<'_>) -> Vec<f64> {
+    let m = plan.micro_batches();
     let ssq: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
@@ -33,17 +32,19 @@ pub(super) fn run(plan: &Plan<'_>) -> Result<PathOutput> {
             (0..m).map(|j| block_ssq(plan, b, j, &mut sum)).collect()
         })
         .collect();
-    let norms: Vec<f64> = (0..m).flat_map(|j| plan.norms(|k| ssq[k][j])).collect();
+    (0..m).flat_map(|j| plan.norms(|k| ssq[k][j])).collect()
+}
 
-    // Pass 2: sum_j s_j * mean_j = sum_i (s_j(i) / n_j(i)) * x_i, block by block.
-    let f = factors(plan, &norms)?;
+/// Pass 2, once the `[M, G]` factors are known: per tensor,
+/// `sum_j s_j * mean_j = sum_i (s_j(i) / n_j(i)) * x_i`, block by block.
+pub(super) fn sums(plan: &Plan<'_>, factors: &[f64]) -> Vec<Vec<f64>> {
     let block_sums: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
         .map(|b| {
             let mut acc = vec![0.0f64; b.w];
-            for j in 0..m {
-                let s = f.factors[j * g + plan.group(b)];
+            for j in 0..plan.micro_batches() {
+                let s = factors[j * plan.groups + plan.group(b)];
                 if s == 0.0 && !plan.propagate {
                     continue;
                 }
@@ -56,13 +57,5 @@ pub(super) fn run(plan: &Plan<'_>) -> Result<PathOutput> {
             acc
         })
         .collect();
-    let mut sums: Vec<Vec<f64>> = plan.widths.iter().map(|&d| Vec::with_capacity(d)).collect();
-    for (b, s) in plan.blocks.iter().zip(block_sums) {
-        sums[b.tensor].extend_from_slice(&s);
-    }
-    Ok(PathOutput {
-        norms,
-        sums,
-        adaptive_scaled: false,
-    })
+    plan.per_tensor(block_sums.iter().map(Vec::as_slice))
 }
