@@ -620,19 +620,7 @@ impl GpuClipper {
             })
         };
         let bind = |pipeline: &wgpu::ComputePipeline, resources: Vec<wgpu::BindingResource<'_>>| {
-            let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
-                .into_iter()
-                .enumerate()
-                .map(|(i, resource)| wgpu::BindGroupEntry {
-                    binding: i as u32,
-                    resource,
-                })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            })
+            bind_group(device, pipeline, resources)
         };
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
@@ -827,24 +815,15 @@ impl GpuClipper {
         self.queue
             .write_buffer(&uniforms, 0, bytemuck::bytes_of(&params));
         let pipeline = &self.kernels.add_noise;
-        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: range(&uniforms, 0, std::mem::size_of::<NoiseParams>() as u64),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: whole(&stats),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: range(&out, 0, bytes),
-                },
+        let group = bind_group(
+            &self.device,
+            pipeline,
+            vec![
+                range(&uniforms, 0, std::mem::size_of::<NoiseParams>() as u64),
+                whole(&stats),
+                range(&out, 0, bytes),
             ],
-        });
+        );
         let readback = self
             .pool
             .get(Slot::Readback, bytes, U::MAP_READ | U::COPY_DST);
@@ -901,6 +880,27 @@ fn noise_params(
         mode,
         pad: [0; 2],
     }
+}
+
+/// A bind group of `pipeline`'s group 0 with `resources` at bindings 0, 1, ...
+fn bind_group(
+    device: &wgpu::Device,
+    pipeline: &wgpu::ComputePipeline,
+    resources: Vec<wgpu::BindingResource<'_>>,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+        .into_iter()
+        .enumerate()
+        .map(|(i, resource)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource,
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
 }
 
 /// `size` bytes of `buffer` from `offset` as a binding.
