@@ -178,10 +178,10 @@ impl Clipper {
     ) -> Result<ClipOutput> {
         let offsets = config.row_offsets(n_samples)?;
         let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
-        config.tensor_groups(tensors.len())?;
+        let groups = config.tensor_groups(tensors.len())?;
         match &mut self.engine {
-            Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, tensors),
-            Engine::Cpu(budget) => cpu::clip(config, &offsets, &widths, tensors, *budget),
+            Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, &groups, tensors),
+            Engine::Cpu(budget) => cpu::clip(config, &offsets, &widths, &groups, tensors, *budget),
         }
     }
 
@@ -203,8 +203,8 @@ impl Clipper {
             });
         }
         let offsets = config.row_offsets(n_samples)?;
-        config.tensor_groups(inputs.len())?;
-        gpu.clip_buffers(config, &offsets, inputs, outputs)
+        let groups = config.tensor_groups(inputs.len())?;
+        gpu.clip_buffers(config, &offsets, &groups, inputs, outputs)
     }
 
     /// Like [`Self::clip_buffers_into`], returning new buffers (usage

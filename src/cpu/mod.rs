@@ -52,7 +52,7 @@ struct Plan<'a> {
     widths: &'a [usize],
     tensors: &'a [&'a [f32]],
     groups: usize,
-    group_of: Vec<usize>,
+    group_of: &'a [usize],
     blocks: Vec<Block>,
     propagate: bool,
 }
@@ -264,11 +264,13 @@ fn choose(plan: &Plan<'_>, budget: usize) -> Option<usize> {
         .then(|| per_group.min(MAX_GROUP).min(plan.micro_batches()))
 }
 
-/// Runs the step on the CPU. `offsets` and `widths` are validated by the caller.
+/// Runs the step on the CPU. `offsets`, `widths` and `group_of` (the group of each
+/// tensor) are validated by the caller.
 pub(crate) fn clip(
     config: &ClipConfig,
     offsets: &[usize],
     widths: &[usize],
+    group_of: &[usize],
     tensors: &[&[f32]],
     fused_budget: usize,
 ) -> Result<ClipOutput> {
@@ -289,7 +291,7 @@ pub(crate) fn clip(
         widths,
         tensors,
         groups: config.group_count(),
-        group_of: config.tensor_groups(tensors.len())?,
+        group_of,
         blocks,
         propagate: config.non_finite == NonFinitePolicy::Propagate,
     };

@@ -179,6 +179,7 @@ impl GpuClipper {
         config: &ClipConfig,
         offsets: &[usize],
         widths: &[usize],
+        group_of: &[usize],
         tensors: &[&[f32]],
     ) -> Result<ClipOutput> {
         let max_buffer = self.device.limits().max_buffer_size;
@@ -219,7 +220,7 @@ impl GpuClipper {
                 cols: *cols,
             })
             .collect();
-        let (stats, grads) = self.run(config, offsets, &in_views, &out_views, true)?;
+        let (stats, grads) = self.run(config, offsets, group_of, &in_views, &out_views, true)?;
         Ok(ClipOutput { grads, stats })
     }
 
@@ -228,10 +229,11 @@ impl GpuClipper {
         &mut self,
         config: &ClipConfig,
         offsets: &[usize],
+        group_of: &[usize],
         inputs: &[GpuTensor<'_>],
         outputs: &[GpuTensorMut<'_>],
     ) -> Result<ClipStats> {
-        self.run(config, offsets, inputs, outputs, false)
+        self.run(config, offsets, group_of, inputs, outputs, false)
             .map(|(stats, _)| stats)
     }
 
@@ -357,6 +359,7 @@ impl GpuClipper {
         &mut self,
         config: &ClipConfig,
         offsets: &[usize],
+        group_of: &[usize],
         inputs: &[GpuTensor<'_>],
         outputs: &[GpuTensorMut<'_>],
         read_outputs: bool,
@@ -367,8 +370,7 @@ impl GpuClipper {
         }
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
-        let group_of = config.tensor_groups(inputs.len())?;
-        let layout = self.plan(&offsets_u32, inputs, &group_of)?;
+        let layout = self.plan(&offsets_u32, inputs, group_of)?;
 
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
