@@ -91,11 +91,7 @@ fn bench_device(
         .collect();
     let inputs: Vec<GpuTensor<'_>> = tensors
         .iter()
-        .map(|&(buffer, cols)| GpuTensor {
-            buffer,
-            offset: 0,
-            cols,
-        })
+        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols))
         .collect();
     let outputs: Vec<GpuTensorMut<'_>> = outs
         .iter()

@@ -9,7 +9,8 @@
 //!     --out OUT.npy [--norms NORMS.npy] [--stats STATS.json]
 //! ```
 //!
-//! * `G.npy`: 2-D `[N, D]` float32 or float64 (float64 is rounded to float32), C or
+//! * `G.npy`: 2-D `[N, D]` float16, float32 or float64 (float64 is rounded to
+//!   float32; float16 is clipped as 16-bit input, half the bytes to read), C or
 //!   Fortran order.
 //! * `O.npy`: 1-D int32/int64/uint32/uint64 row offsets `[0, ..., N]`.
 //! * `--clip 1.5` is a fixed bound, `--clip min` the adaptive bound `min_j norm_j`,
@@ -32,9 +33,10 @@
 //! Errors are one line on stderr, `error: ...`, with exit status 1.
 
 use clap::{ArgGroup, Parser, ValueEnum};
+use microclip::half::f16;
 use microclip::{
-    Backend, BackendKind, ClipBound, ClipConfig, ClipFunction, Clipper, GaussianNoise,
-    MicroBatches, NonFinitePolicy,
+    Backend, BackendKind, ClipBound, ClipConfig, ClipFunction, ClipOutput, Clipper, GaussianNoise,
+    GradElement, MicroBatches, NonFinitePolicy,
 };
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::error::Error;
@@ -50,7 +52,7 @@ type Npy = NpyFile<BufReader<File>>;
 #[derive(Parser)]
 #[command(group(ArgGroup::new("layout").required(true).args(["micro_batch", "offsets"])))]
 struct Args {
-    /// Per-sample gradients: 2-D [N, D] .npy, float32 or float64 (float64 is rounded to float32)
+    /// Per-sample gradients: 2-D [N, D] .npy, float16, float32 or float64 (float64 is rounded to float32)
     #[arg(long, value_name = "G.npy")]
     grads: PathBuf,
     /// Micro-batches of B consecutive rows (the last one is shorter when B does not divide N)
@@ -146,40 +148,57 @@ fn parse_clip(s: &str) -> Result<ClipBound, String> {
     Ok(bound)
 }
 
-/// The element types `--grads` accepts. Another one (float16, once npyz's `half`
-/// feature is on) is one more variant with an arm in `of` and in `read`.
-enum GradDtype {
-    F32,
-    F64,
+/// The gradient matrix as read: float16 stays 16-bit (clipped as such, with f32
+/// accumulation); float32 and float64 (rounded to nearest) become f32.
+enum Grads {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
 }
 
-impl GradDtype {
-    fn of(dtype: &DType) -> Res<Self> {
-        match dtype {
-            DType::Plain(t) if t.type_char() == TypeChar::Float => match t.size_field() {
-                4 => return Ok(Self::F32),
-                8 => return Ok(Self::F64),
-                2 => return Err("float16 input is not supported yet; convert to float32".into()),
-                _ => {}
-            },
-            _ => {}
+impl Grads {
+    /// All elements of `npy` in file order.
+    fn read(npy: Npy) -> Res<Self> {
+        let dtype = npy.dtype();
+        if let DType::Plain(t) = &dtype {
+            if t.type_char() == TypeChar::Float {
+                match t.size_field() {
+                    2 => return Ok(Self::F16(npy.into_vec::<f16>()?)),
+                    4 => return Ok(Self::F32(npy.into_vec::<f32>()?)),
+                    8 => {
+                        return Ok(Self::F32(
+                            npy.data::<f64>()?
+                                .map(|v| v.map(|x| x as f32))
+                                .collect::<Result<_, _>>()?,
+                        ))
+                    }
+                    _ => {}
+                }
+            }
         }
         Err(format!(
-            "dtype {} is not supported; need float32 or float64",
+            "dtype {} is not supported; need float16, float32 or float64",
             dtype.descr()
         )
         .into())
     }
 
-    /// All elements in file order, as f32 (float64 rounded to nearest).
-    fn read(self, npy: Npy) -> Res<Vec<f32>> {
-        Ok(match self {
-            Self::F32 => npy.into_vec::<f32>()?,
-            Self::F64 => npy
-                .data::<f64>()?
-                .map(|v| v.map(|x| x as f32))
-                .collect::<Result<_, _>>()?,
-        })
+    fn len(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len(),
+            Self::F32(v) => v.len(),
+        }
+    }
+
+    /// Column-major `[n, d]` data reordered to row-major.
+    fn fortran_to_row_major(self, n: usize, d: usize) -> Self {
+        fn reorder<T: Copy>(data: Vec<T>, n: usize, d: usize) -> Vec<T> {
+            // Element (i, c) is stored at c * n + i.
+            (0..n * d).map(|k| data[(k % d) * n + k / d]).collect()
+        }
+        match self {
+            Self::F16(v) => Self::F16(reorder(v, n, d)),
+            Self::F32(v) => Self::F32(reorder(v, n, d)),
+        }
     }
 }
 
@@ -192,8 +211,8 @@ fn open_npy(path: &Path) -> Res<Npy> {
     Ok(NpyFile::new(BufReader::new(File::open(path)?))?)
 }
 
-/// Reads `G` as a row-major `[N, D]` f32 matrix; returns it with `N`.
-fn read_grads(path: &Path) -> Res<(Vec<f32>, usize)> {
+/// Reads `G` as a row-major `[N, D]` matrix; returns it with `N`.
+fn read_grads(path: &Path) -> Res<(Grads, usize)> {
     in_file(path, || {
         let npy = open_npy(path)?;
         let &[n, d] = npy.shape() else {
@@ -204,12 +223,15 @@ fn read_grads(path: &Path) -> Res<(Vec<f32>, usize)> {
             return Err(format!("empty array of shape [{n}, {d}]").into());
         }
         let fortran = npy.order() == Order::Fortran;
-        let data = GradDtype::of(&npy.dtype())?.read(npy)?;
-        if !fortran {
-            return Ok((data, n));
-        }
-        // Column-major: element (i, c) is stored at c * n + i.
-        Ok(((0..n * d).map(|k| data[(k % d) * n + k / d]).collect(), n))
+        let data = Grads::read(npy)?;
+        Ok((
+            if fortran {
+                data.fortran_to_row_major(n, d)
+            } else {
+                data
+            },
+            n,
+        ))
     })
 }
 
@@ -264,12 +286,31 @@ fn read_column_groups(path: &Path, d: usize) -> Res<Vec<usize>> {
     Ok(cols)
 }
 
-/// The columns `[c0, c1)` of the row-major `[n, d]` matrix `g`, as `[n, c1 - c0]`.
-fn columns(g: &[f32], n: usize, d: usize, c0: usize, c1: usize) -> Vec<f32> {
-    (0..n)
-        .flat_map(|i| &g[i * d + c0..i * d + c1])
-        .copied()
-        .collect()
+/// Clips the row-major `[n, d]` matrix `g` whose columns `cols[k]..cols[k + 1]`
+/// form tensor k (one tensor without groups; with groups, each group's columns are
+/// copied into a tensor of their own).
+fn clip_columns<T: GradElement>(
+    clipper: &mut Clipper,
+    cfg: &ClipConfig,
+    g: &[T],
+    n: usize,
+    cols: &[usize],
+) -> Res<ClipOutput> {
+    if cols.len() == 2 {
+        return Ok(clipper.clip(cfg, &[g], n)?);
+    }
+    let d = g.len() / n;
+    let tensors: Vec<Vec<T>> = cols
+        .windows(2)
+        .map(|w| {
+            (0..n)
+                .flat_map(|i| &g[i * d + w[0]..i * d + w[1]])
+                .copied()
+                .collect()
+        })
+        .collect();
+    let views: Vec<&[T]> = tensors.iter().map(Vec::as_slice).collect();
+    Ok(clipper.clip(cfg, &views, n)?)
 }
 
 fn write_f32(path: &Path, shape: &[u64], data: &[f32]) -> Res<()> {
@@ -335,24 +376,19 @@ fn run() -> Res<()> {
         Some(path) => read_column_groups(path, d)?,
         None => vec![0, d],
     };
-    let group_tensors: Vec<Vec<f32>>;
-    let tensors: Vec<&[f32]> = if args.groups.is_some() {
+    if args.groups.is_some() {
         cfg = cfg.with_groups((0..cols.len() - 1).collect());
-        group_tensors = cols
-            .windows(2)
-            .map(|w| columns(&grads, n, d, w[0], w[1]))
-            .collect();
-        group_tensors.iter().map(Vec::as_slice).collect()
-    } else {
-        vec![&grads]
-    };
+    }
     cfg.validate()?;
     let mut clipper = Clipper::new(match args.backend {
         BackendArg::Auto => Backend::Auto,
         BackendArg::Gpu => Backend::Gpu,
         BackendArg::Cpu => Backend::Cpu,
     })?;
-    let out = clipper.clip(&cfg, &tensors, n)?;
+    let out = match &grads {
+        Grads::F16(g) => clip_columns(&mut clipper, &cfg, g, n, &cols)?,
+        Grads::F32(g) => clip_columns(&mut clipper, &cfg, g, n, &cols)?,
+    };
     write_f32(&args.out, &[d as u64], &out.grads.concat())?;
     let s = &out.stats;
     let m = s.norms.len() / s.groups;

@@ -1,8 +1,9 @@
 // Pass 1: segmented reduction over rows. One workgroup of WG = 64 threads per
 // (column tile of TILE = 4096 columns, micro-batch of the window). Each thread walks
 // groups of 4 adjacent columns of the tile (group index strided by WG, so loads
-// coalesce), as one vec4 load per row when the tensor's rows are 16-byte aligned
-// in the binding, else as 4 scalar loads; it forms the micro-batch mean of each
+// coalesce), as one load of 4 elements per row when the tensor's rows start at a
+// multiple of 4 elements in the binding, else as 4 scalar loads (f32, f16 or bf16
+// through grads_<type>.wgsl, always accumulated in f32); it forms the micro-batch mean of each
 // column (blocked, as column_mean) and accumulates its squared norm privately; the
 // workgroup then does ONE tree reduction and writes the tile's (scale, ssq, flags)
 // record. Per workgroup: 7 barriers for 4096 columns (was 17 for 1024).
@@ -65,12 +66,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> grads: array<f32>;
+@group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
 @group(0) @binding(4) var<storage, read_write> carry: array<f32>;
-// The same rows as `grads`, as vec4 (bound to a dummy buffer when vec4_path = 0).
-@group(0) @binding(5) var<storage, read> grads4: array<vec4<f32>>;
+// The same rows as `grads`, four elements at a time (bound to a dummy buffer when
+// vec4_path = 0).
+@group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
 // [M, D_p] micro-batch means per tensor, read by weighted_means.wgsl (a dummy
 // buffer when write_means = 0).
 @group(0) @binding(6) var<storage, read_write> means: array<f32>;
@@ -110,7 +112,7 @@ fn column_mean4(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f32> {
     var block = vec4<f32>(0.0);
     var idx = first;
     for (var r = 0u; r < rows; r++) {
-        block += grads4[idx] * inv_n;
+        block += grad_quad(idx) * inv_n;
         idx += stride;
         if ((r + 1u) % ROW_BLOCK == 0u) {
             total += block;
@@ -130,7 +132,7 @@ fn column_mean4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f
     var block = vec4<f32>(0.0);
     var idx = first;
     for (var r = 0u; r < rows; r++) {
-        let x = vec4<f32>(grads[idx], grads[idx + 1u], grads[idx + 2u], grads[idx + 3u]);
+        let x = vec4<f32>(grad_at(idx), grad_at(idx + 1u), grad_at(idx + 2u), grad_at(idx + 3u));
         block += x * inv_n;
         idx += stride;
         if ((r + 1u) % ROW_BLOCK == 0u) {

@@ -15,7 +15,7 @@ struct Params {
     groups_x: u32,      // column group = wg.x + wg.y * groups_x (WG * 4 columns each)
     out_offset: u32,    // element index of out_p[0] in `out`
     skip_zero: u32,     // 1: a zero weight skips its micro-batch (so 0 * NaN never happens)
-    vec4_path: u32,     // 1: cols and means_base are multiples of 4: read `means4`
+    vec4_path: u32,     // 1: cols and means_base are multiples of 4: read `grads4`
     groups: u32,        // parameter groups G: weights are [M, G]
     group: u32,         // this tensor's group
     pad0: u32,
@@ -24,11 +24,14 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> means: array<f32>;
+// The means (f32), or at b = 1 the input rows (any element type): read through
+// grad_at / grad_quad of grads_<type>.wgsl.
+@group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> weights: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-// The same buffer range as `means`, as vec4 (a dummy when vec4_path = 0).
-@group(0) @binding(4) var<storage, read> means4: array<vec4<f32>>;
+// The same buffer range as `grads`, four elements at a time (a dummy when
+// vec4_path = 0).
+@group(0) @binding(4) var<storage, read> grads4: array<GradQuad>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -45,13 +48,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let w = weights[j * params.groups + params.group];
         var mean = vec4<f32>(0.0);
         if (params.vec4_path == 1u && full) {
-            mean = means4[idx >> 2u];
+            mean = grad_quad(idx >> 2u);
         } else if (full) {
-            mean = vec4<f32>(means[idx], means[idx + 1u], means[idx + 2u], means[idx + 3u]);
+            mean = vec4<f32>(grad_at(idx), grad_at(idx + 1u), grad_at(idx + 2u), grad_at(idx + 3u));
         } else {
             for (var k = 0u; k < 4u; k++) {
                 if (col0 + k < params.cols) {
-                    mean[k] = means[idx + k];
+                    mean[k] = grad_at(idx + k);
                 }
             }
         }

@@ -305,11 +305,7 @@ impl BurnClipper {
             let gpu_in: Vec<GpuTensor<'_>> = in_res
                 .iter()
                 .zip(&widths)
-                .map(|(r, &cols)| GpuTensor {
-                    buffer: &r.resource().buffer,
-                    offset: r.resource().offset,
-                    cols,
-                })
+                .map(|(r, &cols)| GpuTensor::new(&r.resource().buffer, r.resource().offset, cols))
                 .collect();
             // CubeCL sub-allocates tensors from shared page buffers, so an output
             // tensor may sit in the same `wgpu::Buffer` as an input, which one

@@ -2,6 +2,7 @@
 
 use crate::config::{tensor_widths, ClipConfig, GaussianNoise};
 use crate::cpu;
+use crate::dtype::GradElement;
 use crate::error::{ClipError, Result};
 use crate::gpu::{GpuClipper, GpuTensor, GpuTensorMut};
 
@@ -169,11 +170,13 @@ impl Clipper {
         }
     }
 
-    /// Clips host slices: tensor `p` is a row-major `[n_samples, D_p]` matrix.
-    pub fn clip(
+    /// Clips host slices: tensor `p` is a row-major `[n_samples, D_p]` matrix of
+    /// `f32`, [`half::f16`] or [`half::bf16`] (accumulated in f32 on the GPU, f64 on
+    /// the CPU; the outputs are f32).
+    pub fn clip<T: GradElement>(
         &mut self,
         config: &ClipConfig,
-        tensors: &[&[f32]],
+        tensors: &[&[T]],
         n_samples: usize,
     ) -> Result<ClipOutput> {
         let offsets = config.row_offsets(n_samples)?;

@@ -40,10 +40,17 @@
 //! # Ok::<(), microclip::ClipError>(())
 //! ```
 //!
+//! ## Input precision
+//!
+//! Inputs are f32, [`half::f16`] or [`half::bf16`] ([`GradElement`]; `half` is
+//! re-exported): `clip` takes `&[&[T]]`, and [`GpuTensor::with_dtype`] marks a
+//! buffer's element type ([`Dtype`]). 16-bit values are widened exactly and
+//! accumulated in f32 (GPU) or f64 (CPU); outputs and statistics are f32.
+//!
 //! ## GPU buffers the caller owns
 //!
 //! [`Clipper::clip_buffers_into`] takes [`GpuTensor`]s (a `wgpu::Buffer`, a byte
-//! offset and the row width) on the clipper's device and writes the clipped average
+//! offset, the row width and the element type) on the clipper's device and writes the clipped average
 //! into caller buffers; [`Clipper::clip_buffers`] returns new buffers instead. Only
 //! the statistics (O(M) bytes) come back to the host. Build the clipper on the
 //! framework's own device with [`Clipper::from_device`].
@@ -95,6 +102,7 @@ pub mod burn;
 mod clipper;
 mod config;
 mod cpu;
+mod dtype;
 mod error;
 mod gpu;
 pub mod noise;
@@ -104,13 +112,16 @@ pub use clipper::{Backend, BackendKind, ClipOutput, ClipStats, Clipper};
 pub use config::{
     ClipBound, ClipConfig, ClipFunction, GaussianNoise, MicroBatches, NonFinitePolicy,
 };
+pub use dtype::{Dtype, GradElement};
 pub use error::{ClipError, Result};
 pub use gpu::{GpuTensor, GpuTensorMut};
+/// The `half` crate, whose `f16` and `bf16` [`Clipper::clip`] accepts.
+pub use half;
 
 /// The WGSL sources as the GPU backend compiles them (shared prelude included), for
 /// validation tools and for reading.
 pub mod shaders {
-    pub use crate::gpu::kernels::{kernel_names, kernel_source};
+    pub use crate::gpu::kernels::{kernel_names, kernel_source, kernel_source_for};
 }
 
 /// Environment variable: when set to `1`, [`Clipper::new`] with [`Backend::Auto`]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use microclip::half::f16;
 use microclip::reference::{clip_f64, Reference};
 use microclip::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, MicroBatches};
 use npyz::{AutoSerialize, DType, NpyFile, Order, WriterBuilder};
@@ -269,6 +270,30 @@ fn uniform_micro_batches_match_reference() {
     }
 }
 
+/// float16 input (C and Fortran order) is clipped as 16-bit input: the same result
+/// as the reference on the values widened to f32.
+#[test]
+fn float16_input_matches_reference() {
+    let dir = Dir::new("f16");
+    let g = write_grads(&dir);
+    let h: Vec<f16> = g.iter().map(|&x| f16::from_f32(x)).collect();
+    let widened: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+    let fortran: Vec<f16> = (0..N * D).map(|k| h[(k % N) * D + k / N]).collect();
+    dir.write("g16.npy", &[N, D], Order::C, &h);
+    dir.write("g16f.npy", &[N, D], Order::Fortran, &fortran);
+    let cfg = ClipConfig::adaptive(0.8, MicroBatches::Uniform(3));
+    let want = clip_f64(&cfg, &[&widened], N).unwrap();
+    for backend in backends() {
+        for input in ["g16", "g16f"] {
+            let stdout = dir.ok(&format!(
+                "--grads @{input}.npy --micro-batch 3 --clip min:0.8 --backend {backend} \
+                 --out @out.npy --norms @norms.npy --stats @stats.json"
+            ));
+            check_outputs(&dir, &stdout, &want, backend, &format!("{backend} {input}"));
+        }
+    }
+}
+
 /// Column groups with one bound each, AUTO-S, and seeded noise: the reference runs
 /// on the same columns split into one tensor per group.
 #[test]
@@ -471,15 +496,15 @@ fn bad_inputs_give_one_error_line() {
     dir.write("o_float.npy", &[4], Order::C, &[0.0f64, 1.0, 5.0, 13.0]);
     dir.write("o_2d.npy", &[2, 2], Order::C, &[0i64, 1, 5, 13]);
     std::fs::write(dir.path("junk.npy"), "not an npy file").unwrap();
-    // float16: a header written by npyz, then raw half-precision zeros.
-    let mut f = std::fs::File::create(dir.path("g_f16.npy")).unwrap();
+    // complex64: a header written by npyz, then raw zeros.
+    let mut f = std::fs::File::create(dir.path("g_c8.npy")).unwrap();
     npyz::WriteOptions::new_header_only()
-        .dtype(DType::new_scalar("<f2".parse().unwrap()))
+        .dtype(DType::new_scalar("<c8".parse().unwrap()))
         .shape(&[N as u64, 4])
         .writer(&mut f)
         .write_header_only()
         .unwrap();
-    f.write_all(&[0u8; N * 4 * 2]).unwrap();
+    f.write_all(&[0u8; N * 4 * 8]).unwrap();
     drop(f);
 
     let rest = "--micro-batch 4 --clip 1 --backend cpu --out @out.npy";
@@ -487,8 +512,11 @@ fn bad_inputs_give_one_error_line() {
         // (arguments, a word the message must hold)
         (format!("--grads @missing.npy {rest}"), "missing.npy"),
         (format!("--grads @junk.npy {rest}"), "junk.npy"),
-        (format!("--grads @g_int.npy {rest}"), "float32 or float64"),
-        (format!("--grads @g_f16.npy {rest}"), "float16"),
+        (
+            format!("--grads @g_int.npy {rest}"),
+            "float16, float32 or float64",
+        ),
+        (format!("--grads @g_c8.npy {rest}"), "<c8"),
         (format!("--grads @g1d.npy {rest}"), "2-D"),
         (format!("--grads @g3d.npy {rest}"), "2-D"),
         (format!("--grads @g_empty.npy {rest}"), "empty"),

@@ -79,7 +79,10 @@ fn host_errors(clipper: &mut Clipper) {
         clipper.clip(&ok, &[&t], 0).unwrap_err(),
         ClipError::NoSamples
     );
-    assert_eq!(clipper.clip(&ok, &[], 4).unwrap_err(), ClipError::NoTensors);
+    assert_eq!(
+        clipper.clip::<f32>(&ok, &[], 4).unwrap_err(),
+        ClipError::NoTensors
+    );
     assert_eq!(
         clipper.clip(&ok, &[&t, &t[..5]], 4).unwrap_err(),
         ClipError::TensorLength {
@@ -120,15 +123,7 @@ fn cpu_clipper_rejects_gpu_buffers() {
     let mut cpu = Clipper::new(Backend::Cpu).unwrap();
     let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
     let err = cpu
-        .clip_buffers(
-            &cfg,
-            &[GpuTensor {
-                buffer: &buf,
-                offset: 0,
-                cols: 1,
-            }],
-            4,
-        )
+        .clip_buffers(&cfg, &[GpuTensor::new(&buf, 0, 1)], 4)
         .unwrap_err();
     assert_eq!(err, ClipError::NotGpu);
 }
@@ -149,11 +144,7 @@ fn gpu_buffer_errors() {
     let out = make(8, storage);
     let no_storage = make(4 * 8, wgpu::BufferUsages::COPY_DST);
     let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
-    let t = |buffer, offset, cols| GpuTensor {
-        buffer,
-        offset,
-        cols,
-    };
+    let t = |buffer, offset, cols| GpuTensor::new(buffer, offset, cols);
     let o = |buffer, offset, cols| GpuTensorMut {
         buffer,
         offset,

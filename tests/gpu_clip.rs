@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use microclip::reference::clip_f64;
 use microclip::{ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
-use microclip::{ClipError, ClipOutput, Clipper, GpuTensor, GpuTensorMut};
+use microclip::{ClipError, ClipOutput, GpuTensor, GpuTensorMut};
 use wgpu::util::DeviceExt;
 
 const TOL: f64 = 3e-5;
@@ -254,23 +254,6 @@ fn same_input_gives_bitwise_same_output() {
     assert_eq!(bits(&a), bits(&b));
 }
 
-fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Vec<f32> {
-    let device = gpu.device().unwrap();
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: len as u64 * 4,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len as u64 * 4);
-    gpu.queue().unwrap().submit([enc.finish()]);
-    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
-    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
-    v
-}
-
 #[test]
 fn vec4_and_scalar_loads_give_the_same_bits() {
     // cols % 4 == 0: at byte offset 0 the input is loaded as vec4, at offset 4 as scalars.
@@ -292,11 +275,7 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
                 contents: bytemuck::cast_slice(&data),
                 usage,
             });
-            let inputs = [GpuTensor {
-                buffer: &input,
-                offset: pad as u64 * 4,
-                cols: d,
-            }];
+            let inputs = [GpuTensor::new(&input, pad as u64 * 4, d)];
             let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
             let out = read_buffer(&gpu, &bufs[0], 0, d);
             let bits: Vec<u32> = out
@@ -335,21 +314,9 @@ fn caller_buffers_with_offsets_and_poisoned_outputs() {
         usage,
     });
     let inputs = [
-        GpuTensor {
-            buffer: &shared,
-            offset: 0,
-            cols: widths[0],
-        },
-        GpuTensor {
-            buffer: &shared,
-            offset: (n * widths[0] + 3) as u64 * 4,
-            cols: widths[1],
-        },
-        GpuTensor {
-            buffer: &own,
-            offset: 132,
-            cols: widths[2],
-        },
+        GpuTensor::new(&shared, 0, widths[0]),
+        GpuTensor::new(&shared, (n * widths[0] + 3) as u64 * 4, widths[1]),
+        GpuTensor::new(&own, 132, widths[2]),
     ];
     let total: usize = widths.iter().sum::<usize>() + 10;
     let poison = vec![f32::NAN; total];

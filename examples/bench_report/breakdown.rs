@@ -195,11 +195,7 @@ pub fn run(
     for &b in bs.iter().filter(|&&b| b <= n) {
         let m = n.div_ceil(b);
         let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
-        let input = [GpuTensor {
-            buffer: &x,
-            offset: 0,
-            cols: d,
-        }];
+        let input = [GpuTensor::new(&x, 0, d)];
         let output = [GpuTensorMut {
             buffer: &out,
             offset: 0,

@@ -65,11 +65,7 @@ pub fn verify(gpu: &Gpu, refk: &RefKernels, baseline: &Baseline) -> Result<Vec<S
     let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
     clipper.set_max_binding_bytes(WINDOW);
     let out = small.storage_buffer("check out", (D * 4) as u64)?;
-    let input = [GpuTensor {
-        buffer: &x,
-        offset: 0,
-        cols: D,
-    }];
+    let input = [GpuTensor::new(&x, 0, D)];
     let output = [GpuTensorMut {
         buffer: &out,
         offset: 0,

@@ -15,10 +15,11 @@ use std::sync::Barrier;
 
 use super::{add_row, axpy, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
+use crate::dtype::GradElement;
 
 /// The factor `h` applied during the pass: `s_j` with a fixed bound; `s_j / C` with
 /// an adaptive one (hard clipping with `scale <= 1` is `C / norm_j` for every j).
-fn pass_factor(plan: &Plan<'_>, group: usize, n: f64, mb_finite: bool) -> f64 {
+fn pass_factor<T: GradElement>(plan: &Plan<'_, T>, group: usize, n: f64, mb_finite: bool) -> f64 {
     let f = plan.config.function;
     match &plan.config.bound {
         ClipBound::Fixed(c) => factor(f, *c as f64, n, mb_finite, plan.propagate),
@@ -34,7 +35,7 @@ fn pass_factor(plan: &Plan<'_>, group: usize, n: f64, mb_finite: bool) -> f64 {
 }
 
 /// Blocks `[0, blocks)` split into `threads` contiguous ranges of about equal width.
-fn split(plan: &Plan<'_>, threads: usize) -> Vec<Range<usize>> {
+fn split<T: GradElement>(plan: &Plan<'_, T>, threads: usize) -> Vec<Range<usize>> {
     let total: usize = plan.blocks.iter().map(|b| b.w).sum();
     let mut ranges = Vec::with_capacity(threads);
     let (mut start, mut width) = (0, 0);
@@ -50,8 +51,8 @@ fn split(plan: &Plan<'_>, threads: usize) -> Vec<Range<usize>> {
 }
 
 /// One thread's share: returns the norms (thread 0 only) and its accumulator.
-fn worker(
-    plan: &Plan<'_>,
+fn worker<T: GradElement>(
+    plan: &Plan<'_, T>,
     blocks: Range<usize>,
     group_size: usize,
     partials: &[Vec<AtomicU64>; 2],
@@ -131,7 +132,10 @@ fn worker(
 /// Runs the pass with groups of `group_size` micro-batches between barriers;
 /// returns the `[M, G]` norms and, per tensor, `sum_j h_j * mean_j` with `h_j` of
 /// [`pass_factor`] (`s_j / C_g` under an adaptive bound).
-pub(super) fn run(plan: &Plan<'_>, group_size: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
+pub(super) fn run<T: GradElement>(
+    plan: &Plan<'_, T>,
+    group_size: usize,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(plan.blocks.len())

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
+use crate::dtype::GradElement;
 use crate::error::{ClipError, Result};
 use crate::noise::standard_normal;
 
@@ -46,18 +47,18 @@ struct Block {
 }
 
 /// One call's inputs and layout, shared by both paths.
-struct Plan<'a> {
+struct Plan<'a, T> {
     config: &'a ClipConfig,
     offsets: &'a [usize],
     widths: &'a [usize],
-    tensors: &'a [&'a [f32]],
+    tensors: &'a [&'a [T]],
     groups: usize,
     group_of: &'a [usize],
     blocks: Vec<Block>,
     propagate: bool,
 }
 
-impl<'a> Plan<'a> {
+impl<'a, T: GradElement> Plan<'a, T> {
     fn micro_batches(&self) -> usize {
         self.offsets.len() - 1
     }
@@ -67,7 +68,7 @@ impl<'a> Plan<'a> {
     }
 
     /// Row `i` of block `b`'s columns.
-    fn segment(&self, b: &Block, i: usize) -> &'a [f32] {
+    fn segment(&self, b: &Block, i: usize) -> &'a [T] {
         let d = self.widths[b.tensor];
         &self.tensors[b.tensor][i * d + b.c0..i * d + b.c0 + b.w]
     }
@@ -106,17 +107,17 @@ const LANES: usize = 8;
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn sum_squares(row: &[f32]) -> f64 {
+fn sum_squares<T: GradElement>(row: &[T]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += (x as f64) * (x as f64);
+            *l += x.to_f64() * x.to_f64();
         }
     }
     for (l, &x) in lanes.iter_mut().zip(rest) {
-        *l += (x as f64) * (x as f64);
+        *l += x.to_f64() * x.to_f64();
     }
     lanes.iter().sum()
 }
@@ -149,23 +150,23 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 
 /// `sum[c] = x[c]` (`first`) or `sum[c] += x[c]`, in f64.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn add_row(sum: &mut [f64], x: &[f32], first: bool) {
+fn add_row<T: GradElement>(sum: &mut [f64], x: &[T], first: bool) {
     if first {
         for (s, &x) in sum.iter_mut().zip(x) {
-            *s = x as f64;
+            *s = x.to_f64();
         }
     } else {
         for (s, &x) in sum.iter_mut().zip(x) {
-            *s += x as f64;
+            *s += x.to_f64();
         }
     }
 }
 
 /// `acc[c] += h * x[c]`, in f64.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn axpy(acc: &mut [f64], h: f64, x: &[f32]) {
+fn axpy<T: GradElement>(acc: &mut [f64], h: f64, x: &[T]) {
     for (a, &x) in acc.iter_mut().zip(x) {
-        *a += h * x as f64;
+        *a += h * x.to_f64();
     }
 }
 
@@ -193,7 +194,7 @@ struct Factors {
     nonfinite: usize,
 }
 
-fn factors(plan: &Plan<'_>, norms: &[f64]) -> Result<Factors> {
+fn factors<T: GradElement>(plan: &Plan<'_, T>, norms: &[f64]) -> Result<Factors> {
     let (m, g) = (plan.micro_batches(), plan.groups);
     // A micro-batch is non-finite when any of its groups is.
     let finite_mb: Vec<bool> = norms
@@ -253,7 +254,7 @@ const MAX_GROUP: usize = 16;
 
 /// The fused path's group size R, or `None` for the two-pass path: the f64
 /// accumulator row and R rows (or f32 means) must fit in `budget` bytes.
-fn choose(plan: &Plan<'_>, budget: usize) -> Option<usize> {
+fn choose<T: GradElement>(plan: &Plan<'_, T>, budget: usize) -> Option<usize> {
     let hard_adaptive_above_min = matches!(
         (plan.config.function, &plan.config.bound),
         (ClipFunction::Hard, ClipBound::Adaptive { scale }) if *scale > 1.0
@@ -266,12 +267,12 @@ fn choose(plan: &Plan<'_>, budget: usize) -> Option<usize> {
 
 /// Runs the step on the CPU. `offsets`, `widths` and `group_of` (the group of each
 /// tensor) are validated by the caller.
-pub(crate) fn clip(
+pub(crate) fn clip<T: GradElement>(
     config: &ClipConfig,
     offsets: &[usize],
     widths: &[usize],
     group_of: &[usize],
-    tensors: &[&[f32]],
+    tensors: &[&[T]],
     fused_budget: usize,
 ) -> Result<ClipOutput> {
     let blocks = widths

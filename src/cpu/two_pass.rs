@@ -6,9 +6,15 @@
 use rayon::prelude::*;
 
 use super::{add_row, axpy, scale_and_sum_squares, sum_squares, Plan};
+use crate::dtype::GradElement;
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
-fn block_ssq(plan: &Plan<'_>, b: &super::Block, j: usize, sum: &mut [f64]) -> f64 {
+fn block_ssq<T: GradElement>(
+    plan: &Plan<'_, T>,
+    b: &super::Block,
+    j: usize,
+    sum: &mut [f64],
+) -> f64 {
     let rows = plan.rows(j);
     if rows.len() == 1 {
         return sum_squares(plan.segment(b, rows.start));
@@ -22,7 +28,7 @@ fn block_ssq(plan: &Plan<'_>, b: &super::Block, j: usize, sum: &mut [f64]) -> f6
 }
 
 /// Pass 1: the `[M, G]` norms, per block in parallel, summed in block order.
-pub(super) fn norms(plan: &Plan<'_>) -> Vec<f64> {
+pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
     let m = plan.micro_batches();
     let ssq: Vec<Vec<f64>> = plan
         .blocks
@@ -37,7 +43,7 @@ pub(super) fn norms(plan: &Plan<'_>) -> Vec<f64> {
 
 /// Pass 2, once the `[M, G]` factors are known: per tensor,
 /// `sum_j s_j * mean_j = sum_i (s_j(i) / n_j(i)) * x_i`, block by block.
-pub(super) fn sums(plan: &Plan<'_>, factors: &[f64]) -> Vec<Vec<f64>> {
+pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<Vec<f64>> {
     let block_sums: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()

@@ -3,48 +3,81 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::dtype::Dtype;
+
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
 
-/// Every kernel: (name, needs the column-mean helper, body).
-pub(crate) const KERNELS: [(&str, bool, &str); 6] = [
+/// What a kernel needs before its body, after common.wgsl.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prelude {
+    /// Nothing more.
+    None,
+    /// The gradient loader of the element type (grads_<type>.wgsl).
+    Grads,
+    /// The loader, then the column-mean helper.
+    GradsAndMean,
+}
+
+/// Every kernel: (name, prelude, body).
+pub(crate) const KERNELS: [(&str, Prelude, &str); 6] = [
     (
         "mb_partials",
-        true,
+        Prelude::GradsAndMean,
         include_str!("../../shaders/mb_partials.wgsl"),
     ),
     (
         "mb_norms",
-        false,
+        Prelude::None,
         include_str!("../../shaders/mb_norms.wgsl"),
     ),
     (
         "clip_factors",
-        false,
+        Prelude::None,
         include_str!("../../shaders/clip_factors.wgsl"),
     ),
     (
         "weighted_sum",
-        true,
+        Prelude::GradsAndMean,
         include_str!("../../shaders/weighted_sum.wgsl"),
     ),
     (
         "weighted_means",
-        false,
+        Prelude::Grads,
         include_str!("../../shaders/weighted_means.wgsl"),
     ),
     (
         "add_noise",
-        false,
+        Prelude::None,
         include_str!("../../shaders/add_noise.wgsl"),
     ),
 ];
 
-/// The full WGSL source of a kernel: the shared prelude(s) then its body.
+/// The gradient loader of each element type.
+fn grads_loader(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => include_str!("../../shaders/grads_f32.wgsl"),
+        Dtype::F16 => include_str!("../../shaders/grads_f16.wgsl"),
+        Dtype::Bf16 => include_str!("../../shaders/grads_bf16.wgsl"),
+    }
+}
+
+/// The full WGSL source of a kernel reading f32 gradients: the shared prelude(s)
+/// then its body.
 pub fn kernel_source(name: &str) -> Option<String> {
-    let (_, needs_mean, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
-    let mean = if *needs_mean { COLUMN_MEAN } else { "" };
-    Some(format!("{COMMON}\n{mean}\n{body}"))
+    kernel_source_for(name, Dtype::F32)
+}
+
+/// The full WGSL source of a kernel for input gradients of `dtype` (the same for
+/// every type when the kernel does not read them).
+pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
+    let (_, prelude, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
+    let (loader, mean) = match prelude {
+        Prelude::None => ("", ""),
+        Prelude::Grads => (grads_loader(dtype), ""),
+        Prelude::GradsAndMean => (grads_loader(dtype), COLUMN_MEAN),
+    };
+    Some(format!("{COMMON}\n{loader}\n{mean}\n{body}"))
 }
 
 /// Names of all kernels, for validation tools.
@@ -159,40 +192,64 @@ pub(crate) const MB_NORM_BYTES: u64 = 16;
 /// Size in bytes of the `Stats` record of clip_factors.wgsl.
 pub(crate) const STATS_BYTES: u64 = 32;
 
-/// The compute pipelines.
-pub(crate) struct Kernels {
+/// The kernels that read the input gradients, compiled for one element type.
+pub(crate) struct GradKernels {
     pub partials: wgpu::ComputePipeline,
+    pub weighted_sum: wgpu::ComputePipeline,
+    pub weighted_means: wgpu::ComputePipeline,
+}
+
+/// The compute pipelines: those that do not read gradients, and the gradient
+/// readers per element type (f32 built up front, f16 / bf16 on first use).
+pub(crate) struct Kernels {
     pub norms: wgpu::ComputePipeline,
     pub factors: wgpu::ComputePipeline,
-    pub weighted_sum: wgpu::ComputePipeline,
     pub add_noise: wgpu::ComputePipeline,
-    pub weighted_means: wgpu::ComputePipeline,
+    readers: [Option<GradKernels>; 3],
+}
+
+fn build(device: &wgpu::Device, name: &str, dtype: Dtype) -> wgpu::ComputePipeline {
+    let source = kernel_source_for(name, dtype).expect("known kernel");
+    let label = format!("{name} ({dtype})");
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&label),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    })
 }
 
 impl Kernels {
     pub fn new(device: &wgpu::Device) -> Self {
-        let build = |name: &str| {
-            let source = kernel_source(name).expect("known kernel");
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(name),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            })
+        let mut kernels = Self {
+            norms: build(device, "mb_norms", Dtype::F32),
+            factors: build(device, "clip_factors", Dtype::F32),
+            add_noise: build(device, "add_noise", Dtype::F32),
+            readers: [None, None, None],
         };
-        Self {
-            partials: build("mb_partials"),
-            norms: build("mb_norms"),
-            factors: build("clip_factors"),
-            weighted_sum: build("weighted_sum"),
-            add_noise: build("add_noise"),
-            weighted_means: build("weighted_means"),
-        }
+        kernels.prepare(device, Dtype::F32);
+        kernels
+    }
+
+    /// Builds the gradient readers of `dtype` unless they exist.
+    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype) {
+        self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
+            partials: build(device, "mb_partials", dtype),
+            weighted_sum: build(device, "weighted_sum", dtype),
+            weighted_means: build(device, "weighted_means", dtype),
+        });
+    }
+
+    /// The gradient readers of `dtype` (after [`Self::prepare`]).
+    pub fn readers(&self, dtype: Dtype) -> &GradKernels {
+        self.readers[dtype.index()]
+            .as_ref()
+            .expect("readers prepared before encoding")
     }
 }

@@ -19,6 +19,7 @@ mod pool;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinitePolicy};
+use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
     FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams, SumParams,
@@ -31,9 +32,11 @@ use plan::{
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
 
-/// A per-sample gradient tensor in a caller's buffer: a row-major `[N, cols]` f32
-/// matrix starting at byte `offset` (a multiple of 4). The buffer needs
-/// `BufferUsages::STORAGE` and must belong to the clipper's device.
+/// A per-sample gradient tensor in a caller's buffer: a row-major `[N, cols]`
+/// matrix of `dtype` elements starting at byte `offset` (a multiple of 4). The
+/// buffer needs `BufferUsages::STORAGE`, must belong to the clipper's device and,
+/// for 16-bit types, must hold the tensor's bytes rounded up to a multiple of 4
+/// (storage bindings cover whole 32-bit words).
 #[derive(Debug, Clone, Copy)]
 pub struct GpuTensor<'a> {
     /// The buffer holding the tensor.
@@ -42,6 +45,34 @@ pub struct GpuTensor<'a> {
     pub offset: u64,
     /// Row width `D_p`.
     pub cols: usize,
+    /// Element type (f32, or f16 / bf16 read and accumulated in f32).
+    pub dtype: Dtype,
+}
+
+impl<'a> GpuTensor<'a> {
+    /// An f32 tensor of `cols` columns at byte `offset` of `buffer`.
+    pub fn new(buffer: &'a wgpu::Buffer, offset: u64, cols: usize) -> Self {
+        Self {
+            buffer,
+            offset,
+            cols,
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// The same tensor with element type `dtype`.
+    pub fn with_dtype(self, dtype: Dtype) -> Self {
+        Self { dtype, ..self }
+    }
+
+    /// Bytes the tensor's `rows` rows occupy in a binding (whole 32-bit words).
+    fn bound_bytes(&self, rows: u64) -> u64 {
+        rows.saturating_mul(self.cols as u64)
+            .saturating_mul(self.dtype.size_bytes())
+            .saturating_add(3)
+            / 4
+            * 4
+    }
 }
 
 /// Where to write `out_p`: `cols` f32 starting at byte `offset` (a multiple of 4) of
@@ -174,19 +205,19 @@ impl GpuClipper {
 
     /// Host slices in, host vectors out: uploads each tensor once into a pooled
     /// buffer (the input itself, not a copy of a device buffer).
-    pub fn clip_host(
+    pub fn clip_host<T: GradElement>(
         &mut self,
         config: &ClipConfig,
         offsets: &[usize],
         widths: &[usize],
         group_of: &[usize],
-        tensors: &[&[f32]],
+        tensors: &[&[T]],
     ) -> Result<ClipOutput> {
         let max_buffer = self.device.limits().max_buffer_size;
         let mut inputs = Vec::with_capacity(tensors.len());
         let mut outputs = Vec::with_capacity(tensors.len());
         for (p, (t, &cols)) in tensors.iter().zip(widths).enumerate() {
-            let bytes = std::mem::size_of_val(*t) as u64;
+            let bytes = (std::mem::size_of_val(*t) as u64).next_multiple_of(4);
             if bytes > max_buffer {
                 return Err(ClipError::TooLarge(format!(
                     "tensor {p}: {bytes} bytes exceed the device's largest buffer ({max_buffer} bytes)"
@@ -195,7 +226,7 @@ impl GpuClipper {
             let input = self
                 .pool
                 .get(Slot::Input(p), bytes, U::STORAGE | U::COPY_DST);
-            self.queue.write_buffer(&input, 0, bytemuck::cast_slice(t));
+            upload(&self.queue, &input, bytemuck::cast_slice(t));
             let output = self.pool.get(
                 Slot::Output(p),
                 cols as u64 * 4,
@@ -206,11 +237,7 @@ impl GpuClipper {
         }
         let in_views: Vec<GpuTensor<'_>> = inputs
             .iter()
-            .map(|(buffer, cols)| GpuTensor {
-                buffer,
-                offset: 0,
-                cols: *cols,
-            })
+            .map(|(buffer, cols)| GpuTensor::new(buffer, 0, *cols).with_dtype(T::DTYPE))
             .collect();
         let out_views: Vec<GpuTensorMut<'_>> = outputs
             .iter()
@@ -253,12 +280,7 @@ impl GpuClipper {
             }
             let cols = t.cols as u64;
             for (what, buffer, offset, len) in [
-                (
-                    "input",
-                    t.buffer,
-                    t.offset,
-                    n.saturating_mul(cols).saturating_mul(4),
-                ),
+                ("input", t.buffer, t.offset, t.bound_bytes(n)),
                 ("output", o.buffer, o.offset, cols * 4),
             ] {
                 if offset % 4 != 0 {
@@ -328,6 +350,7 @@ impl GpuClipper {
             let windows = plan_windows(
                 offsets,
                 cols,
+                t.dtype.size_bytes(),
                 t.offset,
                 self.max_binding,
                 self.storage_align,
@@ -371,6 +394,9 @@ impl GpuClipper {
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         let layout = self.plan(&offsets_u32, inputs, group_of)?;
+        for t in inputs {
+            self.kernels.prepare(&self.device, t.dtype);
+        }
 
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -487,7 +513,7 @@ impl GpuClipper {
             let (tiles_x, tiles_y) = dispatch_2d(n_tiles)?;
             let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
             let (out_bind, out_size, out_offset) =
-                aligned_binding(o.offset, cols * 4, self.storage_align);
+                aligned_binding(o.offset, cols * 4, self.storage_align, 4);
             let rows_are_means = !with_means && rows_are_means(n, m, windows);
             for (k, w) in windows.iter().enumerate() {
                 let p = params.push(&PartialsParams {
@@ -516,6 +542,7 @@ impl GpuClipper {
                     w.clone(),
                     vec4_rows(cols, w),
                     (tiles_x, tiles_y, w.mb_count),
+                    t.dtype,
                 ));
                 if !with_means && !rows_are_means {
                     let s = params.push(&SumParams {
@@ -538,6 +565,7 @@ impl GpuClipper {
                         w.clone(),
                         (o.buffer, out_bind, out_size),
                         (groups_x, groups_y),
+                        t.dtype,
                     ));
                 }
             }
@@ -562,7 +590,16 @@ impl GpuClipper {
                     group: *group,
                     pad: [0; 3],
                 });
-                means_dispatches.push((p, source, vec4, (o.buffer, out_bind, out_size), (mx, my)));
+                // The stored means are f32; at b = 1 the rows are read as they are.
+                let dtype = if with_means { Dtype::F32 } else { t.dtype };
+                means_dispatches.push((
+                    p,
+                    source,
+                    vec4,
+                    (o.buffer, out_bind, out_size),
+                    (mx, my),
+                    dtype,
+                ));
             }
             means_base += m * cols;
             if let Some(noise) = config.noise {
@@ -627,9 +664,9 @@ impl GpuClipper {
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
-            .map(|(p, buffer, w, vec4, _)| {
+            .map(|(p, buffer, w, vec4, _, dtype)| {
                 bind(
-                    &k.partials,
+                    &k.readers(*dtype).partials,
                     vec![
                         uniform(*p, std::mem::size_of::<PartialsParams>() as u64),
                         range(buffer, w.bind_offset, w.bind_size),
@@ -671,9 +708,9 @@ impl GpuClipper {
         );
         let sum_groups: Vec<_> = sum_dispatches
             .iter()
-            .map(|(s, buffer, w, (out, out_bind, out_size), _)| {
+            .map(|(s, buffer, w, (out, out_bind, out_size), _, dtype)| {
                 bind(
-                    &k.weighted_sum,
+                    &k.readers(*dtype).weighted_sum,
                     vec![
                         uniform(*s, std::mem::size_of::<SumParams>() as u64),
                         range(buffer, w.bind_offset, w.bind_size),
@@ -701,9 +738,9 @@ impl GpuClipper {
         let means_groups: Vec<_> = means_dispatches
             .iter()
             .map(
-                |(p, (source, at, size), vec4, (out, out_bind, out_size), _)| {
+                |(p, (source, at, size), vec4, (out, out_bind, out_size), _, dtype)| {
                     bind(
-                        &k.weighted_means,
+                        &k.readers(*dtype).weighted_means,
                         vec![
                             uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
                             range(source, *at, *size),
@@ -729,8 +766,10 @@ impl GpuClipper {
                 label: Some("microclip"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&k.partials);
-            for (group, (_, _, _, _, (x, y, z))) in partial_groups.iter().zip(&partial_dispatches) {
+            for (group, (_, _, _, _, (x, y, z), dtype)) in
+                partial_groups.iter().zip(&partial_dispatches)
+            {
+                pass.set_pipeline(&k.readers(*dtype).partials);
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, *z);
             }
@@ -740,17 +779,15 @@ impl GpuClipper {
             pass.set_pipeline(&k.factors);
             pass.set_bind_group(0, &factors_group, &[]);
             pass.dispatch_workgroups(1, 1, 1);
-            pass.set_pipeline(&k.weighted_sum);
-            for (group, (_, _, _, _, (x, y))) in sum_groups.iter().zip(&sum_dispatches) {
+            for (group, (_, _, _, _, (x, y), dtype)) in sum_groups.iter().zip(&sum_dispatches) {
+                pass.set_pipeline(&k.readers(*dtype).weighted_sum);
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, 1);
             }
-            if !means_groups.is_empty() {
-                pass.set_pipeline(&k.weighted_means);
-                for (group, (_, _, _, _, (x, y))) in means_groups.iter().zip(&means_dispatches) {
-                    pass.set_bind_group(0, group, &[]);
-                    pass.dispatch_workgroups(*x, *y, 1);
-                }
+            for (group, (_, _, _, _, (x, y), dtype)) in means_groups.iter().zip(&means_dispatches) {
+                pass.set_pipeline(&k.readers(*dtype).weighted_means);
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
             }
             if !noise_groups.is_empty() {
                 pass.set_pipeline(&k.add_noise);
@@ -859,6 +896,21 @@ impl GpuClipper {
             .to_vec();
         buffer.unmap();
         Ok(bytes)
+    }
+}
+
+/// Writes `bytes` to the start of `buffer`; a length that is not a multiple of 4
+/// (an odd number of 16-bit elements) gets its last word padded with zeros, as
+/// `Queue::write_buffer` writes whole words.
+fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
+    let whole = bytes.len() / 4 * 4;
+    if whole > 0 {
+        queue.write_buffer(buffer, 0, &bytes[..whole]);
+    }
+    if whole < bytes.len() {
+        let mut last = [0u8; 4];
+        last[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+        queue.write_buffer(buffer, whole as u64, &last);
     }
 }
 

@@ -34,11 +34,23 @@ pub(crate) struct Window {
     pub elem_offset: u32,
 }
 
-/// A byte range `[offset, offset + len)` of a buffer bound from an aligned start.
-pub(crate) fn aligned_binding(offset: u64, len: u64, align: u64) -> (u64, u64, u32) {
+/// A byte range `[offset, offset + len)` of a buffer bound from an aligned start,
+/// with the binding's size rounded up to whole 32-bit words: (binding offset,
+/// binding size, index of the element at `offset` counted in `elem_bytes` elements
+/// from the binding's start).
+pub(crate) fn aligned_binding(
+    offset: u64,
+    len: u64,
+    align: u64,
+    elem_bytes: u64,
+) -> (u64, u64, u32) {
     let start = offset - offset % align;
-    let elem_offset = ((offset - start) / 4) as u32;
-    (start, offset + len - start, elem_offset)
+    let elem_offset = ((offset - start) / elem_bytes) as u32;
+    (
+        start,
+        (offset + len - start).next_multiple_of(4),
+        elem_offset,
+    )
 }
 
 /// The micro-batch holding `row`.
@@ -46,23 +58,30 @@ fn micro_batch_of(offsets: &[u32], row: u32) -> u32 {
     (offsets.partition_point(|&o| o <= row) - 1) as u32
 }
 
-/// Cuts a `[N, cols]` tensor that starts at byte `base` of its buffer into windows
-/// of whole rows, each bound in at most `max_binding` bytes and touching at most
-/// `MAX_GROUPS_PER_DIM` micro-batches.
+/// Cuts a `[N, cols]` tensor of `elem_bytes`-byte elements that starts at byte
+/// `base` (a multiple of 4) of its buffer into windows of whole rows, each bound in
+/// at most `max_binding` bytes and touching at most `MAX_GROUPS_PER_DIM`
+/// micro-batches.
 pub(crate) fn plan_windows(
     offsets: &[u32],
     cols: u64,
+    elem_bytes: u64,
     base: u64,
     max_binding: u64,
     align: u64,
 ) -> Result<Vec<Window>> {
     let n = *offsets.last().expect("offsets hold at least [0, N]");
-    let row_bytes = cols * 4;
-    let usable = max_binding.saturating_sub(align - 4).min(u32::MAX as u64);
+    let row_bytes = cols * elem_bytes;
+    // A window starts at most `align - elem_bytes` bytes past its aligned binding
+    // offset, and its end is rounded up to a whole word.
+    let usable = (max_binding / 4 * 4)
+        .saturating_sub(align - elem_bytes)
+        .saturating_sub(4 - elem_bytes)
+        .min(u32::MAX as u64);
     let rows_max = usable / row_bytes;
     if rows_max == 0 {
         return Err(ClipError::TooLarge(format!(
-            "one row of {cols} f32 ({row_bytes} bytes) does not fit in a storage binding of {max_binding} bytes"
+            "one row of {cols} elements ({row_bytes} bytes) does not fit in a storage binding of {max_binding} bytes"
         )));
     }
     let mut windows = Vec::new();
@@ -79,6 +98,7 @@ pub(crate) fn plan_windows(
             base + row_start as u64 * row_bytes,
             (row_end - row_start) as u64 * row_bytes,
             align,
+            elem_bytes,
         );
         windows.push(Window {
             row_start,
@@ -158,7 +178,7 @@ mod tests {
 
     #[test]
     fn one_window_when_everything_fits() {
-        let w = plan_windows(&offsets(10, 3), 7, 0, 1 << 20, 256).unwrap();
+        let w = plan_windows(&offsets(10, 3), 7, 4, 0, 1 << 20, 256).unwrap();
         assert_eq!(w.len(), 1);
         assert_eq!((w[0].row_start, w[0].row_end, w[0].mb_count), (0, 10, 4));
         assert!(!w[0].carry_in && !w[0].carry_out);
@@ -169,7 +189,7 @@ mod tests {
     fn windows_cover_all_rows_and_mark_cut_micro_batches() {
         // 10 rows of 100 f32 = 400 bytes; the binding holds 2 rows after alignment slack.
         let o = offsets(10, 3);
-        let w = plan_windows(&o, 100, 12, 1052, 256).unwrap();
+        let w = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
         assert_eq!(w.len(), 5);
         let mut row = 0;
         for win in &w {
@@ -189,22 +209,45 @@ mod tests {
     }
 
     #[test]
+    fn half_windows_bind_whole_words_within_the_limit() {
+        // 10 rows of 7 halves (14 bytes) at byte 12: windows start mid-word.
+        let o = offsets(10, 3);
+        for max in [60, 64, 100, 1 << 20] {
+            let w = plan_windows(&o, 7, 2, 12, max, 32).unwrap();
+            let mut row = 0;
+            for win in &w {
+                assert_eq!(win.row_start, row);
+                row = win.row_end;
+                assert_eq!(win.bind_offset % 32, 0);
+                assert_eq!(win.bind_size % 4, 0);
+                assert!(win.bind_size <= max, "{max}: {win:?}");
+                let first_byte = win.bind_offset + win.elem_offset as u64 * 2;
+                assert_eq!(first_byte, 12 + win.row_start as u64 * 14);
+                let end = first_byte + (win.row_end - win.row_start) as u64 * 14;
+                assert!(end <= win.bind_offset + win.bind_size);
+            }
+            assert_eq!(row, 10);
+        }
+        assert!(plan_windows(&o, 7, 2, 12, 32, 32).is_err());
+    }
+
+    #[test]
     fn row_larger_than_a_binding_is_an_error() {
-        let e = plan_windows(&offsets(4, 1), 1000, 0, 2048, 256).unwrap_err();
+        let e = plan_windows(&offsets(4, 1), 1000, 4, 0, 2048, 256).unwrap_err();
         assert!(matches!(e, ClipError::TooLarge(_)));
     }
 
     #[test]
     fn windows_hold_at_most_one_dispatch_of_micro_batches() {
         let n = 200_000u32;
-        let w = plan_windows(&offsets(n, 1), 1, 0, 1 << 30, 256).unwrap();
+        let w = plan_windows(&offsets(n, 1), 1, 4, 0, 1 << 30, 256).unwrap();
         assert!(w.iter().all(|w| w.mb_count <= MAX_GROUPS_PER_DIM));
         assert_eq!(w.last().unwrap().row_end, n);
     }
 
     #[test]
     fn vec4_rows_need_aligned_rows() {
-        let w = |cols, base| plan_windows(&offsets(10, 3), cols, base, 1 << 20, 256).unwrap();
+        let w = |cols, base| plan_windows(&offsets(10, 3), cols, 4, base, 1 << 20, 256).unwrap();
         assert!(vec4_rows(8, &w(8, 0)[0]));
         assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
         assert!(!vec4_rows(8, &w(8, 260)[0]));

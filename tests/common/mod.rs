@@ -2,9 +2,10 @@
 //! float64 reference.
 #![allow(dead_code)]
 
+use microclip::half::{bf16, f16};
 use microclip::reference::{clip_f64, Reference};
 use microclip::{Backend, ClipConfig, ClipOutput, Clipper, REQUIRE_GPU_ENV};
-use microclip::{ClipBound, ClipFunction, GaussianNoise, MicroBatches};
+use microclip::{ClipBound, ClipFunction, Dtype, GaussianNoise, GradElement, MicroBatches};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use rand::rngs::StdRng;
@@ -257,6 +258,60 @@ pub fn check(
     assert_matches(&got, &want, tol, what);
 }
 
+/// `tensors` rounded to `T` (round to nearest even).
+pub fn rounded<T: GradElement>(tensors: &[Vec<f32>], from_f32: fn(f32) -> T) -> Vec<Vec<T>> {
+    tensors
+        .iter()
+        .map(|t| t.iter().map(|&x| from_f32(x)).collect())
+        .collect()
+}
+
+/// [`check`] on 16-bit inputs: `clipper` gets `typed`, the reference gets the
+/// same values widened to f32 (exactly), so only the accumulation differs.
+pub fn check_typed<T: GradElement>(
+    clipper: &mut Clipper,
+    cfg: &ClipConfig,
+    typed: &[Vec<T>],
+    n: usize,
+    tol: f64,
+    what: &str,
+) {
+    let widened: Vec<Vec<f32>> = typed
+        .iter()
+        .map(|t| t.iter().map(|x| x.to_f32()).collect())
+        .collect();
+    let want = clip_f64(cfg, &slices(&widened), n).expect("reference");
+    let views: Vec<&[T]> = typed.iter().map(Vec::as_slice).collect();
+    let got = clipper
+        .clip(cfg, &views, n)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_matches(&got, &want, tol, what);
+}
+
+/// [`check`] with the inputs rounded to `dtype` first.
+pub fn check_as(
+    clipper: &mut Clipper,
+    cfg: &ClipConfig,
+    tensors: &[Vec<f32>],
+    n: usize,
+    tol: f64,
+    what: &str,
+    dtype: Dtype,
+) {
+    match dtype {
+        Dtype::F32 => check(clipper, cfg, tensors, n, tol, what),
+        Dtype::F16 => check_typed(clipper, cfg, &rounded(tensors, f16::from_f32), n, tol, what),
+        Dtype::Bf16 => check_typed(
+            clipper,
+            cfg,
+            &rounded(tensors, bf16::from_f32),
+            n,
+            tol,
+            what,
+        ),
+    }
+}
+
 /// One random case: shape, layout, bound, magnitude and binding limit.
 #[derive(Debug, Clone)]
 struct Case {
@@ -271,6 +326,8 @@ struct Case {
     /// (number of groups, per-group bounds instead of one) when grouped.
     groups: Option<(usize, bool)>,
     noise: Option<GaussianNoise>,
+    /// Element type of the inputs.
+    dtype: Dtype,
     seed: u64,
 }
 
@@ -369,6 +426,11 @@ fn case() -> impl Strategy<Value = Case> {
                     1 => (0.0f32..1.5, any::<u64>(), any::<u64>())
                         .prop_map(|(multiplier, seed, step)| Some(GaussianNoise { multiplier, seed, step })),
                 ],
+                prop_oneof![
+                    2 => Just(Dtype::F32),
+                    1 => Just(Dtype::F16),
+                    1 => Just(Dtype::Bf16),
+                ],
             )
         })
         .prop_map(
@@ -382,6 +444,7 @@ fn case() -> impl Strategy<Value = Case> {
                 function,
                 groups,
                 noise,
+                dtype,
             )| {
                 Case {
                     n,
@@ -396,6 +459,11 @@ fn case() -> impl Strategy<Value = Case> {
                     // GPU noise is formed in f32: with values near f32::MAX the noise
                     // term itself can overflow where the float64 reference does not.
                     noise: noise.filter(|_| magnitude < 1e36),
+                    // f16 holds magnitudes 6e-8 .. 65504: beyond them, use bf16.
+                    dtype: match dtype {
+                        Dtype::F16 if !(1e-3..=1.0).contains(&magnitude) => Dtype::Bf16,
+                        d => d,
+                    },
                     seed,
                 }
             },
@@ -413,8 +481,26 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
             clipper.set_max_binding_bytes(c.max_binding.unwrap_or(u64::MAX));
             let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
             let cfg = c.config();
-            check(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"));
+            check_as(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"), c.dtype);
             Ok(())
         })
         .unwrap();
+}
+
+/// `len` f32 of a GPU clipper's `buffer` from byte `offset`, read back to the host.
+pub fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Vec<f32> {
+    let device = gpu.device().unwrap();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: len as u64 * 4,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len as u64 * 4);
+    gpu.queue().unwrap().submit([enc.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
+    v
 }

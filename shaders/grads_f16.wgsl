@@ -1,0 +1,33 @@
+// Input gradients as IEEE binary16, two per 32-bit word, element 2k in the low
+// half of word k (little-endian). See grads_f32.wgsl for the interface.
+//
+// Decoded with integer operations, exactly (subnormals, infinities and NaN
+// payloads included), rather than with unpack2x16float: that builtin needs
+// wgpu's SHADER_F16_IN_F32 downlevel flag, which some Vulkan drivers (Mesa
+// without shader-f16) and backends lack.
+alias GradWord = u32;
+alias GradQuad = vec2<u32>;
+
+// The two halves of w as f32.
+fn f16_pair(w: u32) -> vec2<f32> {
+    let h = vec2<u32>(w & 0xffffu, w >> 16u);
+    let sign = (h & vec2<u32>(0x8000u)) << vec2<u32>(16u);
+    let em = h & vec2<u32>(0x7fffu); // exponent and mantissa
+    // Normal: move into place and rebias the exponent from 15 to 127.
+    let normal = (em << vec2<u32>(13u)) + vec2<u32>(0x38000000u);
+    // Infinity or NaN (exponent 31): exponent 255, payload kept.
+    let special = (em << vec2<u32>(13u)) | vec2<u32>(0x7f800000u);
+    // Zero or subnormal: mantissa * 2^-24, exact (and normal) in f32.
+    let sub = bitcast<vec2<u32>>(vec2<f32>(em) * 0x1p-24f);
+    let bits = select(select(normal, special, em >= vec2<u32>(0x7c00u)), sub, em < vec2<u32>(0x0400u));
+    return bitcast<vec2<f32>>(bits | sign);
+}
+
+fn grad_at(i: u32) -> f32 {
+    return f16_pair(grads[i >> 1u])[i & 1u];
+}
+
+fn grad_quad(q: u32) -> vec4<f32> {
+    let w = grads4[q];
+    return vec4<f32>(f16_pair(w.x), f16_pair(w.y));
+}

@@ -1,0 +1,274 @@
+//! f16 and bf16 input gradients on both backends: against the float64 reference
+//! of the same rounded values, bitwise against the f32 path on the widened values
+//! (the accumulation is the same), in caller buffers at awkward offsets, with
+//! special values, and with bad buffer sizes.
+
+mod common;
+
+use common::*;
+use microclip::half::{bf16, f16};
+use microclip::reference::clip_f64;
+use microclip::{Backend, ClipConfig, ClipError, Clipper, Dtype, GpuTensor, GpuTensorMut};
+use microclip::{GradElement, MicroBatches, NonFinitePolicy};
+use wgpu::util::DeviceExt;
+
+const TOL: f64 = 3e-5;
+
+fn clippers() -> Vec<Clipper> {
+    let mut all = vec![Clipper::new(Backend::Cpu).unwrap()];
+    let mut two_pass = Clipper::new(Backend::Cpu).unwrap();
+    two_pass.set_cpu_fused_budget_bytes(0);
+    all.push(two_pass);
+    all.extend(gpu());
+    all
+}
+
+// (n, widths, b): odd widths put 16-bit rows at odd element offsets (mid-word).
+const SHAPES: &[(usize, &[usize], usize)] = &[
+    (1, &[1], 1),
+    (7, &[3, 1025], 7),
+    (10, &[255, 257, 1], 3),
+    (6, &[4095, 4096, 4097], 1),
+    (9, &[8191, 1, 12289], 4),
+    (33, &[4096, 17], 32),
+    (5, &[2049], 2),
+];
+
+#[test]
+fn awkward_shapes_match_the_reference_of_the_rounded_inputs() {
+    for mut clipper in clippers() {
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            for (k, &(n, widths, b)) in SHAPES.iter().enumerate() {
+                let t = random_tensors(40 + k as u64, n, widths, 1.0);
+                for cfg in [
+                    ClipConfig::fixed(0.5, MicroBatches::Uniform(b)),
+                    ClipConfig::adaptive(1.0, MicroBatches::Uniform(b)),
+                    ClipConfig::fixed(
+                        0.3,
+                        MicroBatches::Offsets(random_offsets(k as u64, n, n.div_ceil(2))),
+                    ),
+                ] {
+                    let what = format!("{} {dtype} case {k} {cfg:?}", clipper.backend());
+                    check_as(&mut clipper, &cfg, &t, n, TOL, &what, dtype);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn row_windows_of_16_bit_rows() {
+    // Bindings smaller than a tensor: windows start mid-word and carry partial
+    // micro-batches to the next window.
+    let Some(mut gpu) = gpu() else { return };
+    let n = 23;
+    let widths = [301, 7, 1101];
+    let t = random_tensors(9, n, &widths, 1.0);
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        for max_binding in [1101 * 2 + 256, 3 * 1101 * 2 + 2, 8190, 50_000] {
+            gpu.set_max_binding_bytes(max_binding);
+            for b in [1, 4, 5, 23] {
+                let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+                let what = format!("{dtype} binding {max_binding} b {b}");
+                check_as(&mut gpu, &cfg, &t, n, TOL, &what, dtype);
+            }
+        }
+    }
+}
+
+/// The 16-bit path gives the same bits as the f32 path on the widened values: the
+/// loads are exact and everything after them is the same arithmetic.
+fn same_bits_as_f32<T: GradElement>(clipper: &mut Clipper, from_f32: fn(f32) -> T) {
+    let (n, widths) = (12, [5, 4100, 64, 3]);
+    let typed = rounded(&random_tensors(3, n, &widths, 1.0), from_f32);
+    let widened: Vec<Vec<f32>> = typed
+        .iter()
+        .map(|t| t.iter().map(|x| x.to_f32()).collect())
+        .collect();
+    for b in [1, 3, 12] {
+        let cfg = ClipConfig::fixed(0.2, MicroBatches::Uniform(b));
+        let views: Vec<&[T]> = typed.iter().map(Vec::as_slice).collect();
+        let got = clipper.clip(&cfg, &views, n).unwrap();
+        let want = clipper.clip(&cfg, &slices(&widened), n).unwrap();
+        assert_eq!(got, want, "{} b {b}", clipper.backend());
+    }
+}
+
+#[test]
+fn bitwise_equal_to_the_f32_path_on_widened_values() {
+    for mut clipper in clippers() {
+        same_bits_as_f32(&mut clipper, f16::from_f32);
+        same_bits_as_f32(&mut clipper, bf16::from_f32);
+    }
+}
+
+#[test]
+fn special_values() {
+    // f16 subnormals (the loader must not flush them), an infinity in micro-batch 1
+    // and a NaN in micro-batch 2 under the Skip policy.
+    let (n, d) = (8, 9);
+    let mut x: Vec<f16> = (0..n * d)
+        .map(|i| f16::from_bits(1 + (i as u16 * 37) % 1000)) // all subnormal
+        .collect();
+    for mut clipper in clippers() {
+        let cfg = ClipConfig::fixed(1e-5, MicroBatches::Uniform(2));
+        check_typed(
+            &mut clipper,
+            &cfg,
+            std::slice::from_ref(&x),
+            n,
+            TOL,
+            "subnormals",
+        );
+        let out = clipper.clip(&cfg, &[&x[..]], n).unwrap();
+        assert!(
+            out.stats.norms.iter().all(|&v| v > 0.0),
+            "{:?}",
+            out.stats.norms
+        );
+    }
+    x[2 * d + 4] = f16::INFINITY;
+    x[5 * d] = f16::NAN;
+    let big: Vec<bf16> = (0..n * d)
+        .map(|i| bf16::from_f32(if i % 7 == 0 { 3e38 } else { -1e-38 }))
+        .collect();
+    for mut clipper in clippers() {
+        let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(2));
+        check_typed(
+            &mut clipper,
+            &cfg,
+            std::slice::from_ref(&x),
+            n,
+            TOL,
+            "inf and nan",
+        );
+        let out = clipper.clip(&cfg, &[&x[..]], n).unwrap();
+        assert_eq!(out.stats.nonfinite_count, 2);
+        let strict = ClipConfig {
+            non_finite: NonFinitePolicy::Error,
+            ..cfg.clone()
+        };
+        assert!(matches!(
+            clipper.clip(&strict, &[&x[..]], n),
+            Err(ClipError::NonFinite {
+                micro_batch: 1,
+                count: 2
+            })
+        ));
+        // bf16 keeps f32's range: norms beyond f32::MAX still clip correctly.
+        check_typed(
+            &mut clipper,
+            &cfg,
+            std::slice::from_ref(&big),
+            n,
+            TOL,
+            "bf16 near f32::MAX",
+        );
+    }
+}
+
+#[test]
+fn caller_buffers_of_mixed_element_types() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 9;
+    let widths = [7, 4097, 5];
+    let t = random_tensors(21, n, &widths, 1.0);
+    let h0 = rounded(&t[..1], f16::from_f32).remove(0);
+    let h2 = rounded(&t[2..], bf16::from_f32).remove(0);
+    let widened = vec![
+        h0.iter().map(|x| x.to_f32()).collect::<Vec<f32>>(),
+        t[1].clone(),
+        h2.iter().map(|x| x.to_f32()).collect(),
+    ];
+    // One buffer: f16 tensor at byte 4 (63 halves: ends mid-word), the f32 tensor
+    // after it, the bf16 tensor at byte 260 + its f32 bytes.
+    let at1 = (4 + h0.len() as u64 * 2).next_multiple_of(4);
+    let at2 = at1 + t[1].len() as u64 * 4 + 260;
+    let mut bytes = vec![0u8; (at2 + h2.len() as u64 * 2).next_multiple_of(4) as usize];
+    bytes[4..4 + h0.len() * 2].copy_from_slice(bytemuck::cast_slice(&h0));
+    bytes[at1 as usize..at1 as usize + t[1].len() * 4].copy_from_slice(bytemuck::cast_slice(&t[1]));
+    bytes[at2 as usize..at2 as usize + h2.len() * 2].copy_from_slice(bytemuck::cast_slice(&h2));
+    let device = gpu.device().unwrap().clone();
+    let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: &bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    });
+    let inputs = [
+        GpuTensor::new(&input, 4, widths[0]).with_dtype(Dtype::F16),
+        GpuTensor::new(&input, at1, widths[1]),
+        GpuTensor::new(&input, at2, widths[2]).with_dtype(Dtype::Bf16),
+    ];
+    for b in [1, 2, 3, 9] {
+        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(b));
+        let (buffers, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+        let want = clip_f64(&cfg, &slices(&widened), n).unwrap();
+        let host = gpu.clip(&cfg, &slices(&widened), n).unwrap();
+        assert_eq!(stats, host.stats, "b {b}");
+        for (p, buffer) in buffers.iter().enumerate() {
+            let got = read_buffer(&gpu, buffer, 0, widths[p]);
+            assert_eq!(got, host.grads[p], "b {b} tensor {p}");
+        }
+        assert_matches(&host, &want, TOL, &format!("b {b}"));
+    }
+
+    // The buffer must hold the 16-bit tensor's bytes rounded up to whole words.
+    let short = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 8,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let out = gpu
+        .device()
+        .unwrap()
+        .create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+    let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
+    // 3 rows of 1 f16 at byte 4: 6 bytes, 8 with the last word, 12 > 8.
+    let e = gpu
+        .clip_buffers_into(
+            &cfg,
+            &[GpuTensor::new(&short, 4, 1).with_dtype(Dtype::F16)],
+            3,
+            &[GpuTensorMut {
+                buffer: &out,
+                offset: 0,
+                cols: 1,
+            }],
+        )
+        .unwrap_err();
+    assert!(matches!(e, ClipError::BufferRange { tensor: 0, .. }), "{e}");
+}
+
+/// Every finite value of a 16-bit type with `|x| < limit` passes through the GPU
+/// loader exactly: one sample, b = 1 and a bound far above the norm make the output
+/// the input itself. Both the four-element loads (width a multiple of 4) and the
+/// scalar loads (one fewer column) are covered.
+fn loader_is_exact<T: GradElement>(gpu: &mut Clipper, from_bits: fn(u16) -> T, limit: f32) {
+    let values: Vec<T> = (0..=u16::MAX)
+        .map(from_bits)
+        .filter(|x| x.to_f32().abs() < limit)
+        .collect();
+    let cols = values.len() / 4 * 4;
+    let cfg = ClipConfig::fixed(1e30, MicroBatches::Uniform(1));
+    for width in [cols, cols - 1] {
+        let out = gpu.clip(&cfg, &[&values[..width]], 1).unwrap();
+        assert_eq!(out.stats.factors, [1.0]);
+        for (x, y) in values[..width].iter().zip(&out.grads[0]) {
+            // Equal values are equal bits except for zeros: the sum starts at +0.
+            assert_eq!(x.to_f32(), *y, "{}", T::DTYPE);
+        }
+    }
+}
+
+#[test]
+fn gpu_loaders_decode_every_finite_value_exactly() {
+    let Some(mut gpu) = gpu() else { return };
+    loader_is_exact(&mut gpu, f16::from_bits, f32::INFINITY);
+    loader_is_exact(&mut gpu, bf16::from_bits, 1e18);
+}
