@@ -6,10 +6,12 @@
 //!   the same bytes (`examples/bench_report/reference.wgsl`);
 //! * `gpu_device/multi_N64_b4`: 100 tensors (D_p from 1 to 12,500, each its own
 //!   buffer) against one tensor of the same total width, and the read-and-sum;
+//! * `gpu_device/N64_D262144_f16`, `.._bf16`: the main shape as 16-bit input
+//!   (b = 1 and 8), next to the read-and-sum over its N x D x 2 bytes;
 //! * `cpu_host/...`: the same shapes on the CPU backend (`Clipper::clip` on host
 //!   slices) next to a multi-threaded rayon sum over the same slice.
 //!
-//! Throughput is the input size, N x D x 4 bytes. GPU timing uses `iter_custom`
+//! Throughput is the input size, N x D x 4 bytes (x 2 for 16-bit input). GPU timing uses `iter_custom`
 //! with wall clock around each call: `clip_buffers_into` submits and polls the
 //! device until its statistics are read back; the reference submits and polls
 //! until the queue is idle. Flat sampling, 10 samples: one GPU iteration can take
@@ -23,8 +25,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use microclip::half::{bf16, f16};
 use microclip::{
-    Backend, ClipConfig, Clipper, GpuTensor, GpuTensorMut, MicroBatches, REQUIRE_GPU_ENV,
+    Backend, ClipConfig, Clipper, Dtype, GpuTensor, GpuTensorMut, GradElement, MicroBatches,
+    REQUIRE_GPU_ENV,
 };
 use rayon::prelude::*;
 
@@ -80,6 +84,7 @@ fn bench_device(
     n: usize,
     b: usize,
     tensors: &[(&wgpu::Buffer, usize)],
+    dtype: Dtype,
 ) {
     let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
     let outs: Vec<wgpu::Buffer> = tensors
@@ -91,7 +96,7 @@ fn bench_device(
         .collect();
     let inputs: Vec<GpuTensor<'_>> = tensors
         .iter()
-        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols))
+        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols).with_dtype(dtype))
         .collect();
     let outputs: Vec<GpuTensorMut<'_>> = outs
         .iter()
@@ -176,11 +181,25 @@ fn gpu_benches(c: &mut Criterion) {
             N,
             b,
             &[(&x, D)],
+            Dtype::F32,
         );
     }
     bench_read_sum(&mut group, &gpu, &refk, &x, (N * D * 4) as u64);
     group.finish();
     drop(x);
+
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let x = data::device_tensor_as(&gpu, SEED, 0, N, D, dtype).expect("input");
+        let mut group = c.benchmark_group(format!("gpu_device/N{N}_D{D}_{dtype}"));
+        configure(&mut group);
+        group.throughput(Throughput::Bytes((N * D * 2) as u64));
+        for b in BS {
+            let id = format!("microclip/b{b}");
+            bench_device(&mut group, &gpu, &id, N, b, &[(&x, D)], dtype);
+        }
+        bench_read_sum(&mut group, &gpu, &refk, &x, (N * D * 2) as u64);
+        group.finish();
+    }
 
     let widths = data::spread_widths(TENSORS, MAX_D_P);
     let total: usize = widths.iter().sum();
@@ -202,6 +221,7 @@ fn gpu_benches(c: &mut Criterion) {
         N_MULTI,
         B_MULTI,
         &many_refs,
+        Dtype::F32,
     );
     bench_device(
         &mut group,
@@ -210,6 +230,7 @@ fn gpu_benches(c: &mut Criterion) {
         N_MULTI,
         B_MULTI,
         &[(&single, total)],
+        Dtype::F32,
     );
     bench_read_sum(
         &mut group,
@@ -238,13 +259,13 @@ fn rayon_sum(x: &[f32]) -> f32 {
 }
 
 /// Times `Clipper::clip` on the CPU backend.
-fn bench_host(
+fn bench_host<T: GradElement>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     clipper: &mut Clipper,
     id: &str,
     n: usize,
     b: usize,
-    tensors: &[&[f32]],
+    tensors: &[&[T]],
 ) {
     let probe = clipper.clip(&probe_config(b), tensors, n).expect("probe");
     let cfg = ClipConfig::fixed(median_bound(&probe.stats.norms), MicroBatches::Uniform(b));
@@ -271,7 +292,28 @@ fn cpu_benches(c: &mut Criterion) {
     }
     group.bench_function("read_sum", |bench| bench.iter(|| rayon_sum(black_box(&x))));
     group.finish();
-    drop(x);
+
+    // 16-bit input; the read-and-sum covers the same N x D x 2 bytes.
+    let halves: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let bhalves: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let mut group = c.benchmark_group(format!("cpu_host/N{N}_D{D}_{dtype}"));
+        configure(&mut group);
+        group.throughput(Throughput::Bytes((N * D * 2) as u64));
+        for b in BS {
+            let id = format!("microclip/b{b}");
+            match dtype {
+                Dtype::F16 => bench_host(&mut group, &mut clipper, &id, N, b, &[&halves]),
+                _ => bench_host(&mut group, &mut clipper, &id, N, b, &[&bhalves]),
+            }
+        }
+        let same_bytes = &x[..x.len() / 2];
+        group.bench_function("read_sum", |bench| {
+            bench.iter(|| rayon_sum(black_box(same_bytes)))
+        });
+        group.finish();
+    }
+    drop((x, halves, bhalves));
 
     let widths = data::spread_widths(TENSORS, MAX_D_P);
     let total: usize = widths.iter().sum();

@@ -69,6 +69,9 @@ pub trait GradElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
     fn to_f64(self) -> f64 {
         self.to_f32() as f64
     }
+    /// `dst[i] = src[i]` as f32, for equal lengths (vectorised by `half`: F16C
+    /// on x86-64 where available).
+    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl GradElement for f32 {
@@ -76,6 +79,9 @@ impl GradElement for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -85,6 +91,9 @@ impl GradElement for half::f16 {
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
     }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
 }
 
 impl GradElement for half::bf16 {
@@ -92,6 +101,9 @@ impl GradElement for half::bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
     }
 }
 

@@ -9,7 +9,10 @@
 //! CPU: the same shapes as host `Vec<f32>`s through `Clipper::clip`, interleaved
 //! with a multi-threaded rayon sum over the same bytes.
 
-use microclip::{Backend, ClipConfig, Clipper, GpuTensor, GpuTensorMut, MicroBatches};
+use microclip::half::{bf16, f16};
+use microclip::{
+    Backend, ClipConfig, Clipper, Dtype, GpuTensor, GpuTensorMut, GradElement, MicroBatches,
+};
 use rayon::prelude::*;
 
 use crate::data;
@@ -20,6 +23,8 @@ use crate::report::{interleaved, median, Method, Report, Row};
 const SEED: u64 = 0x5eed_c11b;
 /// Micro-batch sizes that also run the 5-pass baseline (main shape only).
 pub const BASELINE_B: [usize; 2] = [1, 8];
+/// Micro-batch sizes of the 16-bit rows (main shape).
+pub const HALF_BS: [usize; 2] = [1, 8];
 
 /// The shapes, every D divided by `scale` (N and b kept, so the
 /// micro-batch structure is the same; only the bytes shrink).
@@ -95,8 +100,8 @@ pub struct Opts {
     pub scale: Option<usize>,
 }
 
-fn min_bytes(n: usize, d: usize) -> u64 {
-    (n * d * 4 + d * 4) as u64
+fn min_bytes(n: usize, d: usize, dtype: Dtype) -> u64 {
+    (n * d) as u64 * dtype.size_bytes() + (d * 4) as u64
 }
 
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
@@ -193,6 +198,7 @@ fn device_case(
     n: usize,
     b: usize,
     tensors: &[(&wgpu::Buffer, usize)],
+    dtype: Dtype,
     reference: &ReadSum,
     with_baseline: bool,
     note: &str,
@@ -210,7 +216,7 @@ fn device_case(
         .collect::<Result<_, _>>()?;
     let inputs: Vec<GpuTensor<'_>> = tensors
         .iter()
-        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols))
+        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols).with_dtype(dtype))
         .collect();
     let outputs: Vec<GpuTensorMut<'_>> = outs
         .iter()
@@ -228,7 +234,7 @@ fn device_case(
     let cfg = ClipConfig::fixed(c, MicroBatches::Uniform(b));
 
     let mut baseline_note = String::new();
-    let baseline = if with_baseline && tensors.len() == 1 {
+    let baseline = if with_baseline && tensors.len() == 1 && dtype == Dtype::F32 {
         match ctx
             .baseline
             .prepare(gpu, tensors[0].0, n, tensors[0].1, b, c)
@@ -305,9 +311,10 @@ fn device_case(
         d: d_total,
         b,
         tensors: tensors.len(),
+        dtype,
         median_ms,
         runs: ctx.opts.runs,
-        min_bytes: min_bytes(n, d_total),
+        min_bytes: min_bytes(n, d_total, dtype),
         read_ms,
         extra_device_bytes: extra,
         speedup: None,
@@ -379,7 +386,8 @@ fn gpu_host_case(
         tensors: 1,
         median_ms: median(&samples[1]),
         runs: ctx.opts.runs,
-        min_bytes: min_bytes(n, d),
+        dtype: Dtype::F32,
+        min_bytes: min_bytes(n, d, Dtype::F32),
         read_ms: median(&samples[0]),
         extra_device_bytes: clipper.scratch_bytes(),
         speedup: None,
@@ -479,6 +487,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             n,
             b,
             &[(&x, d0)],
+            Dtype::F32,
             &reference,
             BASELINE_B.contains(&b),
             &note,
@@ -486,6 +495,26 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     }
     drop(reference);
     drop(x);
+
+    // 16-bit inputs on the main shape: half the bytes to read, against the
+    // read-and-sum over those bytes.
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let x = data::device_tensor_as(&ctx.gpu, SEED, 0, n, d0, dtype)?;
+        let reference = ctx.refk.read_sum(&ctx.gpu, &x, (n * d0 * 2) as u64);
+        for b in HALF_BS.into_iter().filter(|&b| b <= n) {
+            rows.extend(device_case(
+                &ctx,
+                &format!("main {dtype}"),
+                n,
+                b,
+                &[(&x, d0)],
+                dtype,
+                &reference,
+                false,
+                &note,
+            )?);
+        }
+    }
 
     // Few wide rows, then many narrow rows (+ the host path on the same shape).
     for (what, (n0, d, b), host) in [
@@ -500,6 +529,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             n,
             b,
             &[(&x, d)],
+            Dtype::F32,
             &reference,
             false,
             &note,
@@ -533,6 +563,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         n,
         b,
         &many_refs,
+        Dtype::F32,
         &reference,
         false,
         &multi_note,
@@ -543,6 +574,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         n,
         b,
         &[(&single, total)],
+        Dtype::F32,
         &reference,
         false,
         note.as_str(),
@@ -587,7 +619,7 @@ fn push_conventions(header: &mut Vec<String>, opts: &Opts, gpu: bool) {
         }
     ));
     header.push(
-        "min MB = N x D x 4 (input read once) + D x 4 (output); GB/s = min bytes / median; read_ratio = median / read-sum median over the same N x D x 4 bytes (1.0 = physical floor; a two-pass method cannot go below 2.0 at b = 1)".to_string(),
+        "min MB = N x D x 4 (x 2 for f16/bf16 input; input read once) + D x 4 (output); GB/s = min bytes / median; read_ratio = median / read-sum median over the same input bytes (1.0 = physical floor; a two-pass method cannot go below 2.0 at b = 1)".to_string(),
     );
     header.push(if gpu {
         "read-sum = vec4 read-and-sum WGSL kernel on the same adapter (64 KiB per workgroup, one partial per workgroup); extra device bytes = Clipper::scratch_bytes() after the case (5-pass rows: its intermediates)".to_string()
@@ -623,13 +655,13 @@ fn cpu_copy(src: &[f32], dst: &mut [f32]) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cpu_case(
+fn cpu_case<T: GradElement>(
     clipper: &mut Clipper,
     opts: &Opts,
     case: &str,
     n: usize,
     b: usize,
-    tensors: &[&[f32]],
+    tensors: &[&[T]],
     reference: &[f32],
     note: &str,
 ) -> Result<Row, String> {
@@ -669,9 +701,10 @@ fn cpu_case(
         d: d_total,
         b,
         tensors: tensors.len(),
+        dtype: T::DTYPE,
         median_ms: median(&samples[1]),
         runs: opts.runs,
-        min_bytes: min_bytes(n, d_total),
+        min_bytes: min_bytes(n, d_total, T::DTYPE),
         read_ms: median(&samples[0]),
         extra_device_bytes: 0,
         speedup: None,
@@ -732,7 +765,34 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
             )?);
         }
     }
-    drop(x);
+    // 16-bit inputs on the main shape, against the sum over the same bytes.
+    let as_bytes = &x[..x.len() / 2];
+    let halves: Vec<f16> = x.par_iter().map(|&v| f16::from_f32(v)).collect();
+    let bhalves: Vec<bf16> = x.par_iter().map(|&v| bf16::from_f32(v)).collect();
+    for b in HALF_BS.into_iter().filter(|&b| b <= n) {
+        let note = sizes.note();
+        rows.push(cpu_case(
+            &mut clipper,
+            &opts,
+            "main f16",
+            n,
+            b,
+            &[&halves],
+            as_bytes,
+            &note,
+        )?);
+        rows.push(cpu_case(
+            &mut clipper,
+            &opts,
+            "main bf16",
+            n,
+            b,
+            &[&bhalves],
+            as_bytes,
+            &note,
+        )?);
+    }
+    drop((x, halves, bhalves));
     for (what, (n, d, b)) in [("wide", sizes.wide), ("tall", sizes.tall)] {
         let x = data::host_tensor(SEED, 1, n, d);
         rows.push(cpu_case(

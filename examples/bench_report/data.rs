@@ -6,6 +6,9 @@
 
 use rayon::prelude::*;
 
+use microclip::half::{bf16, f16};
+use microclip::Dtype;
+
 use crate::kernels::Gpu;
 
 /// splitmix64 finaliser.
@@ -55,8 +58,50 @@ pub fn host_tensor(seed: u64, tensor: u64, n: usize, d: usize) -> Vec<f32> {
     v
 }
 
-/// Tensor `tensor` as a device `[n, d]` matrix in its own buffer, uploaded in
-/// chunks of about 32 MiB (each flushed before the next, bounding staging memory).
+/// Tensor `tensor` as a device `[n, d]` matrix of `dtype` in its own buffer
+/// (16-bit types rounded to nearest from the f32 values), uploaded in chunks of
+/// about 32 MiB (each flushed before the next, bounding staging memory).
+pub fn device_tensor_as(
+    gpu: &Gpu,
+    seed: u64,
+    tensor: u64,
+    n: usize,
+    d: usize,
+    dtype: Dtype,
+) -> Result<wgpu::Buffer, String> {
+    let elem = dtype.size_bytes() as usize;
+    let bytes = ((n * d * elem) as u64).next_multiple_of(4);
+    let buffer = gpu.storage_buffer(&format!("input {tensor} [{n}, {d}] {dtype}"), bytes)?;
+    // An even number of rows per chunk keeps every chunk but the last whole words.
+    let rows_per_chunk = ((8usize << 20) / d).max(2) / 2 * 2;
+    let mut host = vec![0.0f32; rows_per_chunk.min(n) * d];
+    let mut row = 0;
+    while row < n {
+        let rows = rows_per_chunk.min(n - row);
+        let chunk = &mut host[..rows * d];
+        fill_rows(seed, tensor, d, row, chunk);
+        let mut words: Vec<u8> = match dtype {
+            Dtype::F32 => bytemuck::cast_slice(chunk).to_vec(),
+            Dtype::F16 => chunk
+                .iter()
+                .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                .collect(),
+            Dtype::Bf16 => chunk
+                .iter()
+                .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        };
+        words.resize(words.len().next_multiple_of(4), 0);
+        gpu.queue
+            .write_buffer(&buffer, (row * d * elem) as u64, &words);
+        gpu.queue.submit([]);
+        gpu.wait();
+        row += rows;
+    }
+    Ok(buffer)
+}
+
+/// [`device_tensor_as`] in f32.
 pub fn device_tensor(
     gpu: &Gpu,
     seed: u64,
@@ -64,21 +109,7 @@ pub fn device_tensor(
     n: usize,
     d: usize,
 ) -> Result<wgpu::Buffer, String> {
-    let buffer = gpu.storage_buffer(&format!("input {tensor} [{n}, {d}]"), (n * d * 4) as u64)?;
-    let rows_per_chunk = ((8usize << 20) / d).max(1);
-    let mut host = vec![0.0f32; rows_per_chunk.min(n) * d];
-    let mut row = 0;
-    while row < n {
-        let rows = rows_per_chunk.min(n - row);
-        let chunk = &mut host[..rows * d];
-        fill_rows(seed, tensor, d, row, chunk);
-        gpu.queue
-            .write_buffer(&buffer, (row * d * 4) as u64, bytemuck::cast_slice(chunk));
-        gpu.queue.submit([]);
-        gpu.wait();
-        row += rows;
-    }
-    Ok(buffer)
+    device_tensor_as(gpu, seed, tensor, n, d, Dtype::F32)
 }
 
 /// `count` tensor widths from 1 to `max`, spread as `1 + (max - 1) * (k / (count - 1))^4`:

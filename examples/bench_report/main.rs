@@ -17,13 +17,14 @@
 //!
 //! ## What is measured
 //!
-//! * **Cases** (f32): N = 256, D = 1,000,000 for b in {1, 4, 8, 32, 256};
+//! * **Cases** (f32 unless named): N = 256, D = 1,000,000 for b in {1, 4, 8, 32, 256};
 //!   N = 64, D = 4,000,000, b = 4; N = 1024, D = 65,536, b = 16; N = 64, b = 4 with
 //!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total, each its own
 //!   buffer) and one tensor of the same total width. On the GPU the inputs are in
 //!   device buffers before timing (`clip_buffers_into`); one extra row times the
-//!   host-slice path (`clip()`, upload included) on the N = 1024 shape. The CPU
-//!   backend runs the same shapes on host slices.
+//!   host-slice path (`clip()`, upload included) on the N = 1024 shape. The main
+//!   shape also runs as f16 and bf16 input (b = 1 and 8). The CPU backend runs the
+//!   same shapes on host slices.
 //! * **Sizes**: `--scale S` divides every D by S (N, b and the tensor count stay,
 //!   so the micro-batch structure is unchanged). Default: S = 16 on a software
 //!   adapter (wgpu device type `Cpu`, e.g. lavapipe: its shaders run on the host
@@ -34,10 +35,11 @@
 //!   runs. GPU: wall clock
 //!   around the call; `clip_buffers_into` submits and blocks until its statistics
 //!   are read back, the bench's own jobs submit and poll until the queue is idle.
-//! * **Bytes**: the minimum a clipping step must move, N x D x 4 (input read once)
-//!   + D x 4 (output written once); GB/s = those bytes / median time.
+//! * **Bytes**: the minimum a clipping step must move, N x D x 4 (input read once;
+//!   x 2 for 16-bit input) + D x 4 (output written once); GB/s = those bytes /
+//!   median time.
 //! * **read_ratio** = median time / median time of a plain vec4 read-and-sum kernel
-//!   over the same N x D x 4 bytes on the same adapter (CPU: a multi-threaded rayon
+//!   over the same input bytes on the same adapter (CPU: a multi-threaded rayon
 //!   sum over the same slice), sampled interleaved with the case in the same run so
 //!   that both see the same background load. 1.0 is the physical floor; a method
 //!   that reads the input twice cannot go below 2.0 at b = 1 (microclip reads it in

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use microclip::Dtype;
+
 /// Which implementation a row measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -22,9 +24,11 @@ pub struct Row {
     pub d: usize,
     pub b: usize,
     pub tensors: usize,
+    /// Element type of the input.
+    pub dtype: Dtype,
     pub median_ms: f64,
     pub runs: usize,
-    /// N x D x 4 (input read once) + D x 4 (output written once).
+    /// N x D x (2 or 4) (input read once) + D x 4 (output written once).
     pub min_bytes: u64,
     /// Median of the reference read-and-sum over the same input bytes, sampled
     /// interleaved with this row.
@@ -166,15 +170,16 @@ impl Report {
         }
         println!();
         println!(
-            "| case | method | path | N | D | b | M | tensors | median ms | min MB | GB/s | read-sum ms | read_ratio | extra device bytes | note |"
+            "| case | method | path | input | N | D | b | M | tensors | median ms | min MB | GB/s | read-sum ms | read_ratio | extra device bytes | note |"
         );
-        println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for r in &self.rows {
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
                 r.case,
                 r.method_name(),
                 r.path,
+                r.dtype,
                 r.n,
                 r.d,
                 r.b,
@@ -211,6 +216,7 @@ impl Report {
                         "b": r.b,
                         "M": r.micro_batches(),
                         "tensors": r.tensors,
+                        "dtype": r.dtype.name(),
                         "median_ms": r.median_ms,
                         "runs": r.runs,
                         "min_bytes": r.min_bytes,

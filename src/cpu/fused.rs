@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{add_row, axpy, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
+use super::{add_row, as_f32, axpy, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::GradElement;
 
@@ -80,11 +80,11 @@ fn worker<T: GradElement>(
             let mut at = 0;
             for (k, b) in blocks.clone().zip(mine) {
                 let ssq = if rows.len() == 1 {
-                    sum_squares(plan.segment(b, rows.start))
+                    as_f32(plan.segment(b, rows.start), sum_squares)
                 } else {
                     let sum = &mut sum[..b.w];
                     for i in rows.clone() {
-                        add_row(sum, plan.segment(b, i), i == rows.start);
+                        as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
                     }
                     scale_and_sum_squares(sum, inv_n, Some(&mut mean[at..at + b.w]))
                 };
@@ -118,7 +118,7 @@ fn worker<T: GradElement>(
                 }
                 let rows = plan.rows(j);
                 if rows.len() == 1 {
-                    axpy(acc, h, plan.segment(b, rows.start));
+                    as_f32(plan.segment(b, rows.start), |x| axpy(acc, h, x));
                 } else {
                     axpy(acc, h, &means[r * width + at..r * width + at + b.w]);
                 }

@@ -96,6 +96,31 @@ impl<'a, T: GradElement> Plan<'a, T> {
     }
 }
 
+thread_local! {
+    /// One column block of 16-bit input widened to f32.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` on a row segment as f32: f32 input as it is, 16-bit input widened
+/// (exactly) into a per-thread block of at most `BLOCK_COLS` values, which stays in
+/// the core's L1 cache, so the hot loops below are the same for every type.
+fn as_f32<T: GradElement, R>(x: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
+    if T::DTYPE == crate::dtype::Dtype::F32 {
+        if let Ok(x) = bytemuck::try_cast_slice::<T, f32>(x) {
+            return f(x);
+        }
+    }
+    WIDENED.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < x.len() {
+            buf.resize(x.len(), 0.0);
+        }
+        let widened = &mut buf[..x.len()];
+        T::widen(x, widened);
+        f(widened)
+    })
+}
+
 /// Independent accumulators of the hot sums: a chain of dependent f64 adds runs at
 /// one add per 3-4 cycles, lanes let the compiler vectorise. Fixed, so the order
 /// of additions (and the result) does not depend on the machine.
@@ -107,17 +132,17 @@ const LANES: usize = 8;
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn sum_squares<T: GradElement>(row: &[T]) -> f64 {
+fn sum_squares(row: &[f32]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += x.to_f64() * x.to_f64();
+            *l += (x as f64) * (x as f64);
         }
     }
     for (l, &x) in lanes.iter_mut().zip(rest) {
-        *l += x.to_f64() * x.to_f64();
+        *l += (x as f64) * (x as f64);
     }
     lanes.iter().sum()
 }
@@ -150,23 +175,23 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 
 /// `sum[c] = x[c]` (`first`) or `sum[c] += x[c]`, in f64.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn add_row<T: GradElement>(sum: &mut [f64], x: &[T], first: bool) {
+fn add_row(sum: &mut [f64], x: &[f32], first: bool) {
     if first {
         for (s, &x) in sum.iter_mut().zip(x) {
-            *s = x.to_f64();
+            *s = x as f64;
         }
     } else {
         for (s, &x) in sum.iter_mut().zip(x) {
-            *s += x.to_f64();
+            *s += x as f64;
         }
     }
 }
 
 /// `acc[c] += h * x[c]`, in f64.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn axpy<T: GradElement>(acc: &mut [f64], h: f64, x: &[T]) {
+fn axpy(acc: &mut [f64], h: f64, x: &[f32]) {
     for (a, &x) in acc.iter_mut().zip(x) {
-        *a += h * x.to_f64();
+        *a += h * x as f64;
     }
 }
 

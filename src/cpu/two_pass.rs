@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{add_row, axpy, scale_and_sum_squares, sum_squares, Plan};
+use super::{add_row, as_f32, axpy, scale_and_sum_squares, sum_squares, Plan};
 use crate::dtype::GradElement;
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
@@ -17,12 +17,12 @@ fn block_ssq<T: GradElement>(
 ) -> f64 {
     let rows = plan.rows(j);
     if rows.len() == 1 {
-        return sum_squares(plan.segment(b, rows.start));
+        return as_f32(plan.segment(b, rows.start), sum_squares);
     }
     let inv_n = 1.0 / rows.len() as f64;
     let sum = &mut sum[..b.w];
     for i in rows.clone() {
-        add_row(sum, plan.segment(b, i), i == rows.start);
+        as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
     }
     scale_and_sum_squares(sum, inv_n, None)
 }
@@ -57,7 +57,7 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
                 let rows = plan.rows(j);
                 let coef = s / rows.len() as f64;
                 for i in rows {
-                    axpy(&mut acc, coef, plan.segment(b, i));
+                    as_f32(plan.segment(b, i), |x| axpy(&mut acc, coef, x));
                 }
             }
             acc
