@@ -159,12 +159,20 @@ fn clipped_gradient_matches_the_float64_reference() {
         for (p, w) in model.params().iter().zip(&want.grads) {
             let got = p.in_params(&grads);
             assert_eq!(got.len(), w.len());
-            for (g, w) in got.iter().zip(w) {
-                assert!(
-                    ((*g as f64) - w).abs() <= 1e-5 * (w.abs() + 1e-3),
-                    "C = {c}: {g} vs {w}"
-                );
-            }
+            // Relative L2 error per tensor, as in the core tests: an element of
+            // the average can be much smaller than the terms that cancel in it
+            // (the model's initialisation is random), so no per-element bound.
+            let err: f64 = got
+                .iter()
+                .zip(w)
+                .map(|(&g, w)| (g as f64 - w).powi(2))
+                .sum();
+            let norm: f64 = w.iter().map(|w| w * w).sum();
+            assert!(
+                err.sqrt() <= 3e-5 * norm.sqrt().max(1e-12),
+                "C = {c}: relative L2 error {:e}",
+                (err / norm).sqrt()
+            );
         }
     }
     // The example's spread: some micro-batches clipped at 0.5, not all.
