@@ -7,7 +7,8 @@
 //! than per micro-batch.
 //!
 //! Extra host memory: an f64 accumulator of `8 x sum_p D_p` bytes and, when a
-//! micro-batch has more than one row, R f32 means of `4 x sum_p D_p` bytes each.
+//! micro-batch has more than one row or the input is 16-bit, R f32 means (or
+//! widened rows) of `4 x sum_p D_p` bytes each.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -15,7 +16,7 @@ use std::sync::Barrier;
 
 use super::{add_row, as_f32, axpy, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
-use crate::dtype::GradElement;
+use crate::dtype::{Dtype, GradElement};
 
 /// The factor `h` applied during the pass: `s_j` with a fixed bound; `s_j / C` with
 /// an adaptive one (hard clipping with `scale <= 1` is `C / norm_j` for every j).
@@ -64,8 +65,18 @@ fn worker<T: GradElement>(
     let width: usize = mine.iter().map(|b| b.w).sum();
     let m = plan.micro_batches();
     let several_rows = (0..m).any(|j| plan.rows(j).len() > 1);
+    // 16-bit one-row micro-batches are widened once, into the means, and phase B
+    // reads them there rather than converting the row a second time.
+    let widen_once = T::DTYPE != Dtype::F32;
     let mut acc = vec![0.0f64; width];
-    let mut means = vec![0.0f32; if several_rows { group_size * width } else { 0 }];
+    let mut means = vec![
+        0.0f32;
+        if several_rows || widen_once {
+            group_size * width
+        } else {
+            0
+        }
+    ];
     let mut sum = vec![0.0f64; BLOCK_COLS];
     let mut norms = Vec::new();
     let mut h = vec![0.0f64; group_size * plan.groups];
@@ -76,10 +87,15 @@ fn worker<T: GradElement>(
         for (r, j) in mbs.clone().enumerate() {
             let rows = plan.rows(j);
             let inv_n = 1.0 / rows.len() as f64;
-            let mean = &mut means[if rows.len() > 1 { r * width } else { 0 }..];
+            let stored = rows.len() > 1 || widen_once;
+            let mean = &mut means[if stored { r * width } else { 0 }..];
             let mut at = 0;
             for (k, b) in blocks.clone().zip(mine) {
-                let ssq = if rows.len() == 1 {
+                let ssq = if rows.len() == 1 && widen_once {
+                    let mean = &mut mean[at..at + b.w];
+                    T::widen(plan.segment(b, rows.start), mean);
+                    sum_squares(mean)
+                } else if rows.len() == 1 {
                     as_f32(plan.segment(b, rows.start), sum_squares)
                 } else {
                     let sum = &mut sum[..b.w];
@@ -117,7 +133,7 @@ fn worker<T: GradElement>(
                     continue;
                 }
                 let rows = plan.rows(j);
-                if rows.len() == 1 {
+                if rows.len() == 1 && !widen_once {
                     as_f32(plan.segment(b, rows.start), |x| axpy(acc, h, x));
                 } else {
                     axpy(acc, h, &means[r * width + at..r * width + at + b.w]);
