@@ -394,12 +394,14 @@ impl GpuClipper {
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         let layout = self.plan(&offsets_u32, inputs, group_of)?;
-        for t in inputs {
-            self.kernels.prepare(&self.device, t.dtype);
-        }
 
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // Inside the scopes: building a 16-bit type's pipelines on first use reports
+        // a failure as ClipError::Device, not through wgpu's panicking handler.
+        for t in inputs {
+            self.kernels.prepare(&self.device, t.dtype);
+        }
         let readback =
             self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
         let validation = pollster::block_on(validation_scope.pop());
