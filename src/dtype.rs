@@ -64,11 +64,6 @@ pub trait GradElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
     const DTYPE: Dtype;
     /// The value as f32 (exact for all three types).
     fn to_f32(self) -> f32;
-    /// The value as f64 (exact).
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self.to_f32() as f64
-    }
     /// `dst[i] = src[i]` as f32, for equal lengths (vectorised by `half`: F16C
     /// on x86-64 where available).
     fn widen(src: &[Self], dst: &mut [f32]);
@@ -114,7 +109,7 @@ mod tests {
     #[test]
     fn conversions_are_exact_for_special_values() {
         let h = half::f16::from_bits(0x0001); // smallest subnormal
-        assert_eq!(h.to_f64(), 2f64.powi(-24));
+        assert_eq!(GradElement::to_f32(h) as f64, 2f64.powi(-24));
         assert_eq!(half::f16::INFINITY.to_f32(), f32::INFINITY);
         assert!(half::bf16::NAN.to_f32().is_nan());
         let b = half::bf16::from_bits(0x3f81);
