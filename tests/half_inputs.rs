@@ -81,10 +81,7 @@ fn row_windows_of_16_bit_rows() {
 fn same_bits_as_f32<T: GradElement>(clipper: &mut Clipper, from_f32: fn(f32) -> T) {
     let (n, widths) = (12, [5, 4100, 64, 3]);
     let typed = rounded(&random_tensors(3, n, &widths, 1.0), from_f32);
-    let widened: Vec<Vec<f32>> = typed
-        .iter()
-        .map(|t| t.iter().map(|x| x.to_f32()).collect())
-        .collect();
+    let widened = widened(&typed);
     for b in [1, 3, 12] {
         let cfg = ClipConfig::fixed(0.2, MicroBatches::Uniform(b));
         let views: Vec<&[T]> = typed.iter().map(Vec::as_slice).collect();

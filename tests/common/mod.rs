@@ -266,6 +266,14 @@ pub fn rounded<T: GradElement>(tensors: &[Vec<f32>], from_f32: fn(f32) -> T) -> 
         .collect()
 }
 
+/// `typed` widened to f32 (exact for every `GradElement`).
+pub fn widened<T: GradElement>(typed: &[Vec<T>]) -> Vec<Vec<f32>> {
+    typed
+        .iter()
+        .map(|t| t.iter().map(|x| x.to_f32()).collect())
+        .collect()
+}
+
 /// [`check`] on 16-bit inputs: `clipper` gets `typed`, the reference gets the
 /// same values widened to f32 (exactly), so only the accumulation differs.
 pub fn check_typed<T: GradElement>(
@@ -276,11 +284,7 @@ pub fn check_typed<T: GradElement>(
     tol: f64,
     what: &str,
 ) {
-    let widened: Vec<Vec<f32>> = typed
-        .iter()
-        .map(|t| t.iter().map(|x| x.to_f32()).collect())
-        .collect();
-    let want = clip_f64(cfg, &slices(&widened), n).expect("reference");
+    let want = clip_f64(cfg, &slices(&widened(typed)), n).expect("reference");
     let views: Vec<&[T]> = typed.iter().map(Vec::as_slice).collect();
     let got = clipper
         .clip(cfg, &views, n)
