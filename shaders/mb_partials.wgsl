@@ -1,12 +1,15 @@
 // Pass 1: segmented reduction over rows. One workgroup of WG = 64 threads per
-// (column tile of TILE = 4096 columns, micro-batch of the window). Each thread walks
-// groups of 4 adjacent columns of the tile (group index strided by WG, so loads
-// coalesce), as one load of 4 elements per row when the tensor's rows start at a
-// multiple of 4 elements in the binding, else as 4 scalar loads (f32, f16 or bf16
-// through grads_<type>.wgsl, always accumulated in f32); it forms the micro-batch mean of each
-// column (blocked, as column_mean) and accumulates its squared norm privately; the
-// workgroup then does ONE tree reduction and writes the tile's (scale, ssq, flags)
-// record. Per workgroup: 7 barriers for 4096 columns (was 17 for 1024).
+// (column tile of params.tile_cols columns, micro-batch of the window); the host
+// picks the tile width per call (4096 to 65536 columns, `tile_cols` in plan.rs).
+// Each thread walks groups of 4 adjacent columns of the tile (group index strided
+// by WG, so loads coalesce), as one load of 4 elements per row when the tensor's
+// rows start at a multiple of 4 elements in the binding, else as 4 scalar loads
+// (f32, f16 or bf16 through grads_<type>.wgsl, always accumulated in f32); it forms
+// the micro-batch mean of each column (blocked, as column_mean) and accumulates its
+// squared norm privately; the workgroup then does ONE tree reduction and writes the
+// tile's (scale, ssq, flags) record. Per workgroup: 7 barriers, for 4096 columns or
+// more (on lavapipe the cost of a workgroup's start and barriers is what the tile
+// width trades against parallelism).
 //
 // Scaled sum of squares in one pass, without divisions (Blue's algorithm, as in
 // LAPACK 3.10's snrm2 / Anderson 2017, "Algorithm 978"): three accumulators with
@@ -16,7 +19,7 @@
 // the order of magnitudes), which also yields the NaN/Inf flags: any NaN puts the
 // max above 0x7f800000, an Inf (without NaN) makes it equal. At the end lane 0
 // rewrites the three sums as (scale = max |g|, ssq = sum (g / scale)^2), the record
-// the later passes expect (ssq in [1, TILE]).
+// the later passes expect (ssq in [1, tile_cols]).
 //
 // With write_means = 1 (micro-batches of 3 rows or more on average, see
 // `materialize_means` in plan.rs) each finished mean is also stored in `means`, so
@@ -28,11 +31,11 @@
 // reads what another writes in the same dispatch).
 
 const WG: u32 = 64u;
-const TILE: u32 = 4096u; // columns per workgroup; must match TILE_COLS in plan.rs
 
 // Blue's thresholds and scalings for f32 (all powers of two, so scaling is exact).
 // Terms: |g| < T_SML: (g * S_SML)^2 < 2^74; T_SML <= |g| <= T_BIG: g^2 <= 2^104;
-// |g| > T_BIG: (g * S_BIG)^2 < 2^104. Sums of 2^20 such terms stay below f32::MAX.
+// |g| > T_BIG: (g * S_BIG)^2 < 2^104. Sums of 2^20 such terms stay below f32::MAX
+// (a tile has at most 2^16 columns).
 // S_SML is larger than LAPACK's 2^75 so that subnormal g still square to normals.
 const S_SML: f32 = 0x1p100f;
 const S_BIG: f32 = 0x1p-76f;
@@ -60,7 +63,7 @@ struct Params {
     vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
-    pad0: u32,
+    tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
     pad1: u32,
     pad2: u32,
 }
@@ -178,7 +181,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let takes_carry = local_mb == 0u && params.carry_in == 1u;
     let gives_carry = local_mb == params.last_local && params.carry_out == 1u;
     let row0 = params.elem_offset + (lo - params.row_start) * params.cols;
-    let col_end = min(params.cols, (tile + 1u) * TILE);
+    let col_end = min(params.cols, (tile + 1u) * params.tile_cols);
 
     // Four accumulators per class: column c goes to lane c % 4, thread (c / 4) % WG.
     var sml_acc = vec4<f32>(0.0);
@@ -188,7 +191,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (params.vec4_path == 1u) {
         let stride4 = params.cols >> 2u;
         let row04 = row0 >> 2u;
-        for (var c4 = (tile * TILE >> 2u) + lid; c4 < (col_end >> 2u); c4 += WG) {
+        for (var c4 = (tile * params.tile_cols >> 2u) + lid; c4 < (col_end >> 2u); c4 += WG) {
             var v = column_mean4(row04 + c4, rows, stride4, inv_n);
             let col = c4 << 2u;
             if (takes_carry) {
@@ -213,7 +216,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     } else {
         // Scalar loads, the same columns per thread and lane as the vec4 path (so
         // the alignment of a tensor does not change a bit of its result).
-        for (var c4 = (tile * TILE >> 2u) + lid; c4 < ((col_end + 3u) >> 2u); c4 += WG) {
+        for (var c4 = (tile * params.tile_cols >> 2u) + lid; c4 < ((col_end + 3u) >> 2u); c4 += WG) {
             let col0 = c4 << 2u;
             var v = vec4<f32>(0.0);
             if (col0 + 4u <= col_end) {

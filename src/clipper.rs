@@ -160,6 +160,28 @@ impl Clipper {
         }
     }
 
+    /// Sets the fewest workgroups the GPU norm pass keeps when it widens its column
+    /// tiles; `None` restores the adapter's default (16 per host thread on a
+    /// software adapter; `u64::MAX`, i.e. always the narrowest tile, on hardware).
+    /// For tests of every tile width. No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_min_tile_workgroups(&mut self, workgroups: Option<u64>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_min_tile_workgroups(workgroups);
+        }
+    }
+
+    /// Columns per workgroup the GPU norm pass would use for tensors of `widths`
+    /// columns and `micro_batches` micro-batches (`None` on the CPU). For the
+    /// benchmark's per-kernel replay.
+    #[doc(hidden)]
+    pub fn gpu_tile_cols(&self, widths: &[usize], micro_batches: usize) -> Option<u64> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.tile_cols(widths, micro_batches)),
+            Engine::Cpu(_) => None,
+        }
+    }
+
     /// Sets the host memory the CPU backend's one-read path may keep hot (default
     /// 16 MiB); 0 forces the two-pass path. For tests of both paths. No effect on
     /// the GPU.

@@ -29,15 +29,55 @@ fn smoke_shapes() {
     ];
     for (k, &(n, widths, b)) in cases.iter().enumerate() {
         let t = random_tensors(k as u64, n, widths, 1.0);
-        for cfg in [
-            ClipConfig::fixed(0.5, MicroBatches::Uniform(b)),
-            ClipConfig::fixed(100.0, MicroBatches::Uniform(b)),
-            ClipConfig::adaptive(1.0, MicroBatches::Uniform(b)),
-            ClipConfig::adaptive(0.7, MicroBatches::Uniform(b)),
-        ] {
-            check(&mut gpu, &cfg, &t, n, TOL, &format!("case {k} {cfg:?}"));
+        // The adapter's tile width (widened on a software adapter), then always
+        // 4096 columns (a hardware adapter's).
+        for floor in [None, Some(u64::MAX)] {
+            gpu.set_gpu_min_tile_workgroups(floor);
+            for cfg in [
+                ClipConfig::fixed(0.5, MicroBatches::Uniform(b)),
+                ClipConfig::fixed(100.0, MicroBatches::Uniform(b)),
+                ClipConfig::adaptive(1.0, MicroBatches::Uniform(b)),
+                ClipConfig::adaptive(0.7, MicroBatches::Uniform(b)),
+            ] {
+                check(
+                    &mut gpu,
+                    &cfg,
+                    &t,
+                    n,
+                    TOL,
+                    &format!("case {k} {floor:?} {cfg:?}"),
+                );
+            }
         }
     }
+}
+
+#[test]
+fn every_tile_width_of_the_norm_pass() {
+    // Tensors around the 4096- and 65536-column tiles, every tile width from the
+    // narrowest to the widest, one binding and row windows.
+    let Some(mut gpu) = gpu() else { return };
+    let n = 6;
+    let widths = [65_537, 4097, 1, 16_383];
+    let t = random_tensors(31, n, &widths, 1.0);
+    for floor in [u64::MAX, 60, 30, 12, 1] {
+        gpu.set_gpu_min_tile_workgroups(Some(floor));
+        for b in [1, 2, 4, 6] {
+            let m = n.div_ceil(b);
+            let tile = gpu.gpu_tile_cols(&widths, m).unwrap();
+            for max_binding in [u64::MAX, 65_537 * 4 * 2 + 256] {
+                gpu.set_max_binding_bytes(max_binding);
+                let cfg = ClipConfig::adaptive(0.8, MicroBatches::Uniform(b));
+                let what = format!("tile {tile} b {b} binding {max_binding}");
+                check(&mut gpu, &cfg, &t, n, TOL, &what);
+            }
+        }
+    }
+    // The floors above reach both ends.
+    gpu.set_gpu_min_tile_workgroups(Some(u64::MAX));
+    assert_eq!(gpu.gpu_tile_cols(&widths, 6), Some(4096));
+    gpu.set_gpu_min_tile_workgroups(Some(1));
+    assert_eq!(gpu.gpu_tile_cols(&widths, 1), Some(65_536));
 }
 
 #[test]

@@ -19,7 +19,7 @@ use crate::data;
 use crate::kernels::{Gpu, RefKernels};
 use crate::report::{interleaved, median};
 
-/// Columns per workgroup of mb_partials.wgsl (`TILE` there).
+/// The narrowest column tile of mb_partials.wgsl (D is cut to a multiple of it).
 const TILE: usize = 4096;
 
 /// `Params` of mb_partials.wgsl.
@@ -43,7 +43,8 @@ struct PartialsParams {
     vec4_path: u32,
     write_means: u32,
     means_base: u32,
-    pad: [u32; 3],
+    tile_cols: u32,
+    pad: [u32; 2],
 }
 
 /// `Params` of weighted_means.wgsl.
@@ -224,7 +225,9 @@ pub fn run(
         let offsets = storage_init(gpu, bytemuck::cast_slice(&offsets));
         let weights: Vec<f32> = stats.factors.iter().map(|&s| s / m as f32).collect();
         let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
-        let tiles = d.div_ceil(TILE) as u64;
+        // The tile width microclip chose for this call.
+        let tile_cols = clipper.gpu_tile_cols(&[d], m).ok_or("not a GPU clipper")?;
+        let tiles = (d as u64).div_ceil(tile_cols);
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
         let carry = gpu.storage_buffer("breakdown carry", 16)?;
@@ -246,6 +249,7 @@ pub fn run(
                 last_local: (m - 1) as u32,
                 vec4_path: d.is_multiple_of(4) as u32,
                 write_means: with_means as u32,
+                tile_cols: tile_cols as u32,
                 ..Default::default()
             },
         );

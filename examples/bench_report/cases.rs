@@ -291,11 +291,15 @@ fn device_case(
     let stats = stats.expect("at least one run");
     let read_ms = median(&samples[0]);
     let ours_ms = median(&samples[1]);
+    let widths: Vec<usize> = tensors.iter().map(|t| t.1).collect();
     let mut notes: Vec<String> = vec![format!(
         "clipped {}/{}",
         stats.clipped_count,
         stats.norms.len()
     )];
+    if let Some(tile) = clipper.gpu_tile_cols(&widths, n.div_ceil(b)) {
+        notes.push(format!("tiles of {tile} cols"));
+    }
     if !note.is_empty() {
         notes.push(note.to_string());
     }

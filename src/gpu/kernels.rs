@@ -106,7 +106,8 @@ pub(crate) struct PartialsParams {
     pub vec4_path: u32,
     pub write_means: u32,
     pub means_base: u32,
-    pub pad: [u32; 3],
+    pub tile_cols: u32,
+    pub pad: [u32; 2],
 }
 
 /// `Params` of mb_norms.wgsl.

@@ -2,7 +2,7 @@
 //! four passes, submission and the read-back of the statistics.
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
-//! 1. `mb_partials`: per (micro-batch, 4096-column tile) partial squared norm of the
+//! 1. `mb_partials`: per (micro-batch, column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window (and, when
 //!    `materialize_means` says so, the means themselves);
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
@@ -26,8 +26,8 @@ use kernels::{
     MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tiles,
-    vec4_rows, Window, WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tile_cols,
+    tiles, vec4_rows, Window, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -100,6 +100,9 @@ pub(crate) struct GpuClipper {
     max_binding: u64,
     storage_align: u64,
     uniform_align: u64,
+    /// The norm pass widens its column tiles while it keeps at least this many
+    /// workgroups (see `plan::tile_cols`).
+    min_tile_workgroups: u64,
 }
 
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
@@ -107,6 +110,8 @@ struct CallLayout {
     micro_batches: u64,
     groups: u64,
     tiles_total: u64,
+    /// Columns per norm-pass workgroup.
+    tile_cols: u64,
     /// First tile of each group, then `tiles_total`.
     group_tiles: Vec<u32>,
     /// (tile base, windows, group) per tensor.
@@ -168,6 +173,7 @@ impl GpuClipper {
             max_binding: device_max_binding,
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
+            min_tile_workgroups: default_min_tile_workgroups(info.device_type),
             device,
             queue,
         }
@@ -191,6 +197,19 @@ impl GpuClipper {
 
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         self.max_binding = bytes.clamp(self.storage_align + 4, self.device_max_binding) / 4 * 4;
+    }
+
+    pub fn set_min_tile_workgroups(&mut self, workgroups: Option<u64>) {
+        self.min_tile_workgroups = workgroups
+            .unwrap_or_else(|| default_min_tile_workgroups(self.device.adapter_info().device_type));
+    }
+
+    pub fn tile_cols(&self, widths: &[usize], micro_batches: usize) -> u64 {
+        tile_cols(
+            widths.iter().map(|&d| d as u64),
+            micro_batches as u64,
+            self.min_tile_workgroups,
+        )
     }
 
     /// A new output buffer for `cols` f32.
@@ -332,13 +351,19 @@ impl GpuClipper {
         // Tiles are numbered group by group, so each group's tiles are contiguous.
         let mut tile_bases = vec![0u64; inputs.len()];
         let mut group_tiles = Vec::with_capacity(groups + 1);
+        let micro_batches = offsets.len() as u64 - 1;
+        let tile_cols = tile_cols(
+            inputs.iter().map(|t| t.cols as u64),
+            micro_batches,
+            self.min_tile_workgroups,
+        );
         let mut tiles_total = 0u64;
         for g in 0..groups {
             group_tiles.push(tiles_total as u32);
             for (p, t) in inputs.iter().enumerate() {
                 if group_of[p] == g {
                     tile_bases[p] = tiles_total;
-                    tiles_total += tiles(t.cols as u64);
+                    tiles_total += tiles(t.cols as u64, tile_cols);
                 }
             }
         }
@@ -360,7 +385,6 @@ impl GpuClipper {
             }
             tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
-        let micro_batches = offsets.len() as u64 - 1;
         let partial_bytes = micro_batches * tiles_total * PARTIAL_BYTES;
         if partial_bytes > self.max_binding {
             return Err(ClipError::TooLarge(format!(
@@ -372,6 +396,7 @@ impl GpuClipper {
             micro_batches,
             groups: groups as u64,
             tiles_total,
+            tile_cols,
             group_tiles,
             tensors,
             carry_cols,
@@ -511,7 +536,7 @@ impl GpuClipper {
             layout.tensors.iter().zip(inputs.iter().zip(outputs))
         {
             let cols = t.cols as u64;
-            let n_tiles = tiles(cols);
+            let n_tiles = tiles(cols, layout.tile_cols);
             let (tiles_x, tiles_y) = dispatch_2d(n_tiles)?;
             let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
             let (out_bind, out_size, out_offset) =
@@ -536,7 +561,8 @@ impl GpuClipper {
                     vec4_path: vec4_rows(cols, w) as u32,
                     write_means: with_means as u32,
                     means_base: means_base as u32,
-                    pad: [0; 3],
+                    tile_cols: layout.tile_cols as u32,
+                    pad: [0; 2],
                 });
                 partial_dispatches.push((
                     p,
@@ -966,6 +992,21 @@ fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource
         offset,
         size: wgpu::BufferSize::new(size.max(4)),
     })
+}
+
+/// The norm pass's minimum workgroup count for an adapter type. A software adapter
+/// (lavapipe, SwiftShader: `DeviceType::Cpu`) pays per workgroup for its start and
+/// its barriers (measured on lavapipe: pass 1 at b = 1 went from 2.2x to 0.8x a
+/// read of the same bytes with 4x wider tiles), so its tiles widen while every
+/// host thread keeps 16 workgroups. Hardware adapters keep the narrowest tile (more
+/// workgroups in flight; wider tiles not measured on one).
+fn default_min_tile_workgroups(device_type: wgpu::DeviceType) -> u64 {
+    match device_type {
+        wgpu::DeviceType::Cpu => {
+            16 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+        }
+        _ => u64::MAX,
+    }
 }
 
 /// A whole scratch buffer as a binding.

@@ -3,8 +3,12 @@
 
 use crate::error::{ClipError, Result};
 
-/// Columns one workgroup of the norm pass covers (must match `TILE` in mb_partials.wgsl).
-pub(crate) const TILE_COLS: u64 = 4096;
+/// Narrowest column tile of one norm-pass workgroup (a multiple of the 4 x 64
+/// columns its threads load per step).
+pub(crate) const MIN_TILE_COLS: u64 = 4096;
+/// Widest column tile: 2^16 squares per workgroup keep Blue's sums in mb_partials.wgsl
+/// far from overflow.
+pub(crate) const MAX_TILE_COLS: u64 = 65536;
 /// Workgroup size of every kernel.
 pub(crate) const WORKGROUP: u64 = 256;
 /// Largest workgroup count of one dispatch dimension (WebGPU default limit).
@@ -130,8 +134,27 @@ pub(crate) fn dispatch_2d(groups: u64) -> Result<(u32, u32)> {
 }
 
 /// Column tiles of a tensor of `cols` columns in the norm pass.
-pub(crate) fn tiles(cols: u64) -> u64 {
-    cols.div_ceil(TILE_COLS)
+pub(crate) fn tiles(cols: u64, tile_cols: u64) -> u64 {
+    cols.div_ceil(tile_cols)
+}
+
+/// The norm pass's tile width for one call: the widest power-of-two multiple of
+/// [`MIN_TILE_COLS`], up to [`MAX_TILE_COLS`], that still gives at least
+/// `min_workgroups` workgroups over all tensors and `micro_batches`. Wider tiles
+/// mean fewer workgroups (each with its start-up and 7 barriers) and fewer norm
+/// partials; narrower ones more parallelism.
+pub(crate) fn tile_cols(
+    widths: impl Iterator<Item = u64> + Clone,
+    micro_batches: u64,
+    min_workgroups: u64,
+) -> u64 {
+    let workgroups =
+        |tile: u64| widths.clone().map(|d| tiles(d, tile)).sum::<u64>() * micro_batches;
+    let mut tile = MIN_TILE_COLS;
+    while tile < MAX_TILE_COLS && workgroups(tile * 2) >= min_workgroups {
+        tile *= 2;
+    }
+    tile
 }
 
 /// Whether mb_partials may read a window's rows as vec4: every row starts at a
@@ -264,9 +287,20 @@ mod tests {
     }
 
     #[test]
-    fn tile_matches_the_shader() {
-        let src = include_str!("../../shaders/mb_partials.wgsl");
-        assert!(src.contains(&format!("const TILE: u32 = {TILE_COLS}u;")));
+    fn tiles_widen_while_enough_workgroups_remain() {
+        let one = |d: u64| std::iter::once(d);
+        // b = 1 at N = 256, D = 62500: 16 tiles of 4096 per row; 1 of 65536 still
+        // gives 256 workgroups.
+        assert_eq!(tile_cols(one(62_500), 256, 32), 65_536);
+        // M = 8: 8 x 4 tiles of 16384 = 32 workgroups, 8 x 2 of 32768 too few.
+        assert_eq!(tile_cols(one(62_500), 8, 32), 16_384);
+        // M = 1: never narrower than the minimum, even with too few workgroups.
+        assert_eq!(tile_cols(one(62_500), 1, 32), MIN_TILE_COLS);
+        // Hardware adapters ask for u64::MAX workgroups: always the minimum.
+        assert_eq!(tile_cols(one(1 << 20), 1024, u64::MAX), MIN_TILE_COLS);
+        // Many tensors count together.
+        assert_eq!(tile_cols([10u64; 100].into_iter(), 1, 32), MAX_TILE_COLS);
+        assert_eq!(tile_cols(std::iter::empty(), 4, 1), MIN_TILE_COLS);
     }
 
     #[test]
@@ -274,8 +308,8 @@ mod tests {
         assert_eq!(dispatch_2d(1).unwrap(), (1, 1));
         assert_eq!(dispatch_2d(65535).unwrap(), (65535, 1));
         assert_eq!(dispatch_2d(65536).unwrap(), (65535, 2));
-        assert_eq!(tiles(1), 1);
-        assert_eq!(tiles(4096), 1);
-        assert_eq!(tiles(4097), 2);
+        assert_eq!(tiles(1, 4096), 1);
+        assert_eq!(tiles(4096, 4096), 1);
+        assert_eq!(tiles(4097, 4096), 2);
     }
 }

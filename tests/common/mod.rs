@@ -251,11 +251,7 @@ pub fn check(
     tol: f64,
     what: &str,
 ) {
-    let want = clip_f64(cfg, &slices(tensors), n).expect("reference");
-    let got = clipper
-        .clip(cfg, &slices(tensors), n)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_matches(&got, &want, tol, what);
+    check_typed(clipper, cfg, tensors, n, tol, what);
 }
 
 /// `tensors` rounded to `T` (round to nearest even).
@@ -274,8 +270,8 @@ pub fn widened<T: GradElement>(typed: &[Vec<T>]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// [`check`] on 16-bit inputs: `clipper` gets `typed`, the reference gets the
-/// same values widened to f32 (exactly), so only the accumulation differs.
+/// [`check`] on inputs of any element type: `clipper` gets `typed`, the reference
+/// gets the same values widened to f32 (exactly), so only the accumulation differs.
 pub fn check_typed<T: GradElement>(
     clipper: &mut Clipper,
     cfg: &ClipConfig,
@@ -332,6 +328,9 @@ struct Case {
     noise: Option<GaussianNoise>,
     /// Element type of the inputs.
     dtype: Dtype,
+    /// The GPU norm pass's workgroup floor for widening its tiles (None: the
+    /// adapter's default; `u64::MAX`: always 4096 columns; 1: the widest).
+    min_tile_workgroups: Option<u64>,
     seed: u64,
 }
 
@@ -435,6 +434,11 @@ fn case() -> impl Strategy<Value = Case> {
                     1 => Just(Dtype::F16),
                     1 => Just(Dtype::Bf16),
                 ],
+                prop_oneof![
+                    Just(None),
+                    Just(Some(u64::MAX)),
+                    (1..200u64).prop_map(Some),
+                ],
             )
         })
         .prop_map(
@@ -449,6 +453,7 @@ fn case() -> impl Strategy<Value = Case> {
                 groups,
                 noise,
                 dtype,
+                min_tile_workgroups,
             )| {
                 Case {
                     n,
@@ -469,6 +474,7 @@ fn case() -> impl Strategy<Value = Case> {
                         d => d,
                     },
                     seed,
+                    min_tile_workgroups,
                 }
             },
         )
@@ -483,6 +489,7 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
         .run(&case(), |c| {
             let mut clipper = clipper.borrow_mut();
             clipper.set_max_binding_bytes(c.max_binding.unwrap_or(u64::MAX));
+            clipper.set_gpu_min_tile_workgroups(c.min_tile_workgroups);
             let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
             let cfg = c.config();
             check_as(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"), c.dtype);
