@@ -265,7 +265,21 @@ impl Clipper {
         first: u64,
         count: u32,
     ) -> Result<Vec<u32>> {
-        self.gpu_engine()?.philox_words(noise, first, count)
+        self.gpu_engine()?.noise_words(noise, first, count, false)
+    }
+
+    /// The standard normals (before scaling) the GPU noise pass adds to output
+    /// elements `first..first + count`; compare with
+    /// [`crate::noise::standard_normal`]. For tests of the transform's precision.
+    #[doc(hidden)]
+    pub fn gpu_standard_normals(
+        &mut self,
+        noise: &GaussianNoise,
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<f32>> {
+        let words = self.gpu_engine()?.noise_words(noise, first, count, true)?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
     }
 
     fn gpu_engine(&mut self) -> Result<&mut GpuClipper> {

@@ -16,7 +16,9 @@
 //!
 //! The random words are integers and match the GPU bit for bit; the normals match
 //! up to the float error of `ln`, `cos` and `sin` (the GPU evaluates them in f32,
-//! with the accuracy WGSL allows: absolute error up to `2^-11` for `cos`/`sin`).
+//! with the accuracy WGSL allows: absolute error up to `2^-11` for `cos`/`sin`;
+//! for `1 - u < 1/16` the GPU sums the series of `-ln(1 - v)` instead of calling
+//! `log`, whose error bound there is absolute, not relative).
 
 /// Philox4x32 multipliers and Weyl key increments (Salmon et al., SC'11).
 const M0: u32 = 0xD251_1F53;

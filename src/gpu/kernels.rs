@@ -170,6 +170,8 @@ pub(crate) struct NoiseParams {
 pub(crate) const NOISE_MODE_ADD: u32 = 0;
 /// `NoiseParams::mode`: write each element's raw Philox word (tests).
 pub(crate) const NOISE_MODE_RAW_WORDS: u32 = 1;
+/// `NoiseParams::mode`: write each element's standard normal as f32 bits (tests).
+pub(crate) const NOISE_MODE_NORMALS: u32 = 2;
 /// `Params` of weighted_means.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]

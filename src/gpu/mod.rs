@@ -23,7 +23,8 @@ use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
     FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams, SumParams,
-    MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
+    MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES,
+    STATS_BYTES,
 };
 use plan::{
     aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tile_cols,
@@ -855,12 +856,14 @@ impl GpuClipper {
     }
 
     /// The raw Philox words the noise pass draws for output elements
-    /// `first..first + count` (the same words as [`crate::noise::philox_word`]).
-    pub fn philox_words(
+    /// `first..first + count` (the same words as [`crate::noise::philox_word`]),
+    /// or, with `normals`, the f32 bits of their standard normals.
+    pub fn noise_words(
         &mut self,
         noise: &GaussianNoise,
         first: u64,
         count: u32,
+        normals: bool,
     ) -> Result<Vec<u32>> {
         let count = count.max(1);
         let bytes = count as u64 * 4;
@@ -873,7 +876,12 @@ impl GpuClipper {
             U::STORAGE | U::COPY_DST | U::COPY_SRC,
         );
         let (groups_x, groups_y) = dispatch_2d((count as u64).div_ceil(WORKGROUP))?;
-        let params = noise_params(noise, first, count, 0, groups_x, NOISE_MODE_RAW_WORDS);
+        let mode = if normals {
+            NOISE_MODE_NORMALS
+        } else {
+            NOISE_MODE_RAW_WORDS
+        };
+        let params = noise_params(noise, first, count, 0, groups_x, mode);
         let uniforms = self.pool.get(
             Slot::Params,
             std::mem::size_of::<NoiseParams>() as u64,
