@@ -114,11 +114,15 @@ fn windows_smaller_than_a_tensor() {
 #[test]
 fn windows_over_several_column_tiles() {
     // Rows wider than one norm tile (4096 columns), cut into windows: the carry
-    // crosses tile boundaries.
+    // crosses tile boundaries. Tiles pinned to 4096 columns: a software adapter
+    // would widen them past these rows (every_tile_width_of_the_norm_pass covers
+    // windows with wide tiles).
     let Some(mut gpu) = gpu() else { return };
+    gpu.set_gpu_min_tile_workgroups(Some(u64::MAX));
     let n = 11;
     let widths = [8193, 5, 4095, 4100];
     let t = random_tensors(17, n, &widths, 1.0);
+    assert_eq!(gpu.gpu_tile_cols(&widths, n), Some(4096));
     for max_binding in [8193 * 4 + 256, 3 * 8193 * 4] {
         gpu.set_max_binding_bytes(max_binding);
         for b in [1, 3, 4, 11] {
