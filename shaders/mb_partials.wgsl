@@ -1,15 +1,20 @@
 // Pass 1: segmented reduction over rows. One workgroup of WG = 64 threads per
 // (column tile of params.tile_cols columns, micro-batch of the window); the host
 // picks the tile width per call (4096 to 65536 columns, `tile_cols` in plan.rs).
-// Each thread walks groups of 4 adjacent columns of the tile (group index strided
-// by WG, so loads coalesce), as one load of 4 elements per row when the tensor's
-// rows start at a multiple of 4 elements in the binding, else as 4 scalar loads
-// (f32, f16 or bf16 through grads_<type>.wgsl, always accumulated in f32); it forms
-// the micro-batch mean of each column (blocked, as column_mean) and accumulates its
-// squared norm privately; the workgroup then does ONE tree reduction and writes the
-// tile's (scale, ssq, flags) record. Per workgroup: 7 barriers, for 4096 columns or
-// more (on lavapipe the cost of a workgroup's start and barriers is what the tile
-// width trades against parallelism).
+// The tile's groups of 4 columns (quads) are cut into WG / RUN contiguous spans,
+// one per run of RUN threads; a run walks its span RUN adjacent quads (one per
+// thread) at a time, so every load instruction reads RUN * 16 contiguous bytes
+// and each run streams through its own span in order (on lavapipe, whose SIMD-8
+// groups each run the whole loop in turn, this took the pass at b = 4 from
+// 1.4-1.5x to 1.0x a read-and-sum, against threads strided by WG quads). A quad is one load of 4 elements per row
+// when the tensor's rows start at a multiple of 4 elements in the binding, else 4
+// scalar loads (f32, f16 or bf16 through grads_<type>.wgsl, always accumulated in
+// f32); the thread forms the micro-batch mean of each column (blocked, as
+// column_mean) and accumulates its squared norm privately; the workgroup then
+// does ONE tree reduction and writes the tile's (scale, ssq, flags) record. Per
+// workgroup: 7 barriers, for 4096 columns or more (on lavapipe the cost of a
+// workgroup's start and barriers is what the tile width trades against
+// parallelism).
 //
 // Scaled sum of squares in one pass, without divisions (Blue's algorithm, as in
 // LAPACK 3.10's snrm2 / Anderson 2017, "Algorithm 978"): three accumulators with
@@ -31,6 +36,9 @@
 // reads what another writes in the same dispatch).
 
 const WG: u32 = 64u;
+// Lanes that read adjacent quads of a row with one load each (a SIMD group of a
+// software rasteriser such as llvmpipe; a quarter warp on a GPU).
+const RUN: u32 = 8u;
 
 // Blue's thresholds and scalings for f32 (all powers of two, so scaling is exact).
 // Terms: |g| < T_SML: (g * S_SML)^2 < 2^74; T_SML <= |g| <= T_BIG: g^2 <= 2^104;
@@ -188,10 +196,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var med_acc = vec4<f32>(0.0);
     var big_acc = vec4<f32>(0.0);
     var max4 = vec4<u32>(0u);
+    // Lane group lid / RUN of the workgroup walks its own contiguous span of the
+    // tile's quads, RUN adjacent quads (one per lane) at a time. The spans split
+    // the tile's own columns (a tensor narrower than a tile still keeps every
+    // group busy), in multiples of RUN quads.
+    let tile_q0 = tile * params.tile_cols >> 2u;
+    let tile_quads = ((col_end + 3u) >> 2u) - tile_q0;
+    let span = (tile_quads + RUN * (WG / RUN) - 1u) / (RUN * (WG / RUN)) * RUN;
+    let span0 = tile_q0 + (lid / RUN) * span;
+    let span_end = span0 + span;
     if (params.vec4_path == 1u) {
         let stride4 = params.cols >> 2u;
         let row04 = row0 >> 2u;
-        for (var c4 = (tile * params.tile_cols >> 2u) + lid; c4 < (col_end >> 2u); c4 += WG) {
+        for (var c4 = span0 + lid % RUN; c4 < min(span_end, col_end >> 2u); c4 += RUN) {
             var v = column_mean4(row04 + c4, rows, stride4, inv_n);
             let col = c4 << 2u;
             if (takes_carry) {
@@ -216,7 +233,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     } else {
         // Scalar loads, the same columns per thread and lane as the vec4 path (so
         // the alignment of a tensor does not change a bit of its result).
-        for (var c4 = (tile * params.tile_cols >> 2u) + lid; c4 < ((col_end + 3u) >> 2u); c4 += WG) {
+        for (var c4 = span0 + lid % RUN; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
             let col0 = c4 << 2u;
             var v = vec4<f32>(0.0);
             if (col0 + 4u <= col_end) {

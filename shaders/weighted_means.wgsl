@@ -1,10 +1,22 @@
 // Pass 4 when pass 1 materialised the micro-batch means (see `materialize_means` in
 // src/gpu/plan.rs), or at b = 1 on the input rows themselves (`rows_are_means`):
 // out_p[c] = sum_j w_{j,g} * mean_j[c] (g the tensor's group), reading M rows of means instead of re-deriving
-// them from the N input rows. One thread per 4 adjacent columns: one vec4 load per
-// micro-batch when the means rows are 16-byte aligned in the binding, else 4 scalar
-// loads (same arithmetic, same bits). Micro-batch terms are accumulated in blocks of
-// ROW_BLOCK (sum of block sums), as in weighted_sum.
+// them from the N input rows. Micro-batch terms are accumulated per column in
+// blocks of ROW_BLOCK (sum of block sums), as in weighted_sum.
+//
+// A workgroup covers WG groups of 4 adjacent columns (quads) with WG / QUADS
+// threads. Each run of RUN threads owns RUN * QUADS adjacent quads: thread t of
+// the run sums quads t, t + RUN, t + 2 RUN, t + 3 RUN, so each of its QUADS loads
+// per row is one of RUN adjacent quads, and the run reads RUN * QUADS * 16 = 512
+// contiguous bytes of every row. On lavapipe (SIMD-8 groups that each run the
+// whole loop before the next starts) this made the pass 1.7x faster at b = 1
+// than one quad per thread, whose SIMD groups read 128 bytes of each of the M
+// rows per visit (too many streams for the prefetchers). QUADS separate
+// accumulators, not an array: a row-walking variant with private arrays was
+// slower on llvmpipe (see BENCHMARKS.md). A thread whose QUADS quads all exist
+// in rows 16-byte aligned in the binding loads each as one vec4; any other thread
+// (unaligned rows, the ragged end) sums its quads one at a time with the same
+// operations in the same order, so alignment changes no bit of the result.
 
 const WG: u32 = 256u;
 
@@ -33,12 +45,9 @@ struct Params {
 // vec4_path = 0).
 @group(0) @binding(4) var<storage, read> grads4: array<GradQuad>;
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let col0 = ((wg.x + wg.y * params.groups_x) * WG + lid) * 4u;
-    if (col0 >= params.cols) {
-        return;
-    }
+// The weighted sum over the micro-batches of one quad (columns col0 .. col0 + 3,
+// any alignment, clipped at cols), with scalar loads unless vec4_path.
+fn quad_sum(col0: u32) -> vec4<f32> {
     let full = col0 + 4u <= params.cols;
     var total = vec4<f32>(0.0);
     var block = vec4<f32>(0.0);
@@ -70,10 +79,76 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             in_block = 0u;
         }
     }
-    let sum = total + block;
+    return total + block;
+}
+
+fn store_quad(col0: u32, sum: vec4<f32>) {
     for (var k = 0u; k < 4u; k++) {
         if (col0 + k < params.cols) {
             out[params.out_offset + col0 + k] = sum[k];
+        }
+    }
+}
+
+// Threads in a run: lanes that read adjacent quads of a row with one load each.
+const RUN: u32 = 8u;
+// Quads per thread: a run reads RUN * QUADS * 16 contiguous bytes of every row.
+const QUADS: u32 = 4u;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    // WG quads per workgroup (the dispatch is that of WG threads of one quad each).
+    let first = (wg.x + wg.y * params.groups_x) * WG + (lid / RUN) * RUN * QUADS + lid % RUN;
+    let quads = (params.cols + 3u) / 4u;
+    if (params.vec4_path == 1u && first + (QUADS - 1u) * RUN < quads) {
+        var t0 = vec4<f32>(0.0);
+        var t1 = vec4<f32>(0.0);
+        var t2 = vec4<f32>(0.0);
+        var t3 = vec4<f32>(0.0);
+        var b0 = vec4<f32>(0.0);
+        var b1 = vec4<f32>(0.0);
+        var b2 = vec4<f32>(0.0);
+        var b3 = vec4<f32>(0.0);
+        var in_block = 0u;
+        var q = (params.means_base >> 2u) + first;
+        let stride = params.cols >> 2u;
+        for (var j = 0u; j < params.micro_batches; j++) {
+            let w = weights[j * params.groups + params.group];
+            let m0 = grad_quad(q);
+            let m1 = grad_quad(q + RUN);
+            let m2 = grad_quad(q + 2u * RUN);
+            let m3 = grad_quad(q + 3u * RUN);
+            q += stride;
+            if (params.skip_zero == 1u && w == 0.0) {
+                continue;
+            }
+            b0 += w * m0;
+            b1 += w * m1;
+            b2 += w * m2;
+            b3 += w * m3;
+            in_block += 1u;
+            if (in_block == ROW_BLOCK) {
+                t0 += b0;
+                t1 += b1;
+                t2 += b2;
+                t3 += b3;
+                b0 = vec4<f32>(0.0);
+                b1 = vec4<f32>(0.0);
+                b2 = vec4<f32>(0.0);
+                b3 = vec4<f32>(0.0);
+                in_block = 0u;
+            }
+        }
+        store_quad(first * 4u, t0 + b0);
+        store_quad((first + RUN) * 4u, t1 + b1);
+        store_quad((first + 2u * RUN) * 4u, t2 + b2);
+        store_quad((first + 3u * RUN) * 4u, t3 + b3);
+        return;
+    }
+    for (var k = 0u; k < QUADS; k++) {
+        let quad = first + k * RUN;
+        if (quad < quads) {
+            store_quad(quad * 4u, quad_sum(quad * 4u));
         }
     }
 }

@@ -81,6 +81,26 @@ fn every_tile_width_of_the_norm_pass() {
 }
 
 #[test]
+fn every_span_and_run_tail_of_the_vec4_paths() {
+    // Widths that are multiples of 4 (vec4 loads), around the boundaries of the
+    // norm pass's spans (a tile's quads cut into 8 spans of a multiple of 8 quads)
+    // and of pass 4's runs (4 quads per thread, 1024 columns per workgroup):
+    // threads with all 4 quads, with 1 to 3 of them, and with none; pass 4 on the
+    // input rows (b = 1), through weighted_sum (b = 2) and on stored means (b >= 3).
+    let Some(mut gpu) = gpu() else { return };
+    let n = 6;
+    let widths = [4, 36, 124, 132, 1020, 1028, 1124, 4100, 8188];
+    let t = random_tensors(41, n, &widths, 1.0);
+    for floor in [u64::MAX, 1] {
+        gpu.set_gpu_min_tile_workgroups(Some(floor));
+        for b in [1, 2, 3, 6] {
+            let cfg = ClipConfig::fixed(0.7, MicroBatches::Uniform(b));
+            check(&mut gpu, &cfg, &t, n, TOL, &format!("floor {floor} b {b}"));
+        }
+    }
+}
+
+#[test]
 fn windows_smaller_than_a_tensor() {
     let Some(mut gpu) = gpu() else { return };
     let n = 23;
