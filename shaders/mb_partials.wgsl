@@ -18,6 +18,8 @@
 // loads each quad directly, four quads per iteration, instead of running the
 // row loop once per quad: on lavapipe that loop's per-lane mask and exit tests
 // cost more than the load (pass 1 at b = 1 went from 1.6x to 0.85x a read).
+// At b > 1 it forms four quads' means in one row loop (column_mean4x4), which
+// took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read.
 //
 // Scaled sum of squares in one pass, without divisions (Blue's algorithm, as in
 // LAPACK 3.10's snrm2 / Anderson 2017, "Algorithm 978"): three accumulators with
@@ -136,6 +138,62 @@ fn column_mean4(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f32> {
     return total + block;
 }
 
+// column_mean4 of quads first, first + RUN, first + 2 RUN and first + 3 RUN in
+// one row loop (the same operations per quad, so the same bits).
+fn column_mean4x4(first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
+    var t0 = vec4<f32>(0.0);
+    var t1 = vec4<f32>(0.0);
+    var t2 = vec4<f32>(0.0);
+    var t3 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
+    var idx = first;
+    for (var r = 0u; r < rows; r++) {
+        b0 += grad_quad(idx) * inv_n;
+        b1 += grad_quad(idx + RUN) * inv_n;
+        b2 += grad_quad(idx + 2u * RUN) * inv_n;
+        b3 += grad_quad(idx + 3u * RUN) * inv_n;
+        idx += stride;
+        if ((r + 1u) % ROW_BLOCK == 0u) {
+            t0 += b0;
+            t1 += b1;
+            t2 += b2;
+            t3 += b3;
+            b0 = vec4<f32>(0.0);
+            b1 = vec4<f32>(0.0);
+            b2 = vec4<f32>(0.0);
+            b3 = vec4<f32>(0.0);
+        }
+    }
+    return mat4x4<f32>(t0 + b0, t1 + b1, t2 + b2, t3 + b3);
+}
+
+// The vec4 path's mean of the quad at column `col`: plus the carried-in sums of
+// an earlier window; passed on to the next window's carry or stored in `means`.
+fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: bool) -> vec4<f32> {
+    var v = mean;
+    if (takes_carry) {
+        let at = params.carry_in_base + col;
+        v += vec4<f32>(carry[at], carry[at + 1u], carry[at + 2u], carry[at + 3u]);
+    }
+    if (gives_carry) {
+        let at = params.carry_out_base + col;
+        carry[at] = v.x;
+        carry[at + 1u] = v.y;
+        carry[at + 2u] = v.z;
+        carry[at + 3u] = v.w;
+    } else if (params.write_means == 1u) {
+        let at = params.means_base + mb * params.cols + col;
+        means[at] = v.x;
+        means[at + 1u] = v.y;
+        means[at + 2u] = v.z;
+        means[at + 3u] = v.w;
+    }
+    return v;
+}
+
 // Adds the squares of four means to Blue's sums, classified on the bits (NaN/Inf
 // fall in no class, whatever the compiler assumes about float comparisons);
 // branch-free. Returns the max |v| bits.
@@ -228,27 +286,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
                 c4 += 4u * RUN;
             }
+        } else {
+            // Several rows: four quads per row loop, finished in the same order.
+            while (c4 + 3u * RUN < q_end) {
+                let m = column_mean4x4(row04 + c4, rows, stride4, inv_n);
+                let col = c4 << 2u;
+                let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
+                let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
+                let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
+                let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
+                c4 += 4u * RUN;
+            }
         }
         for (; c4 < q_end; c4 += RUN) {
-            var v = column_mean4(row04 + c4, rows, stride4, inv_n);
-            let col = c4 << 2u;
-            if (takes_carry) {
-                let at = params.carry_in_base + col;
-                v += vec4<f32>(carry[at], carry[at + 1u], carry[at + 2u], carry[at + 3u]);
-            }
-            if (gives_carry) {
-                let at = params.carry_out_base + col;
-                carry[at] = v.x;
-                carry[at + 1u] = v.y;
-                carry[at + 2u] = v.z;
-                carry[at + 3u] = v.w;
-            } else if (params.write_means == 1u) {
-                let at = params.means_base + mb * params.cols + col;
-                means[at] = v.x;
-                means[at + 1u] = v.y;
-                means[at + 2u] = v.z;
-                means[at + 3u] = v.w;
-            }
+            let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
+            let v = pass_on4(c4 << 2u, mean, mb, takes_carry, gives_carry);
             max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
         }
     } else {
