@@ -31,7 +31,8 @@
 // rewrites the three sums as (scale = max |g|, ssq = sum (g / scale)^2), the record
 // the later passes expect (ssq in [1, tile_cols]).
 //
-// With write_means = 1 (micro-batches of 3 rows or more on average, see
+// With write_means = 1 (micro-batches of 3 rows or more on average, 2 on a
+// software adapter, see
 // `materialize_means` in plan.rs) each finished mean is also stored in `means`, so
 // that pass 4 reads M rows of means instead of the N input rows.
 //

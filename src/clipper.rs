@@ -141,7 +141,8 @@ impl Clipper {
 
     /// Extra device memory this clipper holds between calls: norm partials,
     /// per-micro-batch state, row offsets, parameters, carry rows, micro-batch means
-    /// (`M x D_total x 4` bytes, pooled from the first call with `N / M >= 3`) and
+    /// (`M x D_total x 4` bytes, pooled from the first call with `N / M >= 3`, or
+    /// `>= 2` on a software adapter) and
     /// the read-back buffer (not the host path's upload of the input itself). 0 on
     /// the CPU.
     pub fn scratch_bytes(&self) -> u64 {
@@ -168,6 +169,27 @@ impl Clipper {
     pub fn set_gpu_min_tile_workgroups(&mut self, workgroups: Option<u64>) {
         if let Engine::Gpu(gpu) = &mut self.engine {
             gpu.set_min_tile_workgroups(workgroups);
+        }
+    }
+
+    /// Sets from how many rows per micro-batch (on average, `N / M`) the GPU stores
+    /// the micro-batch means for its last pass; `None` restores the adapter's
+    /// default (2 on a software adapter, 3 on hardware). For tests of both pass-4
+    /// kernels on one adapter. No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_means_min_rows(&mut self, rows: Option<u64>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_means_min_rows(rows);
+        }
+    }
+
+    /// The GPU's current rule of [`Self::set_gpu_means_min_rows`] (`None` on the
+    /// CPU). For the benchmark's per-kernel replay.
+    #[doc(hidden)]
+    pub fn gpu_means_min_rows(&self) -> Option<u64> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.means_min_rows()),
+            Engine::Cpu(_) => None,
         }
     }
 

@@ -101,6 +101,47 @@ fn every_span_and_run_tail_of_the_vec4_paths() {
 }
 
 #[test]
+fn both_pass4_kernels_at_two_rows_per_micro_batch() {
+    // From b = 2 a software adapter stores the means (weighted_means), hardware
+    // from b = 3 (weighted_sum re-reads the rows at b = 2): both rules on this
+    // adapter, at and around b = 2, aligned and unaligned widths.
+    let n = 14;
+    let widths = [4100, 37, 1024];
+    let t = random_tensors(43, n, &widths, 1.0);
+    let mut scratch = Vec::new();
+    for rows in [2, 3] {
+        let Some(mut gpu) = gpu() else { return };
+        gpu.set_gpu_means_min_rows(Some(rows));
+        assert_eq!(gpu.gpu_means_min_rows(), Some(rows));
+        for mb in [
+            MicroBatches::Uniform(2),
+            MicroBatches::Uniform(3),
+            MicroBatches::Offsets(vec![0, 1, 4, 6, 7, 10, 14]), // 7 micro-batches, N / M = 2
+            MicroBatches::Offsets(vec![0, 5, 6, 7, 8, 9, 10, 11, 14]), // N / M < 2
+        ] {
+            let cfg = ClipConfig::fixed(0.6, mb.clone());
+            check(
+                &mut gpu,
+                &cfg,
+                &t,
+                n,
+                TOL,
+                &format!("min rows {rows} {mb:?}"),
+            );
+        }
+        scratch.push(gpu.scratch_bytes());
+    }
+    // Only the first rule stored means, the largest those of b = 2 (M = 7): the
+    // pool holds them rounded up to 16 bytes where the other holds a 16-byte dummy.
+    let means_b2 = 7 * widths.iter().sum::<usize>() as u64 * 4;
+    assert_eq!(
+        scratch[0] - scratch[1],
+        means_b2.next_multiple_of(16) - 16,
+        "{scratch:?}"
+    );
+}
+
+#[test]
 fn windows_smaller_than_a_tensor() {
     let Some(mut gpu) = gpu() else { return };
     let n = 23;

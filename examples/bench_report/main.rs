@@ -17,7 +17,9 @@
 //!
 //! ## What is measured
 //!
-//! * **Cases** (f32 unless named): N = 256, D = 1,000,000 for b in {1, 4, 8, 32, 256};
+//! * **Cases** (f32 unless named): N = 256, D = 1,000,000 for b in {1, 2, 4, 8, 32,
+//!   256} (b = 2 is not among the cases: it is the b at which the GPU's
+//!   pass 4 re-reads the input rows, `weighted_sum`);
 //!   N = 64, D = 4,000,000, b = 4; N = 1024, D = 65,536, b = 16; N = 64, b = 4 with
 //!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total, each its own
 //!   buffer) and one tensor of the same total width. On the GPU the inputs are in

@@ -104,6 +104,9 @@ pub(crate) struct GpuClipper {
     /// The norm pass widens its column tiles while it keeps at least this many
     /// workgroups (see `plan::tile_cols`).
     min_tile_workgroups: u64,
+    /// Average rows per micro-batch from which pass 1 stores the means (see
+    /// `plan::materialize_means`).
+    means_min_rows: u64,
 }
 
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
@@ -175,6 +178,7 @@ impl GpuClipper {
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
             min_tile_workgroups: default_min_tile_workgroups(info.device_type),
+            means_min_rows: default_means_min_rows(info.device_type),
             device,
             queue,
         }
@@ -203,6 +207,15 @@ impl GpuClipper {
     pub fn set_min_tile_workgroups(&mut self, workgroups: Option<u64>) {
         self.min_tile_workgroups = workgroups
             .unwrap_or_else(|| default_min_tile_workgroups(self.device.adapter_info().device_type));
+    }
+
+    pub fn set_means_min_rows(&mut self, rows: Option<u64>) {
+        self.means_min_rows =
+            rows.unwrap_or_else(|| default_means_min_rows(self.device.adapter_info().device_type));
+    }
+
+    pub fn means_min_rows(&self) -> u64 {
+        self.means_min_rows
     }
 
     pub fn tile_cols(&self, widths: &[usize], micro_batches: usize) -> u64 {
@@ -520,7 +533,7 @@ impl GpuClipper {
             .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
         let total_cols: u64 = inputs.iter().map(|t| t.cols as u64).sum();
         let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let with_means = materialize_means(n, m, total_cols, self.max_binding);
+        let with_means = materialize_means(n, m, total_cols, self.max_binding, self.means_min_rows);
         let means_bytes = if with_means { m * total_cols * 4 } else { 0 };
         let means = self.pool.get(Slot::Means, means_bytes, storage);
         let mut means_base = 0u64;
@@ -1014,6 +1027,18 @@ fn default_min_tile_workgroups(device_type: wgpu::DeviceType) -> u64 {
             16 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
         }
         _ => u64::MAX,
+    }
+}
+
+/// From how many rows per micro-batch on average pass 1 stores the means, for an
+/// adapter type: 3 on hardware, where it is the break-even in bytes; 2 on a
+/// software adapter, where `weighted_sum` (one column per thread, 32 bytes of a row
+/// per SIMD group and visit) cost 2.6x a read at b = 2 on lavapipe while storing and
+/// re-reading the means moves the same bytes through the faster kernels.
+fn default_means_min_rows(device_type: wgpu::DeviceType) -> u64 {
+    match device_type {
+        wgpu::DeviceType::Cpu => 2,
+        _ => 3,
     }
 }
 

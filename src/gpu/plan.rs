@@ -168,16 +168,21 @@ pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
 /// `[M, D_p]` means of every tensor (`means_bytes = M x sum D_p x 4` of extra device
 /// memory) and pass 4 reads them instead of re-reading the `N` input rows. Input
 /// bytes read: `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
-/// `2 x N x D x 4`, so it pays when the average micro-batch holds `b = N / M >= 3`
-/// rows. Only when the means fit one storage binding; otherwise the rows are
-/// re-read (no extra memory).
+/// `2 x N x D x 4`, so it pays in bytes when the average micro-batch holds
+/// `b = N / M >= 3` rows (`min_rows = 3`, hardware adapters), and breaks even at
+/// `b = 2`, where a software adapter still gains because `weighted_means` reads
+/// its rows far faster than `weighted_sum` (`min_rows = 2`, see
+/// `default_means_min_rows`). Only when the means fit one storage binding;
+/// otherwise the rows are re-read (no extra memory).
 pub(crate) fn materialize_means(
     n: u64,
     micro_batches: u64,
     total_cols: u64,
     max_binding: u64,
+    min_rows: u64,
 ) -> bool {
-    n >= 3 * micro_batches && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
+    n >= min_rows * micro_batches
+        && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
 }
 
 /// Whether pass 4 can read a tensor's input rows as the micro-batch means: every
@@ -279,11 +284,16 @@ mod tests {
 
     #[test]
     fn means_are_materialised_from_three_rows_per_micro_batch() {
-        assert!(!materialize_means(256, 256, 1000, 1 << 27)); // b = 1
-        assert!(!materialize_means(10, 4, 1000, 1 << 27)); // b = 2.5
-        assert!(materialize_means(12, 4, 1000, 1 << 27)); // b = 3
-        assert!(materialize_means(256, 1, 1000, 1 << 27));
-        assert!(!materialize_means(256, 64, 1 << 20, 1 << 27)); // 256 MiB of means
+        assert!(!materialize_means(256, 256, 1000, 1 << 27, 3)); // b = 1
+        assert!(!materialize_means(10, 4, 1000, 1 << 27, 3)); // b = 2.5
+        assert!(materialize_means(12, 4, 1000, 1 << 27, 3)); // b = 3
+        assert!(materialize_means(256, 1, 1000, 1 << 27, 3));
+        assert!(!materialize_means(256, 64, 1 << 20, 1 << 27, 3)); // 256 MiB of means
+                                                                   // A software adapter's rule: from b = 2 on.
+        assert!(!materialize_means(256, 256, 1000, 1 << 27, 2)); // b = 1
+        assert!(!materialize_means(7, 4, 1000, 1 << 27, 2)); // b = 1.75
+        assert!(materialize_means(8, 4, 1000, 1 << 27, 2)); // b = 2
+        assert!(!materialize_means(256, 128, 1 << 20, 1 << 27, 2)); // 512 MiB of means
     }
 
     #[test]

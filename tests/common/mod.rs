@@ -331,6 +331,9 @@ struct Case {
     /// The GPU norm pass's workgroup floor for widening its tiles (None: the
     /// adapter's default; `u64::MAX`: always 4096 columns; 1: the widest).
     min_tile_workgroups: Option<u64>,
+    /// From how many rows per micro-batch the GPU stores the means (None: the
+    /// adapter's default; 2 or 3).
+    means_min_rows: Option<u64>,
     seed: u64,
 }
 
@@ -434,11 +437,14 @@ fn case() -> impl Strategy<Value = Case> {
                     1 => Just(Dtype::F16),
                     1 => Just(Dtype::Bf16),
                 ],
-                prop_oneof![
-                    Just(None),
-                    Just(Some(u64::MAX)),
-                    (1..200u64).prop_map(Some),
-                ],
+                (
+                    prop_oneof![
+                        Just(None),
+                        Just(Some(u64::MAX)),
+                        (1..200u64).prop_map(Some),
+                    ],
+                    prop_oneof![Just(None), Just(Some(2u64)), Just(Some(3u64))],
+                ),
             )
         })
         .prop_map(
@@ -453,7 +459,7 @@ fn case() -> impl Strategy<Value = Case> {
                 groups,
                 noise,
                 dtype,
-                min_tile_workgroups,
+                (min_tile_workgroups, means_min_rows),
             )| {
                 Case {
                     n,
@@ -475,6 +481,7 @@ fn case() -> impl Strategy<Value = Case> {
                     },
                     seed,
                     min_tile_workgroups,
+                    means_min_rows,
                 }
             },
         )
@@ -490,6 +497,7 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
             let mut clipper = clipper.borrow_mut();
             clipper.set_max_binding_bytes(c.max_binding.unwrap_or(u64::MAX));
             clipper.set_gpu_min_tile_workgroups(c.min_tile_workgroups);
+            clipper.set_gpu_means_min_rows(c.means_min_rows);
             let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
             let cfg = c.config();
             check_as(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"), c.dtype);
