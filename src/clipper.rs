@@ -174,7 +174,8 @@ impl Clipper {
 
     /// Sets from how many rows per micro-batch (on average, `N / M`) the GPU stores
     /// the micro-batch means for its last pass; `None` restores the adapter's
-    /// default (2 on a software adapter, 3 on hardware). For tests of both pass-4
+    /// default (2 on a software adapter, 3 on hardware); values below 2 count as 2
+    /// (one-row means would be a copy of the input). For tests of both pass-4
     /// kernels on one adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_means_min_rows(&mut self, rows: Option<u64>) {

@@ -209,9 +209,11 @@ impl GpuClipper {
             .unwrap_or_else(|| default_min_tile_workgroups(self.device.adapter_info().device_type));
     }
 
+    /// At least 2: one-row means would be a copy of the input.
     pub fn set_means_min_rows(&mut self, rows: Option<u64>) {
-        self.means_min_rows =
-            rows.unwrap_or_else(|| default_means_min_rows(self.device.adapter_info().device_type));
+        self.means_min_rows = rows
+            .unwrap_or_else(|| default_means_min_rows(self.device.adapter_info().device_type))
+            .max(2);
     }
 
     pub fn means_min_rows(&self) -> u64 {
