@@ -120,6 +120,117 @@ pub(crate) fn plan_windows(
     Ok(windows)
 }
 
+/// Tensors whose norm pass shares one dispatch: one-window tensors of one buffer
+/// and element type, bound together as `[bind_offset, bind_offset + bind_size)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pack {
+    /// Indices of the tensors, in call order.
+    pub members: Vec<usize>,
+    /// Byte offset of the binding (aligned).
+    pub bind_offset: u64,
+    /// Byte size of the binding (whole words).
+    pub bind_size: u64,
+}
+
+/// A tensor that may join a pack: its buffer and element type as one key (equal
+/// keys share a binding), and its bytes `[offset, offset + len)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PackSpan {
+    pub key: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Groups the tensors given as `Some(span)` into packs, greedily in call order:
+/// a tensor joins the open pack of its key while the pack's binding (from the
+/// aligned lowest start to the highest end, whole words) stays within
+/// `max_binding`, else it opens the next one. Every such tensor is in exactly one
+/// pack; `None` tensors (several windows) are in none.
+pub(crate) fn plan_packs(spans: &[Option<PackSpan>], max_binding: u64, align: u64) -> Vec<Pack> {
+    let limit = max_binding.min(u32::MAX as u64);
+    let mut packs: Vec<Pack> = Vec::new();
+    // Per key: (key, index in `packs` of its open pack).
+    let mut open: Vec<(usize, usize)> = Vec::new();
+    for (p, span) in spans.iter().enumerate() {
+        let Some(span) = span else { continue };
+        let start = span.offset - span.offset % align;
+        let end = span.offset + span.len;
+        let slot = open.iter().position(|o| o.0 == span.key);
+        if let Some(i) = slot {
+            let pack = &mut packs[open[i].1];
+            let lo = pack.bind_offset.min(start);
+            let hi = (pack.bind_offset + pack.bind_size).max(end);
+            if (hi - lo).next_multiple_of(4) <= limit {
+                pack.members.push(p);
+                pack.bind_offset = lo;
+                pack.bind_size = (hi - lo).next_multiple_of(4);
+                continue;
+            }
+        }
+        packs.push(Pack {
+            members: vec![p],
+            bind_offset: start,
+            bind_size: (end - start).next_multiple_of(4),
+        });
+        match slot {
+            Some(i) => open[i].1 = packs.len() - 1,
+            None => open.push((span.key, packs.len() - 1)),
+        }
+    }
+    packs
+}
+
+/// Numbers the norm pass's column tiles group by group (so each parameter group's
+/// tiles are contiguous): returns each tensor's first tile, the first tile of each
+/// group followed by the total. Tensors of one pack (`pack_of[p]`) and one group
+/// that are at most one tile wide share tiles, whole tensors of at most `tile_cols`
+/// columns together, in call order; every other tensor has tiles of its own.
+pub(crate) fn number_tiles(
+    widths: &[u64],
+    group_of: &[usize],
+    pack_of: &[Option<usize>],
+    groups: usize,
+    tile_cols: u64,
+) -> (Vec<u64>, Vec<u64>) {
+    let mut tile_bases = vec![0u64; widths.len()];
+    let mut group_tiles = Vec::with_capacity(groups + 1);
+    let mut total = 0u64;
+    for g in 0..groups {
+        group_tiles.push(total);
+        // Per pack: its open shared tile in this group and the columns it holds.
+        let mut open: Vec<(usize, u64, u64)> = Vec::new();
+        for (p, &cols) in widths.iter().enumerate() {
+            if group_of[p] != g {
+                continue;
+            }
+            let shared = pack_of[p].filter(|_| cols <= tile_cols);
+            let Some(pack) = shared else {
+                tile_bases[p] = total;
+                total += tiles(cols, tile_cols);
+                continue;
+            };
+            match open.iter_mut().find(|o| o.0 == pack) {
+                Some(o) if o.2 + cols <= tile_cols => {
+                    tile_bases[p] = o.1;
+                    o.2 += cols;
+                }
+                Some(o) => {
+                    *o = (pack, total, cols);
+                    tile_bases[p] = total;
+                    total += 1;
+                }
+                None => {
+                    open.push((pack, total, cols));
+                    tile_bases[p] = total;
+                    total += 1;
+                }
+            }
+        }
+    }
+    group_tiles.push(total);
+    (tile_bases, group_tiles)
+}
+
 /// Splits `groups` workgroups into a 2-D dispatch `(x, y)` with `x * y >= groups`;
 /// kernels recover the linear index as `wg.x + wg.y * x`.
 pub(crate) fn dispatch_2d(groups: u64) -> Result<(u32, u32)> {
@@ -311,6 +422,57 @@ mod tests {
         // Many tensors count together.
         assert_eq!(tile_cols([10u64; 100].into_iter(), 1, 32), MAX_TILE_COLS);
         assert_eq!(tile_cols(std::iter::empty(), 4, 1), MIN_TILE_COLS);
+    }
+
+    #[test]
+    fn packs_share_a_binding_per_buffer_within_the_limit() {
+        let span = |key, offset, len| Some(PackSpan { key, offset, len });
+        // Buffers 0 and 1 interleaved, a windowed tensor (None) in between.
+        let spans = [
+            span(0, 0, 100),
+            span(1, 512, 6),
+            None,
+            span(0, 1000, 24),
+            span(0, 300, 10),   // below the pack's highest end: still one range
+            span(0, 2000, 600), // [0, 2600) would exceed 2048: a new pack
+            span(1, 0, 4),
+        ];
+        let packs = plan_packs(&spans, 2048, 256);
+        assert_eq!(packs.len(), 3);
+        assert_eq!(packs[0].members, vec![0, 3, 4]);
+        assert_eq!((packs[0].bind_offset, packs[0].bind_size), (0, 1024));
+        assert_eq!(packs[1].members, vec![1, 6]);
+        assert_eq!((packs[1].bind_offset, packs[1].bind_size), (0, 520));
+        assert_eq!(packs[2].members, vec![5]);
+        assert_eq!((packs[2].bind_offset, packs[2].bind_size), (1792, 808));
+        // Every member lies inside its pack's binding.
+        for pack in &packs {
+            for &p in &pack.members {
+                let s = spans[p].unwrap();
+                assert!(s.offset >= pack.bind_offset);
+                assert!(s.offset + s.len <= pack.bind_offset + pack.bind_size);
+                assert!(pack.bind_size <= 2048);
+            }
+        }
+        assert!(plan_packs(&[None, None], 2048, 256).is_empty());
+    }
+
+    #[test]
+    fn small_tensors_of_a_pack_and_group_share_tiles() {
+        // Tiles of 100 columns; tensors 0-3 and 5 in pack 0, tensor 4 in no pack.
+        let widths = [60, 30, 20, 250, 5, 40, 7];
+        let group_of = [0, 0, 1, 0, 0, 1, 0];
+        let pack_of = [Some(0), Some(0), Some(0), Some(0), None, Some(0), Some(1)];
+        let (bases, group_tiles) = number_tiles(&widths, &group_of, &pack_of, 2, 100);
+        // Group 0: {0, 1} share tile 0 (90 columns), tensor 3 has tiles 1-3,
+        // tensor 4 (no pack) tile 4, tensor 6 (pack 1) tile 5; group 1: {2, 5}
+        // share tile 6.
+        assert_eq!(bases, vec![0, 0, 6, 1, 4, 6, 5]);
+        assert_eq!(group_tiles, vec![0, 6, 7]);
+        // A full shared tile opens the next one.
+        let (bases, group_tiles) = number_tiles(&[60, 50, 40], &[0; 3], &[Some(0); 3], 1, 100);
+        assert_eq!(bases, vec![0, 1, 1]);
+        assert_eq!(group_tiles, vec![0, 2]);
     }
 
     #[test]
