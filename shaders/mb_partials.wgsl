@@ -60,50 +60,30 @@ const T_BIG_BITS: u32 = 0x59800000u; // bits of T_BIG = 2^52
 const INF_BITS: u32 = 0x7f800000u;
 
 struct Params {
+    cols: u32,          // D_p
+    elem_offset: u32,   // element index in `grads` of (row_start, column 0)
     row_start: u32,     // first row of the window
     row_end: u32,       // one past the last row of the window
     mb_first: u32,      // first micro-batch touching the window
-    tiles: u32,         // tile entries of this dispatch
-    tiles_x: u32,       // entries per dispatch row (x); entry = wg.x + wg.y * tiles_x
-    table_base: u32,    // word index in `offsets` of this dispatch's first TileEntry
+    tiles: u32,         // column tiles of this tensor
+    tiles_x: u32,       // tiles per dispatch row (x); tile = wg.x + wg.y * tiles_x
+    tile_base: u32,     // global index of this tensor's first tile
     tiles_total: u32,   // tiles over all tensors (row stride of `partials`)
     carry_in: u32,      // 1: the window's first micro-batch began in an earlier window
     carry_out: u32,     // 1: the window's last micro-batch goes on in a later window
     last_local: u32,    // index (within the window) of the window's last micro-batch
     carry_in_base: u32, // element offsets of the two halves of `carry`
     carry_out_base: u32,
+    vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
+    means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
     pad1: u32,
     pad2: u32,
 }
 
-// The table after the row offsets in `offsets`. A dispatch covers the tile entries
-// of one window of one tensor, or those of several one-window tensors of one
-// buffer (a pack: one dispatch instead of one per tensor; on lavapipe a dispatch
-// costs about 0.05-0.1 ms however small). An entry lists the tensors its workgroup
-// reads: one tensor's tile `tile`, or several whole tensors, each at most one tile
-// wide, whose widths sum to at most tile_cols, read one after the other. On
-// lavapipe 100 small tensors of one buffer at b = 4 cost 0.13-0.24 ms each this
-// way against 0.27-0.40 ms with a workgroup per tensor and micro-batch. Entries
-// and tensor records are ENTRY_WORDS words each.
-struct TileEntry {
-    first_record: u32,  // word index in `offsets` of the entry's first TensorRecord
-    records: u32,       // number of tensors
-    tile: u32,          // tile index within the tensor (0 when records > 1)
-    global_tile: u32,   // column of `partials`
-}
-struct TensorRecord {
-    cols: u32,          // D_p
-    elem_offset: u32,   // element index in `grads` of (row_start, column 0) of the tensor
-    vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
-    means_base: u32,    // element index of mean_0[0] of this tensor in `means`
-}
-const ENTRY_WORDS: u32 = 4u;
-
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
-// Row offsets [0, o_1, ..., N], then the tile entries of every dispatch.
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
 @group(0) @binding(4) var<storage, read_write> carry: array<f32>;
@@ -117,8 +97,6 @@ const ENTRY_WORDS: u32 = 4u;
 // (small, medium, big) sums of squares, and the max |g| bits.
 var<workgroup> red_sums: array<vec3<f32>, WG>;
 var<workgroup> red_max: array<u32, WG>;
-// The tensor this workgroup is reading.
-var<private> tensor: TensorRecord;
 
 // The partial squared norm held by Blue's three sums, as (scale, ssq) with
 // scale = max_abs: scale^2 * ssq = sml / S_SML^2 + med + big / S_BIG^2. Each
@@ -208,7 +186,7 @@ fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: 
         carry[at + 2u] = v.z;
         carry[at + 3u] = v.w;
     } else if (params.write_means == 1u) {
-        let at = tensor.means_base + mb * tensor.cols + col;
+        let at = params.means_base + mb * params.cols + col;
         means[at] = v.x;
         means[at + 1u] = v.y;
         means[at + 2u] = v.z;
@@ -258,15 +236,10 @@ fn hsum(v: vec4<f32>) -> f32 {
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let entry = wg.x + wg.y * params.tiles_x;
-    if (entry >= params.tiles) {
+    let tile = wg.x + wg.y * params.tiles_x;
+    if (tile >= params.tiles) {
         return; // whole workgroup: uniform
     }
-    let e = params.table_base + entry * ENTRY_WORDS;
-    let first_record = offsets[e];
-    let records = offsets[e + 1u];
-    let tile = offsets[e + 2u];
-    let global_tile = offsets[e + 3u];
     let local_mb = wg.z;
     let mb = params.mb_first + local_mb;
     let mb_lo = offsets[mb];
@@ -277,97 +250,93 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let rows = hi - lo;
     let takes_carry = local_mb == 0u && params.carry_in == 1u;
     let gives_carry = local_mb == params.last_local && params.carry_out == 1u;
+    let row0 = params.elem_offset + (lo - params.row_start) * params.cols;
+    let col_end = min(params.cols, (tile + 1u) * params.tile_cols);
 
     // Four accumulators per class: column c goes to lane c % 4, thread (c / 4) % WG.
     var sml_acc = vec4<f32>(0.0);
     var med_acc = vec4<f32>(0.0);
     var big_acc = vec4<f32>(0.0);
     var max4 = vec4<u32>(0u);
-    for (var record = 0u; record < records; record++) {
-        let at = first_record + record * ENTRY_WORDS;
-        tensor = TensorRecord(offsets[at], offsets[at + 1u], offsets[at + 2u], offsets[at + 3u]);
-        let row0 = tensor.elem_offset + (lo - params.row_start) * tensor.cols;
-        let col_end = min(tensor.cols, (tile + 1u) * params.tile_cols);
-        // Lane group lid / RUN of the workgroup walks its own contiguous span of the
-        // tile's quads, RUN adjacent quads (one per lane) at a time. The spans split
-        // the tile's own columns (a tensor narrower than a tile still keeps every
-        // group busy), in multiples of RUN quads.
-        let tile_q0 = tile * params.tile_cols >> 2u;
-        let tile_quads = ((col_end + 3u) >> 2u) - tile_q0;
-        let span = (tile_quads + RUN * (WG / RUN) - 1u) / (RUN * (WG / RUN)) * RUN;
-        let span0 = tile_q0 + (lid / RUN) * span;
-        let span_end = span0 + span;
-        if (tensor.vec4_path == 1u) {
-            let stride4 = tensor.cols >> 2u;
-            let row04 = row0 >> 2u;
-            var c4 = span0 + lid % RUN;
-            let q_end = min(span_end, col_end >> 2u);
-            if (rows == 1u && !takes_carry && !gives_carry && params.write_means == 0u) {
-                // One row (b = 1): the mean is the row times inv_n (column_mean4 of one
-                // row, same bits up to the sign of a zero, which the squares drop);
-                // four quads per iteration, in the same order.
-                while (c4 + 3u * RUN < q_end) {
-                    let v0 = grad_quad(row04 + c4) * inv_n;
-                    let v1 = grad_quad(row04 + c4 + RUN) * inv_n;
-                    let v2 = grad_quad(row04 + c4 + 2u * RUN) * inv_n;
-                    let v3 = grad_quad(row04 + c4 + 3u * RUN) * inv_n;
-                    max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
-                    max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
-                    max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
-                    max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
-                    c4 += 4u * RUN;
-                }
-            } else {
-                // Several rows: four quads per row loop, finished in the same order.
-                while (c4 + 3u * RUN < q_end) {
-                    let m = column_mean4x4(row04 + c4, rows, stride4, inv_n);
-                    let col = c4 << 2u;
-                    let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
-                    max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
-                    let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
-                    max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
-                    let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
-                    max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
-                    let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
-                    max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
-                    c4 += 4u * RUN;
-                }
-            }
-            for (; c4 < q_end; c4 += RUN) {
-                let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
-                let v = pass_on4(c4 << 2u, mean, mb, takes_carry, gives_carry);
-                max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
+    // Lane group lid / RUN of the workgroup walks its own contiguous span of the
+    // tile's quads, RUN adjacent quads (one per lane) at a time. The spans split
+    // the tile's own columns (a tensor narrower than a tile still keeps every
+    // group busy), in multiples of RUN quads.
+    let tile_q0 = tile * params.tile_cols >> 2u;
+    let tile_quads = ((col_end + 3u) >> 2u) - tile_q0;
+    let span = (tile_quads + RUN * (WG / RUN) - 1u) / (RUN * (WG / RUN)) * RUN;
+    let span0 = tile_q0 + (lid / RUN) * span;
+    let span_end = span0 + span;
+    if (params.vec4_path == 1u) {
+        let stride4 = params.cols >> 2u;
+        let row04 = row0 >> 2u;
+        var c4 = span0 + lid % RUN;
+        let q_end = min(span_end, col_end >> 2u);
+        if (rows == 1u && !takes_carry && !gives_carry && params.write_means == 0u) {
+            // One row (b = 1): the mean is the row times inv_n (column_mean4 of one
+            // row, same bits up to the sign of a zero, which the squares drop);
+            // four quads per iteration, in the same order.
+            while (c4 + 3u * RUN < q_end) {
+                let v0 = grad_quad(row04 + c4) * inv_n;
+                let v1 = grad_quad(row04 + c4 + RUN) * inv_n;
+                let v2 = grad_quad(row04 + c4 + 2u * RUN) * inv_n;
+                let v3 = grad_quad(row04 + c4 + 3u * RUN) * inv_n;
+                max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
+                max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
+                max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
+                max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
+                c4 += 4u * RUN;
             }
         } else {
-            // Scalar loads, the same columns per thread and lane as the vec4 path (so
-            // the alignment of a tensor does not change a bit of its result).
-            for (var c4 = span0 + lid % RUN; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
-                let col0 = c4 << 2u;
-                var v = vec4<f32>(0.0);
-                if (col0 + 4u <= col_end) {
-                    v = column_mean4_scalar(row0 + col0, rows, tensor.cols, inv_n);
-                } else {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (col0 + j < col_end) {
-                            v[j] = column_mean(row0 + col0 + j, rows, tensor.cols, inv_n);
-                        }
-                    }
-                }
-                for (var j = 0u; j < 4u; j++) {
-                    let col = col0 + j;
-                    if (col < col_end) {
-                        if (takes_carry) {
-                            v[j] += carry[params.carry_in_base + col];
-                        }
-                        if (gives_carry) {
-                            carry[params.carry_out_base + col] = v[j];
-                        } else if (params.write_means == 1u) {
-                            means[tensor.means_base + mb * tensor.cols + col] = v[j];
-                        }
-                    }
-                }
-                max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
+            // Several rows: four quads per row loop, finished in the same order.
+            while (c4 + 3u * RUN < q_end) {
+                let m = column_mean4x4(row04 + c4, rows, stride4, inv_n);
+                let col = c4 << 2u;
+                let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
+                let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
+                let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
+                let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
+                max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
+                c4 += 4u * RUN;
             }
+        }
+        for (; c4 < q_end; c4 += RUN) {
+            let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
+            let v = pass_on4(c4 << 2u, mean, mb, takes_carry, gives_carry);
+            max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
+        }
+    } else {
+        // Scalar loads, the same columns per thread and lane as the vec4 path (so
+        // the alignment of a tensor does not change a bit of its result).
+        for (var c4 = span0 + lid % RUN; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
+            let col0 = c4 << 2u;
+            var v = vec4<f32>(0.0);
+            if (col0 + 4u <= col_end) {
+                v = column_mean4_scalar(row0 + col0, rows, params.cols, inv_n);
+            } else {
+                for (var j = 0u; j < 4u; j++) {
+                    if (col0 + j < col_end) {
+                        v[j] = column_mean(row0 + col0 + j, rows, params.cols, inv_n);
+                    }
+                }
+            }
+            for (var j = 0u; j < 4u; j++) {
+                let col = col0 + j;
+                if (col < col_end) {
+                    if (takes_carry) {
+                        v[j] += carry[params.carry_in_base + col];
+                    }
+                    if (gives_carry) {
+                        carry[params.carry_out_base + col] = v[j];
+                    } else if (params.write_means == 1u) {
+                        means[params.means_base + mb * params.cols + col] = v[j];
+                    }
+                }
+            }
+            max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
         }
     }
     if (gives_carry) {
@@ -385,7 +354,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let at = mb * params.tiles_total + global_tile;
+        let at = mb * params.tiles_total + params.tile_base + tile;
         let m = red_max[0];
         var flags = 0u;
         var rec = vec2<f32>(0.0, 0.0);

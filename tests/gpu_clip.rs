@@ -3,10 +3,9 @@
 mod common;
 
 use common::*;
-use microclip::half;
 use microclip::reference::clip_f64;
 use microclip::{ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
-use microclip::{ClipError, ClipOutput, Dtype, GpuTensor, GpuTensorMut};
+use microclip::{ClipError, ClipOutput, GpuTensor, GpuTensorMut};
 use wgpu::util::DeviceExt;
 
 const TOL: f64 = 3e-5;
@@ -486,112 +485,4 @@ fn automatic_clipping_with_a_bound_beyond_f32_max() {
         step: 2,
     });
     check(&mut gpu, &cfg, &t, n, 3e-5, "AUTO-S, bound 5.7e38, sigma 0");
-}
-
-/// Tensors of one buffer share the norm pass's dispatches (packs of one-window
-/// tensors) and, when narrow, its workgroups (several tensors per tile); they match
-/// the float64 reference as tensors in buffers of their own do, and repeat bit for
-/// bit: f32 and f16, rows that start at every word offset (vec4 and scalar loads
-/// mixed in one dispatch and one workgroup), widths from 1 to past a tile, packs cut
-/// by a small binding with windowed tensors among them, ragged and uniform
-/// micro-batches (pass 4 over rows, over stored means, and at b = 1), two groups.
-#[test]
-fn tensors_sharing_a_buffer_match_the_reference() {
-    let Some(mut gpu) = gpu() else { return };
-    let n = 11;
-    let widths: Vec<usize> = [1, 4, 3, 8, 17, 64, 255, 1000, 4100, 12, 4097, 2, 4096, 5]
-        .into_iter()
-        .cycle()
-        .take(31)
-        .collect();
-    let t = random_tensors(41, n, &widths, 1.0);
-    let device = gpu.device().unwrap().clone();
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-    for dtype in [Dtype::F32, Dtype::F16] {
-        // Rounded inputs and their bytes (whole words per tensor, then p % 3 words
-        // of gap, so that tensors start at every offset mod 16 bytes).
-        let typed: Vec<Vec<f32>> = match dtype {
-            Dtype::F16 => widened(&rounded(&t, half::f16::from_f32)),
-            _ => t.clone(),
-        };
-        let bytes_of = |v: &[f32]| -> Vec<u8> {
-            let mut b: Vec<u8> = match dtype {
-                Dtype::F16 => v
-                    .iter()
-                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                    .collect(),
-                _ => bytemuck::cast_slice(v).to_vec(),
-            };
-            b.resize(b.len().next_multiple_of(4), 0);
-            b
-        };
-        let mut shared_bytes = Vec::new();
-        let mut at = Vec::new();
-        for (p, v) in typed.iter().enumerate() {
-            shared_bytes.resize(shared_bytes.len() + 4 * (p % 3), 0xff);
-            at.push(shared_bytes.len() as u64);
-            shared_bytes.extend(bytes_of(v));
-        }
-        let init = |contents: &[u8]| {
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents,
-                usage,
-            })
-        };
-        let shared = init(&shared_bytes);
-        let own: Vec<wgpu::Buffer> = typed.iter().map(|v| init(&bytes_of(v))).collect();
-        let shared_views: Vec<GpuTensor<'_>> = (0..widths.len())
-            .map(|p| GpuTensor::new(&shared, at[p], widths[p]).with_dtype(dtype))
-            .collect();
-        let own_views: Vec<GpuTensor<'_>> = (0..widths.len())
-            .map(|p| GpuTensor::new(&own[p], 0, widths[p]).with_dtype(dtype))
-            .collect();
-        let batches = [
-            MicroBatches::Uniform(1),
-            MicroBatches::Uniform(2),
-            MicroBatches::Uniform(3),
-            MicroBatches::Offsets(vec![0, 1, 5, 6, 11]),
-        ];
-        let groups: Vec<usize> = (0..widths.len()).map(|p| (p / 2) % 2).collect();
-        // 20,000-byte bindings: the tensors of 1000 columns or more are windowed,
-        // packs are cut.
-        for (batches, max_binding) in batches.iter().flat_map(|b| [(b, u64::MAX), (b, 20_000)]) {
-            let cfg = ClipConfig::fixed(0.3, batches.clone()).with_groups(groups.clone());
-            let want = clip_f64(&cfg, &slices(&typed), n).unwrap();
-            gpu.set_max_binding_bytes(max_binding);
-            let what = format!("{dtype} {batches:?} binding {max_binding}");
-            let mut bits = Vec::new();
-            for views in [&shared_views, &shared_views, &own_views] {
-                let (bufs, stats) = gpu.clip_buffers(&cfg, views, n).unwrap();
-                let grads: Vec<Vec<f32>> = bufs
-                    .iter()
-                    .zip(&widths)
-                    .map(|(b, &d)| read_buffer(&gpu, b, 0, d))
-                    .collect();
-                let out = ClipOutput { grads, stats };
-                assert_matches(&out, &want, TOL, &what);
-                bits.push(
-                    out.grads
-                        .iter()
-                        .flatten()
-                        .chain(&out.stats.norms)
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<u32>>(),
-                );
-            }
-            assert!(bits[0] == bits[1], "{what}: shared layout not repeatable");
-        }
-        gpu.set_max_binding_bytes(u64::MAX);
-        // The shared layout's narrow tensors share tiles: fewer norm partials.
-        let cfg = ClipConfig::fixed(0.3, MicroBatches::Uniform(3));
-        let mut scratch = Vec::new();
-        for views in [&shared_views, &own_views] {
-            let queue = gpu.queue().unwrap().clone();
-            let mut fresh = microclip::Clipper::from_device(device.clone(), queue);
-            fresh.clip_buffers(&cfg, views, n).unwrap();
-            scratch.push(fresh.scratch_bytes());
-        }
-        assert!(scratch[0] < scratch[1], "{dtype}: {scratch:?}");
-    }
 }

@@ -27,32 +27,25 @@ const TILE: usize = 4096;
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct PartialsParams {
+    cols: u32,
+    elem_offset: u32,
     row_start: u32,
     row_end: u32,
     mb_first: u32,
     tiles: u32,
     tiles_x: u32,
-    table_base: u32,
+    tile_base: u32,
     tiles_total: u32,
     carry_in: u32,
     carry_out: u32,
     last_local: u32,
     carry_in_base: u32,
     carry_out_base: u32,
+    vec4_path: u32,
     write_means: u32,
+    means_base: u32,
     tile_cols: u32,
     pad: [u32; 2],
-}
-
-/// mb_partials.wgsl's table after the row offsets, for one tensor of `cols`
-/// columns at element 0 in `tiles` tiles: its `TensorRecord` (at word `at`), then
-/// one `TileEntry` per tile. Returns the words and the index of the first entry.
-fn tile_table(at: u32, cols: u32, tiles: u32, vec4: bool) -> (Vec<u32>, u32) {
-    let mut words = vec![cols, 0, vec4 as u32, 0];
-    for tile in 0..tiles {
-        words.extend([at, 1, tile, tile]);
-    }
-    (words, at + 4)
 }
 
 /// `Params` of weighted_means.wgsl.
@@ -229,21 +222,13 @@ pub fn run(
             .map_err(|e| e.to_string())?;
         let want = gpu.read_f32(&out, 0, d as u64);
 
-        // The tile width microclip chose for this call.
-        let tile_cols = clipper.gpu_tile_cols(&[d], m).ok_or("not a GPU clipper")?;
-        let tiles = (d as u64).div_ceil(tile_cols);
-        // Row offsets, then mb_partials' tile entries.
-        let mut offsets: Vec<u32> = (0..m).map(|j| (j * b) as u32).chain([n as u32]).collect();
-        let (table, table_base) = tile_table(
-            offsets.len() as u32,
-            d as u32,
-            tiles as u32,
-            d.is_multiple_of(4),
-        );
-        offsets.extend(table);
+        let offsets: Vec<u32> = (0..m).map(|j| (j * b) as u32).chain([n as u32]).collect();
         let offsets = storage_init(gpu, bytemuck::cast_slice(&offsets));
         let weights: Vec<f32> = stats.factors.iter().map(|&s| s / m as f32).collect();
         let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
+        // The tile width microclip chose for this call.
+        let tile_cols = clipper.gpu_tile_cols(&[d], m).ok_or("not a GPU clipper")?;
+        let tiles = (d as u64).div_ceil(tile_cols);
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
         let carry = gpu.storage_buffer("breakdown carry", 16)?;
@@ -259,12 +244,13 @@ pub fn run(
         let pp = uniform(
             gpu,
             &PartialsParams {
+                cols: d as u32,
                 row_end: n as u32,
                 tiles: tiles as u32,
                 tiles_x: tx,
-                table_base,
                 tiles_total: tiles as u32,
                 last_local: (m - 1) as u32,
+                vec4_path: d.is_multiple_of(4) as u32,
                 write_means: with_means as u32,
                 tile_cols: tile_cols as u32,
                 ..Default::default()

@@ -127,16 +127,3 @@ pub fn spread_widths(count: usize, max: usize) -> Vec<usize> {
         })
         .collect()
 }
-
-/// Byte offsets of `[n, D_p]` f32 tensors of `widths` placed one after the other
-/// in one buffer.
-pub fn consecutive_offsets(n: usize, widths: &[usize]) -> Vec<u64> {
-    widths
-        .iter()
-        .scan(0u64, |at, &d| {
-            let offset = *at;
-            *at += (n * d * 4) as u64;
-            Some(offset)
-        })
-        .collect()
-}

@@ -18,13 +18,11 @@
 //! ## What is measured
 //!
 //! * **Cases** (f32 unless named): N = 256, D = 1,000,000 for b in {1, 2, 4, 8, 32,
-//!   256} (b = 2 is not among the cases: it is the largest b at which a
-//!   hardware adapter's pass 4 re-reads the input rows, `weighted_sum`);
+//!   256} (b = 2 is not among the cases: it is the b at which the GPU's
+//!   pass 4 re-reads the input rows, `weighted_sum`);
 //!   N = 64, D = 4,000,000, b = 4; N = 1024, D = 65,536, b = 16; N = 64, b = 4 with
-//!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total), each in its own
-//!   buffer, then all one after the other in one buffer (the one-tensor case's
-//!   buffer, read as 100 tensors: they share the norm pass's dispatches and
-//!   workgroups), and one tensor of the same total width. On the GPU the inputs are in
+//!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total, each its own
+//!   buffer) and one tensor of the same total width. On the GPU the inputs are in
 //!   device buffers before timing (`clip_buffers_into`); one extra row times the
 //!   host-slice path (`clip()`, upload included) on the N = 1024 shape. The main
 //!   shape also runs as f16 and bf16 input (b = 1 and 8). The CPU backend runs the

@@ -89,49 +89,26 @@ pub fn kernel_names() -> impl Iterator<Item = &'static str> {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub(crate) struct PartialsParams {
+    pub cols: u32,
+    pub elem_offset: u32,
     pub row_start: u32,
     pub row_end: u32,
     pub mb_first: u32,
     pub tiles: u32,
     pub tiles_x: u32,
-    pub table_base: u32,
+    pub tile_base: u32,
     pub tiles_total: u32,
     pub carry_in: u32,
     pub carry_out: u32,
     pub last_local: u32,
     pub carry_in_base: u32,
     pub carry_out_base: u32,
+    pub vec4_path: u32,
     pub write_means: u32,
+    pub means_base: u32,
     pub tile_cols: u32,
     pub pad: [u32; 2],
 }
-
-/// `TileEntry` of mb_partials.wgsl: one workgroup's column tile, read from the
-/// row-offsets buffer after the offsets.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub(crate) struct TileEntry {
-    pub first_record: u32,
-    pub records: u32,
-    pub tile: u32,
-    pub global_tile: u32,
-}
-
-/// `TensorRecord` of mb_partials.wgsl: a tensor a tile entry reads.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub(crate) struct TensorRecord {
-    pub cols: u32,
-    pub elem_offset: u32,
-    pub vec4_path: u32,
-    pub means_base: u32,
-}
-
-/// Words per [`TileEntry`] and per [`TensorRecord`] (`ENTRY_WORDS` of
-/// mb_partials.wgsl).
-pub(crate) const ENTRY_WORDS: usize = 4;
-const _: () = assert!(std::mem::size_of::<TileEntry>() == ENTRY_WORDS * 4);
-const _: () = assert!(std::mem::size_of::<TensorRecord>() == ENTRY_WORDS * 4);
 
 /// `Params` of mb_norms.wgsl.
 #[repr(C)]

@@ -3,10 +3,8 @@
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, column tile) partial squared norm of the
-//!    micro-batch mean (and, when `materialize_means` says so, the means
-//!    themselves); one dispatch per pack of one-window tensors of one buffer
-//!    (`plan_packs`) and per row window of the larger tensors, each workgroup
-//!    finding its tensor and tile in a table stored after the row offsets;
+//!    micro-batch mean, for every tensor and row window (and, when
+//!    `materialize_means` says so, the means themselves);
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
 //!    (tiles are numbered group by group);
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
@@ -25,15 +23,14 @@ use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
     FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams, SumParams,
-    TensorRecord, TileEntry, MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_NORMALS,
-    NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, STATS_BYTES,
+    MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES,
+    STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, number_tiles, plan_packs, plan_windows,
-    rows_are_means, tile_cols, tiles, vec4_rows, Pack, PackSpan, Window, WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tile_cols,
+    tiles, vec4_rows, Window, WORKGROUP,
 };
 use pool::{Pool, Slot};
-use std::collections::BTreeMap;
 use wgpu::BufferUsages as U;
 
 /// A per-sample gradient tensor in a caller's buffer: a row-major `[N, cols]`
@@ -123,8 +120,6 @@ struct CallLayout {
     group_tiles: Vec<u32>,
     /// (tile base, windows, group) per tensor.
     tensors: Vec<(u64, Vec<Window>, u32)>,
-    /// One-window tensors grouped by buffer: one norm-pass dispatch per pack.
-    packs: Vec<Pack>,
     carry_cols: u64,
 }
 
@@ -243,10 +238,8 @@ impl GpuClipper {
         })
     }
 
-    /// Host slices in, host vectors out: uploads each tensor once into pooled
-    /// buffers (the input itself, not a copy of a device buffer), one after the
-    /// other in as few buffers as the binding limit allows, so that their norm
-    /// pass shares dispatches and workgroups as for a caller's packed buffer.
+    /// Host slices in, host vectors out: uploads each tensor once into a pooled
+    /// buffer (the input itself, not a copy of a device buffer).
     pub fn clip_host<T: GradElement>(
         &mut self,
         config: &ClipConfig,
@@ -256,54 +249,30 @@ impl GpuClipper {
         tensors: &[&[T]],
     ) -> Result<ClipOutput> {
         let max_buffer = self.device.limits().max_buffer_size;
-        let limit = self.max_binding.min(max_buffer);
-        let align = self.storage_align.max(16);
-        // (buffer index, byte offset) of each tensor, and each buffer's size.
-        let mut places = Vec::with_capacity(tensors.len());
-        let mut sizes: Vec<u64> = Vec::new();
-        for (p, t) in tensors.iter().enumerate() {
+        let mut inputs = Vec::with_capacity(tensors.len());
+        let mut outputs = Vec::with_capacity(tensors.len());
+        for (p, (t, &cols)) in tensors.iter().zip(widths).enumerate() {
             let bytes = (std::mem::size_of_val(*t) as u64).next_multiple_of(4);
             if bytes > max_buffer {
                 return Err(ClipError::TooLarge(format!(
                     "tensor {p}: {bytes} bytes exceed the device's largest buffer ({max_buffer} bytes)"
                 )));
             }
-            let last = sizes.len().wrapping_sub(1);
-            match sizes.last_mut() {
-                Some(size) if size.next_multiple_of(align) + bytes <= limit => {
-                    let at = size.next_multiple_of(align);
-                    places.push((last, at));
-                    *size = at + bytes;
-                }
-                _ => {
-                    places.push((sizes.len(), 0));
-                    sizes.push(bytes);
-                }
-            }
-        }
-        let buffers: Vec<wgpu::Buffer> = sizes
-            .iter()
-            .enumerate()
-            .map(|(k, &size)| {
-                self.pool
-                    .get(Slot::Input(k), size, U::STORAGE | U::COPY_DST)
-            })
-            .collect();
-        let mut outputs = Vec::with_capacity(tensors.len());
-        for (p, (t, &cols)) in tensors.iter().zip(widths).enumerate() {
-            let (k, at) = places[p];
-            upload(&self.queue, &buffers[k], at, bytemuck::cast_slice(t));
+            let input = self
+                .pool
+                .get(Slot::Input(p), bytes, U::STORAGE | U::COPY_DST);
+            upload(&self.queue, &input, bytemuck::cast_slice(t));
             let output = self.pool.get(
                 Slot::Output(p),
                 cols as u64 * 4,
                 U::STORAGE | U::COPY_SRC | U::COPY_DST,
             );
+            inputs.push((input, cols));
             outputs.push((output, cols));
         }
-        let in_views: Vec<GpuTensor<'_>> = places
+        let in_views: Vec<GpuTensor<'_>> = inputs
             .iter()
-            .zip(widths)
-            .map(|(&(k, at), &cols)| GpuTensor::new(&buffers[k], at, cols).with_dtype(T::DTYPE))
+            .map(|(buffer, cols)| GpuTensor::new(buffer, 0, *cols).with_dtype(T::DTYPE))
             .collect();
         let out_views: Vec<GpuTensorMut<'_>> = outputs
             .iter()
@@ -395,17 +364,31 @@ impl GpuClipper {
         group_of: &[usize],
     ) -> Result<CallLayout> {
         let groups = group_of.iter().max().map_or(1, |g| g + 1);
+        // Tiles are numbered group by group, so each group's tiles are contiguous.
+        let mut tile_bases = vec![0u64; inputs.len()];
+        let mut group_tiles = Vec::with_capacity(groups + 1);
         let micro_batches = offsets.len() as u64 - 1;
         let tile_cols = tile_cols(
             inputs.iter().map(|t| t.cols as u64),
             micro_batches,
             self.min_tile_workgroups,
         );
+        let mut tiles_total = 0u64;
+        for g in 0..groups {
+            group_tiles.push(tiles_total as u32);
+            for (p, t) in inputs.iter().enumerate() {
+                if group_of[p] == g {
+                    tile_bases[p] = tiles_total;
+                    tiles_total += tiles(t.cols as u64, tile_cols);
+                }
+            }
+        }
+        group_tiles.push(tiles_total as u32);
         let mut carry_cols = 0u64;
-        let mut windows = Vec::with_capacity(inputs.len());
-        for t in inputs {
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (p, t) in inputs.iter().enumerate() {
             let cols = t.cols as u64;
-            let w = plan_windows(
+            let windows = plan_windows(
                 offsets,
                 cols,
                 t.dtype.size_bytes(),
@@ -413,45 +396,11 @@ impl GpuClipper {
                 self.max_binding,
                 self.storage_align,
             )?;
-            if w.len() > 1 {
+            if windows.len() > 1 {
                 carry_cols = carry_cols.max(cols);
             }
-            windows.push(w);
+            tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
-        // One key per (buffer, element type): their one-window tensors share packs.
-        // A wgpu::Buffer hashes and compares by its id, which never changes.
-        #[allow(clippy::mutable_key_type)]
-        let mut keys = std::collections::HashMap::new();
-        let n = offsets[offsets.len() - 1] as u64;
-        let spans: Vec<Option<PackSpan>> = inputs
-            .iter()
-            .zip(&windows)
-            .map(|(t, w)| {
-                let next = keys.len();
-                let key = *keys.entry((t.buffer, t.dtype)).or_insert(next);
-                (w.len() == 1).then(|| PackSpan {
-                    key,
-                    offset: t.offset,
-                    len: t.bound_bytes(n),
-                })
-            })
-            .collect();
-        let packs = plan_packs(&spans, self.max_binding, self.storage_align);
-        let mut pack_of = vec![None; inputs.len()];
-        for (k, pack) in packs.iter().enumerate() {
-            for &p in &pack.members {
-                pack_of[p] = Some(k);
-            }
-        }
-        let widths: Vec<u64> = inputs.iter().map(|t| t.cols as u64).collect();
-        let (tile_bases, group_tiles) =
-            number_tiles(&widths, group_of, &pack_of, groups, tile_cols);
-        let tiles_total = group_tiles[groups];
-        let tensors = windows
-            .into_iter()
-            .enumerate()
-            .map(|(p, w)| (tile_bases[p], w, group_of[p] as u32))
-            .collect();
         let partial_bytes = micro_batches * tiles_total * PARTIAL_BYTES;
         if partial_bytes > self.max_binding {
             return Err(ClipError::TooLarge(format!(
@@ -464,9 +413,8 @@ impl GpuClipper {
             groups: groups as u64,
             tiles_total,
             tile_cols,
-            group_tiles: group_tiles.iter().map(|&t| t as u32).collect(),
+            group_tiles,
             tensors,
-            packs,
             carry_cols,
         })
     }
@@ -555,6 +503,11 @@ impl GpuClipper {
         let m = layout.micro_batches;
         let g = layout.groups;
         let storage = U::STORAGE | U::COPY_DST | U::COPY_SRC;
+        let row_offsets = self
+            .pool
+            .get(Slot::RowOffsets, offsets.len() as u64 * 4, storage);
+        self.queue
+            .write_buffer(&row_offsets, 0, bytemuck::cast_slice(offsets));
         let partials = self.pool.get(
             Slot::Partials,
             m * layout.tiles_total * PARTIAL_BYTES,
@@ -585,177 +538,56 @@ impl GpuClipper {
         let with_means = materialize_means(n, m, total_cols, self.max_binding, self.means_min_rows);
         let means_bytes = if with_means { m * total_cols * 4 } else { 0 };
         let means = self.pool.get(Slot::Means, means_bytes, storage);
+        let mut means_base = 0u64;
         let mut means_dispatches = Vec::new();
-        // Element index of each tensor's means in `means` (when stored).
-        let means_bases: Vec<u64> = inputs
-            .iter()
-            .scan(0u64, |at, t| {
-                let base = *at;
-                *at += m * t.cols as u64;
-                Some(base)
-            })
-            .collect();
 
         // All uniform blocks of the call in one buffer, one block per aligned slot.
         let mut params = ParamBlocks::new(self.uniform_align);
-        // Row offsets, then the norm pass's tile entries (TILE_WORDS words each).
-        let mut offsets_and_tiles: Vec<u32> = offsets.to_vec();
-        // Norm pass: (params, buffer, binding, vec4 binding, dispatch, dtype) per
-        // pack of one-window tensors and per window of the other tensors.
         let mut partial_dispatches = Vec::new();
-        // Pushes a dispatch's parameters, then its tiles' tensor records and entries
-        // (`tiles`: global tile -> (tile within the tensor, records)) to the table;
-        // returns the parameters' offset and the dispatch size.
-        let partials_params = |params: &mut ParamBlocks,
-                               table: &mut Vec<u32>,
-                               window: &Window,
-                               carry: (u32, u32),
-                               tiles: BTreeMap<u64, (u32, Vec<TensorRecord>)>|
-         -> Result<(u64, (u32, u32, u32))> {
-            let mut entries = Vec::with_capacity(tiles.len());
-            for (global_tile, (tile, records)) in tiles {
-                entries.push(TileEntry {
-                    first_record: table.len() as u32,
-                    records: records.len() as u32,
-                    tile,
-                    global_tile: global_tile as u32,
-                });
-                table.extend_from_slice(bytemuck::cast_slice(&records));
-            }
-            let (tiles_x, tiles_y) = dispatch_2d(entries.len() as u64)?;
-            let p = params.push(&PartialsParams {
-                row_start: window.row_start,
-                row_end: window.row_end,
-                mb_first: window.mb_first,
-                tiles: entries.len() as u32,
-                tiles_x,
-                table_base: table.len() as u32,
-                tiles_total: layout.tiles_total as u32,
-                carry_in: window.carry_in as u32,
-                carry_out: window.carry_out as u32,
-                last_local: window.mb_count - 1,
-                carry_in_base: carry.0,
-                carry_out_base: carry.1,
-                write_means: with_means as u32,
-                tile_cols: layout.tile_cols as u32,
-                pad: [0; 2],
-            });
-            table.extend_from_slice(bytemuck::cast_slice(&entries));
-            Ok((p, (tiles_x, tiles_y, window.mb_count)))
-        };
-        // Adds the tiles of tensor `p`, whose rows start at element `elem_offset`.
-        let add_tiles = |to: &mut BTreeMap<u64, (u32, Vec<TensorRecord>)>,
-                         p: usize,
-                         elem_offset: u32,
-                         vec4: bool| {
-            let cols = inputs[p].cols as u64;
-            let record = TensorRecord {
-                cols: cols as u32,
-                elem_offset,
-                vec4_path: vec4 as u32,
-                means_base: means_bases[p] as u32,
-            };
-            for tile in 0..tiles(cols, layout.tile_cols) {
-                let global_tile = layout.tensors[p].0 + tile;
-                let entry = to.entry(global_tile).or_insert((tile as u32, Vec::new()));
-                entry.1.push(record);
-            }
-        };
-        let carry_half = layout.carry_cols as u32;
-        for pack in &layout.packs {
-            let first = &inputs[pack.members[0]];
-            let elem_bytes = first.dtype.size_bytes();
-            let mut pack_tiles = BTreeMap::new();
-            let mut any_vec4 = false;
-            for &p in &pack.members {
-                let elem_offset = ((inputs[p].offset - pack.bind_offset) / elem_bytes) as u32;
-                let vec4 = inputs[p].cols.is_multiple_of(4) && elem_offset.is_multiple_of(4);
-                any_vec4 |= vec4;
-                add_tiles(&mut pack_tiles, p, elem_offset, vec4);
-            }
-            // The vec4 view: whole quads (every vec4 tensor ends on one).
-            let quad = 4 * elem_bytes;
-            let vec4_binding = any_vec4.then_some((pack.bind_offset, pack.bind_size / quad * quad));
-            let whole_rows = Window {
-                row_start: 0,
-                row_end: n as u32,
-                mb_first: 0,
-                mb_count: m as u32,
-                carry_in: false,
-                carry_out: false,
-                bind_offset: pack.bind_offset,
-                bind_size: pack.bind_size,
-                elem_offset: 0,
-            };
-            let (p, size) = partials_params(
-                &mut params,
-                &mut offsets_and_tiles,
-                &whole_rows,
-                (0, 0),
-                pack_tiles,
-            )?;
-            partial_dispatches.push((
-                p,
-                first.buffer,
-                (pack.bind_offset, pack.bind_size),
-                vec4_binding,
-                size,
-                first.dtype,
-            ));
-        }
-        for (p, (_, windows, _)) in layout.tensors.iter().enumerate() {
-            if windows.len() == 1 {
-                continue; // in a pack
-            }
-            let t = &inputs[p];
-            for (k, w) in windows.iter().enumerate() {
-                let vec4 = vec4_rows(t.cols as u64, w);
-                let carry_bases = (
-                    ((k + 1) % 2) as u32 * carry_half,
-                    (k % 2) as u32 * carry_half,
-                );
-                let mut window_tiles = BTreeMap::new();
-                add_tiles(&mut window_tiles, p, w.elem_offset, vec4);
-                let (at, size) = partials_params(
-                    &mut params,
-                    &mut offsets_and_tiles,
-                    w,
-                    carry_bases,
-                    window_tiles,
-                )?;
-                partial_dispatches.push((
-                    at,
-                    t.buffer,
-                    (w.bind_offset, w.bind_size),
-                    vec4.then_some((w.bind_offset, w.bind_size)),
-                    size,
-                    t.dtype,
-                ));
-            }
-        }
-        let row_offsets = self.pool.get(
-            Slot::RowOffsets,
-            offsets_and_tiles.len() as u64 * 4,
-            storage,
-        );
-        self.queue
-            .write_buffer(&row_offsets, 0, bytemuck::cast_slice(&offsets_and_tiles));
-
         let mut sum_dispatches = Vec::new();
         let mut noise_dispatches = Vec::new();
         let mut first_element = 0u64;
-        for (p, ((_, windows, group), (t, o))) in layout
-            .tensors
-            .iter()
-            .zip(inputs.iter().zip(outputs))
-            .enumerate()
+        let carry_half = layout.carry_cols as u32;
+        for ((tile_base, windows, group), (t, o)) in
+            layout.tensors.iter().zip(inputs.iter().zip(outputs))
         {
             let cols = t.cols as u64;
+            let n_tiles = tiles(cols, layout.tile_cols);
+            let (tiles_x, tiles_y) = dispatch_2d(n_tiles)?;
             let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
             let (out_bind, out_size, out_offset) =
                 aligned_binding(o.offset, cols * 4, self.storage_align, 4);
             let rows_are_means = !with_means && rows_are_means(n, m, windows);
             for (k, w) in windows.iter().enumerate() {
+                let p = params.push(&PartialsParams {
+                    cols: cols as u32,
+                    elem_offset: w.elem_offset,
+                    row_start: w.row_start,
+                    row_end: w.row_end,
+                    mb_first: w.mb_first,
+                    tiles: n_tiles as u32,
+                    tiles_x,
+                    tile_base: *tile_base as u32,
+                    tiles_total: layout.tiles_total as u32,
+                    carry_in: w.carry_in as u32,
+                    carry_out: w.carry_out as u32,
+                    last_local: w.mb_count - 1,
+                    carry_in_base: ((k + 1) % 2) as u32 * carry_half,
+                    carry_out_base: (k % 2) as u32 * carry_half,
+                    vec4_path: vec4_rows(cols, w) as u32,
+                    write_means: with_means as u32,
+                    means_base: means_base as u32,
+                    tile_cols: layout.tile_cols as u32,
+                    pad: [0; 2],
+                });
+                partial_dispatches.push((
+                    p,
+                    t.buffer,
+                    w.clone(),
+                    vec4_rows(cols, w),
+                    (tiles_x, tiles_y, w.mb_count),
+                    t.dtype,
+                ));
                 if !with_means && !rows_are_means {
                     let s = params.push(&SumParams {
                         cols: cols as u32,
@@ -783,7 +615,7 @@ impl GpuClipper {
             }
             if with_means || rows_are_means {
                 let (source, base) = if with_means {
-                    ((&means, 0, means.size()), means_bases[p] as u32)
+                    ((&means, 0, means.size()), means_base as u32)
                 } else {
                     let w = &windows[0];
                     ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset)
@@ -813,6 +645,7 @@ impl GpuClipper {
                     dtype,
                 ));
             }
+            means_base += m * cols;
             if let Some(noise) = config.noise {
                 let n = params.push(&noise_params(
                     &noise,
@@ -875,19 +708,20 @@ impl GpuClipper {
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
-            .map(|(p, buffer, (at, size), vec4, _, dtype)| {
+            .map(|(p, buffer, w, vec4, _, dtype)| {
                 bind(
                     &k.readers(*dtype).partials,
                     vec![
                         uniform(*p, std::mem::size_of::<PartialsParams>() as u64),
-                        range(buffer, *at, *size),
+                        range(buffer, w.bind_offset, w.bind_size),
                         whole(&row_offsets),
                         whole(&partials),
                         whole(&carry),
                         // the rows again as vec4, or any read-only buffer when unused
-                        match vec4 {
-                            Some((at, size)) => range(buffer, *at, *size),
-                            None => whole(&row_offsets),
+                        if *vec4 {
+                            range(buffer, w.bind_offset, w.bind_size)
+                        } else {
+                            whole(&row_offsets)
                         },
                         whole(&means),
                     ],
@@ -1116,18 +950,18 @@ impl GpuClipper {
     }
 }
 
-/// Writes `bytes` at byte `at` (a multiple of 4) of `buffer`; a length that is not a multiple of 4
+/// Writes `bytes` to the start of `buffer`; a length that is not a multiple of 4
 /// (an odd number of 16-bit elements) gets its last word padded with zeros, as
 /// `Queue::write_buffer` writes whole words.
-fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, at: u64, bytes: &[u8]) {
+fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
     let whole = bytes.len() / 4 * 4;
     if whole > 0 {
-        queue.write_buffer(buffer, at, &bytes[..whole]);
+        queue.write_buffer(buffer, 0, &bytes[..whole]);
     }
     if whole < bytes.len() {
         let mut last = [0u8; 4];
         last[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
-        queue.write_buffer(buffer, at + whole as u64, &last);
+        queue.write_buffer(buffer, whole as u64, &last);
     }
 }
 
