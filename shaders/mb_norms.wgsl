@@ -32,6 +32,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (lid == 0u) {
         atomicStore(&red_flags, 0u);
     }
+    // Before any thread ORs its flags in: without this barrier a fast thread's
+    // atomicOr could land before lid 0's store and be lost (on a GPU whose
+    // subgroups run independently; lavapipe runs lid 0's subgroup first).
+    workgroupBarrier();
     var acc = vec2<f32>(0.0, 0.0);
     var flags = 0u;
     let base = mb * params.tiles_total;
