@@ -130,11 +130,10 @@ fn both_pass4_kernels_at_two_rows_per_micro_batch() {
             );
         }
         scratch.push(gpu.scratch_bytes());
+        // Below 2 the rule stays 2 (one-row means would copy the input).
+        gpu.set_gpu_means_min_rows(Some(0));
+        assert_eq!(gpu.gpu_means_min_rows(), Some(2));
     }
-    // Below 2 the rule stays 2 (one-row means would copy the input).
-    let Some(mut gpu) = gpu() else { return };
-    gpu.set_gpu_means_min_rows(Some(0));
-    assert_eq!(gpu.gpu_means_min_rows(), Some(2));
     // Only the first rule stored means, the largest those of b = 2 (M = 7): the
     // pool holds them rounded up to 16 bytes where the other holds a 16-byte dummy.
     let means_b2 = 7 * widths.iter().sum::<usize>() as u64 * 4;
