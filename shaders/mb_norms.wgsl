@@ -4,7 +4,9 @@
 // root = sqrt(ssq), flags): the norm is scale * root. Strided sequential combine
 // per thread, then a tree.
 
-const WG: u32 = 256u;
+// Threads per workgroup, a power of two: 256, or 8 (one SIMD group) on a software
+// adapter (`kernel_constants` in src/gpu/kernels.rs); a pipeline constant.
+override WG: u32 = 256u;
 
 struct Params {
     micro_batches: u32,
@@ -21,7 +23,7 @@ struct Params {
 var<workgroup> red: array<vec2<f32>, WG>;
 var<workgroup> red_flags: atomic<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let at = wg.x + wg.y * params.groups_x;
     if (at >= params.micro_batches * params.groups) {

@@ -1,4 +1,5 @@
-// Pass 1: segmented reduction over rows. One workgroup of WG = 64 threads per
+// Pass 1: segmented reduction over rows. One workgroup of WG threads (64; 8, one
+// SIMD group, on a software adapter: `kernel_constants` in src/gpu/kernels.rs) per
 // (column tile of params.tile_cols columns, micro-batch of the window); the host
 // picks the tile width per call (4096 to 65536 columns, `tile_cols` in plan.rs).
 // The tile's groups of 4 columns (quads) are cut into WG / RUN contiguous spans,
@@ -12,9 +13,11 @@
 // f32); the thread forms the micro-batch mean of each column (blocked, as
 // column_mean) and accumulates its squared norm privately; the workgroup then
 // does ONE tree reduction and writes the tile's (scale, ssq, flags) record. Per
-// workgroup: 7 barriers, for 4096 columns or more (on lavapipe the cost of a
-// workgroup's start and barriers is what the tile width trades against
-// parallelism). At b = 1 (one row, no carry, no stored means) the vec4 path
+// workgroup: log2(WG) + 1 barriers, for 4096 columns or more (on lavapipe the cost
+// of a workgroup's start and barriers is what the tile width trades against
+// parallelism; a workgroup of several SIMD groups runs them as coroutines that
+// switch at every barrier, which made a 64-thread tree 16x dearer than an
+// 8-thread one there). At b = 1 (one row, no carry, no stored means) the vec4 path
 // loads each quad directly, four quads per iteration, instead of running the
 // row loop once per quad: on lavapipe that loop's per-lane mask and exit tests
 // cost more than the load (pass 1 at b = 1 went from 1.6x to 0.85x a read).
@@ -41,7 +44,9 @@
 // window through `carry` (two halves, read one and write the other, so no workgroup
 // reads what another writes in the same dispatch).
 
-const WG: u32 = 64u;
+// Threads per workgroup: a multiple of RUN, at most 64 (tile_cols is a multiple
+// of 4 * 64); set per adapter as a pipeline constant.
+override WG: u32 = 64u;
 // Lanes that read adjacent quads of a row with one load each (a SIMD group of a
 // software rasteriser such as llvmpipe; a quarter warp on a GPU).
 const RUN: u32 = 8u;
@@ -234,7 +239,7 @@ fn hsum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let tile = wg.x + wg.y * params.tiles_x;
     if (tile >= params.tiles) {

@@ -184,6 +184,27 @@ impl Clipper {
         }
     }
 
+    /// Sets whether the GPU's reduction kernels (passes 1 and 2) run workgroups of 8
+    /// threads (one SIMD group of a software adapter) instead of 64 and 256; `None`
+    /// restores the adapter's default (8 on a software adapter). Rebuilds those
+    /// pipelines. For tests of both sizes on one adapter. No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_small_workgroups(&mut self, small: Option<bool>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_small_workgroups(small);
+        }
+    }
+
+    /// The GPU's current choice of [`Self::set_gpu_small_workgroups`] (`None` on the
+    /// CPU). For the benchmark's per-kernel replay.
+    #[doc(hidden)]
+    pub fn gpu_small_workgroups(&self) -> Option<bool> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.small_workgroups()),
+            Engine::Cpu(_) => None,
+        }
+    }
+
     /// The GPU's current rule of [`Self::set_gpu_means_min_rows`] (`None` on the
     /// CPU). For the benchmark's per-kernel replay.
     #[doc(hidden)]

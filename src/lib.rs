@@ -123,7 +123,9 @@ pub use half;
 /// The WGSL sources as the GPU backend compiles them (shared prelude included), for
 /// validation tools and for reading.
 pub mod shaders {
-    pub use crate::gpu::kernels::{kernel_names, kernel_source, kernel_source_for};
+    pub use crate::gpu::kernels::{
+        kernel_constants, kernel_names, kernel_source, kernel_source_for,
+    };
 }
 
 /// Environment variable: when set to `1`, [`Clipper::new`] with [`Backend::Auto`]

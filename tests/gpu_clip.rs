@@ -29,10 +29,12 @@ fn smoke_shapes() {
     ];
     for (k, &(n, widths, b)) in cases.iter().enumerate() {
         let t = random_tensors(k as u64, n, widths, 1.0);
-        // The adapter's tile width (widened on a software adapter), then always
-        // 4096 columns (a hardware adapter's).
-        for floor in [None, Some(u64::MAX)] {
-            gpu.set_gpu_min_tile_workgroups(floor);
+        // The adapter's tile width and workgroup sizes (on a software adapter: wider
+        // tiles, 8-thread reduction workgroups), then a hardware adapter's (always
+        // 4096 columns, 64 and 256 threads).
+        for hardware in [false, true] {
+            gpu.set_gpu_min_tile_workgroups(hardware.then_some(u64::MAX));
+            gpu.set_gpu_small_workgroups(hardware.then_some(false));
             for cfg in [
                 ClipConfig::fixed(0.5, MicroBatches::Uniform(b)),
                 ClipConfig::fixed(100.0, MicroBatches::Uniform(b)),
@@ -45,11 +47,15 @@ fn smoke_shapes() {
                     &t,
                     n,
                     TOL,
-                    &format!("case {k} {floor:?} {cfg:?}"),
+                    &format!("case {k} hardware sizes {hardware} {cfg:?}"),
                 );
             }
         }
     }
+    // None restores the adapter's default: small workgroups on a software adapter.
+    gpu.set_gpu_small_workgroups(None);
+    let software = gpu.device().unwrap().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(gpu.gpu_small_workgroups(), Some(software));
 }
 
 #[test]
@@ -91,11 +97,14 @@ fn every_span_and_run_tail_of_the_vec4_paths() {
     let n = 6;
     let widths = [4, 36, 124, 132, 1020, 1028, 1124, 4100, 8188];
     let t = random_tensors(41, n, &widths, 1.0);
-    for floor in [u64::MAX, 1] {
+    for (floor, small) in [(u64::MAX, false), (1, true), (1, false), (u64::MAX, true)] {
         gpu.set_gpu_min_tile_workgroups(Some(floor));
+        // The norm pass's spans: 8 per tile of 64 threads, 1 of 8 threads.
+        gpu.set_gpu_small_workgroups(Some(small));
         for b in [1, 2, 3, 6] {
             let cfg = ClipConfig::fixed(0.7, MicroBatches::Uniform(b));
-            check(&mut gpu, &cfg, &t, n, TOL, &format!("floor {floor} b {b}"));
+            let what = format!("floor {floor} small workgroups {small} b {b}");
+            check(&mut gpu, &cfg, &t, n, TOL, &what);
         }
     }
 }

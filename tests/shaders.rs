@@ -33,6 +33,18 @@ fn every_kernel_validates_with_naga() {
             module.entry_points.iter().any(|e| e.name == "main"),
             "{name}: no main"
         );
+        // Every pipeline constant the backend sets is an override of the kernel.
+        for small in [false, true] {
+            for (key, _) in microclip::shaders::kernel_constants(name, small) {
+                assert!(
+                    module
+                        .overrides
+                        .iter()
+                        .any(|(_, o)| o.name.as_deref() == Some(*key)),
+                    "{name}: no override {key}"
+                );
+            }
+        }
     }
 }
 

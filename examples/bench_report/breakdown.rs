@@ -95,6 +95,7 @@ impl Single {
         kernel: &str,
         resources: &[wgpu::BindingResource<'_>],
         groups: (u32, u32, u32),
+        small_workgroups: bool,
     ) -> Self {
         let source = microclip::shaders::kernel_source(kernel).expect("kernel");
         let module = gpu
@@ -110,7 +111,11 @@ impl Single {
                 layout: None,
                 module: &module,
                 entry_point: Some("main"),
-                compilation_options: Default::default(),
+                // The workgroup sizes microclip builds this kernel with.
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: microclip::shaders::kernel_constants(kernel, small_workgroups),
+                    ..Default::default()
+                },
                 cache: None,
             });
         let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
@@ -236,6 +241,7 @@ pub fn run(
         // software adapter; the clipper says which) pass 1 writes the means and
         // pass 4 is weighted_means over them.
         let min_rows = clipper.gpu_means_min_rows().ok_or("not a GPU clipper")? as usize;
+        let small = clipper.gpu_small_workgroups().ok_or("not a GPU clipper")?;
         let with_means = n >= min_rows * m && (m * d * 4) as u64 <= gpu.max_binding;
         let means = gpu.storage_buffer(
             "breakdown means",
@@ -269,6 +275,7 @@ pub fn run(
                 means.as_entire_binding(),
             ],
             (tx, ty, m as u32),
+            small,
         );
         let (gx, gy) = split((d as u64).div_ceil(256));
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
@@ -301,6 +308,7 @@ pub fn run(
                     source.as_entire_binding(),
                 ],
                 (mx, my, 1),
+                small,
             )
         } else {
             let sp = uniform(
@@ -326,6 +334,7 @@ pub fn run(
                     replay_out.as_entire_binding(),
                 ],
                 (gx, gy, 1),
+                small,
             )
         };
         part.run(gpu);

@@ -80,6 +80,22 @@ pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
     Some(format!("{COMMON}\n{loader}\n{mean}\n{body}"))
 }
 
+/// The pipeline-overridable constants kernel `name` is built with: the workgroup
+/// size `WG` of the two reduction kernels (`mb_partials`, `mb_norms`) when
+/// `small_workgroups` (one SIMD group of 8 lanes: what a software adapter runs
+/// best, see `default_small_workgroups` in the GPU module), else none (the
+/// shaders' defaults: 64 and 256 threads).
+pub fn kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'static str, f64)] {
+    match name {
+        "mb_partials" | "mb_norms" if small_workgroups => &[("WG", SMALL_WORKGROUP)],
+        _ => &[],
+    }
+}
+
+/// Threads per workgroup of the reduction kernels on a software adapter: one SIMD
+/// group of llvmpipe (8 f32 lanes of AVX2), so no workgroup runs as coroutines.
+const SMALL_WORKGROUP: f64 = 8.0;
+
 /// Names of all kernels, for validation tools.
 pub fn kernel_names() -> impl Iterator<Item = &'static str> {
     KERNELS.iter().map(|(n, _, _)| *n)
@@ -209,9 +225,16 @@ pub(crate) struct Kernels {
     pub factors: wgpu::ComputePipeline,
     pub add_noise: wgpu::ComputePipeline,
     readers: [Option<GradKernels>; 3],
+    /// Built with [`kernel_constants`]' small workgroups.
+    small_workgroups: bool,
 }
 
-fn build(device: &wgpu::Device, name: &str, dtype: Dtype) -> wgpu::ComputePipeline {
+fn build(
+    device: &wgpu::Device,
+    name: &str,
+    dtype: Dtype,
+    small_workgroups: bool,
+) -> wgpu::ComputePipeline {
     let source = kernel_source_for(name, dtype).expect("known kernel");
     let label = format!("{name} ({dtype})");
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -223,29 +246,53 @@ fn build(device: &wgpu::Device, name: &str, dtype: Dtype) -> wgpu::ComputePipeli
         layout: None,
         module: &module,
         entry_point: Some("main"),
-        compilation_options: Default::default(),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: kernel_constants(name, small_workgroups),
+            ..Default::default()
+        },
         cache: None,
     })
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Self {
+    /// `small_workgroups`: see [`kernel_constants`].
+    pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
         let mut kernels = Self {
-            norms: build(device, "mb_norms", Dtype::F32),
-            factors: build(device, "clip_factors", Dtype::F32),
-            add_noise: build(device, "add_noise", Dtype::F32),
+            norms: build(device, "mb_norms", Dtype::F32, small_workgroups),
+            factors: build(device, "clip_factors", Dtype::F32, false),
+            add_noise: build(device, "add_noise", Dtype::F32, false),
             readers: [None, None, None],
+            small_workgroups,
         };
         kernels.prepare(device, Dtype::F32);
         kernels
     }
 
+    pub fn small_workgroups(&self) -> bool {
+        self.small_workgroups
+    }
+
+    /// Rebuilds the reduction kernels (`mb_norms`, and `mb_partials` of every
+    /// prepared element type) with or without small workgroups.
+    pub fn set_small_workgroups(&mut self, device: &wgpu::Device, small: bool) {
+        if small == self.small_workgroups {
+            return;
+        }
+        self.small_workgroups = small;
+        self.norms = build(device, "mb_norms", Dtype::F32, small);
+        for dtype in Dtype::ALL {
+            if let Some(readers) = &mut self.readers[dtype.index()] {
+                readers.partials = build(device, "mb_partials", dtype, small);
+            }
+        }
+    }
+
     /// Builds the gradient readers of `dtype` unless they exist.
     pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype) {
         self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
-            partials: build(device, "mb_partials", dtype),
-            weighted_sum: build(device, "weighted_sum", dtype),
-            weighted_means: build(device, "weighted_means", dtype),
+            partials: build(device, "mb_partials", dtype, self.small_workgroups),
+            weighted_sum: build(device, "weighted_sum", dtype, false),
+            weighted_means: build(device, "weighted_means", dtype, false),
         });
     }
 

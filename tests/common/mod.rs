@@ -334,6 +334,9 @@ struct Case {
     /// From how many rows per micro-batch the GPU stores the means (None: the
     /// adapter's default; 2 or 3).
     means_min_rows: Option<u64>,
+    /// Whether the GPU's reduction kernels run 8-thread workgroups (None: the
+    /// adapter's default, 8 on a software adapter; Some(false): 64 and 256 threads).
+    small_workgroups: Option<bool>,
     seed: u64,
 }
 
@@ -444,6 +447,7 @@ fn case() -> impl Strategy<Value = Case> {
                         (1..200u64).prop_map(Some),
                     ],
                     prop_oneof![Just(None), Just(Some(2u64)), Just(Some(3u64))],
+                    prop_oneof![Just(None), Just(Some(false)), Just(Some(true))],
                 ),
             )
         })
@@ -459,7 +463,7 @@ fn case() -> impl Strategy<Value = Case> {
                 groups,
                 noise,
                 dtype,
-                (min_tile_workgroups, means_min_rows),
+                (min_tile_workgroups, means_min_rows, small_workgroups),
             )| {
                 Case {
                     n,
@@ -482,6 +486,7 @@ fn case() -> impl Strategy<Value = Case> {
                     seed,
                     min_tile_workgroups,
                     means_min_rows,
+                    small_workgroups,
                 }
             },
         )
@@ -498,6 +503,7 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
             clipper.set_max_binding_bytes(c.max_binding.unwrap_or(u64::MAX));
             clipper.set_gpu_min_tile_workgroups(c.min_tile_workgroups);
             clipper.set_gpu_means_min_rows(c.means_min_rows);
+            clipper.set_gpu_small_workgroups(c.small_workgroups);
             let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
             let cfg = c.config();
             check_as(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"), c.dtype);
