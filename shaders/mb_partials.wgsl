@@ -83,7 +83,7 @@ struct Params {
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
-    pad1: u32,
+    means_stride: u32,  // elements between two micro-batches' means: cols rounded up to 4
     pad2: u32,
 }
 
@@ -191,7 +191,7 @@ fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: 
         carry[at + 2u] = v.z;
         carry[at + 3u] = v.w;
     } else if (params.write_means == 1u) {
-        let at = params.means_base + mb * params.cols + col;
+        let at = params.means_base + mb * params.means_stride + col;
         means[at] = v.x;
         means[at + 1u] = v.y;
         means[at + 2u] = v.z;
@@ -337,7 +337,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     if (gives_carry) {
                         carry[params.carry_out_base + col] = v[j];
                     } else if (params.write_means == 1u) {
-                        means[params.means_base + mb * params.cols + col] = v[j];
+                        means[params.means_base + mb * params.means_stride + col] = v[j];
                     }
                 }
             }

@@ -27,10 +27,13 @@ struct Params {
     groups_x: u32,      // column group = wg.x + wg.y * groups_x (WG * 4 columns each)
     out_offset: u32,    // element index of out_p[0] in `out`
     skip_zero: u32,     // 1: a zero weight skips its micro-batch (so 0 * NaN never happens)
-    vec4_path: u32,     // 1: cols and means_base are multiples of 4: read `grads4`
+    vec4_path: u32,     // 1: stride and means_base are multiples of 4: read `grads4`
+                        // (every quad, a last partial one too: the stored means'
+                        // rows are padded to 4 elements, input rows are then whole quads)
     groups: u32,        // parameter groups G: weights are [M, G]
     group: u32,         // this tensor's group
-    pad0: u32,
+    stride: u32,        // elements from one micro-batch's row to the next: cols, or
+                        // cols rounded up to 4 for the stored means
     pad1: u32,
     pad2: u32,
 }
@@ -56,7 +59,7 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     for (var j = 0u; j < params.micro_batches; j++) {
         let w = weights[j * params.groups + params.group];
         var mean = vec4<f32>(0.0);
-        if (params.vec4_path == 1u && full) {
+        if (params.vec4_path == 1u) {
             mean = grad_quad(idx >> 2u);
         } else if (full) {
             mean = vec4<f32>(grad_at(idx), grad_at(idx + 1u), grad_at(idx + 2u), grad_at(idx + 3u));
@@ -67,7 +70,7 @@ fn quad_sum(col0: u32) -> vec4<f32> {
                 }
             }
         }
-        idx += params.cols;
+        idx += params.stride;
         if (params.skip_zero == 1u && w == 0.0) {
             continue;
         }
@@ -111,7 +114,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var b3 = vec4<f32>(0.0);
         var in_block = 0u;
         var q = (params.means_base >> 2u) + first;
-        let stride = params.cols >> 2u;
+        let stride = params.stride >> 2u;
         for (var j = 0u; j < params.micro_batches; j++) {
             let w = weights[j * params.groups + params.group];
             let m0 = grad_quad(q);

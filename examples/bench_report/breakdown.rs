@@ -45,7 +45,8 @@ struct PartialsParams {
     write_means: u32,
     means_base: u32,
     tile_cols: u32,
-    pad: [u32; 2],
+    means_stride: u32,
+    pad: u32,
 }
 
 /// `Params` of weighted_means.wgsl.
@@ -61,7 +62,8 @@ struct MeansSumParams {
     vec4_path: u32,
     groups: u32,
     group: u32,
-    pad: [u32; 3],
+    stride: u32,
+    pad: [u32; 2],
 }
 
 /// `Params` of weighted_sum.wgsl.
@@ -259,6 +261,7 @@ pub fn run(
                 vec4_path: d.is_multiple_of(4) as u32,
                 write_means: with_means as u32,
                 tile_cols: tile_cols as u32,
+                means_stride: d as u32, // d is a multiple of 4
                 ..Default::default()
             },
         );
@@ -293,6 +296,7 @@ pub fn run(
                     skip_zero: 1,
                     groups: 1,
                     vec4_path: d.is_multiple_of(4) as u32,
+                    stride: d as u32,
                     ..Default::default()
                 },
             );

@@ -123,7 +123,8 @@ pub(crate) struct PartialsParams {
     pub write_means: u32,
     pub means_base: u32,
     pub tile_cols: u32,
-    pub pad: [u32; 2],
+    pub means_stride: u32,
+    pub pad: u32,
 }
 
 /// `Params` of mb_norms.wgsl.
@@ -201,7 +202,8 @@ pub(crate) struct MeansSumParams {
     pub vec4_path: u32,
     pub groups: u32,
     pub group: u32,
-    pub pad: [u32; 3],
+    pub stride: u32,
+    pub pad: [u32; 2],
 }
 
 /// Size in bytes of the `Partial` record of common.wgsl.

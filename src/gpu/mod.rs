@@ -543,10 +543,19 @@ impl GpuClipper {
         let carry = self
             .pool
             .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
-        let total_cols: u64 = inputs.iter().map(|t| t.cols as u64).sum();
+        // Each tensor's stored means: rows padded to whole quads, so that pass 4
+        // reads them four at a time whatever the width.
+        let means_cols = |cols: u64| cols.next_multiple_of(4);
+        let total_means_cols: u64 = inputs.iter().map(|t| means_cols(t.cols as u64)).sum();
         let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let with_means = materialize_means(n, m, total_cols, self.max_binding, self.means_min_rows);
-        let means_bytes = if with_means { m * total_cols * 4 } else { 0 };
+        let with_means = materialize_means(
+            n,
+            m,
+            total_means_cols,
+            self.max_binding,
+            self.means_min_rows,
+        );
+        let means_bytes = if with_means { m * total_means_cols * 4 } else { 0 };
         let means = self.pool.get(Slot::Means, means_bytes, storage);
         let mut means_base = 0u64;
         let mut means_dispatches = Vec::new();
@@ -588,7 +597,8 @@ impl GpuClipper {
                     write_means: with_means as u32,
                     means_base: means_base as u32,
                     tile_cols: layout.tile_cols as u32,
-                    pad: [0; 2],
+                    means_stride: means_cols(cols) as u32,
+                    pad: 0,
                 });
                 partial_dispatches.push((
                     p,
@@ -624,13 +634,13 @@ impl GpuClipper {
                 }
             }
             if with_means || rows_are_means {
-                let (source, base) = if with_means {
-                    ((&means, 0, means.size()), means_base as u32)
+                let (source, base, stride) = if with_means {
+                    ((&means, 0, means.size()), means_base as u32, means_cols(cols))
                 } else {
                     let w = &windows[0];
-                    ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset)
+                    ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset, cols)
                 };
-                let vec4 = cols.is_multiple_of(4) && base.is_multiple_of(4);
+                let vec4 = stride.is_multiple_of(4) && base.is_multiple_of(4);
                 let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
                 let p = params.push(&MeansSumParams {
                     cols: cols as u32,
@@ -642,7 +652,8 @@ impl GpuClipper {
                     vec4_path: vec4 as u32,
                     groups: g as u32,
                     group: *group,
-                    pad: [0; 3],
+                    stride: stride as u32,
+                    pad: [0; 2],
                 });
                 // The stored means are f32; at b = 1 the rows are read as they are.
                 let dtype = if with_means { Dtype::F32 } else { t.dtype };
@@ -655,7 +666,7 @@ impl GpuClipper {
                     dtype,
                 ));
             }
-            means_base += m * cols;
+            means_base += m * means_cols(cols);
             if let Some(noise) = config.noise {
                 let n = params.push(&noise_params(
                     &noise,

@@ -165,8 +165,9 @@ pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
 }
 
 /// Whether a call materialises the micro-batch means: pass 1 also writes the
-/// `[M, D_p]` means of every tensor (`means_bytes = M x sum D_p x 4` of extra device
-/// memory) and pass 4 reads them instead of re-reading the `N` input rows. Input
+/// `[M, D_p]` means of every tensor, each row padded to a multiple of 4 elements
+/// (`means_bytes = M x sum ceil4(D_p) x 4` of extra device memory; `total_cols` is
+/// that padded sum) and pass 4 reads them instead of re-reading the `N` input rows. Input
 /// bytes read: `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
 /// `2 x N x D x 4`, so it pays in bytes when the average micro-batch holds
 /// `b = N / M >= 3` rows (`min_rows = 3`, hardware adapters), and breaks even at
