@@ -22,7 +22,8 @@
 // row loop once per quad: on lavapipe that loop's per-lane mask and exit tests
 // cost more than the load (pass 1 at b = 1 went from 1.6x to 0.85x a read).
 // At b > 1 it forms four quads' means in one row loop (column_mean4x4), which
-// took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read.
+// took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read; rows that are not
+// 16-byte aligned do the same with scalar loads (column_mean4x4_scalar).
 //
 // Scaled sum of squares in one pass, without divisions (Blue's algorithm, as in
 // LAPACK 3.10's snrm2 / Anderson 2017, "Algorithm 978"): three accumulators with
@@ -210,8 +211,7 @@ fn column_mean4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f
     var block = vec4<f32>(0.0);
     var idx = first;
     for (var r = 0u; r < rows; r++) {
-        let x = vec4<f32>(grad_at(idx), grad_at(idx + 1u), grad_at(idx + 2u), grad_at(idx + 3u));
-        block += x * inv_n;
+        block += grad_at4(idx) * inv_n;
         idx += stride;
         if ((r + 1u) % ROW_BLOCK == 0u) {
             total += block;
@@ -219,6 +219,45 @@ fn column_mean4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f
         }
     }
     return total + block;
+}
+
+// column_mean4_scalar of the quads at elements first, first + 4 RUN, first + 8 RUN
+// and first + 12 RUN in one row loop (as column_mean4x4; the same bits): on
+// lavapipe a row loop per quad cost more than its 4 scalar loads (a tensor of
+// 250,001 columns took 1.5-1.7x one of 250,000 at b = 4, now 1.3-1.4x).
+fn column_mean4x4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
+    var t0 = vec4<f32>(0.0);
+    var t1 = vec4<f32>(0.0);
+    var t2 = vec4<f32>(0.0);
+    var t3 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
+    var idx = first;
+    for (var r = 0u; r < rows; r++) {
+        b0 += grad_at4(idx) * inv_n;
+        b1 += grad_at4(idx + 4u * RUN) * inv_n;
+        b2 += grad_at4(idx + 8u * RUN) * inv_n;
+        b3 += grad_at4(idx + 12u * RUN) * inv_n;
+        idx += stride;
+        if ((r + 1u) % ROW_BLOCK == 0u) {
+            t0 += b0;
+            t1 += b1;
+            t2 += b2;
+            t3 += b3;
+            b0 = vec4<f32>(0.0);
+            b1 = vec4<f32>(0.0);
+            b2 = vec4<f32>(0.0);
+            b3 = vec4<f32>(0.0);
+        }
+    }
+    return mat4x4<f32>(t0 + b0, t1 + b1, t2 + b2, t3 + b3);
+}
+
+// Elements i .. i + 3 with scalar loads (any alignment).
+fn grad_at4(i: u32) -> vec4<f32> {
+    return vec4<f32>(grad_at(i), grad_at(i + 1u), grad_at(i + 2u), grad_at(i + 3u));
 }
 
 fn accumulate4(v: vec4<f32>, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
@@ -314,9 +353,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
         }
     } else {
-        // Scalar loads, the same columns per thread and lane as the vec4 path (so
-        // the alignment of a tensor does not change a bit of its result).
-        for (var c4 = span0 + lid % RUN; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
+        // Scalar loads, the same columns per thread and lane, in the same order,
+        // as the vec4 path (so the alignment of a tensor does not change a bit of
+        // its result): four whole quads per row loop, then one quad at a time.
+        var c4 = span0 + lid % RUN;
+        while (c4 + 3u * RUN < min(span_end, col_end >> 2u)) {
+            let col = c4 << 2u;
+            let m = column_mean4x4_scalar(row0 + col, rows, params.cols, inv_n);
+            let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
+            max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
+            let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
+            max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
+            let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
+            max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
+            let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
+            max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
+            c4 += 4u * RUN;
+        }
+        for (; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
             let col0 = c4 << 2u;
             var v = vec4<f32>(0.0);
             if (col0 + 4u <= col_end) {

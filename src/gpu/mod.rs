@@ -555,7 +555,11 @@ impl GpuClipper {
             self.max_binding,
             self.means_min_rows,
         );
-        let means_bytes = if with_means { m * total_means_cols * 4 } else { 0 };
+        let means_bytes = if with_means {
+            m * total_means_cols * 4
+        } else {
+            0
+        };
         let means = self.pool.get(Slot::Means, means_bytes, storage);
         let mut means_base = 0u64;
         let mut means_dispatches = Vec::new();
@@ -635,7 +639,11 @@ impl GpuClipper {
             }
             if with_means || rows_are_means {
                 let (source, base, stride) = if with_means {
-                    ((&means, 0, means.size()), means_base as u32, means_cols(cols))
+                    (
+                        (&means, 0, means.size()),
+                        means_base as u32,
+                        means_cols(cols),
+                    )
                 } else {
                     let w = &windows[0];
                     ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset, cols)
