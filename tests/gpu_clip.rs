@@ -145,12 +145,14 @@ fn both_pass4_kernels_at_two_rows_per_micro_batch() {
     }
     // Only the first rule stored means, the largest those of b = 2 (M = 7): the
     // pool holds them rounded up to 16 bytes where the other holds a 16-byte dummy.
-    // Each row of means is padded to a multiple of 4 elements (37 -> 40).
+    // Each row of means is padded to a multiple of 4 elements (37 -> 40). With
+    // them, pass 4 of the 3 tensors ran as one dispatch into one more scratch row.
     let padded: usize = widths.iter().map(|w| w.next_multiple_of(4)).sum();
     let means_b2 = 7 * padded as u64 * 4;
+    let merged_row = padded as u64 * 4;
     assert_eq!(
         scratch[0] - scratch[1],
-        means_b2.next_multiple_of(16) - 16,
+        means_b2.next_multiple_of(16) - 16 + merged_row.next_multiple_of(16) - 16,
         "{scratch:?}"
     );
 }
@@ -439,42 +441,51 @@ fn caller_buffers_with_offsets_and_poisoned_outputs() {
     ];
     let total: usize = widths.iter().sum::<usize>() + 10;
     let poison = vec![f32::NAN; total];
-    let out = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+    // With COPY_DST pass 4 runs once over all tensors' stored means (b = 3) and
+    // copies each tensor's columns into its output; without, once per tensor.
+    let out_with_copies = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: None,
         contents: bytemuck::cast_slice(&poison),
         usage,
     });
+    let out_without_copies = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&poison),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    });
     let at = [4usize, 4 + widths[0] + 1, 4 + widths[0] + 1 + widths[1] + 2];
-    let outputs: Vec<GpuTensorMut<'_>> = (0..3)
-        .map(|p| GpuTensorMut {
-            buffer: &out,
-            offset: at[p] as u64 * 4,
-            cols: widths[p],
-        })
-        .collect();
-    // b = 2 re-reads the rows in pass 4, b = 3 reads materialised means.
-    for (b, max_binding) in [(2, u64::MAX), (2, 6000 * 4), (3, u64::MAX), (3, 6000 * 4)] {
-        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(b));
-        let want = clip_f64(&cfg, &slices(&t), n).unwrap();
-        gpu.set_max_binding_bytes(max_binding);
-        let stats = gpu.clip_buffers_into(&cfg, &inputs, n, &outputs).unwrap();
-        let all = read_buffer(&gpu, &out, 0, total);
-        let grads: Vec<Vec<f32>> = (0..3)
-            .map(|p| all[at[p]..at[p] + widths[p]].to_vec())
+    for out in [&out_with_copies, &out_without_copies] {
+        let outputs: Vec<GpuTensorMut<'_>> = (0..3)
+            .map(|p| GpuTensorMut {
+                buffer: out,
+                offset: at[p] as u64 * 4,
+                cols: widths[p],
+            })
             .collect();
-        assert_matches(&ClipOutput { grads, stats }, &want, TOL, "caller buffers");
-        // Bytes between the outputs are untouched.
-        for k in [0, 1, 2, 3, at[1] - 1, at[2] - 1, at[2] - 2, total - 1] {
-            assert!(all[k].is_nan(), "byte range {k} overwritten");
+        // b = 2 re-reads the rows in pass 4, b = 3 reads materialised means.
+        for (b, max_binding) in [(2, u64::MAX), (2, 6000 * 4), (3, u64::MAX), (3, 6000 * 4)] {
+            let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(b));
+            let want = clip_f64(&cfg, &slices(&t), n).unwrap();
+            gpu.set_max_binding_bytes(max_binding);
+            let stats = gpu.clip_buffers_into(&cfg, &inputs, n, &outputs).unwrap();
+            let all = read_buffer(&gpu, out, 0, total);
+            let grads: Vec<Vec<f32>> = (0..3)
+                .map(|p| all[at[p]..at[p] + widths[p]].to_vec())
+                .collect();
+            assert_matches(&ClipOutput { grads, stats }, &want, TOL, "caller buffers");
+            // Bytes between the outputs are untouched.
+            for k in [0, 1, 2, 3, at[1] - 1, at[2] - 1, at[2] - 2, total - 1] {
+                assert!(all[k].is_nan(), "byte range {k} overwritten");
+            }
+            // Buffers the clipper returns.
+            let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+            let grads: Vec<Vec<f32>> = bufs
+                .iter()
+                .zip(widths)
+                .map(|(b, d)| read_buffer(&gpu, b, 0, d))
+                .collect();
+            assert_matches(&ClipOutput { grads, stats }, &want, TOL, "returned buffers");
         }
-        // Buffers the clipper returns.
-        let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
-        let grads: Vec<Vec<f32>> = bufs
-            .iter()
-            .zip(widths)
-            .map(|(b, d)| read_buffer(&gpu, b, 0, d))
-            .collect();
-        assert_matches(&ClipOutput { grads, stats }, &want, TOL, "returned buffers");
     }
 }
 

@@ -20,8 +20,11 @@ pub(crate) enum Slot {
     /// First tile of each group.
     GroupTiles,
     Carry,
-    /// `[M, D_p]` micro-batch means, when a call materialises them.
+    /// `[M, sum ceil4(D_p)]` micro-batch means, when a call materialises them.
     Means,
+    /// Pass 4's output row of all tensors, when it runs as one dispatch over the
+    /// means (then copied into each tensor's output).
+    MergedOutput,
     Readback,
     /// Host-path upload of input tensor `p`.
     Input(usize),
