@@ -96,9 +96,10 @@ struct Params {
 // The same rows as `grads`, four elements at a time (bound to a dummy buffer when
 // vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
-// [M, D_p] micro-batch means per tensor, read by weighted_means.wgsl (a dummy
-// buffer when write_means = 0).
-@group(0) @binding(6) var<storage, read_write> means: array<f32>;
+// The [M, sum ceil4(D_p)] micro-batch means of all tensors, read by
+// weighted_means.wgsl (a dummy buffer when write_means = 0), a quad per store:
+// means_base, means_stride and every quad's first column are multiples of 4.
+@group(0) @binding(6) var<storage, read_write> means: array<vec4<f32>>;
 
 // (small, medium, big) sums of squares, and the max |g| bits.
 var<workgroup> red_sums: array<vec3<f32>, WG>;
@@ -192,11 +193,7 @@ fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: 
         carry[at + 2u] = v.z;
         carry[at + 3u] = v.w;
     } else if (params.write_means == 1u) {
-        let at = params.means_base + mb * params.means_stride + col;
-        means[at] = v.x;
-        means[at + 1u] = v.y;
-        means[at + 2u] = v.z;
-        means[at + 3u] = v.w;
+        means[(params.means_base + mb * params.means_stride + col) >> 2u] = v;
     }
     return v;
 }
@@ -390,10 +387,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     }
                     if (gives_carry) {
                         carry[params.carry_out_base + col] = v[j];
-                    } else if (params.write_means == 1u) {
-                        means[params.means_base + mb * params.means_stride + col] = v[j];
                     }
                 }
+            }
+            if (!gives_carry && params.write_means == 1u) {
+                // Columns past col_end are 0, in the rows' padding.
+                means[(params.means_base + mb * params.means_stride + col0) >> 2u] = v;
             }
             max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
         }
