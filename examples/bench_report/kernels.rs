@@ -31,6 +31,8 @@ pub struct Gpu {
     pub max_binding: u64,
     pub storage_align: u64,
     pub uniform_align: u64,
+    /// A software adapter (`DeviceType::Cpu`, e.g. lavapipe).
+    pub software: bool,
 }
 
 impl Gpu {
@@ -44,6 +46,7 @@ impl Gpu {
             max_binding: max_binding.map_or(device_max, |m| m.min(device_max)),
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
+            software: device.adapter_info().device_type == wgpu::DeviceType::Cpu,
             device,
             queue,
         }
@@ -110,6 +113,16 @@ impl Gpu {
 
     /// A compute pipeline from `source`, entry point `entry`, automatic layout.
     fn pipeline(&self, source: &str, entry: &str) -> wgpu::ComputePipeline {
+        self.pipeline_with(source, entry, &[])
+    }
+
+    /// [`Self::pipeline`] with pipeline-overridable constants.
+    fn pipeline_with(
+        &self,
+        source: &str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> wgpu::ComputePipeline {
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -122,7 +135,10 @@ impl Gpu {
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
                 cache: None,
             })
     }
@@ -294,7 +310,17 @@ impl ReadSum {
 impl RefKernels {
     pub fn new(gpu: &Gpu) -> Self {
         Self {
-            read_sum: gpu.pipeline(REFERENCE_WGSL, "read_sum"),
+            // One SIMD group per workgroup on a software adapter (see reference.wgsl);
+            // the same 64 KiB per workgroup either way.
+            read_sum: gpu.pipeline_with(
+                REFERENCE_WGSL,
+                "read_sum",
+                if gpu.software {
+                    &[("WG", 8.0), ("ITEMS", 512.0)]
+                } else {
+                    &[]
+                },
+            ),
             copy: gpu.pipeline(REFERENCE_WGSL, "copy"),
         }
     }

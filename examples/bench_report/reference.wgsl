@@ -7,8 +7,12 @@
 // The host binds the buffer in windows of at most one storage binding and
 // dispatches each window separately; `count` is the window's length in vec4.
 
-const WG: u32 = 256u;
-const ITEMS: u32 = 16u;
+// WG * ITEMS = 4096 vec4 (64 KiB) per workgroup. Pipeline constants: the bench
+// builds read_sum with WG = 8, ITEMS = 512 on a software adapter (one SIMD group,
+// as microclip's reduction kernels there: a 256-thread tree reduction per 64 KiB
+// would run as 32 coroutines switching at each of its 9 barriers).
+override WG: u32 = 256u;
+override ITEMS: u32 = 16u;
 
 struct Params {
     count: u32,    // vec4 elements in this window
@@ -24,7 +28,7 @@ struct Params {
 
 var<workgroup> red: array<f32, WG>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn read_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let group = wg.x + wg.y * params.groups_x;
     if (group >= params.groups) {
@@ -51,7 +55,7 @@ fn read_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn copy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let group = wg.x + wg.y * params.groups_x;
     if (group >= params.groups) {
