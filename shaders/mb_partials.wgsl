@@ -198,9 +198,6 @@ fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: 
     return v;
 }
 
-// Adds the squares of four means to Blue's sums, classified on the bits (NaN/Inf
-// fall in no class, whatever the compiler assumes about float comparisons);
-// branch-free. Returns the max |v| bits.
 // column_mean4 with scalar loads (`first` and `stride` count f32): for rows that
 // are not 16-byte aligned. Same operations per component, so the same bits.
 fn column_mean4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f32> {
@@ -257,6 +254,9 @@ fn grad_at4(i: u32) -> vec4<f32> {
     return vec4<f32>(grad_at(i), grad_at(i + 1u), grad_at(i + 2u), grad_at(i + 3u));
 }
 
+// Adds the squares of four means to Blue's sums, classified on the bits (NaN/Inf
+// fall in no class, whatever the compiler assumes about float comparisons);
+// branch-free. Returns the max |v| bits.
 fn accumulate4(v: vec4<f32>, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
     let bits = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
     let sml = bits < vec4<u32>(T_SML_BITS);
