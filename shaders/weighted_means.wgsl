@@ -13,10 +13,13 @@
 // than one quad per thread, whose SIMD groups read 128 bytes of each of the M
 // rows per visit (too many streams for the prefetchers). QUADS separate
 // accumulators, not an array: a row-walking variant with private arrays was
-// slower on llvmpipe (see BENCHMARKS.md). A thread whose QUADS quads all exist
-// in rows 16-byte aligned in the binding loads each as one vec4; any other thread
-// (unaligned rows, the ragged end) sums its quads one at a time with the same
-// operations in the same order, so alignment changes no bit of the result.
+// slower on llvmpipe (see BENCHMARKS.md). With vec4_path (rows 16-byte aligned
+// in the binding: the stored means, whose rows are padded to whole quads, or
+// input rows of a multiple of 4 elements) every quad is one vec4 load, a last
+// partial one too (its padding is loaded, never stored); a thread whose QUADS
+// quads do not all exist sums them one at a time. Unaligned rows are read with
+// scalar loads, with the same operations in the same order, so alignment changes
+// no bit of the result.
 
 const WG: u32 = 256u;
 

@@ -141,8 +141,9 @@ impl Clipper {
 
     /// Extra device memory this clipper holds between calls: norm partials,
     /// per-micro-batch state, row offsets, parameters, carry rows, micro-batch means
-    /// (`M x D_total x 4` bytes, pooled from the first call with `N / M >= 3`, or
-    /// `>= 2` on a software adapter) and
+    /// (`M x sum ceil4(D_p) x 4` bytes, pooled from the first call with `N / M >= 3`,
+    /// or `>= 2` on a software adapter), the output row of a last pass run once for
+    /// several tensors (`sum ceil4(D_p) x 4` bytes) and
     /// the read-back buffer (not the host path's upload of the input itself). 0 on
     /// the CPU.
     pub fn scratch_bytes(&self) -> u64 {

@@ -87,8 +87,10 @@
 //! binding, two carry rows of `D_p x 4` bytes. When the micro-batches hold
 //! `b = N / M >= 3` rows on average (`>= 2` on a software adapter such as
 //! lavapipe) and the means fit one storage binding, it also
-//! keeps the `M x D_total x 4` bytes of micro-batch means (a fraction `1 / b` of
-//! the input), which saves re-reading the input in the last pass. Noise is
+//! keeps the `M x sum ceil4(D_p) x 4` bytes of micro-batch means (a fraction
+//! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
+//! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
+//! row when that pass runs once for several tensors. Noise is
 //! generated in place in the output: no buffer of random numbers.
 
 #![warn(missing_docs)]

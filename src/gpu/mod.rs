@@ -107,6 +107,9 @@ pub(crate) struct GpuClipper {
     /// Average rows per micro-batch from which pass 1 stores the means (see
     /// `plan::materialize_means`).
     means_min_rows: u64,
+    /// Pass 4 runs once for several tensors only while their average padded
+    /// width is at most this (see `default_merge_max_avg_cols`).
+    merge_max_avg_cols: u64,
 }
 
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
@@ -179,6 +182,7 @@ impl GpuClipper {
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
             min_tile_workgroups: default_min_tile_workgroups(info.device_type),
             means_min_rows: default_means_min_rows(info.device_type),
+            merge_max_avg_cols: default_merge_max_avg_cols(info.device_type),
             device,
             queue,
         }
@@ -563,17 +567,21 @@ impl GpuClipper {
         };
         let means = self.pool.get(Slot::Means, means_bytes, storage);
         // Pass 4 of all tensors as ONE dispatch over the means matrix into a scratch
-        // row, then a copy per tensor into its output: with one parameter group (one
-        // weight per micro-batch), no noise (added per tensor in the output) and
-        // outputs that accept copies. On lavapipe a dispatch cost about 50 us, a
-        // copy 1.5 us. Extra memory: the row, sum ceil4(D_p) x 4 bytes.
+        // row, then a copy per tensor into its output (or straight into the
+        // read-back buffer on the host path): with several tensors, one parameter
+        // group (one weight per micro-batch), no noise (added per tensor in the
+        // output), outputs that accept copies, and tensors narrow enough on average
+        // that a dispatch saved outweighs the bytes copied (`merge_max_avg_cols`).
+        // Extra memory: the row, sum ceil4(D_p) x 4 bytes.
         let merge_pass4 = with_means
             && g == 1
             && inputs.len() > 1
             && config.noise.is_none()
-            && outputs
-                .iter()
-                .all(|o| o.buffer.usage().contains(U::COPY_DST));
+            && total_means_cols / inputs.len() as u64 <= self.merge_max_avg_cols
+            && (read_outputs
+                || outputs
+                    .iter()
+                    .all(|o| o.buffer.usage().contains(U::COPY_DST)));
         let merged_out = self.pool.get(
             Slot::MergedOutput,
             if merge_pass4 { total_means_cols * 4 } else { 0 },
@@ -914,7 +922,7 @@ impl GpuClipper {
             }
         }
 
-        if merge_pass4 {
+        if merge_pass4 && !read_outputs {
             let mut at = 0;
             for o in outputs {
                 let cols = o.cols as u64;
@@ -940,10 +948,17 @@ impl GpuClipper {
         encoder.copy_buffer_to_buffer(&factors, 0, &readback, STATS_BYTES + per_mb, per_mb);
         encoder.copy_buffer_to_buffer(&bounds, 0, &readback, STATS_BYTES + 2 * per_mb, 4 * g);
         if read_outputs {
+            // Each output from where pass 4 left it: its buffer, or the merged row.
             let mut at = outputs_at;
+            let mut merged_at = 0;
             for o in outputs {
                 let len = o.cols as u64 * 4;
-                encoder.copy_buffer_to_buffer(o.buffer, o.offset, &readback, at, len);
+                if merge_pass4 {
+                    encoder.copy_buffer_to_buffer(&merged_out, merged_at * 4, &readback, at, len);
+                    merged_at += means_cols(o.cols as u64);
+                } else {
+                    encoder.copy_buffer_to_buffer(o.buffer, o.offset, &readback, at, len);
+                }
                 at += len;
             }
         }
@@ -1133,6 +1148,20 @@ fn default_means_min_rows(device_type: wgpu::DeviceType) -> u64 {
     match device_type {
         wgpu::DeviceType::Cpu => 2,
         _ => 3,
+    }
+}
+
+/// Up to which average padded tensor width pass 4 runs once for several tensors,
+/// for an adapter type. Merging saves a dispatch per tensor and costs one more
+/// write, read and write of the output (12 bytes per column). On a software
+/// adapter a dispatch costs about 50 us and a 10 KB copy 1.4 us (lavapipe): always.
+/// On hardware, where a dispatch costs a few us, up to 2^18 columns on average
+/// (3 MB of copies a tensor, a few us at HBM speeds; an estimate, not measured on
+/// a GPU yet).
+fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
+    match device_type {
+        wgpu::DeviceType::Cpu => u64::MAX,
+        _ => 1 << 18,
     }
 }
 
