@@ -271,6 +271,20 @@ fn accumulate4(v: vec4<f32>, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<fun
     return bits;
 }
 
+// The four quads of a column_mean4x4 (either load path) from column `col` on,
+// RUN quads apart: each passed on (pass_on4) and added to Blue's sums, in quad
+// order. Returns the max |v| bits.
+fn finish4x4(col: u32, m: mat4x4<f32>, mb: u32, takes_carry: bool, gives_carry: bool, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
+    let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
+    var max4 = accumulate4(v0, sml_acc, med_acc, big_acc);
+    let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
+    max4 = max(max4, accumulate4(v1, sml_acc, med_acc, big_acc));
+    let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
+    max4 = max(max4, accumulate4(v2, sml_acc, med_acc, big_acc));
+    let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
+    return max(max4, accumulate4(v3, sml_acc, med_acc, big_acc));
+}
+
 fn hsum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
@@ -332,15 +346,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // Several rows: four quads per row loop, finished in the same order.
             while (c4 + 3u * RUN < q_end) {
                 let m = column_mean4x4(row04 + c4, rows, stride4, inv_n);
-                let col = c4 << 2u;
-                let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
-                max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
-                let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
-                max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
-                let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
-                max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
-                let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
-                max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
+                max4 = max(max4, finish4x4(c4 << 2u, m, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc));
                 c4 += 4u * RUN;
             }
         }
@@ -357,14 +363,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         while (c4 + 3u * RUN < min(span_end, col_end >> 2u)) {
             let col = c4 << 2u;
             let m = column_mean4x4_scalar(row0 + col, rows, params.cols, inv_n);
-            let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
-            max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
-            let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
-            max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
-            let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
-            max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
-            let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
-            max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
+            max4 = max(max4, finish4x4(col, m, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc));
             c4 += 4u * RUN;
         }
         for (; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {

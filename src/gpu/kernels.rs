@@ -261,8 +261,8 @@ impl Kernels {
     pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
         let mut kernels = Self {
             norms: build(device, "mb_norms", Dtype::F32, small_workgroups),
-            factors: build(device, "clip_factors", Dtype::F32, false),
-            add_noise: build(device, "add_noise", Dtype::F32, false),
+            factors: build(device, "clip_factors", Dtype::F32, small_workgroups),
+            add_noise: build(device, "add_noise", Dtype::F32, small_workgroups),
             readers: [None, None, None],
             small_workgroups,
         };
@@ -274,18 +274,19 @@ impl Kernels {
         self.small_workgroups
     }
 
-    /// Rebuilds the reduction kernels (`mb_norms`, and `mb_partials` of every
-    /// prepared element type) with or without small workgroups.
+    /// Rebuilds the pipelines with or without small workgroups (the gradient
+    /// readers of every element type prepared so far).
     pub fn set_small_workgroups(&mut self, device: &wgpu::Device, small: bool) {
         if small == self.small_workgroups {
             return;
         }
-        self.small_workgroups = small;
-        self.norms = build(device, "mb_norms", Dtype::F32, small);
-        for dtype in Dtype::ALL {
-            if let Some(readers) = &mut self.readers[dtype.index()] {
-                readers.partials = build(device, "mb_partials", dtype, small);
-            }
+        let prepared: Vec<Dtype> = Dtype::ALL
+            .into_iter()
+            .filter(|d| self.readers[d.index()].is_some())
+            .collect();
+        *self = Self::new(device, small);
+        for dtype in prepared {
+            self.prepare(device, dtype);
         }
     }
 
@@ -293,8 +294,8 @@ impl Kernels {
     pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype) {
         self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
             partials: build(device, "mb_partials", dtype, self.small_workgroups),
-            weighted_sum: build(device, "weighted_sum", dtype, false),
-            weighted_means: build(device, "weighted_means", dtype, false),
+            weighted_sum: build(device, "weighted_sum", dtype, self.small_workgroups),
+            weighted_means: build(device, "weighted_means", dtype, self.small_workgroups),
         });
     }
 

@@ -922,15 +922,6 @@ impl GpuClipper {
             }
         }
 
-        if merge_pass4 && !read_outputs {
-            let mut at = 0;
-            for o in outputs {
-                let cols = o.cols as u64;
-                encoder.copy_buffer_to_buffer(&merged_out, at * 4, o.buffer, o.offset, cols * 4);
-                at += means_cols(cols);
-            }
-        }
-
         // Read-back layout: [stats][norms M x G][factors M x G][bounds G][outputs...].
         let out_bytes: u64 = if read_outputs {
             inputs.iter().map(|t| t.cols as u64 * 4).sum()
@@ -947,20 +938,25 @@ impl GpuClipper {
         encoder.copy_buffer_to_buffer(&norms, 0, &readback, STATS_BYTES, per_mb);
         encoder.copy_buffer_to_buffer(&factors, 0, &readback, STATS_BYTES + per_mb, per_mb);
         encoder.copy_buffer_to_buffer(&bounds, 0, &readback, STATS_BYTES + 2 * per_mb, 4 * g);
-        if read_outputs {
-            // Each output from where pass 4 left it: its buffer, or the merged row.
-            let mut at = outputs_at;
-            let mut merged_at = 0;
-            for o in outputs {
-                let len = o.cols as u64 * 4;
-                if merge_pass4 {
-                    encoder.copy_buffer_to_buffer(&merged_out, merged_at * 4, &readback, at, len);
-                    merged_at += means_cols(o.cols as u64);
-                } else {
-                    encoder.copy_buffer_to_buffer(o.buffer, o.offset, &readback, at, len);
-                }
+        // Each output from where pass 4 left it (its buffer, or its columns of the
+        // merged row) to where the caller reads it: the read-back buffer on the
+        // host path, else its buffer.
+        let mut at = outputs_at;
+        let mut merged_at = 0;
+        for o in outputs {
+            let len = o.cols as u64 * 4;
+            let (source, source_at) = if merge_pass4 {
+                (&merged_out, merged_at * 4)
+            } else {
+                (o.buffer, o.offset)
+            };
+            if read_outputs {
+                encoder.copy_buffer_to_buffer(source, source_at, &readback, at, len);
                 at += len;
+            } else if merge_pass4 {
+                encoder.copy_buffer_to_buffer(source, source_at, o.buffer, o.offset, len);
             }
+            merged_at += means_cols(o.cols as u64);
         }
         self.queue.submit([encoder.finish()]);
         Ok((readback, total))
