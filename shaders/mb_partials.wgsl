@@ -271,18 +271,42 @@ fn accumulate4(v: vec4<f32>, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<fun
     return bits;
 }
 
-// The four quads of a column_mean4x4 (either load path) from column `col` on,
-// RUN quads apart: each passed on (pass_on4) and added to Blue's sums, in quad
-// order. Returns the max |v| bits.
-fn finish4x4(col: u32, m: mat4x4<f32>, mb: u32, takes_carry: bool, gives_carry: bool, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
-    let v0 = pass_on4(col, m[0], mb, takes_carry, gives_carry);
-    var max4 = accumulate4(v0, sml_acc, med_acc, big_acc);
-    let v1 = pass_on4(col + 4u * RUN, m[1], mb, takes_carry, gives_carry);
-    max4 = max(max4, accumulate4(v1, sml_acc, med_acc, big_acc));
-    let v2 = pass_on4(col + 8u * RUN, m[2], mb, takes_carry, gives_carry);
-    max4 = max(max4, accumulate4(v2, sml_acc, med_acc, big_acc));
-    let v3 = pass_on4(col + 12u * RUN, m[3], mb, takes_carry, gives_carry);
-    return max(max4, accumulate4(v3, sml_acc, med_acc, big_acc));
+// How walk4x4 finishes each mean (a constant at every call site, so that the
+// shader compiler drops the other cases: llvmpipe runs both sides of every
+// branch under a lane mask, so a runtime test per quad costs as much as its work;
+// passing every mean through pass_on4's carry tests made pass 1 at b = 2 cost
+// 3x a read instead of 1.2x).
+const NORM_ONLY: u32 = 0u;   // add its square to the norm
+const STORE_MEANS: u32 = 1u; // also store it in `means` (write_means = 1, no carry)
+const CARRY: u32 = 2u;       // pass_on4 first (a micro-batch cut by a window)
+
+// Walks a span four quads (RUN apart) per step from *c4 while the fourth is below
+// q_end: their means in one row loop (column_mean4x4, or its scalar-load twin
+// when !aligned), finished as `mode` says and added to Blue's sums in quad order.
+// Leaves *c4 at the first quad not done; returns the max |mean| bits.
+fn walk4x4(aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
+    var max4 = vec4<u32>(0u);
+    let means_row = (params.means_base + mb * params.means_stride) >> 2u;
+    while (*c4 + 3u * RUN < q_end) {
+        var m: mat4x4<f32>;
+        if (aligned) {
+            m = column_mean4x4((row0 >> 2u) + *c4, rows, params.cols >> 2u, inv_n);
+        } else {
+            m = column_mean4x4_scalar(row0 + (*c4 << 2u), rows, params.cols, inv_n);
+        }
+        for (var k = 0u; k < 4u; k++) {
+            let col = (*c4 + k * RUN) << 2u;
+            var v = m[k];
+            if (mode == STORE_MEANS) {
+                means[means_row + *c4 + k * RUN] = v;
+            } else if (mode == CARRY) {
+                v = pass_on4(col, v, mb, takes_carry, gives_carry);
+            }
+            max4 = max(max4, accumulate4(v, sml_acc, med_acc, big_acc));
+        }
+        *c4 += 4u * RUN;
+    }
+    return max4;
 }
 
 fn hsum(v: vec4<f32>) -> f32 {
@@ -342,13 +366,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
                 c4 += 4u * RUN;
             }
+        } else if (takes_carry || gives_carry) {
+            max4 = walk4x4(true, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc);
+        } else if (params.write_means == 1u) {
+            max4 = walk4x4(true, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
         } else {
-            // Several rows: four quads per row loop, finished in the same order.
-            while (c4 + 3u * RUN < q_end) {
-                let m = column_mean4x4(row04 + c4, rows, stride4, inv_n);
-                max4 = max(max4, finish4x4(c4 << 2u, m, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc));
-                c4 += 4u * RUN;
-            }
+            max4 = walk4x4(true, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
         }
         for (; c4 < q_end; c4 += RUN) {
             let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
@@ -360,11 +383,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // as the vec4 path (so the alignment of a tensor does not change a bit of
         // its result): four whole quads per row loop, then one quad at a time.
         var c4 = span0 + lid % RUN;
-        while (c4 + 3u * RUN < min(span_end, col_end >> 2u)) {
-            let col = c4 << 2u;
-            let m = column_mean4x4_scalar(row0 + col, rows, params.cols, inv_n);
-            max4 = max(max4, finish4x4(col, m, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc));
-            c4 += 4u * RUN;
+        let q_end = min(span_end, col_end >> 2u);
+        if (takes_carry || gives_carry) {
+            max4 = walk4x4(false, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc);
+        } else if (params.write_means == 1u) {
+            max4 = walk4x4(false, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
+        } else {
+            max4 = walk4x4(false, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
         }
         for (; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
             let col0 = c4 << 2u;
