@@ -1,8 +1,10 @@
-// Pass 4 when pass 1 materialised the micro-batch means (see `materialize_means` in
-// src/gpu/plan.rs), or at b = 1 on the input rows themselves (`rows_are_means`):
-// out_p[c] = sum_j w_{j,g} * mean_j[c] (g the tensor's group), reading M rows of means instead of re-deriving
-// them from the N input rows. Micro-batch terms are accumulated per column in
-// blocks of ROW_BLOCK (sum of block sums), as in weighted_sum.
+// Pass 4: out_p[c] = sum_r w_{r,g} * row_r[c] (g the tensor's group) over `rows`
+// rows of `grads`: the M micro-batch means when pass 1 stored them (see
+// `materialize_means` in src/gpu/plan.rs; weights w_{j,g} = s_{j,g} / M), else the
+// input rows of one window (weights per row, w_{j,g} / n_j, from row_weights.wgsl;
+// at b = 1 the rows are the means and the micro-batch weights serve). Terms are
+// accumulated per column in blocks of ROW_BLOCK (sum of block sums); windows after
+// a tensor's first add to its output.
 //
 // A workgroup covers WG groups of 4 adjacent columns (quads) with WG / QUADS
 // threads. Each run of RUN threads owns RUN * QUADS adjacent quads: thread t of
@@ -26,24 +28,24 @@ const WG: u32 = 256u;
 struct Params {
     cols: u32,
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
-    micro_batches: u32,
+    rows: u32,          // rows summed: M means, or the rows of a window
     groups_x: u32,      // column group = wg.x + wg.y * groups_x (WG * 4 columns each)
     out_offset: u32,    // element index of out_p[0] in `out`
     skip_zero: u32,     // 1: a zero weight skips its micro-batch (so 0 * NaN never happens)
     vec4_path: u32,     // 1: stride and means_base are multiples of 4: read `grads4`
                         // (every quad, a last partial one too: the stored means'
                         // rows are padded to 4 elements, input rows are then whole quads)
-    groups: u32,        // parameter groups G: weights are [M, G]
+    groups: u32,        // parameter groups G: weights are [rows, G]
     group: u32,         // this tensor's group
-    stride: u32,        // elements from one micro-batch's row to the next: cols, or
-                        // cols rounded up to 4 for the stored means
-    pad1: u32,
-    pad2: u32,
+    stride: u32,        // elements from one row to the next: cols, or cols
+                        // rounded up to 4 for the stored means
+    weights_base: u32,  // weight row of the first row (the window's first row)
+    accumulate: u32,    // 1: add to what `out` holds (not the tensor's first window)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-// The means (f32), or at b = 1 the input rows (any element type): read through
-// grad_at / grad_quad of grads_<type>.wgsl.
+// The means (f32), or the input rows (any element type): read through grad_at /
+// grad_quad of grads_<type>.wgsl.
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> weights: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
@@ -59,8 +61,8 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     var block = vec4<f32>(0.0);
     var in_block = 0u;
     var idx = params.means_base + col0;
-    for (var j = 0u; j < params.micro_batches; j++) {
-        let w = weights[j * params.groups + params.group];
+    for (var j = 0u; j < params.rows; j++) {
+        let w = weight(j);
         var mean = vec4<f32>(0.0);
         if (params.vec4_path == 1u) {
             mean = grad_quad(idx >> 2u);
@@ -88,10 +90,19 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     return total + block;
 }
 
+fn weight(j: u32) -> f32 {
+    return weights[(params.weights_base + j) * params.groups + params.group];
+}
+
 fn store_quad(col0: u32, sum: vec4<f32>) {
     for (var k = 0u; k < 4u; k++) {
         if (col0 + k < params.cols) {
-            out[params.out_offset + col0 + k] = sum[k];
+            let at = params.out_offset + col0 + k;
+            var v = sum[k];
+            if (params.accumulate == 1u) {
+                v += out[at];
+            }
+            out[at] = v;
         }
     }
 }
@@ -118,8 +129,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var in_block = 0u;
         var q = (params.means_base >> 2u) + first;
         let stride = params.stride >> 2u;
-        for (var j = 0u; j < params.micro_batches; j++) {
-            let w = weights[j * params.groups + params.group];
+        for (var j = 0u; j < params.rows; j++) {
+            let w = weight(j);
             let m0 = grad_quad(q);
             let m1 = grad_quad(q + RUN);
             let m2 = grad_quad(q + 2u * RUN);

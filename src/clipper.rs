@@ -141,9 +141,10 @@ impl Clipper {
 
     /// Extra device memory this clipper holds between calls: norm partials,
     /// per-micro-batch state, row offsets, parameters, carry rows, micro-batch means
-    /// (`M x sum ceil4(D_p) x 4` bytes, pooled from the first call with `N / M >= 3`,
-    /// or `>= 2` on a software adapter), the output row of a last pass run once for
-    /// several tensors (`sum ceil4(D_p) x 4` bytes) and
+    /// (`M x sum ceil4(D_p) x 4` bytes, pooled from the first call with `N / M >= 3`),
+    /// the output row of a last pass run once for several tensors
+    /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 4` bytes, when the
+    /// last pass re-reads rows of micro-batches of several rows) and
     /// the read-back buffer (not the host path's upload of the input itself). 0 on
     /// the CPU.
     pub fn scratch_bytes(&self) -> u64 {
@@ -174,8 +175,8 @@ impl Clipper {
     }
 
     /// Sets from how many rows per micro-batch (on average, `N / M`) the GPU stores
-    /// the micro-batch means for its last pass; `None` restores the adapter's
-    /// default (2 on a software adapter, 3 on hardware); values below 2 count as 2
+    /// the micro-batch means for its last pass; `None` restores the default (3);
+    /// values below 2 count as 2
     /// (one-row means would be a copy of the input). For tests of both pass-4
     /// kernels on one adapter. No effect on the CPU.
     #[doc(hidden)]

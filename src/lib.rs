@@ -85,12 +85,12 @@
 //! bytes of per-(micro-batch, group) state, `N x 4` bytes of row offsets, `G x 8`
 //! bytes of group tables and, only when a tensor is larger than one storage
 //! binding, two carry rows of `D_p x 4` bytes. When the micro-batches hold
-//! `b = N / M >= 3` rows on average (`>= 2` on a software adapter such as
-//! lavapipe) and the means fit one storage binding, it also
+//! `b = N / M >= 3` rows on average and the means fit one storage binding, it also
 //! keeps the `M x sum ceil4(D_p) x 4` bytes of micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
-//! row when that pass runs once for several tensors. Noise is
+//! row when that pass runs once for several tensors; otherwise, when `b > 1`, the
+//! last pass re-reads the rows with `N x G x 4` bytes of per-row weights. Noise is
 //! generated in place in the output: no buffer of random numbers.
 
 #![warn(missing_docs)]

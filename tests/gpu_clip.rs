@@ -92,7 +92,7 @@ fn every_span_and_run_tail_of_the_vec4_paths() {
     // norm pass's spans (a tile's quads cut into 8 spans of a multiple of 8 quads)
     // and of pass 4's runs (4 quads per thread, 1024 columns per workgroup):
     // threads with all 4 quads, with 1 to 3 of them, and with none; pass 4 on the
-    // input rows (b = 1), through weighted_sum (b = 2) and on stored means (b >= 3).
+    // input rows (b = 1 and b = 2, with row weights) and on stored means (b >= 3).
     let Some(mut gpu) = gpu() else { return };
     let n = 6;
     let widths = [4, 36, 124, 132, 1020, 1028, 1124, 4100, 8188];
@@ -111,8 +111,8 @@ fn every_span_and_run_tail_of_the_vec4_paths() {
 
 #[test]
 fn both_pass4_kernels_at_two_rows_per_micro_batch() {
-    // From b = 2 a software adapter stores the means (weighted_means), hardware
-    // from b = 3 (weighted_sum re-reads the rows at b = 2): both rules on this
+    // Pass 4 on stored means from b = 2 (a rule tests can set) and from b = 3 (the
+    // default: at b = 2 it re-reads the rows with row weights): both rules on this
     // adapter, at and around b = 2, aligned and unaligned widths.
     let n = 14;
     let widths = [4100, 37, 1024];

@@ -1,9 +1,9 @@
 //! `--breakdown`: where microclip's time goes, per kernel.
 //!
-//! Replays microclip's two big kernels, `mb_partials` and pass 4 (`weighted_sum`
-//! re-reading the N rows, or `weighted_means` reading the M means that
-//! `mb_partials` wrote, when b >= 3 (b >= 2 on a software adapter) as in
-//! microclip's `materialize_means` rule;
+//! Replays microclip's two big kernels, `mb_partials` and pass 4 (`weighted_means`
+//! re-reading the N rows with per-row weights from `row_weights`, untimed, or
+//! reading the M means that `mb_partials` wrote, when b >= 3 (b >= 2 on a
+//! software adapter) as in microclip's `materialize_means` rule;
 //! sources from `microclip::shaders::kernel_source`, parameter blocks laid out as
 //! in the WGSL), each as its own submit, on a shape that fits one storage binding
 //! (no row windows, no carry). Pass 4 gets the weights `s_j / M` from the
@@ -55,7 +55,7 @@ struct PartialsParams {
 struct MeansSumParams {
     cols: u32,
     means_base: u32,
-    micro_batches: u32,
+    rows: u32,
     groups_x: u32,
     out_offset: u32,
     skip_zero: u32,
@@ -63,25 +63,18 @@ struct MeansSumParams {
     groups: u32,
     group: u32,
     stride: u32,
-    pad: [u32; 2],
+    weights_base: u32,
+    accumulate: u32,
 }
 
-/// `Params` of weighted_sum.wgsl.
+/// `Params` of row_weights.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct SumParams {
-    cols: u32,
-    elem_offset: u32,
-    row_start: u32,
-    row_end: u32,
-    mb_first: u32,
-    mb_count: u32,
-    groups_x: u32,
-    out_offset: u32,
-    accumulate: u32,
-    skip_zero: u32,
+struct RowWeightsParams {
+    rows: u32,
+    micro_batches: u32,
     groups: u32,
-    group: u32,
+    groups_x: u32,
 }
 
 /// One kernel with its bind group and dispatch, run as one submit.
@@ -280,18 +273,46 @@ pub fn run(
             (tx, ty, m as u32),
             small,
         );
-        let (gx, gy) = split((d as u64).div_ceil(256));
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
-        // b = 1 (M = N): microclip's pass 4 reads the rows as the means (plan.rs
-        // `rows_are_means`).
-        let rows_are_means = !with_means && m == n;
-        let sum = if with_means || rows_are_means {
+        // Without stored means pass 4 reads the N input rows, each with its
+        // micro-batch's weight over its size (the micro-batch weights at b = 1).
+        let row_weights = if with_means || m == n {
+            None
+        } else {
+            let rw = gpu.storage_buffer("breakdown row weights", (n * 4) as u64)?;
+            let (rx, ry) = split((n as u64).div_ceil(256));
+            let rp = uniform(
+                gpu,
+                &RowWeightsParams {
+                    rows: n as u32,
+                    micro_batches: m as u32,
+                    groups: 1,
+                    groups_x: rx,
+                },
+            );
+            Single::new(
+                gpu,
+                "row_weights",
+                &[
+                    rp.as_entire_binding(),
+                    offsets.as_entire_binding(),
+                    weights.as_entire_binding(),
+                    rw.as_entire_binding(),
+                ],
+                (rx, ry, 1),
+                small,
+            )
+            .run(gpu);
+            Some(rw)
+        };
+        let sum = {
             let (mx, my) = split((d as u64).div_ceil(1024));
+            let rows = if with_means { m } else { n };
             let sp = uniform(
                 gpu,
                 &MeansSumParams {
                     cols: d as u32,
-                    micro_batches: m as u32,
+                    rows: rows as u32,
                     groups_x: mx,
                     skip_zero: 1,
                     groups: 1,
@@ -307,37 +328,11 @@ pub fn run(
                 &[
                     sp.as_entire_binding(),
                     source.as_entire_binding(),
-                    weights.as_entire_binding(),
+                    row_weights.as_ref().unwrap_or(&weights).as_entire_binding(),
                     replay_out.as_entire_binding(),
                     source.as_entire_binding(),
                 ],
                 (mx, my, 1),
-                small,
-            )
-        } else {
-            let sp = uniform(
-                gpu,
-                &SumParams {
-                    cols: d as u32,
-                    row_end: n as u32,
-                    mb_count: m as u32,
-                    groups_x: gx,
-                    skip_zero: 1,
-                    groups: 1,
-                    ..Default::default()
-                },
-            );
-            Single::new(
-                gpu,
-                "weighted_sum",
-                &[
-                    sp.as_entire_binding(),
-                    x.as_entire_binding(),
-                    offsets.as_entire_binding(),
-                    weights.as_entire_binding(),
-                    replay_out.as_entire_binding(),
-                ],
-                (gx, gy, 1),
                 small,
             )
         };
@@ -371,14 +366,14 @@ pub fn run(
             p / read,
             w / read,
             if with_means {
-                "weighted_means (M rows)"
-            } else if rows_are_means {
+                "weighted_means (M rows of means)"
+            } else if m == n {
                 "weighted_means (N = M rows of the input)"
             } else {
-                "weighted_sum (N rows)"
+                "weighted_means (N rows of the input, row weights)"
             },
             tiles * m as u64,
-            (d as u64).div_ceil(256)
+            (d as u64).div_ceil(1024)
         ));
     }
     Ok(lines)

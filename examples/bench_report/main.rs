@@ -18,8 +18,8 @@
 //! ## What is measured
 //!
 //! * **Cases** (f32 unless named): N = 256, D = 1,000,000 for b in {1, 2, 4, 8, 32,
-//!   256} (b = 2 is not among the cases: it is the b at which the GPU's
-//!   pass 4 re-reads the input rows, `weighted_sum`);
+//!   256} (b = 2 is not among the cases: it is the largest b at which the
+//!   GPU's pass 4 re-reads the input rows);
 //!   N = 64, D = 4,000,000, b = 4; N = 1024, D = 65,536, b = 16; N = 64, b = 4 with
 //!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total, each its own
 //!   buffer) and one tensor of the same total width. On the GPU the inputs are in
@@ -45,7 +45,7 @@
 //!   sum over the same slice), sampled interleaved with the case in the same run so
 //!   that both see the same background load. 1.0 is the physical floor; a method
 //!   that reads the input twice cannot go below 2.0 at b = 1 (microclip reads it in
-//!   `mb_partials` and again in `weighted_sum`). For the 100-buffer case the
+//!   `mb_partials` and again in `weighted_means`). For the 100-buffer case the
 //!   reference reads one buffer of the same total size.
 //! * **Adapter bandwidth**: a vec4 copy kernel over the main input (GB/s counting
 //!   bytes read + written) and the read-and-sum, printed in the header.
@@ -63,7 +63,7 @@
 //! the bench kernels alike (to exercise the windowed paths).
 //!
 //! `--breakdown` adds a per-kernel table (see `breakdown.rs`): microclip's
-//! `mb_partials` and `weighted_sum` replayed one by one on the main shape shrunk to
+//! `mb_partials` and `weighted_means` replayed one by one on the main shape shrunk to
 //! one storage binding, to show which pass the time goes to.
 //!
 //! The summary's worst ratios cover the microclip rows of the device path (all rows

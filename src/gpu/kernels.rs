@@ -37,9 +37,9 @@ pub(crate) const KERNELS: [(&str, Prelude, &str); 6] = [
         include_str!("../../shaders/clip_factors.wgsl"),
     ),
     (
-        "weighted_sum",
-        Prelude::GradsAndMean,
-        include_str!("../../shaders/weighted_sum.wgsl"),
+        "row_weights",
+        Prelude::None,
+        include_str!("../../shaders/row_weights.wgsl"),
     ),
     (
         "weighted_means",
@@ -151,22 +151,14 @@ pub(crate) struct FactorsParams {
     pub sigma: f32,
 }
 
-/// `Params` of weighted_sum.wgsl.
+/// `Params` of row_weights.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub(crate) struct SumParams {
-    pub cols: u32,
-    pub elem_offset: u32,
-    pub row_start: u32,
-    pub row_end: u32,
-    pub mb_first: u32,
-    pub mb_count: u32,
-    pub groups_x: u32,
-    pub out_offset: u32,
-    pub accumulate: u32,
-    pub skip_zero: u32,
+pub(crate) struct RowWeightsParams {
+    pub rows: u32,
+    pub micro_batches: u32,
     pub groups: u32,
-    pub group: u32,
+    pub groups_x: u32,
 }
 
 /// `Params` of add_noise.wgsl.
@@ -195,7 +187,7 @@ pub(crate) const NOISE_MODE_NORMALS: u32 = 2;
 pub(crate) struct MeansSumParams {
     pub cols: u32,
     pub means_base: u32,
-    pub micro_batches: u32,
+    pub rows: u32,
     pub groups_x: u32,
     pub out_offset: u32,
     pub skip_zero: u32,
@@ -203,7 +195,8 @@ pub(crate) struct MeansSumParams {
     pub groups: u32,
     pub group: u32,
     pub stride: u32,
-    pub pad: [u32; 2],
+    pub weights_base: u32,
+    pub accumulate: u32,
 }
 
 /// Size in bytes of the `Partial` record of common.wgsl.
@@ -216,7 +209,6 @@ pub(crate) const STATS_BYTES: u64 = 32;
 /// The kernels that read the input gradients, compiled for one element type.
 pub(crate) struct GradKernels {
     pub partials: wgpu::ComputePipeline,
-    pub weighted_sum: wgpu::ComputePipeline,
     pub weighted_means: wgpu::ComputePipeline,
 }
 
@@ -225,6 +217,7 @@ pub(crate) struct GradKernels {
 pub(crate) struct Kernels {
     pub norms: wgpu::ComputePipeline,
     pub factors: wgpu::ComputePipeline,
+    pub row_weights: wgpu::ComputePipeline,
     pub add_noise: wgpu::ComputePipeline,
     readers: [Option<GradKernels>; 3],
     /// Built with [`kernel_constants`]' small workgroups.
@@ -262,6 +255,7 @@ impl Kernels {
         let mut kernels = Self {
             norms: build(device, "mb_norms", Dtype::F32, small_workgroups),
             factors: build(device, "clip_factors", Dtype::F32, small_workgroups),
+            row_weights: build(device, "row_weights", Dtype::F32, small_workgroups),
             add_noise: build(device, "add_noise", Dtype::F32, small_workgroups),
             readers: [None, None, None],
             small_workgroups,
@@ -294,7 +288,6 @@ impl Kernels {
     pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype) {
         self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
             partials: build(device, "mb_partials", dtype, self.small_workgroups),
-            weighted_sum: build(device, "weighted_sum", dtype, self.small_workgroups),
             weighted_means: build(device, "weighted_means", dtype, self.small_workgroups),
         });
     }

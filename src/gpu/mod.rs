@@ -9,8 +9,11 @@
 //!    (tiles are numbered group by group);
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
 //!    total sensitivity and the noise scale;
-//! 4. `weighted_sum`: `out_p = sum_j (s_{j,g} / M) * mean_j`, per tensor and window;
-//!    or `weighted_means`, the same sum over the stored means, per tensor;
+//! 4. `weighted_means`: `out_p = sum_j (s_{j,g} / M) * mean_j` over the stored means
+//!    (per tensor, or once for all tensors into a scratch row), or as the sum over
+//!    the input rows, per tensor and window, of each row times its micro-batch's
+//!    weight over the micro-batch's size (those row weights from `row_weights`,
+//!    dispatched after `clip_factors` unless b = 1);
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
 pub(crate) mod kernels;
@@ -22,13 +25,13 @@ use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinit
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
-    FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams, SumParams,
-    MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES,
-    STATS_BYTES,
+    FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams,
+    RowWeightsParams, MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS,
+    PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, plan_windows, rows_are_means, tile_cols,
-    tiles, vec4_rows, Window, WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, plan_windows, tile_cols, tiles, vec4_rows,
+    Window, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -181,7 +184,7 @@ impl GpuClipper {
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
             min_tile_workgroups: default_min_tile_workgroups(info.device_type),
-            means_min_rows: default_means_min_rows(info.device_type),
+            means_min_rows: DEFAULT_MEANS_MIN_ROWS,
             merge_max_avg_cols: default_merge_max_avg_cols(info.device_type),
             device,
             queue,
@@ -215,9 +218,7 @@ impl GpuClipper {
 
     /// At least 2: one-row means would be a copy of the input.
     pub fn set_means_min_rows(&mut self, rows: Option<u64>) {
-        self.means_min_rows = rows
-            .unwrap_or_else(|| default_means_min_rows(self.device.adapter_info().device_type))
-            .max(2);
+        self.means_min_rows = rows.unwrap_or(DEFAULT_MEANS_MIN_ROWS).max(2);
     }
 
     pub fn set_small_workgroups(&mut self, small: Option<bool>) {
@@ -566,6 +567,15 @@ impl GpuClipper {
             0
         };
         let means = self.pool.get(Slot::Means, means_bytes, storage);
+        // Without stored means pass 4 re-reads the input rows, each with its
+        // micro-batch's weight over the micro-batch's size: [N, G] floats (at b = 1
+        // those are the micro-batch weights themselves).
+        let per_row_weights = !with_means && m != n;
+        let row_weights = self.pool.get(
+            Slot::RowWeights,
+            if per_row_weights { n * g * 4 } else { 0 },
+            storage,
+        );
         // Pass 4 of all tensors as ONE dispatch over the means matrix into a scratch
         // row, then a copy per tensor into its output (or straight into the
         // read-back buffer on the host path): with several tensors, one parameter
@@ -594,7 +604,6 @@ impl GpuClipper {
         // All uniform blocks of the call in one buffer, one block per aligned slot.
         let mut params = ParamBlocks::new(self.uniform_align);
         let mut partial_dispatches = Vec::new();
-        let mut sum_dispatches = Vec::new();
         let mut noise_dispatches = Vec::new();
         let mut first_element = 0u64;
         let carry_half = layout.carry_cols as u32;
@@ -607,7 +616,6 @@ impl GpuClipper {
             let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
             let (out_bind, out_size, out_offset) =
                 aligned_binding(o.offset, cols * 4, self.storage_align, 4);
-            let rows_are_means = !with_means && rows_are_means(n, m, windows);
             for (k, w) in windows.iter().enumerate() {
                 let p = params.push(&PartialsParams {
                     cols: cols as u32,
@@ -639,66 +647,61 @@ impl GpuClipper {
                     (tiles_x, tiles_y, w.mb_count),
                     t.dtype,
                 ));
-                if !with_means && !rows_are_means {
-                    let s = params.push(&SumParams {
+                if !with_means {
+                    // Pass 4 over this window's rows, weighted per row.
+                    let vec4 = vec4_rows(cols, w);
+                    let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
+                    let p = params.push(&MeansSumParams {
                         cols: cols as u32,
-                        elem_offset: w.elem_offset,
-                        row_start: w.row_start,
-                        row_end: w.row_end,
-                        mb_first: w.mb_first,
-                        mb_count: w.mb_count,
-                        groups_x,
+                        means_base: w.elem_offset,
+                        rows: w.row_end - w.row_start,
+                        groups_x: mx,
                         out_offset,
-                        accumulate: (k > 0) as u32,
                         skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
+                        vec4_path: vec4 as u32,
                         groups: g as u32,
                         group: *group,
+                        stride: cols as u32,
+                        weights_base: w.row_start,
+                        accumulate: (k > 0) as u32,
                     });
-                    sum_dispatches.push((
-                        s,
-                        t.buffer,
-                        w.clone(),
+                    means_dispatches.push((
+                        p,
+                        (t.buffer, w.bind_offset, w.bind_size),
+                        vec4,
+                        per_row_weights,
                         (o.buffer, out_bind, out_size),
-                        (groups_x, groups_y),
+                        (mx, my),
                         t.dtype,
                     ));
                 }
             }
-            if (with_means && !merge_pass4) || rows_are_means {
-                let (source, base, stride) = if with_means {
-                    (
-                        (&means, 0, means.size()),
-                        means_base as u32,
-                        total_means_cols,
-                    )
-                } else {
-                    let w = &windows[0];
-                    ((t.buffer, w.bind_offset, w.bind_size), w.elem_offset, cols)
-                };
-                let vec4 = stride.is_multiple_of(4) && base.is_multiple_of(4);
+            if with_means && !merge_pass4 {
+                let vec4 = true; // padded rows, a multiple of 4 apart
                 let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
                 let p = params.push(&MeansSumParams {
                     cols: cols as u32,
-                    means_base: base,
-                    micro_batches: m as u32,
+                    means_base: means_base as u32,
+                    rows: m as u32,
                     groups_x: mx,
                     out_offset,
                     skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
                     vec4_path: vec4 as u32,
                     groups: g as u32,
                     group: *group,
-                    stride: stride as u32,
-                    pad: [0; 2],
+                    stride: total_means_cols as u32,
+                    weights_base: 0,
+                    accumulate: 0,
                 });
-                // The stored means are f32; at b = 1 the rows are read as they are.
-                let dtype = if with_means { Dtype::F32 } else { t.dtype };
+                // The stored means are f32.
                 means_dispatches.push((
                     p,
-                    source,
+                    (&means, 0, means.size()),
                     vec4,
+                    false,
                     (o.buffer, out_bind, out_size),
                     (mx, my),
-                    dtype,
+                    Dtype::F32,
                 ));
             }
             means_base += means_cols(cols);
@@ -720,7 +723,7 @@ impl GpuClipper {
             let p = params.push(&MeansSumParams {
                 cols: total_means_cols as u32,
                 means_base: 0,
-                micro_batches: m as u32,
+                rows: m as u32,
                 groups_x: mx,
                 out_offset: 0,
                 skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
@@ -728,12 +731,14 @@ impl GpuClipper {
                 groups: 1,
                 group: 0,
                 stride: total_means_cols as u32,
-                pad: [0; 2],
+                weights_base: 0,
+                accumulate: 0,
             });
             means_dispatches.push((
                 p,
                 (&means, 0, means.size()),
                 true,
+                false,
                 (&merged_out, 0, merged_out.size()),
                 (mx, my),
                 Dtype::F32,
@@ -750,6 +755,13 @@ impl GpuClipper {
             ClipBound::Adaptive { scale } => (1, scale),
             _ => (0, 1.0),
         };
+        let (rows_groups_x, rows_groups_y) = dispatch_2d(n.div_ceil(WORKGROUP))?;
+        let row_weights_params = params.push(&RowWeightsParams {
+            rows: n as u32,
+            micro_batches: m as u32,
+            groups: g as u32,
+            groups_x: rows_groups_x,
+        });
         let factor_params = params.push(&FactorsParams {
             micro_batches: m as u32,
             adaptive,
@@ -830,21 +842,20 @@ impl GpuClipper {
                 whole(&mb_flags),
             ],
         );
-        let sum_groups: Vec<_> = sum_dispatches
-            .iter()
-            .map(|(s, buffer, w, (out, out_bind, out_size), _, dtype)| {
-                bind(
-                    &k.readers(*dtype).weighted_sum,
-                    vec![
-                        uniform(*s, std::mem::size_of::<SumParams>() as u64),
-                        range(buffer, w.bind_offset, w.bind_size),
-                        whole(&row_offsets),
-                        whole(&weights),
-                        range(out, *out_bind, *out_size),
-                    ],
-                )
-            })
-            .collect();
+        let row_weights_group = per_row_weights.then(|| {
+            bind(
+                &k.row_weights,
+                vec![
+                    uniform(
+                        row_weights_params,
+                        std::mem::size_of::<RowWeightsParams>() as u64,
+                    ),
+                    whole(&row_offsets),
+                    whole(&weights),
+                    whole(&row_weights),
+                ],
+            )
+        });
         let noise_groups: Vec<_> = noise_dispatches
             .iter()
             .map(|(n, (out, out_bind, out_size), _)| {
@@ -862,13 +873,13 @@ impl GpuClipper {
         let means_groups: Vec<_> = means_dispatches
             .iter()
             .map(
-                |(p, (source, at, size), vec4, (out, out_bind, out_size), _, dtype)| {
+                |(p, (source, at, size), vec4, per_row, (out, out_bind, out_size), _, dtype)| {
                     bind(
                         &k.readers(*dtype).weighted_means,
                         vec![
                             uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
                             range(source, *at, *size),
-                            whole(&weights),
+                            whole(if *per_row { &row_weights } else { &weights }),
                             range(out, *out_bind, *out_size),
                             // the means again as vec4, or any read-only buffer when unused
                             if *vec4 {
@@ -903,12 +914,14 @@ impl GpuClipper {
             pass.set_pipeline(&k.factors);
             pass.set_bind_group(0, &factors_group, &[]);
             pass.dispatch_workgroups(1, 1, 1);
-            for (group, (_, _, _, _, (x, y), dtype)) in sum_groups.iter().zip(&sum_dispatches) {
-                pass.set_pipeline(&k.readers(*dtype).weighted_sum);
+            if let Some(group) = &row_weights_group {
+                pass.set_pipeline(&k.row_weights);
                 pass.set_bind_group(0, group, &[]);
-                pass.dispatch_workgroups(*x, *y, 1);
+                pass.dispatch_workgroups(rows_groups_x, rows_groups_y, 1);
             }
-            for (group, (_, _, _, _, (x, y), dtype)) in means_groups.iter().zip(&means_dispatches) {
+            for (group, (_, _, _, _, _, (x, y), dtype)) in
+                means_groups.iter().zip(&means_dispatches)
+            {
                 pass.set_pipeline(&k.readers(*dtype).weighted_means);
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, 1);
@@ -1135,17 +1148,11 @@ fn default_small_workgroups(device_type: wgpu::DeviceType) -> bool {
     device_type == wgpu::DeviceType::Cpu
 }
 
-/// From how many rows per micro-batch on average pass 1 stores the means, for an
-/// adapter type: 3 on hardware, where it is the break-even in bytes; 2 on a
-/// software adapter, where `weighted_sum` (one column per thread, 32 bytes of a row
-/// per SIMD group and visit) cost 2.6x a read at b = 2 on lavapipe while storing and
-/// re-reading the means moves the same bytes through the faster kernels.
-fn default_means_min_rows(device_type: wgpu::DeviceType) -> u64 {
-    match device_type {
-        wgpu::DeviceType::Cpu => 2,
-        _ => 3,
-    }
-}
+/// From how many rows per micro-batch on average pass 1 stores the means: 3, the
+/// break-even in bytes being 2 (see `materialize_means`). On lavapipe at b = 2
+/// re-reading the rows cost 2.5x a read (pass 1 1.3x, pass 4 1.3x), storing the
+/// means 2.9x (writes cost more than reads there); at b = 4 3.0x against 1.9x.
+const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
 
 /// Up to which average padded tensor width pass 4 runs once for several tensors,
 /// for an adapter type. Merging saves a dispatch per tensor and costs one more

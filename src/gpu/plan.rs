@@ -167,14 +167,14 @@ pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
 /// Whether a call materialises the micro-batch means: pass 1 also writes the
 /// `[M, D_p]` means of every tensor, each row padded to a multiple of 4 elements
 /// (`means_bytes = M x sum ceil4(D_p) x 4` of extra device memory; `total_cols` is
-/// that padded sum) and pass 4 reads them instead of re-reading the `N` input rows. Input
-/// bytes read: `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
+/// that padded sum) and pass 4 reads them instead of re-reading the `N` input rows
+/// (each weighted by its micro-batch's weight over its size). Input bytes read:
+/// `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
 /// `2 x N x D x 4`, so it pays in bytes when the average micro-batch holds
-/// `b = N / M >= 3` rows (`min_rows = 3`, hardware adapters), and breaks even at
-/// `b = 2`, where a software adapter still gains because `weighted_means` reads
-/// its rows far faster than `weighted_sum` (`min_rows = 2`, see
-/// `default_means_min_rows`). Only when the means fit one storage binding;
-/// otherwise the rows are re-read (no extra memory).
+/// `b = N / M >= 3` rows (`min_rows`, 3 by default: `DEFAULT_MEANS_MIN_ROWS`) and
+/// breaks even at `b = 2`.
+/// Only when the means fit one storage binding; otherwise the rows are re-read (no
+/// extra memory but the `N x G` row weights).
 pub(crate) fn materialize_means(
     n: u64,
     micro_batches: u64,
@@ -184,15 +184,6 @@ pub(crate) fn materialize_means(
 ) -> bool {
     n >= min_rows * micro_batches
         && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
-}
-
-/// Whether pass 4 can read a tensor's input rows as the micro-batch means: every
-/// micro-batch is one row (`M = N`, where the mean of a row is the row, bitwise)
-/// and the tensor is one window. Then `weighted_means` (two loads per element)
-/// replaces `weighted_sum` (which re-derives each one-row mean from the offsets),
-/// with no extra memory.
-pub(crate) fn rows_are_means(n: u64, micro_batches: u64, windows: &[Window]) -> bool {
-    micro_batches == n && windows.len() == 1
 }
 
 #[cfg(test)]

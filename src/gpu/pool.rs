@@ -22,6 +22,9 @@ pub(crate) enum Slot {
     Carry,
     /// `[M, sum ceil4(D_p)]` micro-batch means, when a call materialises them.
     Means,
+    /// `[N, G]` per-row weights, when pass 4 re-reads rows of micro-batches of
+    /// several rows.
+    RowWeights,
     /// Pass 4's output row of all tensors, when it runs as one dispatch over the
     /// means (then copied into each tensor's output).
     MergedOutput,

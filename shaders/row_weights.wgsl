@@ -1,0 +1,44 @@
+// Pass 4's weight of every input row, when it re-reads the rows (micro-batches of
+// several rows whose means were not stored, see `materialize_means` in
+// src/gpu/plan.rs): row r of micro-batch j (offsets[j] <= r < offsets[j + 1])
+// gets w_{r,g} = w_{j,g} / n_j with n_j = offsets[j + 1] - offsets[j], so that
+// sum over the rows of w_{r,g} x_r = sum_j w_{j,g} mean_j, and weighted_means
+// reads the N rows of a window as it reads M stored means. [N, G] floats; one
+// thread per row, its micro-batch found by binary search over the offsets.
+
+const WG: u32 = 256u;
+
+struct Params {
+    rows: u32,          // N
+    micro_batches: u32, // M
+    groups: u32,        // parameter groups G: weights are [M, G]
+    groups_x: u32,      // row = (wg.x + wg.y * groups_x) * WG + lid
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> offsets: array<u32>;
+@group(0) @binding(2) var<storage, read> weights: array<f32>;
+@group(0) @binding(3) var<storage, read_write> row_weights: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = (wg.x + wg.y * params.groups_x) * WG + lid;
+    if (row >= params.rows) {
+        return;
+    }
+    // The last micro-batch that starts at or before `row` (offsets[0] = 0).
+    var lo = 0u;
+    var hi = params.micro_batches;
+    while (hi - lo > 1u) {
+        let mid = (lo + hi) / 2u;
+        if (offsets[mid] <= row) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let n = f32(offsets[lo + 1u] - offsets[lo]);
+    for (var g = 0u; g < params.groups; g++) {
+        row_weights[row * params.groups + g] = weights[lo * params.groups + g] / n;
+    }
+}
