@@ -280,6 +280,17 @@ const NORM_ONLY: u32 = 0u;   // add its square to the norm
 const STORE_MEANS: u32 = 1u; // also store it in `means` (write_means = 1, no carry)
 const CARRY: u32 = 2u;       // pass_on4 first (a micro-batch cut by a window)
 
+// The mean v of quad q, finished as `mode` says and added to Blue's sums.
+fn finish4(mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32, takes_carry: bool, gives_carry: bool, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
+    var w = v;
+    if (mode == STORE_MEANS) {
+        means[means_row + q] = w;
+    } else if (mode == CARRY) {
+        w = pass_on4(q << 2u, w, mb, takes_carry, gives_carry);
+    }
+    return accumulate4(w, sml_acc, med_acc, big_acc);
+}
+
 // Walks a span four quads (RUN apart) per step from *c4 while the fourth is below
 // q_end: their means in one row loop (column_mean4x4, or its scalar-load twin
 // when !aligned), finished as `mode` says and added to Blue's sums in quad order.
@@ -294,16 +305,10 @@ fn walk4x4(aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u
         } else {
             m = column_mean4x4_scalar(row0 + (*c4 << 2u), rows, params.cols, inv_n);
         }
-        for (var k = 0u; k < 4u; k++) {
-            let col = (*c4 + k * RUN) << 2u;
-            var v = m[k];
-            if (mode == STORE_MEANS) {
-                means[means_row + *c4 + k * RUN] = v;
-            } else if (mode == CARRY) {
-                v = pass_on4(col, v, mb, takes_carry, gives_carry);
-            }
-            max4 = max(max4, accumulate4(v, sml_acc, med_acc, big_acc));
-        }
+        max4 = max(max4, finish4(mode, *c4, m[0], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
+        max4 = max(max4, finish4(mode, *c4 + RUN, m[1], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
+        max4 = max(max4, finish4(mode, *c4 + 2u * RUN, m[2], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
+        max4 = max(max4, finish4(mode, *c4 + 3u * RUN, m[3], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
         *c4 += 4u * RUN;
     }
     return max4;
