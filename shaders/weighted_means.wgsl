@@ -6,16 +6,16 @@
 // accumulated per column in blocks of ROW_BLOCK (sum of block sums); windows after
 // a tensor's first add to its output.
 //
-// A workgroup covers WG groups of 4 adjacent columns (quads) with WG / QUADS
-// threads. Each run of RUN threads owns RUN * QUADS adjacent quads: thread t of
-// the run sums quads t, t + RUN, t + 2 RUN, t + 3 RUN, so each of its QUADS loads
-// per row is one of RUN adjacent quads, and the run reads RUN * QUADS * 16 = 512
-// contiguous bytes of every row. On lavapipe (SIMD-8 groups that each run the
-// whole loop before the next starts) this made the pass 1.7x faster at b = 1
-// than one quad per thread, whose SIMD groups read 128 bytes of each of the M
-// rows per visit (too many streams for the prefetchers). QUADS separate
-// accumulators, not an array: a row-walking variant with private arrays was
-// slower on llvmpipe (see BENCHMARKS.md). With vec4_path (rows 16-byte aligned
+// A workgroup of 64 threads covers WG = 64 * QUADS groups of 4 adjacent columns
+// (quads), 2048 columns. Each run of RUN threads owns RUN * QUADS adjacent quads:
+// thread t of the run sums quads t, t + RUN, ..., t + 7 RUN, so each of its QUADS
+// loads per row is one of RUN adjacent quads, and the run reads
+// RUN * QUADS * 16 = 1 KiB contiguous bytes of every row per visit. On lavapipe
+// (SIMD-8 groups that each run the whole loop before the next starts) 4 quads per
+// thread made the pass 1.7x faster at b = 1 than one quad per thread, and 8
+// quads another 5-20% than 4 (longer visits of each row; 6 alternating pairs).
+// QUADS separate accumulators, not an array: a row-walking variant with private
+// arrays was slower on llvmpipe (see BENCHMARKS.md). With vec4_path (rows 16-byte aligned
 // in the binding: the stored means, whose rows are padded to whole quads, or
 // input rows of a multiple of 4 elements) every quad is one vec4 load, a last
 // partial one too (its padding is loaded, never stored); a thread whose QUADS
@@ -23,7 +23,7 @@
 // scalar loads, with the same operations in the same order, so alignment changes
 // no bit of the result.
 
-const WG: u32 = 256u;
+const WG: u32 = 512u;
 
 struct Params {
     cols: u32,
@@ -110,22 +110,31 @@ fn store_quad(col0: u32, sum: vec4<f32>) {
 // Threads in a run: lanes that read adjacent quads of a row with one load each.
 const RUN: u32 = 8u;
 // Quads per thread: a run reads RUN * QUADS * 16 contiguous bytes of every row.
-const QUADS: u32 = 4u;
+const QUADS: u32 = 8u;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    // WG quads per workgroup (the dispatch is that of WG threads of one quad each).
+    // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups).
     let first = (wg.x + wg.y * params.groups_x) * WG + (lid / RUN) * RUN * QUADS + lid % RUN;
     let quads = (params.cols + 3u) / 4u;
     if (params.vec4_path == 1u && first + (QUADS - 1u) * RUN < quads) {
+        // Block sums b_k and totals t_k of the thread's quads k = 0..7.
         var t0 = vec4<f32>(0.0);
         var t1 = vec4<f32>(0.0);
         var t2 = vec4<f32>(0.0);
         var t3 = vec4<f32>(0.0);
+        var t4 = vec4<f32>(0.0);
+        var t5 = vec4<f32>(0.0);
+        var t6 = vec4<f32>(0.0);
+        var t7 = vec4<f32>(0.0);
         var b0 = vec4<f32>(0.0);
         var b1 = vec4<f32>(0.0);
         var b2 = vec4<f32>(0.0);
         var b3 = vec4<f32>(0.0);
+        var b4 = vec4<f32>(0.0);
+        var b5 = vec4<f32>(0.0);
+        var b6 = vec4<f32>(0.0);
+        var b7 = vec4<f32>(0.0);
         var in_block = 0u;
         var q = (params.means_base >> 2u) + first;
         let stride = params.stride >> 2u;
@@ -135,6 +144,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let m1 = grad_quad(q + RUN);
             let m2 = grad_quad(q + 2u * RUN);
             let m3 = grad_quad(q + 3u * RUN);
+            let m4 = grad_quad(q + 4u * RUN);
+            let m5 = grad_quad(q + 5u * RUN);
+            let m6 = grad_quad(q + 6u * RUN);
+            let m7 = grad_quad(q + 7u * RUN);
             q += stride;
             if (params.skip_zero == 1u && w == 0.0) {
                 continue;
@@ -143,16 +156,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             b1 += w * m1;
             b2 += w * m2;
             b3 += w * m3;
+            b4 += w * m4;
+            b5 += w * m5;
+            b6 += w * m6;
+            b7 += w * m7;
             in_block += 1u;
             if (in_block == ROW_BLOCK) {
                 t0 += b0;
                 t1 += b1;
                 t2 += b2;
                 t3 += b3;
+                t4 += b4;
+                t5 += b5;
+                t6 += b6;
+                t7 += b7;
                 b0 = vec4<f32>(0.0);
                 b1 = vec4<f32>(0.0);
                 b2 = vec4<f32>(0.0);
                 b3 = vec4<f32>(0.0);
+                b4 = vec4<f32>(0.0);
+                b5 = vec4<f32>(0.0);
+                b6 = vec4<f32>(0.0);
+                b7 = vec4<f32>(0.0);
                 in_block = 0u;
             }
         }
@@ -160,6 +185,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         store_quad((first + RUN) * 4u, t1 + b1);
         store_quad((first + 2u * RUN) * 4u, t2 + b2);
         store_quad((first + 3u * RUN) * 4u, t3 + b3);
+        store_quad((first + 4u * RUN) * 4u, t4 + b4);
+        store_quad((first + 5u * RUN) * 4u, t5 + b5);
+        store_quad((first + 6u * RUN) * 4u, t6 + b6);
+        store_quad((first + 7u * RUN) * 4u, t7 + b7);
         return;
     }
     for (var k = 0u; k < QUADS; k++) {

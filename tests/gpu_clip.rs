@@ -90,12 +90,15 @@ fn every_tile_width_of_the_norm_pass() {
 fn every_span_and_run_tail_of_the_vec4_paths() {
     // Widths that are multiples of 4 (vec4 loads), around the boundaries of the
     // norm pass's spans (a tile's quads cut into 8 spans of a multiple of 8 quads)
-    // and of pass 4's runs (4 quads per thread, 1024 columns per workgroup):
-    // threads with all 4 quads, with 1 to 3 of them, and with none; pass 4 on the
-    // input rows (b = 1 and b = 2, with row weights) and on stored means (b >= 3).
+    // and of pass 4's runs (8 threads of 8 quads, 256 columns; 2048 columns per
+    // workgroup): threads with all 8 quads, with 1 to 7 of them, and with none;
+    // pass 4 on the input rows (b = 1 and b = 2, with row weights) and on stored
+    // means (b >= 3).
     let Some(mut gpu) = gpu() else { return };
     let n = 6;
-    let widths = [4, 36, 124, 132, 1020, 1028, 1124, 4100, 8188];
+    let widths = [
+        4, 36, 124, 132, 252, 260, 1020, 1028, 2044, 2052, 2300, 4100, 8188,
+    ];
     let t = random_tensors(41, n, &widths, 1.0);
     for (floor, small) in [(u64::MAX, false), (1, true), (1, false), (u64::MAX, true)] {
         gpu.set_gpu_min_tile_workgroups(Some(floor));

@@ -306,7 +306,7 @@ pub fn run(
             Some(rw)
         };
         let sum = {
-            let (mx, my) = split((d as u64).div_ceil(1024));
+            let (mx, my) = split((d as u64).div_ceil(2048));
             let rows = if with_means { m } else { n };
             let sp = uniform(
                 gpu,
@@ -373,7 +373,7 @@ pub fn run(
                 "weighted_means (N rows of the input, row weights)"
             },
             tiles * m as u64,
-            (d as u64).div_ceil(1024)
+            (d as u64).div_ceil(2048)
         ));
     }
     Ok(lines)

@@ -31,7 +31,7 @@ use kernels::{
 };
 use plan::{
     aligned_binding, dispatch_2d, materialize_means, plan_windows, tile_cols, tiles, vec4_rows,
-    Window, WORKGROUP,
+    Window, MEANS_SUM_COLS, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -650,7 +650,7 @@ impl GpuClipper {
                 if !with_means {
                     // Pass 4 over this window's rows, weighted per row.
                     let vec4 = vec4_rows(cols, w);
-                    let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
+                    let (mx, my) = dispatch_2d(cols.div_ceil(MEANS_SUM_COLS))?;
                     let p = params.push(&MeansSumParams {
                         cols: cols as u32,
                         means_base: w.elem_offset,
@@ -678,7 +678,7 @@ impl GpuClipper {
             }
             if with_means && !merge_pass4 {
                 let vec4 = true; // padded rows, a multiple of 4 apart
-                let (mx, my) = dispatch_2d(cols.div_ceil(4 * WORKGROUP))?;
+                let (mx, my) = dispatch_2d(cols.div_ceil(MEANS_SUM_COLS))?;
                 let p = params.push(&MeansSumParams {
                     cols: cols as u32,
                     means_base: means_base as u32,
@@ -719,7 +719,7 @@ impl GpuClipper {
             first_element += cols;
         }
         if merge_pass4 {
-            let (mx, my) = dispatch_2d(total_means_cols.div_ceil(4 * WORKGROUP))?;
+            let (mx, my) = dispatch_2d(total_means_cols.div_ceil(MEANS_SUM_COLS))?;
             let p = params.push(&MeansSumParams {
                 cols: total_means_cols as u32,
                 means_base: 0,

@@ -11,6 +11,8 @@ pub(crate) const MIN_TILE_COLS: u64 = 4096;
 pub(crate) const MAX_TILE_COLS: u64 = 65536;
 /// Workgroup size of every kernel.
 pub(crate) const WORKGROUP: u64 = 256;
+/// Columns per workgroup of `weighted_means` (64 threads of 8 quads).
+pub(crate) const MEANS_SUM_COLS: u64 = 2048;
 /// Largest workgroup count of one dispatch dimension (WebGPU default limit).
 pub(crate) const MAX_GROUPS_PER_DIM: u32 = 65535;
 
