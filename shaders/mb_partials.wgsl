@@ -25,18 +25,22 @@
 // took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read; rows that are not
 // 16-byte aligned do the same with scalar loads (column_mean4x4_scalar).
 //
-// Scaled sum of squares in one pass, without divisions (Blue's algorithm, as in
-// LAPACK 3.10's snrm2 / Anderson 2017, "Algorithm 978"): three accumulators with
-// constant power-of-two scalings, for magnitudes below T_SML = 2^-63, between,
-// and above T_BIG = 2^52. None can overflow or lose the small terms that matter.
+// Sum of squares: each thread first adds plain squares and tracks its max |mean|;
+// when that max lies outside [2^-40, 2^52] (tiny or huge magnitudes: see
+// plain_is_safe) the thread walks its columns again with a scaled sum of squares
+// without divisions (Blue's algorithm, as in LAPACK 3.10's snrm2 / Anderson 2017,
+// "Algorithm 978"): three accumulators with constant power-of-two scalings, for
+// magnitudes below T_SML = 2^-63, between, and above T_BIG = 2^52. None can
+// overflow or lose the small terms that matter. Blue's classes cost about 19
+// operations per element, a plain square 2: on lavapipe pass 1 at b = 1 went from
+// 1.2-1.4x to 1.0-1.1x a read.
 // The maximum |g| comes for free as an integer max over the bits (the order of |float| bits is
 // the order of magnitudes), which also yields the NaN/Inf flags: any NaN puts the
 // max above 0x7f800000, an Inf (without NaN) makes it equal. At the end lane 0
 // rewrites the three sums as (scale = max |g|, ssq = sum (g / scale)^2), the record
 // the later passes expect (ssq in [1, tile_cols]).
 //
-// With write_means = 1 (micro-batches of 3 rows or more on average, 2 on a
-// software adapter, see
+// With write_means = 1 (micro-batches of 3 rows or more on average, see
 // `materialize_means` in plan.rs) each finished mean is also stored in `means`, so
 // that pass 4 reads M rows of means instead of the N input rows.
 //
@@ -63,6 +67,7 @@ const INV_S_SML: f32 = 0x1p-100f;
 const INV_S_BIG: f32 = 0x1p76f;
 const T_SML_BITS: u32 = 0x20000000u; // bits of T_SML = 2^-63
 const T_BIG_BITS: u32 = 0x59800000u; // bits of T_BIG = 2^52
+const T_PLAIN_BITS: u32 = 0x2b800000u; // bits of 2^-40, see plain_is_safe
 const INF_BITS: u32 = 0x7f800000u;
 
 struct Params {
@@ -254,21 +259,49 @@ fn grad_at4(i: u32) -> vec4<f32> {
     return vec4<f32>(grad_at(i), grad_at(i + 1u), grad_at(i + 2u), grad_at(i + 3u));
 }
 
-// Adds the squares of four means to Blue's sums, classified on the bits (NaN/Inf
-// fall in no class, whatever the compiler assumes about float comparisons);
-// branch-free. Returns the max |v| bits.
-fn accumulate4(v: vec4<f32>, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
+// A thread's sums of squares: Blue's three scaled classes (sml, med, big) and
+// the max |v| bits per lane. The plain pass puts every square in `med`.
+struct Sums {
+    sml: vec4<f32>,
+    med: vec4<f32>,
+    big: vec4<f32>,
+    max4: vec4<u32>,
+}
+
+// Adds the squares of four means to the sums and their |v| bits to the max. With
+// `blue` (a call-site constant) Blue's classes, decided on the bits (NaN/Inf fall
+// in no class, whatever the compiler assumes about float comparisons),
+// branch-free; else plainly v * v, which is exact enough while every |v| of the
+// thread lies in [T_PLAIN, T_BIG] (see `plain_is_safe`), and 4x cheaper: on
+// lavapipe pass 1 at b = 1 cost 1.03-1.05x a read with plain squares against
+// 1.25-1.42x with Blue's classes on every element.
+fn add4(blue: bool, v: vec4<f32>, s: ptr<function, Sums>) {
     let bits = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
+    (*s).max4 = max((*s).max4, bits);
+    if (!blue) {
+        (*s).med += v * v;
+        return;
+    }
     let sml = bits < vec4<u32>(T_SML_BITS);
     let big = bits > vec4<u32>(T_BIG_BITS) & bits < vec4<u32>(INF_BITS);
     let med = bits >= vec4<u32>(T_SML_BITS) & bits <= vec4<u32>(T_BIG_BITS);
     let f = select(select(vec4<f32>(1.0), vec4<f32>(S_SML), sml), vec4<f32>(S_BIG), big);
     let t = v * f;
     let t2 = t * t;
-    *sml_acc += select(vec4<f32>(0.0), t2, sml);
-    *med_acc += select(vec4<f32>(0.0), t2, med);
-    *big_acc += select(vec4<f32>(0.0), t2, big);
-    return bits;
+    (*s).sml += select(vec4<f32>(0.0), t2, sml);
+    (*s).med += select(vec4<f32>(0.0), t2, med);
+    (*s).big += select(vec4<f32>(0.0), t2, big);
+}
+
+// Whether a thread's plain sum of squares (no scaling) is as good as Blue's: its
+// max |v| is 0, NaN or Inf (then only the flags count), or in [T_PLAIN, T_BIG].
+// Below T_BIG = 2^52 no square exceeds 2^104 and 2^16 of them stay below f32::MAX;
+// from T_PLAIN = 2^-40 on the sum is at least 2^-80, while the squares lost to
+// underflow (below 2^-126 each, at most 2^16 of them) add up to under 2^-110, a
+// relative 2^-30. Otherwise the thread walks its columns again with Blue's sums.
+fn plain_is_safe(max4: vec4<u32>) -> bool {
+    let m = max(max(max4.x, max4.y), max(max4.z, max4.w));
+    return m == 0u || m >= INF_BITS || (m >= T_PLAIN_BITS && m <= T_BIG_BITS);
 }
 
 // How walk4x4 finishes each mean (a constant at every call site, so that the
@@ -280,23 +313,22 @@ const NORM_ONLY: u32 = 0u;   // add its square to the norm
 const STORE_MEANS: u32 = 1u; // also store it in `means` (write_means = 1, no carry)
 const CARRY: u32 = 2u;       // pass_on4 first (a micro-batch cut by a window)
 
-// The mean v of quad q, finished as `mode` says and added to Blue's sums.
-fn finish4(mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32, takes_carry: bool, gives_carry: bool, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
+// The mean v of quad q, finished as `mode` says and added to the sums.
+fn finish4(blue: bool, mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
     var w = v;
     if (mode == STORE_MEANS) {
         means[means_row + q] = w;
     } else if (mode == CARRY) {
         w = pass_on4(q << 2u, w, mb, takes_carry, gives_carry);
     }
-    return accumulate4(w, sml_acc, med_acc, big_acc);
+    add4(blue, w, s);
 }
 
 // Walks a span four quads (RUN apart) per step from *c4 while the fourth is below
 // q_end: their means in one row loop (column_mean4x4, or its scalar-load twin
-// when !aligned), finished as `mode` says and added to Blue's sums in quad order.
-// Leaves *c4 at the first quad not done; returns the max |mean| bits.
-fn walk4x4(aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, sml_acc: ptr<function, vec4<f32>>, med_acc: ptr<function, vec4<f32>>, big_acc: ptr<function, vec4<f32>>) -> vec4<u32> {
-    var max4 = vec4<u32>(0u);
+// when !aligned), finished as `mode` says and added to the sums in quad order.
+// Leaves *c4 at the first quad not done.
+fn walk4x4(blue: bool, aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
     let means_row = (params.means_base + mb * params.means_stride) >> 2u;
     while (*c4 + 3u * RUN < q_end) {
         var m: mat4x4<f32>;
@@ -305,13 +337,94 @@ fn walk4x4(aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u
         } else {
             m = column_mean4x4_scalar(row0 + (*c4 << 2u), rows, params.cols, inv_n);
         }
-        max4 = max(max4, finish4(mode, *c4, m[0], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
-        max4 = max(max4, finish4(mode, *c4 + RUN, m[1], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
-        max4 = max(max4, finish4(mode, *c4 + 2u * RUN, m[2], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
-        max4 = max(max4, finish4(mode, *c4 + 3u * RUN, m[3], means_row, mb, takes_carry, gives_carry, sml_acc, med_acc, big_acc));
+        finish4(blue, mode, *c4, m[0], means_row, mb, takes_carry, gives_carry, s);
+        finish4(blue, mode, *c4 + RUN, m[1], means_row, mb, takes_carry, gives_carry, s);
+        finish4(blue, mode, *c4 + 2u * RUN, m[2], means_row, mb, takes_carry, gives_carry, s);
+        finish4(blue, mode, *c4 + 3u * RUN, m[3], means_row, mb, takes_carry, gives_carry, s);
         *c4 += 4u * RUN;
     }
-    return max4;
+}
+
+// One thread's walk over its span [span0, span_end) of the tile's quads (up to
+// column col_end): every mean formed, passed on or stored, and its square added
+// to the sums (`blue`: Blue's classes, else plain squares). Running it twice
+// stores the same means and carries again (the second walk only repeats the
+// norm's arithmetic). With Blue's classes (the rare second walk) it reads with
+// scalar loads whatever the alignment, which gives the same bits as the vec4
+// loads and compiles half the code.
+fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
+    var c4 = span0 + lid % RUN;
+    let q_end = min(span_end, col_end >> 2u);
+    if (!blue && params.vec4_path == 1u) {
+        let stride4 = params.cols >> 2u;
+        let row04 = row0 >> 2u;
+        if (rows == 1u && !takes_carry && !gives_carry && params.write_means == 0u) {
+            // One row (b = 1): the mean is the row times inv_n (column_mean4 of one
+            // row, same bits up to the sign of a zero, which the squares drop);
+            // four quads per iteration, in the same order.
+            while (c4 + 3u * RUN < q_end) {
+                let v0 = grad_quad(row04 + c4) * inv_n;
+                let v1 = grad_quad(row04 + c4 + RUN) * inv_n;
+                let v2 = grad_quad(row04 + c4 + 2u * RUN) * inv_n;
+                let v3 = grad_quad(row04 + c4 + 3u * RUN) * inv_n;
+                add4(blue, v0, s);
+                add4(blue, v1, s);
+                add4(blue, v2, s);
+                add4(blue, v3, s);
+                c4 += 4u * RUN;
+            }
+        } else if (takes_carry || gives_carry) {
+            walk4x4(blue, true, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
+        } else if (params.write_means == 1u) {
+            walk4x4(blue, true, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+        } else {
+            walk4x4(blue, true, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+        }
+        for (; c4 < q_end; c4 += RUN) {
+            let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
+            add4(blue, pass_on4(c4 << 2u, mean, mb, takes_carry, gives_carry), s);
+        }
+        return;
+    }
+    // Scalar loads, the same columns per thread and lane, in the same order, as
+    // the vec4 path (so the alignment of a tensor does not change a bit of its
+    // result): four whole quads per row loop, then one quad at a time.
+    if (takes_carry || gives_carry) {
+        walk4x4(blue, false, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
+    } else if (params.write_means == 1u) {
+        walk4x4(blue, false, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+    } else {
+        walk4x4(blue, false, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+    }
+    for (; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
+        let col0 = c4 << 2u;
+        var v = vec4<f32>(0.0);
+        if (col0 + 4u <= col_end) {
+            v = column_mean4_scalar(row0 + col0, rows, params.cols, inv_n);
+        } else {
+            for (var j = 0u; j < 4u; j++) {
+                if (col0 + j < col_end) {
+                    v[j] = column_mean(row0 + col0 + j, rows, params.cols, inv_n);
+                }
+            }
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + j;
+            if (col < col_end) {
+                if (takes_carry) {
+                    v[j] += carry[params.carry_in_base + col];
+                }
+                if (gives_carry) {
+                    carry[params.carry_out_base + col] = v[j];
+                }
+            }
+        }
+        if (!gives_carry && params.write_means == 1u) {
+            // Columns past col_end are 0, in the rows' padding.
+            means[(params.means_base + mb * params.means_stride + col0) >> 2u] = v;
+        }
+        add4(blue, v, s);
+    }
 }
 
 fn hsum(v: vec4<f32>) -> f32 {
@@ -337,11 +450,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let row0 = params.elem_offset + (lo - params.row_start) * params.cols;
     let col_end = min(params.cols, (tile + 1u) * params.tile_cols);
 
-    // Four accumulators per class: column c goes to lane c % 4, thread (c / 4) % WG.
-    var sml_acc = vec4<f32>(0.0);
-    var med_acc = vec4<f32>(0.0);
-    var big_acc = vec4<f32>(0.0);
-    var max4 = vec4<u32>(0u);
     // Lane group lid / RUN of the workgroup walks its own contiguous span of the
     // tile's quads, RUN adjacent quads (one per lane) at a time. The spans split
     // the tile's own columns (a tensor narrower than a tile still keeps every
@@ -351,86 +459,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let span = (tile_quads + RUN * (WG / RUN) - 1u) / (RUN * (WG / RUN)) * RUN;
     let span0 = tile_q0 + (lid / RUN) * span;
     let span_end = span0 + span;
-    if (params.vec4_path == 1u) {
-        let stride4 = params.cols >> 2u;
-        let row04 = row0 >> 2u;
-        var c4 = span0 + lid % RUN;
-        let q_end = min(span_end, col_end >> 2u);
-        if (rows == 1u && !takes_carry && !gives_carry && params.write_means == 0u) {
-            // One row (b = 1): the mean is the row times inv_n (column_mean4 of one
-            // row, same bits up to the sign of a zero, which the squares drop);
-            // four quads per iteration, in the same order.
-            while (c4 + 3u * RUN < q_end) {
-                let v0 = grad_quad(row04 + c4) * inv_n;
-                let v1 = grad_quad(row04 + c4 + RUN) * inv_n;
-                let v2 = grad_quad(row04 + c4 + 2u * RUN) * inv_n;
-                let v3 = grad_quad(row04 + c4 + 3u * RUN) * inv_n;
-                max4 = max(max4, accumulate4(v0, &sml_acc, &med_acc, &big_acc));
-                max4 = max(max4, accumulate4(v1, &sml_acc, &med_acc, &big_acc));
-                max4 = max(max4, accumulate4(v2, &sml_acc, &med_acc, &big_acc));
-                max4 = max(max4, accumulate4(v3, &sml_acc, &med_acc, &big_acc));
-                c4 += 4u * RUN;
-            }
-        } else if (takes_carry || gives_carry) {
-            max4 = walk4x4(true, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc);
-        } else if (params.write_means == 1u) {
-            max4 = walk4x4(true, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
-        } else {
-            max4 = walk4x4(true, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
-        }
-        for (; c4 < q_end; c4 += RUN) {
-            let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
-            let v = pass_on4(c4 << 2u, mean, mb, takes_carry, gives_carry);
-            max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
-        }
-    } else {
-        // Scalar loads, the same columns per thread and lane, in the same order,
-        // as the vec4 path (so the alignment of a tensor does not change a bit of
-        // its result): four whole quads per row loop, then one quad at a time.
-        var c4 = span0 + lid % RUN;
-        let q_end = min(span_end, col_end >> 2u);
-        if (takes_carry || gives_carry) {
-            max4 = walk4x4(false, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, &sml_acc, &med_acc, &big_acc);
-        } else if (params.write_means == 1u) {
-            max4 = walk4x4(false, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
-        } else {
-            max4 = walk4x4(false, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, &sml_acc, &med_acc, &big_acc);
-        }
-        for (; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
-            let col0 = c4 << 2u;
-            var v = vec4<f32>(0.0);
-            if (col0 + 4u <= col_end) {
-                v = column_mean4_scalar(row0 + col0, rows, params.cols, inv_n);
-            } else {
-                for (var j = 0u; j < 4u; j++) {
-                    if (col0 + j < col_end) {
-                        v[j] = column_mean(row0 + col0 + j, rows, params.cols, inv_n);
-                    }
-                }
-            }
-            for (var j = 0u; j < 4u; j++) {
-                let col = col0 + j;
-                if (col < col_end) {
-                    if (takes_carry) {
-                        v[j] += carry[params.carry_in_base + col];
-                    }
-                    if (gives_carry) {
-                        carry[params.carry_out_base + col] = v[j];
-                    }
-                }
-            }
-            if (!gives_carry && params.write_means == 1u) {
-                // Columns past col_end are 0, in the rows' padding.
-                means[(params.means_base + mb * params.means_stride + col0) >> 2u] = v;
-            }
-            max4 = max(max4, accumulate4(v, &sml_acc, &med_acc, &big_acc));
-        }
-    }
+    // Four accumulators per class: column c goes to lane c % 4, thread (c / 4) % WG.
+    // Plain squares first; a thread whose magnitudes make them unsafe walks again
+    // with Blue's sums (on lavapipe an `if` runs its loop only while a lane needs it).
+    var sums = Sums(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<u32>(0u));
+    walk_tile(false, lid, span0, span_end, col_end, row0, rows, inv_n, mb, takes_carry, gives_carry, &sums);
     if (gives_carry) {
         return; // whole workgroup: uniform; the norm is formed in a later window
     }
+    if (!plain_is_safe(sums.max4)) {
+        sums = Sums(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<u32>(0u));
+        walk_tile(true, lid, span0, span_end, col_end, row0, rows, inv_n, mb, takes_carry, false, &sums);
+    }
 
-    red_sums[lid] = vec3<f32>(hsum(sml_acc), hsum(med_acc), hsum(big_acc));
+    red_sums[lid] = vec3<f32>(hsum(sums.sml), hsum(sums.med), hsum(sums.big));
+    let max4 = sums.max4;
     red_max[lid] = max(max(max4.x, max4.y), max(max4.z, max4.w));
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
