@@ -13,7 +13,8 @@
 // RUN * QUADS * 16 = 1 KiB contiguous bytes of every row per visit. On lavapipe
 // (SIMD-8 groups that each run the whole loop before the next starts) 4 quads per
 // thread made the pass 1.7x faster at b = 1 than one quad per thread, and 8
-// quads another 5-20% than 4 (longer visits of each row; 6 alternating pairs).
+// quads another 5-20% than 4 (longer visits of each row; 7 of 8 alternating
+// pairs).
 // QUADS separate accumulators, not an array: a row-walking variant with private
 // arrays was slower on llvmpipe (see BENCHMARKS.md). With vec4_path (rows 16-byte aligned
 // in the binding: the stored means, whose rows are padded to whole quads, or
@@ -27,11 +28,12 @@ const WG: u32 = 512u;
 
 struct Params {
     cols: u32,
-    means_base: u32,    // element index of mean_0[0] of this tensor in `means`
+    means_base: u32,    // element index in `grads` of row 0, column 0 (this tensor's
+                        // first mean, or the window's first input row)
     rows: u32,          // rows summed: M means, or the rows of a window
     groups_x: u32,      // column group = wg.x + wg.y * groups_x (WG * 4 columns each)
     out_offset: u32,    // element index of out_p[0] in `out`
-    skip_zero: u32,     // 1: a zero weight skips its micro-batch (so 0 * NaN never happens)
+    skip_zero: u32,     // 1: a zero weight skips its row (so 0 * NaN never happens)
     vec4_path: u32,     // 1: stride and means_base are multiples of 4: read `grads4`
                         // (every quad, a last partial one too: the stored means'
                         // rows are padded to 4 elements, input rows are then whole quads)

@@ -1151,7 +1151,8 @@ fn default_small_workgroups(device_type: wgpu::DeviceType) -> bool {
 /// From how many rows per micro-batch on average pass 1 stores the means: 3, the
 /// break-even in bytes being 2 (see `materialize_means`). On lavapipe at b = 2
 /// re-reading the rows cost 2.5x a read (pass 1 1.3x, pass 4 1.3x), storing the
-/// means 2.9x (writes cost more than reads there); at b = 4 3.0x against 1.9x.
+/// means 2.9x while the host's writes cost 4-6x its reads, about the same while
+/// they cost 1.2x; at b = 4 storing wins (1.9x against 3.0x).
 const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
 
 /// Up to which average padded tensor width pass 4 runs once for several tensors,
