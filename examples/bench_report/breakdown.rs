@@ -2,8 +2,8 @@
 //!
 //! Replays microclip's two big kernels, `mb_partials` and pass 4 (`weighted_means`
 //! re-reading the N rows with per-row weights from `row_weights`, untimed, or
-//! reading the M means that `mb_partials` wrote, when b >= 3 (b >= 2 on a
-//! software adapter) as in microclip's `materialize_means` rule;
+//! reading the M means that `mb_partials` wrote, when b >= 3 as in microclip's
+//! `materialize_means` rule;
 //! sources from `microclip::shaders::kernel_source`, parameter blocks laid out as
 //! in the WGSL), each as its own submit, on a shape that fits one storage binding
 //! (no row windows, no carry). Pass 4 gets the weights `s_j / M` from the
@@ -232,9 +232,9 @@ pub fn run(
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
         let carry = gpu.storage_buffer("breakdown carry", 16)?;
-        // microclip's rule (plan.rs `materialize_means`): from b >= 3 (2 on a
-        // software adapter; the clipper says which) pass 1 writes the means and
-        // pass 4 is weighted_means over them.
+        // microclip's rule (plan.rs `materialize_means`): from b >= 3 (the clipper
+        // says, tests may change it) pass 1 writes the means and pass 4 is
+        // weighted_means over them.
         let min_rows = clipper.gpu_means_min_rows().ok_or("not a GPU clipper")? as usize;
         let small = clipper.gpu_small_workgroups().ok_or("not a GPU clipper")?;
         let with_means = n >= min_rows * m && (m * d * 4) as u64 <= gpu.max_binding;
