@@ -600,6 +600,8 @@ impl GpuClipper {
         // Column of the current tensor's means in the means matrix.
         let mut means_base = 0u64;
         let mut means_dispatches = Vec::new();
+        // 1: a zero weight skips its row in pass 4 (so 0 * NaN never happens).
+        let skip_zero = (config.non_finite != NonFinitePolicy::Propagate) as u32;
 
         // All uniform blocks of the call in one buffer, one block per aligned slot.
         let mut params = ParamBlocks::new(self.uniform_align);
@@ -649,60 +651,50 @@ impl GpuClipper {
                 ));
                 if !with_means {
                     // Pass 4 over this window's rows, weighted per row.
-                    let vec4 = vec4_rows(cols, w);
-                    let (mx, my) = dispatch_2d(cols.div_ceil(MEANS_SUM_COLS))?;
-                    let p = params.push(&MeansSumParams {
-                        cols: cols as u32,
-                        means_base: w.elem_offset,
-                        rows: w.row_end - w.row_start,
-                        groups_x: mx,
-                        out_offset,
-                        skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
-                        vec4_path: vec4 as u32,
-                        groups: g as u32,
-                        group: *group,
-                        stride: cols as u32,
-                        weights_base: w.row_start,
-                        accumulate: (k > 0) as u32,
-                    });
-                    means_dispatches.push((
-                        p,
+                    means_dispatches.push(Pass4::push(
+                        &mut params,
+                        MeansSumParams {
+                            cols: cols as u32,
+                            means_base: w.elem_offset,
+                            rows: w.row_end - w.row_start,
+                            out_offset,
+                            skip_zero,
+                            vec4_path: vec4_rows(cols, w) as u32,
+                            groups: g as u32,
+                            group: *group,
+                            stride: cols as u32,
+                            weights_base: w.row_start,
+                            accumulate: (k > 0) as u32,
+                            ..Default::default()
+                        },
                         (t.buffer, w.bind_offset, w.bind_size),
-                        vec4,
                         per_row_weights,
                         (o.buffer, out_bind, out_size),
-                        (mx, my),
                         t.dtype,
-                    ));
+                    )?);
                 }
             }
             if with_means && !merge_pass4 {
-                let vec4 = true; // padded rows, a multiple of 4 apart
-                let (mx, my) = dispatch_2d(cols.div_ceil(MEANS_SUM_COLS))?;
-                let p = params.push(&MeansSumParams {
-                    cols: cols as u32,
-                    means_base: means_base as u32,
-                    rows: m as u32,
-                    groups_x: mx,
-                    out_offset,
-                    skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
-                    vec4_path: vec4 as u32,
-                    groups: g as u32,
-                    group: *group,
-                    stride: total_means_cols as u32,
-                    weights_base: 0,
-                    accumulate: 0,
-                });
-                // The stored means are f32.
-                means_dispatches.push((
-                    p,
+                // The stored means: f32, rows padded to whole quads.
+                means_dispatches.push(Pass4::push(
+                    &mut params,
+                    MeansSumParams {
+                        cols: cols as u32,
+                        means_base: means_base as u32,
+                        rows: m as u32,
+                        out_offset,
+                        skip_zero,
+                        vec4_path: 1,
+                        groups: g as u32,
+                        group: *group,
+                        stride: total_means_cols as u32,
+                        ..Default::default()
+                    },
                     (&means, 0, means.size()),
-                    vec4,
                     false,
                     (o.buffer, out_bind, out_size),
-                    (mx, my),
                     Dtype::F32,
-                ));
+                )?);
             }
             means_base += means_cols(cols);
             if let Some(noise) = config.noise {
@@ -719,30 +711,22 @@ impl GpuClipper {
             first_element += cols;
         }
         if merge_pass4 {
-            let (mx, my) = dispatch_2d(total_means_cols.div_ceil(MEANS_SUM_COLS))?;
-            let p = params.push(&MeansSumParams {
-                cols: total_means_cols as u32,
-                means_base: 0,
-                rows: m as u32,
-                groups_x: mx,
-                out_offset: 0,
-                skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
-                vec4_path: 1,
-                groups: 1,
-                group: 0,
-                stride: total_means_cols as u32,
-                weights_base: 0,
-                accumulate: 0,
-            });
-            means_dispatches.push((
-                p,
+            means_dispatches.push(Pass4::push(
+                &mut params,
+                MeansSumParams {
+                    cols: total_means_cols as u32,
+                    rows: m as u32,
+                    skip_zero,
+                    vec4_path: 1,
+                    groups: 1,
+                    stride: total_means_cols as u32,
+                    ..Default::default()
+                },
                 (&means, 0, means.size()),
-                true,
                 false,
                 (&merged_out, 0, merged_out.size()),
-                (mx, my),
                 Dtype::F32,
-            ));
+            )?);
         }
         let (norm_groups_x, norm_groups_y) = dispatch_2d(m * g)?;
         let norms_params = params.push(&NormsParams {
@@ -872,25 +856,25 @@ impl GpuClipper {
 
         let means_groups: Vec<_> = means_dispatches
             .iter()
-            .map(
-                |(p, (source, at, size), vec4, per_row, (out, out_bind, out_size), _, dtype)| {
-                    bind(
-                        &k.readers(*dtype).weighted_means,
-                        vec![
-                            uniform(*p, std::mem::size_of::<MeansSumParams>() as u64),
-                            range(source, *at, *size),
-                            whole(if *per_row { &row_weights } else { &weights }),
-                            range(out, *out_bind, *out_size),
-                            // the means again as vec4, or any read-only buffer when unused
-                            if *vec4 {
-                                range(source, *at, *size)
-                            } else {
-                                whole(&row_offsets)
-                            },
-                        ],
-                    )
-                },
-            )
+            .map(|d| {
+                let (source, at, size) = d.source;
+                let (out, out_bind, out_size) = d.out;
+                bind(
+                    &k.readers(d.dtype).weighted_means,
+                    vec![
+                        uniform(d.params, std::mem::size_of::<MeansSumParams>() as u64),
+                        range(source, at, size),
+                        whole(if d.per_row { &row_weights } else { &weights }),
+                        range(out, out_bind, out_size),
+                        // the rows again as vec4, or any read-only buffer when unused
+                        if d.vec4 {
+                            range(source, at, size)
+                        } else {
+                            whole(&row_offsets)
+                        },
+                    ],
+                )
+            })
             .collect();
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -919,12 +903,10 @@ impl GpuClipper {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(rows_groups_x, rows_groups_y, 1);
             }
-            for (group, (_, _, _, _, _, (x, y), dtype)) in
-                means_groups.iter().zip(&means_dispatches)
-            {
-                pass.set_pipeline(&k.readers(*dtype).weighted_means);
+            for (group, d) in means_groups.iter().zip(&means_dispatches) {
+                pass.set_pipeline(&k.readers(d.dtype).weighted_means);
                 pass.set_bind_group(0, group, &[]);
-                pass.dispatch_workgroups(*x, *y, 1);
+                pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
             }
             if !noise_groups.is_empty() {
                 pass.set_pipeline(&k.add_noise);
@@ -1172,6 +1154,45 @@ fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
 /// A whole scratch buffer as a binding.
 fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
     buffer.as_entire_binding()
+}
+
+/// One pass-4 (`weighted_means`) dispatch: its parameter block, the rows it reads
+/// (buffer, offset, size), its output range and the workgroups it runs.
+struct Pass4<'a> {
+    params: u64,
+    source: (&'a wgpu::Buffer, u64, u64),
+    /// `vec4_path`: the rows are also bound as quads.
+    vec4: bool,
+    /// Weighted per input row (the row-weight table), else per micro-batch.
+    per_row: bool,
+    out: (&'a wgpu::Buffer, u64, u64),
+    groups: (u32, u32),
+    dtype: Dtype,
+}
+
+impl<'a> Pass4<'a> {
+    /// Completes `block` with its dispatch size (`groups_x`) and appends it to
+    /// `params`.
+    fn push(
+        params: &mut ParamBlocks,
+        mut block: MeansSumParams,
+        source: (&'a wgpu::Buffer, u64, u64),
+        per_row: bool,
+        out: (&'a wgpu::Buffer, u64, u64),
+        dtype: Dtype,
+    ) -> Result<Self> {
+        let groups = dispatch_2d((block.cols as u64).div_ceil(MEANS_SUM_COLS))?;
+        block.groups_x = groups.0;
+        Ok(Self {
+            params: params.push(&block),
+            source,
+            vec4: block.vec4_path == 1,
+            per_row,
+            out,
+            groups,
+            dtype,
+        })
+    }
 }
 
 /// Uniform blocks packed at the device's uniform offset alignment.
