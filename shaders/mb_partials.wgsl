@@ -46,8 +46,9 @@
 //
 // A tensor larger than one storage binding is processed in row windows. A
 // micro-batch cut by a window boundary passes its partial column sums to the next
-// window through `carry` (two halves, read one and write the other, so no workgroup
-// reads what another writes in the same dispatch).
+// window: it reads them from `carry_in` and writes its own to `carry_out`, two
+// buffers that swap roles from window to window (so no workgroup reads what another
+// writes in the same dispatch, and a row up to a whole binding can be carried).
 
 // Threads per workgroup: a multiple of RUN, at most 64 (tile_cols is a multiple
 // of 4 * 64); set per adapter as a pipeline constant.
@@ -83,13 +84,13 @@ struct Params {
     carry_in: u32,      // 1: the window's first micro-batch began in an earlier window
     carry_out: u32,     // 1: the window's last micro-batch goes on in a later window
     last_local: u32,    // index (within the window) of the window's last micro-batch
-    carry_in_base: u32, // element offsets of the two halves of `carry`
-    carry_out_base: u32,
     vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
     means_stride: u32,  // elements between two micro-batches' means: cols rounded up to 4
+    pad0: u32,
+    pad1: u32,
     pad2: u32,
 }
 
@@ -97,7 +98,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
-@group(0) @binding(4) var<storage, read_write> carry: array<f32>;
+@group(0) @binding(4) var<storage, read> carry_in: array<f32>;
 // The same rows as `grads`, four elements at a time (bound to a dummy buffer when
 // vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
@@ -105,6 +106,8 @@ struct Params {
 // weighted_means.wgsl (a dummy buffer when write_means = 0), a quad per store:
 // means_base, means_stride and every quad's first column are multiples of 4.
 @group(0) @binding(6) var<storage, read_write> means: array<vec4<f32>>;
+// The carried sums this window passes on (a dummy buffer without carry).
+@group(0) @binding(7) var<storage, read_write> carry_out: array<f32>;
 
 // (small, medium, big) sums of squares, and the max |g| bits.
 var<workgroup> red_sums: array<vec3<f32>, WG>;
@@ -188,15 +191,13 @@ fn column_mean4x4(first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32>
 fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: bool) -> vec4<f32> {
     var v = mean;
     if (takes_carry) {
-        let at = params.carry_in_base + col;
-        v += vec4<f32>(carry[at], carry[at + 1u], carry[at + 2u], carry[at + 3u]);
+        v += vec4<f32>(carry_in[col], carry_in[col + 1u], carry_in[col + 2u], carry_in[col + 3u]);
     }
     if (gives_carry) {
-        let at = params.carry_out_base + col;
-        carry[at] = v.x;
-        carry[at + 1u] = v.y;
-        carry[at + 2u] = v.z;
-        carry[at + 3u] = v.w;
+        carry_out[col] = v.x;
+        carry_out[col + 1u] = v.y;
+        carry_out[col + 2u] = v.z;
+        carry_out[col + 3u] = v.w;
     } else if (params.write_means == 1u) {
         means[(params.means_base + mb * params.means_stride + col) >> 2u] = v;
     }
@@ -412,10 +413,10 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
             let col = col0 + j;
             if (col < col_end) {
                 if (takes_carry) {
-                    v[j] += carry[params.carry_in_base + col];
+                    v[j] += carry_in[col];
                 }
                 if (gives_carry) {
-                    carry[params.carry_out_base + col] = v[j];
+                    carry_out[col] = v[j];
                 }
             }
         }

@@ -58,8 +58,10 @@ pub enum ClipError {
         /// Number of outputs.
         outputs: usize,
     },
-    /// A shape is beyond what the kernels can address (one row larger than a
-    /// storage binding, or more than `u32::MAX` rows or micro-batches).
+    /// A shape is beyond what the kernels can address: one input row, or one
+    /// tensor's f32 output row, larger than a storage binding; scratch bound whole
+    /// (the `M x tiles` norm partials, the `N x G` per-row weights) larger than a
+    /// binding; more than `u32::MAX` rows or micro-batches.
     #[error("input too large: {0}")]
     TooLarge(String),
     /// The [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) policy found a

@@ -224,6 +224,39 @@ fn gpu_buffer_errors() {
             .unwrap_err(),
         ClipError::TooLarge(_)
     ));
+    // Buffers bound whole, each just over the 1024-byte binding while every row fits
+    // (rows of up to 1024 - 252 = 772 bytes): the per-row weights when the means do
+    // not fit (3 x 128 x 4 = 1536 bytes of means; 300 x 4 = 1200 bytes of weights) ...
+    let data: Vec<f32> = (0..300 * 128).map(|i| (i % 7) as f32 - 3.0).collect();
+    let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(100));
+    let e = gpu.clip(&cfg, &[&data], 300).unwrap_err();
+    assert!(
+        matches!(&e, ClipError::TooLarge(m) if m.contains("per-row weights")),
+        "{e:?}"
+    );
+    // ... and an f32 output row twice as long as a 16-bit input row (600 bytes).
+    let half: Vec<microclip::half::f16> = (0..4 * 300)
+        .map(|i| microclip::half::f16::from_f32((i % 5) as f32 - 2.0))
+        .collect();
+    let e = gpu
+        .clip(
+            &ClipConfig::fixed(1.0, MicroBatches::Uniform(1)),
+            &[&half],
+            4,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClipError::TooLarge(m) if m.contains("output")),
+        "{e:?}"
+    );
+    // The same shapes run under the device's own limit.
+    gpu.set_max_binding_bytes(u64::MAX);
+    gpu.clip(
+        &ClipConfig::fixed(1.0, MicroBatches::Uniform(100)),
+        &[&data],
+        300,
+    )
+    .unwrap();
 }
 
 /// Parameter groups and noise: every inconsistent combination is a typed error.

@@ -39,14 +39,12 @@ struct PartialsParams {
     carry_in: u32,
     carry_out: u32,
     last_local: u32,
-    carry_in_base: u32,
-    carry_out_base: u32,
     vec4_path: u32,
     write_means: u32,
     means_base: u32,
     tile_cols: u32,
     means_stride: u32,
-    pad: u32,
+    pad: [u32; 3],
 }
 
 /// `Params` of weighted_means.wgsl.
@@ -231,7 +229,8 @@ pub fn run(
         let tiles = (d as u64).div_ceil(tile_cols);
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;
-        let carry = gpu.storage_buffer("breakdown carry", 16)?;
+        let carry_in = gpu.storage_buffer("breakdown carry in", 16)?;
+        let carry_out = gpu.storage_buffer("breakdown carry out", 16)?;
         // microclip's rule (plan.rs `materialize_means`): from b >= 3 (the clipper
         // says, tests may change it) pass 1 writes the means and pass 4 is
         // weighted_means over them.
@@ -266,9 +265,10 @@ pub fn run(
                 x.as_entire_binding(),
                 offsets.as_entire_binding(),
                 partials.as_entire_binding(),
-                carry.as_entire_binding(),
+                carry_in.as_entire_binding(),
                 x.as_entire_binding(),
                 means.as_entire_binding(),
+                carry_out.as_entire_binding(),
             ],
             (tx, ty, m as u32),
             small,

@@ -117,14 +117,12 @@ pub(crate) struct PartialsParams {
     pub carry_in: u32,
     pub carry_out: u32,
     pub last_local: u32,
-    pub carry_in_base: u32,
-    pub carry_out_base: u32,
     pub vec4_path: u32,
     pub write_means: u32,
     pub means_base: u32,
     pub tile_cols: u32,
     pub means_stride: u32,
-    pub pad: u32,
+    pub pad: [u32; 3],
 }
 
 /// `Params` of mb_norms.wgsl.

@@ -30,8 +30,8 @@ use kernels::{
     PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, plan_windows, tile_cols, tiles, vec4_rows,
-    Window, MEANS_SUM_COLS, WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, means_cols, plan_windows, tile_cols, tiles,
+    vec4_rows, Window, MEANS_SUM_COLS, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -127,6 +127,14 @@ struct CallLayout {
     /// (tile base, windows, group) per tensor.
     tensors: Vec<(u64, Vec<Window>, u32)>,
     carry_cols: u64,
+    /// Columns of the stored means matrix, `sum ceil4(D_p)`.
+    total_means_cols: u64,
+    /// Pass 1 stores the `[M, total_means_cols]` micro-batch means (else pass 4
+    /// re-reads the input rows).
+    with_means: bool,
+    /// Pass 4 re-reads rows of micro-batches of several rows, with `[N, G]` per-row
+    /// weights.
+    per_row_weights: bool,
 }
 
 impl GpuClipper {
@@ -372,10 +380,14 @@ impl GpuClipper {
         Ok(())
     }
 
+    /// Tiles, row windows and scratch of one call; every buffer bound whole (not
+    /// per window) is checked against one storage binding here, so a shape too
+    /// large is a [`ClipError::TooLarge`], not a validation error at dispatch.
     fn plan(
         &self,
         offsets: &[u32],
         inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensorMut<'_>],
         group_of: &[usize],
     ) -> Result<CallLayout> {
         let groups = group_of.iter().max().map_or(1, |g| g + 1);
@@ -411,17 +423,56 @@ impl GpuClipper {
                 self.max_binding,
                 self.storage_align,
             )?;
-            if windows.len() > 1 {
+            // Only a micro-batch that goes on in a later window is carried.
+            if windows.iter().any(|w| w.carry_out) {
                 carry_cols = carry_cols.max(cols);
             }
             tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
-        let partial_bytes = micro_batches * tiles_total * PARTIAL_BYTES;
-        if partial_bytes > self.max_binding {
-            return Err(ClipError::TooLarge(format!(
-                "{micro_batches} micro-batches x {tiles_total} column tiles need {partial_bytes} bytes of norm partials, over one storage binding ({} bytes)",
-                self.max_binding
-            )));
+        let too_large = |what: String, bytes: u64| {
+            if bytes > self.max_binding {
+                Err(ClipError::TooLarge(format!(
+                    "{what} need {bytes} bytes, over one storage binding ({} bytes)",
+                    self.max_binding
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        // The per-micro-batch norm records (M x G x 16 bytes) are never larger
+        // than the partials (every group has a tile), so this bounds them too.
+        too_large(
+            format!("{micro_batches} micro-batches x {tiles_total} column tiles of norm partials"),
+            micro_batches * tiles_total * PARTIAL_BYTES,
+        )?;
+        // A micro-batch that spans two row windows carries its partial sums (one
+        // row, no larger than a window's binding; checked for completeness).
+        too_large(
+            format!("the carried sums of a {carry_cols}-column tensor split over row windows"),
+            carry_cols * 4,
+        )?;
+        for (p, o) in outputs.iter().enumerate() {
+            // One f32 row: larger than a 16-bit input row.
+            let (_, bind_size, _) =
+                aligned_binding(o.offset, o.cols as u64 * 4, self.storage_align, 4);
+            too_large(format!("tensor {p}: the f32 output row"), bind_size)?;
+        }
+        // The stored means only when they fit one binding (else rows are re-read).
+        let total_means_cols: u64 = inputs.iter().map(|t| means_cols(t.cols as u64)).sum();
+        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
+        let with_means = materialize_means(
+            n,
+            micro_batches,
+            total_means_cols,
+            self.max_binding,
+            self.means_min_rows,
+        );
+        let per_row_weights = !with_means && micro_batches != n;
+        if per_row_weights {
+            too_large(
+                format!("{n} rows x {groups} groups of per-row weights"),
+                n * groups as u64 * 4,
+            )?;
         }
         Ok(CallLayout {
             micro_batches,
@@ -431,6 +482,9 @@ impl GpuClipper {
             group_tiles,
             tensors,
             carry_cols,
+            total_means_cols,
+            with_means,
+            per_row_weights,
         })
     }
 
@@ -449,7 +503,7 @@ impl GpuClipper {
         }
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
-        let layout = self.plan(&offsets_u32, inputs, group_of)?;
+        let layout = self.plan(&offsets_u32, inputs, outputs, group_of)?;
 
         let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -545,22 +599,17 @@ impl GpuClipper {
         };
         self.queue
             .write_buffer(&bounds, 0, bytemuck::cast_slice(&fixed_bounds));
-        let carry = self
-            .pool
-            .get(Slot::Carry, layout.carry_cols * 2 * 4, storage);
+        // Two buffers of one row each, read and written alternately by the windows.
+        let carry = [0, 1].map(|k| {
+            self.pool
+                .get(Slot::Carry(k), layout.carry_cols * 4, storage)
+        });
         // The stored means: one [M, sum ceil4(D_p)] matrix, tensor p's columns from
         // column sum_{q < p} ceil4(D_q) on (whole quads, so that pass 4 reads them
         // four at a time whatever the widths).
-        let means_cols = |cols: u64| cols.next_multiple_of(4);
-        let total_means_cols: u64 = inputs.iter().map(|t| means_cols(t.cols as u64)).sum();
+        let total_means_cols = layout.total_means_cols;
+        let with_means = layout.with_means;
         let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let with_means = materialize_means(
-            n,
-            m,
-            total_means_cols,
-            self.max_binding,
-            self.means_min_rows,
-        );
         let means_bytes = if with_means {
             m * total_means_cols * 4
         } else {
@@ -570,7 +619,7 @@ impl GpuClipper {
         // Without stored means pass 4 re-reads the input rows, each with its
         // micro-batch's weight over the micro-batch's size: [N, G] floats (at b = 1
         // those are the micro-batch weights themselves).
-        let per_row_weights = !with_means && m != n;
+        let per_row_weights = layout.per_row_weights;
         let row_weights = self.pool.get(
             Slot::RowWeights,
             if per_row_weights { n * g * 4 } else { 0 },
@@ -608,7 +657,6 @@ impl GpuClipper {
         let mut partial_dispatches = Vec::new();
         let mut noise_dispatches = Vec::new();
         let mut first_element = 0u64;
-        let carry_half = layout.carry_cols as u32;
         for ((tile_base, windows, group), (t, o)) in
             layout.tensors.iter().zip(inputs.iter().zip(outputs))
         {
@@ -632,19 +680,17 @@ impl GpuClipper {
                     carry_in: w.carry_in as u32,
                     carry_out: w.carry_out as u32,
                     last_local: w.mb_count - 1,
-                    carry_in_base: ((k + 1) % 2) as u32 * carry_half,
-                    carry_out_base: (k % 2) as u32 * carry_half,
                     vec4_path: vec4_rows(cols, w) as u32,
                     write_means: with_means as u32,
                     means_base: means_base as u32,
                     tile_cols: layout.tile_cols as u32,
                     means_stride: total_means_cols as u32,
-                    pad: 0,
+                    ..Default::default()
                 });
                 partial_dispatches.push((
                     p,
                     t.buffer,
-                    w.clone(),
+                    (k, w.clone()),
                     vec4_rows(cols, w),
                     (tiles_x, tiles_y, w.mb_count),
                     t.dtype,
@@ -784,7 +830,7 @@ impl GpuClipper {
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
-            .map(|(p, buffer, w, vec4, _, dtype)| {
+            .map(|(p, buffer, (window, w), vec4, _, dtype)| {
                 bind(
                     &k.readers(*dtype).partials,
                     vec![
@@ -792,7 +838,8 @@ impl GpuClipper {
                         range(buffer, w.bind_offset, w.bind_size),
                         whole(&row_offsets),
                         whole(&partials),
-                        whole(&carry),
+                        // window k reads what window k - 1 wrote
+                        whole(&carry[(window + 1) % 2]),
                         // the rows again as vec4, or any read-only buffer when unused
                         if *vec4 {
                             range(buffer, w.bind_offset, w.bind_size)
@@ -800,6 +847,7 @@ impl GpuClipper {
                             whole(&row_offsets)
                         },
                         whole(&means),
+                        whole(&carry[window % 2]),
                     ],
                 )
             })

@@ -135,6 +135,12 @@ pub(crate) fn dispatch_2d(groups: u64) -> Result<(u32, u32)> {
     Ok((x as u32, y.max(1) as u32))
 }
 
+/// Columns a tensor of `cols` columns takes in the stored means matrix: whole
+/// quads, so that pass 4 reads them four at a time whatever the widths.
+pub(crate) fn means_cols(cols: u64) -> u64 {
+    cols.next_multiple_of(4)
+}
+
 /// Column tiles of a tensor of `cols` columns in the norm pass.
 pub(crate) fn tiles(cols: u64, tile_cols: u64) -> u64 {
     cols.div_ceil(tile_cols)

@@ -19,7 +19,8 @@ pub(crate) enum Slot {
     MbFlags,
     /// First tile of each group.
     GroupTiles,
-    Carry,
+    /// One of the two carried rows (read by one window, written by the next).
+    Carry(usize),
     /// `[M, sum ceil4(D_p)]` micro-batch means, when a call materialises them.
     Means,
     /// `[N, G]` per-row weights, when pass 4 re-reads rows of micro-batches of

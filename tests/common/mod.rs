@@ -401,7 +401,8 @@ fn case() -> impl Strategy<Value = Case> {
             ];
             let max_w = *widths.iter().max().unwrap() as u64;
             // A limit below one row is a TooLarge error (tested in errors.rs), and so is
-            // one below the norm partials (16 bytes per micro-batch and 4096-column tile).
+            // one below the norm partials (16 bytes per micro-batch and 4096-column
+            // tile, which also bounds the N x G per-row weights).
             let tiles: u64 = widths.iter().map(|&w| (w as u64).div_ceil(4096)).sum();
             let floor = (max_w * 4 + 256).max(n as u64 * tiles * 16);
             let max_binding = prop_oneof![
