@@ -14,7 +14,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{add_row, as_f32, axpy, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
+use super::{
+    add_row, add_rows, as_f32, axpy_rows, factor, scale_and_sum_squares, sum_squares, Plan,
+    BLOCK_COLS,
+};
 use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
@@ -99,8 +102,17 @@ fn worker<T: GradElement>(
                     as_f32(plan.segment(b, rows.start), sum_squares)
                 } else {
                     let sum = &mut sum[..b.w];
-                    for i in rows.clone() {
-                        as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
+                    if T::DTYPE == Dtype::F32 {
+                        // f32 rows as they are (cannot fail: T is f32), several per sweep.
+                        add_rows(
+                            sum,
+                            rows.clone()
+                                .map(|i| bytemuck::cast_slice(plan.segment(b, i))),
+                        );
+                    } else {
+                        for i in rows.clone() {
+                            as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
+                        }
                     }
                     scale_and_sum_squares(sum, inv_n, Some(&mut mean[at..at + b.w]))
                 };
@@ -124,21 +136,28 @@ fn worker<T: GradElement>(
         // Phase B: acc += h_j * mean_j for the group's micro-batches, block by block
         // (the accumulator block stays in the core's cache), from the rows (one-row
         // micro-batches) or the means, still in the last-level cache.
+        // Several micro-batches per sweep of the accumulator block (axpy_rows).
         let mut at = 0;
+        let mut terms: Vec<(f64, &[f32])> = Vec::with_capacity(group_size);
         for b in mine {
-            let acc = &mut acc[at..at + b.w];
+            terms.clear();
             for (r, j) in mbs.clone().enumerate() {
                 let h = h[r * plan.groups + plan.group(b)];
                 if h == 0.0 && !plan.propagate {
                     continue;
                 }
                 let rows = plan.rows(j);
-                if rows.len() == 1 && !widen_once {
-                    as_f32(plan.segment(b, rows.start), |x| axpy(acc, h, x));
-                } else {
-                    axpy(acc, h, &means[r * width + at..r * width + at + b.w]);
-                }
+                terms.push((
+                    h,
+                    if rows.len() == 1 && !widen_once {
+                        // f32 input (16-bit rows are widened into the means)
+                        bytemuck::cast_slice(plan.segment(b, rows.start))
+                    } else {
+                        &means[r * width + at..r * width + at + b.w]
+                    },
+                ));
             }
+            axpy_rows(&mut acc[at..at + b.w], &terms);
             at += b.w;
         }
     }

@@ -195,7 +195,77 @@ fn axpy(acc: &mut [f64], h: f64, x: &[f32]) {
     }
 }
 
-/// `s` for one (micro-batch, group) norm `n` under `bound`.
+/// Rows added to a row of f64 sums per sweep by [`add_rows`] and [`axpy_rows`].
+const ROWS_PER_SWEEP: usize = 4;
+
+/// [`add_row`] of up to [`ROWS_PER_SWEEP`] rows at a time, in order: each column's
+/// sum stays in a register across the rows, so the f64 row is loaded and stored
+/// once per sweep instead of once per row (the same additions in the same order:
+/// the same bits as one row at a time).
+fn add_rows<'x>(sum: &mut [f64], rows: impl Iterator<Item = &'x [f32]>) {
+    let rows: Vec<&[f32]> = rows.collect();
+    for (k, chunk) in rows.chunks(ROWS_PER_SWEEP).enumerate() {
+        let first = k == 0;
+        match chunk.len() {
+            4 => add_k::<4>(sum, std::array::from_fn(|i| chunk[i]), first),
+            3 => add_k::<3>(sum, std::array::from_fn(|i| chunk[i]), first),
+            2 => add_k::<2>(sum, std::array::from_fn(|i| chunk[i]), first),
+            _ => add_row(sum, chunk[0], first),
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn add_k<const K: usize>(sum: &mut [f64], x: [&[f32]; K], first: bool) {
+    let n = sum.len();
+    let x = x.map(|x| &x[..n]);
+    // The first row of a sum is assigned, not added (as add_row does).
+    let (x0, rest) = if first {
+        (Some(x[0]), &x[1..])
+    } else {
+        (None, &x[..])
+    };
+    for c in 0..n {
+        let mut s = match x0 {
+            Some(x0) => x0[c] as f64,
+            None => sum[c],
+        };
+        for x in rest {
+            s += x[c] as f64;
+        }
+        sum[c] = s;
+    }
+}
+
+/// [`axpy`] of up to [`ROWS_PER_SWEEP`] (factor, row) pairs at a time, in order:
+/// the same operations per column as one pair at a time (the same bits), one
+/// load and store of the accumulator per sweep.
+fn axpy_rows(acc: &mut [f64], terms: &[(f64, &[f32])]) {
+    for chunk in terms.chunks(ROWS_PER_SWEEP) {
+        let h = |i: usize| chunk[i].0;
+        let x = |i: usize| chunk[i].1;
+        match chunk.len() {
+            4 => axpy_k::<4>(acc, std::array::from_fn(h), std::array::from_fn(x)),
+            3 => axpy_k::<3>(acc, std::array::from_fn(h), std::array::from_fn(x)),
+            2 => axpy_k::<2>(acc, std::array::from_fn(h), std::array::from_fn(x)),
+            _ => axpy(acc, h(0), x(0)),
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn axpy_k<const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[f32]; K]) {
+    let n = acc.len();
+    let x = x.map(|x| &x[..n]);
+    for c in 0..n {
+        let mut a = acc[c];
+        for (h, x) in h.iter().zip(&x) {
+            a += h * x[c] as f64;
+        }
+        acc[c] = a;
+    }
+}
+
 fn factor(function: ClipFunction, bound: f64, n: f64, mb_finite: bool, propagate: bool) -> f64 {
     match n {
         n if n.is_nan() && propagate => f64::NAN,

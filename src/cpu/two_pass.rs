@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::{add_row, as_f32, axpy, scale_and_sum_squares, sum_squares, Plan};
-use crate::dtype::GradElement;
+use super::{add_row, add_rows, as_f32, axpy, axpy_rows, scale_and_sum_squares, sum_squares, Plan};
+use crate::dtype::{Dtype, GradElement};
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
 fn block_ssq<T: GradElement>(
@@ -21,8 +21,13 @@ fn block_ssq<T: GradElement>(
     }
     let inv_n = 1.0 / rows.len() as f64;
     let sum = &mut sum[..b.w];
-    for i in rows.clone() {
-        as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
+    if T::DTYPE == Dtype::F32 {
+        // f32 rows as they are (cannot fail: T is f32), several per sweep.
+        add_rows(sum, rows.map(|i| bytemuck::cast_slice(plan.segment(b, i))));
+    } else {
+        for i in rows.clone() {
+            as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
+        }
     }
     scale_and_sum_squares(sum, inv_n, None)
 }
@@ -49,6 +54,8 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
         .par_iter()
         .map(|b| {
             let mut acc = vec![0.0f64; b.w];
+            // f32 rows as they are, several per sweep of the accumulator.
+            let mut terms: Vec<(f64, &[f32])> = Vec::new();
             for j in 0..plan.micro_batches() {
                 let s = factors[j * plan.groups + plan.group(b)];
                 if s == 0.0 && !plan.propagate {
@@ -57,9 +64,14 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
                 let rows = plan.rows(j);
                 let coef = s / rows.len() as f64;
                 for i in rows {
-                    as_f32(plan.segment(b, i), |x| axpy(&mut acc, coef, x));
+                    if T::DTYPE == Dtype::F32 {
+                        terms.push((coef, bytemuck::cast_slice(plan.segment(b, i))));
+                    } else {
+                        as_f32(plan.segment(b, i), |x| axpy(&mut acc, coef, x));
+                    }
                 }
             }
+            axpy_rows(&mut acc, &terms);
             acc
         })
         .collect();
