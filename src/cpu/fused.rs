@@ -14,10 +14,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{
-    add_row, add_rows, as_f32, axpy_rows, factor, scale_and_sum_squares, sum_squares, Plan,
-    BLOCK_COLS,
-};
+use super::{as_f32, axpy_rows, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
@@ -102,18 +99,7 @@ fn worker<T: GradElement>(
                     as_f32(plan.segment(b, rows.start), sum_squares)
                 } else {
                     let sum = &mut sum[..b.w];
-                    if T::DTYPE == Dtype::F32 {
-                        // f32 rows as they are (cannot fail: T is f32), several per sweep.
-                        add_rows(
-                            sum,
-                            rows.clone()
-                                .map(|i| bytemuck::cast_slice(plan.segment(b, i))),
-                        );
-                    } else {
-                        for i in rows.clone() {
-                            as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
-                        }
-                    }
+                    plan.row_sums(b, rows.clone(), sum);
                     scale_and_sum_squares(sum, inv_n, Some(&mut mean[at..at + b.w]))
                 };
                 slot[r * n_blocks + k].store(ssq.to_bits(), Relaxed);

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
-use crate::dtype::GradElement;
+use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use crate::noise::standard_normal;
 
@@ -87,6 +87,19 @@ impl<'a, T: GradElement> Plan<'a, T> {
     }
 
     /// Norms `[M, G]` from per-(micro-batch, block) squared norms, in block order.
+    /// Sets `sum` to the column sums (f64) of rows `rows` of block `b`: f32 rows as
+    /// they are, several per sweep ([`add_rows`]); 16-bit rows widened one at a time.
+    fn row_sums(&self, b: &Block, rows: Range<usize>, sum: &mut [f64]) {
+        if T::DTYPE == Dtype::F32 {
+            // Cannot fail: T is f32.
+            add_rows(sum, rows, |i| bytemuck::cast_slice(self.segment(b, i)));
+        } else {
+            for i in rows.clone() {
+                as_f32(self.segment(b, i), |x| add_row(sum, x, i == rows.start));
+            }
+        }
+    }
+
     fn norms(&self, block_ssq: impl Fn(usize) -> f64) -> Vec<f64> {
         let mut ssq = vec![0.0f64; self.groups];
         for (k, b) in self.blocks.iter().enumerate() {
@@ -105,7 +118,7 @@ thread_local! {
 /// (exactly) into a per-thread block of at most `BLOCK_COLS` values, which stays in
 /// the core's L1 cache, so the hot loops below are the same for every type.
 fn as_f32<T: GradElement, R>(x: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
-    if T::DTYPE == crate::dtype::Dtype::F32 {
+    if T::DTYPE == Dtype::F32 {
         if let Ok(x) = bytemuck::try_cast_slice::<T, f32>(x) {
             return f(x);
         }
@@ -202,15 +215,15 @@ const ROWS_PER_SWEEP: usize = 4;
 /// sum stays in a register across the rows, so the f64 row is loaded and stored
 /// once per sweep instead of once per row (the same additions in the same order:
 /// the same bits as one row at a time).
-fn add_rows<'x>(sum: &mut [f64], rows: impl Iterator<Item = &'x [f32]>) {
-    let rows: Vec<&[f32]> = rows.collect();
-    for (k, chunk) in rows.chunks(ROWS_PER_SWEEP).enumerate() {
-        let first = k == 0;
-        match chunk.len() {
-            4 => add_k::<4>(sum, std::array::from_fn(|i| chunk[i]), first),
-            3 => add_k::<3>(sum, std::array::from_fn(|i| chunk[i]), first),
-            2 => add_k::<2>(sum, std::array::from_fn(|i| chunk[i]), first),
-            _ => add_row(sum, chunk[0], first),
+fn add_rows<'x>(sum: &mut [f64], rows: Range<usize>, row: impl Fn(usize) -> &'x [f32]) {
+    for start in rows.clone().step_by(ROWS_PER_SWEEP) {
+        let first = start == rows.start;
+        let x = |i: usize| row(start + i);
+        match (rows.end - start).min(ROWS_PER_SWEEP) {
+            4 => add_k::<4>(sum, std::array::from_fn(x), first),
+            3 => add_k::<3>(sum, std::array::from_fn(x), first),
+            2 => add_k::<2>(sum, std::array::from_fn(x), first),
+            _ => add_row(sum, x(0), first),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{add_row, add_rows, as_f32, axpy, axpy_rows, scale_and_sum_squares, sum_squares, Plan};
+use super::{as_f32, axpy, axpy_rows, scale_and_sum_squares, sum_squares, Plan};
 use crate::dtype::{Dtype, GradElement};
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
@@ -21,14 +21,7 @@ fn block_ssq<T: GradElement>(
     }
     let inv_n = 1.0 / rows.len() as f64;
     let sum = &mut sum[..b.w];
-    if T::DTYPE == Dtype::F32 {
-        // f32 rows as they are (cannot fail: T is f32), several per sweep.
-        add_rows(sum, rows.map(|i| bytemuck::cast_slice(plan.segment(b, i))));
-    } else {
-        for i in rows.clone() {
-            as_f32(plan.segment(b, i), |x| add_row(sum, x, i == rows.start));
-        }
-    }
+    plan.row_sums(b, rows, sum);
     scale_and_sum_squares(sum, inv_n, None)
 }
 
