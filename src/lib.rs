@@ -84,9 +84,10 @@
 //! up to 65536 on a software adapter), `M x G x 28 + M x 4`
 //! bytes of per-(micro-batch, group) state, `(M + 1) x 4` bytes of row offsets,
 //! `G x 8` bytes of group tables and, only when a micro-batch spans two row windows
-//! of a tensor larger than one storage binding, two carry rows of `D_p x 4` bytes. When the micro-batches hold
-//! `b = N / M >= 3` rows on average and the means fit one storage binding, it also
-//! keeps the `M x sum ceil4(D_p) x 4` bytes of micro-batch means (a fraction
+//! of a tensor larger than one storage binding, two carry rows of `D_p x 4` bytes.
+//! When the micro-batches hold `b = N / M >= 3` rows on average and the means fit
+//! one storage binding, it also keeps the `M x sum ceil4(D_p) x 4` bytes of
+//! micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
 //! row when that pass runs once for several tensors; otherwise, when `b > 1`, the
