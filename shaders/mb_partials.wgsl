@@ -49,6 +49,13 @@
 // window: it reads them from `carry_in` and writes its own to `carry_out`, two
 // buffers that swap roles from window to window (so no workgroup reads what another
 // writes in the same dispatch, and a row up to a whole binding can be carried).
+//
+// One dispatch serves up to TABLE_LEN tensors (or windows): `table` holds one
+// Params per tensor, their tiles numbered one after the other (first_tile), and
+// each workgroup finds its tensor by a binary search over them. The host puts
+// several tensors in one dispatch when they lie in the same buffer and each fits
+// one window (see `pass1_dispatches` in src/gpu/plan.rs), so a model's many small
+// tensors cost one launch instead of one each.
 
 // Threads per workgroup: a multiple of RUN, at most 64 (tile_cols is a multiple
 // of 4 * 64); set per adapter as a pipeline constant.
@@ -78,7 +85,7 @@ struct Params {
     row_end: u32,       // one past the last row of the window
     mb_first: u32,      // first micro-batch touching the window
     tiles: u32,         // column tiles of this tensor
-    tiles_x: u32,       // tiles per dispatch row (x); tile = wg.x + wg.y * tiles_x
+    tiles_x: u32,       // (entry 0) tiles per dispatch row: wg.x + wg.y * tiles_x
     tile_base: u32,     // global index of this tensor's first tile
     tiles_total: u32,   // tiles over all tensors (row stride of `partials`)
     carry_in: u32,      // 1: the window's first micro-batch began in an earlier window
@@ -89,12 +96,17 @@ struct Params {
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
     means_stride: u32,  // elements between two micro-batches' means: cols rounded up to 4
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
+    first_tile: u32,    // this entry's first tile among the dispatch's tiles
+    entries: u32,       // (entry 0) entries of the table in use
+    dispatch_tiles: u32,// (entry 0) tiles of all entries
 }
 
-@group(0) @binding(0) var<uniform> params: Params;
+// Entries of the table (mirrored by TABLE_LEN in src/gpu/kernels.rs).
+const TABLE_LEN: u32 = 32u;
+
+@group(0) @binding(0) var<uniform> table: array<Params, TABLE_LEN>;
+// The workgroup's entry of the table.
+var<private> params: Params;
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
@@ -434,9 +446,25 @@ fn hsum(v: vec4<f32>) -> f32 {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let tile = wg.x + wg.y * params.tiles_x;
-    if (tile >= params.tiles) {
+    let dispatch_tile = wg.x + wg.y * table[0].tiles_x;
+    if (dispatch_tile >= table[0].dispatch_tiles) {
         return; // whole workgroup: uniform
+    }
+    // The last entry whose first tile is at or before dispatch_tile.
+    var entry = 0u;
+    var past = table[0].entries;
+    while (past - entry > 1u) {
+        let mid = (entry + past) / 2u;
+        if (table[mid].first_tile <= dispatch_tile) {
+            entry = mid;
+        } else {
+            past = mid;
+        }
+    }
+    params = table[entry];
+    let tile = dispatch_tile - params.first_tile;
+    if (tile >= params.tiles) {
+        return; // whole workgroup: uniform (a table whose entries leave gaps)
     }
     let local_mb = wg.z;
     let mb = params.mb_first + local_mb;

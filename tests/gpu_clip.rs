@@ -510,3 +510,62 @@ fn automatic_clipping_with_a_bound_beyond_f32_max() {
     });
     check(&mut gpu, &cfg, &t, n, 3e-5, "AUTO-S, bound 5.7e38, sigma 0");
 }
+
+/// Many tensors in one caller buffer (more than one norm-pass table of 32), at
+/// offsets that leave some rows 16-byte aligned and some not, with widths from 1
+/// to two tiles: tensors of one buffer share the norm pass's dispatches. With a
+/// small binding limit the shared dispatches split and the widest tensors are cut
+/// into row windows between them.
+#[test]
+fn many_tensors_in_one_buffer() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 11;
+    let widths: Vec<usize> = (0..70)
+        .map(|p| match p % 10 {
+            3 => 4100,
+            7 => 8193,
+            k => 1 + (p * 7 + k) % 40,
+        })
+        .collect();
+    let t = random_tensors(31, n, &widths, 1.0);
+    // Tensor p starts p % 4 floats after the previous one ends.
+    let mut packed: Vec<f32> = Vec::new();
+    let mut at = Vec::new();
+    for (p, x) in t.iter().enumerate() {
+        packed.extend(std::iter::repeat_n(f32::NAN, p % 4));
+        at.push(packed.len() as u64 * 4);
+        packed.extend_from_slice(x);
+    }
+    let device = gpu.device().unwrap().clone();
+    let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&packed),
+        usage: wgpu::BufferUsages::STORAGE,
+    });
+    let inputs: Vec<GpuTensor<'_>> = widths
+        .iter()
+        .zip(&at)
+        .map(|(&d, &at)| GpuTensor::new(&input, at, d))
+        .collect();
+    let groups: Vec<usize> = (0..widths.len()).map(|p| (p * 5) % 3).collect();
+    let configs = [
+        ClipConfig::fixed(0.3, MicroBatches::Uniform(1)),
+        ClipConfig::adaptive(1.0, MicroBatches::Uniform(3)),
+        ClipConfig::fixed(0.5, MicroBatches::Uniform(n)),
+        ClipConfig::fixed(0.4, MicroBatches::Offsets(vec![0, 1, 5, 6, 11])).with_groups(groups),
+    ];
+    for max_binding in [u64::MAX, 40_000] {
+        gpu.set_max_binding_bytes(max_binding);
+        for cfg in &configs {
+            let want = clip_f64(cfg, &slices(&t), n).unwrap();
+            let (bufs, stats) = gpu.clip_buffers(cfg, &inputs, n).unwrap();
+            let grads: Vec<Vec<f32>> = bufs
+                .iter()
+                .zip(&widths)
+                .map(|(b, &d)| read_buffer(&gpu, b, 0, d))
+                .collect();
+            let what = format!("{:?}, binding {max_binding}", cfg.micro_batches);
+            assert_matches(&ClipOutput { grads, stats }, &want, TOL, &what);
+        }
+    }
+}

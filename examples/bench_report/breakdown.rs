@@ -44,8 +44,13 @@ struct PartialsParams {
     means_base: u32,
     tile_cols: u32,
     means_stride: u32,
-    pad: [u32; 3],
+    first_tile: u32,
+    entries: u32,
+    dispatch_tiles: u32,
 }
+
+/// Entries of mb_partials.wgsl's tensor table (`TABLE_LEN`).
+const TABLE_LEN: usize = 32;
 
 /// `Params` of weighted_means.wgsl.
 #[repr(C)]
@@ -241,9 +246,10 @@ pub fn run(
             "breakdown means",
             if with_means { (m * d * 4) as u64 } else { 16 },
         )?;
+        // A table of one entry (TABLE_LEN copies of it; entries = 1).
         let pp = uniform(
             gpu,
-            &PartialsParams {
+            &[PartialsParams {
                 cols: d as u32,
                 row_end: n as u32,
                 tiles: tiles as u32,
@@ -254,8 +260,10 @@ pub fn run(
                 write_means: with_means as u32,
                 tile_cols: tile_cols as u32,
                 means_stride: d as u32, // d is a multiple of 4
+                entries: 1,
+                dispatch_tiles: tiles as u32,
                 ..Default::default()
-            },
+            }; TABLE_LEN],
         );
         let part = Single::new(
             gpu,

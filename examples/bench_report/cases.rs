@@ -190,21 +190,21 @@ impl GpuCtx {
 }
 
 /// Times microclip on device buffers (and the 5-pass baseline on a single tensor),
-/// interleaved with `reference`. `tensors`: (buffer, D_p).
+/// interleaved with `reference`. `tensors`: (buffer, byte offset, D_p).
 #[allow(clippy::too_many_arguments)]
 fn device_case(
     ctx: &GpuCtx,
     case: &str,
     n: usize,
     b: usize,
-    tensors: &[(&wgpu::Buffer, usize)],
+    tensors: &[(&wgpu::Buffer, u64, usize)],
     dtype: Dtype,
     reference: &ReadSum,
     with_baseline: bool,
     note: &str,
 ) -> Result<Vec<Row>, String> {
     let gpu = &ctx.gpu;
-    let d_total: usize = tensors.iter().map(|t| t.1).sum();
+    let d_total: usize = tensors.iter().map(|t| t.2).sum();
     eprintln!(
         "case {case}: N={n} D={d_total} b={b} tensors={}",
         tensors.len()
@@ -212,16 +212,16 @@ fn device_case(
     let mut clipper = ctx.clipper();
     let outs: Vec<wgpu::Buffer> = tensors
         .iter()
-        .map(|&(_, d)| gpu.storage_buffer("output", (d * 4) as u64))
+        .map(|&(_, _, d)| gpu.storage_buffer("output", (d * 4) as u64))
         .collect::<Result<_, _>>()?;
     let inputs: Vec<GpuTensor<'_>> = tensors
         .iter()
-        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols).with_dtype(dtype))
+        .map(|&(buffer, at, cols)| GpuTensor::new(buffer, at, cols).with_dtype(dtype))
         .collect();
     let outputs: Vec<GpuTensorMut<'_>> = outs
         .iter()
         .zip(tensors)
-        .map(|(buffer, &(_, cols))| GpuTensorMut {
+        .map(|(buffer, &(_, _, cols))| GpuTensorMut {
             buffer,
             offset: 0,
             cols,
@@ -237,7 +237,7 @@ fn device_case(
     let baseline = if with_baseline && tensors.len() == 1 && dtype == Dtype::F32 {
         match ctx
             .baseline
-            .prepare(gpu, tensors[0].0, n, tensors[0].1, b, c)
+            .prepare(gpu, tensors[0].0, n, tensors[0].2, b, c)
         {
             Ok(job) => Some(job),
             Err(e) => {
@@ -256,7 +256,7 @@ fn device_case(
             .clip_buffers_into(&cfg, &inputs, n, &outputs)
             .map_err(|e| format!("{case}: {e}"))?;
         bl.job.run(gpu);
-        let d = tensors[0].1 as u64;
+        let d = tensors[0].2 as u64;
         let ours = gpu.read_f32(&outs[0], 0, d);
         let theirs = gpu.read_f32(&bl.out, 0, d);
         check_err = rel_l2(&theirs, &ours);
@@ -291,7 +291,7 @@ fn device_case(
     let stats = stats.expect("at least one run");
     let read_ms = median(&samples[0]);
     let ours_ms = median(&samples[1]);
-    let widths: Vec<usize> = tensors.iter().map(|t| t.1).collect();
+    let widths: Vec<usize> = tensors.iter().map(|t| t.2).collect();
     let mut notes: Vec<String> = vec![format!(
         "clipped {}/{}",
         stats.clipped_count,
@@ -490,7 +490,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             "main",
             n,
             b,
-            &[(&x, d0)],
+            &[(&x, 0, d0)],
             Dtype::F32,
             &reference,
             BASELINE_B.contains(&b),
@@ -511,7 +511,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
                 &format!("main {dtype}"),
                 n,
                 b,
-                &[(&x, d0)],
+                &[(&x, 0, d0)],
                 dtype,
                 &reference,
                 false,
@@ -532,7 +532,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             what,
             n,
             b,
-            &[(&x, d)],
+            &[(&x, 0, d)],
             Dtype::F32,
             &reference,
             false,
@@ -543,8 +543,9 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         }
     }
 
-    // Many tensors, each its own buffer, versus one tensor of the same total size;
-    // both against the read-sum over the single buffer (the same number of bytes).
+    // Many tensors, each its own buffer, then all in one buffer, versus one tensor of
+    // the same total size; all against the read-sum over the single buffer (the
+    // same number of bytes).
     let (n0, b, count, max_d) = sizes.multi;
     let widths = data::spread_widths(count, max_d);
     let total: usize = widths.iter().sum();
@@ -559,8 +560,8 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         &format!("D_p from {} to {}", widths[0], widths[count - 1]),
         &note,
     ]);
-    let many_refs: Vec<(&wgpu::Buffer, usize)> =
-        many.iter().zip(&widths).map(|(b, &d)| (b, d)).collect();
+    let many_refs: Vec<(&wgpu::Buffer, u64, usize)> =
+        many.iter().zip(&widths).map(|(b, &d)| (b, 0, d)).collect();
     rows.extend(device_case(
         &ctx,
         &format!("multi: {count} buffers"),
@@ -572,19 +573,40 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         false,
         &multi_note,
     )?);
+    drop(many);
+    // The same tensors packed into one buffer (as a framework's allocator may
+    // place them): they share the norm pass's dispatches.
+    let (packed, at) = data::packed_tensors(&ctx.gpu, SEED, 100, n, &widths)?;
+    let packed_refs: Vec<(&wgpu::Buffer, u64, usize)> = widths
+        .iter()
+        .zip(&at)
+        .map(|(&d, &at)| (&packed, at, d))
+        .collect();
+    rows.extend(device_case(
+        &ctx,
+        &format!("multi: {count} tensors, 1 buffer"),
+        n,
+        b,
+        &packed_refs,
+        Dtype::F32,
+        &reference,
+        false,
+        &multi_note,
+    )?);
+    drop(packed);
     rows.extend(device_case(
         &ctx,
         "multi: 1 buffer, same total",
         n,
         b,
-        &[(&single, total)],
+        &[(&single, 0, total)],
         Dtype::F32,
         &reference,
         false,
         note.as_str(),
     )?);
 
-    drop((many, single, reference));
+    drop((single, reference));
 
     let footer = if ctx.opts.breakdown {
         let (n, d) = sizes.main;

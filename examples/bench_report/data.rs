@@ -112,6 +112,34 @@ pub fn device_tensor(
     device_tensor_as(gpu, seed, tensor, n, d, Dtype::F32)
 }
 
+/// f32 tensors `first_tensor + p` of `[n, widths[p]]` packed into one buffer, each
+/// at a 256-byte aligned offset (as a framework's allocator might place a model's
+/// gradients); returns the buffer and the offsets.
+pub fn packed_tensors(
+    gpu: &Gpu,
+    seed: u64,
+    first_tensor: u64,
+    n: usize,
+    widths: &[usize],
+) -> Result<(wgpu::Buffer, Vec<u64>), String> {
+    let mut offsets = Vec::with_capacity(widths.len());
+    let mut end = 0u64;
+    for &d in widths {
+        let at = end.next_multiple_of(256);
+        offsets.push(at);
+        end = at + (n * d * 4) as u64;
+    }
+    let buffer = gpu.storage_buffer(&format!("{} packed tensors", widths.len()), end)?;
+    for (p, (&d, &at)) in widths.iter().zip(&offsets).enumerate() {
+        let t = host_tensor(seed, first_tensor + p as u64, n, d);
+        gpu.queue
+            .write_buffer(&buffer, at, bytemuck::cast_slice(&t));
+        gpu.queue.submit([]);
+        gpu.wait();
+    }
+    Ok((buffer, offsets))
+}
+
 /// `count` tensor widths from 1 to `max`, spread as `1 + (max - 1) * (k / (count - 1))^4`:
 /// many small tensors and a few large ones (100 tensors up to 200,000 sum to about
 /// 4.06 M).

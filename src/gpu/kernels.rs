@@ -122,7 +122,9 @@ pub(crate) struct PartialsParams {
     pub means_base: u32,
     pub tile_cols: u32,
     pub means_stride: u32,
-    pub pad: [u32; 3],
+    pub first_tile: u32,
+    pub entries: u32,
+    pub dispatch_tiles: u32,
 }
 
 /// `Params` of mb_norms.wgsl.

@@ -4,7 +4,8 @@
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window (and, when
-//!    `materialize_means` says so, the means themselves);
+//!    `materialize_means` says so, the means themselves); tensors of one buffer
+//!    share dispatches through a table (`plan::pass1_dispatches`);
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
 //!    (tiles are numbered group by group);
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
@@ -30,8 +31,9 @@ use kernels::{
     PARTIAL_BYTES, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, means_cols, plan_windows, tile_cols, tiles,
-    vec4_rows, Window, MEANS_SUM_COLS, WORKGROUP,
+    aligned_binding, dispatch_2d, materialize_means, means_cols, pack, pass1_dispatches,
+    plan_windows, tile_cols, tiles, vec4_aligned, vec4_rows, Pass1Dispatch, Window, MEANS_SUM_COLS,
+    TABLE_LEN, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -135,6 +137,8 @@ struct CallLayout {
     /// Pass 4 re-reads rows of micro-batches of several rows, with `[N, G]` per-row
     /// weights.
     per_row_weights: bool,
+    /// The norm pass's dispatches (tensors of one buffer share them).
+    pass1: Vec<Pass1Dispatch>,
 }
 
 impl GpuClipper {
@@ -261,8 +265,8 @@ impl GpuClipper {
         })
     }
 
-    /// Host slices in, host vectors out: uploads each tensor once into a pooled
-    /// buffer (the input itself, not a copy of a device buffer).
+    /// Host slices in, host vectors out: uploads each tensor once into pooled
+    /// buffers, packed (the input itself, not a copy of a device buffer).
     pub fn clip_host<T: GradElement>(
         &mut self,
         config: &ClipConfig,
@@ -272,30 +276,42 @@ impl GpuClipper {
         tensors: &[&[T]],
     ) -> Result<ClipOutput> {
         let max_buffer = self.device.limits().max_buffer_size;
-        let mut inputs = Vec::with_capacity(tensors.len());
+        // The tensors packed one after the other (at aligned offsets) into as few
+        // pooled buffers as the device's largest buffer allows: tensors in one
+        // buffer share the norm pass's dispatches. (buffer index, byte offset) each.
+        let sizes: Vec<u64> = tensors
+            .iter()
+            .map(|t| (std::mem::size_of_val(*t) as u64).next_multiple_of(4))
+            .collect();
+        if let Some(p) = sizes.iter().position(|&bytes| bytes > max_buffer) {
+            return Err(ClipError::TooLarge(format!(
+                "tensor {p}: {} bytes exceed the device's largest buffer ({max_buffer} bytes)",
+                sizes[p]
+            )));
+        }
+        let (placed, buffer_bytes) = pack(&sizes, self.storage_align, max_buffer);
+        let buffers: Vec<wgpu::Buffer> = buffer_bytes
+            .iter()
+            .enumerate()
+            .map(|(k, &bytes)| {
+                self.pool
+                    .get(Slot::Input(k), bytes, U::STORAGE | U::COPY_DST)
+            })
+            .collect();
         let mut outputs = Vec::with_capacity(tensors.len());
-        for (p, (t, &cols)) in tensors.iter().zip(widths).enumerate() {
-            let bytes = (std::mem::size_of_val(*t) as u64).next_multiple_of(4);
-            if bytes > max_buffer {
-                return Err(ClipError::TooLarge(format!(
-                    "tensor {p}: {bytes} bytes exceed the device's largest buffer ({max_buffer} bytes)"
-                )));
-            }
-            let input = self
-                .pool
-                .get(Slot::Input(p), bytes, U::STORAGE | U::COPY_DST);
-            upload(&self.queue, &input, bytemuck::cast_slice(t));
+        for (p, (t, &(k, at))) in tensors.iter().zip(&placed).enumerate() {
+            upload(&self.queue, &buffers[k], at, bytemuck::cast_slice(t));
             let output = self.pool.get(
                 Slot::Output(p),
-                cols as u64 * 4,
+                widths[p] as u64 * 4,
                 U::STORAGE | U::COPY_SRC | U::COPY_DST,
             );
-            inputs.push((input, cols));
-            outputs.push((output, cols));
+            outputs.push((output, widths[p]));
         }
-        let in_views: Vec<GpuTensor<'_>> = inputs
+        let in_views: Vec<GpuTensor<'_>> = placed
             .iter()
-            .map(|(buffer, cols)| GpuTensor::new(buffer, 0, *cols).with_dtype(T::DTYPE))
+            .zip(widths)
+            .map(|(&(k, at), &cols)| GpuTensor::new(&buffers[k], at, cols).with_dtype(T::DTYPE))
             .collect();
         let out_views: Vec<GpuTensorMut<'_>> = outputs
             .iter()
@@ -429,6 +445,19 @@ impl GpuClipper {
             }
             tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
+        // Tensors of one type in the same buffer (key: the first such tensor's index).
+        let keyed: Vec<(usize, u64, &[Window])> = inputs
+            .iter()
+            .zip(&tensors)
+            .map(|(t, (_, windows, _))| {
+                let key = inputs
+                    .iter()
+                    .position(|u| u.buffer == t.buffer && u.dtype == t.dtype)
+                    .unwrap_or(0);
+                (key, t.dtype.size_bytes(), windows.as_slice())
+            })
+            .collect();
+        let pass1 = pass1_dispatches(&keyed, self.max_binding);
         let too_large = |what: String, bytes: u64| {
             if bytes > self.max_binding {
                 Err(ClipError::TooLarge(format!(
@@ -480,6 +509,7 @@ impl GpuClipper {
             total_means_cols,
             with_means,
             per_row_weights,
+            pass1,
         })
     }
 
@@ -641,55 +671,79 @@ impl GpuClipper {
             if merge_pass4 { total_means_cols * 4 } else { 0 },
             storage,
         );
-        // Column of the current tensor's means in the means matrix.
-        let mut means_base = 0u64;
         let mut means_dispatches = Vec::new();
         // 1: a zero weight skips its row in pass 4 (so 0 * NaN never happens).
         let skip_zero = (config.non_finite != NonFinitePolicy::Propagate) as u32;
 
         // All uniform blocks of the call in one buffer, one block per aligned slot.
         let mut params = ParamBlocks::new(self.uniform_align);
-        let mut partial_dispatches = Vec::new();
-        let mut noise_dispatches = Vec::new();
-        let mut first_element = 0u64;
-        for ((tile_base, windows, group), (t, o)) in
-            layout.tensors.iter().zip(inputs.iter().zip(outputs))
-        {
-            let cols = t.cols as u64;
-            let n_tiles = tiles(cols, layout.tile_cols);
-            let (tiles_x, tiles_y) = dispatch_2d(n_tiles)?;
-            let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
-            let (out_bind, out_size, out_offset) =
-                aligned_binding(o.offset, cols * 4, self.storage_align, 4);
-            for (k, w) in windows.iter().enumerate() {
-                let p = params.push(&PartialsParams {
+        // Column of each tensor's means in the means matrix.
+        let means_bases: Vec<u64> = inputs
+            .iter()
+            .scan(0, |at, t| {
+                let base = *at;
+                *at += means_cols(t.cols as u64);
+                Some(base)
+            })
+            .collect();
+        // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
+        let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
+        for d in &layout.pass1 {
+            let mut table = Vec::with_capacity(d.entries.len());
+            let mut dispatch_tiles = 0u64;
+            for &(p, k, elem_offset) in &d.entries {
+                let (tile_base, windows, _) = &layout.tensors[p];
+                let w = &windows[k];
+                let cols = inputs[p].cols as u64;
+                table.push(PartialsParams {
                     cols: cols as u32,
-                    elem_offset: w.elem_offset,
+                    elem_offset,
                     row_start: w.row_start,
                     row_end: w.row_end,
                     mb_first: w.mb_first,
-                    tiles: n_tiles as u32,
-                    tiles_x,
+                    tiles: tiles(cols, layout.tile_cols) as u32,
                     tile_base: *tile_base as u32,
                     tiles_total: layout.tiles_total as u32,
                     carry_in: w.carry_in as u32,
                     carry_out: w.carry_out as u32,
                     last_local: w.mb_count - 1,
-                    vec4_path: vec4_rows(cols, w) as u32,
+                    vec4_path: vec4_aligned(cols, elem_offset) as u32,
                     write_means: with_means as u32,
-                    means_base: means_base as u32,
+                    means_base: means_bases[p] as u32,
                     tile_cols: layout.tile_cols as u32,
                     means_stride: total_means_cols as u32,
+                    first_tile: dispatch_tiles as u32,
                     ..Default::default()
                 });
-                partial_dispatches.push((
-                    p,
-                    t.buffer,
-                    (k, w.clone()),
-                    vec4_rows(cols, w),
-                    (tiles_x, tiles_y, w.mb_count),
-                    t.dtype,
-                ));
+                dispatch_tiles += tiles(cols, layout.tile_cols);
+            }
+            let (tiles_x, tiles_y) = dispatch_2d(dispatch_tiles)?;
+            table[0].tiles_x = tiles_x;
+            table[0].entries = table.len() as u32;
+            table[0].dispatch_tiles = dispatch_tiles as u32;
+            let (p, window, _) = d.entries[0];
+            partial_dispatches.push(Pass1 {
+                params: params.push_table(&table),
+                source: (inputs[p].buffer, d.bind_offset, d.bind_size),
+                window,
+                vec4: table.iter().any(|e| e.vec4_path == 1),
+                groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
+                dtype: inputs[p].dtype,
+            });
+        }
+        let mut noise_dispatches = Vec::new();
+        let mut first_element = 0u64;
+        for (p, ((_, windows, group), (t, o))) in layout
+            .tensors
+            .iter()
+            .zip(inputs.iter().zip(outputs))
+            .enumerate()
+        {
+            let cols = t.cols as u64;
+            let (groups_x, groups_y) = dispatch_2d(cols.div_ceil(WORKGROUP))?;
+            let (out_bind, out_size, out_offset) =
+                aligned_binding(o.offset, cols * 4, self.storage_align, 4);
+            for (k, w) in windows.iter().enumerate() {
                 if !with_means {
                     // Pass 4 over this window's rows, weighted per row.
                     means_dispatches.push(Pass4::push(
@@ -721,7 +775,7 @@ impl GpuClipper {
                     &mut params,
                     MeansSumParams {
                         cols: cols as u32,
-                        means_base: means_base as u32,
+                        means_base: means_bases[p] as u32,
                         rows: m as u32,
                         out_offset,
                         skip_zero,
@@ -737,7 +791,6 @@ impl GpuClipper {
                     Dtype::F32,
                 )?);
             }
-            means_base += means_cols(cols);
             if let Some(noise) = config.noise {
                 let n = params.push(&noise_params(
                     &noise,
@@ -825,24 +878,25 @@ impl GpuClipper {
         let k = &self.kernels;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
-            .map(|(p, buffer, (window, w), vec4, _, dtype)| {
+            .map(|d| {
+                let (buffer, at, size) = d.source;
                 bind(
-                    &k.readers(*dtype).partials,
+                    &k.readers(d.dtype).partials,
                     vec![
-                        uniform(*p, std::mem::size_of::<PartialsParams>() as u64),
-                        range(buffer, w.bind_offset, w.bind_size),
+                        uniform(d.params, PARTIALS_TABLE_BYTES),
+                        range(buffer, at, size),
                         whole(&row_offsets),
                         whole(&partials),
                         // window k reads what window k - 1 wrote
-                        whole(&carry[(window + 1) % 2]),
+                        whole(&carry[(d.window + 1) % 2]),
                         // the rows again as vec4, or any read-only buffer when unused
-                        if *vec4 {
-                            range(buffer, w.bind_offset, w.bind_size)
+                        if d.vec4 {
+                            range(buffer, at, size)
                         } else {
                             whole(&row_offsets)
                         },
                         whole(&means),
-                        whole(&carry[window % 2]),
+                        whole(&carry[d.window % 2]),
                     ],
                 )
             })
@@ -928,12 +982,11 @@ impl GpuClipper {
                 label: Some("microclip"),
                 timestamp_writes: None,
             });
-            for (group, (_, _, _, _, (x, y, z), dtype)) in
-                partial_groups.iter().zip(&partial_dispatches)
-            {
-                pass.set_pipeline(&k.readers(*dtype).partials);
+            for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
+                pass.set_pipeline(&k.readers(d.dtype).partials);
                 pass.set_bind_group(0, group, &[]);
-                pass.dispatch_workgroups(*x, *y, *z);
+                let (x, y, z) = d.groups;
+                pass.dispatch_workgroups(x, y, z);
             }
             pass.set_pipeline(&k.norms);
             pass.set_bind_group(0, &norms_group, &[]);
@@ -1080,18 +1133,18 @@ impl GpuClipper {
     }
 }
 
-/// Writes `bytes` to the start of `buffer`; a length that is not a multiple of 4
+/// Writes `bytes` at byte `at` (a multiple of 4) of `buffer`; a length that is not a multiple of 4
 /// (an odd number of 16-bit elements) gets its last word padded with zeros, as
 /// `Queue::write_buffer` writes whole words.
-fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
+fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, at: u64, bytes: &[u8]) {
     let whole = bytes.len() / 4 * 4;
     if whole > 0 {
-        queue.write_buffer(buffer, 0, &bytes[..whole]);
+        queue.write_buffer(buffer, at, &bytes[..whole]);
     }
     if whole < bytes.len() {
         let mut last = [0u8; 4];
         last[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
-        queue.write_buffer(buffer, whole as u64, &last);
+        queue.write_buffer(buffer, at + whole as u64, &last);
     }
 }
 
@@ -1238,6 +1291,21 @@ impl<'a> Pass4<'a> {
     }
 }
 
+/// One norm-pass (`mb_partials`) dispatch: its table's offset in the uniform
+/// blocks, the rows it reads (buffer, offset, size), the carry buffers' roles
+/// (its window's index), whether any entry reads vec4, its workgroups and type.
+struct Pass1<'a> {
+    params: u64,
+    source: (&'a wgpu::Buffer, u64, u64),
+    window: usize,
+    vec4: bool,
+    groups: (u32, u32, u32),
+    dtype: Dtype,
+}
+
+/// Bytes of mb_partials' `table` binding: `TABLE_LEN` parameter blocks.
+const PARTIALS_TABLE_BYTES: u64 = (TABLE_LEN * std::mem::size_of::<PartialsParams>()) as u64;
+
 /// Uniform blocks packed at the device's uniform offset alignment.
 struct ParamBlocks {
     align: u64,
@@ -1250,6 +1318,16 @@ impl ParamBlocks {
             align,
             bytes: Vec::new(),
         }
+    }
+
+    /// Appends `entries` as one block of [`PARTIALS_TABLE_BYTES`] (the rest
+    /// zeros) and returns its byte offset.
+    fn push_table(&mut self, entries: &[PartialsParams]) -> u64 {
+        let at = self.push(&entries[0]);
+        self.bytes
+            .extend_from_slice(bytemuck::cast_slice(&entries[1..]));
+        self.bytes.resize((at + PARTIALS_TABLE_BYTES) as usize, 0);
+        at
     }
 
     /// Appends a block and returns its byte offset.

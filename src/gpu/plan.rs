@@ -122,6 +122,102 @@ pub(crate) fn plan_windows(
     Ok(windows)
 }
 
+/// Entries of one norm-pass dispatch's tensor table (`TABLE_LEN` in
+/// mb_partials.wgsl).
+pub(crate) const TABLE_LEN: usize = 32;
+
+/// One norm-pass (`mb_partials`) dispatch: the tensor windows it covers and the
+/// one binding of their buffer they are read through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pass1Dispatch {
+    /// (tensor, window index, element index within the binding of the window's
+    /// first row), at most [`TABLE_LEN`].
+    pub entries: Vec<(usize, usize, u32)>,
+    /// Byte offset of the binding in the tensors' buffer (aligned).
+    pub bind_offset: u64,
+    /// Byte size of the binding.
+    pub bind_size: u64,
+}
+
+/// Groups the norm pass's tensor windows into dispatches. `tensors[p]` is tensor
+/// p's (buffer key, element bytes, windows), the key equal for tensors in the
+/// same buffer. Tensors held in one window share a dispatch with others of the
+/// same key and element size while they number at most [`TABLE_LEN`] and their
+/// rows fit one binding of `max_binding` bytes (with element indices below
+/// 2^32); every window of a tensor cut into several is a dispatch of its own, in
+/// order (window k hands its carried sums to window k + 1). Shared dispatches come
+/// last: their order does not matter.
+pub(crate) fn pass1_dispatches(
+    tensors: &[(usize, u64, &[Window])],
+    max_binding: u64,
+) -> Vec<Pass1Dispatch> {
+    // (key, element bytes) -> (tensors' first bytes, binding start, binding end)
+    type Open = ((usize, u64), Vec<(usize, u64)>, u64, u64);
+    let mut open: Vec<Open> = Vec::new();
+    let mut out = Vec::new();
+    let close = |((_, elem_bytes), members, start, end): Open| Pass1Dispatch {
+        entries: members
+            .into_iter()
+            .map(|(p, first_byte)| (p, 0, ((first_byte - start) / elem_bytes) as u32))
+            .collect(),
+        bind_offset: start,
+        bind_size: end - start,
+    };
+    let mut shared = Vec::new();
+    for (p, &(key, elem_bytes, windows)) in tensors.iter().enumerate() {
+        if let [w] = windows {
+            let first_byte = w.bind_offset + w.elem_offset as u64 * elem_bytes;
+            let (start, end) = (w.bind_offset, w.bind_offset + w.bind_size);
+            if let Some(i) = open.iter().position(|o| o.0 == (key, elem_bytes)) {
+                let (_, members, s, e) = &mut open[i];
+                let (s2, e2) = ((*s).min(start), (*e).max(end));
+                if members.len() < TABLE_LEN
+                    && e2 - s2 <= max_binding
+                    && (e2 - s2) / elem_bytes <= u32::MAX as u64
+                {
+                    members.push((p, first_byte));
+                    (*s, *e) = (s2, e2);
+                    continue;
+                }
+                shared.push(close(open.swap_remove(i)));
+            }
+            open.push(((key, elem_bytes), vec![(p, first_byte)], start, end));
+        } else {
+            for (k, w) in windows.iter().enumerate() {
+                out.push(Pass1Dispatch {
+                    entries: vec![(p, k, w.elem_offset)],
+                    bind_offset: w.bind_offset,
+                    bind_size: w.bind_size,
+                });
+            }
+        }
+    }
+    out.extend(shared);
+    out.extend(open.into_iter().map(close));
+    out
+}
+
+/// Places blocks of `sizes` bytes (each at most `max_buffer`) one after the other
+/// at multiples of `align` in as few buffers of at most `max_buffer` bytes as
+/// this greedy order gives: (buffer, byte offset) per block, and each buffer's
+/// used bytes.
+pub(crate) fn pack(sizes: &[u64], align: u64, max_buffer: u64) -> (Vec<(usize, u64)>, Vec<u64>) {
+    let mut placed = Vec::with_capacity(sizes.len());
+    let mut used = vec![0u64];
+    for &bytes in sizes {
+        let last = used.last_mut().expect("one buffer at least");
+        let at = last.next_multiple_of(align);
+        if at + bytes <= max_buffer {
+            *last = at + bytes;
+            placed.push((used.len() - 1, at));
+        } else {
+            used.push(bytes);
+            placed.push((used.len() - 1, 0));
+        }
+    }
+    (placed, used)
+}
+
 /// Splits `groups` workgroups into a 2-D dispatch `(x, y)` with `x * y >= groups`;
 /// kernels recover the linear index as `wg.x + wg.y * x`.
 pub(crate) fn dispatch_2d(groups: u64) -> Result<(u32, u32)> {
@@ -169,7 +265,13 @@ pub(crate) fn tile_cols(
 /// multiple of 4 elements from the start of the binding (so the binding, whose
 /// start is aligned, is also a whole number of vec4).
 pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
-    cols.is_multiple_of(4) && w.elem_offset.is_multiple_of(4)
+    vec4_aligned(cols, w.elem_offset)
+}
+
+/// Whether rows of `cols` elements whose first starts at element `elem_offset` of
+/// an aligned binding all start at a multiple of 4 elements.
+pub(crate) fn vec4_aligned(cols: u64, elem_offset: u32) -> bool {
+    cols.is_multiple_of(4) && elem_offset.is_multiple_of(4)
 }
 
 /// Whether a call materialises the micro-batch means: pass 1 also writes the
@@ -311,6 +413,51 @@ mod tests {
         // Many tensors count together.
         assert_eq!(tile_cols([10u64; 100].into_iter(), 1, 32), MAX_TILE_COLS);
         assert_eq!(tile_cols(std::iter::empty(), 4, 1), MIN_TILE_COLS);
+    }
+
+    #[test]
+    fn tensors_of_one_buffer_share_norm_pass_dispatches() {
+        let o = offsets(10, 3);
+        // f32 tensors of 7 columns (280 bytes) at 256-aligned bytes; key 0 or 1.
+        let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+        let (a, b, c) = (one(512), one(0), one(1024));
+        let d = pass1_dispatches(&[(0, 4, &a), (1, 4, &b), (0, 4, &c)], 1 << 20);
+        // Tensors 0 and 2 share key 0: one binding from byte 512, tensor 2 at 128 floats.
+        assert_eq!(d.len(), 2);
+        let shared = d.iter().find(|d| d.entries.len() == 2).unwrap();
+        assert_eq!(shared.entries, vec![(0, 0, 0), (2, 0, 128)]);
+        assert_eq!((shared.bind_offset, shared.bind_size), (512, 512 + 280));
+        // The same binding limited to 600 bytes: two dispatches.
+        let d = pass1_dispatches(&[(0, 4, &a), (0, 4, &c)], 600);
+        assert_eq!(d.len(), 2);
+        // At most TABLE_LEN tensors per dispatch.
+        let many: Vec<Vec<Window>> = (0..TABLE_LEN as u64 + 1).map(|p| one(p * 512)).collect();
+        let keyed: Vec<(usize, u64, &[Window])> =
+            many.iter().map(|w| (0, 4, w.as_slice())).collect();
+        let d = pass1_dispatches(&keyed, 1 << 30);
+        let sizes: Vec<usize> = d.iter().map(|d| d.entries.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), TABLE_LEN + 1);
+        assert!(sizes.iter().all(|&s| s <= TABLE_LEN), "{sizes:?}");
+        // A tensor cut into windows: one dispatch per window, in order, first.
+        let cut = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
+        let d = pass1_dispatches(&[(0, 4, &a), (0, 4, &cut), (0, 4, &c)], 1052);
+        let cut_entries: Vec<_> = d[..cut.len()].iter().map(|d| d.entries[0]).collect();
+        let want: Vec<_> = cut
+            .iter()
+            .enumerate()
+            .map(|(k, w)| (1, k, w.elem_offset))
+            .collect();
+        assert_eq!(cut_entries, want);
+        assert_eq!(d.len(), cut.len() + 1);
+    }
+
+    #[test]
+    fn packing_fills_buffers_in_order_at_aligned_offsets() {
+        let (placed, used) = pack(&[100, 4, 300, 600, 8], 256, 1000);
+        assert_eq!(placed, vec![(0, 0), (0, 256), (0, 512), (1, 0), (1, 768)]);
+        assert_eq!(used, vec![812, 776]);
+        let (placed, used) = pack(&[1000, 1], 256, 1000);
+        assert_eq!((placed, used), (vec![(0, 0), (1, 0)], vec![1000, 1]));
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub(crate) enum Slot {
     /// means (then copied into each tensor's output).
     MergedOutput,
     Readback,
-    /// Host-path upload of input tensor `p`.
+    /// Host-path upload buffer `k`, holding input tensors packed one after the other.
     Input(usize),
     /// Host-path output of tensor `p`.
     Output(usize),
