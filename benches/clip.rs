@@ -4,8 +4,9 @@
 //! * `gpu_device/N64_D262144`: micro-batches b = 1 and 8, inputs already in device
 //!   buffers (`clip_buffers_into`), next to the vec4 read-and-sum reference over
 //!   the same bytes (`examples/bench_report/reference.wgsl`);
-//! * `gpu_device/multi_N64_b4`: 100 tensors (D_p from 1 to 12,500, each its own
-//!   buffer) against one tensor of the same total width, and the read-and-sum;
+//! * `gpu_device/multi_N64_b4`: 100 tensors (D_p from 1 to 12,500), each in its
+//!   own buffer and all packed into one buffer, against one tensor of the same
+//!   total width, and the read-and-sum;
 //! * `gpu_device/N64_D262144_f16`, `.._bf16`: the main shape as 16-bit input
 //!   (b = 1 and 8), next to the read-and-sum over its N x D x 2 bytes;
 //! * `cpu_host/...`: the same shapes on the CPU backend (`Clipper::clip` on host
@@ -76,32 +77,32 @@ fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::W
         .measurement_time(Duration::from_secs(5));
 }
 
-/// Times `clip_buffers_into` on device buffers `tensors` (buffer, D_p).
+/// Times `clip_buffers_into` on device buffers `tensors` (buffer, byte offset, D_p).
 fn bench_device(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     gpu: &Gpu,
     id: &str,
     n: usize,
     b: usize,
-    tensors: &[(&wgpu::Buffer, usize)],
+    tensors: &[(&wgpu::Buffer, u64, usize)],
     dtype: Dtype,
 ) {
     let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
     let outs: Vec<wgpu::Buffer> = tensors
         .iter()
-        .map(|&(_, d)| {
+        .map(|&(_, _, d)| {
             gpu.storage_buffer("output", (d * 4) as u64)
                 .expect("output")
         })
         .collect();
     let inputs: Vec<GpuTensor<'_>> = tensors
         .iter()
-        .map(|&(buffer, cols)| GpuTensor::new(buffer, 0, cols).with_dtype(dtype))
+        .map(|&(buffer, at, cols)| GpuTensor::new(buffer, at, cols).with_dtype(dtype))
         .collect();
     let outputs: Vec<GpuTensorMut<'_>> = outs
         .iter()
         .zip(tensors)
-        .map(|(buffer, &(_, cols))| GpuTensorMut {
+        .map(|(buffer, &(_, _, cols))| GpuTensorMut {
             buffer,
             offset: 0,
             cols,
@@ -180,7 +181,7 @@ fn gpu_benches(c: &mut Criterion) {
             &format!("microclip/b{b}"),
             N,
             b,
-            &[(&x, D)],
+            &[(&x, 0, D)],
             Dtype::F32,
         );
     }
@@ -195,7 +196,7 @@ fn gpu_benches(c: &mut Criterion) {
         group.throughput(Throughput::Bytes((N * D * 2) as u64));
         for b in BS {
             let id = format!("microclip/b{b}");
-            bench_device(&mut group, &gpu, &id, N, b, &[(&x, D)], dtype);
+            bench_device(&mut group, &gpu, &id, N, b, &[(&x, 0, D)], dtype);
         }
         bench_read_sum(&mut group, &gpu, &refk, &x, (N * D * 2) as u64);
         group.finish();
@@ -212,8 +213,15 @@ fn gpu_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("gpu_device/multi_N{N_MULTI}_b{B_MULTI}"));
     configure(&mut group);
     group.throughput(Throughput::Bytes((N_MULTI * total * 4) as u64));
-    let many_refs: Vec<(&wgpu::Buffer, usize)> =
-        many.iter().zip(&widths).map(|(b, &d)| (b, d)).collect();
+    let many_refs: Vec<(&wgpu::Buffer, u64, usize)> =
+        many.iter().zip(&widths).map(|(b, &d)| (b, 0, d)).collect();
+    let (packed, at) =
+        data::packed_tensors(&gpu, SEED, 100, N_MULTI, &widths).expect("packed input");
+    let packed_refs: Vec<(&wgpu::Buffer, u64, usize)> = widths
+        .iter()
+        .zip(&at)
+        .map(|(&d, &at)| (&packed, at, d))
+        .collect();
     bench_device(
         &mut group,
         &gpu,
@@ -226,10 +234,19 @@ fn gpu_benches(c: &mut Criterion) {
     bench_device(
         &mut group,
         &gpu,
+        &format!("microclip/{TENSORS}_tensors_1_buffer"),
+        N_MULTI,
+        B_MULTI,
+        &packed_refs,
+        Dtype::F32,
+    );
+    bench_device(
+        &mut group,
+        &gpu,
         "microclip/1_buffer",
         N_MULTI,
         B_MULTI,
-        &[(&single, total)],
+        &[(&single, 0, total)],
         Dtype::F32,
     );
     bench_read_sum(

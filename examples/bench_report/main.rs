@@ -21,8 +21,10 @@
 //!   256} (b = 2 is not among the cases: it is the largest b at which the
 //!   GPU's pass 4 re-reads the input rows);
 //!   N = 64, D = 4,000,000, b = 4; N = 1024, D = 65,536, b = 16; N = 64, b = 4 with
-//!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total, each its own
-//!   buffer) and one tensor of the same total width. On the GPU the inputs are in
+//!   100 tensors of D_p from 1 to 200,000 (about 4.06 M in total), each in its own
+//!   buffer, then all packed into one buffer at 256-byte aligned offsets (they
+//!   share the norm pass's dispatches), and one tensor of the same total width.
+//!   On the GPU the inputs are in
 //!   device buffers before timing (`clip_buffers_into`); one extra row times the
 //!   host-slice path (`clip()`, upload included) on the N = 1024 shape. The main
 //!   shape also runs as f16 and bf16 input (b = 1 and 8). The CPU backend runs the
@@ -45,7 +47,7 @@
 //!   sum over the same slice), sampled interleaved with the case in the same run so
 //!   that both see the same background load. 1.0 is the physical floor; a method
 //!   that reads the input twice cannot go below 2.0 at b = 1 (microclip reads it in
-//!   `mb_partials` and again in `weighted_means`). For the 100-buffer case the
+//!   `mb_partials` and again in `weighted_means`). For the 100-tensor cases the
 //!   reference reads one buffer of the same total size.
 //! * **Adapter bandwidth**: a vec4 copy kernel over the main input (GB/s counting
 //!   bytes read + written) and the read-and-sum, printed in the header.
