@@ -101,7 +101,7 @@ struct Params {
     dispatch_tiles: u32,// (entry 0) tiles of all entries
 }
 
-// Entries of the table (mirrored by TABLE_LEN in src/gpu/kernels.rs).
+// Entries of the table (mirrored by TABLE_LEN in src/gpu/plan.rs, checked by a test).
 const TABLE_LEN: u32 = 32u;
 
 @group(0) @binding(0) var<uniform> table: array<Params, TABLE_LEN>;
@@ -462,8 +462,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     params = table[entry];
-    let tile = dispatch_tile - params.first_tile;
-    if (tile >= params.tiles) {
+    // Tests that precede barriers read `table` (uniform), not the private copy,
+    // which WGSL's uniformity analysis counts as non-uniform.
+    let tile = dispatch_tile - table[entry].first_tile;
+    if (tile >= table[entry].tiles) {
         return; // whole workgroup: uniform (a table whose entries leave gaps)
     }
     let local_mb = wg.z;
@@ -475,7 +477,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let hi = min(mb_hi, params.row_end);
     let rows = hi - lo;
     let takes_carry = local_mb == 0u && params.carry_in == 1u;
-    let gives_carry = local_mb == params.last_local && params.carry_out == 1u;
+    let gives_carry = local_mb == table[entry].last_local && table[entry].carry_out == 1u;
     let row0 = params.elem_offset + (lo - params.row_start) * params.cols;
     let col_end = min(params.cols, (tile + 1u) * params.tile_cols);
 

@@ -271,3 +271,48 @@ fn gpu_loaders_decode_every_finite_value_exactly() {
     loader_is_exact(&mut gpu, f16::from_bits, f32::INFINITY);
     loader_is_exact(&mut gpu, bf16::from_bits, 1e18);
 }
+
+/// Three f16 tensors in one caller buffer (so they share norm-pass dispatches):
+/// the first at byte 4 (rows of 8 halves start 2 halves past a quad: scalar
+/// loads), the second right after it, the third at a 16-byte boundary (vec4
+/// loads). The result equals the host path's (which uploads them aligned) bit for
+/// bit, and the float64 reference within tolerance.
+#[test]
+fn f16_tensors_sharing_one_buffer() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 7;
+    let widths = [8usize, 5, 12];
+    let t = rounded(&random_tensors(44, n, &widths, 1.0), f16::from_f32);
+    let mut at = vec![4u64];
+    at.push((at[0] + (n * widths[0] * 2) as u64).next_multiple_of(4));
+    at.push((at[1] + (n * widths[1] * 2) as u64).next_multiple_of(16) + 16);
+    let mut bytes = vec![0xffu8; (at[2] as usize + n * widths[2] * 2).next_multiple_of(4)];
+    for (x, &a) in t.iter().zip(&at) {
+        bytes[a as usize..a as usize + x.len() * 2].copy_from_slice(bytemuck::cast_slice(x));
+    }
+    let device = gpu.device().unwrap().clone();
+    let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: &bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    });
+    let inputs: Vec<GpuTensor<'_>> = widths
+        .iter()
+        .zip(&at)
+        .map(|(&d, &a)| GpuTensor::new(&input, a, d).with_dtype(Dtype::F16))
+        .collect();
+    let views: Vec<&[f16]> = t.iter().map(Vec::as_slice).collect();
+    let want_inputs = widened(&t);
+    for b in [1, 2, 3, 7] {
+        let cfg = ClipConfig::fixed(0.3, MicroBatches::Uniform(b));
+        let (buffers, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+        let host = gpu.clip(&cfg, &views, n).unwrap();
+        assert_eq!(stats, host.stats, "b {b}");
+        for (p, buffer) in buffers.iter().enumerate() {
+            let got = read_buffer(&gpu, buffer, 0, widths[p]);
+            assert_eq!(got, host.grads[p], "b {b} tensor {p}");
+        }
+        let want = clip_f64(&cfg, &slices(&want_inputs), n).unwrap();
+        assert_matches(&host, &want, TOL, &format!("b {b}"));
+    }
+}

@@ -276,9 +276,11 @@ impl GpuClipper {
         tensors: &[&[T]],
     ) -> Result<ClipOutput> {
         let max_buffer = self.device.limits().max_buffer_size;
-        // The tensors packed one after the other (at aligned offsets) into as few
-        // pooled buffers as the device's largest buffer allows: tensors in one
-        // buffer share the norm pass's dispatches. (buffer index, byte offset) each.
+        // The tensors packed one after the other (at the storage offset alignment)
+        // into pooled buffers of up to one binding each: tensors in one buffer
+        // share the norm pass's dispatches. (buffer index, byte offset) each.
+        // Pooled buffers are rounded up to 16 bytes: keep that within the limit.
+        let max_buffer = max_buffer / 16 * 16;
         let sizes: Vec<u64> = tensors
             .iter()
             .map(|t| (std::mem::size_of_val(*t) as u64).next_multiple_of(4))
@@ -289,7 +291,9 @@ impl GpuClipper {
                 sizes[p]
             )));
         }
-        let (placed, buffer_bytes) = pack(&sizes, self.storage_align, max_buffer);
+        // Buffers up to one binding (sharing needs no more) unless a tensor is larger.
+        let limit = self.max_binding.min(max_buffer) / 16 * 16;
+        let (placed, buffer_bytes) = pack(&sizes, self.storage_align, limit);
         let buffers: Vec<wgpu::Buffer> = buffer_bytes
             .iter()
             .enumerate()
@@ -446,14 +450,16 @@ impl GpuClipper {
             tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
         // Tensors of one type in the same buffer (key: the first such tensor's index).
+        // (wgpu::Buffer hashes and compares by its handle's address, which its
+        // interior mutability never changes.)
+        #[allow(clippy::mutable_key_type)]
+        let mut first_of = std::collections::HashMap::new();
         let keyed: Vec<(usize, u64, &[Window])> = inputs
             .iter()
             .zip(&tensors)
-            .map(|(t, (_, windows, _))| {
-                let key = inputs
-                    .iter()
-                    .position(|u| u.buffer == t.buffer && u.dtype == t.dtype)
-                    .unwrap_or(0);
+            .enumerate()
+            .map(|(p, (t, (_, windows, _)))| {
+                let key = *first_of.entry((t.buffer, t.dtype)).or_insert(p);
                 (key, t.dtype.size_bytes(), windows.as_slice())
             })
             .collect();

@@ -197,17 +197,17 @@ pub(crate) fn pass1_dispatches(
     out
 }
 
-/// Places blocks of `sizes` bytes (each at most `max_buffer`) one after the other
-/// at multiples of `align` in as few buffers of at most `max_buffer` bytes as
-/// this greedy order gives: (buffer, byte offset) per block, and each buffer's
-/// used bytes.
-pub(crate) fn pack(sizes: &[u64], align: u64, max_buffer: u64) -> (Vec<(usize, u64)>, Vec<u64>) {
+/// Places blocks of `sizes` bytes one after the other at multiples of `align`,
+/// in order, starting a new buffer when the next block would take the current
+/// one past `limit` bytes (a block larger than `limit` gets a buffer of its own):
+/// (buffer, byte offset) per block, and each buffer's used bytes.
+pub(crate) fn pack(sizes: &[u64], align: u64, limit: u64) -> (Vec<(usize, u64)>, Vec<u64>) {
     let mut placed = Vec::with_capacity(sizes.len());
     let mut used = vec![0u64];
     for &bytes in sizes {
         let last = used.last_mut().expect("one buffer at least");
         let at = last.next_multiple_of(align);
-        if at + bytes <= max_buffer {
+        if *last == 0 || at + bytes <= limit {
             *last = at + bytes;
             placed.push((used.len() - 1, at));
         } else {
@@ -262,8 +262,9 @@ pub(crate) fn tile_cols(
 }
 
 /// Whether mb_partials may read a window's rows as vec4: every row starts at a
-/// multiple of 4 elements from the start of the binding (so the binding, whose
-/// start is aligned, is also a whole number of vec4).
+/// multiple of 4 elements from the (aligned) start of the binding. The binding's
+/// size need not be a whole number of vec4: every vec4 such rows cover lies
+/// inside it.
 pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
     vec4_aligned(cols, w.elem_offset)
 }
@@ -452,12 +453,23 @@ mod tests {
     }
 
     #[test]
+    fn table_length_matches_the_shader() {
+        let shader = include_str!("../../shaders/mb_partials.wgsl");
+        let line = format!("const TABLE_LEN: u32 = {TABLE_LEN}u;");
+        assert!(shader.contains(&line), "mb_partials.wgsl lacks `{line}`");
+    }
+
+    #[test]
     fn packing_fills_buffers_in_order_at_aligned_offsets() {
         let (placed, used) = pack(&[100, 4, 300, 600, 8], 256, 1000);
         assert_eq!(placed, vec![(0, 0), (0, 256), (0, 512), (1, 0), (1, 768)]);
         assert_eq!(used, vec![812, 776]);
         let (placed, used) = pack(&[1000, 1], 256, 1000);
         assert_eq!((placed, used), (vec![(0, 0), (1, 0)], vec![1000, 1]));
+        // Blocks over the limit each get a buffer of their own.
+        let (placed, used) = pack(&[1500, 1200, 10], 256, 1000);
+        assert_eq!(placed, vec![(0, 0), (1, 0), (2, 0)]);
+        assert_eq!(used, vec![1500, 1200, 10]);
     }
 
     #[test]
