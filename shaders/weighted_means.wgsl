@@ -31,7 +31,7 @@ struct Params {
     means_base: u32,    // element index in `grads` of row 0, column 0 (this tensor's
                         // first mean, or the window's first input row)
     rows: u32,          // rows summed: M means, or the rows of a window
-    groups_x: u32,      // column group = wg.x + wg.y * groups_x (WG * 4 columns each)
+    groups_x: u32,      // (entry 0) column group = wg.x + wg.y * groups_x (WG * 4 columns each)
     out_offset: u32,    // element index of out_p[0] in `out`
     skip_zero: u32,     // 1: a zero weight skips its row (so 0 * NaN never happens)
     vec4_path: u32,     // 1: stride and means_base are multiples of 4: read `grads4`
@@ -43,9 +43,20 @@ struct Params {
                         // rounded up to 4 for the stored means
     weights_base: u32,  // weight row of the first row (the window's first row)
     accumulate: u32,    // 1: add to what `out` holds (not the tensor's first window)
+    first_group: u32,   // this entry's first column group among the dispatch's
+    entries: u32,       // (entry 0) entries of the table in use
+    dispatch_groups: u32, // (entry 0) column groups of all entries
+    pad: u32,
 }
 
-@group(0) @binding(0) var<uniform> params: Params;
+// One dispatch serves up to TABLE_LEN tensors (or windows), as in
+// mb_partials.wgsl: their column groups are numbered one after the other and each
+// workgroup finds its entry by a binary search (src/gpu/plan.rs: TABLE_LEN).
+const TABLE_LEN: u32 = 32u;
+
+@group(0) @binding(0) var<uniform> table: array<Params, TABLE_LEN>;
+// The workgroup's entry of the table.
+var<private> params: Params;
 // The means (f32), or the input rows (any element type): read through grad_at /
 // grad_quad of grads_<type>.wgsl.
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
@@ -116,8 +127,24 @@ const QUADS: u32 = 8u;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups).
-    let first = (wg.x + wg.y * params.groups_x) * WG + (lid / RUN) * RUN * QUADS + lid % RUN;
+    let dispatch_group = wg.x + wg.y * table[0].groups_x;
+    if (dispatch_group >= table[0].dispatch_groups) {
+        return;
+    }
+    // The last entry whose first column group is at or before dispatch_group.
+    var entry = 0u;
+    var past = table[0].entries;
+    while (past - entry > 1u) {
+        let mid = (entry + past) / 2u;
+        if (table[mid].first_group <= dispatch_group) {
+            entry = mid;
+        } else {
+            past = mid;
+        }
+    }
+    params = table[entry];
+    // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups per entry).
+    let first = (dispatch_group - params.first_group) * WG + (lid / RUN) * RUN * QUADS + lid % RUN;
     let quads = (params.cols + 3u) / 4u;
     if (params.vec4_path == 1u && first + (QUADS - 1u) * RUN < quads) {
         // Block sums b_k and totals t_k of the thread's quads k = 0..7.

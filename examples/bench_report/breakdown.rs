@@ -68,6 +68,10 @@ struct MeansSumParams {
     stride: u32,
     weights_base: u32,
     accumulate: u32,
+    first_group: u32,
+    entries: u32,
+    dispatch_groups: u32,
+    pad: u32,
 }
 
 /// `Params` of row_weights.wgsl.
@@ -316,9 +320,10 @@ pub fn run(
         let sum = {
             let (mx, my) = split((d as u64).div_ceil(2048));
             let rows = if with_means { m } else { n };
+            // A table of one entry (TABLE_LEN copies of it; entries = 1).
             let sp = uniform(
                 gpu,
-                &MeansSumParams {
+                &[MeansSumParams {
                     cols: d as u32,
                     rows: rows as u32,
                     groups_x: mx,
@@ -326,8 +331,10 @@ pub fn run(
                     groups: 1,
                     vec4_path: d.is_multiple_of(4) as u32,
                     stride: d as u32,
+                    entries: 1,
+                    dispatch_groups: (d as u64).div_ceil(2048) as u32,
                     ..Default::default()
-                },
+                }; TABLE_LEN],
             );
             let source = if with_means { &means } else { &x };
             Single::new(

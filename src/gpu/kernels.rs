@@ -197,6 +197,10 @@ pub(crate) struct MeansSumParams {
     pub stride: u32,
     pub weights_base: u32,
     pub accumulate: u32,
+    pub first_group: u32,
+    pub entries: u32,
+    pub dispatch_groups: u32,
+    pub pad: u32,
 }
 
 /// Size in bytes of the `Partial` record of common.wgsl.

@@ -12,9 +12,10 @@
 //!    total sensitivity and the noise scale;
 //! 4. `weighted_means`: `out_p = sum_j (s_{j,g} / M) * mean_j` over the stored means
 //!    (per tensor, or once for all tensors into a scratch row), or as the sum over
-//!    the input rows, per tensor and window, of each row times its micro-batch's
-//!    weight over the micro-batch's size (those row weights from `row_weights`,
-//!    dispatched after `clip_factors` unless b = 1);
+//!    the input rows, per tensor and window (or in the norm pass's dispatches into
+//!    the scratch row), of each row times its micro-batch's weight over the
+//!    micro-batch's size (those row weights from `row_weights`, dispatched after
+//!    `clip_factors` unless b = 1);
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
 pub(crate) mod kernels;
@@ -656,25 +657,28 @@ impl GpuClipper {
             if per_row_weights { n * g * 4 } else { 0 },
             storage,
         );
-        // Pass 4 of all tensors as ONE dispatch over the means matrix into a scratch
-        // row, then a copy per tensor into its output (or straight into the
-        // read-back buffer on the host path): with several tensors, one parameter
-        // group (one weight per micro-batch), no noise (added per tensor in the
-        // output), outputs that accept copies, and tensors narrow enough on average
-        // that a dispatch saved outweighs the bytes copied (`merge_max_avg_cols`).
-        // Extra memory: the row, sum ceil4(D_p) x 4 bytes.
-        let merge_pass4 = with_means
-            && g == 1
-            && inputs.len() > 1
+        // Pass 4 of several tensors into one scratch row (tensor p's columns from
+        // means_bases[p]), then a copy per tensor into its output (or straight into
+        // the read-back buffer on the host path): with several tensors, no noise
+        // (added per tensor in the output), outputs that accept copies, and tensors
+        // narrow enough on average that the dispatches saved outweigh the bytes
+        // copied (`merge_max_avg_cols`). Over stored means: ONE dispatch over the
+        // means matrix (with one parameter group: one weight per micro-batch).
+        // Over the input rows: the norm pass's dispatches, tensors of one buffer
+        // sharing one. Extra memory: the row, sum ceil4(D_p) x 4 bytes.
+        let copies_pay = inputs.len() > 1
             && config.noise.is_none()
             && total_means_cols / inputs.len() as u64 <= self.merge_max_avg_cols
             && (read_outputs
                 || outputs
                     .iter()
                     .all(|o| o.buffer.usage().contains(U::COPY_DST)));
+        let merge_pass4 = with_means && g == 1 && copies_pay;
+        let merge_rows = !with_means && copies_pay;
+        let merged = merge_pass4 || merge_rows;
         let merged_out = self.pool.get(
             Slot::MergedOutput,
-            if merge_pass4 { total_means_cols * 4 } else { 0 },
+            if merged { total_means_cols * 4 } else { 0 },
             storage,
         );
         let mut means_dispatches = Vec::new();
@@ -729,7 +733,7 @@ impl GpuClipper {
             table[0].dispatch_tiles = dispatch_tiles as u32;
             let (p, window, _) = d.entries[0];
             partial_dispatches.push(Pass1 {
-                params: params.push_table(&table),
+                params: params.push_table(&table, PARTIALS_TABLE_BYTES),
                 source: (inputs[p].buffer, d.bind_offset, d.bind_size),
                 window,
                 vec4: table.iter().any(|e| e.vec4_path == 1),
@@ -750,11 +754,11 @@ impl GpuClipper {
             let (out_bind, out_size, out_offset) =
                 aligned_binding(o.offset, cols * 4, self.storage_align, 4);
             for (k, w) in windows.iter().enumerate() {
-                if !with_means {
+                if !with_means && !merge_rows {
                     // Pass 4 over this window's rows, weighted per row.
                     means_dispatches.push(Pass4::push(
                         &mut params,
-                        MeansSumParams {
+                        vec![MeansSumParams {
                             cols: cols as u32,
                             means_base: w.elem_offset,
                             rows: w.row_end - w.row_start,
@@ -767,7 +771,7 @@ impl GpuClipper {
                             weights_base: w.row_start,
                             accumulate: (k > 0) as u32,
                             ..Default::default()
-                        },
+                        }],
                         (t.buffer, w.bind_offset, w.bind_size),
                         per_row_weights,
                         (o.buffer, out_bind, out_size),
@@ -779,7 +783,7 @@ impl GpuClipper {
                 // The stored means: f32, rows padded to whole quads.
                 means_dispatches.push(Pass4::push(
                     &mut params,
-                    MeansSumParams {
+                    vec![MeansSumParams {
                         cols: cols as u32,
                         means_base: means_bases[p] as u32,
                         rows: m as u32,
@@ -790,7 +794,7 @@ impl GpuClipper {
                         group: *group,
                         stride: total_means_cols as u32,
                         ..Default::default()
-                    },
+                    }],
                     (&means, 0, means.size()),
                     false,
                     (o.buffer, out_bind, out_size),
@@ -810,10 +814,47 @@ impl GpuClipper {
             }
             first_element += cols;
         }
+        if merge_rows {
+            // The input rows, in the norm pass's dispatches (same bindings).
+            for d in &layout.pass1 {
+                let blocks = d
+                    .entries
+                    .iter()
+                    .map(|&(p, k, elem_offset)| {
+                        let (_, windows, group) = &layout.tensors[p];
+                        let w = &windows[k];
+                        let cols = inputs[p].cols as u64;
+                        MeansSumParams {
+                            cols: cols as u32,
+                            means_base: elem_offset,
+                            rows: w.row_end - w.row_start,
+                            out_offset: means_bases[p] as u32,
+                            skip_zero,
+                            vec4_path: vec4_aligned(cols, elem_offset) as u32,
+                            groups: g as u32,
+                            group: *group,
+                            stride: cols as u32,
+                            weights_base: w.row_start,
+                            accumulate: (k > 0) as u32,
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let p = d.entries[0].0;
+                means_dispatches.push(Pass4::push(
+                    &mut params,
+                    blocks,
+                    (inputs[p].buffer, d.bind_offset, d.bind_size),
+                    per_row_weights,
+                    (&merged_out, 0, merged_out.size()),
+                    inputs[p].dtype,
+                )?);
+            }
+        }
         if merge_pass4 {
             means_dispatches.push(Pass4::push(
                 &mut params,
-                MeansSumParams {
+                vec![MeansSumParams {
                     cols: total_means_cols as u32,
                     rows: m as u32,
                     skip_zero,
@@ -821,7 +862,7 @@ impl GpuClipper {
                     groups: 1,
                     stride: total_means_cols as u32,
                     ..Default::default()
-                },
+                }],
                 (&means, 0, means.size()),
                 false,
                 (&merged_out, 0, merged_out.size()),
@@ -965,7 +1006,7 @@ impl GpuClipper {
                 bind(
                     &k.readers(d.dtype).weighted_means,
                     vec![
-                        uniform(d.params, std::mem::size_of::<MeansSumParams>() as u64),
+                        uniform(d.params, MEANS_TABLE_BYTES),
                         range(source, at, size),
                         whole(if d.per_row { &row_weights } else { &weights }),
                         range(out, out_bind, out_size),
@@ -1042,7 +1083,7 @@ impl GpuClipper {
         let mut merged_at = 0;
         for o in outputs {
             let len = o.cols as u64 * 4;
-            let (source, source_at) = if merge_pass4 {
+            let (source, source_at) = if merged {
                 (&merged_out, merged_at * 4)
             } else {
                 (o.buffer, o.offset)
@@ -1050,7 +1091,7 @@ impl GpuClipper {
             if read_outputs {
                 encoder.copy_buffer_to_buffer(source, source_at, &readback, at, len);
                 at += len;
-            } else if merge_pass4 {
+            } else if merged {
                 encoder.copy_buffer_to_buffer(source, source_at, o.buffer, o.offset, len);
             }
             merged_at += means_cols(o.cols as u64);
@@ -1273,22 +1314,29 @@ struct Pass4<'a> {
 }
 
 impl<'a> Pass4<'a> {
-    /// Completes `block` with its dispatch size (`groups_x`) and appends it to
-    /// `params`.
+    /// Numbers the column groups of `table`'s tensors one after the other, sets
+    /// the dispatch's size in entry 0 and appends the table to `params`.
     fn push(
         params: &mut ParamBlocks,
-        mut block: MeansSumParams,
+        mut table: Vec<MeansSumParams>,
         source: (&'a wgpu::Buffer, u64, u64),
         per_row: bool,
         out: (&'a wgpu::Buffer, u64, u64),
         dtype: Dtype,
     ) -> Result<Self> {
-        let groups = dispatch_2d((block.cols as u64).div_ceil(MEANS_SUM_COLS))?;
-        block.groups_x = groups.0;
+        let mut dispatch_groups = 0u64;
+        for e in &mut table {
+            e.first_group = dispatch_groups as u32;
+            dispatch_groups += (e.cols as u64).div_ceil(MEANS_SUM_COLS);
+        }
+        let groups = dispatch_2d(dispatch_groups)?;
+        table[0].groups_x = groups.0;
+        table[0].entries = table.len() as u32;
+        table[0].dispatch_groups = dispatch_groups as u32;
         Ok(Self {
-            params: params.push(&block),
+            params: params.push_table(&table, MEANS_TABLE_BYTES),
             source,
-            vec4: block.vec4_path == 1,
+            vec4: table.iter().any(|e| e.vec4_path == 1),
             per_row,
             out,
             groups,
@@ -1311,6 +1359,8 @@ struct Pass1<'a> {
 
 /// Bytes of mb_partials' `table` binding: `TABLE_LEN` parameter blocks.
 const PARTIALS_TABLE_BYTES: u64 = (TABLE_LEN * std::mem::size_of::<PartialsParams>()) as u64;
+/// Bytes of weighted_means' `table` binding: `TABLE_LEN` parameter blocks.
+const MEANS_TABLE_BYTES: u64 = (TABLE_LEN * std::mem::size_of::<MeansSumParams>()) as u64;
 
 /// Uniform blocks packed at the device's uniform offset alignment.
 struct ParamBlocks {
@@ -1326,13 +1376,13 @@ impl ParamBlocks {
         }
     }
 
-    /// Appends `entries` as one block of [`PARTIALS_TABLE_BYTES`] (the rest
-    /// zeros) and returns its byte offset.
-    fn push_table(&mut self, entries: &[PartialsParams]) -> u64 {
+    /// Appends `entries` as one block of `bytes` (the rest zeros) and returns its
+    /// byte offset.
+    fn push_table<T: bytemuck::Pod>(&mut self, entries: &[T], bytes: u64) -> u64 {
         let at = self.push(&entries[0]);
         self.bytes
             .extend_from_slice(bytemuck::cast_slice(&entries[1..]));
-        self.bytes.resize((at + PARTIALS_TABLE_BYTES) as usize, 0);
+        self.bytes.resize((at + bytes) as usize, 0);
         at
     }
 
