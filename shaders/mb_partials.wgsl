@@ -52,7 +52,7 @@
 //
 // One dispatch serves up to TABLE_LEN tensors (or windows): `table` holds one
 // Params per tensor, their tiles numbered one after the other (first_tile), and
-// each workgroup finds its tensor by a binary search over them. The host puts
+// each workgroup finds its tensor by a binary search over them (tensor_table.wgsl). The host puts
 // several tensors in one dispatch when they lie in the same buffer and each fits
 // one window (see `pass1_dispatches` in src/gpu/plan.rs), so a model's many small
 // tensors cost one launch instead of one each.
@@ -101,12 +101,18 @@ struct Params {
     dispatch_tiles: u32,// (entry 0) tiles of all entries
 }
 
-// Entries of the table (mirrored by TABLE_LEN in src/gpu/plan.rs, checked by a test).
-const TABLE_LEN: u32 = 32u;
-
+// Up to TABLE_LEN tensor windows (tensor_table.wgsl), tiles numbered entry by entry.
 @group(0) @binding(0) var<uniform> table: array<Params, TABLE_LEN>;
 // The workgroup's entry of the table.
 var<private> params: Params;
+
+fn table_first(k: u32) -> u32 {
+    return table[k].first_tile;
+}
+
+fn table_len() -> u32 {
+    return table[0].entries;
+}
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
@@ -450,17 +456,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (dispatch_tile >= table[0].dispatch_tiles) {
         return; // whole workgroup: uniform
     }
-    // The last entry whose first tile is at or before dispatch_tile.
-    var entry = 0u;
-    var past = table[0].entries;
-    while (past - entry > 1u) {
-        let mid = (entry + past) / 2u;
-        if (table[mid].first_tile <= dispatch_tile) {
-            entry = mid;
-        } else {
-            past = mid;
-        }
-    }
+    let entry = table_entry(dispatch_tile);
     params = table[entry];
     // Tests that precede barriers read `table` (uniform), not the private copy,
     // which WGSL's uniformity analysis counts as non-uniform.

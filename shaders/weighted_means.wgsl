@@ -49,14 +49,19 @@ struct Params {
     pad: u32,
 }
 
-// One dispatch serves up to TABLE_LEN tensors (or windows), as in
-// mb_partials.wgsl: their column groups are numbered one after the other and each
-// workgroup finds its entry by a binary search (src/gpu/plan.rs: TABLE_LEN).
-const TABLE_LEN: u32 = 32u;
-
+// One dispatch serves up to TABLE_LEN tensors (or windows, tensor_table.wgsl):
+// their column groups are numbered one after the other.
 @group(0) @binding(0) var<uniform> table: array<Params, TABLE_LEN>;
 // The workgroup's entry of the table.
 var<private> params: Params;
+
+fn table_first(k: u32) -> u32 {
+    return table[k].first_group;
+}
+
+fn table_len() -> u32 {
+    return table[0].entries;
+}
 // The means (f32), or the input rows (any element type): read through grad_at /
 // grad_quad of grads_<type>.wgsl.
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
@@ -131,18 +136,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (dispatch_group >= table[0].dispatch_groups) {
         return;
     }
-    // The last entry whose first column group is at or before dispatch_group.
-    var entry = 0u;
-    var past = table[0].entries;
-    while (past - entry > 1u) {
-        let mid = (entry + past) / 2u;
-        if (table[mid].first_group <= dispatch_group) {
-            entry = mid;
-        } else {
-            past = mid;
-        }
-    }
-    params = table[entry];
+    params = table[table_entry(dispatch_group)];
     // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups per entry).
     let first = (dispatch_group - params.first_group) * WG + (lid / RUN) * RUN * QUADS + lid % RUN;
     let quads = (params.cols + 3u) / 4u;

@@ -7,15 +7,17 @@ use crate::dtype::Dtype;
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
+const TENSOR_TABLE: &str = include_str!("../../shaders/tensor_table.wgsl");
 
 /// What a kernel needs before its body, after common.wgsl.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prelude {
     /// Nothing more.
     None,
-    /// The gradient loader of the element type (grads_<type>.wgsl).
+    /// The gradient loader of the element type (grads_<type>.wgsl), then the
+    /// tensor table's search (tensor_table.wgsl).
     Grads,
-    /// The loader, then the column-mean helper.
+    /// Those, then the column-mean helper.
     GradsAndMean,
 }
 
@@ -72,12 +74,12 @@ pub fn kernel_source(name: &str) -> Option<String> {
 /// every type when the kernel does not read them).
 pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
     let (_, prelude, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
-    let (loader, mean) = match prelude {
-        Prelude::None => ("", ""),
-        Prelude::Grads => (grads_loader(dtype), ""),
-        Prelude::GradsAndMean => (grads_loader(dtype), COLUMN_MEAN),
+    let (loader, table, mean) = match prelude {
+        Prelude::None => ("", "", ""),
+        Prelude::Grads => (grads_loader(dtype), TENSOR_TABLE, ""),
+        Prelude::GradsAndMean => (grads_loader(dtype), TENSOR_TABLE, COLUMN_MEAN),
     };
-    Some(format!("{COMMON}\n{loader}\n{mean}\n{body}"))
+    Some(format!("{COMMON}\n{loader}\n{table}\n{mean}\n{body}"))
 }
 
 /// The pipeline-overridable constants kernel `name` is built with: the workgroup

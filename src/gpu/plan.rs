@@ -122,8 +122,7 @@ pub(crate) fn plan_windows(
     Ok(windows)
 }
 
-/// Entries of one dispatch's tensor table (`TABLE_LEN` in mb_partials.wgsl and
-/// weighted_means.wgsl).
+/// Entries of one dispatch's tensor table (`TABLE_LEN` in tensor_table.wgsl).
 pub(crate) const TABLE_LEN: usize = 32;
 
 /// One norm-pass (`mb_partials`) dispatch: the tensor windows it covers and the
@@ -455,18 +454,8 @@ mod tests {
     #[test]
     fn table_length_matches_the_shaders() {
         let line = format!("const TABLE_LEN: u32 = {TABLE_LEN}u;");
-        for (name, shader) in [
-            (
-                "mb_partials",
-                include_str!("../../shaders/mb_partials.wgsl"),
-            ),
-            (
-                "weighted_means",
-                include_str!("../../shaders/weighted_means.wgsl"),
-            ),
-        ] {
-            assert!(shader.contains(&line), "{name}.wgsl lacks `{line}`");
-        }
+        let shader = include_str!("../../shaders/tensor_table.wgsl");
+        assert!(shader.contains(&line), "tensor_table.wgsl lacks `{line}`");
     }
 
     #[test]
