@@ -33,8 +33,8 @@ use kernels::{
 };
 use plan::{
     aligned_binding, dispatch_2d, materialize_means, means_cols, pack, pass1_dispatches,
-    plan_windows, tile_cols, tiles, vec4_aligned, vec4_rows, Pass1Dispatch, Window, MEANS_SUM_COLS,
-    TABLE_LEN, WORKGROUP,
+    plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Window, MEANS_SUM_COLS, TABLE_LEN,
+    WORKGROUP,
 };
 use pool::{Pool, Slot};
 use wgpu::BufferUsages as U;
@@ -696,6 +696,27 @@ impl GpuClipper {
                 Some(base)
             })
             .collect();
+        // Pass 4 over the input rows of tensor p's window k (first row at element
+        // elem_offset of its binding), each row weighted, into column out_offset.
+        let rows_block = |p: usize, k: usize, elem_offset: u32, out_offset: u32| {
+            let (_, windows, group) = &layout.tensors[p];
+            let w = &windows[k];
+            let cols = inputs[p].cols as u64;
+            MeansSumParams {
+                cols: cols as u32,
+                means_base: elem_offset,
+                rows: w.row_end - w.row_start,
+                out_offset,
+                skip_zero,
+                vec4_path: vec4_aligned(cols, elem_offset) as u32,
+                groups: g as u32,
+                group: *group,
+                stride: cols as u32,
+                weights_base: w.row_start,
+                accumulate: (k > 0) as u32,
+                ..Default::default()
+            }
+        };
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
         for d in &layout.pass1 {
@@ -705,13 +726,14 @@ impl GpuClipper {
                 let (tile_base, windows, _) = &layout.tensors[p];
                 let w = &windows[k];
                 let cols = inputs[p].cols as u64;
+                let n_tiles = tiles(cols, layout.tile_cols);
                 table.push(PartialsParams {
                     cols: cols as u32,
                     elem_offset,
                     row_start: w.row_start,
                     row_end: w.row_end,
                     mb_first: w.mb_first,
-                    tiles: tiles(cols, layout.tile_cols) as u32,
+                    tiles: n_tiles as u32,
                     tile_base: *tile_base as u32,
                     tiles_total: layout.tiles_total as u32,
                     carry_in: w.carry_in as u32,
@@ -725,7 +747,7 @@ impl GpuClipper {
                     first_tile: dispatch_tiles as u32,
                     ..Default::default()
                 });
-                dispatch_tiles += tiles(cols, layout.tile_cols);
+                dispatch_tiles += n_tiles;
             }
             let (tiles_x, tiles_y) = dispatch_2d(dispatch_tiles)?;
             table[0].tiles_x = tiles_x;
@@ -758,20 +780,7 @@ impl GpuClipper {
                     // Pass 4 over this window's rows, weighted per row.
                     means_dispatches.push(Pass4::push(
                         &mut params,
-                        vec![MeansSumParams {
-                            cols: cols as u32,
-                            means_base: w.elem_offset,
-                            rows: w.row_end - w.row_start,
-                            out_offset,
-                            skip_zero,
-                            vec4_path: vec4_rows(cols, w) as u32,
-                            groups: g as u32,
-                            group: *group,
-                            stride: cols as u32,
-                            weights_base: w.row_start,
-                            accumulate: (k > 0) as u32,
-                            ..Default::default()
-                        }],
+                        vec![rows_block(p, k, w.elem_offset, out_offset)],
                         (t.buffer, w.bind_offset, w.bind_size),
                         per_row_weights,
                         (o.buffer, out_bind, out_size),
@@ -821,23 +830,7 @@ impl GpuClipper {
                     .entries
                     .iter()
                     .map(|&(p, k, elem_offset)| {
-                        let (_, windows, group) = &layout.tensors[p];
-                        let w = &windows[k];
-                        let cols = inputs[p].cols as u64;
-                        MeansSumParams {
-                            cols: cols as u32,
-                            means_base: elem_offset,
-                            rows: w.row_end - w.row_start,
-                            out_offset: means_bases[p] as u32,
-                            skip_zero,
-                            vec4_path: vec4_aligned(cols, elem_offset) as u32,
-                            groups: g as u32,
-                            group: *group,
-                            stride: cols as u32,
-                            weights_base: w.row_start,
-                            accumulate: (k > 0) as u32,
-                            ..Default::default()
-                        }
+                        rows_block(p, k, elem_offset, means_bases[p] as u32)
                     })
                     .collect();
                 let p = d.entries[0].0;
@@ -1080,8 +1073,7 @@ impl GpuClipper {
         // merged row) to where the caller reads it: the read-back buffer on the
         // host path, else its buffer.
         let mut at = outputs_at;
-        let mut merged_at = 0;
-        for o in outputs {
+        for (o, merged_at) in outputs.iter().zip(&means_bases) {
             let len = o.cols as u64 * 4;
             let (source, source_at) = if merged {
                 (&merged_out, merged_at * 4)
@@ -1094,7 +1086,6 @@ impl GpuClipper {
             } else if merged {
                 encoder.copy_buffer_to_buffer(source, source_at, o.buffer, o.offset, len);
             }
-            merged_at += means_cols(o.cols as u64);
         }
         self.queue.submit([encoder.finish()]);
         Ok((readback, total))

@@ -260,16 +260,10 @@ pub(crate) fn tile_cols(
     tile
 }
 
-/// Whether mb_partials may read a window's rows as vec4: every row starts at a
-/// multiple of 4 elements from the (aligned) start of the binding. The binding's
-/// size need not be a whole number of vec4: every vec4 such rows cover lies
-/// inside it.
-pub(crate) fn vec4_rows(cols: u64, w: &Window) -> bool {
-    vec4_aligned(cols, w.elem_offset)
-}
-
-/// Whether rows of `cols` elements whose first starts at element `elem_offset` of
-/// an aligned binding all start at a multiple of 4 elements.
+/// Whether the kernels may read rows of `cols` elements, the first at element
+/// `elem_offset` of an (aligned) binding, as vec4: every row starts at a multiple
+/// of 4 elements from the binding's start. The binding's size need not be a whole
+/// number of vec4: every vec4 such rows cover lies inside it.
 pub(crate) fn vec4_aligned(cols: u64, elem_offset: u32) -> bool {
     cols.is_multiple_of(4) && elem_offset.is_multiple_of(4)
 }
@@ -378,6 +372,7 @@ mod tests {
     #[test]
     fn vec4_rows_need_aligned_rows() {
         let w = |cols, base| plan_windows(&offsets(10, 3), cols, 4, base, 1 << 20, 256).unwrap();
+        let vec4_rows = |cols, w: &Window| vec4_aligned(cols, w.elem_offset);
         assert!(vec4_rows(8, &w(8, 0)[0]));
         assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
         assert!(!vec4_rows(8, &w(8, 260)[0]));
