@@ -3,13 +3,15 @@
 // (column tile of params.tile_cols columns, micro-batch of the window); the host
 // picks the tile width per call (4096 to 65536 columns, `tile_cols` in plan.rs).
 // The tile's groups of 4 columns (quads) are cut into WG / RUN contiguous spans,
-// one per run of RUN threads; a run walks its span RUN adjacent quads (one per
-// thread) at a time, so every load instruction reads RUN * 16 contiguous bytes
-// and each run streams through its own span in order (on lavapipe, whose SIMD-8
-// groups each run the whole loop in turn, this took the pass at b = 4 from
-// 1.4-1.5x to 1.0x a read-and-sum, against threads strided by WG quads). A quad is one load of 4 elements per row
-// when the tensor's rows start at a multiple of 4 elements in the binding, else 4
-// scalar loads (f32, f16 or bf16 through grads_<type>.wgsl, always accumulated in
+// one per run of RUN threads; a run walks its span 4 RUN quads at a time, each
+// run streaming through its own span in order (on lavapipe, whose SIMD-8 groups
+// each run the whole loop in turn, this took the pass at b = 4 from 1.4-1.5x to
+// 1.0x a read-and-sum, against threads strided by WG quads). On a GPU each load
+// instruction of a run reads RUN adjacent quads (RUN * 16 contiguous bytes); on a
+// software adapter each lane owns 4 adjacent quads (see quad_step). A quad is one
+// load of 4 elements per row when the tensor's rows start at a multiple of 4
+// elements in the binding, else aligned loads and a shift, or 4 scalar loads
+// (f32, f16 or bf16 through grads_<type>.wgsl, always accumulated in
 // f32); the thread forms the micro-batch mean of each column (blocked, as
 // column_mean) and accumulates its squared norm privately; the workgroup then
 // does ONE tree reduction and writes the tile's (scale, ssq, flags) record. Per
@@ -23,7 +25,9 @@
 // cost more than the load (pass 1 at b = 1 went from 1.6x to 0.85x a read).
 // At b > 1 it forms four quads' means in one row loop (column_mean4x4), which
 // took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read; rows that are not
-// 16-byte aligned do the same with scalar loads (column_mean4x4_scalar).
+// 16-byte aligned do the same with aligned vec4 loads and shifts where the
+// binding holds whole quads (on a software adapter, whose lanes then own 4
+// adjacent quads each: see quad_step), else with scalar loads.
 //
 // Sum of squares: each thread first adds plain squares and tracks its max |mean|;
 // when that max lies outside [2^-40, 2^52] (tiny or huge magnitudes: see
@@ -91,7 +95,10 @@ struct Params {
     carry_in: u32,      // 1: the window's first micro-batch began in an earlier window
     carry_out: u32,     // 1: the window's last micro-batch goes on in a later window
     last_local: u32,    // index (within the window) of the window's last micro-batch
-    vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads
+    vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads;
+                        // 2: rows not 16-byte aligned, `grads4` bound in whole
+                        // quads: two vec4 loads and a shift per quad (grads_shifted.wgsl);
+                        // 0: scalar loads
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
@@ -172,9 +179,49 @@ fn column_mean4(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f32> {
     return total + block;
 }
 
-// column_mean4 of quads first, first + RUN, first + 2 RUN and first + 3 RUN in
-// one row loop (the same operations per quad, so the same bits).
-fn column_mean4x4(first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
+// The quads a thread reads in one step of its walk: its first quad q and then
+// q + quad_step(), q + 2 quad_step(), q + 3 quad_step(). On a GPU (ADJACENT off)
+// lane l of a run owns quads l, l + RUN, l + 2 RUN, l + 3 RUN of each step of
+// 4 RUN quads, so each load instruction of the run reads RUN adjacent quads. On
+// a software adapter (ADJACENT, a pipeline constant with the small workgroups)
+// lane l owns quads 4 l .. 4 l + 3, so that a row that is not 16-byte aligned
+// is read as 5 aligned quads per step instead of 16 scalar loads
+// (grads_shifted.wgsl). Every path (vec4, shifted, scalar, Blue's walk) follows
+// the same mapping, so the alignment of a tensor changes no bit of its result.
+override ADJACENT: bool = false;
+
+fn quad_step() -> u32 {
+    return select(RUN, 1u, ADJACENT);
+}
+
+// How a walk loads its quads (a constant at every call site, so the shader
+// compiler keeps one way per instance).
+const LOAD_VEC4: u32 = 0u;    // a vec4 load per quad (rows 16-byte aligned)
+const LOAD_SHIFTED: u32 = 1u; // aligned vec4 loads and shifts (vec4_path = 2)
+const LOAD_SCALAR: u32 = 2u;  // four scalar loads per quad (any alignment)
+
+// The four quads of one row a thread reads in a step, the first at element i.
+fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
+    let qs = quad_step();
+    if (loads == LOAD_VEC4) {
+        let q = i >> 2u;
+        return mat4x4<f32>(grad_quad(q), grad_quad(q + qs), grad_quad(q + 2u * qs), grad_quad(q + 3u * qs));
+    }
+    if (loads == LOAD_SHIFTED) {
+        if (ADJACENT) {
+            return grad_quads4_at(i);
+        }
+        return mat4x4<f32>(grad_quad_at(i), grad_quad_at(i + 4u * qs), grad_quad_at(i + 8u * qs), grad_quad_at(i + 12u * qs));
+    }
+    return mat4x4<f32>(grad_at4(i), grad_at4(i + 4u * qs), grad_at4(i + 8u * qs), grad_at4(i + 12u * qs));
+}
+
+// column_mean4 of the four quads of a step (step_quads) in one row loop: `first`
+// and `stride` count elements. The same operations per quad as column_mean4, so
+// the same bits whatever `loads`: on lavapipe a row loop per quad cost more than
+// its loads (a tensor of 250,001 columns took 1.5-1.7x one of 250,000 at b = 4
+// with one loop per quad, 1.3-1.4x with one per step and scalar loads).
+fn column_mean4x4(loads: u32, first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
     var t0 = vec4<f32>(0.0);
     var t1 = vec4<f32>(0.0);
     var t2 = vec4<f32>(0.0);
@@ -185,10 +232,11 @@ fn column_mean4x4(first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32>
     var b3 = vec4<f32>(0.0);
     var idx = first;
     for (var r = 0u; r < rows; r++) {
-        b0 += grad_quad(idx) * inv_n;
-        b1 += grad_quad(idx + RUN) * inv_n;
-        b2 += grad_quad(idx + 2u * RUN) * inv_n;
-        b3 += grad_quad(idx + 3u * RUN) * inv_n;
+        let m = step_quads(loads, idx);
+        b0 += m[0] * inv_n;
+        b1 += m[1] * inv_n;
+        b2 += m[2] * inv_n;
+        b3 += m[3] * inv_n;
         idx += stride;
         if ((r + 1u) % ROW_BLOCK == 0u) {
             t0 += b0;
@@ -237,40 +285,6 @@ fn column_mean4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> vec4<f
         }
     }
     return total + block;
-}
-
-// column_mean4_scalar of the quads at elements first, first + 4 RUN, first + 8 RUN
-// and first + 12 RUN in one row loop (as column_mean4x4; the same bits): on
-// lavapipe a row loop per quad cost more than its 4 scalar loads (a tensor of
-// 250,001 columns took 1.5-1.7x one of 250,000 at b = 4, now 1.3-1.4x).
-fn column_mean4x4_scalar(first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
-    var t0 = vec4<f32>(0.0);
-    var t1 = vec4<f32>(0.0);
-    var t2 = vec4<f32>(0.0);
-    var t3 = vec4<f32>(0.0);
-    var b0 = vec4<f32>(0.0);
-    var b1 = vec4<f32>(0.0);
-    var b2 = vec4<f32>(0.0);
-    var b3 = vec4<f32>(0.0);
-    var idx = first;
-    for (var r = 0u; r < rows; r++) {
-        b0 += grad_at4(idx) * inv_n;
-        b1 += grad_at4(idx + 4u * RUN) * inv_n;
-        b2 += grad_at4(idx + 8u * RUN) * inv_n;
-        b3 += grad_at4(idx + 12u * RUN) * inv_n;
-        idx += stride;
-        if ((r + 1u) % ROW_BLOCK == 0u) {
-            t0 += b0;
-            t1 += b1;
-            t2 += b2;
-            t3 += b3;
-            b0 = vec4<f32>(0.0);
-            b1 = vec4<f32>(0.0);
-            b2 = vec4<f32>(0.0);
-            b3 = vec4<f32>(0.0);
-        }
-    }
-    return mat4x4<f32>(t0 + b0, t1 + b1, t2 + b2, t3 + b3);
 }
 
 // Elements i .. i + 3 with scalar loads (any alignment).
@@ -343,24 +357,32 @@ fn finish4(blue: bool, mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32,
     add4(blue, w, s);
 }
 
-// Walks a span four quads (RUN apart) per step from *c4 while the fourth is below
-// q_end: their means in one row loop (column_mean4x4, or its scalar-load twin
-// when !aligned), finished as `mode` says and added to the sums in quad order.
-// Leaves *c4 at the first quad not done.
-fn walk4x4(blue: bool, aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
+// Walks a span one step (four quads, see quad_step) at a time from *c4 while the
+// step's fourth quad is below q_end: their means in one row loop (column_mean4x4,
+// loading as `loads` says), finished as `mode` says and added to the sums in quad
+// order. Leaves *c4 at the first quad not done.
+fn walk4x4(blue: bool, loads: u32, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
     let means_row = (params.means_base + mb * params.means_stride) >> 2u;
-    while (*c4 + 3u * RUN < q_end) {
-        var m: mat4x4<f32>;
-        if (aligned) {
-            m = column_mean4x4((row0 >> 2u) + *c4, rows, params.cols >> 2u, inv_n);
-        } else {
-            m = column_mean4x4_scalar(row0 + (*c4 << 2u), rows, params.cols, inv_n);
-        }
+    let qs = quad_step();
+    while (*c4 + 3u * qs < q_end) {
+        let m = column_mean4x4(loads, row0 + (*c4 << 2u), rows, params.cols, inv_n);
         finish4(blue, mode, *c4, m[0], means_row, mb, takes_carry, gives_carry, s);
-        finish4(blue, mode, *c4 + RUN, m[1], means_row, mb, takes_carry, gives_carry, s);
-        finish4(blue, mode, *c4 + 2u * RUN, m[2], means_row, mb, takes_carry, gives_carry, s);
-        finish4(blue, mode, *c4 + 3u * RUN, m[3], means_row, mb, takes_carry, gives_carry, s);
+        finish4(blue, mode, *c4 + qs, m[1], means_row, mb, takes_carry, gives_carry, s);
+        finish4(blue, mode, *c4 + 2u * qs, m[2], means_row, mb, takes_carry, gives_carry, s);
+        finish4(blue, mode, *c4 + 3u * qs, m[3], means_row, mb, takes_carry, gives_carry, s);
         *c4 += 4u * RUN;
+    }
+}
+
+// walk4x4 in the mode the micro-batch needs (carry, stored means or the norm
+// only), each a separate instance: `loads` is a call-site constant.
+fn walk_modes(blue: bool, loads: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
+    if (takes_carry || gives_carry) {
+        walk4x4(blue, loads, CARRY, c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
+    } else if (params.write_means == 1u) {
+        walk4x4(blue, loads, STORE_MEANS, c4, q_end, row0, rows, inv_n, mb, false, false, s);
+    } else {
+        walk4x4(blue, loads, NORM_ONLY, c4, q_end, row0, rows, inv_n, mb, false, false, s);
     }
 }
 
@@ -372,7 +394,8 @@ fn walk4x4(blue: bool, aligned: bool, mode: u32, c4: ptr<function, u32>, q_end: 
 // scalar loads whatever the alignment, which gives the same bits as the vec4
 // loads and compiles half the code.
 fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
-    var c4 = span0 + lid % RUN;
+    let qs = quad_step();
+    var c4 = span0 + select(lid % RUN, 4u * (lid % RUN), ADJACENT);
     let q_end = min(span_end, col_end >> 2u);
     if (!blue && params.vec4_path == 1u) {
         let stride4 = params.cols >> 2u;
@@ -381,41 +404,40 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
             // One row (b = 1): the mean is the row times inv_n (column_mean4 of one
             // row, same bits up to the sign of a zero, which the squares drop);
             // four quads per iteration, in the same order.
-            while (c4 + 3u * RUN < q_end) {
+            while (c4 + 3u * qs < q_end) {
                 let v0 = grad_quad(row04 + c4) * inv_n;
-                let v1 = grad_quad(row04 + c4 + RUN) * inv_n;
-                let v2 = grad_quad(row04 + c4 + 2u * RUN) * inv_n;
-                let v3 = grad_quad(row04 + c4 + 3u * RUN) * inv_n;
+                let v1 = grad_quad(row04 + c4 + qs) * inv_n;
+                let v2 = grad_quad(row04 + c4 + 2u * qs) * inv_n;
+                let v3 = grad_quad(row04 + c4 + 3u * qs) * inv_n;
                 add4(blue, v0, s);
                 add4(blue, v1, s);
                 add4(blue, v2, s);
                 add4(blue, v3, s);
                 c4 += 4u * RUN;
             }
-        } else if (takes_carry || gives_carry) {
-            walk4x4(blue, true, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
-        } else if (params.write_means == 1u) {
-            walk4x4(blue, true, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
         } else {
-            walk4x4(blue, true, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+            walk_modes(blue, LOAD_VEC4, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
         }
-        for (; c4 < q_end; c4 += RUN) {
+        // The rest of the last step, one quad at a time.
+        let tail_end = min(q_end, c4 + 4u * qs);
+        for (; c4 < tail_end; c4 += qs) {
             let mean = column_mean4(row04 + c4, rows, stride4, inv_n);
             add4(blue, pass_on4(c4 << 2u, mean, mb, takes_carry, gives_carry), s);
         }
         return;
     }
-    // Scalar loads, the same columns per thread and lane, in the same order, as
-    // the vec4 path (so the alignment of a tensor does not change a bit of its
-    // result): four whole quads per row loop, then one quad at a time.
-    if (takes_carry || gives_carry) {
-        walk4x4(blue, false, CARRY, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
-    } else if (params.write_means == 1u) {
-        walk4x4(blue, false, STORE_MEANS, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+    // Unaligned rows (or Blue's walk): the same columns per thread and lane, in
+    // the same order, as the vec4 path (so the alignment of a tensor does not
+    // change a bit of its result): whole steps with aligned loads and shifts
+    // where the binding holds whole quads, else with scalar loads; then the rest
+    // of the last step (a last partial quad too) one quad at a time.
+    if (!blue && params.vec4_path == 2u) {
+        walk_modes(blue, LOAD_SHIFTED, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
     } else {
-        walk4x4(blue, false, NORM_ONLY, &c4, q_end, row0, rows, inv_n, mb, false, false, s);
+        walk_modes(blue, LOAD_SCALAR, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
     }
-    for (; c4 < min(span_end, (col_end + 3u) >> 2u); c4 += RUN) {
+    let tail_end = min(min(span_end, (col_end + 3u) >> 2u), c4 + 4u * qs);
+    for (; c4 < tail_end; c4 += qs) {
         let col0 = c4 << 2u;
         var v = vec4<f32>(0.0);
         if (col0 + 4u <= col_end) {

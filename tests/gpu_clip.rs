@@ -380,7 +380,9 @@ fn same_input_gives_bitwise_same_output() {
 
 #[test]
 fn vec4_and_scalar_loads_give_the_same_bits() {
-    // cols % 4 == 0: at byte offset 0 the input is loaded as vec4, at offset 4 as scalars.
+    // cols % 4 == 0: at byte offset 0 the input is loaded as vec4; at offset 4 as
+    // scalars when the buffer ends with the rows (no whole quad past them), and on a
+    // software adapter as shifted aligned quads when 3 more elements follow them.
     let Some(mut gpu) = gpu() else { return };
     let (n, d) = (10, 4100);
     let t = random_tensors(23, n, &[d], 1.0).remove(0);
@@ -388,12 +390,16 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     // b = 3: pass 4 reads stored means; b = 1: it reads the rows (vec4 or scalar).
-    for b in [1, 3] {
+    // Both lane mappings of the norm pass (small workgroups: adjacent quads).
+    for (b, small) in [(1, true), (3, true), (1, false), (3, false)] {
+        gpu.set_gpu_small_workgroups(Some(small));
         let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
         let mut results = Vec::new();
-        for pad in [0usize, 1] {
+        for (pad, tail) in [(0usize, 0usize), (1, 0), (1, 3)] {
             let mut data = vec![0.0f32; pad];
             data.extend_from_slice(&t);
+            // NaN past the rows: read by a shifted load, never taken.
+            data.extend(std::iter::repeat_n(f32::NAN, tail));
             let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: None,
                 contents: bytemuck::cast_slice(&data),
@@ -409,8 +415,16 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
                 .collect();
             results.push(bits);
         }
-        assert_eq!(results[0], results[1], "b = {b}");
+        assert_eq!(
+            results[0], results[1],
+            "b = {b} small {small}: scalar loads"
+        );
+        assert_eq!(
+            results[0], results[2],
+            "b = {b} small {small}: shifted loads"
+        );
     }
+    gpu.set_gpu_small_workgroups(None);
 }
 
 #[test]

@@ -8,14 +8,16 @@ use crate::dtype::Dtype;
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
 const TENSOR_TABLE: &str = include_str!("../../shaders/tensor_table.wgsl");
+const GRADS_SHIFTED: &str = include_str!("../../shaders/grads_shifted.wgsl");
 
 /// What a kernel needs before its body, after common.wgsl.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prelude {
     /// Nothing more.
     None,
-    /// The gradient loader of the element type (grads_<type>.wgsl), then the
-    /// tensor table's search (tensor_table.wgsl).
+    /// The gradient loader of the element type (grads_<type>.wgsl), its
+    /// unaligned quads (grads_shifted.wgsl), then the tensor table's search
+    /// (tensor_table.wgsl).
     Grads,
     /// Those, then the column-mean helper.
     GradsAndMean,
@@ -74,22 +76,33 @@ pub fn kernel_source(name: &str) -> Option<String> {
 /// every type when the kernel does not read them).
 pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
     let (_, prelude, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
-    let (loader, table, mean) = match prelude {
-        Prelude::None => ("", "", ""),
-        Prelude::Grads => (grads_loader(dtype), TENSOR_TABLE, ""),
-        Prelude::GradsAndMean => (grads_loader(dtype), TENSOR_TABLE, COLUMN_MEAN),
+    let (loader, shifted, table, mean) = match prelude {
+        Prelude::None => ("", "", "", ""),
+        Prelude::Grads => (grads_loader(dtype), GRADS_SHIFTED, TENSOR_TABLE, ""),
+        Prelude::GradsAndMean => (
+            grads_loader(dtype),
+            GRADS_SHIFTED,
+            TENSOR_TABLE,
+            COLUMN_MEAN,
+        ),
     };
-    Some(format!("{COMMON}\n{loader}\n{table}\n{mean}\n{body}"))
+    Some(format!(
+        "{COMMON}\n{loader}\n{shifted}\n{table}\n{mean}\n{body}"
+    ))
 }
 
 /// The pipeline-overridable constants kernel `name` is built with: the workgroup
 /// size `WG` of the two reduction kernels (`mb_partials`, `mb_norms`) when
 /// `small_workgroups` (one SIMD group of 8 lanes: what a software adapter runs
-/// best, see `default_small_workgroups` in the GPU module), else none (the
-/// shaders' defaults: 64 and 256 threads).
+/// best, see `default_small_workgroups` in the GPU module), and the norm pass's
+/// `ADJACENT` lane mapping (each lane reads 4 adjacent quads, so rows that are
+/// not 16-byte aligned take 5 aligned loads per 4 quads); else none (the
+/// shaders' defaults: 64 and 256 threads, each load of a run of lanes on
+/// adjacent quads).
 pub fn kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'static str, f64)] {
     match name {
-        "mb_partials" | "mb_norms" if small_workgroups => &[("WG", SMALL_WORKGROUP)],
+        "mb_partials" if small_workgroups => &[("WG", SMALL_WORKGROUP), ("ADJACENT", 1.0)],
+        "mb_norms" if small_workgroups => &[("WG", SMALL_WORKGROUP)],
         _ => &[],
     }
 }

@@ -720,6 +720,14 @@ impl GpuClipper {
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
         for d in &layout.pass1 {
+            // Unaligned rows as aligned quads shifted into place (vec4_path 2)
+            // with the software adapter's lane mapping, whose lanes share the
+            // aligned loads (on lavapipe the bench's 100 tensors, 65% of their
+            // columns unaligned, went from 1.54-1.56x to 1.39-1.49x one tensor's
+            // time); on hardware, scalar loads (not measured there).
+            let first = &inputs[d.entries[0].0];
+            let quads_size = whole_quads(d.bind_offset, d.bind_size, first, self.max_binding)
+                .filter(|_| self.kernels.small_workgroups());
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
             for &(p, k, elem_offset) in &d.entries {
@@ -739,7 +747,13 @@ impl GpuClipper {
                     carry_in: w.carry_in as u32,
                     carry_out: w.carry_out as u32,
                     last_local: w.mb_count - 1,
-                    vec4_path: vec4_aligned(cols, elem_offset) as u32,
+                    vec4_path: if vec4_aligned(cols, elem_offset) {
+                        1
+                    } else if quads_size.is_some() {
+                        2
+                    } else {
+                        0
+                    },
                     write_means: with_means as u32,
                     means_base: means_bases[p] as u32,
                     tile_cols: layout.tile_cols as u32,
@@ -756,9 +770,13 @@ impl GpuClipper {
             let (p, window, _) = d.entries[0];
             partial_dispatches.push(Pass1 {
                 params: params.push_table(&table, PARTIALS_TABLE_BYTES),
-                source: (inputs[p].buffer, d.bind_offset, d.bind_size),
+                source: (
+                    inputs[p].buffer,
+                    d.bind_offset,
+                    quads_size.unwrap_or(d.bind_size),
+                ),
                 window,
-                vec4: table.iter().any(|e| e.vec4_path == 1),
+                vec4: table.iter().any(|e| e.vec4_path != 0),
                 groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
                 dtype: inputs[p].dtype,
             });
@@ -1227,6 +1245,18 @@ fn bind_group(
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     })
+}
+
+/// The size of a binding of `tensor`'s buffer from `offset` of at least `size`
+/// bytes that holds whole quads of its elements (4 x 4 bytes for f32, 4 x 2 for
+/// 16-bit types), if the buffer and one binding of `max_binding` bytes have room
+/// for it. Rows that are not 16-byte aligned can then be read as aligned quads
+/// shifted into place (`vec4_path` 2 in mb_partials.wgsl, grads_shifted.wgsl):
+/// the binding covers up to one quad of the buffer past the rows, read (never
+/// written) and its values never used.
+fn whole_quads(offset: u64, size: u64, tensor: &GpuTensor<'_>, max_binding: u64) -> Option<u64> {
+    let quads = size.next_multiple_of(4 * tensor.dtype.size_bytes());
+    (offset + quads <= tensor.buffer.size() && quads <= max_binding).then_some(quads)
 }
 
 /// `size` bytes of `buffer` from `offset` as a binding.
