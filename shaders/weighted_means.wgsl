@@ -16,13 +16,15 @@
 // quads another 5-20% than 4 (longer visits of each row; 7 of 8 alternating
 // pairs).
 // QUADS separate accumulators, not an array: a row-walking variant with private
-// arrays was slower on llvmpipe (see BENCHMARKS.md). With vec4_path (rows 16-byte aligned
+// arrays was slower on llvmpipe (see BENCHMARKS.md). With vec4_path = 1 (rows 16-byte aligned
 // in the binding: the stored means, whose rows are padded to whole quads, or
 // input rows of a multiple of 4 elements) every quad is one vec4 load, a last
 // partial one too (its padding is loaded, never stored); a thread whose QUADS
-// quads do not all exist sums them one at a time. Unaligned rows are read with
-// scalar loads, with the same operations in the same order, so alignment changes
-// no bit of the result.
+// quads do not all exist sums them one at a time. Unaligned rows are read, with
+// vec4_path = 2 (a software adapter, the binding rounded up to whole quads), as
+// 9 aligned loads shifted into the thread's 8 adjacent quads, else with scalar
+// loads; always with the same operations per column in the same order, so
+// alignment changes no bit of the result.
 
 const WG: u32 = 512u;
 
@@ -36,7 +38,9 @@ struct Params {
     skip_zero: u32,     // 1: a zero weight skips its row (so 0 * NaN never happens)
     vec4_path: u32,     // 1: stride and means_base are multiples of 4: read `grads4`
                         // (every quad, a last partial one too: the stored means'
-                        // rows are padded to 4 elements, input rows are then whole quads)
+                        // rows are padded to 4 elements, input rows are then whole quads);
+                        // 2: unaligned rows, `grads4` bound in whole quads: shifted
+                        // aligned loads; 0: scalar loads
     groups: u32,        // parameter groups G: weights are [rows, G]
     group: u32,         // this tensor's group
     stride: u32,        // elements from one row to the next: cols, or cols
@@ -67,8 +71,8 @@ fn table_len() -> u32 {
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> weights: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-// The same buffer range as `grads`, four elements at a time (a dummy when
-// vec4_path = 0).
+// The same buffer range as `grads`, four elements at a time (a dummy when every
+// entry has vec4_path = 0).
 @group(0) @binding(4) var<storage, read> grads4: array<GradQuad>;
 
 // The weighted sum over the micro-batches of one quad (columns col0 .. col0 + 3,
@@ -130,6 +134,103 @@ const RUN: u32 = 8u;
 // Quads per thread: a run reads RUN * QUADS * 16 contiguous bytes of every row.
 const QUADS: u32 = 8u;
 
+// How sum_quads8 loads its quads (a constant at each call site, so the shader
+// compiler keeps one way per instance).
+const LOAD_VEC4: u32 = 0u;    // a vec4 load per quad (vec4_path = 1)
+const LOAD_SHIFTED: u32 = 1u; // 9 aligned loads shifted into 8 adjacent quads (vec4_path = 2)
+
+// The weighted sums of the QUADS quads first + k * step (k = 0..7) of every row,
+// stored: one row loop with 8 block sums b_k and totals t_k (the same operations
+// per column as quad_sum, so the same bits whatever the loads). With
+// LOAD_SHIFTED the quads are adjacent (step 1) in rows that need not be 16-byte
+// aligned, read as 9 aligned quads shifted into place (grads_shifted.wgsl):
+// llvmpipe pays per load instruction, and 4 scalar loads per quad cost about
+// twice one vec4 load.
+fn sum_quads8(loads: u32, first: u32, step: u32) {
+    var t0 = vec4<f32>(0.0);
+    var t1 = vec4<f32>(0.0);
+    var t2 = vec4<f32>(0.0);
+    var t3 = vec4<f32>(0.0);
+    var t4 = vec4<f32>(0.0);
+    var t5 = vec4<f32>(0.0);
+    var t6 = vec4<f32>(0.0);
+    var t7 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
+    var b4 = vec4<f32>(0.0);
+    var b5 = vec4<f32>(0.0);
+    var b6 = vec4<f32>(0.0);
+    var b7 = vec4<f32>(0.0);
+    var in_block = 0u;
+    // Element index of the first quad in row j.
+    var e = params.means_base + first * 4u;
+    for (var j = 0u; j < params.rows; j++) {
+        let w = weight(j);
+        let q = e >> 2u;
+        var lo: mat4x4<f32>;
+        var hi: mat4x4<f32>;
+        if (loads == LOAD_VEC4) {
+            lo = mat4x4<f32>(grad_quad(q), grad_quad(q + step), grad_quad(q + 2u * step), grad_quad(q + 3u * step));
+            hi = mat4x4<f32>(grad_quad(q + 4u * step), grad_quad(q + 5u * step), grad_quad(q + 6u * step), grad_quad(q + 7u * step));
+        } else {
+            let s = e & 3u;
+            let a0 = grad_quad(q);
+            let a1 = grad_quad(q + 1u);
+            let a2 = grad_quad(q + 2u);
+            let a3 = grad_quad(q + 3u);
+            let a4 = grad_quad(q + 4u);
+            let a5 = grad_quad(q + 5u);
+            let a6 = grad_quad(q + 6u);
+            let a7 = grad_quad(q + 7u);
+            let a8 = grad_quad(q + 8u);
+            lo = mat4x4<f32>(shift4(a0, a1, s), shift4(a1, a2, s), shift4(a2, a3, s), shift4(a3, a4, s));
+            hi = mat4x4<f32>(shift4(a4, a5, s), shift4(a5, a6, s), shift4(a6, a7, s), shift4(a7, a8, s));
+        }
+        e += params.stride;
+        if (params.skip_zero == 1u && w == 0.0) {
+            continue;
+        }
+        b0 += w * lo[0];
+        b1 += w * lo[1];
+        b2 += w * lo[2];
+        b3 += w * lo[3];
+        b4 += w * hi[0];
+        b5 += w * hi[1];
+        b6 += w * hi[2];
+        b7 += w * hi[3];
+        in_block += 1u;
+        if (in_block == ROW_BLOCK) {
+            t0 += b0;
+            t1 += b1;
+            t2 += b2;
+            t3 += b3;
+            t4 += b4;
+            t5 += b5;
+            t6 += b6;
+            t7 += b7;
+            b0 = vec4<f32>(0.0);
+            b1 = vec4<f32>(0.0);
+            b2 = vec4<f32>(0.0);
+            b3 = vec4<f32>(0.0);
+            b4 = vec4<f32>(0.0);
+            b5 = vec4<f32>(0.0);
+            b6 = vec4<f32>(0.0);
+            b7 = vec4<f32>(0.0);
+            in_block = 0u;
+        }
+    }
+    store_quad(first * 4u, t0 + b0);
+    store_quad((first + step) * 4u, t1 + b1);
+    store_quad((first + 2u * step) * 4u, t2 + b2);
+    store_quad((first + 3u * step) * 4u, t3 + b3);
+    store_quad((first + 4u * step) * 4u, t4 + b4);
+    store_quad((first + 5u * step) * 4u, t5 + b5);
+    store_quad((first + 6u * step) * 4u, t6 + b6);
+    store_quad((first + 7u * step) * 4u, t7 + b7);
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let dispatch_group = wg.x + wg.y * table[0].groups_x;
@@ -137,85 +238,27 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     params = table[table_entry(dispatch_group)];
-    // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups per entry).
-    let first = (dispatch_group - params.first_group) * WG + (lid / RUN) * RUN * QUADS + lid % RUN;
+    // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups per
+    // entry), RUN * QUADS per run of RUN threads: thread t of the run owns quads
+    // t, t + RUN, ..., t + 7 RUN of them, or with vec4_path = 2 the 8 adjacent
+    // quads from QUADS t.
+    let run_first = (dispatch_group - params.first_group) * WG + (lid / RUN) * RUN * QUADS;
+    let shifted = params.vec4_path == 2u;
+    let first = run_first + select(lid % RUN, (lid % RUN) * QUADS, shifted);
+    let step = select(RUN, 1u, shifted);
     let quads = (params.cols + 3u) / 4u;
-    if (params.vec4_path == 1u && first + (QUADS - 1u) * RUN < quads) {
-        // Block sums b_k and totals t_k of the thread's quads k = 0..7.
-        var t0 = vec4<f32>(0.0);
-        var t1 = vec4<f32>(0.0);
-        var t2 = vec4<f32>(0.0);
-        var t3 = vec4<f32>(0.0);
-        var t4 = vec4<f32>(0.0);
-        var t5 = vec4<f32>(0.0);
-        var t6 = vec4<f32>(0.0);
-        var t7 = vec4<f32>(0.0);
-        var b0 = vec4<f32>(0.0);
-        var b1 = vec4<f32>(0.0);
-        var b2 = vec4<f32>(0.0);
-        var b3 = vec4<f32>(0.0);
-        var b4 = vec4<f32>(0.0);
-        var b5 = vec4<f32>(0.0);
-        var b6 = vec4<f32>(0.0);
-        var b7 = vec4<f32>(0.0);
-        var in_block = 0u;
-        var q = (params.means_base >> 2u) + first;
-        let stride = params.stride >> 2u;
-        for (var j = 0u; j < params.rows; j++) {
-            let w = weight(j);
-            let m0 = grad_quad(q);
-            let m1 = grad_quad(q + RUN);
-            let m2 = grad_quad(q + 2u * RUN);
-            let m3 = grad_quad(q + 3u * RUN);
-            let m4 = grad_quad(q + 4u * RUN);
-            let m5 = grad_quad(q + 5u * RUN);
-            let m6 = grad_quad(q + 6u * RUN);
-            let m7 = grad_quad(q + 7u * RUN);
-            q += stride;
-            if (params.skip_zero == 1u && w == 0.0) {
-                continue;
-            }
-            b0 += w * m0;
-            b1 += w * m1;
-            b2 += w * m2;
-            b3 += w * m3;
-            b4 += w * m4;
-            b5 += w * m5;
-            b6 += w * m6;
-            b7 += w * m7;
-            in_block += 1u;
-            if (in_block == ROW_BLOCK) {
-                t0 += b0;
-                t1 += b1;
-                t2 += b2;
-                t3 += b3;
-                t4 += b4;
-                t5 += b5;
-                t6 += b6;
-                t7 += b7;
-                b0 = vec4<f32>(0.0);
-                b1 = vec4<f32>(0.0);
-                b2 = vec4<f32>(0.0);
-                b3 = vec4<f32>(0.0);
-                b4 = vec4<f32>(0.0);
-                b5 = vec4<f32>(0.0);
-                b6 = vec4<f32>(0.0);
-                b7 = vec4<f32>(0.0);
-                in_block = 0u;
-            }
+    if (first + (QUADS - 1u) * step < quads) {
+        if (params.vec4_path == 1u) {
+            sum_quads8(LOAD_VEC4, first, step);
+            return;
         }
-        store_quad(first * 4u, t0 + b0);
-        store_quad((first + RUN) * 4u, t1 + b1);
-        store_quad((first + 2u * RUN) * 4u, t2 + b2);
-        store_quad((first + 3u * RUN) * 4u, t3 + b3);
-        store_quad((first + 4u * RUN) * 4u, t4 + b4);
-        store_quad((first + 5u * RUN) * 4u, t5 + b5);
-        store_quad((first + 6u * RUN) * 4u, t6 + b6);
-        store_quad((first + 7u * RUN) * 4u, t7 + b7);
-        return;
+        if (shifted) {
+            sum_quads8(LOAD_SHIFTED, first, step);
+            return;
+        }
     }
     for (var k = 0u; k < QUADS; k++) {
-        let quad = first + k * RUN;
+        let quad = first + k * step;
         if (quad < quads) {
             store_quad(quad * 4u, quad_sum(quad * 4u));
         }

@@ -401,6 +401,25 @@ impl GpuClipper {
         Ok(())
     }
 
+    /// On a software adapter, the size of a binding of `tensor`'s buffer from
+    /// `offset` of at least `size` bytes that holds whole quads of its elements
+    /// (4 x 4 bytes for f32, 4 x 2 for 16-bit types), if the buffer and one
+    /// binding have room for it. Rows that are not 16-byte aligned are then read
+    /// as aligned quads shifted into place (`vec4_path` 2 in mb_partials.wgsl and
+    /// weighted_means.wgsl, grads_shifted.wgsl): the binding covers up to one
+    /// quad of the buffer past the rows, read (never written), its values never
+    /// used. llvmpipe pays per load instruction, and its lanes then share the
+    /// aligned loads (on lavapipe the bench's 100 tensors, 65% of their columns
+    /// unaligned, went from 1.54-1.56x to 1.39-1.49x one tensor's time at b = 4);
+    /// hardware adapters keep scalar loads (not measured there).
+    fn quads_binding(&self, tensor: &GpuTensor<'_>, offset: u64, size: u64) -> Option<u64> {
+        let quads = size.next_multiple_of(4 * tensor.dtype.size_bytes());
+        (self.kernels.small_workgroups()
+            && offset + quads <= tensor.buffer.size()
+            && quads <= self.max_binding)
+            .then_some(quads)
+    }
+
     /// Tiles, row windows and scratch of one call; every buffer bound whole (not
     /// per window) is checked against one storage binding here, so a shape too
     /// large is a [`ClipError::TooLarge`], not a validation error at dispatch.
@@ -698,7 +717,8 @@ impl GpuClipper {
             .collect();
         // Pass 4 over the input rows of tensor p's window k (first row at element
         // elem_offset of its binding), each row weighted, into column out_offset.
-        let rows_block = |p: usize, k: usize, elem_offset: u32, out_offset: u32| {
+        // `whole_quads`: the binding holds whole quads (see `quads_binding`).
+        let rows_block = |p: usize, k: usize, elem_offset: u32, out_offset: u32, whole_quads| {
             let (_, windows, group) = &layout.tensors[p];
             let w = &windows[k];
             let cols = inputs[p].cols as u64;
@@ -708,7 +728,7 @@ impl GpuClipper {
                 rows: w.row_end - w.row_start,
                 out_offset,
                 skip_zero,
-                vec4_path: vec4_aligned(cols, elem_offset) as u32,
+                vec4_path: load_path(cols, elem_offset, whole_quads),
                 groups: g as u32,
                 group: *group,
                 stride: cols as u32,
@@ -720,14 +740,8 @@ impl GpuClipper {
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
         for d in &layout.pass1 {
-            // Unaligned rows as aligned quads shifted into place (vec4_path 2)
-            // with the software adapter's lane mapping, whose lanes share the
-            // aligned loads (on lavapipe the bench's 100 tensors, 65% of their
-            // columns unaligned, went from 1.54-1.56x to 1.39-1.49x one tensor's
-            // time); on hardware, scalar loads (not measured there).
-            let first = &inputs[d.entries[0].0];
-            let quads_size = whole_quads(d.bind_offset, d.bind_size, first, self.max_binding)
-                .filter(|_| self.kernels.small_workgroups());
+            let quads_size =
+                self.quads_binding(&inputs[d.entries[0].0], d.bind_offset, d.bind_size);
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
             for &(p, k, elem_offset) in &d.entries {
@@ -747,13 +761,7 @@ impl GpuClipper {
                     carry_in: w.carry_in as u32,
                     carry_out: w.carry_out as u32,
                     last_local: w.mb_count - 1,
-                    vec4_path: if vec4_aligned(cols, elem_offset) {
-                        1
-                    } else if quads_size.is_some() {
-                        2
-                    } else {
-                        0
-                    },
+                    vec4_path: load_path(cols, elem_offset, quads_size.is_some()),
                     write_means: with_means as u32,
                     means_base: means_bases[p] as u32,
                     tile_cols: layout.tile_cols as u32,
@@ -796,10 +804,17 @@ impl GpuClipper {
             for (k, w) in windows.iter().enumerate() {
                 if !with_means && !merge_rows {
                     // Pass 4 over this window's rows, weighted per row.
+                    let quads_size = self.quads_binding(t, w.bind_offset, w.bind_size);
                     means_dispatches.push(Pass4::push(
                         &mut params,
-                        vec![rows_block(p, k, w.elem_offset, out_offset)],
-                        (t.buffer, w.bind_offset, w.bind_size),
+                        vec![rows_block(
+                            p,
+                            k,
+                            w.elem_offset,
+                            out_offset,
+                            quads_size.is_some(),
+                        )],
+                        (t.buffer, w.bind_offset, quads_size.unwrap_or(w.bind_size)),
                         per_row_weights,
                         (o.buffer, out_bind, out_size),
                         t.dtype,
@@ -844,18 +859,24 @@ impl GpuClipper {
         if merge_rows {
             // The input rows, in the norm pass's dispatches (same bindings).
             for d in &layout.pass1 {
+                let p = d.entries[0].0;
+                let quads_size = self.quads_binding(&inputs[p], d.bind_offset, d.bind_size);
                 let blocks = d
                     .entries
                     .iter()
                     .map(|&(p, k, elem_offset)| {
-                        rows_block(p, k, elem_offset, means_bases[p] as u32)
+                        let out_offset = means_bases[p] as u32;
+                        rows_block(p, k, elem_offset, out_offset, quads_size.is_some())
                     })
                     .collect();
-                let p = d.entries[0].0;
                 means_dispatches.push(Pass4::push(
                     &mut params,
                     blocks,
-                    (inputs[p].buffer, d.bind_offset, d.bind_size),
+                    (
+                        inputs[p].buffer,
+                        d.bind_offset,
+                        quads_size.unwrap_or(d.bind_size),
+                    ),
                     per_row_weights,
                     (&merged_out, 0, merged_out.size()),
                     inputs[p].dtype,
@@ -1247,16 +1268,19 @@ fn bind_group(
     })
 }
 
-/// The size of a binding of `tensor`'s buffer from `offset` of at least `size`
-/// bytes that holds whole quads of its elements (4 x 4 bytes for f32, 4 x 2 for
-/// 16-bit types), if the buffer and one binding of `max_binding` bytes have room
-/// for it. Rows that are not 16-byte aligned can then be read as aligned quads
-/// shifted into place (`vec4_path` 2 in mb_partials.wgsl, grads_shifted.wgsl):
-/// the binding covers up to one quad of the buffer past the rows, read (never
-/// written) and its values never used.
-fn whole_quads(offset: u64, size: u64, tensor: &GpuTensor<'_>, max_binding: u64) -> Option<u64> {
-    let quads = size.next_multiple_of(4 * tensor.dtype.size_bytes());
-    (offset + quads <= tensor.buffer.size() && quads <= max_binding).then_some(quads)
+/// `vec4_path` of the two input-reading kernels for rows of `cols` elements, the
+/// first at element `elem_offset` of a binding: 1 (vec4 loads) when every row
+/// starts at a multiple of 4 elements, else 2 (aligned loads shifted into place)
+/// when the binding holds whole quads (`GpuClipper::quads_binding`), else 0
+/// (scalar loads).
+fn load_path(cols: u64, elem_offset: u32, whole_quads: bool) -> u32 {
+    if vec4_aligned(cols, elem_offset) {
+        1
+    } else if whole_quads {
+        2
+    } else {
+        0
+    }
 }
 
 /// `size` bytes of `buffer` from `offset` as a binding.
@@ -1357,7 +1381,7 @@ impl<'a> Pass4<'a> {
         Ok(Self {
             params: params.push_table(&table, MEANS_TABLE_BYTES),
             source,
-            vec4: table.iter().any(|e| e.vec4_path == 1),
+            vec4: table.iter().any(|e| e.vec4_path != 0),
             per_row,
             out,
             groups,
