@@ -431,7 +431,7 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
     // change a bit of its result): whole steps with aligned loads and shifts
     // where the binding holds whole quads, else with scalar loads; then the rest
     // of the last step (a last partial quad too) one quad at a time.
-    if (!blue && params.vec4_path == 2u) {
+    if (!blue && ADJACENT && params.vec4_path == 2u) {
         walk_modes(blue, LOAD_SHIFTED, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
     } else {
         walk_modes(blue, LOAD_SCALAR, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
