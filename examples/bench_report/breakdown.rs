@@ -245,10 +245,22 @@ pub fn run(
         // weighted_means over them.
         let min_rows = clipper.gpu_means_min_rows().ok_or("not a GPU clipper")? as usize;
         let small = clipper.gpu_small_workgroups().ok_or("not a GPU clipper")?;
-        let with_means = n >= min_rows * m && (m * d * 4) as u64 <= gpu.max_binding;
+        // The means' rows are padded to whole quads (plan.rs `means_cols`).
+        let d4 = d.next_multiple_of(4);
+        // How microclip loads the input rows (`load_path` in src/gpu/mod.rs): vec4
+        // when D is a multiple of 4, else on a software adapter aligned loads
+        // shifted into place when the buffer holds whole quads, else scalars.
+        let input_path = if d.is_multiple_of(4) {
+            1
+        } else if small && x.size().is_multiple_of(16) {
+            2
+        } else {
+            0
+        };
+        let with_means = n >= min_rows * m && (m * d4 * 4) as u64 <= gpu.max_binding;
         let means = gpu.storage_buffer(
             "breakdown means",
-            if with_means { (m * d * 4) as u64 } else { 16 },
+            if with_means { (m * d4 * 4) as u64 } else { 16 },
         )?;
         // A table of one entry (TABLE_LEN copies of it; entries = 1).
         let pp = uniform(
@@ -260,10 +272,10 @@ pub fn run(
                 tiles_x: tx,
                 tiles_total: tiles as u32,
                 last_local: (m - 1) as u32,
-                vec4_path: d.is_multiple_of(4) as u32,
+                vec4_path: input_path,
                 write_means: with_means as u32,
                 tile_cols: tile_cols as u32,
-                means_stride: d as u32, // d is a multiple of 4
+                means_stride: d4 as u32,
                 entries: 1,
                 dispatch_tiles: tiles as u32,
                 ..Default::default()
@@ -329,8 +341,9 @@ pub fn run(
                     groups_x: mx,
                     skip_zero: 1,
                     groups: 1,
-                    vec4_path: d.is_multiple_of(4) as u32,
-                    stride: d as u32,
+                    // the means' rows are whole quads
+                    vec4_path: if with_means { 1 } else { input_path },
+                    stride: if with_means { d4 } else { d } as u32,
                     entries: 1,
                     dispatch_groups: (d as u64).div_ceil(2048) as u32,
                     ..Default::default()
