@@ -97,8 +97,8 @@ struct Params {
     last_local: u32,    // index (within the window) of the window's last micro-batch
     vec4_path: u32,     // 1: cols and elem_offset are multiples of 4: vec4 loads;
                         // 2: rows not 16-byte aligned, `grads4` bound in whole
-                        // quads: two vec4 loads and a shift per quad (grads_shifted.wgsl);
-                        // 0: scalar loads
+                        // quads, ADJACENT: 5 aligned vec4 loads per step of 4 quads,
+                        // shifted into place (grads_shifted.wgsl); 0: scalar loads
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
@@ -125,7 +125,7 @@ fn table_len() -> u32 {
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
 @group(0) @binding(4) var<storage, read> carry_in: array<f32>;
 // The same rows as `grads`, four elements at a time (bound to a dummy buffer when
-// vec4_path = 0).
+// every entry of the table has vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
 // The [M, sum ceil4(D_p)] micro-batch means of all tensors, read by
 // weighted_means.wgsl (a dummy buffer when write_means = 0), a quad per store:
@@ -211,6 +211,7 @@ fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
         if (ADJACENT) {
             return grad_quads4_at(i);
         }
+        // Without ADJACENT (not chosen by walk_tile: no loads to share).
         return mat4x4<f32>(grad_quad_at(i), grad_quad_at(i + 4u * qs), grad_quad_at(i + 8u * qs), grad_quad_at(i + 12u * qs));
     }
     return mat4x4<f32>(grad_at4(i), grad_at4(i + 4u * qs), grad_at4(i + 8u * qs), grad_at4(i + 12u * qs));
@@ -500,15 +501,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let col_end = min(params.cols, (tile + 1u) * params.tile_cols);
 
     // Lane group lid / RUN of the workgroup walks its own contiguous span of the
-    // tile's quads, RUN adjacent quads (one per lane) at a time. The spans split
-    // the tile's own columns (a tensor narrower than a tile still keeps every
-    // group busy), in multiples of RUN quads.
+    // tile's quads, a step of 4 RUN quads at a time (which lane owns which quad of
+    // a step: quad_step). The spans split the tile's own columns (a tensor
+    // narrower than a tile still keeps every group busy), in multiples of RUN quads.
     let tile_q0 = tile * params.tile_cols >> 2u;
     let tile_quads = ((col_end + 3u) >> 2u) - tile_q0;
     let span = (tile_quads + RUN * (WG / RUN) - 1u) / (RUN * (WG / RUN)) * RUN;
     let span0 = tile_q0 + (lid / RUN) * span;
     let span_end = span0 + span;
-    // Four accumulators per class: column c goes to lane c % 4, thread (c / 4) % WG.
+    // Four accumulators per class: column c goes to component c % 4 of the thread
+    // that owns its quad.
     // Plain squares first; a thread whose magnitudes make them unsafe walks again
     // with Blue's sums (on lavapipe an `if` runs its loop only while a lane needs it).
     var sums = Sums(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<u32>(0u));

@@ -8,7 +8,8 @@
 //
 // A workgroup of 64 threads covers WG = 64 * QUADS groups of 4 adjacent columns
 // (quads), 2048 columns. Each run of RUN threads owns RUN * QUADS adjacent quads:
-// thread t of the run sums quads t, t + RUN, ..., t + 7 RUN, so each of its QUADS
+// thread t of the run sums quads t, t + RUN, ..., t + 7 RUN (with vec4_path = 2
+// quads 8 t .. 8 t + 7, see below), so each of its QUADS
 // loads per row is one of RUN adjacent quads, and the run reads
 // RUN * QUADS * 16 = 1 KiB contiguous bytes of every row per visit. On lavapipe
 // (SIMD-8 groups that each run the whole loop before the next starts) 4 quads per

@@ -380,49 +380,55 @@ fn same_input_gives_bitwise_same_output() {
 
 #[test]
 fn vec4_and_scalar_loads_give_the_same_bits() {
-    // cols % 4 == 0: at byte offset 0 the input is loaded as vec4; at offset 4 as
-    // scalars when the buffer ends with the rows (no whole quad past them), and on a
-    // software adapter as shifted aligned quads when 3 more elements follow them.
+    // The same rows at every element offset: with cols % 4 == 0 at offset 0 they are
+    // loaded as vec4; otherwise as scalars when the buffer ends with the rows (no
+    // whole quad past them), and with small workgroups as aligned quads shifted into
+    // place when elements follow them (rows shifted by 1, 2 or 3 elements; with
+    // cols % 4 != 0 the shift changes from row to row). Magnitude 1e-30 takes Blue's
+    // second walk of the norm pass.
     let Some(mut gpu) = gpu() else { return };
-    let (n, d) = (10, 4100);
-    let t = random_tensors(23, n, &[d], 1.0).remove(0);
+    let n = 10;
     let device = gpu.device().unwrap().clone();
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    // b = 3: pass 4 reads stored means; b = 1: it reads the rows (vec4 or scalar).
-    // Both lane mappings of the norm pass (small workgroups: adjacent quads).
-    for (b, small) in [(1, true), (3, true), (1, false), (3, false)] {
-        gpu.set_gpu_small_workgroups(Some(small));
-        let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
-        let mut results = Vec::new();
-        for (pad, tail) in [(0usize, 0usize), (1, 0), (1, 3)] {
-            let mut data = vec![0.0f32; pad];
-            data.extend_from_slice(&t);
-            // NaN past the rows: read by a shifted load, never taken.
-            data.extend(std::iter::repeat_n(f32::NAN, tail));
-            let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(&data),
-                usage,
-            });
-            let inputs = [GpuTensor::new(&input, pad as u64 * 4, d)];
-            let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
-            let out = read_buffer(&gpu, &bufs[0], 0, d);
-            let bits: Vec<u32> = out
-                .iter()
-                .chain(&stats.norms)
-                .map(|v| v.to_bits())
-                .collect();
-            results.push(bits);
+    // (pad elements before the rows, elements after them)
+    let placements = [(0usize, 0usize), (1, 0), (1, 3), (2, 3), (3, 8), (2, 0)];
+    for (d, scale) in [(4100, 1.0), (4101, 1.0), (4101, 1e-30)] {
+        let t = random_tensors(23, n, &[d], scale).remove(0);
+        // b = 3: pass 4 reads stored means; b = 1, 2: it reads the rows.
+        // Both lane mappings of the norm pass (small workgroups: adjacent quads).
+        for (b, small) in [(1, true), (2, true), (3, true), (1, false), (3, false)] {
+            gpu.set_gpu_small_workgroups(Some(small));
+            let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+            let mut results = Vec::new();
+            for (pad, tail) in placements {
+                let mut data = vec![0.0f32; pad];
+                data.extend_from_slice(&t);
+                // NaN past the rows: read by a shifted load, never taken.
+                data.extend(std::iter::repeat_n(f32::NAN, tail));
+                let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(&data),
+                    usage,
+                });
+                let inputs = [GpuTensor::new(&input, pad as u64 * 4, d)];
+                let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+                let out = read_buffer(&gpu, &bufs[0], 0, d);
+                let bits: Vec<u32> = out
+                    .iter()
+                    .chain(&stats.norms)
+                    .map(|v| v.to_bits())
+                    .collect();
+                results.push(bits);
+            }
+            for (k, r) in results.iter().enumerate().skip(1) {
+                assert_eq!(
+                    &results[0], r,
+                    "d {d} scale {scale} b {b} small {small}: placement {:?}",
+                    placements[k]
+                );
+            }
         }
-        assert_eq!(
-            results[0], results[1],
-            "b = {b} small {small}: scalar loads"
-        );
-        assert_eq!(
-            results[0], results[2],
-            "b = {b} small {small}: shifted loads"
-        );
     }
     gpu.set_gpu_small_workgroups(None);
 }

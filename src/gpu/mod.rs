@@ -401,8 +401,10 @@ impl GpuClipper {
         Ok(())
     }
 
-    /// On a software adapter, the size of a binding of `tensor`'s buffer from
-    /// `offset` of at least `size` bytes that holds whole quads of its elements
+    /// With small workgroups (the default on a software adapter, where the norm
+    /// pass's lanes then own adjacent quads), the size of a binding of
+    /// `tensor`'s buffer from `offset` of at least `size` bytes that holds whole
+    /// quads of its elements
     /// (4 x 4 bytes for f32, 4 x 2 for 16-bit types), if the buffer and one
     /// binding have room for it. Rows that are not 16-byte aligned are then read
     /// as aligned quads shifted into place (`vec4_path` 2 in mb_partials.wgsl and
@@ -411,7 +413,8 @@ impl GpuClipper {
     /// used. llvmpipe pays per load instruction, and its lanes then share the
     /// aligned loads (on lavapipe the bench's 100 tensors, 65% of their columns
     /// unaligned, went from 1.54-1.56x to 1.39-1.49x one tensor's time at b = 4);
-    /// hardware adapters keep scalar loads (not measured there).
+    /// without small workgroups (the hardware default), scalar loads (not
+    /// measured on hardware).
     fn quads_binding(&self, tensor: &GpuTensor<'_>, offset: u64, size: u64) -> Option<u64> {
         let quads = size.next_multiple_of(4 * tensor.dtype.size_bytes());
         (self.kernels.small_workgroups()
