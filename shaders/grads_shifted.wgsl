@@ -16,22 +16,17 @@ fn shift4(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
     return select(lo, vec4<f32>(lo.yzw, next), (s & 1u) != 0u);
 }
 
-// Elements i .. i + 3: quads i / 4 and i / 4 + 1. The second one, unused when i is
-// a multiple of 4, may then lie past the binding (an out-of-bounds read, defined
-// in WGSL; its value is not taken).
-fn grad_quad_at(i: u32) -> vec4<f32> {
-    return shift4(grad_quad(i >> 2u), grad_quad((i >> 2u) + 1u), i & 3u);
+// The four quads that start s elements into the five consecutive aligned quads
+// a .. e (columns of a mat4x4).
+fn shift_quads4(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, e: vec4<f32>, s: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(shift4(a, b, s), shift4(b, c, s), shift4(c, d, s), shift4(d, e, s));
 }
 
-// Elements i .. i + 15 as four quads (columns of a mat4x4), from five aligned
-// quad loads (the fifth as grad_quad_at's second).
+// Elements i .. i + 15 as four quads (columns of a mat4x4), from the five aligned
+// quads from quad i / 4. The fifth, unused when i is a multiple of 4, may then
+// lie past the binding (an out-of-bounds read, defined in WGSL; its value is not
+// taken).
 fn grad_quads4_at(i: u32) -> mat4x4<f32> {
     let q = i >> 2u;
-    let s = i & 3u;
-    let a = grad_quad(q);
-    let b = grad_quad(q + 1u);
-    let c = grad_quad(q + 2u);
-    let d = grad_quad(q + 3u);
-    let e = grad_quad(q + 4u);
-    return mat4x4<f32>(shift4(a, b, s), shift4(b, c, s), shift4(c, d, s), shift4(d, e, s));
+    return shift_quads4(grad_quad(q), grad_quad(q + 1u), grad_quad(q + 2u), grad_quad(q + 3u), grad_quad(q + 4u), i & 3u);
 }

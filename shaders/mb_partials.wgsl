@@ -208,11 +208,8 @@ fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
         return mat4x4<f32>(grad_quad(q), grad_quad(q + qs), grad_quad(q + 2u * qs), grad_quad(q + 3u * qs));
     }
     if (loads == LOAD_SHIFTED) {
-        if (ADJACENT) {
-            return grad_quads4_at(i);
-        }
-        // Without ADJACENT (not chosen by walk_tile: no loads to share).
-        return mat4x4<f32>(grad_quad_at(i), grad_quad_at(i + 4u * qs), grad_quad_at(i + 8u * qs), grad_quad_at(i + 12u * qs));
+        // Adjacent quads (walk_tile takes this way only with ADJACENT).
+        return grad_quads4_at(i);
     }
     return mat4x4<f32>(grad_at4(i), grad_at4(i + 4u * qs), grad_at4(i + 8u * qs), grad_at4(i + 12u * qs));
 }
@@ -223,34 +220,20 @@ fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
 // its loads (a tensor of 250,001 columns took 1.5-1.7x one of 250,000 at b = 4
 // with one loop per quad, 1.3-1.4x with one per step and scalar loads).
 fn column_mean4x4(loads: u32, first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
-    var t0 = vec4<f32>(0.0);
-    var t1 = vec4<f32>(0.0);
-    var t2 = vec4<f32>(0.0);
-    var t3 = vec4<f32>(0.0);
-    var b0 = vec4<f32>(0.0);
-    var b1 = vec4<f32>(0.0);
-    var b2 = vec4<f32>(0.0);
-    var b3 = vec4<f32>(0.0);
+    // Block sums and totals, one column per quad (matrix operations are per
+    // component: the same operations as column_mean4's).
+    var total = mat4x4<f32>();
+    var block = mat4x4<f32>();
     var idx = first;
     for (var r = 0u; r < rows; r++) {
-        let m = step_quads(loads, idx);
-        b0 += m[0] * inv_n;
-        b1 += m[1] * inv_n;
-        b2 += m[2] * inv_n;
-        b3 += m[3] * inv_n;
+        block += step_quads(loads, idx) * inv_n;
         idx += stride;
         if ((r + 1u) % ROW_BLOCK == 0u) {
-            t0 += b0;
-            t1 += b1;
-            t2 += b2;
-            t3 += b3;
-            b0 = vec4<f32>(0.0);
-            b1 = vec4<f32>(0.0);
-            b2 = vec4<f32>(0.0);
-            b3 = vec4<f32>(0.0);
+            total += block;
+            block = mat4x4<f32>();
         }
     }
-    return mat4x4<f32>(t0 + b0, t1 + b1, t2 + b2, t3 + b3);
+    return total + block;
 }
 
 // The vec4 path's mean of the quad at column `col`: plus the carried-in sums of

@@ -141,29 +141,19 @@ const LOAD_VEC4: u32 = 0u;    // a vec4 load per quad (vec4_path = 1)
 const LOAD_SHIFTED: u32 = 1u; // 9 aligned loads shifted into 8 adjacent quads (vec4_path = 2)
 
 // The weighted sums of the QUADS quads first + k * step (k = 0..7) of every row,
-// stored: one row loop with 8 block sums b_k and totals t_k (the same operations
+// stored: one row loop with block sums and totals per quad (the same operations
 // per column as quad_sum, so the same bits whatever the loads). With
 // LOAD_SHIFTED the quads are adjacent (step 1) in rows that need not be 16-byte
 // aligned, read as 9 aligned quads shifted into place (grads_shifted.wgsl):
 // llvmpipe pays per load instruction, and 4 scalar loads per quad cost about
 // twice one vec4 load.
 fn sum_quads8(loads: u32, first: u32, step: u32) {
-    var t0 = vec4<f32>(0.0);
-    var t1 = vec4<f32>(0.0);
-    var t2 = vec4<f32>(0.0);
-    var t3 = vec4<f32>(0.0);
-    var t4 = vec4<f32>(0.0);
-    var t5 = vec4<f32>(0.0);
-    var t6 = vec4<f32>(0.0);
-    var t7 = vec4<f32>(0.0);
-    var b0 = vec4<f32>(0.0);
-    var b1 = vec4<f32>(0.0);
-    var b2 = vec4<f32>(0.0);
-    var b3 = vec4<f32>(0.0);
-    var b4 = vec4<f32>(0.0);
-    var b5 = vec4<f32>(0.0);
-    var b6 = vec4<f32>(0.0);
-    var b7 = vec4<f32>(0.0);
+    // Quads 0..3 and 4..7 as the columns of two matrices (matrix operations are
+    // per component: the same operations as quad_sum's).
+    var total_lo = mat4x4<f32>();
+    var total_hi = mat4x4<f32>();
+    var block_lo = mat4x4<f32>();
+    var block_hi = mat4x4<f32>();
     var in_block = 0u;
     // Element index of the first quad in row j.
     var e = params.means_base + first * 4u;
@@ -176,60 +166,33 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
             lo = mat4x4<f32>(grad_quad(q), grad_quad(q + step), grad_quad(q + 2u * step), grad_quad(q + 3u * step));
             hi = mat4x4<f32>(grad_quad(q + 4u * step), grad_quad(q + 5u * step), grad_quad(q + 6u * step), grad_quad(q + 7u * step));
         } else {
+            // 9 loads: quad q + 4 serves both halves.
             let s = e & 3u;
-            let a0 = grad_quad(q);
-            let a1 = grad_quad(q + 1u);
-            let a2 = grad_quad(q + 2u);
-            let a3 = grad_quad(q + 3u);
-            let a4 = grad_quad(q + 4u);
-            let a5 = grad_quad(q + 5u);
-            let a6 = grad_quad(q + 6u);
-            let a7 = grad_quad(q + 7u);
-            let a8 = grad_quad(q + 8u);
-            lo = mat4x4<f32>(shift4(a0, a1, s), shift4(a1, a2, s), shift4(a2, a3, s), shift4(a3, a4, s));
-            hi = mat4x4<f32>(shift4(a4, a5, s), shift4(a5, a6, s), shift4(a6, a7, s), shift4(a7, a8, s));
+            let mid = grad_quad(q + 4u);
+            lo = shift_quads4(grad_quad(q), grad_quad(q + 1u), grad_quad(q + 2u), grad_quad(q + 3u), mid, s);
+            hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
         }
         e += params.stride;
         if (params.skip_zero == 1u && w == 0.0) {
             continue;
         }
-        b0 += w * lo[0];
-        b1 += w * lo[1];
-        b2 += w * lo[2];
-        b3 += w * lo[3];
-        b4 += w * hi[0];
-        b5 += w * hi[1];
-        b6 += w * hi[2];
-        b7 += w * hi[3];
+        block_lo += w * lo;
+        block_hi += w * hi;
         in_block += 1u;
         if (in_block == ROW_BLOCK) {
-            t0 += b0;
-            t1 += b1;
-            t2 += b2;
-            t3 += b3;
-            t4 += b4;
-            t5 += b5;
-            t6 += b6;
-            t7 += b7;
-            b0 = vec4<f32>(0.0);
-            b1 = vec4<f32>(0.0);
-            b2 = vec4<f32>(0.0);
-            b3 = vec4<f32>(0.0);
-            b4 = vec4<f32>(0.0);
-            b5 = vec4<f32>(0.0);
-            b6 = vec4<f32>(0.0);
-            b7 = vec4<f32>(0.0);
+            total_lo += block_lo;
+            total_hi += block_hi;
+            block_lo = mat4x4<f32>();
+            block_hi = mat4x4<f32>();
             in_block = 0u;
         }
     }
-    store_quad(first * 4u, t0 + b0);
-    store_quad((first + step) * 4u, t1 + b1);
-    store_quad((first + 2u * step) * 4u, t2 + b2);
-    store_quad((first + 3u * step) * 4u, t3 + b3);
-    store_quad((first + 4u * step) * 4u, t4 + b4);
-    store_quad((first + 5u * step) * 4u, t5 + b5);
-    store_quad((first + 6u * step) * 4u, t6 + b6);
-    store_quad((first + 7u * step) * 4u, t7 + b7);
+    let lo = total_lo + block_lo;
+    let hi = total_hi + block_hi;
+    for (var k = 0u; k < 4u; k++) {
+        store_quad((first + k * step) * 4u, lo[k]);
+        store_quad((first + (k + 4u) * step) * 4u, hi[k]);
+    }
 }
 
 @compute @workgroup_size(64)

@@ -740,11 +740,16 @@ impl GpuClipper {
                 ..Default::default()
             }
         };
+        // Each norm-pass dispatch's binding rounded up to whole quads, if it can be
+        // (pass 4 over the rows reuses the dispatches and their bindings).
+        let pass1_quads: Vec<Option<u64>> = layout
+            .pass1
+            .iter()
+            .map(|d| self.quads_binding(&inputs[d.entries[0].0], d.bind_offset, d.bind_size))
+            .collect();
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
-        for d in &layout.pass1 {
-            let quads_size =
-                self.quads_binding(&inputs[d.entries[0].0], d.bind_offset, d.bind_size);
+        for (d, &quads_size) in layout.pass1.iter().zip(&pass1_quads) {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
             for &(p, k, elem_offset) in &d.entries {
@@ -861,9 +866,8 @@ impl GpuClipper {
         }
         if merge_rows {
             // The input rows, in the norm pass's dispatches (same bindings).
-            for d in &layout.pass1 {
+            for (d, &quads_size) in layout.pass1.iter().zip(&pass1_quads) {
                 let p = d.entries[0].0;
-                let quads_size = self.quads_binding(&inputs[p], d.bind_offset, d.bind_size);
                 let blocks = d
                     .entries
                     .iter()
