@@ -77,8 +77,8 @@ pub struct ClipOutput {
 
 enum Engine {
     Gpu(Box<GpuClipper>),
-    /// The CPU backend and its fused-path memory budget in bytes.
-    Cpu(usize),
+    /// The CPU backend, its settings and pooled host memory.
+    Cpu(cpu::CpuEngine),
 }
 
 /// Runs micro-batch clipping. Build once and reuse: GPU pipelines are created in the
@@ -96,12 +96,12 @@ impl Clipper {
     /// Builds a clipper asynchronously.
     pub async fn new_async(backend: Backend) -> Result<Self> {
         let engine = match backend {
-            Backend::Cpu => Engine::Cpu(cpu::DEFAULT_FUSED_BUDGET_BYTES),
+            Backend::Cpu => Engine::Cpu(cpu::CpuEngine::default()),
             Backend::Gpu => Engine::Gpu(Box::new(GpuClipper::new_default().await?)),
             Backend::Auto => match GpuClipper::new_default().await {
                 Ok(gpu) => Engine::Gpu(Box::new(gpu)),
                 Err(e) if gpu_required() => return Err(e),
-                Err(_) => Engine::Cpu(cpu::DEFAULT_FUSED_BUDGET_BYTES),
+                Err(_) => Engine::Cpu(cpu::CpuEngine::default()),
             },
         };
         Ok(Self { engine })
@@ -145,12 +145,14 @@ impl Clipper {
     /// the output row of a last pass run once for several tensors
     /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 4` bytes, when the
     /// last pass re-reads rows of micro-batches of several rows) and
-    /// the read-back buffer (not the host path's upload of the input itself). 0 on
-    /// the CPU.
+    /// the read-back buffer (not the host path's upload of the input itself). On the
+    /// CPU: the host memory kept between calls, the micro-batch means of the
+    /// two-pass path (`M x sum D_p x 4` bytes, from the first call that stores
+    /// them; see the README's "Memory").
     pub fn scratch_bytes(&self) -> u64 {
         match &self.engine {
             Engine::Gpu(gpu) => gpu.scratch_bytes(),
-            Engine::Cpu(_) => 0,
+            Engine::Cpu(cpu) => cpu.scratch_bytes(),
         }
     }
 
@@ -229,12 +231,22 @@ impl Clipper {
     }
 
     /// Sets the host memory the CPU backend's one-read path may keep hot (default
-    /// 16 MiB); 0 forces the two-pass path. For tests of both paths. No effect on
+    /// 20 MiB); 0 forces the two-pass path. For tests of both paths. No effect on
     /// the GPU.
     #[doc(hidden)]
     pub fn set_cpu_fused_budget_bytes(&mut self, bytes: usize) {
-        if let Engine::Cpu(budget) = &mut self.engine {
-            *budget = bytes;
+        if let Engine::Cpu(cpu) = &mut self.engine {
+            cpu.fused_budget = bytes;
+        }
+    }
+
+    /// Sets the largest micro-batch means (bytes) the CPU backend's two-pass path
+    /// stores for its second pass (default 1 GiB); 0 makes it read the input
+    /// twice. For tests of both ways. No effect on the GPU.
+    #[doc(hidden)]
+    pub fn set_cpu_means_max_bytes(&mut self, bytes: usize) {
+        if let Engine::Cpu(cpu) = &mut self.engine {
+            cpu.means_max_bytes = bytes;
         }
     }
 
@@ -252,7 +264,7 @@ impl Clipper {
         let groups = config.tensor_groups(tensors.len())?;
         match &mut self.engine {
             Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, &groups, tensors),
-            Engine::Cpu(budget) => cpu::clip(config, &offsets, &widths, &groups, tensors, *budget),
+            Engine::Cpu(cpu) => cpu::clip(cpu, config, &offsets, &widths, &groups, tensors),
         }
     }
 

@@ -93,6 +93,13 @@
 //! row when that pass runs once for several tensors; otherwise, when `b > 1`, the
 //! last pass re-reads the rows with `N x G x 4` bytes of per-row weights. Noise is
 //! generated in place in the output: no buffer of random numbers.
+//!
+//! The CPU backend reads the input once, in groups of micro-batches, when an f64
+//! accumulator row and a group's means fit its cache budget (20 MiB; the working
+//! memory of one call). Otherwise it takes two passes and, from `b >= 3` rows per
+//! micro-batch on average, keeps the `M x sum_p D_p x 4` bytes of f32 means (up
+//! to 1 GiB) between calls for its second pass; below that it reads the input
+//! twice. [`Clipper::scratch_bytes`] reports what a clipper keeps.
 
 #![warn(missing_docs)]
 

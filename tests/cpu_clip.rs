@@ -11,11 +11,61 @@ use microclip::{
 
 #[test]
 fn random_shapes_match_float64_reference() {
-    // The one-read path (the default for these sizes), then the two-pass path.
+    // The one-read path (the default for these sizes), then the two-pass path
+    // (storing the means where b >= 3), then the two-pass path reading the input
+    // twice at every b.
     run_random_cases(Clipper::new(Backend::Cpu).unwrap(), 128, 1e-6);
     let mut two_pass = Clipper::new(Backend::Cpu).unwrap();
     two_pass.set_cpu_fused_budget_bytes(0);
     run_random_cases(two_pass, 128, 1e-6);
+    let mut re_read = Clipper::new(Backend::Cpu).unwrap();
+    re_read.set_cpu_fused_budget_bytes(0);
+    re_read.set_cpu_means_max_bytes(0);
+    run_random_cases(re_read, 128, 1e-6);
+}
+
+/// The two-pass path stores the means from b = 3 on (f32), keeps them for the next
+/// call, reuses them for a smaller one (every stored value rewritten), and agrees
+/// with reading the input twice.
+#[test]
+fn two_pass_stored_means() {
+    let mut stored = Clipper::new(Backend::Cpu).unwrap();
+    stored.set_cpu_fused_budget_bytes(0);
+    let mut re_read = Clipper::new(Backend::Cpu).unwrap();
+    re_read.set_cpu_fused_budget_bytes(0);
+    re_read.set_cpu_means_max_bytes(0);
+    let widths = [5000usize, 3, 4099];
+    let cols: usize = widths.iter().sum();
+    // (rows, b, rows of means kept after the call): stored from b = 3 on, the
+    // buffer grown when too short and otherwise reused.
+    for (n, b, kept) in [(7, 7, 1), (24, 2, 1), (20, 5, 4), (24, 3, 8), (20, 5, 8)] {
+        let t = random_tensors(11 + b as u64, n, &widths, 1.0);
+        let cfg = ClipConfig::fixed(0.05, MicroBatches::Uniform(b))
+            .with_non_finite(NonFinitePolicy::Propagate);
+        check(
+            &mut stored,
+            &cfg,
+            &t,
+            n,
+            1e-6,
+            &format!("stored n {n} b {b}"),
+        );
+        assert_eq!(
+            stored.scratch_bytes(),
+            (4 * kept * cols) as u64,
+            "n {n} b {b}"
+        );
+        let a = stored.clip(&cfg, &slices(&t), n).unwrap();
+        let r = re_read.clip(&cfg, &slices(&t), n).unwrap();
+        assert_eq!(a.stats.norms, r.stats.norms, "n {n} b {b}");
+        let r64: Vec<Vec<f64>> = r
+            .grads
+            .iter()
+            .map(|g| g.iter().map(|&x| x as f64).collect())
+            .collect();
+        assert!(rel_l2(&a.grads, &r64) < 1e-6, "n {n} b {b}");
+        assert_eq!(re_read.scratch_bytes(), 0);
+    }
 }
 
 #[test]
@@ -27,8 +77,9 @@ fn non_finite_policies() {
     t[1][3 * 300 + 7] = f32::INFINITY;
     // Both CPU paths (one-read, then two-pass), micro-batches of 3 rows and of 1,
     // groups where only one group of a micro-batch is non-finite.
-    for budget in [usize::MAX, 0] {
+    for (budget, means) in [(usize::MAX, usize::MAX), (0, usize::MAX), (0, 0)] {
         cpu.set_cpu_fused_budget_bytes(budget);
+        cpu.set_cpu_means_max_bytes(means);
         for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Propagate] {
             for b in [3, 1] {
                 for cfg in [
@@ -38,7 +89,7 @@ fn non_finite_policies() {
                         .with_groups(vec![1, 0])
                         .with_function(ClipFunction::Automatic { gamma: 0.1 }),
                 ] {
-                    let what = format!("budget {budget} {policy:?} {cfg:?}");
+                    let what = format!("budget {budget} means {means} {policy:?} {cfg:?}");
                     check(&mut cpu, &cfg.with_non_finite(policy), &t, n, 1e-6, &what);
                 }
             }

@@ -650,7 +650,7 @@ fn push_conventions(header: &mut Vec<String>, opts: &Opts, gpu: bool) {
     header.push(if gpu {
         "read-sum = vec4 read-and-sum WGSL kernel on the same adapter (64 KiB per workgroup, one partial per workgroup); extra device bytes = Clipper::scratch_bytes() after the case (5-pass rows: its intermediates)".to_string()
     } else {
-        "read-sum = rayon sum (8 f32 lanes per task) over the same slice; extra device bytes = 0".to_string()
+        "read-sum = rayon sum (8 f32 lanes per task) over the same slice; extra device bytes = host bytes the clipper keeps between calls (Clipper::scratch_bytes(): the two-pass path's stored means; not the per-call working memory)".to_string()
     });
 }
 
@@ -682,7 +682,6 @@ fn cpu_copy(src: &[f32], dst: &mut [f32]) {
 
 #[allow(clippy::too_many_arguments)]
 fn cpu_case<T: GradElement>(
-    clipper: &mut Clipper,
     opts: &Opts,
     case: &str,
     n: usize,
@@ -696,6 +695,8 @@ fn cpu_case<T: GradElement>(
         "case {case}: N={n} D={d_total} b={b} tensors={} (cpu)",
         tensors.len()
     );
+    // A fresh clipper per case, so that its scratch_bytes are this case's.
+    let mut clipper = Clipper::new(Backend::Cpu).map_err(|e| e.to_string())?;
     let probe = clipper
         .clip(&probe_config(b), tensors, n)
         .map_err(|e| e.to_string())?;
@@ -732,7 +733,7 @@ fn cpu_case<T: GradElement>(
         runs: opts.runs,
         min_bytes: min_bytes(n, d_total, T::DTYPE),
         read_ms: median(&samples[0]),
-        extra_device_bytes: 0,
+        extra_device_bytes: clipper.scratch_bytes(),
         speedup: None,
         note: notes.join("; "),
     })
@@ -741,7 +742,6 @@ fn cpu_case<T: GradElement>(
 /// Runs every case on the CPU backend (host slices).
 pub fn run_cpu(opts: Opts) -> Result<Report, String> {
     let sizes = &Sizes::new(opts.scale.unwrap_or(1));
-    let mut clipper = Clipper::new(Backend::Cpu).map_err(|e| e.to_string())?;
     let mut header = vec![
         "# microclip bench_report".to_string(),
         format!(
@@ -779,16 +779,7 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
     }
     for &b in &sizes.bs {
         if b <= n {
-            rows.push(cpu_case(
-                &mut clipper,
-                &opts,
-                "main",
-                n,
-                b,
-                &[&x],
-                &x,
-                &sizes.note(),
-            )?);
+            rows.push(cpu_case(&opts, "main", n, b, &[&x], &x, &sizes.note())?);
         }
     }
     // 16-bit inputs on the main shape, against the sum over the same bytes.
@@ -798,7 +789,6 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
     for b in HALF_BS.into_iter().filter(|&b| b <= n) {
         let note = sizes.note();
         rows.push(cpu_case(
-            &mut clipper,
             &opts,
             "main f16",
             n,
@@ -808,7 +798,6 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
             &note,
         )?);
         rows.push(cpu_case(
-            &mut clipper,
             &opts,
             "main bf16",
             n,
@@ -821,16 +810,7 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
     drop((x, halves, bhalves));
     for (what, (n, d, b)) in [("wide", sizes.wide), ("tall", sizes.tall)] {
         let x = data::host_tensor(SEED, 1, n, d);
-        rows.push(cpu_case(
-            &mut clipper,
-            &opts,
-            what,
-            n,
-            b,
-            &[&x],
-            &x,
-            &sizes.note(),
-        )?);
+        rows.push(cpu_case(&opts, what, n, b, &[&x], &x, &sizes.note())?);
     }
     let (n, b, count, max_d) = sizes.multi;
     let widths = data::spread_widths(count, max_d);
@@ -847,7 +827,6 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         &sizes.note(),
     ]);
     rows.push(cpu_case(
-        &mut clipper,
         &opts,
         &format!("multi: {count} tensors"),
         n,
@@ -857,7 +836,6 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         &note,
     )?);
     rows.push(cpu_case(
-        &mut clipper,
         &opts,
         "multi: 1 tensor, same total",
         n,

@@ -10,7 +10,11 @@
 //!   `s_j = C * h(norm_j)` (hard clipping only when `scale <= 1`, since then
 //!   `C <= norm_j` for every j), and `C` multiplies the sum at the end.
 //! * [`two_pass`]: norms first, then the weighted sum, over fixed column blocks
-//!   that stay in the core's cache; reads the input twice.
+//!   that stay in the core's cache. The second pass reads the micro-batch means
+//!   that the first one stored (f32, `M x sum_p D_p x 4` bytes, kept by the
+//!   [`CpuEngine`] for the next call) from `b >= 3` rows per micro-batch on
+//!   average, up to [`DEFAULT_MEANS_MAX_BYTES`]; otherwise it reads the input
+//!   again.
 //!
 //! Partial norms are formed over fixed column blocks and summed in block order, so
 //! the result does not depend on the number of threads.
@@ -37,6 +41,48 @@ const BLOCK_COLS: usize = 4096;
 /// 32 MiB L3; beyond it the two-pass path, whose working set is one column block,
 /// moves fewer bytes.
 pub(crate) const DEFAULT_FUSED_BUDGET_BYTES: usize = 20 << 20;
+
+/// Largest stored means the two-pass path keeps (1 GiB); beyond it, it reads the
+/// input twice.
+pub(crate) const DEFAULT_MEANS_MAX_BYTES: usize = 1 << 30;
+
+/// The CPU backend's settings and the memory it keeps between calls.
+pub(crate) struct CpuEngine {
+    /// Bytes the fused path may keep hot ([`DEFAULT_FUSED_BUDGET_BYTES`]).
+    pub(crate) fused_budget: usize,
+    /// Largest stored means of the two-pass path ([`DEFAULT_MEANS_MAX_BYTES`]).
+    pub(crate) means_max_bytes: usize,
+    /// The two-pass path's stored means, grown on demand and reused: fresh pages
+    /// cost a page fault each on first touch (a new 256 MiB buffer per call made
+    /// the two-pass path slower than reading the input twice).
+    means: Vec<f32>,
+}
+
+impl Default for CpuEngine {
+    fn default() -> Self {
+        Self {
+            fused_budget: DEFAULT_FUSED_BUDGET_BYTES,
+            means_max_bytes: DEFAULT_MEANS_MAX_BYTES,
+            means: Vec::new(),
+        }
+    }
+}
+
+impl CpuEngine {
+    /// Host bytes kept between calls (the stored means).
+    pub(crate) fn scratch_bytes(&self) -> u64 {
+        (self.means.capacity() * 4) as u64
+    }
+
+    /// The first `len` floats of the pooled means, grown when too short.
+    fn means(&mut self, len: usize) -> &mut [f32] {
+        if self.means.len() < len {
+            self.means = Vec::new(); // release before allocating the larger one
+            self.means = vec![0.0; len];
+        }
+        &mut self.means[..len]
+    }
+}
 
 /// A column block of one tensor.
 #[derive(Debug, Clone, Copy)]
@@ -373,15 +419,25 @@ fn choose<T: GradElement>(plan: &Plan<'_, T>, budget: usize) -> Option<usize> {
         .then(|| per_group.min(MAX_GROUP).min(plan.micro_batches()))
 }
 
+/// Whether the two-pass path stores the means (`means_len` floats) rather than
+/// reading the input twice: from 3 rows per micro-batch on average (for f32 input,
+/// storing the means and reading them back then moves fewer bytes than a second
+/// read; 16-bit input follows the same rule, so that it gives the same bits as
+/// f32 input of the same values) and up to `max_bytes`.
+fn stores_means<T: GradElement>(plan: &Plan<'_, T>, means_len: usize, max_bytes: usize) -> bool {
+    let input_len: usize = plan.tensors.iter().map(|t| t.len()).sum();
+    means_len.saturating_mul(3) <= input_len && means_len.saturating_mul(4) <= max_bytes
+}
+
 /// Runs the step on the CPU. `offsets`, `widths` and `group_of` (the group of each
 /// tensor) are validated by the caller.
 pub(crate) fn clip<T: GradElement>(
+    engine: &mut CpuEngine,
     config: &ClipConfig,
     offsets: &[usize],
     widths: &[usize],
     group_of: &[usize],
     tensors: &[&[T]],
-    fused_budget: usize,
 ) -> Result<ClipOutput> {
     let blocks = widths
         .iter()
@@ -406,12 +462,20 @@ pub(crate) fn clip<T: GradElement>(
     };
     // Per tensor, sum_j h_j * mean_j, where h_j = s_j / C_g when `adaptive_scaled`
     // (the fused path under an adaptive bound), else s_j.
-    let (norms, sums, f, adaptive_scaled) = match choose(&plan, fused_budget) {
+    let means_len = plan.micro_batches() * widths.iter().sum::<usize>();
+    let (norms, sums, f, adaptive_scaled) = match choose(&plan, engine.fused_budget) {
         Some(group_size) => {
             let (norms, sums) = fused::run(&plan, group_size);
             let f = factors(&plan, &norms)?;
             let adaptive = matches!(config.bound, ClipBound::Adaptive { .. });
             (norms, sums, f, adaptive)
+        }
+        None if stores_means(&plan, means_len, engine.means_max_bytes) => {
+            let means = engine.means(means_len);
+            let norms = two_pass::norms_and_means(&plan, means);
+            let f = factors(&plan, &norms)?;
+            let sums = two_pass::sums_of_means(&plan, &f.factors, means);
+            (norms, sums, f, false)
         }
         None => {
             let norms = two_pass::norms(&plan);
