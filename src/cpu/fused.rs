@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{as_f32, axpy_rows, factor, scale_and_sum_squares, sum_squares, Plan, BLOCK_COLS};
+use super::{as_f32, axpy_rows, factor, sum_squares, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
@@ -86,7 +86,6 @@ fn worker<T: GradElement>(
         // Phase A: means and partial squared norms of this thread's blocks.
         for (r, j) in mbs.clone().enumerate() {
             let rows = plan.rows(j);
-            let inv_n = 1.0 / rows.len() as f64;
             let stored = rows.len() > 1 || widen_once;
             let mean = &mut means[if stored { r * width } else { 0 }..];
             let mut at = 0;
@@ -98,9 +97,7 @@ fn worker<T: GradElement>(
                 } else if rows.len() == 1 {
                     as_f32(plan.segment(b, rows.start), sum_squares)
                 } else {
-                    let sum = &mut sum[..b.w];
-                    plan.row_sums(b, rows.clone(), sum);
-                    scale_and_sum_squares(sum, inv_n, Some(&mut mean[at..at + b.w]))
+                    plan.mean_ssq(b, rows.clone(), &mut sum, Some(&mut mean[at..at + b.w]))
                 };
                 slot[r * n_blocks + k].store(ssq.to_bits(), Relaxed);
                 at += b.w;

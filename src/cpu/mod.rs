@@ -132,20 +132,43 @@ impl<'a, T: GradElement> Plan<'a, T> {
         rows
     }
 
-    /// Norms `[M, G]` from per-(micro-batch, block) squared norms, in block order.
-    /// Sets `sum` to the column sums (f64) of rows `rows` of block `b`: f32 rows as
-    /// they are, several per sweep ([`add_rows`]); 16-bit rows widened one at a time.
-    fn row_sums(&self, b: &Block, rows: Range<usize>, sum: &mut [f64]) {
+    /// The squared norm of block `b`'s part of the mean of rows `rows`, which it
+    /// also stores as f32 in `mean` when given; `sum` is scratch of at least `b.w`.
+    /// f32 micro-batches of up to [`ROWS_PER_SWEEP`] rows in one sweep
+    /// ([`mean_ssq_k`]: sums, mean and squares per column in registers); larger ones
+    /// (and 16-bit rows, widened one at a time) as f64 column sums first
+    /// ([`add_rows`]), then [`scale_and_sum_squares`]. Both give the same bits.
+    fn mean_ssq(
+        &self,
+        b: &Block,
+        rows: Range<usize>,
+        sum: &mut [f64],
+        mean: Option<&mut [f32]>,
+    ) -> f64 {
+        let inv_n = 1.0 / rows.len() as f64;
+        // Cannot fail: T is f32.
+        let row = |i: usize| -> &[f32] { bytemuck::cast_slice(self.segment(b, i)) };
+        if T::DTYPE == Dtype::F32 && rows.len() <= ROWS_PER_SWEEP {
+            let x = |i: usize| row(rows.start + i);
+            return match rows.len() {
+                4 => mean_ssq_k::<4>(std::array::from_fn(x), inv_n, mean),
+                3 => mean_ssq_k::<3>(std::array::from_fn(x), inv_n, mean),
+                2 => mean_ssq_k::<2>(std::array::from_fn(x), inv_n, mean),
+                _ => mean_ssq_k::<1>(std::array::from_fn(x), inv_n, mean),
+            };
+        }
+        let sum = &mut sum[..b.w];
         if T::DTYPE == Dtype::F32 {
-            // Cannot fail: T is f32.
-            add_rows(sum, rows, |i| bytemuck::cast_slice(self.segment(b, i)));
+            add_rows(sum, rows, row);
         } else {
             for i in rows.clone() {
                 as_f32(self.segment(b, i), |x| add_row(sum, x, i == rows.start));
             }
         }
+        scale_and_sum_squares(sum, inv_n, mean)
     }
 
+    /// Norms `[M, G]` from per-(micro-batch, block) squared norms, in block order.
     fn norms(&self, block_ssq: impl Fn(usize) -> f64) -> Vec<f64> {
         let mut ssq = vec![0.0f64; self.groups];
         for (k, b) in self.blocks.iter().enumerate() {
@@ -230,6 +253,72 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
         }
     }
     lanes.iter().sum()
+}
+
+/// [`add_k`] of all `K` rows (the first assigned) followed by
+/// [`scale_and_sum_squares`], without the f64 row between them: each column's sum,
+/// mean and square stay in registers (the same operations in the same order, so
+/// the same bits). For micro-batches of 2 to 4 rows, where the two sweeps cost
+/// as much as the rows' loads.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn mean_ssq_k<const K: usize>(x: [&[f32]; K], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
+    let n = x[0].len();
+    let full = n - n % LANES;
+    // Whole chunks of LANES columns (column c0 + l in lane l), as fixed-size arrays
+    // so that the loops over lanes have no bounds checks and vectorise.
+    let chunk = |c0: usize| -> [f64; LANES] {
+        let rows: [&[f32; LANES]; K] =
+            x.map(|x| x[c0..c0 + LANES].try_into().expect("LANES columns"));
+        std::array::from_fn(|l| {
+            let mut s = rows[0][l] as f64;
+            for r in &rows[1..] {
+                s += r[l] as f64;
+            }
+            s * inv_n
+        })
+    };
+    let mut lanes = [0.0f64; LANES];
+    let mut add = |v: &[f64; LANES]| {
+        for (a, &v) in lanes.iter_mut().zip(v) {
+            *a += v * v;
+        }
+    };
+    match mean {
+        Some(mean) => {
+            for (c0, m) in (0..full).step_by(LANES).zip(mean.chunks_exact_mut(LANES)) {
+                let v = chunk(c0);
+                add(&v);
+                for (m, &v) in m.iter_mut().zip(&v) {
+                    *m = v as f32;
+                }
+            }
+            let tail = tail_means(&x, full, inv_n);
+            for (m, &v) in mean[full..n].iter_mut().zip(&tail) {
+                *m = v as f32;
+            }
+            add(&tail);
+        }
+        None => {
+            for c0 in (0..full).step_by(LANES) {
+                add(&chunk(c0));
+            }
+            add(&tail_means(&x, full, inv_n));
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// The means of columns `full..` (fewer than LANES) in lanes 0.., zeros after.
+fn tail_means<const K: usize>(x: &[&[f32]; K], full: usize, inv_n: f64) -> [f64; LANES] {
+    let mut v = [0.0f64; LANES];
+    for (l, v) in v.iter_mut().enumerate().take(x[0].len() - full) {
+        let mut s = x[0][full + l] as f64;
+        for r in &x[1..] {
+            s += r[full + l] as f64;
+        }
+        *v = s * inv_n;
+    }
+    v
 }
 
 /// `sum[c] = x[c]` (`first`) or `sum[c] += x[c]`, in f64.

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{as_f32, axpy, axpy_rows, scale_and_sum_squares, sum_squares, Plan};
+use super::{as_f32, axpy, axpy_rows, sum_squares, Plan};
 use crate::dtype::{Dtype, GradElement};
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
@@ -24,10 +24,7 @@ fn block_ssq<T: GradElement>(
     if rows.len() == 1 {
         return as_f32(plan.segment(b, rows.start), sum_squares);
     }
-    let inv_n = 1.0 / rows.len() as f64;
-    let sum = &mut sum[..b.w];
-    plan.row_sums(b, rows, sum);
-    scale_and_sum_squares(sum, inv_n, None)
+    plan.mean_ssq(b, rows, sum, None)
 }
 
 /// Pass 1: the `[M, G]` norms, per block in parallel, summed in block order.
@@ -96,12 +93,7 @@ pub(super) fn norms_and_means<T: GradElement>(plan: &Plan<'_, T>, means: &mut [f
             let mut sum = vec![0.0f64; b.w];
             mine.chunks_mut(b.w)
                 .enumerate()
-                .map(|(j, mean)| {
-                    let rows = plan.rows(j);
-                    let inv_n = 1.0 / rows.len() as f64;
-                    plan.row_sums(b, rows, &mut sum);
-                    scale_and_sum_squares(&sum, inv_n, Some(mean))
-                })
+                .map(|(j, mean)| plan.mean_ssq(b, plan.rows(j), &mut sum, Some(mean)))
                 .collect()
         })
         .collect();
