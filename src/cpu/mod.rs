@@ -134,7 +134,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
 
     /// The squared norm of block `b`'s part of the mean of rows `rows`, which it
     /// also stores as f32 in `mean` when given; `sum` is scratch of at least `b.w`.
-    /// f32 micro-batches of up to [`ROWS_PER_SWEEP`] rows in one sweep
+    /// f32 micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
     /// ([`mean_ssq_k`]: sums, mean and squares per column in registers); larger ones
     /// (and 16-bit rows, widened one at a time) as f64 column sums first
     /// ([`add_rows`]), then [`scale_and_sum_squares`]. Both give the same bits.
@@ -148,9 +148,13 @@ impl<'a, T: GradElement> Plan<'a, T> {
         let inv_n = 1.0 / rows.len() as f64;
         // Cannot fail: T is f32.
         let row = |i: usize| -> &[f32] { bytemuck::cast_slice(self.segment(b, i)) };
-        if T::DTYPE == Dtype::F32 && rows.len() <= ROWS_PER_SWEEP {
+        if T::DTYPE == Dtype::F32 && rows.len() <= MEAN_ROWS_PER_SWEEP {
             let x = |i: usize| row(rows.start + i);
             return match rows.len() {
+                8 => mean_ssq_k::<8>(std::array::from_fn(x), inv_n, mean),
+                7 => mean_ssq_k::<7>(std::array::from_fn(x), inv_n, mean),
+                6 => mean_ssq_k::<6>(std::array::from_fn(x), inv_n, mean),
+                5 => mean_ssq_k::<5>(std::array::from_fn(x), inv_n, mean),
                 4 => mean_ssq_k::<4>(std::array::from_fn(x), inv_n, mean),
                 3 => mean_ssq_k::<3>(std::array::from_fn(x), inv_n, mean),
                 2 => mean_ssq_k::<2>(std::array::from_fn(x), inv_n, mean),
@@ -345,6 +349,9 @@ fn axpy(acc: &mut [f64], h: f64, x: &[f32]) {
 
 /// Rows added to a row of f64 sums per sweep by [`add_rows`] and [`axpy_rows`].
 const ROWS_PER_SWEEP: usize = 4;
+
+/// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep.
+const MEAN_ROWS_PER_SWEEP: usize = 8;
 
 /// [`add_row`] of up to [`ROWS_PER_SWEEP`] rows at a time, in order: each column's
 /// sum stays in a register across the rows, so the f64 row is loaded and stored
