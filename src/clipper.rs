@@ -148,7 +148,7 @@ impl Clipper {
     /// the read-back buffer (not the host path's upload of the input itself). On the
     /// CPU: the host memory kept between calls, the micro-batch means of the
     /// two-pass path (`M x sum D_p x 4` bytes, from the first call that stores
-    /// them; see the README's "Memory").
+    /// them; see [Memory](crate#memory)).
     pub fn scratch_bytes(&self) -> u64 {
         match &self.engine {
             Engine::Gpu(gpu) => gpu.scratch_bytes(),

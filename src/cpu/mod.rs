@@ -262,8 +262,9 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 /// [`add_k`] of all `K` rows (the first assigned) followed by
 /// [`scale_and_sum_squares`], without the f64 row between them: each column's sum,
 /// mean and square stay in registers (the same operations in the same order, so
-/// the same bits). For micro-batches of 2 to 4 rows, where the two sweeps cost
-/// as much as the rows' loads.
+/// the same bits). For micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows, where
+/// the second sweep cost about as much as the rows' loads (b = 2 took half the
+/// time with one sweep).
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn mean_ssq_k<const K: usize>(x: [&[f32]; K], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
     let n = x[0].len();
