@@ -73,22 +73,33 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
     plan.per_tensor(block_sums.iter().map(Vec::as_slice))
 }
 
+/// The block-major means cut into each block's `M x w` means, in block order
+/// (`split_at` or `split_at_mut`, for the pass that reads or writes them).
+fn per_block<T: GradElement, S: Default>(
+    plan: &Plan<'_, T>,
+    mut rest: S,
+    split_at: impl Fn(S, usize) -> (S, S),
+) -> Vec<S> {
+    let m = plan.micro_batches();
+    plan.blocks
+        .iter()
+        .map(|b| {
+            let (mine, after) = split_at(std::mem::take(&mut rest), m * b.w);
+            rest = after;
+            mine
+        })
+        .collect()
+}
+
 /// Pass 1 storing the means: the `[M, G]` norms, and every micro-batch mean as f32
 /// in `means`, block-major (block k's `M x w_k` means follow block k - 1's), so
 /// that pass 2 reads `1 / b` of the input's bytes instead of the input again.
 pub(super) fn norms_and_means<T: GradElement>(plan: &Plan<'_, T>, means: &mut [f32]) -> Vec<f64> {
     let m = plan.micro_batches();
-    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(plan.blocks.len());
-    let mut rest = means;
-    for b in &plan.blocks {
-        let (mine, r) = rest.split_at_mut(m * b.w);
-        parts.push(mine);
-        rest = r;
-    }
     let ssq: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
-        .zip(parts)
+        .zip(per_block(plan, means, <[f32]>::split_at_mut))
         .map(|(b, mine)| {
             let mut sum = vec![0.0f64; b.w];
             mine.chunks_mut(b.w)
@@ -107,18 +118,10 @@ pub(super) fn sums_of_means<T: GradElement>(
     factors: &[f64],
     means: &[f32],
 ) -> Vec<Vec<f64>> {
-    let m = plan.micro_batches();
-    let mut parts: Vec<&[f32]> = Vec::with_capacity(plan.blocks.len());
-    let mut rest = means;
-    for b in &plan.blocks {
-        let (mine, r) = rest.split_at(m * b.w);
-        parts.push(mine);
-        rest = r;
-    }
     let block_sums: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
-        .zip(parts)
+        .zip(per_block(plan, means, <[f32]>::split_at))
         .map(|(b, mine)| {
             let mut acc = vec![0.0f64; b.w];
             let terms: Vec<(f64, &[f32])> = mine
