@@ -1,8 +1,6 @@
 //! Element types of the input gradients: f32, and the 16-bit f16 and bf16 (read
 //! as such, accumulated in f32 on the GPU and f64 on the CPU; outputs are f32).
 
-use multiversion::multiversion;
-
 /// The element type of an input gradient tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Dtype {
@@ -64,11 +62,10 @@ mod sealed {
 pub trait GradElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
     /// The matching [`Dtype`].
     const DTYPE: Dtype;
-    /// The value as f32 (exact for all three types).
+    /// The value as f32: exact for all three types, NaN payloads kept (as the GPU
+    /// loaders do), with integer operations and selects only, so that the CPU
+    /// backend's loops, which widen every element as they read it, vectorise.
     fn to_f32(self) -> f32;
-    /// `dst[i] = src[i]` as f32, for equal lengths: exact, NaN payloads kept, in
-    /// a loop the compiler vectorises (AVX2 or NEON where the CPU has it).
-    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl GradElement for f32 {
@@ -77,19 +74,13 @@ impl GradElement for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
 }
 
 impl GradElement for half::f16 {
     const DTYPE: Dtype = Dtype::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        widen_f16(src, dst);
+        f16_to_f32(self.to_bits())
     }
 }
 
@@ -97,48 +88,31 @@ impl GradElement for half::bf16 {
     const DTYPE: Dtype = Dtype::Bf16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        widen_bf16(src, dst);
+        // bf16 is the upper half of an f32.
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
 }
 
-// The CPU backend widens every 16-bit row segment before its f64 sums: `half`'s
-// slice conversions ran at baseline SSE2 (bf16, with a NaN-quieting select) or
-// called an F16C routine per 8 values through the stack (f16), about a third of
-// a 16-bit step at b = 1. These loops vectorise, and keep NaN payloads as the
-// GPU loaders do.
-
-/// bf16 is the upper half of an f32: a shift.
-#[multiversion(targets("x86_64+avx2", "aarch64+neon"))]
-fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits((s.to_bits() as u32) << 16);
-    }
-}
-
-/// binary16 with integer operations and selects (grads_f16.wgsl's decode):
-/// normal numbers rebiased, infinities and NaNs moved into place, subnormals as
-/// `mantissa * 2^-24` (exact in f32).
-#[multiversion(targets("x86_64+avx2", "aarch64+neon"))]
-fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        let h = s.to_bits() as u32;
-        let sign = (h & 0x8000) << 16;
-        let em = h & 0x7fff; // exponent and mantissa
-        let normal = (em << 13) + 0x3800_0000;
-        let special = (em << 13) | 0x7f80_0000;
-        let sub = (em as f32 * f32::from_bits(0x3380_0000)).to_bits(); // 2^-24
-        let bits = if em < 0x0400 {
-            sub
-        } else if em >= 0x7c00 {
-            special
-        } else {
-            normal
-        };
-        *d = f32::from_bits(bits | sign);
-    }
+/// binary16 bits as f32 with integer operations and selects (grads_f16.wgsl's
+/// decode): normal numbers rebiased, infinities and NaNs moved into place,
+/// subnormals as `mantissa * 2^-24` (exact in f32). `half`'s own conversion calls
+/// an F16C routine per value (or branches without it), which does not vectorise.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff; // exponent and mantissa
+    let normal = (em << 13) + 0x3800_0000;
+    let special = (em << 13) | 0x7f80_0000;
+    let sub = (em as f32 * f32::from_bits(0x3380_0000)).to_bits(); // 2^-24
+    let bits = if em < 0x0400 {
+        sub
+    } else if em >= 0x7c00 {
+        special
+    } else {
+        normal
+    };
+    f32::from_bits(bits | sign)
 }
 
 #[cfg(test)]
@@ -156,26 +130,35 @@ mod tests {
     }
 
     #[test]
-    fn widening_matches_half_for_every_bit_pattern() {
-        let f16s: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
-        let bf16s: Vec<half::bf16> = (0..=u16::MAX).map(half::bf16::from_bits).collect();
-        let mut got = vec![0.0f32; f16s.len()];
-        let check = |want: &dyn Fn(usize) -> f32, got: &[f32]| {
-            for (i, &g) in got.iter().enumerate() {
-                let w = want(i);
-                if w.is_nan() {
-                    assert!(g.is_nan(), "{i:#06x}: {g}");
+    fn conversions_match_half_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            for (got, want) in [
+                (
+                    GradElement::to_f32(half::f16::from_bits(bits)),
+                    half::f16::from_bits(bits).to_f32(),
+                ),
+                (
+                    GradElement::to_f32(half::bf16::from_bits(bits)),
+                    half::bf16::from_bits(bits).to_f32(),
+                ),
+            ] {
+                if want.is_nan() {
+                    assert!(got.is_nan(), "{bits:#06x}: {got}");
                 } else {
-                    assert_eq!(g.to_bits(), w.to_bits(), "{i:#06x}");
+                    assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
                 }
             }
-        };
-        GradElement::widen(&f16s, &mut got);
-        check(&|i| f16s[i].to_f32(), &got);
-        GradElement::widen(&bf16s, &mut got);
-        check(&|i| bf16s[i].to_f32(), &got);
-        // NaN payloads are kept: bf16 0x7f81 is f32 0x7f810000 (signalling).
-        assert_eq!(got[0x7f81].to_bits(), 0x7f81_0000);
+        }
+        // NaN payloads are kept: bf16 0x7f81 is f32 0x7f810000 (signalling), f16
+        // 0x7c01 is f32 0x7f802000.
+        assert_eq!(
+            GradElement::to_f32(half::bf16::from_bits(0x7f81)).to_bits(),
+            0x7f81_0000
+        );
+        assert_eq!(
+            GradElement::to_f32(half::f16::from_bits(0x7c01)).to_bits(),
+            0x7f80_2000
+        );
     }
 
     #[test]

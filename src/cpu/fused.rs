@@ -4,17 +4,19 @@
 //! barrier to combine the partial norms in block order, and each thread adds
 //! `sum_r h_r * mean_r` to its f64 accumulator while the group's rows or means are
 //! still in the last-level cache. One sweep of the accumulator per group rather
-//! than per micro-batch.
+//! than per micro-batch. When every micro-batch has one row, both phases read the
+//! rows in their own type (bf16 rows widened in registers in each phase; f16
+//! rows, whose decode costs more, widened once into f32 copies).
 //!
 //! Extra host memory: an f64 accumulator of `8 x sum_p D_p` bytes and, when a
-//! micro-batch has more than one row or the input is 16-bit, R f32 means (or
-//! widened rows) of `4 x sum_p D_p` bytes each.
+//! micro-batch has more than one row or the input is f16, R f32 means (or widened
+//! 16-bit rows) of `4 x sum_p D_p` bytes each.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{as_f32, axpy_rows, factor, sum_squares, Plan, BLOCK_COLS};
+use super::{axpy_rows, factor, sum_squares, widen, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
@@ -64,19 +66,17 @@ fn worker<T: GradElement>(
     let n_blocks = plan.blocks.len();
     let width: usize = mine.iter().map(|b| b.w).sum();
     let m = plan.micro_batches();
-    let several_rows = (0..m).any(|j| plan.rows(j).len() > 1);
-    // 16-bit one-row micro-batches are widened once, into the means, and phase B
-    // reads them there rather than converting the row a second time.
-    let widen_once = T::DTYPE != Dtype::F32;
+    // Phase B reads f32 when a micro-batch has several rows: their means, and the
+    // one-row micro-batches' rows as they are (f32 input) or widened into the
+    // means (16-bit input). Otherwise it reads the rows themselves, in their own
+    // type, still in the last-level cache; except f16 rows, which are widened
+    // once, into the means: their decode costs more than the copy's trip through
+    // the cache (f16 at b = 1 took 1.5x as long decoded in both phases; bf16's
+    // is a shift).
+    let via_means = (0..m).any(|j| plan.rows(j).len() > 1) || T::DTYPE == Dtype::F16;
+    let stored = |rows: usize| via_means && (rows > 1 || T::DTYPE != Dtype::F32);
     let mut acc = vec![0.0f64; width];
-    let mut means = vec![
-        0.0f32;
-        if several_rows || widen_once {
-            group_size * width
-        } else {
-            0
-        }
-    ];
+    let mut means = vec![0.0f32; if via_means { group_size * width } else { 0 }];
     let mut sum = vec![0.0f64; BLOCK_COLS];
     let mut norms = Vec::new();
     let mut h = vec![0.0f64; group_size * plan.groups];
@@ -86,16 +86,19 @@ fn worker<T: GradElement>(
         // Phase A: means and partial squared norms of this thread's blocks.
         for (r, j) in mbs.clone().enumerate() {
             let rows = plan.rows(j);
-            let stored = rows.len() > 1 || widen_once;
-            let mean = &mut means[if stored { r * width } else { 0 }..];
+            let keep = stored(rows.len());
+            let mean = &mut means[if keep { r * width } else { 0 }..];
             let mut at = 0;
             for (k, b) in blocks.clone().zip(mine) {
-                let ssq = if rows.len() == 1 && widen_once {
-                    let mean = &mut mean[at..at + b.w];
-                    T::widen(plan.segment(b, rows.start), mean);
-                    sum_squares(mean)
+                let ssq = if !keep {
+                    sum_squares(plan.segment(b, rows.start))
                 } else if rows.len() == 1 {
-                    as_f32(plan.segment(b, rows.start), sum_squares)
+                    let mean = &mut mean[at..at + b.w];
+                    // A 16-bit row: a plain widening loop, then the squares of the
+                    // copy in L1 (the same bits as mean_ssq; f16 at b = 1 took 1.3x
+                    // as long with the decode inside the squares' loop).
+                    widen(plan.segment(b, rows.start), mean);
+                    sum_squares(mean)
                 } else {
                     plan.mean_ssq(b, rows.clone(), &mut sum, Some(&mut mean[at..at + b.w]))
                 };
@@ -121,26 +124,31 @@ fn worker<T: GradElement>(
         // micro-batches) or the means, still in the last-level cache.
         // Several micro-batches per sweep of the accumulator block (axpy_rows).
         let mut at = 0;
-        let mut terms: Vec<(f64, &[f32])> = Vec::with_capacity(group_size);
+        let mut row_terms: Vec<(f64, &[T])> = Vec::with_capacity(group_size);
+        let mut f32_terms: Vec<(f64, &[f32])> = Vec::with_capacity(group_size);
         for b in mine {
-            terms.clear();
-            for (r, j) in mbs.clone().enumerate() {
+            let live = mbs.clone().enumerate().filter_map(|(r, j)| {
                 let h = h[r * plan.groups + plan.group(b)];
-                if h == 0.0 && !plan.propagate {
-                    continue;
-                }
-                let rows = plan.rows(j);
-                terms.push((
-                    h,
-                    if rows.len() == 1 && !widen_once {
-                        // f32 input (16-bit rows are widened into the means)
-                        bytemuck::cast_slice(plan.segment(b, rows.start))
-                    } else {
+                (h != 0.0 || plan.propagate).then_some((r, plan.rows(j), h))
+            });
+            let acc = &mut acc[at..at + b.w];
+            if via_means {
+                f32_terms.clear();
+                f32_terms.extend(live.map(|(r, rows, h)| {
+                    let x: &[f32] = if stored(rows.len()) {
                         &means[r * width + at..r * width + at + b.w]
-                    },
-                ));
+                    } else {
+                        // One f32 row (not stored): T is f32.
+                        bytemuck::cast_slice(plan.segment(b, rows.start))
+                    };
+                    (h, x)
+                }));
+                axpy_rows(acc, &f32_terms);
+            } else {
+                row_terms.clear();
+                row_terms.extend(live.map(|(_, rows, h)| (h, plan.segment(b, rows.start))));
+                axpy_rows(acc, &row_terms);
             }
-            axpy_rows(&mut acc[at..at + b.w], &terms);
             at += b.w;
         }
     }

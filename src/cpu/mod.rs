@@ -134,10 +134,10 @@ impl<'a, T: GradElement> Plan<'a, T> {
 
     /// The squared norm of block `b`'s part of the mean of rows `rows`, which it
     /// also stores as f32 in `mean` when given; `sum` is scratch of at least `b.w`.
-    /// f32 micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
+    /// Micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
     /// ([`mean_ssq_k`]: sums, mean and squares per column in registers); larger ones
-    /// (and 16-bit rows, widened one at a time) as f64 column sums first
-    /// ([`add_rows`]), then [`scale_and_sum_squares`]. Both give the same bits.
+    /// as f64 column sums first ([`add_rows`]), then [`scale_and_sum_squares`].
+    /// Both give the same bits, and the same for every element type.
     fn mean_ssq(
         &self,
         b: &Block,
@@ -146,29 +146,22 @@ impl<'a, T: GradElement> Plan<'a, T> {
         mean: Option<&mut [f32]>,
     ) -> f64 {
         let inv_n = 1.0 / rows.len() as f64;
-        // Cannot fail: T is f32.
-        let row = |i: usize| -> &[f32] { bytemuck::cast_slice(self.segment(b, i)) };
-        if T::DTYPE == Dtype::F32 && rows.len() <= MEAN_ROWS_PER_SWEEP {
+        let row = |i: usize| self.segment(b, i);
+        if rows.len() <= MEAN_ROWS_PER_SWEEP {
             let x = |i: usize| row(rows.start + i);
             return match rows.len() {
-                8 => mean_ssq_k::<8>(std::array::from_fn(x), inv_n, mean),
-                7 => mean_ssq_k::<7>(std::array::from_fn(x), inv_n, mean),
-                6 => mean_ssq_k::<6>(std::array::from_fn(x), inv_n, mean),
-                5 => mean_ssq_k::<5>(std::array::from_fn(x), inv_n, mean),
-                4 => mean_ssq_k::<4>(std::array::from_fn(x), inv_n, mean),
-                3 => mean_ssq_k::<3>(std::array::from_fn(x), inv_n, mean),
-                2 => mean_ssq_k::<2>(std::array::from_fn(x), inv_n, mean),
-                _ => mean_ssq_k::<1>(std::array::from_fn(x), inv_n, mean),
+                8 => mean_ssq_k::<T, 8>(std::array::from_fn(x), inv_n, mean),
+                7 => mean_ssq_k::<T, 7>(std::array::from_fn(x), inv_n, mean),
+                6 => mean_ssq_k::<T, 6>(std::array::from_fn(x), inv_n, mean),
+                5 => mean_ssq_k::<T, 5>(std::array::from_fn(x), inv_n, mean),
+                4 => mean_ssq_k::<T, 4>(std::array::from_fn(x), inv_n, mean),
+                3 => mean_ssq_k::<T, 3>(std::array::from_fn(x), inv_n, mean),
+                2 => mean_ssq_k::<T, 2>(std::array::from_fn(x), inv_n, mean),
+                _ => mean_ssq_k::<T, 1>(std::array::from_fn(x), inv_n, mean),
             };
         }
         let sum = &mut sum[..b.w];
-        if T::DTYPE == Dtype::F32 {
-            add_rows(sum, rows, row);
-        } else {
-            for i in rows.clone() {
-                as_f32(self.segment(b, i), |x| add_row(sum, x, i == rows.start));
-            }
-        }
+        add_rows(sum, rows, row);
         scale_and_sum_squares(sum, inv_n, mean)
     }
 
@@ -182,31 +175,6 @@ impl<'a, T: GradElement> Plan<'a, T> {
     }
 }
 
-thread_local! {
-    /// One column block of 16-bit input widened to f32.
-    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Calls `f` on a row segment as f32: f32 input as it is, 16-bit input widened
-/// (exactly) into a per-thread block of at most `BLOCK_COLS` values, which stays in
-/// the core's L1 cache, so the hot loops below are the same for every type.
-fn as_f32<T: GradElement, R>(x: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
-    if T::DTYPE == Dtype::F32 {
-        if let Ok(x) = bytemuck::try_cast_slice::<T, f32>(x) {
-            return f(x);
-        }
-    }
-    WIDENED.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.len() < x.len() {
-            buf.resize(x.len(), 0.0);
-        }
-        let widened = &mut buf[..x.len()];
-        T::widen(x, widened);
-        f(widened)
-    })
-}
-
 /// Independent accumulators of the hot sums: a chain of dependent f64 adds runs at
 /// one add per 3-4 cycles, lanes let the compiler vectorise. Fixed, so the order
 /// of additions (and the result) does not depend on the machine.
@@ -214,23 +182,36 @@ const LANES: usize = 8;
 
 // The hot loops, compiled for AVX2 (x86-64) and NEON (AArch64) as well as the
 // baseline, chosen at run time. No FMA contraction happens in Rust, so every
-// version computes bitwise the same result.
+// version computes bitwise the same result. They read the input in its own type
+// and widen each element in registers (`GradElement::to_f32`, exact, branch-free),
+// so 16-bit rows move half the bytes of f32 ones and give the same bits as f32
+// rows of the same values.
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn sum_squares(row: &[f32]) -> f64 {
+fn sum_squares<T: GradElement>(row: &[T]) -> f64 {
     let mut lanes = [0.0f64; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += (x as f64) * (x as f64);
+    let full = row.len() - row.len() % LANES;
+    let rest = &row[full..];
+    for c0 in (0..full).step_by(LANES) {
+        let x = lanes_f64(row, c0);
+        for (l, x) in lanes.iter_mut().zip(x) {
+            *l += x * x;
         }
     }
     for (l, &x) in lanes.iter_mut().zip(rest) {
-        *l += (x as f64) * (x as f64);
+        let x = x.to_f32() as f64;
+        *l += x * x;
     }
     lanes.iter().sum()
+}
+
+/// `dst[c] = src[c]` as f32 (exact), for equal lengths.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn widen<T: GradElement>(src: &[T], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
 }
 
 /// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given) and returns
@@ -266,22 +247,17 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 /// the second sweep cost about as much as the rows' loads (b = 2 took half the
 /// time with one sweep).
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn mean_ssq_k<const K: usize>(x: [&[f32]; K], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
+fn mean_ssq_k<T: GradElement, const K: usize>(
+    x: [&[T]; K],
+    inv_n: f64,
+    mean: Option<&mut [f32]>,
+) -> f64 {
     let n = x[0].len();
     let full = n - n % LANES;
-    // Whole chunks of LANES columns (column c0 + l in lane l), as fixed-size arrays
-    // so that the loops over lanes have no bounds checks and vectorise.
-    let chunk = |c0: usize| -> [f64; LANES] {
-        let rows: [&[f32; LANES]; K] =
-            x.map(|x| x[c0..c0 + LANES].try_into().expect("LANES columns"));
-        std::array::from_fn(|l| {
-            let mut s = rows[0][l] as f64;
-            for r in &rows[1..] {
-                s += r[l] as f64;
-            }
-            s * inv_n
-        })
-    };
+    // Whole chunks of LANES columns (column c0 + l in lane l): the means, in
+    // inlined functions rather than closures, which LLVM did not inline for
+    // 16-bit rows (f16 at b = 8 took 2.5x as long, one call per lane).
+    let chunk = |c0: usize| -> [f64; LANES] { chunk_means(&x, c0, inv_n) };
     let mut lanes = [0.0f64; LANES];
     let mut add = |v: &[f64; LANES]| {
         for (a, &v) in lanes.iter_mut().zip(v) {
@@ -313,39 +289,70 @@ fn mean_ssq_k<const K: usize>(x: [&[f32]; K], inv_n: f64, mean: Option<&mut [f32
     lanes.iter().sum()
 }
 
+/// Columns `c0 .. c0 + LANES` of `x` as f64 (exact), one lane each.
+#[inline(always)]
+fn lanes_f64<T: GradElement>(x: &[T], c0: usize) -> [f64; LANES] {
+    let x: &[T; LANES] = x[c0..c0 + LANES].try_into().expect("LANES columns");
+    // Widened as f32 first: all LANES in one vector (f16's decode costs a dozen
+    // integer operations per vector), then as f64 (two vectors with AVX2).
+    let mut w32 = [0.0f32; LANES];
+    for l in 0..LANES {
+        w32[l] = x[l].to_f32();
+    }
+    let mut w = [0.0f64; LANES];
+    for l in 0..LANES {
+        w[l] = w32[l] as f64;
+    }
+    w
+}
+
+/// Columns of an `n`-column row that [`add_k`] and [`axpy_k`] take in whole
+/// chunks of LANES: all whole chunks for 16-bit rows, none for f32 rows.
+#[inline(always)]
+fn chunked_len<T: GradElement>(n: usize) -> usize {
+    if T::DTYPE == Dtype::F32 {
+        0
+    } else {
+        n - n % LANES
+    }
+}
+
+/// The means of columns `c0 .. c0 + LANES` of the K rows: the rows added in order
+/// (the first assigned), then scaled by `inv_n`.
+#[inline(always)]
+fn chunk_means<T: GradElement, const K: usize>(
+    x: &[&[T]; K],
+    c0: usize,
+    inv_n: f64,
+) -> [f64; LANES] {
+    let mut s = lanes_f64(x[0], c0);
+    for r in &x[1..] {
+        let v = lanes_f64(r, c0);
+        for l in 0..LANES {
+            s[l] += v[l];
+        }
+    }
+    for v in &mut s {
+        *v *= inv_n;
+    }
+    s
+}
+
 /// The means of columns `full..` (fewer than LANES) in lanes 0.., zeros after.
-fn tail_means<const K: usize>(x: &[&[f32]; K], full: usize, inv_n: f64) -> [f64; LANES] {
+fn tail_means<T: GradElement, const K: usize>(
+    x: &[&[T]; K],
+    full: usize,
+    inv_n: f64,
+) -> [f64; LANES] {
     let mut v = [0.0f64; LANES];
     for (l, v) in v.iter_mut().enumerate().take(x[0].len() - full) {
-        let mut s = x[0][full + l] as f64;
+        let mut s = x[0][full + l].to_f32() as f64;
         for r in &x[1..] {
-            s += r[full + l] as f64;
+            s += r[full + l].to_f32() as f64;
         }
         *v = s * inv_n;
     }
     v
-}
-
-/// `sum[c] = x[c]` (`first`) or `sum[c] += x[c]`, in f64.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn add_row(sum: &mut [f64], x: &[f32], first: bool) {
-    if first {
-        for (s, &x) in sum.iter_mut().zip(x) {
-            *s = x as f64;
-        }
-    } else {
-        for (s, &x) in sum.iter_mut().zip(x) {
-            *s += x as f64;
-        }
-    }
-}
-
-/// `acc[c] += h * x[c]`, in f64.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn axpy(acc: &mut [f64], h: f64, x: &[f32]) {
-    for (a, &x) in acc.iter_mut().zip(x) {
-        *a += h * x as f64;
-    }
 }
 
 /// Rows added to a row of f64 sums per sweep by [`add_rows`] and [`axpy_rows`].
@@ -354,69 +361,109 @@ const ROWS_PER_SWEEP: usize = 4;
 /// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep.
 const MEAN_ROWS_PER_SWEEP: usize = 8;
 
-/// [`add_row`] of up to [`ROWS_PER_SWEEP`] rows at a time, in order: each column's
-/// sum stays in a register across the rows, so the f64 row is loaded and stored
-/// once per sweep instead of once per row (the same additions in the same order:
-/// the same bits as one row at a time).
-fn add_rows<'x>(sum: &mut [f64], rows: Range<usize>, row: impl Fn(usize) -> &'x [f32]) {
+/// `sum[c] = sum_i x_i[c]` in f64 over the rows `rows` (`row(i)`), added in order,
+/// [`ROWS_PER_SWEEP`] rows at a time ([`add_k`]): each column's sum stays in a
+/// register across the rows, so the f64 row is loaded and stored once per sweep
+/// instead of once per row (the same additions in the same order: the same bits
+/// as one row at a time).
+fn add_rows<'x, T: GradElement>(
+    sum: &mut [f64],
+    rows: Range<usize>,
+    row: impl Fn(usize) -> &'x [T],
+) {
     for start in rows.clone().step_by(ROWS_PER_SWEEP) {
         let first = start == rows.start;
         let x = |i: usize| row(start + i);
         match (rows.end - start).min(ROWS_PER_SWEEP) {
-            4 => add_k::<4>(sum, std::array::from_fn(x), first),
-            3 => add_k::<3>(sum, std::array::from_fn(x), first),
-            2 => add_k::<2>(sum, std::array::from_fn(x), first),
-            _ => add_row(sum, x(0), first),
+            4 => add_k::<T, 4>(sum, std::array::from_fn(x), first),
+            3 => add_k::<T, 3>(sum, std::array::from_fn(x), first),
+            2 => add_k::<T, 2>(sum, std::array::from_fn(x), first),
+            _ => add_k::<T, 1>(sum, [x(0)], first),
         }
     }
 }
 
+/// `sum[c] = x_0[c] + x_1[c] + ...` (`first`: a sum's first rows) or
+/// `sum[c] += x_0[c] + ...`, added one row after the other, in f64.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn add_k<const K: usize>(sum: &mut [f64], x: [&[f32]; K], first: bool) {
+fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: bool) {
     let n = sum.len();
     let x = x.map(|x| &x[..n]);
-    // The first row of a sum is assigned, not added (as add_row does).
+    // The first row of a sum is assigned, not added.
     let (x0, rest) = if first {
         (Some(x[0]), &x[1..])
     } else {
         (None, &x[..])
     };
-    for c in 0..n {
+    // 16-bit rows: whole chunks of LANES columns, each row widened a vector at a
+    // time (lanes_f64; one column at a time, LLVM decoded f16 4 lanes at a time
+    // and spilled), then the rest one column at a time: the same additions.
+    // f32 rows: all one column at a time (the chunks took f32 at b = 32 10%
+    // longer: bounds checks and fewer loads in flight per iteration).
+    let full = chunked_len::<T>(n);
+    for (c0, s) in (0..full).step_by(LANES).zip(sum.chunks_exact_mut(LANES)) {
+        let mut v = match x0 {
+            Some(x0) => lanes_f64(x0, c0),
+            None => s.try_into().expect("LANES columns"),
+        };
+        for x in rest {
+            let w = lanes_f64(x, c0);
+            for l in 0..LANES {
+                v[l] += w[l];
+            }
+        }
+        s.copy_from_slice(&v);
+    }
+    for c in full..n {
         let mut s = match x0 {
-            Some(x0) => x0[c] as f64,
+            Some(x0) => x0[c].to_f32() as f64,
             None => sum[c],
         };
         for x in rest {
-            s += x[c] as f64;
+            s += x[c].to_f32() as f64;
         }
         sum[c] = s;
     }
 }
 
-/// [`axpy`] of up to [`ROWS_PER_SWEEP`] (factor, row) pairs at a time, in order:
-/// the same operations per column as one pair at a time (the same bits), one
-/// load and store of the accumulator per sweep.
-fn axpy_rows(acc: &mut [f64], terms: &[(f64, &[f32])]) {
+/// `acc[c] += h * x[c]` in f64 for every (factor h, row x) pair in order,
+/// [`ROWS_PER_SWEEP`] pairs at a time ([`axpy_k`]): the same operations per column
+/// as one pair at a time (the same bits), one load and store of the accumulator
+/// per sweep.
+fn axpy_rows<T: GradElement>(acc: &mut [f64], terms: &[(f64, &[T])]) {
     for chunk in terms.chunks(ROWS_PER_SWEEP) {
         let h = |i: usize| chunk[i].0;
         let x = |i: usize| chunk[i].1;
         match chunk.len() {
-            4 => axpy_k::<4>(acc, std::array::from_fn(h), std::array::from_fn(x)),
-            3 => axpy_k::<3>(acc, std::array::from_fn(h), std::array::from_fn(x)),
-            2 => axpy_k::<2>(acc, std::array::from_fn(h), std::array::from_fn(x)),
-            _ => axpy(acc, h(0), x(0)),
+            4 => axpy_k::<T, 4>(acc, std::array::from_fn(h), std::array::from_fn(x)),
+            3 => axpy_k::<T, 3>(acc, std::array::from_fn(h), std::array::from_fn(x)),
+            2 => axpy_k::<T, 2>(acc, std::array::from_fn(h), std::array::from_fn(x)),
+            _ => axpy_k::<T, 1>(acc, [h(0)], [x(0)]),
         }
     }
 }
 
+/// `acc[c] = (acc[c] + h_0 * x_0[c]) + h_1 * x_1[c] + ...`, in f64.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn axpy_k<const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[f32]; K]) {
+fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]; K]) {
     let n = acc.len();
     let x = x.map(|x| &x[..n]);
-    for c in 0..n {
+    // As add_k: whole chunks of LANES columns (16-bit rows), then the rest.
+    let full = chunked_len::<T>(n);
+    for (c0, a) in (0..full).step_by(LANES).zip(acc.chunks_exact_mut(LANES)) {
+        let mut v: [f64; LANES] = (&*a).try_into().expect("LANES columns");
+        for (&h, x) in h.iter().zip(&x) {
+            let w = lanes_f64(x, c0);
+            for l in 0..LANES {
+                v[l] += h * w[l];
+            }
+        }
+        a.copy_from_slice(&v);
+    }
+    for c in full..n {
         let mut a = acc[c];
         for (h, x) in h.iter().zip(&x) {
-            a += h * x[c] as f64;
+            a += h * x[c].to_f32() as f64;
         }
         acc[c] = a;
     }

@@ -10,8 +10,8 @@
 
 use rayon::prelude::*;
 
-use super::{as_f32, axpy, axpy_rows, sum_squares, Plan};
-use crate::dtype::{Dtype, GradElement};
+use super::{axpy_rows, sum_squares, Plan};
+use crate::dtype::GradElement;
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
 fn block_ssq<T: GradElement>(
@@ -22,7 +22,7 @@ fn block_ssq<T: GradElement>(
 ) -> f64 {
     let rows = plan.rows(j);
     if rows.len() == 1 {
-        return as_f32(plan.segment(b, rows.start), sum_squares);
+        return sum_squares(plan.segment(b, rows.start));
     }
     plan.mean_ssq(b, rows, sum, None)
 }
@@ -49,8 +49,8 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
         .par_iter()
         .map(|b| {
             let mut acc = vec![0.0f64; b.w];
-            // f32 rows as they are, several per sweep of the accumulator.
-            let mut terms: Vec<(f64, &[f32])> = Vec::new();
+            // Several rows per sweep of the accumulator.
+            let mut terms: Vec<(f64, &[T])> = Vec::new();
             for j in 0..plan.micro_batches() {
                 let s = factors[j * plan.groups + plan.group(b)];
                 if s == 0.0 && !plan.propagate {
@@ -58,13 +58,7 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
                 }
                 let rows = plan.rows(j);
                 let coef = s / rows.len() as f64;
-                for i in rows {
-                    if T::DTYPE == Dtype::F32 {
-                        terms.push((coef, bytemuck::cast_slice(plan.segment(b, i))));
-                    } else {
-                        as_f32(plan.segment(b, i), |x| axpy(&mut acc, coef, x));
-                    }
-                }
+                terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
             }
             axpy_rows(&mut acc, &terms);
             acc
