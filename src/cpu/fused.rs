@@ -69,11 +69,12 @@ fn worker<T: GradElement>(
     // Phase B reads f32 when a micro-batch has several rows: their means, and the
     // one-row micro-batches' rows as they are (f32 input) or widened into the
     // means (16-bit input). Otherwise it reads the rows themselves, in their own
-    // type, still in the last-level cache; except f16 rows, which are widened
-    // once, into the means: their decode costs more than the copy's trip through
-    // the cache (f16 at b = 1 took 1.5x as long decoded in both phases; bf16's
-    // is a shift).
-    let via_means = (0..m).any(|j| plan.rows(j).len() > 1) || T::DTYPE == Dtype::F16;
+    // type, still in the last-level cache; except f16 rows without F16C, which
+    // are widened once, into the means: their integer decode costs more than the
+    // copy's trip through the cache (f16 at b = 1 took 1.5x as long decoded in
+    // both phases; bf16's is a shift).
+    let via_means = (0..m).any(|j| plan.rows(j).len() > 1)
+        || (T::DTYPE == Dtype::F16 && !crate::dtype::has_f16c());
     let stored = |rows: usize| via_means && (rows > 1 || T::DTYPE != Dtype::F32);
     let mut acc = vec![0.0f64; width];
     let mut means = vec![0.0f32; if via_means { group_size * width } else { 0 }];

@@ -188,7 +188,7 @@ const LANES: usize = 8;
 // rows of the same values.
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
 fn sum_squares<T: GradElement>(row: &[T]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let full = row.len() - row.len() % LANES;
@@ -207,7 +207,7 @@ fn sum_squares<T: GradElement>(row: &[T]) -> f64 {
 }
 
 /// `dst[c] = src[c]` as f32 (exact), for equal lengths.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
 fn widen<T: GradElement>(src: &[T], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
@@ -216,7 +216,7 @@ fn widen<T: GradElement>(src: &[T], dst: &mut [f32]) {
 
 /// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given) and returns
 /// `sum_c (sum[c] * inv_n)^2`, in `LANES` interleaved partial sums.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
 fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
     let mut lanes = [0.0f64; LANES];
     match mean {
@@ -246,7 +246,7 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 /// the same bits). For micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows, where
 /// the second sweep cost about as much as the rows' loads (b = 2 took half the
 /// time with one sweep).
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
 fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
     inv_n: f64,
@@ -294,11 +294,9 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
 fn lanes_f64<T: GradElement>(x: &[T], c0: usize) -> [f64; LANES] {
     let x: &[T; LANES] = x[c0..c0 + LANES].try_into().expect("LANES columns");
     // Widened as f32 first: all LANES in one vector (f16's decode costs a dozen
-    // integer operations per vector), then as f64 (two vectors with AVX2).
-    let mut w32 = [0.0f32; LANES];
-    for l in 0..LANES {
-        w32[l] = x[l].to_f32();
-    }
+    // integer operations per vector, or one F16C instruction), then as f64 (two
+    // vectors with AVX2).
+    let w32 = T::to_f32_x8(x);
     let mut w = [0.0f64; LANES];
     for l in 0..LANES {
         w[l] = w32[l] as f64;
@@ -385,7 +383,7 @@ fn add_rows<'x, T: GradElement>(
 
 /// `sum[c] = x_0[c] + x_1[c] + ...` (`first`: a sum's first rows) or
 /// `sum[c] += x_0[c] + ...`, added one row after the other, in f64.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
 fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: bool) {
     let n = sum.len();
     let x = x.map(|x| &x[..n]);
@@ -444,7 +442,7 @@ fn axpy_rows<T: GradElement>(acc: &mut [f64], terms: &[(f64, &[T])]) {
 }
 
 /// `acc[c] = (acc[c] + h_0 * x_0[c]) + h_1 * x_1[c] + ...`, in f64.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
 fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]; K]) {
     let n = acc.len();
     let x = x.map(|x| &x[..n]);
