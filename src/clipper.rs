@@ -250,6 +250,16 @@ impl Clipper {
         }
     }
 
+    /// Whether the CPU backend widens f16 with F16C where the CPU has it (default
+    /// true); false takes the integer decode of CPUs without it. For tests of
+    /// both ways (the same bits). No effect on the GPU.
+    #[doc(hidden)]
+    pub fn set_cpu_f16c(&mut self, allowed: bool) {
+        if let Engine::Cpu(cpu) = &mut self.engine {
+            cpu.f16c = allowed;
+        }
+    }
+
     /// Clips host slices: tensor `p` is a row-major `[n_samples, D_p]` matrix of
     /// `f32`, [`half::f16`] or [`half::bf16`] (accumulated in f32 on the GPU, f64 on
     /// the CPU; the outputs are f32).

@@ -15,14 +15,21 @@ use wgpu::util::DeviceExt;
 const TOL: f64 = 3e-5;
 
 /// The CPU backend's three paths (one read; two passes storing the means; two
-/// passes reading the input again), then the GPU's.
+/// passes reading the input again), each with f16 widened by F16C where the CPU
+/// has it and by the integer decode, then the GPU's.
 fn clippers() -> Vec<Clipper> {
-    let mut all = vec![Clipper::new(Backend::Cpu).unwrap()];
-    for means_max in [usize::MAX, 0] {
-        let mut two_pass = Clipper::new(Backend::Cpu).unwrap();
-        two_pass.set_cpu_fused_budget_bytes(0);
-        two_pass.set_cpu_means_max_bytes(means_max);
-        all.push(two_pass);
+    let mut all = Vec::new();
+    for f16c in [true, false] {
+        let mut fused = Clipper::new(Backend::Cpu).unwrap();
+        fused.set_cpu_f16c(f16c);
+        all.push(fused);
+        for means_max in [usize::MAX, 0] {
+            let mut two_pass = Clipper::new(Backend::Cpu).unwrap();
+            two_pass.set_cpu_fused_budget_bytes(0);
+            two_pass.set_cpu_means_max_bytes(means_max);
+            two_pass.set_cpu_f16c(f16c);
+            all.push(two_pass);
+        }
     }
     all.extend(gpu());
     all
@@ -90,12 +97,13 @@ fn same_bits_as_f32<T: GradElement>(clipper: &mut Clipper, from_f32: fn(f32) -> 
     let typed = rounded(&random_tensors(3, n, &widths, 1.0), from_f32);
     let widened = widened(&typed);
     // The CPU widens 16-bit rows in registers: b = 3 and 6 form the means in one
-    // sweep, b = 12 through an f64 sum row (16-bit rows a chunk of columns at a
-    // time, f32 rows one column at a time: the same additions); the ragged
+    // sweep, b = 11 and 12 through an f64 sum row (16-bit rows a chunk of columns
+    // at a time, f32 rows one column at a time: the same additions; 11 ends with
+    // a sweep of 3 rows, then a micro-batch of one); the ragged
     // micro-batches mix one-row ones (16-bit rows widened into the means, f32 rows
     // read as they are) with longer ones.
     let ragged = MicroBatches::Offsets(vec![0, 1, 3, 4, 9, 10, 12]);
-    let uniform = [1, 3, 6, 12].map(MicroBatches::Uniform);
+    let uniform = [1, 3, 6, 11, 12].map(MicroBatches::Uniform);
     for mb in uniform.into_iter().chain([ragged]) {
         let b = format!("{mb:?}");
         let cfg = ClipConfig::fixed(0.2, mb);

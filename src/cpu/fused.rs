@@ -5,12 +5,13 @@
 //! `sum_r h_r * mean_r` to its f64 accumulator while the group's rows or means are
 //! still in the last-level cache. One sweep of the accumulator per group rather
 //! than per micro-batch. When every micro-batch has one row, both phases read the
-//! rows in their own type (bf16 rows widened in registers in each phase; f16
-//! rows, whose decode costs more, widened once into f32 copies).
+//! rows in their own type, 16-bit rows widened in registers in each phase (f16
+//! with F16C; without it f16 rows, whose integer decode costs more, are widened
+//! once into f32 copies).
 //!
 //! Extra host memory: an f64 accumulator of `8 x sum_p D_p` bytes and, when a
-//! micro-batch has more than one row or the input is f16, R f32 means (or widened
-//! 16-bit rows) of `4 x sum_p D_p` bytes each.
+//! micro-batch has more than one row (or the input is f16 without F16C), R f32
+//! means (or widened 16-bit rows) of `4 x sum_p D_p` bytes each.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -73,8 +74,8 @@ fn worker<T: GradElement>(
     // are widened once, into the means: their integer decode costs more than the
     // copy's trip through the cache (f16 at b = 1 took 1.5x as long decoded in
     // both phases; bf16's is a shift).
-    let via_means = (0..m).any(|j| plan.rows(j).len() > 1)
-        || (T::DTYPE == Dtype::F16 && !crate::dtype::has_f16c());
+    let via_means =
+        (0..m).any(|j| plan.rows(j).len() > 1) || (T::DTYPE == Dtype::F16 && !plan.f16c.on());
     let stored = |rows: usize| via_means && (rows > 1 || T::DTYPE != Dtype::F32);
     let mut acc = vec![0.0f64; width];
     let mut means = vec![0.0f32; if via_means { group_size * width } else { 0 }];
@@ -92,14 +93,14 @@ fn worker<T: GradElement>(
             let mut at = 0;
             for (k, b) in blocks.clone().zip(mine) {
                 let ssq = if !keep {
-                    sum_squares(plan.segment(b, rows.start))
+                    sum_squares(plan.segment(b, rows.start), plan.f16c)
                 } else if rows.len() == 1 {
                     let mean = &mut mean[at..at + b.w];
                     // A 16-bit row: a plain widening loop, then the squares of the
                     // copy in L1 (the same bits as mean_ssq; f16 at b = 1 took 1.3x
                     // as long with the decode inside the squares' loop).
                     widen(plan.segment(b, rows.start), mean);
-                    sum_squares(mean)
+                    sum_squares(mean, plan.f16c)
                 } else {
                     plan.mean_ssq(b, rows.clone(), &mut sum, Some(&mut mean[at..at + b.w]))
                 };
@@ -140,15 +141,16 @@ fn worker<T: GradElement>(
                         &means[r * width + at..r * width + at + b.w]
                     } else {
                         // One f32 row (not stored): T is f32.
+                        debug_assert_eq!(T::DTYPE, Dtype::F32);
                         bytemuck::cast_slice(plan.segment(b, rows.start))
                     };
                     (h, x)
                 }));
-                axpy_rows(acc, &f32_terms);
+                axpy_rows(acc, &f32_terms, plan.f16c);
             } else {
                 row_terms.clear();
                 row_terms.extend(live.map(|(_, rows, h)| (h, plan.segment(b, rows.start))));
-                axpy_rows(acc, &row_terms);
+                axpy_rows(acc, &row_terms, plan.f16c);
             }
             at += b.w;
         }

@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
-use crate::dtype::{Dtype, GradElement};
+use crate::dtype::{Dtype, F16c, GradElement};
 use crate::error::{ClipError, Result};
 use crate::noise::standard_normal;
 
@@ -52,6 +52,9 @@ pub(crate) struct CpuEngine {
     pub(crate) fused_budget: usize,
     /// Largest stored means of the two-pass path ([`DEFAULT_MEANS_MAX_BYTES`]).
     pub(crate) means_max_bytes: usize,
+    /// Whether f16 may widen with F16C where the CPU has it (else the integer
+    /// decode, as on CPUs without it).
+    pub(crate) f16c: bool,
     /// The two-pass path's stored means, grown on demand and reused: fresh pages
     /// cost a page fault each on first touch (a new 256 MiB buffer per call made
     /// the two-pass path slower than reading the input twice).
@@ -63,6 +66,7 @@ impl Default for CpuEngine {
         Self {
             fused_budget: DEFAULT_FUSED_BUDGET_BYTES,
             means_max_bytes: DEFAULT_MEANS_MAX_BYTES,
+            f16c: true,
             means: Vec::new(),
         }
     }
@@ -102,6 +106,8 @@ struct Plan<'a, T> {
     group_of: &'a [usize],
     blocks: Vec<Block>,
     propagate: bool,
+    /// How the hot loops widen f16 (F16C where detected and allowed).
+    f16c: F16c,
 }
 
 impl<'a, T: GradElement> Plan<'a, T> {
@@ -150,18 +156,18 @@ impl<'a, T: GradElement> Plan<'a, T> {
         if rows.len() <= MEAN_ROWS_PER_SWEEP {
             let x = |i: usize| row(rows.start + i);
             return match rows.len() {
-                8 => mean_ssq_k::<T, 8>(std::array::from_fn(x), inv_n, mean),
-                7 => mean_ssq_k::<T, 7>(std::array::from_fn(x), inv_n, mean),
-                6 => mean_ssq_k::<T, 6>(std::array::from_fn(x), inv_n, mean),
-                5 => mean_ssq_k::<T, 5>(std::array::from_fn(x), inv_n, mean),
-                4 => mean_ssq_k::<T, 4>(std::array::from_fn(x), inv_n, mean),
-                3 => mean_ssq_k::<T, 3>(std::array::from_fn(x), inv_n, mean),
-                2 => mean_ssq_k::<T, 2>(std::array::from_fn(x), inv_n, mean),
-                _ => mean_ssq_k::<T, 1>(std::array::from_fn(x), inv_n, mean),
+                8 => mean_ssq_k::<T, 8>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                7 => mean_ssq_k::<T, 7>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                6 => mean_ssq_k::<T, 6>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                5 => mean_ssq_k::<T, 5>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                4 => mean_ssq_k::<T, 4>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                3 => mean_ssq_k::<T, 3>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                2 => mean_ssq_k::<T, 2>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                _ => mean_ssq_k::<T, 1>(std::array::from_fn(x), inv_n, mean, self.f16c),
             };
         }
         let sum = &mut sum[..b.w];
-        add_rows(sum, rows, row);
+        add_rows(sum, rows, row, self.f16c);
         scale_and_sum_squares(sum, inv_n, mean)
     }
 
@@ -180,21 +186,22 @@ impl<'a, T: GradElement> Plan<'a, T> {
 /// of additions (and the result) does not depend on the machine.
 const LANES: usize = 8;
 
-// The hot loops, compiled for AVX2 (x86-64) and NEON (AArch64) as well as the
-// baseline, chosen at run time. No FMA contraction happens in Rust, so every
-// version computes bitwise the same result. They read the input in its own type
-// and widen each element in registers (`GradElement::to_f32`, exact, branch-free),
-// so 16-bit rows move half the bytes of f32 ones and give the same bits as f32
-// rows of the same values.
+// The hot loops, compiled for AVX2 with FMA and F16C (x86-64) and NEON (AArch64)
+// as well as the baseline, chosen at run time. No FMA contraction happens in Rust,
+// so every version computes bitwise the same result. They read the input in its
+// own type and widen it in registers, 8 values at a time (`lanes_f64`: a shift for
+// bf16, for f16 one F16C instruction where the CPU has it, else the exact
+// branch-free decode of `GradElement::to_f32`), so 16-bit rows move half the bytes
+// of f32 ones and give the same bits as f32 rows of the same values.
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
 #[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
-fn sum_squares<T: GradElement>(row: &[T]) -> f64 {
+fn sum_squares<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let full = row.len() - row.len() % LANES;
     let rest = &row[full..];
     for c0 in (0..full).step_by(LANES) {
-        let x = lanes_f64(row, c0);
+        let x = lanes_f64(row, c0, f16c);
         for (l, x) in lanes.iter_mut().zip(x) {
             *l += x * x;
         }
@@ -251,13 +258,14 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
     inv_n: f64,
     mean: Option<&mut [f32]>,
+    f16c: F16c,
 ) -> f64 {
     let n = x[0].len();
     let full = n - n % LANES;
     // Whole chunks of LANES columns (column c0 + l in lane l): the means, in
     // inlined functions rather than closures, which LLVM did not inline for
     // 16-bit rows (f16 at b = 8 took 2.5x as long, one call per lane).
-    let chunk = |c0: usize| -> [f64; LANES] { chunk_means(&x, c0, inv_n) };
+    let chunk = |c0: usize| -> [f64; LANES] { chunk_means(&x, c0, inv_n, f16c) };
     let mut lanes = [0.0f64; LANES];
     let mut add = |v: &[f64; LANES]| {
         for (a, &v) in lanes.iter_mut().zip(v) {
@@ -291,12 +299,12 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
 
 /// Columns `c0 .. c0 + LANES` of `x` as f64 (exact), one lane each.
 #[inline(always)]
-fn lanes_f64<T: GradElement>(x: &[T], c0: usize) -> [f64; LANES] {
+fn lanes_f64<T: GradElement>(x: &[T], c0: usize, f16c: F16c) -> [f64; LANES] {
     let x: &[T; LANES] = x[c0..c0 + LANES].try_into().expect("LANES columns");
     // Widened as f32 first: all LANES in one vector (f16's decode costs a dozen
     // integer operations per vector, or one F16C instruction), then as f64 (two
     // vectors with AVX2).
-    let w32 = T::to_f32_x8(x);
+    let w32 = T::to_f32_x8(x, f16c);
     let mut w = [0.0f64; LANES];
     for l in 0..LANES {
         w[l] = w32[l] as f64;
@@ -322,10 +330,11 @@ fn chunk_means<T: GradElement, const K: usize>(
     x: &[&[T]; K],
     c0: usize,
     inv_n: f64,
+    f16c: F16c,
 ) -> [f64; LANES] {
-    let mut s = lanes_f64(x[0], c0);
+    let mut s = lanes_f64(x[0], c0, f16c);
     for r in &x[1..] {
-        let v = lanes_f64(r, c0);
+        let v = lanes_f64(r, c0, f16c);
         for l in 0..LANES {
             s[l] += v[l];
         }
@@ -368,15 +377,16 @@ fn add_rows<'x, T: GradElement>(
     sum: &mut [f64],
     rows: Range<usize>,
     row: impl Fn(usize) -> &'x [T],
+    f16c: F16c,
 ) {
     for start in rows.clone().step_by(ROWS_PER_SWEEP) {
         let first = start == rows.start;
         let x = |i: usize| row(start + i);
         match (rows.end - start).min(ROWS_PER_SWEEP) {
-            4 => add_k::<T, 4>(sum, std::array::from_fn(x), first),
-            3 => add_k::<T, 3>(sum, std::array::from_fn(x), first),
-            2 => add_k::<T, 2>(sum, std::array::from_fn(x), first),
-            _ => add_k::<T, 1>(sum, [x(0)], first),
+            4 => add_k::<T, 4>(sum, std::array::from_fn(x), first, f16c),
+            3 => add_k::<T, 3>(sum, std::array::from_fn(x), first, f16c),
+            2 => add_k::<T, 2>(sum, std::array::from_fn(x), first, f16c),
+            _ => add_k::<T, 1>(sum, [x(0)], first, f16c),
         }
     }
 }
@@ -384,7 +394,7 @@ fn add_rows<'x, T: GradElement>(
 /// `sum[c] = x_0[c] + x_1[c] + ...` (`first`: a sum's first rows) or
 /// `sum[c] += x_0[c] + ...`, added one row after the other, in f64.
 #[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
-fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: bool) {
+fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: bool, f16c: F16c) {
     let n = sum.len();
     let x = x.map(|x| &x[..n]);
     // The first row of a sum is assigned, not added.
@@ -401,11 +411,11 @@ fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: b
     let full = chunked_len::<T>(n);
     for (c0, s) in (0..full).step_by(LANES).zip(sum.chunks_exact_mut(LANES)) {
         let mut v = match x0 {
-            Some(x0) => lanes_f64(x0, c0),
+            Some(x0) => lanes_f64(x0, c0, f16c),
             None => s.try_into().expect("LANES columns"),
         };
         for x in rest {
-            let w = lanes_f64(x, c0);
+            let w = lanes_f64(x, c0, f16c);
             for l in 0..LANES {
                 v[l] += w[l];
             }
@@ -428,22 +438,22 @@ fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: b
 /// [`ROWS_PER_SWEEP`] pairs at a time ([`axpy_k`]): the same operations per column
 /// as one pair at a time (the same bits), one load and store of the accumulator
 /// per sweep.
-fn axpy_rows<T: GradElement>(acc: &mut [f64], terms: &[(f64, &[T])]) {
+fn axpy_rows<T: GradElement>(acc: &mut [f64], terms: &[(f64, &[T])], f16c: F16c) {
     for chunk in terms.chunks(ROWS_PER_SWEEP) {
         let h = |i: usize| chunk[i].0;
         let x = |i: usize| chunk[i].1;
         match chunk.len() {
-            4 => axpy_k::<T, 4>(acc, std::array::from_fn(h), std::array::from_fn(x)),
-            3 => axpy_k::<T, 3>(acc, std::array::from_fn(h), std::array::from_fn(x)),
-            2 => axpy_k::<T, 2>(acc, std::array::from_fn(h), std::array::from_fn(x)),
-            _ => axpy_k::<T, 1>(acc, [h(0)], [x(0)]),
+            4 => axpy_k::<T, 4>(acc, std::array::from_fn(h), std::array::from_fn(x), f16c),
+            3 => axpy_k::<T, 3>(acc, std::array::from_fn(h), std::array::from_fn(x), f16c),
+            2 => axpy_k::<T, 2>(acc, std::array::from_fn(h), std::array::from_fn(x), f16c),
+            _ => axpy_k::<T, 1>(acc, [h(0)], [x(0)], f16c),
         }
     }
 }
 
 /// `acc[c] = (acc[c] + h_0 * x_0[c]) + h_1 * x_1[c] + ...`, in f64.
 #[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
-fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]; K]) {
+fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]; K], f16c: F16c) {
     let n = acc.len();
     let x = x.map(|x| &x[..n]);
     // As add_k: whole chunks of LANES columns (16-bit rows), then the rest.
@@ -451,7 +461,7 @@ fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]
     for (c0, a) in (0..full).step_by(LANES).zip(acc.chunks_exact_mut(LANES)) {
         let mut v: [f64; LANES] = (&*a).try_into().expect("LANES columns");
         for (&h, x) in h.iter().zip(&x) {
-            let w = lanes_f64(x, c0);
+            let w = lanes_f64(x, c0, f16c);
             for l in 0..LANES {
                 v[l] += h * w[l];
             }
@@ -601,6 +611,11 @@ pub(crate) fn clip<T: GradElement>(
         group_of,
         blocks,
         propagate: config.non_finite == NonFinitePolicy::Propagate,
+        f16c: if engine.f16c {
+            F16c::detect()
+        } else {
+            F16c::OFF
+        },
     };
     // Per tensor, sum_j h_j * mean_j, where h_j = s_j / C_g when `adaptive_scaled`
     // (the fused path under an adaptive bound), else s_j.

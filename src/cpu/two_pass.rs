@@ -22,7 +22,7 @@ fn block_ssq<T: GradElement>(
 ) -> f64 {
     let rows = plan.rows(j);
     if rows.len() == 1 {
-        return sum_squares(plan.segment(b, rows.start));
+        return sum_squares(plan.segment(b, rows.start), plan.f16c);
     }
     plan.mean_ssq(b, rows, sum, None)
 }
@@ -60,7 +60,7 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
                 let coef = s / rows.len() as f64;
                 terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
             }
-            axpy_rows(&mut acc, &terms);
+            axpy_rows(&mut acc, &terms, plan.f16c);
             acc
         })
         .collect();
@@ -124,7 +124,7 @@ pub(super) fn sums_of_means<T: GradElement>(
                 .map(|(j, mean)| (factors[j * plan.groups + plan.group(b)], mean))
                 .filter(|&(s, _)| s != 0.0 || plan.propagate)
                 .collect();
-            axpy_rows(&mut acc, &terms);
+            axpy_rows(&mut acc, &terms, plan.f16c);
             acc
         })
         .collect();
