@@ -8,7 +8,12 @@ markdown table of medians over --runs timed calls after 2 warm-up calls, each
 beside a plain sum over the same array in the same framework (its read floor).
 
     python3 -m venv /tmp/peers && /tmp/peers/bin/pip install numpy jax
-    /tmp/peers/bin/python benches/peers/clip_peers.py [--runs 11] [--scale 1]
+    /tmp/peers/bin/python benches/peers/clip_peers.py [--runs 11] [--scale 1] [--half]
+
+With --half, a second table times the main shape with f16 and bf16 inputs, as
+bench_report's 16-bit rows: JAX jit widening to f32 inside the jitted function
+(XLA fuses the conversion into the reductions), and numpy for f16 (no bf16
+type) converting to f32 first.
 
 Not run by CI; the figures go into BENCHMARKS.md beside microclip's CPU rows.
 """
@@ -18,6 +23,11 @@ import statistics
 import time
 
 import numpy as np
+
+HALF_CASES = [  # (N, D, b) of bench_report's 16-bit rows
+    (256, 1_000_000, 1),
+    (256, 1_000_000, 8),
+]
 
 CASES = [  # (name, N, D, b), as bench_report's CPU cases
     ("main", 256, 1_000_000, 1),
@@ -51,6 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--scale", type=int, default=1, help="divide every D by this")
+    ap.add_argument("--half", action="store_true", help="also time f16 and bf16 inputs")
     args = ap.parse_args()
     try:
         import jax
@@ -60,6 +71,9 @@ def main():
             lambda x, c, b: _jax_clip(jnp, x, c, b), static_argnums=(2,)
         )
         jax_sum = jax.jit(jnp.sum)
+        jax_clip_wide = jax.jit(
+            lambda x, c, b: _jax_clip(jnp, x.astype(jnp.float32), c, b), static_argnums=(2,)
+        )
         jax_name = f"JAX {jax.__version__} jit ({jax.devices()[0].platform})"
     except ImportError:
         jax = None
@@ -93,6 +107,50 @@ def main():
             f"| {name} | {n} | {d} | {b} | {np_ms:.1f} | {np_sum:.1f} | {jax_ms:.1f} | {jax_sum_ms:.1f} | {err:.1e} |",
             flush=True,
         )
+        del x
+    if args.half:
+        half_table(args, rng, jax, jax_clip_wide if jax is not None else None)
+
+
+def half_table(args, rng, jax, jax_clip_wide):
+    """f16 and bf16 inputs of the main shape (16-bit values, f32 arithmetic)."""
+    print()
+    print("| case | dtype | N | D | b | numpy ms | JAX jit ms | JAX vs f32 numpy rel L2 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for n, d, b in HALF_CASES:
+        d = max(1, d // args.scale)
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        for name in ["f16", "bf16"]:
+            np_ms = jax_ms = err = float("nan")
+            if name == "f16":
+                x16 = x.astype(np.float16)
+                wide = x16.astype(np.float32)
+            elif jax is not None:
+                import jax.numpy as jnp
+
+                x16 = np.asarray(jnp.asarray(x, dtype=jnp.bfloat16))
+                wide = x16.astype(np.float32)
+            else:
+                continue
+            g = wide.reshape(n // b, b, d).mean(axis=1)
+            c = float(np.median(np.linalg.norm(g, axis=1)))
+            del g
+            want = numpy_clip(wide, b, c)
+            del wide
+            if name == "f16":
+                np_ms = median_ms(lambda: numpy_clip(x16.astype(np.float32), b, c), args.runs)
+            if jax is not None:
+                xj = jax.device_put(x16)
+                got = np.asarray(jax_clip_wide(xj, c, b))
+                err = np.linalg.norm(got - want) / np.linalg.norm(want)
+                assert err < 1e-3, f"JAX and numpy disagree: rel L2 {err:.1e}"
+                jax_ms = median_ms(lambda: jax_clip_wide(xj, c, b).block_until_ready(), args.runs)
+                del xj
+            print(
+                f"| main | {name} | {n} | {d} | {b} | {np_ms:.1f} | {jax_ms:.1f} | {err:.1e} |",
+                flush=True,
+            )
+            del x16
         del x
 
 
