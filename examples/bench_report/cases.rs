@@ -98,6 +98,8 @@ pub struct Opts {
     pub breakdown: bool,
     /// Divide every D by this (default: 16 on a software (CPU-type) adapter, else 1).
     pub scale: Option<usize>,
+    /// Also run the scaling series (`scaling.rs`).
+    pub scaling: bool,
 }
 
 fn min_bytes(n: usize, d: usize, dtype: Dtype) -> u64 {
@@ -608,7 +610,32 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
 
     drop((single, reference));
 
-    let footer = if ctx.opts.breakdown {
+    if ctx.opts.scaling {
+        let mut measure = |case: &str, n0: usize, d: usize, bs: &[usize]| {
+            let b_max = bs.iter().copied().max().unwrap_or(1);
+            let (x, n, note) = ctx.input(case, 0, n0, d, b_max)?;
+            let reference = ctx.refk.read_sum(&ctx.gpu, &x, (n * d * 4) as u64);
+            let mut rows = Vec::new();
+            for &b in bs.iter().filter(|&&b| b <= n) {
+                let one = [(&x, 0, d)];
+                rows.extend(device_case(
+                    &ctx,
+                    case,
+                    n,
+                    b,
+                    &one,
+                    Dtype::F32,
+                    &reference,
+                    false,
+                    &note,
+                )?);
+            }
+            Ok(rows)
+        };
+        rows.extend(crate::scaling::run(sizes, &mut measure)?);
+    }
+
+    let mut footer = if ctx.opts.breakdown {
         let (n, d) = sizes.main;
         crate::breakdown::run(
             &ctx.gpu,
@@ -622,6 +649,9 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     } else {
         Vec::new()
     };
+    if ctx.opts.scaling {
+        footer.extend(crate::scaling::footer(&rows));
+    }
     for s in &ctx.scaled {
         header.push(format!("scaled down: {s}"));
     }
@@ -844,10 +874,23 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         &single,
         &sizes.note(),
     )?);
+    drop((single, many));
+    let mut footer = Vec::new();
+    if opts.scaling {
+        let mut measure = |case: &str, n: usize, d: usize, bs: &[usize]| {
+            let x = data::host_tensor(SEED, 0, n, d);
+            bs.iter()
+                .filter(|&&b| b <= n)
+                .map(|&b| cpu_case(&opts, case, n, b, &[&x], &x, &sizes.note()))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        rows.extend(crate::scaling::run(sizes, &mut measure)?);
+        footer = crate::scaling::footer(&rows);
+    }
     push_conventions(&mut header, &opts, false);
     Ok(Report {
         header,
         rows,
-        footer: Vec::new(),
+        footer,
     })
 }

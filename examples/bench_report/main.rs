@@ -64,6 +64,11 @@
 //! header say so. `--max-binding BYTES` lowers the binding size for microclip and
 //! the bench kernels alike (to exercise the windowed paths).
 //!
+//! `--scaling` adds two series (see `scaling.rs`): the main shape with N x D cut
+//! by up to 8 (b = 1 and 8, with a least-squares line through the times), and
+//! the main shape at every power-of-two b. Their rows go to `--json` too; the
+//! summary line leaves them out.
+//!
 //! `--breakdown` adds a per-kernel table (see `breakdown.rs`): microclip's
 //! `mb_partials` and `weighted_means` replayed one by one on the main shape shrunk to
 //! one storage binding, to show which pass the time goes to.
@@ -77,6 +82,7 @@ mod check;
 mod data;
 mod kernels;
 mod report;
+mod scaling;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,6 +128,10 @@ struct Args {
     /// shape shrunk to one storage binding).
     #[arg(long)]
     breakdown: bool,
+    /// Also time the main shape at N x D cut by 2, 4 and 8 (b = 1 and 8, with a
+    /// fitted line) and at every power-of-two b (M from N down to 1).
+    #[arg(long)]
+    scaling: bool,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +143,7 @@ fn main() -> ExitCode {
         host_row: !args.no_host,
         breakdown: args.breakdown,
         scale: args.scale.or(args.quick.then_some(64)),
+        scaling: args.scaling,
     };
     let report = match args.backend {
         BackendArg::Gpu => cases::run_gpu(opts),

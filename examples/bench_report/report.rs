@@ -113,12 +113,15 @@ fn mb(bytes: u64) -> String {
 
 impl Report {
     /// Microclip rows that count for the summary: device path on the GPU, all rows
-    /// on the CPU backend (where everything is the host path).
+    /// on the CPU backend (where everything is the host path); not the scaling
+    /// series.
     fn summary_rows(&self) -> impl Iterator<Item = &Row> {
         let cpu = self.rows.iter().all(|r| r.backend == "cpu");
-        self.rows
-            .iter()
-            .filter(move |r| r.method == Method::Microclip && (cpu || r.path == "device"))
+        self.rows.iter().filter(move |r| {
+            r.method == Method::Microclip
+                && (cpu || r.path == "device")
+                && !crate::scaling::is_scaling(r)
+        })
     }
 
     /// The 5-pass speedup at b = 1: baseline time / microclip time of the same case.
