@@ -156,6 +156,31 @@ impl Clipper {
         }
     }
 
+    /// Times the GPU backend's compute pass of every later call with timestamp
+    /// queries (`on`), or stops; returns whether calls are timed: false on the CPU
+    /// backend and on a device without wgpu's `TIMESTAMP_QUERY` feature
+    /// ([`Clipper::new`] requests it where the adapter has it; a device passed to
+    /// [`Clipper::from_device`] needs it enabled by its creator). Timing adds two
+    /// timestamp writes and 16 bytes to each call's read-back.
+    pub fn set_gpu_timing(&mut self, on: bool) -> bool {
+        match &mut self.engine {
+            Engine::Gpu(gpu) => gpu.set_timing(on),
+            Engine::Cpu(_) => false,
+        }
+    }
+
+    /// The device time of the last GPU call's compute pass (every kernel of the
+    /// call: the norm passes, the weighted sum and the noise; not the host's
+    /// encoding, the submission, the copies after the pass or the read-back),
+    /// when [`Self::set_gpu_timing`] is on; `None` otherwise, or when the
+    /// driver's two timestamps were not in order.
+    pub fn last_gpu_time(&self) -> Option<std::time::Duration> {
+        match &self.engine {
+            Engine::Gpu(gpu) => gpu.last_pass_time(),
+            Engine::Cpu(_) => None,
+        }
+    }
+
     /// Limits the bytes one storage binding may cover (default: the device's
     /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
     /// windows; tests use a small value to exercise that path. No effect on the CPU.

@@ -55,6 +55,13 @@
 //! the statistics (O(M) bytes) come back to the host. Build the clipper on the
 //! framework's own device with [`Clipper::from_device`].
 //!
+//! ## Timing the kernels
+//!
+//! [`Clipper::set_gpu_timing`] makes every later GPU call time its compute pass
+//! with timestamp queries (where the device has wgpu's `TIMESTAMP_QUERY`, which
+//! [`Clipper::new`] requests); [`Clipper::last_gpu_time`] then gives the device
+//! time of the last call's kernels, without the host's encoding and read-back.
+//!
 //! ## burn
 //!
 //! With the `burn` feature, `microclip::burn` shares one wgpu device with burn 0.22

@@ -589,3 +589,68 @@ fn many_tensors_in_one_buffer() {
         }
     }
 }
+
+#[test]
+fn timed_calls_give_the_same_bits_and_a_device_time() {
+    let Some(mut gpu) = gpu() else { return };
+    let device = gpu.device().unwrap().clone();
+    let has_timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+    let (n, widths) = (12, [300, 7]);
+    let t = random_tensors(9, n, &widths, 1.0);
+    let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(5));
+    let untimed = gpu.clip(&cfg, &slices(&t), n).unwrap();
+    assert_eq!(gpu.last_gpu_time(), None);
+    // Timing is on exactly where the device has timestamp queries.
+    assert_eq!(gpu.set_gpu_timing(true), has_timestamps);
+    let timed = gpu.clip(&cfg, &slices(&t), n).unwrap();
+    assert_eq!(timed, untimed, "timing changed the result");
+    // The device path (outputs in the caller's buffers) is timed too.
+    let inputs: Vec<wgpu::Buffer> = t
+        .iter()
+        .map(|x| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(x),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        })
+        .collect();
+    let outs: Vec<wgpu::Buffer> = widths
+        .iter()
+        .map(|&d| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: (d * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        })
+        .collect();
+    let ins: Vec<GpuTensor<'_>> = inputs
+        .iter()
+        .zip(widths)
+        .map(|(b, d)| GpuTensor::new(b, 0, d))
+        .collect();
+    let outputs: Vec<GpuTensorMut<'_>> = outs
+        .iter()
+        .zip(widths)
+        .map(|(buffer, cols)| GpuTensorMut {
+            buffer,
+            offset: 0,
+            cols,
+        })
+        .collect();
+    let stats = gpu.clip_buffers_into(&cfg, &ins, n, &outputs).unwrap();
+    assert_eq!(stats, untimed.stats);
+    if has_timestamps {
+        let t = gpu.last_gpu_time().expect("a timed call has a device time");
+        assert!(
+            t > std::time::Duration::ZERO && t < std::time::Duration::from_secs(10),
+            "{t:?}"
+        );
+    }
+    // Off again: no time, same bits.
+    assert!(!gpu.set_gpu_timing(false));
+    assert_eq!(gpu.clip(&cfg, &slices(&t), n).unwrap(), untimed);
+    assert_eq!(gpu.last_gpu_time(), None);
+}

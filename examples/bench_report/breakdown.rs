@@ -140,16 +140,13 @@ impl Single {
         }
     }
 
-    fn run(&self, gpu: &Gpu) {
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
+    /// One dispatch in its own pass: its device time in ms when timed.
+    fn run(&self, gpu: &Gpu) -> Option<f64> {
+        gpu.run_pass(|pass| {
             pass.set_pipeline(&self.pipeline);
             pass.set_bind_group(0, &self.group, &[]);
             pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
-        }
-        gpu.queue.submit([encoder.finish()]);
-        gpu.wait();
+        })
     }
 }
 
@@ -382,6 +379,7 @@ pub fn run(
                     clipper
                         .clip_buffers_into(&cfg, &input, n, &output)
                         .expect("clip");
+                    clipper.last_gpu_time().map(|t| t.as_secs_f64() * 1e3)
                 },
                 &mut || part.run(gpu),
                 &mut || sum.run(gpu),

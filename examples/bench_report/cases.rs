@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::data;
 use crate::kernels::{Baseline, Gpu, ReadSum, RefKernels};
-use crate::report::{interleaved, median, Method, Report, Row};
+use crate::report::{interleaved, median, Method, Report, Row, Timed};
 
 /// Input seed of every case.
 const SEED: u64 = 0x5eed_c11b;
@@ -100,6 +100,8 @@ pub struct Opts {
     pub scale: Option<usize>,
     /// Also run the scaling series (`scaling.rs`).
     pub scaling: bool,
+    /// Time GPU calls with the wall clock even where timestamp queries exist.
+    pub wall_clock: bool,
 }
 
 fn min_bytes(n: usize, d: usize, dtype: Dtype) -> u64 {
@@ -148,6 +150,8 @@ struct GpuCtx {
     size_note: String,
     /// Cases whose N had to be halved.
     scaled: Vec<String>,
+    /// Device times from timestamp queries (else the wall clock).
+    timed: bool,
 }
 
 impl GpuCtx {
@@ -156,6 +160,7 @@ impl GpuCtx {
         if let Some(mb) = self.opts.max_binding {
             c.set_max_binding_bytes(mb);
         }
+        c.set_gpu_timing(self.timed);
         c
     }
 
@@ -277,14 +282,11 @@ fn device_case(
                 clipper
                     .clip_buffers_into(&cfg, &inputs, n, &outputs)
                     .expect("clip_buffers_into"),
-            )
+            );
+            clipper.last_gpu_time().map(|t| t.as_secs_f64() * 1e3)
         };
-        let mut run_base = || {
-            if let Some(bl) = &baseline {
-                bl.job.run(gpu);
-            }
-        };
-        let mut fs: Vec<&mut dyn FnMut()> = vec![&mut run_ref, &mut run_clip];
+        let mut run_base = || baseline.as_ref().and_then(|bl| bl.job.run(gpu));
+        let mut fs: Vec<&mut Timed<'_>> = vec![&mut run_ref, &mut run_clip];
         if baseline.is_some() {
             fs.push(&mut run_base);
         }
@@ -371,9 +373,14 @@ fn gpu_host_case(
     let cfg = ClipConfig::fixed(median_norm(&probe.stats.norms), MicroBatches::Uniform(b));
     let gpu = &ctx.gpu;
     let samples = {
-        let mut run_ref = || reference.job.run(gpu);
+        // Wall clock for both (the upload is part of this path's cost).
+        let mut run_ref = || {
+            reference.job.run(gpu);
+            None
+        };
         let mut run_clip = || {
             clipper.clip(&cfg, &[&host], n).expect("clip");
+            None
         };
         interleaved(
             ctx.opts.warmup,
@@ -422,7 +429,8 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         Some(_) => "--scale / --quick",
         None => "default on a software (CPU-type) adapter, whose shaders run on the host cores far below memory bandwidth; --scale 1 runs the full sizes",
     };
-    let gpu = Gpu::new(device, queue, opts.max_binding);
+    let mut gpu = Gpu::new(device, queue, opts.max_binding);
+    let timed = !opts.wall_clock && gpu.enable_timer();
     let mut ctx = GpuCtx {
         refk: RefKernels::new(&gpu),
         baseline: Baseline::new(&gpu),
@@ -431,6 +439,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         opts,
         size_note: sizes.note(),
         scaled: Vec::new(),
+        timed,
     };
     let checks = crate::check::verify(&ctx.gpu, &ctx.refk, &ctx.baseline)?;
     for c in &checks {
@@ -655,7 +664,12 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     for s in &ctx.scaled {
         header.push(format!("scaled down: {s}"));
     }
-    push_conventions(&mut header, &ctx.opts, true);
+    let timing = if ctx.timed {
+        Timing::Device
+    } else {
+        Timing::GpuWall
+    };
+    push_conventions(&mut header, &ctx.opts, timing);
     Ok(Report {
         header,
         rows,
@@ -663,15 +677,27 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     })
 }
 
-fn push_conventions(header: &mut Vec<String>, opts: &Opts, gpu: bool) {
+/// How a run timed its calls (the header's timing line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timing {
+    /// GPU, timestamp queries at the beginning and end of each call's pass.
+    Device,
+    /// GPU, wall clock around submit + wait.
+    GpuWall,
+    /// CPU backend, wall clock.
+    Cpu,
+}
+
+fn push_conventions(header: &mut Vec<String>, opts: &Opts, timing: Timing) {
+    let gpu = timing != Timing::Cpu;
     header.push(format!(
         "timing: median of {} runs after {} warm-up, interleaved with the reference over the same bytes; {}",
         opts.runs,
         opts.warmup,
-        if gpu {
-            "GPU times are wall clock around submit + poll (clip_buffers_into returns after its statistics are read back; the reference and baseline jobs submit and poll until the queue is idle)"
-        } else {
-            "CPU times are wall clock around Clipper::clip on host slices (output vectors included)"
+        match timing {
+            Timing::Device => "GPU times are device times from timestamp queries at the beginning and end of each call's one compute pass (microclip: every kernel of the call, Clipper::set_gpu_timing; reference and baseline: all their dispatches), without the host's encoding, submission and read-back; the host-path row is wall clock (its upload counts); --wall-clock times every row by the wall clock",
+            Timing::GpuWall => "GPU times are wall clock around submit + poll (clip_buffers_into returns after its statistics are read back; the reference and baseline jobs submit and poll until the queue is idle)",
+            Timing::Cpu => "CPU times are wall clock around Clipper::clip on host slices (output vectors included)",
         }
     ));
     header.push(
@@ -735,6 +761,7 @@ fn cpu_case<T: GradElement>(
     let samples = {
         let mut run_ref = || {
             std::hint::black_box(cpu_sum(std::hint::black_box(reference)));
+            None
         };
         let mut run_clip = || {
             clipped = clipper
@@ -742,6 +769,7 @@ fn cpu_case<T: GradElement>(
                 .expect("clip")
                 .stats
                 .clipped_count;
+            None
         };
         interleaved(opts.warmup, opts.runs, &mut [&mut run_ref, &mut run_clip])
     };
@@ -792,8 +820,12 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
             &mut [
                 &mut || {
                     std::hint::black_box(cpu_sum(&x));
+                    None
                 },
-                &mut || cpu_copy(&x, &mut dst),
+                &mut || {
+                    cpu_copy(&x, &mut dst);
+                    None
+                },
             ],
         );
         let bytes = (x.len() * 4) as f64;
@@ -887,7 +919,7 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         rows.extend(crate::scaling::run(sizes, &mut measure)?);
         footer = crate::scaling::footer(&rows);
     }
-    push_conventions(&mut header, &opts, false);
+    push_conventions(&mut header, &opts, Timing::Cpu);
     Ok(Report {
         header,
         rows,

@@ -6,12 +6,19 @@
 //!
 //! Work is prepared once into a [`Job`] (pipelines, bind groups, uniforms) so that a
 //! timed run is only: encode the dispatches, submit, block until the queue is idle.
+//! With the timer on ([`Gpu::enable_timer`]) a run also returns the device time of
+//! its pass, from timestamps written at the pass's beginning and end.
 //!
 //! Self-contained (wgpu, bytemuck, pollster, std) so that `benches/clip.rs` can
 //! include it with `#[path]`.
 
 use wgpu::util::DeviceExt;
 use wgpu::BufferUsages as U;
+
+// The crate's own pass timer (timestamp queries), shared rather than copied.
+#[path = "../../src/gpu/timer.rs"]
+mod timer;
+use timer::{PassTimer, TIMER_BYTES};
 
 const REFERENCE_WGSL: &str = include_str!("reference.wgsl");
 const BASELINE_WGSL: &str = include_str!("baseline.wgsl");
@@ -33,6 +40,9 @@ pub struct Gpu {
     pub uniform_align: u64,
     /// A software adapter (`DeviceType::Cpu`, e.g. lavapipe).
     pub software: bool,
+    /// Times each pass of [`Self::run_pass`] when set (see [`Self::enable_timer`]),
+    /// with the buffer its two timestamps are copied to.
+    timer: Option<(PassTimer, wgpu::Buffer)>,
 }
 
 impl Gpu {
@@ -47,9 +57,49 @@ impl Gpu {
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
             software: device.adapter_info().device_type == wgpu::DeviceType::Cpu,
+            timer: None,
             device,
             queue,
         }
+    }
+
+    /// Times every later [`Self::run_pass`] with timestamp queries; returns whether
+    /// it can (the device has `TIMESTAMP_QUERY`).
+    pub fn enable_timer(&mut self) -> bool {
+        if self.timer.is_none() {
+            self.timer = PassTimer::new(&self.device, &self.queue).map(|t| {
+                let stamps = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("bench timestamps"),
+                    size: TIMER_BYTES,
+                    usage: U::COPY_SRC | U::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                (t, stamps)
+            });
+        }
+        self.timer.is_some()
+    }
+
+    /// Records one compute pass with `record`, submits it and blocks until the
+    /// queue is idle (the timed unit); returns the pass's device time in ms when
+    /// the timer is on (the host then reads the timestamps back, after the pass).
+    pub fn run_pass(&self, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Option<f64> {
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench"),
+                timestamp_writes: self.timer.as_ref().map(|(t, _)| t.writes()),
+            });
+            record(&mut pass);
+        }
+        if let Some((t, stamps)) = &self.timer {
+            t.copy_to(&mut encoder, stamps, 0);
+        }
+        self.queue.submit([encoder.finish()]);
+        self.wait();
+        let (t, stamps) = self.timer.as_ref()?;
+        let bytes = self.read_bytes(stamps, 0, TIMER_BYTES);
+        t.elapsed(&bytes).map(|d| d.as_secs_f64() * 1e3)
     }
 
     /// A `STORAGE | COPY_SRC | COPY_DST` buffer, or the device's error (e.g. out of
@@ -246,25 +296,16 @@ pub struct Job {
 }
 
 impl Job {
-    /// Records the dispatches into `encoder`.
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("bench"),
-            timestamp_writes: None,
-        });
-        for s in &self.steps {
-            pass.set_pipeline(&s.pipeline);
-            pass.set_bind_group(0, &s.group, &[]);
-            pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
-        }
-    }
-
-    /// Encodes, submits and blocks until the device is idle (the timed unit).
-    pub fn run(&self, gpu: &Gpu) {
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        self.encode(&mut encoder);
-        gpu.queue.submit([encoder.finish()]);
-        gpu.wait();
+    /// Runs the dispatches in one pass ([`Gpu::run_pass`]): its device time in ms
+    /// when the timer is on.
+    pub fn run(&self, gpu: &Gpu) -> Option<f64> {
+        gpu.run_pass(|pass| {
+            for s in &self.steps {
+                pass.set_pipeline(&s.pipeline);
+                pass.set_bind_group(0, &s.group, &[]);
+                pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
+            }
+        })
     }
 
     /// Number of dispatches.

@@ -36,9 +36,14 @@
 //!   S = 1 elsewhere and on the CPU backend; `--quick` is S = 64 with 5 runs. Every
 //!   row of a scaled run says `D/S`, and the header says why.
 //! * **Time**: median over `--runs` (default 11) runs after `--warmup` (default 2)
-//!   runs. GPU: wall clock
-//!   around the call; `clip_buffers_into` submits and blocks until its statistics
-//!   are read back, the bench's own jobs submit and poll until the queue is idle.
+//!   runs. GPU: where the adapter has timestamp queries (wgpu `TIMESTAMP_QUERY`;
+//!   lavapipe has them), the device time of each call's compute pass, written at
+//!   the pass's beginning and end: all of microclip's kernels of the call
+//!   (`Clipper::set_gpu_timing`), or all dispatches of a bench job (the read-sum,
+//!   the copy, the 5-pass baseline); without them, or with `--wall-clock`, the
+//!   wall clock around the call (`clip_buffers_into` submits and blocks until its
+//!   statistics are read back; the bench's jobs submit and poll until the queue
+//!   is idle). The host-path row is always wall clock (its upload counts).
 //! * **Bytes**: the minimum a clipping step must move, N x D x 4 (input read once;
 //!   x 2 for 16-bit input) + D x 4 (output written once); GB/s = those bytes /
 //!   median time.
@@ -132,6 +137,11 @@ struct Args {
     /// fitted line) and at every power-of-two b (M from N down to 1).
     #[arg(long)]
     scaling: bool,
+    /// Time GPU calls with the wall clock around submit + wait even where the
+    /// adapter has timestamp queries (the default then is the device time of each
+    /// call's compute pass).
+    #[arg(long)]
+    wall_clock: bool,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +154,7 @@ fn main() -> ExitCode {
         breakdown: args.breakdown,
         scale: args.scale.or(args.quick.then_some(64)),
         scaling: args.scaling,
+        wall_clock: args.wall_clock,
     };
     let report = match args.backend {
         BackendArg::Gpu => cases::run_gpu(opts),

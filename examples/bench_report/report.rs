@@ -60,17 +60,22 @@ impl Row {
     }
 }
 
-/// Milliseconds taken by `f`.
-pub fn time_ms(f: &mut dyn FnMut()) -> f64 {
+/// A timed call: returns its device time in ms when it has one (GPU timestamp
+/// queries), else `None` and the wall clock around it counts.
+pub type Timed<'a> = dyn FnMut() -> Option<f64> + 'a;
+
+/// Milliseconds taken by `f`: its device time if it returns one, else the wall
+/// clock around it.
+pub fn time_ms(f: &mut Timed<'_>) -> f64 {
     let t = Instant::now();
-    f();
-    t.elapsed().as_secs_f64() * 1e3
+    let device = f();
+    device.unwrap_or_else(|| t.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Runs every closure `warmup` times, then `runs` rounds of one call each, in
 /// turn, so that all see the same background load; returns the samples (ms) per
 /// closure.
-pub fn interleaved(warmup: usize, runs: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+pub fn interleaved(warmup: usize, runs: usize, fs: &mut [&mut Timed<'_>]) -> Vec<Vec<f64>> {
     for _ in 0..warmup {
         for f in fs.iter_mut() {
             f();

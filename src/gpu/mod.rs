@@ -21,6 +21,7 @@
 pub(crate) mod kernels;
 mod plan;
 mod pool;
+mod timer;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
 use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinitePolicy};
@@ -37,6 +38,7 @@ use plan::{
     WORKGROUP,
 };
 use pool::{Pool, Slot};
+use timer::{PassTimer, TIMER_BYTES};
 use wgpu::BufferUsages as U;
 
 /// A per-sample gradient tensor in a caller's buffer: a row-major `[N, cols]`
@@ -116,6 +118,10 @@ pub(crate) struct GpuClipper {
     /// Pass 4 runs once for several tensors only while their average padded
     /// width is at most this (see `default_merge_max_avg_cols`).
     merge_max_avg_cols: u64,
+    /// Times each call's compute pass when set (`set_timing`).
+    timer: Option<PassTimer>,
+    /// Device time of the last call's compute pass, when timed.
+    last_pass_time: Option<std::time::Duration>,
 }
 
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
@@ -171,6 +177,8 @@ impl GpuClipper {
             let (device, queue) = adapter
                 .request_device(&wgpu::DeviceDescriptor {
                     label: Some("microclip"),
+                    // Timestamps where the adapter has them (`set_timing`).
+                    required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
                     required_limits: adapter.limits(),
                     ..Default::default()
                 })
@@ -199,9 +207,30 @@ impl GpuClipper {
             min_tile_workgroups: default_min_tile_workgroups(info.device_type),
             means_min_rows: DEFAULT_MEANS_MIN_ROWS,
             merge_max_avg_cols: default_merge_max_avg_cols(info.device_type),
+            timer: None,
+            last_pass_time: None,
             device,
             queue,
         }
+    }
+
+    /// Times every later call's compute pass (`on`) or stops; returns whether
+    /// calls are timed (false without `TIMESTAMP_QUERY` on the device).
+    pub fn set_timing(&mut self, on: bool) -> bool {
+        self.timer = if on {
+            self.timer
+                .take()
+                .or_else(|| PassTimer::new(&self.device, &self.queue))
+        } else {
+            None
+        };
+        self.last_pass_time = None;
+        self.timer.is_some()
+    }
+
+    /// Device time of the last call's compute pass, when it was timed.
+    pub fn last_pass_time(&self) -> Option<std::time::Duration> {
+        self.last_pass_time
     }
 
     pub fn adapter_name(&self) -> &str {
@@ -573,7 +602,12 @@ impl GpuClipper {
         if let Some(e) = validation.or(oom) {
             return Err(ClipError::Device(e.to_string()));
         }
-        let bytes = self.read_back(&readback?)?;
+        let (readback, len) = readback?;
+        let bytes = self.read_back(&(readback, len))?;
+        self.last_pass_time = self
+            .timer
+            .as_ref()
+            .and_then(|t| t.elapsed(&bytes[(len - TIMER_BYTES) as usize..]));
 
         let m = layout.micro_batches as usize;
         let g = layout.groups as usize;
@@ -1066,7 +1100,7 @@ impl GpuClipper {
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("microclip"),
-                timestamp_writes: None,
+                timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
             });
             for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
                 pass.set_pipeline(&k.readers(d.dtype).partials);
@@ -1107,7 +1141,9 @@ impl GpuClipper {
         };
         let per_mb = 4 * m * g;
         let outputs_at = STATS_BYTES + 2 * per_mb + 4 * g;
-        let total = outputs_at + out_bytes;
+        // [...][pass timestamps] when timed.
+        let timer_bytes = if self.timer.is_some() { TIMER_BYTES } else { 0 };
+        let total = outputs_at + out_bytes + timer_bytes;
         let readback = self
             .pool
             .get(Slot::Readback, total, U::MAP_READ | U::COPY_DST);
@@ -1132,6 +1168,9 @@ impl GpuClipper {
             } else if merged {
                 encoder.copy_buffer_to_buffer(source, source_at, o.buffer, o.offset, len);
             }
+        }
+        if let Some(timer) = &self.timer {
+            timer.copy_to(&mut encoder, &readback, total - TIMER_BYTES);
         }
         self.queue.submit([encoder.finish()]);
         Ok((readback, total))
