@@ -172,8 +172,8 @@ impl Clipper {
     /// The device time of the last GPU call's compute pass (every kernel of the
     /// call: the norm passes, the weighted sum and the noise; not the host's
     /// encoding, the submission, the copies after the pass or the read-back),
-    /// when [`Self::set_gpu_timing`] is on; `None` otherwise, or when the
-    /// driver's two timestamps were not in order.
+    /// when [`Self::set_gpu_timing`] is on; `None` otherwise, when the last call
+    /// failed, or when the driver's two timestamps were not in order.
     pub fn last_gpu_time(&self) -> Option<std::time::Duration> {
         match &self.engine {
             Engine::Gpu(gpu) => gpu.last_pass_time(),
@@ -294,6 +294,7 @@ impl Clipper {
         tensors: &[&[T]],
         n_samples: usize,
     ) -> Result<ClipOutput> {
+        self.begin_call();
         let offsets = config.row_offsets(n_samples)?;
         let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
         let groups = config.tensor_groups(tensors.len())?;
@@ -313,6 +314,7 @@ impl Clipper {
         n_samples: usize,
         outputs: &[GpuTensorMut<'_>],
     ) -> Result<ClipStats> {
+        self.begin_call();
         let gpu = self.gpu_engine()?;
         if inputs.len() != outputs.len() {
             return Err(ClipError::OutputCount {
@@ -373,6 +375,13 @@ impl Clipper {
     ) -> Result<Vec<f32>> {
         let words = self.gpu_engine()?.noise_words(noise, first, count, true)?;
         Ok(words.into_iter().map(f32::from_bits).collect())
+    }
+
+    /// Forgets the last call's device time, so that a call that fails leaves none.
+    fn begin_call(&mut self) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.forget_pass_time();
+        }
     }
 
     fn gpu_engine(&mut self) -> Result<&mut GpuClipper> {

@@ -649,6 +649,10 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
             "{t:?}"
         );
     }
+    // A call that fails leaves no time behind.
+    let bad = ClipConfig::fixed(0.5, MicroBatches::Uniform(0));
+    assert!(gpu.clip(&bad, &slices(&t), n).is_err());
+    assert_eq!(gpu.last_gpu_time(), None);
     // Off again: no time, same bits.
     assert!(!gpu.set_gpu_timing(false));
     assert_eq!(gpu.clip(&cfg, &slices(&t), n).unwrap(), untimed);

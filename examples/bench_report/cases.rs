@@ -326,6 +326,7 @@ fn device_case(
         read_ms,
         extra_device_bytes: extra,
         speedup: None,
+        timing: if ctx.timed { "device" } else { "wall" },
         note,
     };
     let mut rows = vec![row(
@@ -404,6 +405,7 @@ fn gpu_host_case(
         read_ms: median(&samples[0]),
         extra_device_bytes: clipper.scratch_bytes(),
         speedup: None,
+        timing: "wall",
         note: join(&[
             &format!(
                 "upload of {:.0} MB + output read-back included; extra bytes exclude the uploaded input",
@@ -793,6 +795,7 @@ fn cpu_case<T: GradElement>(
         read_ms: median(&samples[0]),
         extra_device_bytes: clipper.scratch_bytes(),
         speedup: None,
+        timing: "wall",
         note: notes.join("; "),
     })
 }

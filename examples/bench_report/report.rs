@@ -36,6 +36,8 @@ pub struct Row {
     pub extra_device_bytes: u64,
     /// 5-pass rows: baseline time / microclip time of the same case.
     pub speedup: Option<f64>,
+    /// How the row was timed: `device` (timestamp queries) or `wall`.
+    pub timing: &'static str,
     pub note: String,
 }
 
@@ -233,6 +235,7 @@ impl Report {
                         "read_ratio": r.read_ratio(),
                         "extra_device_bytes": r.extra_device_bytes,
                         "speedup_of_microclip": r.speedup,
+                        "timing": r.timing,
                         "note": r.note,
                     })
                 })

@@ -233,6 +233,11 @@ impl GpuClipper {
         self.last_pass_time
     }
 
+    /// Clears the last call's device time (a new call begins).
+    pub fn forget_pass_time(&mut self) {
+        self.last_pass_time = None;
+    }
+
     pub fn adapter_name(&self) -> &str {
         &self.adapter_name
     }
