@@ -604,6 +604,10 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
     assert_eq!(gpu.set_gpu_timing(true), has_timestamps);
     let timed = gpu.clip(&cfg, &slices(&t), n).unwrap();
     assert_eq!(timed, untimed, "timing changed the result");
+    let positive = |t: Option<std::time::Duration>| {
+        t.is_some_and(|t| t > std::time::Duration::ZERO && t < std::time::Duration::from_secs(10))
+    };
+    assert_eq!(positive(gpu.last_gpu_time()), has_timestamps, "host path");
     // The device path (outputs in the caller's buffers) is timed too.
     let inputs: Vec<wgpu::Buffer> = t
         .iter()
@@ -642,16 +646,17 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
         .collect();
     let stats = gpu.clip_buffers_into(&cfg, &ins, n, &outputs).unwrap();
     assert_eq!(stats, untimed.stats);
-    if has_timestamps {
-        let t = gpu.last_gpu_time().expect("a timed call has a device time");
-        assert!(
-            t > std::time::Duration::ZERO && t < std::time::Duration::from_secs(10),
-            "{t:?}"
-        );
-    }
-    // A call that fails leaves no time behind.
+    assert_eq!(positive(gpu.last_gpu_time()), has_timestamps, "device path");
+    // A call that fails leaves no time behind: before the pass (b = 0), or after
+    // it (a NaN under NonFinitePolicy::Error).
     let bad = ClipConfig::fixed(0.5, MicroBatches::Uniform(0));
     assert!(gpu.clip(&bad, &slices(&t), n).is_err());
+    assert_eq!(gpu.last_gpu_time(), None);
+    gpu.clip(&cfg, &slices(&t), n).unwrap();
+    let mut nan = t.clone();
+    nan[1][3] = f32::NAN;
+    let strict = cfg.clone().with_non_finite(NonFinitePolicy::Error);
+    assert!(gpu.clip(&strict, &slices(&nan), n).is_err());
     assert_eq!(gpu.last_gpu_time(), None);
     // Off again: no time, same bits.
     assert!(!gpu.set_gpu_timing(false));

@@ -142,7 +142,7 @@ impl Single {
 
     /// One dispatch in its own pass: its device time in ms when timed.
     fn run(&self, gpu: &Gpu) -> Option<f64> {
-        gpu.run_pass(|pass| {
+        gpu.run_pass(true, |pass| {
             pass.set_pipeline(&self.pipeline);
             pass.set_bind_group(0, &self.group, &[]);
             pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
@@ -181,9 +181,10 @@ pub fn run(
     n: usize,
     d: usize,
     bs: &[usize],
-    warmup: usize,
-    runs: usize,
+    opts: &crate::cases::Opts,
+    timed: bool,
 ) -> Result<Vec<String>, String> {
+    let (warmup, runs) = (opts.warmup, opts.runs);
     // One binding, no windows: N x D x 4 <= max_binding - (align - 4).
     let usable = gpu.max_binding.saturating_sub(gpu.storage_align) as usize;
     let d = d.min(usable / (n * 4) / TILE * TILE).max(TILE);
@@ -201,6 +202,8 @@ pub fn run(
     for &b in bs.iter().filter(|&&b| b <= n) {
         let m = n.div_ceil(b);
         let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
+        // Timed like the replayed kernels (device times when the bench's are).
+        clipper.set_gpu_timing(timed);
         let input = [GpuTensor::new(&x, 0, d)];
         let output = [GpuTensorMut {
             buffer: &out,
@@ -379,7 +382,7 @@ pub fn run(
                     clipper
                         .clip_buffers_into(&cfg, &input, n, &output)
                         .expect("clip");
-                    clipper.last_gpu_time().map(|t| t.as_secs_f64() * 1e3)
+                    crate::report::device_ms(timed, clipper.last_gpu_time())
                 },
                 &mut || part.run(gpu),
                 &mut || sum.run(gpu),

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::data;
 use crate::kernels::{Baseline, Gpu, ReadSum, RefKernels};
-use crate::report::{interleaved, median, Method, Report, Row, Timed};
+use crate::report::{device_ms, interleaved, median, missing, Method, Report, Row, Timed};
 
 /// Input seed of every case.
 const SEED: u64 = 0x5eed_c11b;
@@ -283,7 +283,7 @@ fn device_case(
                     .clip_buffers_into(&cfg, &inputs, n, &outputs)
                     .expect("clip_buffers_into"),
             );
-            clipper.last_gpu_time().map(|t| t.as_secs_f64() * 1e3)
+            device_ms(ctx.timed, clipper.last_gpu_time())
         };
         let mut run_base = || baseline.as_ref().and_then(|bl| bl.job.run(gpu));
         let mut fs: Vec<&mut Timed<'_>> = vec![&mut run_ref, &mut run_clip];
@@ -295,6 +295,7 @@ fn device_case(
     let stats = stats.expect("at least one run");
     let read_ms = median(&samples[0]);
     let ours_ms = median(&samples[1]);
+    let dropped: usize = samples.iter().map(|s| missing(s)).sum();
     let widths: Vec<usize> = tensors.iter().map(|t| t.2).collect();
     let mut notes: Vec<String> = vec![format!(
         "clipped {}/{}",
@@ -309,6 +310,11 @@ fn device_case(
     }
     if !baseline_note.is_empty() {
         notes.push(baseline_note);
+    }
+    if dropped > 0 {
+        notes.push(format!(
+            "{dropped} samples without device timestamps, left out"
+        ));
     }
     let row = |method, median_ms, extra, note: String| Row {
         case: case.to_string(),
@@ -376,7 +382,7 @@ fn gpu_host_case(
     let samples = {
         // Wall clock for both (the upload is part of this path's cost).
         let mut run_ref = || {
-            reference.job.run(gpu);
+            reference.job.run_untimed(gpu);
             None
         };
         let mut run_clip = || {
@@ -648,15 +654,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
 
     let mut footer = if ctx.opts.breakdown {
         let (n, d) = sizes.main;
-        crate::breakdown::run(
-            &ctx.gpu,
-            &ctx.refk,
-            n,
-            d,
-            &sizes.bs,
-            ctx.opts.warmup,
-            ctx.opts.runs,
-        )?
+        crate::breakdown::run(&ctx.gpu, &ctx.refk, n, d, &sizes.bs, &ctx.opts, ctx.timed)?
     } else {
         Vec::new()
     };

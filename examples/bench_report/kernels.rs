@@ -71,7 +71,7 @@ impl Gpu {
                 let stamps = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("bench timestamps"),
                     size: TIMER_BYTES,
-                    usage: U::COPY_SRC | U::COPY_DST,
+                    usage: U::MAP_READ | U::COPY_DST,
                     mapped_at_creation: false,
                 });
                 (t, stamps)
@@ -81,25 +81,36 @@ impl Gpu {
     }
 
     /// Records one compute pass with `record`, submits it and blocks until the
-    /// queue is idle (the timed unit); returns the pass's device time in ms when
-    /// the timer is on (the host then reads the timestamps back, after the pass).
-    pub fn run_pass(&self, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Option<f64> {
+    /// queue is idle (the timed unit). With the timer on and `timed`: returns the
+    /// pass's device time in ms (NaN when the driver's timestamps were not in
+    /// order), read back after the pass; else `None` (time it by the wall clock).
+    pub fn run_pass(
+        &self,
+        timed: bool,
+        record: impl FnOnce(&mut wgpu::ComputePass<'_>),
+    ) -> Option<f64> {
+        let timer = self.timer.as_ref().filter(|_| timed);
         let mut encoder = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("bench"),
-                timestamp_writes: self.timer.as_ref().map(|(t, _)| t.writes()),
+                timestamp_writes: timer.map(|(t, _)| t.writes()),
             });
             record(&mut pass);
         }
-        if let Some((t, stamps)) = &self.timer {
+        if let Some((t, stamps)) = timer {
             t.copy_to(&mut encoder, stamps, 0);
         }
         self.queue.submit([encoder.finish()]);
         self.wait();
-        let (t, stamps) = self.timer.as_ref()?;
-        let bytes = self.read_bytes(stamps, 0, TIMER_BYTES);
-        t.elapsed(&bytes).map(|d| d.as_secs_f64() * 1e3)
+        let (t, stamps) = timer?;
+        stamps.map_async(wgpu::MapMode::Read, .., |r| r.expect("map timestamps"));
+        self.wait();
+        let ms = t
+            .elapsed(&stamps.get_mapped_range(..).expect("mapped timestamps"))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        stamps.unmap();
+        Some(ms)
     }
 
     /// A `STORAGE | COPY_SRC | COPY_DST` buffer, or the device's error (e.g. out of
@@ -299,7 +310,17 @@ impl Job {
     /// Runs the dispatches in one pass ([`Gpu::run_pass`]): its device time in ms
     /// when the timer is on.
     pub fn run(&self, gpu: &Gpu) -> Option<f64> {
-        gpu.run_pass(|pass| {
+        self.run_pass(gpu, true)
+    }
+
+    /// [`Self::run`] without timestamps, for rows timed by the wall clock (no
+    /// read-back of the timestamps after the pass).
+    pub fn run_untimed(&self, gpu: &Gpu) {
+        self.run_pass(gpu, false);
+    }
+
+    fn run_pass(&self, gpu: &Gpu, timed: bool) -> Option<f64> {
+        gpu.run_pass(timed, |pass| {
             for s in &self.steps {
                 pass.set_pipeline(&s.pipeline);
                 pass.set_bind_group(0, &s.group, &[]);

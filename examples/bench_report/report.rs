@@ -62,9 +62,21 @@ impl Row {
     }
 }
 
-/// A timed call: returns its device time in ms when it has one (GPU timestamp
-/// queries), else `None` and the wall clock around it counts.
+/// A timed call: returns its device time in ms when it is timed by timestamp
+/// queries (NaN when the driver gave none: the sample is dropped, never replaced
+/// by the wall clock), else `None` and the wall clock around it counts.
 pub type Timed<'a> = dyn FnMut() -> Option<f64> + 'a;
+
+/// A microclip call's [`Timed`] result: its device time (NaN when missing) when
+/// the run is `timed`, else `None`.
+pub fn device_ms(timed: bool, time: Option<std::time::Duration>) -> Option<f64> {
+    timed.then(|| time.map_or(f64::NAN, |t| t.as_secs_f64() * 1e3))
+}
+
+/// Samples without a time (NaN: a timed call whose timestamps were missing).
+pub fn missing(samples: &[f64]) -> usize {
+    samples.iter().filter(|v| v.is_nan()).count()
+}
 
 /// Milliseconds taken by `f`: its device time if it returns one, else the wall
 /// clock around it.
@@ -92,8 +104,9 @@ pub fn interleaved(warmup: usize, runs: usize, fs: &mut [&mut Timed<'_>]) -> Vec
     samples
 }
 
+/// The median of the samples that have a time (NaN ones left out).
 pub fn median(samples: &[f64]) -> f64 {
-    let mut v = samples.to_vec();
+    let mut v: Vec<f64> = samples.iter().copied().filter(|v| !v.is_nan()).collect();
     v.sort_by(f64::total_cmp);
     let k = v.len();
     if k == 0 {

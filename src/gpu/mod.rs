@@ -609,7 +609,7 @@ impl GpuClipper {
         }
         let (readback, len) = readback?;
         let bytes = self.read_back(&(readback, len))?;
-        self.last_pass_time = self
+        let pass_time = self
             .timer
             .as_ref()
             .and_then(|t| t.elapsed(&bytes[(len - TIMER_BYTES) as usize..]));
@@ -648,6 +648,8 @@ impl GpuClipper {
                 at += t.cols;
             }
         }
+        // Only a call that succeeds has a time (not one failing NonFinitePolicy::Error).
+        self.last_pass_time = pass_time;
         Ok((stats, grads))
     }
 

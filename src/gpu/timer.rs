@@ -18,7 +18,8 @@ pub(crate) struct PassTimer {
 
 impl PassTimer {
     /// A timer on `device`, or `None` when the device was created without
-    /// `TIMESTAMP_QUERY` (not every adapter has it; the GL backend never does).
+    /// `TIMESTAMP_QUERY` (not every adapter has it; on GL only with
+    /// `GL_ARB_timer_query`).
     pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Option<Self> {
         if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
             return None;
