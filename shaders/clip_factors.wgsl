@@ -147,13 +147,21 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                 // Propagate: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
                 factor = select(0.0, select(0.0, nan_f32(), has_nan), params.policy == POLICY_PROPAGATE);
             } else {
-                // C / norm without forming either: ratios of scales, then of roots.
+                // C / norm without forming either: ratios of scales, then of roots
+                // (of roots alone when the scales are equal, as for the adaptive
+                // bound's own micro-batch, whose ratio is then exactly 1).
                 let positive = n.scale > 0.0;
                 var ratio = 1.0;
                 if (positive) {
-                    ratio = (bound.x / n.scale) * (bound.y / n.root);
+                    if (bound.x == n.scale) {
+                        ratio = bound.y / n.root;
+                    } else {
+                        ratio = (bound.x / n.scale) * (bound.y / n.root);
+                    }
                 }
-                let over = positive && ratio < 1.0; // norm > C
+                // norm > C, decided exactly when the scales are equal (GPU
+                // division need not be correctly rounded: C / C can miss 1).
+                let over = positive && select(ratio < 1.0, bound.y < n.root, bound.x == n.scale);
                 let finite_mb = mb_flags[j] == 0u;
                 if (over && finite_mb) {
                     atomicAdd(&clipped, 1u);

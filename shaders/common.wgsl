@@ -50,13 +50,19 @@ fn combine_scaled(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
 }
 
 // Whether the norm written as (scale, root) pair a is smaller than b's, with no
-// overflow: the roots lie in [1, sqrt(D)] whenever scale > 0.
+// overflow: the roots lie in [1, sqrt(D)] whenever scale > 0. Equal scales (a
+// norm against itself, as the adaptive bound's micro-batch is) compare their
+// roots exactly: GPU division need not be correctly rounded (Vulkan allows 2.5
+// ULP, and NVIDIA's x / x can miss 1).
 fn norm_less(a: vec2<f32>, b: vec2<f32>) -> bool {
     if (b.x == 0.0) {
         return false;
     }
     if (a.x == 0.0) {
         return true;
+    }
+    if (a.x == b.x) {
+        return a.y < b.y;
     }
     return (a.x / b.x) * (a.y / b.y) < 1.0;
 }

@@ -265,14 +265,21 @@ fn near_f32_max_means_and_norms() {
         );
     }
     let tiny: Vec<f32> = t.iter().map(|v| v * 1e-76).collect(); // ~3e-38, near the smallest normal
-    check(
-        &mut gpu,
-        &ClipConfig::fixed(1e-37, MicroBatches::Uniform(2)),
-        &[tiny],
-        n,
-        1e-4,
-        "tiny",
-    );
+                                                                // Its outputs (about 2.6e-39) are f32 subnormals: a GPU that flushes
+                                                                // denormals (Vulkan allows it; NVIDIA does) returns zeros there, the
+                                                                // documented policy; elsewhere they must match the reference.
+    let cfg = ClipConfig::fixed(1e-37, MicroBatches::Uniform(2));
+    let want = clip_f64(&cfg, &[&tiny], n).unwrap();
+    let got = gpu.clip(&cfg, &[&tiny], n).unwrap();
+    let below_normal = want
+        .grads
+        .iter()
+        .flatten()
+        .all(|v| v.abs() < f32::MIN_POSITIVE as f64);
+    let flushed = got.grads.iter().flatten().all(|&v| v == 0.0);
+    if !(below_normal && flushed) {
+        assert_matches(&got, &want, 1e-4, "tiny");
+    }
 }
 
 #[test]

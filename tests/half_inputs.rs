@@ -281,7 +281,12 @@ fn loader_is_exact<T: GradElement>(gpu: &mut Clipper, from_bits: fn(u16) -> T, l
         assert_eq!(out.stats.factors, [1.0]);
         for (x, y) in values[..width].iter().zip(&out.grads[0]) {
             // Equal values are equal bits except for zeros: the sum starts at +0.
-            assert_eq!(x.to_f32(), *y, "{}", T::DTYPE);
+            // An f32-subnormal value (bf16's smallest) may come back as zero on a
+            // GPU that flushes denormals (Vulkan allows it; NVIDIA does): the
+            // documented policy. Every other value must be exact.
+            let x = x.to_f32();
+            let flushed = x.is_subnormal() && *y == 0.0;
+            assert!(x == *y || flushed, "{}: {x:e} came back as {y:e}", T::DTYPE);
         }
     }
 }
