@@ -83,6 +83,11 @@
 //! * All reductions are trees or fixed blocks, never float atomics: the same input on
 //!   the same adapter gives bitwise the same output.
 //! * [`reference`](mod@reference) is a plain float64 implementation used by the tests.
+//! * On GPUs that flush denormals (Vulkan allows it; NVIDIA does), f32-subnormal
+//!   inputs and outputs (below 1.2e-38) read and come back as zero. Known defect
+//!   on such a GPU (an NVIDIA H200): micro-batch norms above about 1e37 give
+//!   wrong outputs there (its division by numbers above 2^126 flushes to zero);
+//!   lavapipe and the CPU backend are exact there.
 //!
 //! ## Memory
 //!
