@@ -264,10 +264,11 @@ fn near_f32_max_means_and_norms() {
             "near f32::MAX",
         );
     }
-    let tiny: Vec<f32> = t.iter().map(|v| v * 1e-76).collect(); // ~3e-38, near the smallest normal
-                                                                // Its outputs (about 2.6e-39) are f32 subnormals: a GPU that flushes
-                                                                // denormals (Vulkan allows it; NVIDIA does) returns zeros there, the
-                                                                // documented policy; elsewhere they must match the reference.
+    // ~3e-38, near the smallest normal. Its outputs (about 2.6e-39) are f32
+    // subnormals: a GPU that flushes denormals (Vulkan allows it; NVIDIA does)
+    // returns zeros there, the documented policy; elsewhere they must match the
+    // reference.
+    let tiny: Vec<f32> = t.iter().map(|v| v * 1e-76).collect();
     let cfg = ClipConfig::fixed(1e-37, MicroBatches::Uniform(2));
     let want = clip_f64(&cfg, &[&tiny], n).unwrap();
     let got = gpu.clip(&cfg, &[&tiny], n).unwrap();
@@ -615,7 +616,7 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
         t.is_some_and(|t| t > std::time::Duration::ZERO && t < std::time::Duration::from_secs(10))
     };
     assert_eq!(positive(gpu.last_gpu_time()), has_timestamps, "host path");
-    // The device path (outputs in the caller's buffers) is timed too.
+    // The device path (inputs in buffers, clip_buffers -> clip_buffers_into) is timed too.
     let inputs: Vec<wgpu::Buffer> = t
         .iter()
         .map(|x| {
@@ -626,32 +627,12 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
             })
         })
         .collect();
-    let outs: Vec<wgpu::Buffer> = widths
-        .iter()
-        .map(|&d| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: (d * 4) as u64,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        })
-        .collect();
     let ins: Vec<GpuTensor<'_>> = inputs
         .iter()
         .zip(widths)
         .map(|(b, d)| GpuTensor::new(b, 0, d))
         .collect();
-    let outputs: Vec<GpuTensorMut<'_>> = outs
-        .iter()
-        .zip(widths)
-        .map(|(buffer, cols)| GpuTensorMut {
-            buffer,
-            offset: 0,
-            cols,
-        })
-        .collect();
-    let stats = gpu.clip_buffers_into(&cfg, &ins, n, &outputs).unwrap();
+    let (_, stats) = gpu.clip_buffers(&cfg, &ins, n).unwrap();
     assert_eq!(stats, untimed.stats);
     assert_eq!(positive(gpu.last_gpu_time()), has_timestamps, "device path");
     // A call that fails leaves no time behind: before the pass (b = 0), or after

@@ -607,12 +607,12 @@ impl GpuClipper {
         if let Some(e) = validation.or(oom) {
             return Err(ClipError::Device(e.to_string()));
         }
-        let (readback, len) = readback?;
-        let bytes = self.read_back(&(readback, len))?;
+        let bytes = self.read_back(&readback?)?;
+        // The read-back ends with the pass's timestamps when timed.
         let pass_time = self
             .timer
             .as_ref()
-            .and_then(|t| t.elapsed(&bytes[(len - TIMER_BYTES) as usize..]));
+            .and_then(|t| t.elapsed(&bytes[bytes.len() - TIMER_BYTES as usize..]));
 
         let m = layout.micro_batches as usize;
         let g = layout.groups as usize;
