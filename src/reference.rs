@@ -11,6 +11,10 @@ use crate::noise::standard_normal;
 pub struct Reference {
     /// `out_p` per tensor.
     pub grads: Vec<Vec<f64>>,
+    /// `(1/M) sum_j |s_{j,g} * g_j|` per element of `grads` (noise left out): the
+    /// scale of the rounding error of a sum over micro-batches, which can be far
+    /// above the result where the terms cancel.
+    pub magnitudes: Vec<Vec<f64>>,
     /// Number of parameter groups G.
     pub groups: usize,
     /// `norm_{j,g}` at `j * G + g` (NaN when the mean holds a NaN, +inf when it
@@ -134,20 +138,33 @@ pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Re
     let noise_std = config
         .noise
         .map_or(0.0, |n| n.multiplier as f64 * clip_bound);
+    // The terms s_{j,g} * g_j[c] of output element c of tensor p.
+    let (factors_of, means_of) = (&factors, &means);
+    let terms = |p: usize, c: usize| {
+        let g = group_of[p];
+        (0..m)
+            .map(move |j| factors_of[j * groups + g])
+            .enumerate()
+            .filter(move |&(_, s)| propagate || s != 0.0)
+            .map(move |(j, s)| s * means_of[j][p][c])
+    };
+    let magnitudes = widths
+        .iter()
+        .enumerate()
+        .map(|(p, &d)| {
+            (0..d)
+                .map(|c| terms(p, c).map(f64::abs).sum::<f64>() / m as f64)
+                .collect()
+        })
+        .collect();
     let mut first_element = 0u64;
     let grads = widths
         .iter()
         .enumerate()
         .map(|(p, &d)| {
-            let g = group_of[p];
             let out = (0..d)
                 .map(|c| {
-                    let sum: f64 = (0..m)
-                        .map(|j| factors[j * groups + g])
-                        .enumerate()
-                        .filter(|&(_, s)| propagate || s != 0.0)
-                        .map(|(j, s)| s * means[j][p][c])
-                        .sum();
+                    let sum: f64 = terms(p, c).sum();
                     let z = match config.noise {
                         Some(n) => {
                             noise_std * standard_normal(n.seed, n.step, first_element + c as u64)
@@ -163,6 +180,7 @@ pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Re
         .collect();
     Ok(Reference {
         grads,
+        magnitudes,
         groups,
         norms,
         factors,

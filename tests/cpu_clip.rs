@@ -170,3 +170,23 @@ fn fused_group_sizes_agree_bitwise() {
         check(&mut cpu, &cfg, &t, n, 1e-6, &format!("two-pass {cfg:?}"));
     }
 }
+
+/// Found by the random cases: with D = 1 and means near 1e30, AUTO-S's factors
+/// make both micro-batches' terms +-C to within float64's rounding, so the
+/// float64 reference is exactly 0 while the clipper's sum keeps one rounding of
+/// C (2e15 against C = 1.7e31). The output is right to 1e-16 of its terms; the
+/// check bounds the error by the terms' magnitudes, not by the zero result.
+#[test]
+fn terms_that_cancel_exactly() {
+    let t = rounded(
+        &random_tensors(14916901798787279224, 4, &[1], 1e30),
+        microclip::half::bf16::from_f32,
+    );
+    let cfg = ClipConfig::fixed(1.728053e31, MicroBatches::Uniform(3))
+        .with_function(ClipFunction::Automatic { gamma: 0.001 });
+    let want = clip_f64(&cfg, &slices(&widened(&t)), 4).unwrap();
+    assert_eq!(want.grads[0][0], 0.0);
+    assert!(want.magnitudes[0][0] > 1e31);
+    let mut clipper = Clipper::new(Backend::Cpu).unwrap();
+    check_typed(&mut clipper, &cfg, &t, 4, 1e-6, "cancelling terms");
+}

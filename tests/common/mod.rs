@@ -114,9 +114,17 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
         .sum::<f64>()
         .sqrt()
         / (want.grads.iter().map(|g| g.len()).sum::<usize>() as f64).sqrt();
-    for (p, (g, w)) in out.grads.iter().zip(&want.grads).enumerate() {
+    // An element may differ by a rounding of its terms s_j * g_j[c] (1e-5 of their
+    // magnitudes: about 100 f32 roundings), however far they cancel.
+    for (p, ((g, w), mags)) in out
+        .grads
+        .iter()
+        .zip(&want.grads)
+        .zip(&want.magnitudes)
+        .enumerate()
+    {
         assert_eq!(g.len(), w.len(), "{what}: tensor {p} length");
-        for (c, (&a, &b)) in g.iter().zip(w).enumerate() {
+        for (c, ((&a, &b), &mag)) in g.iter().zip(w).zip(mags).enumerate() {
             let a = a as f64;
             if b.is_finite() && b.abs() >= 0.9999 * f32::MAX as f64 && a.is_infinite() {
                 // The true value is (about) beyond f32's range: inf of its sign.
@@ -128,7 +136,7 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
             } else if b.is_finite() {
                 let err = (a - b).abs();
                 assert!(
-                    a.is_finite() && err <= 1e-4 * (b.abs() + scale) + F32_FLOOR,
+                    a.is_finite() && err <= 1e-4 * (b.abs() + scale) + 1e-5 * mag + F32_FLOOR,
                     "{what}: out[{p}][{c}] = {a:e}, reference {b:e} (rms {scale:e})"
                 );
             } else {
@@ -158,9 +166,20 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
         .collect();
     let err = rel_l2(&finite_got, &finite_want);
     // Results at the bottom of f32's range (subnormals may flush to zero on a GPU)
-    // are checked by the absolute floor above only.
+    // are checked by the absolute floor above only, and results whose terms cancel
+    // to under a thousandth of their magnitudes (the float64 reference can then be
+    // exactly 0) by the bound on rounding the terms above only.
+    let magnitude: f64 = want
+        .magnitudes
+        .iter()
+        .flatten()
+        .filter(|v| v.is_finite())
+        .map(|v| v * v)
+        .sum::<f64>()
+        .sqrt()
+        / (want.grads.iter().map(|g| g.len()).sum::<usize>() as f64).sqrt();
     assert!(
-        err <= tol || scale < 1e-35,
+        err <= tol || scale < 1e-35 || scale < 1e-3 * magnitude,
         "{what}: relative L2 error {err:e} > {tol:e}"
     );
 
