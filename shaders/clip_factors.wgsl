@@ -89,7 +89,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     // bounds are the same in all threads), so the sensitivity sqrt(sum_g C_g^2) and
     // the noise scale are formed without overflow even when a bound is beyond
     // f32::MAX.
-    let inv_m = 1.0 / f32(m);
+    let inv_m = div_wide(1.0, f32(m));
     var sens = vec2<f32>(0.0, 0.0);
     var sens_valid = true;
     for (var g = 0u; g < groups; g++) {
@@ -154,9 +154,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                 var ratio = 1.0;
                 if (positive) {
                     if (bound.x == n.scale) {
-                        ratio = bound.y / n.root;
+                        ratio = div_wide(bound.y, n.root);
                     } else {
-                        ratio = (bound.x / n.scale) * (bound.y / n.root);
+                        ratio = div_wide(bound.x, n.scale) * div_wide(bound.y, n.root);
                     }
                 }
                 // norm > C, decided exactly when the scales are equal (GPU
@@ -177,9 +177,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     // neither C nor the norm has to fit in f32; a norm beyond f32::MAX
                     // leaves C / norm, and a zero norm gives C / gamma.
                     if (!positive) {
-                        factor = (bound.x * bound.y) / params.gamma;
+                        factor = div_wide(bound.x * bound.y, params.gamma);
                     } else if (norm <= 3.4028235e38) {
-                        factor = ratio * (norm / (norm + params.gamma));
+                        factor = ratio * div_wide(norm, norm + params.gamma);
                     } else {
                         factor = ratio;
                     }

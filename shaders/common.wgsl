@@ -38,14 +38,31 @@ fn nonfinite_flags(v: f32) -> u32 {
     return select(FLAG_INF, FLAG_NAN, (bits & 0x007fffffu) != 0u);
 }
 
+// a / b: the kernels' only float division (tests/shaders.rs checks it), so
+// that the test feature `emulate-ftz-division` can replace it by the division
+// of NVIDIA's Vulkan driver (see FDIV_FLUSHING in src/gpu/kernels.rs).
+fn fdiv(a: f32, b: f32) -> f32 {
+    return a / b;
+}
+
+// a / b for every b, also |b| >= 2^126. GPUs may divide as a * (1 / b) with the
+// reciprocal flushed to zero when it is subnormal (NVIDIA does: 1e38 / 1e38 = 0
+// there), so such a and b are first scaled by 2^-64 (a power of two: exact). The
+// quotient then differs from a / b only where a * 2^-64 is subnormal, that is
+// where a / b < 2^-188 and rounds to zero in f32 anyway.
+fn div_wide(a: f32, b: f32) -> f32 {
+    let k = select(1.0, 0x1p-64f, abs(b) >= 0x1p126f);
+    return fdiv(a * k, b * k);
+}
+
 // Combine two (scale, ssq) pairs.
 fn combine_scaled(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
     let s = max(a.x, b.x);
     if (s == 0.0) {
         return vec2<f32>(0.0, 0.0);
     }
-    let ra = a.x / s;
-    let rb = b.x / s;
+    let ra = div_wide(a.x, s);
+    let rb = div_wide(b.x, s);
     return vec2<f32>(s, a.y * ra * ra + b.y * rb * rb);
 }
 
@@ -64,5 +81,5 @@ fn norm_less(a: vec2<f32>, b: vec2<f32>) -> bool {
     if (a.x == b.x) {
         return a.y < b.y;
     }
-    return (a.x / b.x) * (a.y / b.y) < 1.0;
+    return div_wide(a.x, b.x) * div_wide(a.y, b.y) < 1.0;
 }

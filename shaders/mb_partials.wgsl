@@ -146,15 +146,15 @@ fn blue_to_scaled(sums: vec3<f32>, max_abs: f32) -> vec2<f32> {
     if (max_abs == 0.0) {
         return vec2<f32>(0.0, 0.0);
     }
-    let r_sml = (INV_S_SML / max_abs); // <= 2^-37 when max_abs >= T_SML
+    let r_sml = div_wide(INV_S_SML, max_abs); // <= 2^-37 when max_abs >= T_SML
     var ssq = 0.0;
     if (sums.z > 0.0) {
         // max_abs > T_BIG: r_big in [2^-52, 2^24).
-        let r_big = INV_S_BIG / max_abs;
-        ssq = (sums.z * r_big) * r_big + (sums.y / max_abs) / max_abs;
+        let r_big = div_wide(INV_S_BIG, max_abs);
+        ssq = (sums.z * r_big) * r_big + div_wide(div_wide(sums.y, max_abs), max_abs);
     } else if (sums.y > 0.0) {
         // T_SML <= max_abs <= T_BIG.
-        ssq = (sums.y / max_abs) / max_abs + (sums.x * r_sml) * r_sml;
+        ssq = div_wide(div_wide(sums.y, max_abs), max_abs) + (sums.x * r_sml) * r_sml;
     } else {
         // max_abs < T_SML: r_sml in (2^-37, 2^49].
         ssq = (sums.x * r_sml) * r_sml;
@@ -474,7 +474,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let mb = params.mb_first + local_mb;
     let mb_lo = offsets[mb];
     let mb_hi = offsets[mb + 1u];
-    let inv_n = 1.0 / f32(mb_hi - mb_lo);
+    let inv_n = div_wide(1.0, f32(mb_hi - mb_lo));
     let lo = max(mb_lo, params.row_start);
     let hi = min(mb_hi, params.row_end);
     let rows = hi - lo;

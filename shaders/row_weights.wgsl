@@ -39,6 +39,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let n = f32(offsets[lo + 1u] - offsets[lo]);
     for (var g = 0u; g < params.groups; g++) {
-        row_weights[row * params.groups + g] = weights[lo * params.groups + g] / n;
+        row_weights[row * params.groups + g] = div_wide(weights[lo * params.groups + g], n);
     }
 }

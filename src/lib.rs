@@ -84,10 +84,11 @@
 //!   the same adapter gives bitwise the same output.
 //! * [`reference`](mod@reference) is a plain float64 implementation used by the tests.
 //! * On GPUs that flush denormals (Vulkan allows it; NVIDIA does), f32-subnormal
-//!   inputs and outputs (below 1.2e-38) read and come back as zero. Known defect
-//!   on such a GPU (an NVIDIA H200): micro-batch norms above about 1e37 give
-//!   wrong outputs there (its division by numbers above 2^126 flushes to zero);
-//!   lavapipe and the CPU backend are exact there.
+//!   inputs, outputs and clip factors (below 1.2e-38; a factor `C / norm` is that
+//!   small for a norm above `8.5e37 * C`) read and come back as zero.
+//! * Divisions by numbers beyond 2^126, which some GPUs (NVIDIA) compute through
+//!   a reciprocal flushed to zero, are scaled by 2^-64 first; the tests run with
+//!   that division emulated under the testing feature `emulate-ftz-division`.
 //!
 //! ## Memory
 //!

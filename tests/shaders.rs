@@ -57,6 +57,10 @@ fn every_wgsl_file_is_used() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+        if stem == "common" && cfg!(feature = "emulate-ftz-division") {
+            // That feature rewrites fdiv's body in it (checked in src/gpu/kernels.rs).
+            continue;
+        }
         let text = std::fs::read_to_string(&path).unwrap();
         let used = microclip::shaders::kernel_names().any(|k| {
             microclip::Dtype::ALL.iter().any(|&d| {
@@ -66,5 +70,85 @@ fn every_wgsl_file_is_used() {
             })
         });
         assert!(used, "{stem}.wgsl is not part of any kernel");
+    }
+}
+
+/// Every float division of every kernel is common.wgsl's `fdiv` (which the
+/// feature `emulate-ftz-division` swaps for NVIDIA's flushing division) and every
+/// call of it but `div_wide`'s is `div_wide` itself: no kernel divides by a
+/// number beyond 2^126 through a flushed reciprocal.
+#[test]
+fn float_division_only_in_fdiv() {
+    use naga::{BinaryOperator, Expression, ScalarKind};
+    for name in microclip::shaders::kernel_names() {
+        let source = microclip::shaders::kernel_source(name).unwrap();
+        let module = naga::front::wgsl::parse_str(&source).unwrap();
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .unwrap();
+        let fdiv = module
+            .functions
+            .iter()
+            .find(|(_, f)| f.name.as_deref() == Some("fdiv"))
+            .map(|(h, _)| h);
+        let functions = module.functions.iter().map(|(h, f)| (f, &info[h])).chain(
+            module
+                .entry_points
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (&e.function, info.get_entry_point(i))),
+        );
+        for (function, function_info) in functions {
+            let fname = function.name.as_deref().unwrap_or("?");
+            for (_, expr) in function.expressions.iter() {
+                if let Expression::Binary {
+                    op: BinaryOperator::Divide,
+                    left,
+                    ..
+                } = *expr
+                {
+                    let kind = function_info[left]
+                        .ty
+                        .inner_with(&module.types)
+                        .scalar_kind();
+                    assert!(
+                        kind != Some(ScalarKind::Float) || fname == "fdiv",
+                        "{name}: float division in {fname}"
+                    );
+                }
+            }
+            let mut callees = Vec::new();
+            calls(&function.body, &mut callees);
+            assert!(
+                fname == "div_wide" || fdiv.is_none_or(|f| !callees.contains(&f)),
+                "{name}: {fname} calls fdiv, not div_wide"
+            );
+        }
+    }
+}
+
+/// The functions called anywhere in `block`.
+fn calls(block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
+    use naga::Statement;
+    for statement in block.iter() {
+        match statement {
+            Statement::Call { function, .. } => out.push(*function),
+            Statement::Block(inner) => calls(inner, out),
+            Statement::If { accept, reject, .. } => {
+                calls(accept, out);
+                calls(reject, out);
+            }
+            Statement::Loop {
+                body, continuing, ..
+            } => {
+                calls(body, out);
+                calls(continuing, out);
+            }
+            Statement::Switch { cases, .. } => cases.iter().for_each(|c| calls(&c.body, out)),
+            _ => {}
+        }
     }
 }

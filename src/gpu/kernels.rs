@@ -86,10 +86,29 @@ pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
             COLUMN_MEAN,
         ),
     };
+    let common = if cfg!(feature = "emulate-ftz-division") {
+        COMMON.replacen(FDIV_EXACT, FDIV_FLUSHING, 1)
+    } else {
+        COMMON.to_string()
+    };
     Some(format!(
-        "{COMMON}\n{loader}\n{shifted}\n{table}\n{mean}\n{body}"
+        "{common}\n{loader}\n{shifted}\n{table}\n{mean}\n{body}"
     ))
 }
+
+/// The body of common.wgsl's `fdiv`, the kernels' only float division.
+const FDIV_EXACT: &str = "    return a / b;\n";
+
+/// `fdiv`'s body with feature `emulate-ftz-division`: division as NVIDIA's Vulkan
+/// driver does it (PTX `div.approx.f32`: a times an approximate reciprocal of b,
+/// subnormal operands and results flushed to zero, so the reciprocal of
+/// |b| >= 2^126 is 0). Lets the tests catch, on any adapter, kernels that divide
+/// by such numbers without `div_wide`.
+const FDIV_FLUSHING: &str = "    let a_ftz = select(a, 0.0, abs(a) < 0x1p-126f);
+    let b_ftz = select(b, 0.0, abs(b) < 0x1p-126f);
+    let r = 1.0 / b_ftz;
+    return a_ftz * select(r, 0.0, abs(r) < 0x1p-126f);
+";
 
 /// The pipeline-overridable constants kernel `name` is built with: the workgroup
 /// size `WG` of the two reduction kernels (`mb_partials`, `mb_norms`) when
@@ -316,5 +335,19 @@ impl Kernels {
         self.readers[dtype.index()]
             .as_ref()
             .expect("readers prepared before encoding")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emulated_division_replaces_fdiv() {
+        assert_eq!(COMMON.matches(FDIV_EXACT).count(), 1);
+        let source = kernel_source("clip_factors").unwrap();
+        let emulated = cfg!(feature = "emulate-ftz-division");
+        assert_eq!(source.contains(FDIV_FLUSHING), emulated);
+        assert_eq!(source.contains(FDIV_EXACT), !emulated);
     }
 }
