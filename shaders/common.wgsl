@@ -45,11 +45,13 @@ fn fdiv(a: f32, b: f32) -> f32 {
     return a / b;
 }
 
-// a / b for every b, also |b| >= 2^126. GPUs may divide as a * (1 / b) with the
-// reciprocal flushed to zero when it is subnormal (NVIDIA does: 1e38 / 1e38 = 0
-// there), so such a and b are first scaled by 2^-64 (a power of two: exact). The
-// quotient then differs from a / b only where a * 2^-64 is subnormal, that is
-// where a / b < 2^-188 and rounds to zero in f32 anyway.
+// a / b for every normal b, also |b| >= 2^126: Vulkan bounds the error of a
+// division only for |b| in [2^-126, 2^126], and GPUs may divide as a * (1 / b)
+// with the reciprocal flushed to zero when it is subnormal (NVIDIA does:
+// 1e38 / 1e38 = 0 there), so such a and b are first scaled by 2^-64 (a power
+// of two: exact). The quotient then differs from a / b only where a * 2^-64 is
+// subnormal, that is where |a / b| < 2^-188 and rounds to zero in f32 anyway.
+// (A subnormal b is the denormal policy's: flushed where the GPU flushes.)
 fn div_wide(a: f32, b: f32) -> f32 {
     let k = select(1.0, 0x1p-64f, abs(b) >= 0x1p126f);
     return fdiv(a * k, b * k);

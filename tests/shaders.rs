@@ -73,15 +73,17 @@ fn every_wgsl_file_is_used() {
     }
 }
 
-/// Every float division of every kernel is common.wgsl's `fdiv` (which the
-/// feature `emulate-ftz-division` swaps for NVIDIA's flushing division) and every
-/// call of it but `div_wide`'s is `div_wide` itself: no kernel divides by a
-/// number beyond 2^126 through a flushed reciprocal.
+/// Every float division (or remainder) of every kernel, for every input element
+/// type, is in common.wgsl's `fdiv` (which the feature `emulate-ftz-division`
+/// swaps for NVIDIA's flushing division), and only `div_wide` calls `fdiv`: no
+/// kernel divides by a number beyond 2^126 through a flushed reciprocal.
 #[test]
 fn float_division_only_in_fdiv() {
     use naga::{BinaryOperator, Expression, ScalarKind};
-    for name in microclip::shaders::kernel_names() {
-        let source = microclip::shaders::kernel_source(name).unwrap();
+    for (name, dtype) in
+        microclip::shaders::kernel_names().flat_map(|n| microclip::Dtype::ALL.map(|d| (n, d)))
+    {
+        let source = microclip::shaders::kernel_source_for(name, dtype).unwrap();
         let module = naga::front::wgsl::parse_str(&source).unwrap();
         let info = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
@@ -105,7 +107,7 @@ fn float_division_only_in_fdiv() {
             let fname = function.name.as_deref().unwrap_or("?");
             for (_, expr) in function.expressions.iter() {
                 if let Expression::Binary {
-                    op: BinaryOperator::Divide,
+                    op: BinaryOperator::Divide | BinaryOperator::Modulo,
                     left,
                     ..
                 } = *expr
@@ -116,7 +118,7 @@ fn float_division_only_in_fdiv() {
                         .scalar_kind();
                     assert!(
                         kind != Some(ScalarKind::Float) || fname == "fdiv",
-                        "{name}: float division in {fname}"
+                        "{name} ({dtype}): float division in {fname}"
                     );
                 }
             }

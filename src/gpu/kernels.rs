@@ -104,10 +104,11 @@ const FDIV_EXACT: &str = "    return a / b;\n";
 /// subnormal operands and results flushed to zero, so the reciprocal of
 /// |b| >= 2^126 is 0). Lets the tests catch, on any adapter, kernels that divide
 /// by such numbers without `div_wide`.
-const FDIV_FLUSHING: &str = "    let a_ftz = select(a, 0.0, abs(a) < 0x1p-126f);
-    let b_ftz = select(b, 0.0, abs(b) < 0x1p-126f);
+const FDIV_FLUSHING: &str = "    let a_ftz = select(a, a * 0.0, abs(a) < 0x1p-126f);
+    let b_ftz = select(b, b * 0.0, abs(b) < 0x1p-126f);
     let r = 1.0 / b_ftz;
-    return a_ftz * select(r, 0.0, abs(r) < 0x1p-126f);
+    let q = a_ftz * select(r, r * 0.0, abs(r) < 0x1p-126f);
+    return select(q, q * 0.0, abs(q) < 0x1p-126f);
 ";
 
 /// The pipeline-overridable constants kernel `name` is built with: the workgroup
