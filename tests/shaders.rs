@@ -19,19 +19,8 @@ fn every_kernel_validates_with_naga() {
     let mut listed: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     listed.sort();
     assert_eq!(listed, files);
-    for (name, dtype) in names
-        .iter()
-        .flat_map(|n| microclip::Dtype::ALL.map(|d| (*n, d)))
-    {
-        let source = microclip::shaders::kernel_source_for(name, dtype).unwrap();
-        let module = naga::front::wgsl::parse_str(&source)
-            .unwrap_or_else(|e| panic!("{name} {dtype}: {}", e.emit_to_string(&source)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{name} {dtype}: {e:?}"));
+    for (name, dtype) in kernels() {
+        let (module, _) = validated(name, dtype);
         assert!(
             module.entry_points.iter().any(|e| e.name == "main"),
             "{name}: no main"
@@ -80,17 +69,8 @@ fn every_wgsl_file_is_used() {
 #[test]
 fn float_division_only_in_fdiv() {
     use naga::{BinaryOperator, Expression, ScalarKind};
-    for (name, dtype) in
-        microclip::shaders::kernel_names().flat_map(|n| microclip::Dtype::ALL.map(|d| (n, d)))
-    {
-        let source = microclip::shaders::kernel_source_for(name, dtype).unwrap();
-        let module = naga::front::wgsl::parse_str(&source).unwrap();
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        )
-        .validate(&module)
-        .unwrap();
+    for (name, dtype) in kernels() {
+        let (module, info) = validated(name, dtype);
         let fdiv = module
             .functions
             .iter()
@@ -153,4 +133,24 @@ fn calls(block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
             _ => {}
         }
     }
+}
+
+/// Every (kernel, input element type) the GPU backend composes.
+fn kernels() -> impl Iterator<Item = (&'static str, microclip::Dtype)> {
+    microclip::shaders::kernel_names().flat_map(|n| microclip::Dtype::ALL.map(|d| (n, d)))
+}
+
+/// Kernel `name` for input of `dtype`, composed as the GPU backend does, parsed
+/// and validated by naga (a panic names the kernel and the error).
+fn validated(name: &str, dtype: microclip::Dtype) -> (naga::Module, naga::valid::ModuleInfo) {
+    let source = microclip::shaders::kernel_source_for(name, dtype).unwrap();
+    let module = naga::front::wgsl::parse_str(&source)
+        .unwrap_or_else(|e| panic!("{name} {dtype}: {}", e.emit_to_string(&source)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::empty(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name} {dtype}: {e:?}"));
+    (module, info)
 }
