@@ -9,10 +9,10 @@ fn bf16_pair(w: u32) -> vec2<f32> {
 }
 
 fn grad_at(i: u32) -> f32 {
-    return bf16_pair(grads[i >> 1u])[i & 1u];
+    return bf16_pair(grad_word(i >> 1u))[i & 1u];
 }
 
 fn grad_quad(q: u32) -> vec4<f32> {
-    let w = grads4[q];
+    let w = grad_words4(q);
     return vec4<f32>(bf16_pair(w.x), bf16_pair(w.y));
 }

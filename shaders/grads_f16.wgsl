@@ -24,10 +24,10 @@ fn f16_pair(w: u32) -> vec2<f32> {
 }
 
 fn grad_at(i: u32) -> f32 {
-    return f16_pair(grads[i >> 1u])[i & 1u];
+    return f16_pair(grad_word(i >> 1u))[i & 1u];
 }
 
 fn grad_quad(q: u32) -> vec4<f32> {
-    let w = grads4[q];
+    let w = grad_words4(q);
     return vec4<f32>(f16_pair(w.x), f16_pair(w.y));
 }

@@ -106,6 +106,11 @@ struct Params {
     first_tile: u32,    // this entry's first tile among the dispatch's tiles
     entries: u32,       // (entry 0) entries of the table in use
     dispatch_tiles: u32,// (entry 0) tiles of all entries
+    slot: u32,          // the binding slot of the entry's rows (grads_slots.wgsl;
+                        // 0 in a dispatch over one buffer range)
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 // Up to TABLE_LEN tensor windows (tensor_table.wgsl), tiles numbered entry by entry.

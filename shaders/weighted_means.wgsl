@@ -51,7 +51,8 @@ struct Params {
     first_group: u32,   // this entry's first column group among the dispatch's
     entries: u32,       // (entry 0) entries of the table in use
     dispatch_groups: u32, // (entry 0) column groups of all entries
-    pad: u32,
+    slot: u32,          // the binding slot of the entry's rows (grads_slots.wgsl;
+                        // 0 in a dispatch over one buffer range)
 }
 
 // One dispatch serves up to TABLE_LEN tensors (or windows, tensor_table.wgsl):

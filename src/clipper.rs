@@ -181,6 +181,16 @@ impl Clipper {
         }
     }
 
+    /// Compute dispatches the last GPU call recorded (`None` on the CPU). For tests
+    /// and benches of how tensors share dispatches.
+    #[doc(hidden)]
+    pub fn last_gpu_dispatches(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.last_dispatches()),
+            Engine::Cpu(_) => None,
+        }
+    }
+
     /// Limits the bytes one storage binding may cover (default: the device's
     /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
     /// windows; tests use a small value to exercise that path. No effect on the CPU.
@@ -221,6 +231,28 @@ impl Clipper {
     pub fn set_gpu_small_workgroups(&mut self, small: Option<bool>) {
         if let Engine::Gpu(gpu) = &mut self.engine {
             gpu.set_small_workgroups(small);
+        }
+    }
+
+    /// Sets whether the GPU's input-reading dispatches may read tensors of several
+    /// buffers at once (up to 8, through the kernels' slots variants, where the
+    /// device allows their storage bindings); `None` or `true`: where it does, the
+    /// default; `false`: one dispatch per buffer and pass. For tests and benches
+    /// of both ways on one adapter. No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_buffer_slots(&mut self, on: Option<bool>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_buffer_slots(on);
+        }
+    }
+
+    /// Whether the GPU's input-reading dispatches read several buffers at once now
+    /// ([`Self::set_gpu_buffer_slots`]; `None` on the CPU). For the benchmark.
+    #[doc(hidden)]
+    pub fn gpu_buffer_slots(&self) -> Option<bool> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.buffer_slots()),
+            Engine::Cpu(_) => None,
         }
     }
 

@@ -55,6 +55,12 @@
 //! the statistics (O(M) bytes) come back to the host. Build the clipper on the
 //! framework's own device with [`Clipper::from_device`].
 //!
+//! Tensors in one buffer share the kernels' dispatches. On a hardware adapter so
+//! do tensors in up to 8 separate buffers, where the device allows 21 storage
+//! buffers per shader stage (wgpu's default limit is 8; [`Clipper::new`] asks
+//! for the adapter's limits, and a framework's device made with them qualifies);
+//! otherwise each buffer takes its own dispatches, with the same results.
+//!
 //! ## Timing the kernels
 //!
 //! [`Clipper::set_gpu_timing`] makes every later GPU call time its compute pass
@@ -147,7 +153,7 @@ pub use half;
 /// validation tools and for reading.
 pub mod shaders {
     pub use crate::gpu::kernels::{
-        kernel_constants, kernel_names, kernel_source, kernel_source_for,
+        kernel_constants, kernel_names, kernel_source, kernel_source_for, kernel_source_with_slots,
     };
 }
 

@@ -3,9 +3,10 @@
 mod common;
 
 use common::*;
+use microclip::half::{bf16, f16};
 use microclip::reference::clip_f64;
 use microclip::{ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
-use microclip::{ClipError, ClipOutput, GpuTensor, GpuTensorMut};
+use microclip::{ClipError, ClipOutput, Dtype, GpuTensor, GpuTensorMut};
 use wgpu::util::DeviceExt;
 
 const TOL: f64 = 3e-5;
@@ -599,6 +600,118 @@ fn many_tensors_in_one_buffer() {
             assert_matches(&ClipOutput { grads, stats }, &want, TOL, &what);
         }
     }
+}
+
+/// Tensors each in its own caller buffer (some pairs sharing one), at offsets
+/// that leave some rows 16-byte aligned and some not, f32, f16 and bf16: where
+/// the device allows the kernels' slots variants, up to 8 buffers share a norm-pass
+/// dispatch (and, re-reading rows at b <= 2, a pass-4 one), so the call records
+/// fewer dispatches than there are buffers, with the same bits as one dispatch
+/// per buffer; both match the float64 reference. With a small binding limit the
+/// widest tensors are cut into row windows (dispatches of their own).
+#[test]
+fn tensors_in_many_buffers_share_dispatches() {
+    let Some(mut gpu) = gpu() else { return };
+    let device = gpu.device().unwrap().clone();
+    let slots = device.limits().max_storage_buffers_per_shader_stage >= 21;
+    let n = 10;
+    let widths: Vec<usize> = (0..45)
+        .map(|p| match p % 9 {
+            2 => 4100,
+            5 => 64,
+            k => 1 + (p * 5 + k) % 37,
+        })
+        .collect();
+    // Tensors p % 5 = 3 are bf16, p % 5 = 4 f16 (the reference gets their
+    // rounded values).
+    let dtype = |p: usize| [Dtype::F32, Dtype::F32, Dtype::F32, Dtype::Bf16, Dtype::F16][p % 5];
+    let t: Vec<Vec<f32>> = random_tensors(77, n, &widths, 1.0)
+        .into_iter()
+        .enumerate()
+        .map(|(p, x)| match dtype(p) {
+            Dtype::Bf16 => widened(&rounded(&[x], bf16::from_f32)).remove(0),
+            Dtype::F16 => widened(&rounded(&[x], f16::from_f32)).remove(0),
+            _ => x,
+        })
+        .collect();
+    // Tensor p at byte 4 * (p % 3) of its buffer; tensors 2k and 2k + 1 (k < 4)
+    // share a buffer, the second one word after the first ends.
+    let bytes = |p: usize| -> Vec<u8> {
+        match dtype(p) {
+            Dtype::Bf16 => bytemuck::cast_slice(&rounded(&t[p..=p], bf16::from_f32)[0]).to_vec(),
+            Dtype::F16 => bytemuck::cast_slice(&rounded(&t[p..=p], f16::from_f32)[0]).to_vec(),
+            _ => bytemuck::cast_slice(&t[p]).to_vec(),
+        }
+    };
+    let mut contents: Vec<Vec<u8>> = Vec::new();
+    let mut place = Vec::new(); // (buffer, byte offset) per tensor
+    for p in 0..widths.len() {
+        let shares = p < 8 && p % 2 == 1;
+        if !shares {
+            contents.push(vec![0xff; 4 * (p % 3)]); // NaN words before the rows
+        }
+        let index = contents.len() - 1;
+        let buffer = &mut contents[index];
+        if shares {
+            buffer.resize(buffer.len().next_multiple_of(4) + 4, 0xff);
+        }
+        place.push((index, buffer.len() as u64));
+        buffer.extend(bytes(p));
+    }
+    let buffers: Vec<wgpu::Buffer> = contents
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.resize(c.len().next_multiple_of(4), 0xff);
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: &c,
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        })
+        .collect();
+    let inputs: Vec<GpuTensor<'_>> = (0..widths.len())
+        .map(|p| GpuTensor::new(&buffers[place[p].0], place[p].1, widths[p]).with_dtype(dtype(p)))
+        .collect();
+    let groups: Vec<usize> = (0..widths.len()).map(|p| (p * 7) % 3).collect();
+    let configs = [
+        ClipConfig::fixed(0.3, MicroBatches::Uniform(1)),
+        ClipConfig::adaptive(1.0, MicroBatches::Uniform(2)),
+        ClipConfig::fixed(0.4, MicroBatches::Uniform(3)),
+        ClipConfig::fixed(0.5, MicroBatches::Uniform(n)),
+        ClipConfig::fixed(0.4, MicroBatches::Offsets(vec![0, 1, 3, 4, 10])).with_groups(groups),
+    ];
+    for max_binding in [u64::MAX, 60_000] {
+        gpu.set_max_binding_bytes(max_binding);
+        for cfg in &configs {
+            let what = format!("{:?}, binding {max_binding}", cfg.micro_batches);
+            let want = clip_f64(cfg, &slices(&t), n).unwrap();
+            let mut runs = Vec::new();
+            for on in [true, false] {
+                gpu.set_gpu_buffer_slots(Some(on));
+                let (bufs, stats) = gpu.clip_buffers(cfg, &inputs, n).unwrap();
+                let grads: Vec<Vec<f32>> = bufs
+                    .iter()
+                    .zip(&widths)
+                    .map(|(b, &d)| read_buffer(&gpu, b, 0, d))
+                    .collect();
+                let out = ClipOutput { grads, stats };
+                assert_matches(&out, &want, TOL, &format!("{what}, slots {on}"));
+                runs.push((out, gpu.last_gpu_dispatches().unwrap()));
+            }
+            let [(with, shared), (without, apart)] = [runs[0].clone(), runs[1].clone()];
+            assert_eq!(with, without, "{what}: slots changed the result");
+            // Each buffer takes at least one norm-pass dispatch without slots.
+            assert!(apart > buffers.len(), "{what}: {apart} dispatches");
+            if slots {
+                assert!(
+                    shared + buffers.len() / 2 < apart,
+                    "{what}: {shared} dispatches with slots, {apart} without"
+                );
+            }
+        }
+    }
+    gpu.set_gpu_buffer_slots(None);
 }
 
 #[test]

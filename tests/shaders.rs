@@ -19,8 +19,9 @@ fn every_kernel_validates_with_naga() {
     let mut listed: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     listed.sort();
     assert_eq!(listed, files);
-    for (name, dtype) in kernels() {
-        let (module, _) = validated(name, dtype);
+    for kernel in kernels() {
+        let (module, _) = validated(kernel);
+        let name = kernel.0;
         assert!(
             module.entry_points.iter().any(|e| e.name == "main"),
             "{name}: no main"
@@ -51,13 +52,7 @@ fn every_wgsl_file_is_used() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        let used = microclip::shaders::kernel_names().any(|k| {
-            microclip::Dtype::ALL.iter().any(|&d| {
-                microclip::shaders::kernel_source_for(k, d)
-                    .unwrap()
-                    .contains(&text)
-            })
-        });
+        let used = kernels().any(|k| source(k).contains(&text));
         assert!(used, "{stem}.wgsl is not part of any kernel");
     }
 }
@@ -69,8 +64,9 @@ fn every_wgsl_file_is_used() {
 #[test]
 fn float_division_only_in_fdiv() {
     use naga::{BinaryOperator, Expression, ScalarKind};
-    for (name, dtype) in kernels() {
-        let (module, info) = validated(name, dtype);
+    for kernel in kernels() {
+        let (module, info) = validated(kernel);
+        let (name, dtype, _) = kernel;
         let fdiv = module
             .functions
             .iter()
@@ -135,22 +131,46 @@ fn calls(block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
     }
 }
 
-/// Every (kernel, input element type) the GPU backend composes.
-fn kernels() -> impl Iterator<Item = (&'static str, microclip::Dtype)> {
-    microclip::shaders::kernel_names().flat_map(|n| microclip::Dtype::ALL.map(|d| (n, d)))
+/// A kernel as the GPU backend composes it: name, input element type, and
+/// whether it is the slots variant (rows of several buffers per dispatch).
+type Kernel = (&'static str, microclip::Dtype, bool);
+
+/// Every kernel source the GPU backend composes: each kernel for each input
+/// element type, and the slots variants of the input readers.
+fn kernels() -> impl Iterator<Item = Kernel> {
+    microclip::shaders::kernel_names().flat_map(|n| {
+        microclip::Dtype::ALL.into_iter().flat_map(move |d| {
+            let slots = microclip::shaders::kernel_source_with_slots(n, d).is_some();
+            [(n, d, false)]
+                .into_iter()
+                .chain(slots.then_some((n, d, true)))
+        })
+    })
 }
 
-/// Kernel `name` for input of `dtype`, composed as the GPU backend does, parsed
-/// and validated by naga (a panic names the kernel and the error).
-fn validated(name: &str, dtype: microclip::Dtype) -> (naga::Module, naga::valid::ModuleInfo) {
-    let source = microclip::shaders::kernel_source_for(name, dtype).unwrap();
-    let module = naga::front::wgsl::parse_str(&source)
-        .unwrap_or_else(|e| panic!("{name} {dtype}: {}", e.emit_to_string(&source)));
+fn source((name, dtype, slots): Kernel) -> String {
+    if slots {
+        microclip::shaders::kernel_source_with_slots(name, dtype).unwrap()
+    } else {
+        microclip::shaders::kernel_source_for(name, dtype).unwrap()
+    }
+}
+
+/// A kernel parsed and validated by naga (a panic names the kernel and the error).
+fn validated(kernel: Kernel) -> (naga::Module, naga::valid::ModuleInfo) {
+    let source = source(kernel);
+    let (name, dtype, slots) = kernel;
+    let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
+        panic!(
+            "{name} {dtype} slots={slots}: {}",
+            e.emit_to_string(&source)
+        )
+    });
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::empty(),
     )
     .validate(&module)
-    .unwrap_or_else(|e| panic!("{name} {dtype}: {e:?}"));
+    .unwrap_or_else(|e| panic!("{name} {dtype} slots={slots}: {e:?}"));
     (module, info)
 }

@@ -47,6 +47,8 @@ struct PartialsParams {
     first_tile: u32,
     entries: u32,
     dispatch_tiles: u32,
+    slot: u32,
+    pad: [u32; 3],
 }
 
 /// Entries of mb_partials.wgsl's tensor table (`TABLE_LEN`).
@@ -71,7 +73,7 @@ struct MeansSumParams {
     first_group: u32,
     entries: u32,
     dispatch_groups: u32,
-    pad: u32,
+    slot: u32,
 }
 
 /// `Params` of row_weights.wgsl.

@@ -152,6 +152,9 @@ struct GpuCtx {
     scaled: Vec<String>,
     /// Device times from timestamp queries (else the wall clock).
     timed: bool,
+    /// Buffer slots of the clippers made now (`Clipper::set_gpu_buffer_slots`;
+    /// `None`: the adapter's default).
+    slots: std::cell::Cell<Option<bool>>,
 }
 
 impl GpuCtx {
@@ -161,6 +164,9 @@ impl GpuCtx {
             c.set_max_binding_bytes(mb);
         }
         c.set_gpu_timing(self.timed);
+        if let Some(on) = self.slots.get() {
+            c.set_gpu_buffer_slots(Some(on));
+        }
         c
     }
 
@@ -305,6 +311,9 @@ fn device_case(
     if let Some(tile) = clipper.gpu_tile_cols(&widths, n.div_ceil(b)) {
         notes.push(format!("tiles of {tile} cols"));
     }
+    if let Some(dispatches) = clipper.last_gpu_dispatches() {
+        notes.push(format!("{dispatches} dispatches"));
+    }
     if !note.is_empty() {
         notes.push(note.to_string());
     }
@@ -335,8 +344,12 @@ fn device_case(
         timing: if ctx.timed { "device" } else { "wall" },
         note,
     };
+    let method = match ctx.slots.get() {
+        Some(on) => Method::MicroclipSlots(on),
+        None => Method::Microclip,
+    };
     let mut rows = vec![row(
-        Method::Microclip,
+        method,
         ours_ms,
         clipper.scratch_bytes(),
         notes.join("; "),
@@ -448,6 +461,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         size_note: sizes.note(),
         scaled: Vec::new(),
         timed,
+        slots: Default::default(),
     };
     let checks = crate::check::verify(&ctx.gpu, &ctx.refk, &ctx.baseline)?;
     for c in &checks {
@@ -592,6 +606,24 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         false,
         &multi_note,
     )?);
+    // The same with the adapter's other choice of buffer slots (up to 8 buffers
+    // per dispatch, or one dispatch per buffer), where it has both.
+    let default_slots = ctx.clipper().gpu_buffer_slots().unwrap_or(false);
+    ctx.slots.set(Some(!default_slots));
+    if ctx.clipper().gpu_buffer_slots() == Some(!default_slots) {
+        rows.extend(device_case(
+            &ctx,
+            &format!("multi: {count} buffers"),
+            n,
+            b,
+            &many_refs,
+            Dtype::F32,
+            &reference,
+            false,
+            &multi_note,
+        )?);
+    }
+    ctx.slots.set(None);
     drop(many);
     // The same tensors packed into one buffer (as a framework's allocator may
     // place them): they share the norm pass's dispatches.

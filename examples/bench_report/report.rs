@@ -9,6 +9,9 @@ use microclip::Dtype;
 pub enum Method {
     Microclip,
     Baseline5Pass,
+    /// Microclip with its GPU buffer slots set against the adapter's default
+    /// (`Clipper::set_gpu_buffer_slots`): on (true) or off; not in the summary.
+    MicroclipSlots(bool),
 }
 
 /// One measured case.
@@ -58,6 +61,8 @@ impl Row {
         match self.method {
             Method::Microclip => "microclip",
             Method::Baseline5Pass => "5-pass baseline",
+            Method::MicroclipSlots(true) => "microclip, buffer slots on",
+            Method::MicroclipSlots(false) => "microclip, buffer slots off",
         }
     }
 }

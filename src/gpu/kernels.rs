@@ -9,6 +9,20 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const COLUMN_MEAN: &str = include_str!("../../shaders/column_mean.wgsl");
 const TENSOR_TABLE: &str = include_str!("../../shaders/tensor_table.wgsl");
 const GRADS_SHIFTED: &str = include_str!("../../shaders/grads_shifted.wgsl");
+const GRADS_ONE_BINDING: &str = include_str!("../../shaders/grads_one_binding.wgsl");
+const GRADS_SLOTS: &str = include_str!("../../shaders/grads_slots.wgsl");
+
+/// Buffer ranges one dispatch of an input-reading kernel can read through its
+/// slots variant (grads_slots.wgsl): slot 0 at the kernel's own bindings, slots
+/// 1.. at bindings 14 + 2k and 15 + 2k.
+pub(crate) const SLOTS: usize = 8;
+/// Storage buffers the slots variant of mb_partials binds (the most of the two
+/// readers): its own 7 and two per further slot.
+pub(crate) const SLOTS_STORAGE_BUFFERS: u32 = 7 + 2 * (SLOTS as u32 - 1);
+/// Binding of `grads_k` in the slots variant (`grads4_k` is the next one).
+pub(crate) fn slot_binding(k: usize) -> u32 {
+    14 + 2 * k as u32
+}
 
 /// What a kernel needs before its body, after common.wgsl.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -75,6 +89,23 @@ pub fn kernel_source(name: &str) -> Option<String> {
 /// The full WGSL source of a kernel for input gradients of `dtype` (the same for
 /// every type when the kernel does not read them).
 pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
+    compose(name, dtype, GRADS_ONE_BINDING)
+}
+
+/// The variant of an input-reading kernel (`mb_partials`, `weighted_means`) that
+/// reads the rows of up to 8 buffer ranges in one dispatch, each table entry
+/// naming its slot (grads_slots.wgsl): what the GPU backend runs for tensors in
+/// separate buffers. `None` for the other kernels.
+pub fn kernel_source_with_slots(name: &str, dtype: Dtype) -> Option<String> {
+    let (_, prelude, _) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
+    if *prelude == Prelude::None {
+        return None;
+    }
+    compose(name, dtype, GRADS_SLOTS)
+}
+
+/// A kernel's source with `words`, the way its input words are bound.
+fn compose(name: &str, dtype: Dtype, words: &str) -> Option<String> {
     let (_, prelude, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
     let (loader, shifted, table, mean) = match prelude {
         Prelude::None => ("", "", "", ""),
@@ -86,13 +117,14 @@ pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
             COLUMN_MEAN,
         ),
     };
+    let words = if *prelude == Prelude::None { "" } else { words };
     let common = if cfg!(feature = "emulate-ftz-division") {
         COMMON.replacen(FDIV_EXACT, FDIV_FLUSHING, 1)
     } else {
         COMMON.to_string()
     };
     Some(format!(
-        "{common}\n{loader}\n{shifted}\n{table}\n{mean}\n{body}"
+        "{common}\n{loader}\n{words}\n{shifted}\n{table}\n{mean}\n{body}"
     ))
 }
 
@@ -160,6 +192,8 @@ pub(crate) struct PartialsParams {
     pub first_tile: u32,
     pub entries: u32,
     pub dispatch_tiles: u32,
+    pub slot: u32,
+    pub pad: [u32; 3],
 }
 
 /// `Params` of mb_norms.wgsl.
@@ -235,7 +269,7 @@ pub(crate) struct MeansSumParams {
     pub first_group: u32,
     pub entries: u32,
     pub dispatch_groups: u32,
-    pub pad: u32,
+    pub slot: u32,
 }
 
 /// Size in bytes of the `Partial` record of common.wgsl.
@@ -245,8 +279,17 @@ pub(crate) const MB_NORM_BYTES: u64 = 16;
 /// Size in bytes of the `Stats` record of clip_factors.wgsl.
 pub(crate) const STATS_BYTES: u64 = 32;
 
-/// The kernels that read the input gradients, compiled for one element type.
+/// The kernels that read the input gradients, compiled for one element type:
+/// over one buffer range per dispatch, and (built on first use) over up to
+/// [`SLOTS`] ranges.
 pub(crate) struct GradKernels {
+    pub partials: wgpu::ComputePipeline,
+    pub weighted_means: wgpu::ComputePipeline,
+    slots: Option<SlotKernels>,
+}
+
+/// The slots variants of the two input readers (grads_slots.wgsl).
+pub(crate) struct SlotKernels {
     pub partials: wgpu::ComputePipeline,
     pub weighted_means: wgpu::ComputePipeline,
 }
@@ -263,14 +306,37 @@ pub(crate) struct Kernels {
     small_workgroups: bool,
 }
 
+/// Whether `device` can bind the slots variants ([`SLOTS_STORAGE_BUFFERS`]
+/// storage buffers in one shader stage; wgpu's default limit is 8, adapters
+/// usually allow more, and `GpuClipper::new_default` asks for all of them).
+pub(crate) fn slots_supported(device: &wgpu::Device) -> bool {
+    device.limits().max_storage_buffers_per_shader_stage >= SLOTS_STORAGE_BUFFERS
+}
+
 fn build(
     device: &wgpu::Device,
     name: &str,
     dtype: Dtype,
     small_workgroups: bool,
 ) -> wgpu::ComputePipeline {
-    let source = kernel_source_for(name, dtype).expect("known kernel");
-    let label = format!("{name} ({dtype})");
+    build_from(device, name, dtype, small_workgroups, false)
+}
+
+/// Builds kernel `name` for `dtype`, the slots variant if `slots`.
+fn build_from(
+    device: &wgpu::Device,
+    name: &str,
+    dtype: Dtype,
+    small_workgroups: bool,
+    slots: bool,
+) -> wgpu::ComputePipeline {
+    let source = if slots {
+        kernel_source_with_slots(name, dtype)
+    } else {
+        kernel_source_for(name, dtype)
+    }
+    .expect("known kernel");
+    let label = format!("{name} ({dtype}{})", if slots { ", slots" } else { "" });
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&label),
         source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -299,7 +365,7 @@ impl Kernels {
             readers: [None, None, None],
             small_workgroups,
         };
-        kernels.prepare(device, Dtype::F32);
+        kernels.prepare(device, Dtype::F32, false);
         kernels
     }
 
@@ -313,22 +379,31 @@ impl Kernels {
         if small == self.small_workgroups {
             return;
         }
-        let prepared: Vec<Dtype> = Dtype::ALL
+        let prepared: Vec<(Dtype, bool)> = Dtype::ALL
             .into_iter()
-            .filter(|d| self.readers[d.index()].is_some())
+            .filter_map(|d| Some((d, self.readers[d.index()].as_ref()?.slots.is_some())))
             .collect();
         *self = Self::new(device, small);
-        for dtype in prepared {
-            self.prepare(device, dtype);
+        for (dtype, slots) in prepared {
+            self.prepare(device, dtype, slots);
         }
     }
 
-    /// Builds the gradient readers of `dtype` unless they exist.
-    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype) {
-        self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
-            partials: build(device, "mb_partials", dtype, self.small_workgroups),
-            weighted_means: build(device, "weighted_means", dtype, self.small_workgroups),
+    /// Builds the gradient readers of `dtype` unless they exist, and their slots
+    /// variants if `slots` (the device must allow them: [`slots_supported`]).
+    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, slots: bool) {
+        let small = self.small_workgroups;
+        let readers = self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
+            partials: build(device, "mb_partials", dtype, small),
+            weighted_means: build(device, "weighted_means", dtype, small),
+            slots: None,
         });
+        if slots {
+            readers.slots.get_or_insert_with(|| SlotKernels {
+                partials: build_from(device, "mb_partials", dtype, small, true),
+                weighted_means: build_from(device, "weighted_means", dtype, small, true),
+            });
+        }
     }
 
     /// The gradient readers of `dtype` (after [`Self::prepare`]).
@@ -336,6 +411,15 @@ impl Kernels {
         self.readers[dtype.index()]
             .as_ref()
             .expect("readers prepared before encoding")
+    }
+
+    /// The slots variants of the gradient readers of `dtype` (after
+    /// [`Self::prepare`] with `slots`).
+    pub fn slot_readers(&self, dtype: Dtype) -> &SlotKernels {
+        self.readers(dtype)
+            .slots
+            .as_ref()
+            .expect("slot readers prepared before encoding")
     }
 }
 

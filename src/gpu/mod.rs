@@ -4,8 +4,9 @@
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window (and, when
-//!    `materialize_means` says so, the means themselves); tensors of one buffer
-//!    share dispatches through a table (`plan::pass1_dispatches`);
+//!    `materialize_means` says so, the means themselves); tensors share
+//!    dispatches through a table (`plan::pass1_dispatches`), those in separate
+//!    buffers through up to 8 binding slots (grads_slots.wgsl);
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
 //!    (tiles are numbered group by group);
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
@@ -28,14 +29,14 @@ use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinit
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
-    FactorsParams, Kernels, MeansSumParams, NoiseParams, NormsParams, PartialsParams,
-    RowWeightsParams, MB_NORM_BYTES, NOISE_MODE_ADD, NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS,
-    PARTIAL_BYTES, STATS_BYTES,
+    slot_binding, slots_supported, FactorsParams, Kernels, MeansSumParams, NoiseParams,
+    NormsParams, PartialsParams, RowWeightsParams, MB_NORM_BYTES, NOISE_MODE_ADD,
+    NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
 use plan::{
     aligned_binding, dispatch_2d, materialize_means, means_cols, pack, pass1_dispatches,
-    plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Window, MEANS_SUM_COLS, TABLE_LEN,
-    WORKGROUP,
+    plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor, Window,
+    MEANS_SUM_COLS, TABLE_LEN, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
@@ -118,10 +119,16 @@ pub(crate) struct GpuClipper {
     /// Pass 4 runs once for several tensors only while their average padded
     /// width is at most this (see `default_merge_max_avg_cols`).
     merge_max_avg_cols: u64,
+    /// Buffer ranges one input-reading dispatch may bind: [`SLOTS`] or 1 (tensors
+    /// in separate buffers then take a dispatch each per pass); see
+    /// `default_buffer_slots`.
+    buffer_slots: usize,
     /// Times each call's compute pass when set (`set_timing`).
     timer: Option<PassTimer>,
     /// Device time of the last call's compute pass, when timed.
     last_pass_time: Option<std::time::Duration>,
+    /// Compute dispatches the last call recorded.
+    last_dispatches: usize,
 }
 
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
@@ -207,8 +214,10 @@ impl GpuClipper {
             min_tile_workgroups: default_min_tile_workgroups(info.device_type),
             means_min_rows: DEFAULT_MEANS_MIN_ROWS,
             merge_max_avg_cols: default_merge_max_avg_cols(info.device_type),
+            buffer_slots: default_buffer_slots(&device),
             timer: None,
             last_pass_time: None,
+            last_dispatches: 0,
             device,
             queue,
         }
@@ -231,6 +240,10 @@ impl GpuClipper {
     /// Device time of the last call's compute pass, when it was timed.
     pub fn last_pass_time(&self) -> Option<std::time::Duration> {
         self.last_pass_time
+    }
+
+    pub fn last_dispatches(&self) -> usize {
+        self.last_dispatches
     }
 
     /// Clears the last call's device time (a new call begins).
@@ -266,6 +279,20 @@ impl GpuClipper {
     /// At least 2: one-row means would be a copy of the input.
     pub fn set_means_min_rows(&mut self, rows: Option<u64>) {
         self.means_min_rows = rows.unwrap_or(DEFAULT_MEANS_MIN_ROWS).max(2);
+    }
+
+    /// Whether input-reading dispatches may bind several buffers (where the device
+    /// allows it); `None`: the default for the device.
+    pub fn set_buffer_slots(&mut self, on: Option<bool>) {
+        self.buffer_slots = match on {
+            None => default_buffer_slots(&self.device),
+            Some(true) if slots_supported(&self.device) => SLOTS,
+            Some(_) => 1,
+        };
+    }
+
+    pub fn buffer_slots(&self) -> bool {
+        self.buffer_slots > 1
     }
 
     pub fn set_small_workgroups(&mut self, small: Option<bool>) {
@@ -511,16 +538,18 @@ impl GpuClipper {
         // interior mutability never changes.)
         #[allow(clippy::mutable_key_type)]
         let mut first_of = std::collections::HashMap::new();
-        let keyed: Vec<(usize, u64, &[Window])> = inputs
+        let keyed: Vec<Pass1Tensor<'_>> = inputs
             .iter()
             .zip(&tensors)
             .enumerate()
-            .map(|(p, (t, (_, windows, _)))| {
-                let key = *first_of.entry((t.buffer, t.dtype)).or_insert(p);
-                (key, t.dtype.size_bytes(), windows.as_slice())
+            .map(|(p, (t, (_, windows, _)))| Pass1Tensor {
+                buffer: *first_of.entry(t.buffer).or_insert(p),
+                dtype: t.dtype.index(),
+                elem_bytes: t.dtype.size_bytes(),
+                windows,
             })
             .collect();
-        let pass1 = pass1_dispatches(&keyed, self.max_binding);
+        let pass1 = pass1_dispatches(&keyed, self.max_binding, self.buffer_slots);
         let too_large = |what: String, bytes: u64| {
             if bytes > self.max_binding {
                 Err(ClipError::TooLarge(format!(
@@ -598,7 +627,11 @@ impl GpuClipper {
         // Inside the scopes: building a 16-bit type's pipelines on first use reports
         // a failure as ClipError::Device, not through wgpu's panicking handler.
         for t in inputs {
-            self.kernels.prepare(&self.device, t.dtype);
+            self.kernels.prepare(&self.device, t.dtype, false);
+        }
+        for d in layout.pass1.iter().filter(|d| d.bindings.len() > 1) {
+            let dtype = inputs[d.entries[0].tensor].dtype;
+            self.kernels.prepare(&self.device, dtype, true);
         }
         let readback =
             self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
@@ -781,19 +814,31 @@ impl GpuClipper {
                 ..Default::default()
             }
         };
-        // Each norm-pass dispatch's binding rounded up to whole quads, if it can be
+        // Each norm-pass dispatch's bindings (buffer, offset, size), each rounded
+        // up to whole quads if it can be (then `Some` size), and whether it was
         // (pass 4 over the rows reuses the dispatches and their bindings).
-        let pass1_quads: Vec<Option<u64>> = layout
+        let pass1_sources: Vec<Vec<(&wgpu::Buffer, u64, u64, bool)>> = layout
             .pass1
             .iter()
-            .map(|d| self.quads_binding(&inputs[d.entries[0].0], d.bind_offset, d.bind_size))
+            .map(|d| {
+                d.bindings
+                    .iter()
+                    .map(|b| {
+                        let t = &inputs[b.tensor];
+                        let quads = self.quads_binding(t, b.offset, b.size);
+                        (t.buffer, b.offset, quads.unwrap_or(b.size), quads.is_some())
+                    })
+                    .collect()
+            })
             .collect();
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
-        for (d, &quads_size) in layout.pass1.iter().zip(&pass1_quads) {
+        for (d, sources) in layout.pass1.iter().zip(&pass1_sources) {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
-            for &(p, k, elem_offset) in &d.entries {
+            for e in &d.entries {
+                let (p, k, elem_offset) = (e.tensor, e.window, e.elem_offset);
+                let whole_quads = sources[e.slot].3;
                 let (tile_base, windows, _) = &layout.tensors[p];
                 let w = &windows[k];
                 let cols = inputs[p].cols as u64;
@@ -810,12 +855,13 @@ impl GpuClipper {
                     carry_in: w.carry_in as u32,
                     carry_out: w.carry_out as u32,
                     last_local: w.mb_count - 1,
-                    vec4_path: load_path(cols, elem_offset, quads_size.is_some()),
+                    vec4_path: load_path(cols, elem_offset, whole_quads),
                     write_means: with_means as u32,
                     means_base: means_bases[p] as u32,
                     tile_cols: layout.tile_cols as u32,
                     means_stride: total_means_cols as u32,
                     first_tile: dispatch_tiles as u32,
+                    slot: e.slot as u32,
                     ..Default::default()
                 });
                 dispatch_tiles += n_tiles;
@@ -824,16 +870,18 @@ impl GpuClipper {
             table[0].tiles_x = tiles_x;
             table[0].entries = table.len() as u32;
             table[0].dispatch_tiles = dispatch_tiles as u32;
-            let (p, window, _) = d.entries[0];
+            let (p, window) = (d.entries[0].tensor, d.entries[0].window);
             partial_dispatches.push(Pass1 {
                 params: params.push_table(&table, PARTIALS_TABLE_BYTES),
-                source: (
-                    inputs[p].buffer,
-                    d.bind_offset,
-                    quads_size.unwrap_or(d.bind_size),
+                sources: slot_sources(
+                    &sources
+                        .iter()
+                        .map(|&(b, at, size, _)| (b, at, size))
+                        .collect::<Vec<_>>(),
+                    &table,
+                    |e| (e.slot as usize, e.vec4_path),
                 ),
                 window,
-                vec4: table.iter().any(|e| e.vec4_path != 0),
                 groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
                 dtype: inputs[p].dtype,
             });
@@ -863,7 +911,7 @@ impl GpuClipper {
                             out_offset,
                             quads_size.is_some(),
                         )],
-                        (t.buffer, w.bind_offset, quads_size.unwrap_or(w.bind_size)),
+                        vec![(t.buffer, w.bind_offset, quads_size.unwrap_or(w.bind_size))],
                         per_row_weights,
                         (o.buffer, out_bind, out_size),
                         t.dtype,
@@ -886,7 +934,7 @@ impl GpuClipper {
                         stride: total_means_cols as u32,
                         ..Default::default()
                     }],
-                    (&means, 0, means.size()),
+                    vec![(&means, 0, means.size())],
                     false,
                     (o.buffer, out_bind, out_size),
                     Dtype::F32,
@@ -907,27 +955,29 @@ impl GpuClipper {
         }
         if merge_rows {
             // The input rows, in the norm pass's dispatches (same bindings).
-            for (d, &quads_size) in layout.pass1.iter().zip(&pass1_quads) {
-                let p = d.entries[0].0;
+            for (d, sources) in layout.pass1.iter().zip(&pass1_sources) {
                 let blocks = d
                     .entries
                     .iter()
-                    .map(|&(p, k, elem_offset)| {
-                        let out_offset = means_bases[p] as u32;
-                        rows_block(p, k, elem_offset, out_offset, quads_size.is_some())
+                    .map(|e| {
+                        let out_offset = means_bases[e.tensor] as u32;
+                        let whole_quads = sources[e.slot].3;
+                        MeansSumParams {
+                            slot: e.slot as u32,
+                            ..rows_block(e.tensor, e.window, e.elem_offset, out_offset, whole_quads)
+                        }
                     })
                     .collect();
                 means_dispatches.push(Pass4::push(
                     &mut params,
                     blocks,
-                    (
-                        inputs[p].buffer,
-                        d.bind_offset,
-                        quads_size.unwrap_or(d.bind_size),
-                    ),
+                    sources
+                        .iter()
+                        .map(|&(b, at, size, _)| (b, at, size))
+                        .collect(),
                     per_row_weights,
                     (&merged_out, 0, merged_out.size()),
-                    inputs[p].dtype,
+                    inputs[d.entries[0].tensor].dtype,
                 )?);
             }
         }
@@ -943,7 +993,7 @@ impl GpuClipper {
                     stride: total_means_cols as u32,
                     ..Default::default()
                 }],
-                (&means, 0, means.size()),
+                vec![(&means, 0, means.size())],
                 false,
                 (&merged_out, 0, merged_out.size()),
                 Dtype::F32,
@@ -1000,31 +1050,48 @@ impl GpuClipper {
             })
         };
         let bind = |pipeline: &wgpu::ComputePipeline, resources: Vec<wgpu::BindingResource<'_>>| {
-            bind_group(device, pipeline, resources)
+            bind_group(device, pipeline, resources, Vec::new())
         };
         let k = &self.kernels;
+        // The pipelines of the input readers: the slots variant for a dispatch
+        // over several buffer ranges.
+        let partials_pipeline = |sources: &[Source<'_>], dtype| {
+            if sources.len() > 1 {
+                &k.slot_readers(dtype).partials
+            } else {
+                &k.readers(dtype).partials
+            }
+        };
+        let means_pipeline = |sources: &[Source<'_>], dtype| {
+            if sources.len() > 1 {
+                &k.slot_readers(dtype).weighted_means
+            } else {
+                &k.readers(dtype).weighted_means
+            }
+        };
+        // Any read-only buffer, for the bindings a dispatch does not read.
+        let dummy = &row_offsets;
         let partial_groups: Vec<_> = partial_dispatches
             .iter()
             .map(|d| {
-                let (buffer, at, size) = d.source;
-                bind(
-                    &k.readers(d.dtype).partials,
-                    vec![
-                        uniform(d.params, PARTIALS_TABLE_BYTES),
-                        range(buffer, at, size),
-                        whole(&row_offsets),
-                        whole(&partials),
-                        // window k reads what window k - 1 wrote
-                        whole(&carry[(d.window + 1) % 2]),
-                        // the rows again as vec4, or any read-only buffer when unused
-                        if d.vec4 {
-                            range(buffer, at, size)
-                        } else {
-                            whole(&row_offsets)
-                        },
-                        whole(&means),
-                        whole(&carry[d.window % 2]),
-                    ],
+                let [grads, grads4] = d.sources[0].resources(dummy);
+                let resources = vec![
+                    uniform(d.params, PARTIALS_TABLE_BYTES),
+                    grads,
+                    whole(&row_offsets),
+                    whole(&partials),
+                    // window k reads what window k - 1 wrote
+                    whole(&carry[(d.window + 1) % 2]),
+                    grads4,
+                    whole(&means),
+                    whole(&carry[d.window % 2]),
+                ];
+                let slots = slot_resources(&d.sources, dummy);
+                bind_group(
+                    device,
+                    partials_pipeline(&d.sources, d.dtype),
+                    resources,
+                    slots,
                 )
             })
             .collect();
@@ -1081,22 +1148,21 @@ impl GpuClipper {
         let means_groups: Vec<_> = means_dispatches
             .iter()
             .map(|d| {
-                let (source, at, size) = d.source;
                 let (out, out_bind, out_size) = d.out;
-                bind(
-                    &k.readers(d.dtype).weighted_means,
-                    vec![
-                        uniform(d.params, MEANS_TABLE_BYTES),
-                        range(source, at, size),
-                        whole(if d.per_row { &row_weights } else { &weights }),
-                        range(out, out_bind, out_size),
-                        // the rows again as vec4, or any read-only buffer when unused
-                        if d.vec4 {
-                            range(source, at, size)
-                        } else {
-                            whole(&row_offsets)
-                        },
-                    ],
+                let [grads, grads4] = d.sources[0].resources(dummy);
+                let resources = vec![
+                    uniform(d.params, MEANS_TABLE_BYTES),
+                    grads,
+                    whole(if d.per_row { &row_weights } else { &weights }),
+                    range(out, out_bind, out_size),
+                    grads4,
+                ];
+                let slots = slot_resources(&d.sources, dummy);
+                bind_group(
+                    device,
+                    means_pipeline(&d.sources, d.dtype),
+                    resources,
+                    slots,
                 )
             })
             .collect();
@@ -1110,7 +1176,7 @@ impl GpuClipper {
                 timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
             });
             for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
-                pass.set_pipeline(&k.readers(d.dtype).partials);
+                pass.set_pipeline(partials_pipeline(&d.sources, d.dtype));
                 pass.set_bind_group(0, group, &[]);
                 let (x, y, z) = d.groups;
                 pass.dispatch_workgroups(x, y, z);
@@ -1127,7 +1193,7 @@ impl GpuClipper {
                 pass.dispatch_workgroups(rows_groups_x, rows_groups_y, 1);
             }
             for (group, d) in means_groups.iter().zip(&means_dispatches) {
-                pass.set_pipeline(&k.readers(d.dtype).weighted_means);
+                pass.set_pipeline(means_pipeline(&d.sources, d.dtype));
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
             }
@@ -1139,6 +1205,11 @@ impl GpuClipper {
                 pass.dispatch_workgroups(*x, *y, 1);
             }
         }
+        self.last_dispatches = partial_groups.len()
+            + 2
+            + row_weights_group.is_some() as usize
+            + means_groups.len()
+            + noise_groups.len();
 
         // Read-back layout: [stats][norms M x G][factors M x G][bounds G][outputs...].
         let out_bytes: u64 = if read_outputs {
@@ -1226,6 +1297,7 @@ impl GpuClipper {
                 whole(&stats),
                 range(&out, 0, bytes),
             ],
+            Vec::new(),
         );
         let readback = self
             .pool
@@ -1301,18 +1373,17 @@ fn noise_params(
 }
 
 /// A bind group of `pipeline`'s group 0 with `resources` at bindings 0, 1, ...
+/// and the numbered `more`.
 fn bind_group(
     device: &wgpu::Device,
     pipeline: &wgpu::ComputePipeline,
     resources: Vec<wgpu::BindingResource<'_>>,
+    more: Vec<(u32, wgpu::BindingResource<'_>)>,
 ) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
-        .into_iter()
-        .enumerate()
-        .map(|(i, resource)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource,
-        })
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = (0..)
+        .zip(resources)
+        .chain(more)
+        .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: None,
@@ -1392,6 +1463,27 @@ fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
     }
 }
 
+/// Buffer ranges per input-reading dispatch on `device` by default: [`SLOTS`] on
+/// a hardware adapter that allows the slots variants (their storage bindings),
+/// else 1. The slots variants choose each load's binding by the table entry's
+/// slot: a branch that is the same for the whole workgroup. llvmpipe runs every
+/// side of a branch under a lane mask, so on lavapipe those loads cost about 8
+/// times as much: the input readers took 2.5-3x the time over the same bytes
+/// (measured: the 100 tensors in 100 buffers at b = 4 went from 3.8-4.4x a read
+/// to 6-10x, despite 13 norm-pass dispatches instead of 100), so a software
+/// adapter keeps a dispatch per buffer. Hardware runs a workgroup-uniform branch
+/// as one scalar branch and saves each dispatch's launch and barrier (the H200
+/// took 8.6x a read on those 100 buffers with a dispatch each): on by default
+/// there, not yet measured on a GPU.
+fn default_buffer_slots(device: &wgpu::Device) -> usize {
+    let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    if slots_supported(device) && !software {
+        SLOTS
+    } else {
+        1
+    }
+}
+
 /// A whole scratch buffer as a binding.
 fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
     buffer.as_entire_binding()
@@ -1401,9 +1493,8 @@ fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
 /// (buffer, offset, size), its output range and the workgroups it runs.
 struct Pass4<'a> {
     params: u64,
-    source: (&'a wgpu::Buffer, u64, u64),
-    /// `vec4_path`: the rows are also bound as quads.
-    vec4: bool,
+    /// The rows' buffer ranges, by slot.
+    sources: Vec<Source<'a>>,
     /// Weighted per input row (the row-weight table), else per micro-batch.
     per_row: bool,
     out: (&'a wgpu::Buffer, u64, u64),
@@ -1417,7 +1508,7 @@ impl<'a> Pass4<'a> {
     fn push(
         params: &mut ParamBlocks,
         mut table: Vec<MeansSumParams>,
-        source: (&'a wgpu::Buffer, u64, u64),
+        bindings: Vec<(&'a wgpu::Buffer, u64, u64)>,
         per_row: bool,
         out: (&'a wgpu::Buffer, u64, u64),
         dtype: Dtype,
@@ -1431,10 +1522,10 @@ impl<'a> Pass4<'a> {
         table[0].groups_x = groups.0;
         table[0].entries = table.len() as u32;
         table[0].dispatch_groups = dispatch_groups as u32;
+        let sources = slot_sources(&bindings, &table, |e| (e.slot as usize, e.vec4_path));
         Ok(Self {
             params: params.push_table(&table, MEANS_TABLE_BYTES),
-            source,
-            vec4: table.iter().any(|e| e.vec4_path != 0),
+            sources,
             per_row,
             out,
             groups,
@@ -1444,15 +1535,82 @@ impl<'a> Pass4<'a> {
 }
 
 /// One norm-pass (`mb_partials`) dispatch: its table's offset in the uniform
-/// blocks, the rows it reads (buffer, offset, size), the carry buffers' roles
-/// (its window's index), whether any entry reads vec4, its workgroups and type.
+/// blocks, the rows it reads (by slot), the carry buffers' roles (its window's
+/// index), its workgroups and type.
 struct Pass1<'a> {
     params: u64,
-    source: (&'a wgpu::Buffer, u64, u64),
+    sources: Vec<Source<'a>>,
     window: usize,
-    vec4: bool,
     groups: (u32, u32, u32),
     dtype: Dtype,
+}
+
+/// A buffer range an input-reading dispatch reads rows from, and whether an
+/// entry of the table reads it as quads (`vec4_path` != 0).
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    quads: bool,
+}
+
+impl<'a> Source<'a> {
+    /// Its `grads` and `grads4` bindings (`dummy` for the latter when no entry
+    /// reads quads).
+    fn resources(&self, dummy: &'a wgpu::Buffer) -> [wgpu::BindingResource<'a>; 2] {
+        let rows = range(self.buffer, self.offset, self.size);
+        let quads = if self.quads {
+            range(self.buffer, self.offset, self.size)
+        } else {
+            whole(dummy)
+        };
+        [rows, quads]
+    }
+}
+
+/// The sources of a dispatch from its bindings (buffer, offset, size) by slot
+/// and its table, whose entries give (slot, `vec4_path`) through `slot_path`.
+fn slot_sources<'a, T>(
+    bindings: &[(&'a wgpu::Buffer, u64, u64)],
+    table: &[T],
+    slot_path: impl Fn(&T) -> (usize, u32),
+) -> Vec<Source<'a>> {
+    (0..bindings.len())
+        .map(|slot| {
+            let (buffer, offset, size) = bindings[slot];
+            Source {
+                buffer,
+                offset,
+                size,
+                quads: table
+                    .iter()
+                    .map(&slot_path)
+                    .any(|(s, p)| s == slot && p != 0),
+            }
+        })
+        .collect()
+}
+
+/// The numbered bindings of slots 1.. of the slots variants (grads_slots.wgsl)
+/// for a dispatch over several sources (the unused ones bound to `dummy`); none
+/// for a dispatch over one.
+fn slot_resources<'a>(
+    sources: &[Source<'a>],
+    dummy: &'a wgpu::Buffer,
+) -> Vec<(u32, wgpu::BindingResource<'a>)> {
+    if sources.len() < 2 {
+        return Vec::new();
+    }
+    (1..SLOTS)
+        .flat_map(|k| {
+            let [rows, quads] = match sources.get(k) {
+                Some(s) => s.resources(dummy),
+                None => [whole(dummy), whole(dummy)],
+            };
+            [(slot_binding(k), rows), (slot_binding(k) + 1, quads)]
+        })
+        .collect()
 }
 
 /// Bytes of mb_partials' `table` binding: `TABLE_LEN` parameter blocks.

@@ -125,73 +125,162 @@ pub(crate) fn plan_windows(
 /// Entries of one dispatch's tensor table (`TABLE_LEN` in tensor_table.wgsl).
 pub(crate) const TABLE_LEN: usize = 32;
 
-/// One norm-pass (`mb_partials`) dispatch: the tensor windows it covers and the
-/// one binding of their buffer they are read through.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Pass1Dispatch {
-    /// (tensor, window index, element index within the binding of the window's
-    /// first row), at most [`TABLE_LEN`].
-    pub entries: Vec<(usize, usize, u32)>,
-    /// Byte offset of the binding in the tensors' buffer (aligned).
-    pub bind_offset: u64,
-    /// Byte size of the binding.
-    pub bind_size: u64,
+/// A tensor as the norm pass's dispatches see it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pass1Tensor<'a> {
+    /// Equal for tensors in the same buffer.
+    pub buffer: usize,
+    /// Equal for tensors of the same element type (one pipeline per type).
+    pub dtype: usize,
+    /// Bytes per element.
+    pub elem_bytes: u64,
+    /// Its row windows.
+    pub windows: &'a [Window],
 }
 
-/// Groups the norm pass's tensor windows into dispatches. `tensors[p]` is tensor
-/// p's (buffer key, element bytes, windows), the key equal for tensors in the
-/// same buffer. Tensors held in one window share a dispatch with others of the
-/// same key and element size while they number at most [`TABLE_LEN`] and their
-/// rows fit one binding of `max_binding` bytes (with element indices below
-/// 2^32); every window of a tensor cut into several is a dispatch of its own, in
-/// order (window k hands its carried sums to window k + 1). Shared dispatches come
-/// last: their order does not matter.
+/// One entry of a norm-pass dispatch's tensor table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pass1Entry {
+    /// The tensor.
+    pub tensor: usize,
+    /// Its window.
+    pub window: usize,
+    /// The binding slot its rows are read through.
+    pub slot: usize,
+    /// Element index within that binding of the window's first row.
+    pub elem_offset: u32,
+}
+
+/// One buffer range a dispatch binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Binding {
+    /// A tensor whose rows lie in it (names the buffer).
+    pub tensor: usize,
+    /// Byte offset in the buffer (aligned).
+    pub offset: u64,
+    /// Byte size.
+    pub size: u64,
+}
+
+/// One norm-pass (`mb_partials`) dispatch: the tensor windows it covers and the
+/// buffer ranges (slots) they are read through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pass1Dispatch {
+    /// At most [`TABLE_LEN`] entries.
+    pub entries: Vec<Pass1Entry>,
+    /// At most `slots` bindings (slot k is `bindings[k]`).
+    pub bindings: Vec<Binding>,
+}
+
+/// Groups the norm pass's tensor windows into dispatches. Tensors held in one
+/// window share a dispatch with others of the same element type while they
+/// number at most [`TABLE_LEN`] and lie in at most `slots` bindings, each of at
+/// most `max_binding` bytes (element indices below 2^32): tensors of one buffer
+/// share a binding where their rows fit one, tensors in other buffers take
+/// further slots (with `slots` = 1, only tensors of one buffer share). Every
+/// window of a tensor cut into several is a dispatch of its own, in order
+/// (window k hands its carried sums to window k + 1), first; the shared
+/// dispatches come after them: their order does not matter.
 pub(crate) fn pass1_dispatches(
-    tensors: &[(usize, u64, &[Window])],
+    tensors: &[Pass1Tensor<'_>],
     max_binding: u64,
+    slots: usize,
 ) -> Vec<Pass1Dispatch> {
-    // (key, element bytes) -> (tensors' first bytes, binding start, binding end)
-    type Open = ((usize, u64), Vec<(usize, u64)>, u64, u64);
-    let mut open: Vec<Open> = Vec::new();
-    let mut out = Vec::new();
-    let close = |((_, elem_bytes), members, start, end): Open| Pass1Dispatch {
-        entries: members
-            .into_iter()
-            .map(|(p, first_byte)| (p, 0, ((first_byte - start) / elem_bytes) as u32))
+    /// A shared dispatch being filled: its element type and size, its members
+    /// (tensor, slot, first byte) and its bindings (buffer, tensor, start, end).
+    struct Open {
+        dtype: usize,
+        elem_bytes: u64,
+        members: Vec<(usize, usize, u64)>,
+        bindings: Vec<(usize, usize, u64, u64)>,
+    }
+    let close = |o: Open| Pass1Dispatch {
+        entries: o
+            .members
+            .iter()
+            .map(|&(tensor, slot, first_byte)| Pass1Entry {
+                tensor,
+                window: 0,
+                slot,
+                elem_offset: ((first_byte - o.bindings[slot].2) / o.elem_bytes) as u32,
+            })
             .collect(),
-        bind_offset: start,
-        bind_size: end - start,
+        bindings: o
+            .bindings
+            .iter()
+            .map(|&(_, tensor, start, end)| Binding {
+                tensor,
+                offset: start,
+                size: end - start,
+            })
+            .collect(),
     };
-    let mut shared = Vec::new();
-    for (p, &(key, elem_bytes, windows)) in tensors.iter().enumerate() {
-        if let [w] = windows {
-            let first_byte = w.bind_offset + w.elem_offset as u64 * elem_bytes;
-            let (start, end) = (w.bind_offset, w.bind_offset + w.bind_size);
-            if let Some(i) = open.iter().position(|o| o.0 == (key, elem_bytes)) {
-                let (_, members, s, e) = &mut open[i];
-                let (s2, e2) = ((*s).min(start), (*e).max(end));
-                if members.len() < TABLE_LEN
-                    && e2 - s2 <= max_binding
-                    && (e2 - s2) / elem_bytes <= u32::MAX as u64
-                {
-                    members.push((p, first_byte));
-                    (*s, *e) = (s2, e2);
-                    continue;
-                }
-                shared.push(close(open.swap_remove(i)));
-            }
-            open.push(((key, elem_bytes), vec![(p, first_byte)], start, end));
-        } else {
-            for (k, w) in windows.iter().enumerate() {
+    let fits = |start: u64, end: u64, elem_bytes: u64| {
+        end - start <= max_binding && (end - start) / elem_bytes <= u32::MAX as u64
+    };
+    let mut out = Vec::new();
+    let mut open: Vec<Open> = Vec::new();
+    let mut full = Vec::new();
+    for (p, t) in tensors.iter().enumerate() {
+        let [w] = t.windows else {
+            for (k, w) in t.windows.iter().enumerate() {
                 out.push(Pass1Dispatch {
-                    entries: vec![(p, k, w.elem_offset)],
-                    bind_offset: w.bind_offset,
-                    bind_size: w.bind_size,
+                    entries: vec![Pass1Entry {
+                        tensor: p,
+                        window: k,
+                        slot: 0,
+                        elem_offset: w.elem_offset,
+                    }],
+                    bindings: vec![Binding {
+                        tensor: p,
+                        offset: w.bind_offset,
+                        size: w.bind_size,
+                    }],
                 });
             }
+            continue;
+        };
+        let first_byte = w.bind_offset + w.elem_offset as u64 * t.elem_bytes;
+        let (start, end) = (w.bind_offset, w.bind_offset + w.bind_size);
+        let same_type = |o: &&mut Open| o.dtype == t.dtype && o.elem_bytes == t.elem_bytes;
+        // A binding of the same buffer that can take the rows, else a free slot.
+        let into_binding = open.iter_mut().filter(same_type).find_map(|o| {
+            let slot = o.bindings.iter().position(|&(b, _, s, e)| {
+                b == t.buffer && fits(s.min(start), e.max(end), t.elem_bytes)
+            })?;
+            Some((o, slot))
+        });
+        let placed = match into_binding {
+            Some((o, slot)) => {
+                let (_, _, s, e) = &mut o.bindings[slot];
+                (*s, *e) = ((*s).min(start), (*e).max(end));
+                Some((o, slot))
+            }
+            None => open
+                .iter_mut()
+                .filter(same_type)
+                .find(|o| o.bindings.len() < slots)
+                .map(|o| {
+                    o.bindings.push((t.buffer, p, start, end));
+                    let slot = o.bindings.len() - 1;
+                    (o, slot)
+                }),
+        };
+        match placed {
+            Some((o, slot)) => o.members.push((p, slot, first_byte)),
+            None => open.push(Open {
+                dtype: t.dtype,
+                elem_bytes: t.elem_bytes,
+                members: vec![(p, 0, first_byte)],
+                bindings: vec![(t.buffer, p, start, end)],
+            }),
+        }
+        // A full table takes no more tensors.
+        if let Some(i) = open.iter().position(|o| o.members.len() == TABLE_LEN) {
+            full.push(close(open.swap_remove(i)));
         }
     }
-    out.extend(shared);
+    out.extend(full);
     out.extend(open.into_iter().map(close));
     out
 }
@@ -410,40 +499,115 @@ mod tests {
         assert_eq!(tile_cols(std::iter::empty(), 4, 1), MIN_TILE_COLS);
     }
 
+    /// f32 tensors in buffer `buffer` as the norm pass sees them.
+    fn f32_in(buffer: usize, windows: &[Window]) -> Pass1Tensor<'_> {
+        Pass1Tensor {
+            buffer,
+            dtype: 0,
+            elem_bytes: 4,
+            windows,
+        }
+    }
+
+    fn entry(tensor: usize, slot: usize, elem_offset: u32) -> Pass1Entry {
+        Pass1Entry {
+            tensor,
+            window: 0,
+            slot,
+            elem_offset,
+        }
+    }
+
     #[test]
     fn tensors_of_one_buffer_share_norm_pass_dispatches() {
         let o = offsets(10, 3);
-        // f32 tensors of 7 columns (280 bytes) at 256-aligned bytes; key 0 or 1.
+        // f32 tensors of 7 columns (280 bytes) at 256-aligned bytes; buffer 0 or 1.
         let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
         let (a, b, c) = (one(512), one(0), one(1024));
-        let d = pass1_dispatches(&[(0, 4, &a), (1, 4, &b), (0, 4, &c)], 1 << 20);
-        // Tensors 0 and 2 share key 0: one binding from byte 512, tensor 2 at 128 floats.
+        let tensors = [f32_in(0, &a), f32_in(1, &b), f32_in(0, &c)];
+        let d = pass1_dispatches(&tensors, 1 << 20, 1);
+        // Tensors 0 and 2 share buffer 0: one binding from byte 512, tensor 2 at 128 floats.
         assert_eq!(d.len(), 2);
         let shared = d.iter().find(|d| d.entries.len() == 2).unwrap();
-        assert_eq!(shared.entries, vec![(0, 0, 0), (2, 0, 128)]);
-        assert_eq!((shared.bind_offset, shared.bind_size), (512, 512 + 280));
+        assert_eq!(shared.entries, vec![entry(0, 0, 0), entry(2, 0, 128)]);
+        let binding = shared.bindings[0];
+        assert_eq!((binding.offset, binding.size), (512, 512 + 280));
         // The same binding limited to 600 bytes: two dispatches.
-        let d = pass1_dispatches(&[(0, 4, &a), (0, 4, &c)], 600);
+        let d = pass1_dispatches(&[f32_in(0, &a), f32_in(0, &c)], 600, 1);
         assert_eq!(d.len(), 2);
         // At most TABLE_LEN tensors per dispatch.
         let many: Vec<Vec<Window>> = (0..TABLE_LEN as u64 + 1).map(|p| one(p * 512)).collect();
-        let keyed: Vec<(usize, u64, &[Window])> =
-            many.iter().map(|w| (0, 4, w.as_slice())).collect();
-        let d = pass1_dispatches(&keyed, 1 << 30);
+        let tensors: Vec<Pass1Tensor<'_>> = many.iter().map(|w| f32_in(0, w)).collect();
+        let d = pass1_dispatches(&tensors, 1 << 30, 1);
         let sizes: Vec<usize> = d.iter().map(|d| d.entries.len()).collect();
         assert_eq!(sizes.iter().sum::<usize>(), TABLE_LEN + 1);
         assert!(sizes.iter().all(|&s| s <= TABLE_LEN), "{sizes:?}");
         // A tensor cut into windows: one dispatch per window, in order, first.
         let cut = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
-        let d = pass1_dispatches(&[(0, 4, &a), (0, 4, &cut), (0, 4, &c)], 1052);
+        let tensors = [f32_in(0, &a), f32_in(0, &cut), f32_in(0, &c)];
+        let d = pass1_dispatches(&tensors, 1052, 8);
         let cut_entries: Vec<_> = d[..cut.len()].iter().map(|d| d.entries[0]).collect();
         let want: Vec<_> = cut
             .iter()
             .enumerate()
-            .map(|(k, w)| (1, k, w.elem_offset))
+            .map(|(k, w)| Pass1Entry {
+                tensor: 1,
+                window: k,
+                slot: 0,
+                elem_offset: w.elem_offset,
+            })
             .collect();
         assert_eq!(cut_entries, want);
         assert_eq!(d.len(), cut.len() + 1);
+    }
+
+    #[test]
+    fn tensors_of_many_buffers_share_dispatches_through_slots() {
+        let o = offsets(10, 3);
+        let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+        // The 100 tensors, each in its own buffer: 8 per dispatch.
+        let windows: Vec<Vec<Window>> = (0..100).map(|_| one(0)).collect();
+        let tensors: Vec<Pass1Tensor<'_>> = windows
+            .iter()
+            .enumerate()
+            .map(|(p, w)| f32_in(p, w))
+            .collect();
+        let d = pass1_dispatches(&tensors, 1 << 20, 8);
+        assert_eq!(d.len(), 13);
+        for (k, d) in d.iter().enumerate() {
+            assert_eq!(d.bindings.len(), d.entries.len());
+            for (slot, e) in d.entries.iter().enumerate() {
+                assert_eq!(*e, entry(8 * k + slot, slot, 0));
+                assert_eq!(d.bindings[slot].tensor, e.tensor);
+            }
+        }
+        // Without slots: one dispatch per buffer.
+        assert_eq!(pass1_dispatches(&tensors, 1 << 20, 1).len(), 100);
+        // Buffers 0, 1, 0, 1, ...: two bindings, tensors of a buffer in one.
+        let tensors: Vec<Pass1Tensor<'_>> = windows[..6]
+            .iter()
+            .enumerate()
+            .map(|(p, w)| f32_in(p % 2, w))
+            .collect();
+        let d = pass1_dispatches(&tensors, 1 << 20, 8);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].bindings.len(), 2);
+        let slots: Vec<usize> = d[0].entries.iter().map(|e| e.slot).collect();
+        assert_eq!(slots, [0, 1, 0, 1, 0, 1]);
+        // The same with slots = 1: one dispatch per buffer.
+        assert_eq!(pass1_dispatches(&tensors, 1 << 20, 1).len(), 2);
+        // Element types never share: two types, two dispatches.
+        let mut mixed = tensors.clone();
+        mixed[3].dtype = 1;
+        let d = pass1_dispatches(&mixed, 1 << 20, 8);
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().any(|d| d.entries == [entry(3, 0, 0)]));
+        // A binding too small for two tensors of a buffer: another slot.
+        let (a, c) = (one(512), one(1024));
+        let d = pass1_dispatches(&[f32_in(0, &a), f32_in(0, &c)], 600, 8);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].entries, vec![entry(0, 0, 0), entry(1, 1, 0)]);
+        assert_eq!(d[0].bindings.len(), 2);
     }
 
     #[test]
