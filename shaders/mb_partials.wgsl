@@ -57,9 +57,10 @@
 // One dispatch serves up to TABLE_LEN tensors (or windows): `table` holds one
 // Params per tensor, their tiles numbered one after the other (first_tile), and
 // each workgroup finds its tensor by a binary search over them (tensor_table.wgsl). The host puts
-// several tensors in one dispatch when they lie in the same buffer and each fits
-// one window (see `pass1_dispatches` in src/gpu/plan.rs), so a model's many small
-// tensors cost one launch instead of one each.
+// several tensors in one dispatch when each fits one window and they lie in the
+// same buffer, or with buffer slots (grads_slots.wgsl) in up to 8 buffers (see
+// `pass1_dispatches` in src/gpu/plan.rs), so a model's many small tensors cost
+// one launch instead of one each.
 
 // Threads per workgroup: a multiple of RUN, at most 64 (tile_cols is a multiple
 // of 4 * 64); set per adapter as a pipeline constant.

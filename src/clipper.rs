@@ -181,8 +181,8 @@ impl Clipper {
         }
     }
 
-    /// Compute dispatches the last GPU call recorded (`None` on the CPU). For tests
-    /// and benches of how tensors share dispatches.
+    /// Compute dispatches the last GPU call recorded (0 before the first; `None`
+    /// on the CPU). For tests and benches of how tensors share dispatches.
     #[doc(hidden)]
     pub fn last_gpu_dispatches(&self) -> Option<usize> {
         match &self.engine {

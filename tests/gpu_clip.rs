@@ -678,6 +678,8 @@ fn tensors_in_many_buffers_share_dispatches() {
         ClipConfig::fixed(0.3, MicroBatches::Uniform(1)),
         ClipConfig::adaptive(1.0, MicroBatches::Uniform(2)),
         ClipConfig::fixed(0.4, MicroBatches::Uniform(3)),
+        // Stored means (4 rows per micro-batch on average, from 3).
+        ClipConfig::adaptive(1.0, MicroBatches::Uniform(4)),
         ClipConfig::fixed(0.5, MicroBatches::Uniform(n)),
         ClipConfig::fixed(0.4, MicroBatches::Offsets(vec![0, 1, 3, 4, 10])).with_groups(groups),
     ];
@@ -689,6 +691,7 @@ fn tensors_in_many_buffers_share_dispatches() {
             let mut runs = Vec::new();
             for on in [true, false] {
                 gpu.set_gpu_buffer_slots(Some(on));
+                assert_eq!(gpu.gpu_buffer_slots(), Some(on && slots));
                 let (bufs, stats) = gpu.clip_buffers(cfg, &inputs, n).unwrap();
                 let grads: Vec<Vec<f32>> = bufs
                     .iter()

@@ -427,6 +427,40 @@ impl Kernels {
 mod tests {
     use super::*;
 
+    /// Every kernel's `Params` struct has the size of the Rust block the host
+    /// writes for it (naga's layout of the WGSL, every element type and variant).
+    #[test]
+    fn parameter_blocks_match_the_shaders() {
+        use std::mem::size_of;
+        let blocks = [
+            ("mb_partials", size_of::<PartialsParams>()),
+            ("mb_norms", size_of::<NormsParams>()),
+            ("clip_factors", size_of::<FactorsParams>()),
+            ("row_weights", size_of::<RowWeightsParams>()),
+            ("weighted_means", size_of::<MeansSumParams>()),
+            ("add_noise", size_of::<NoiseParams>()),
+        ];
+        assert_eq!(blocks.len(), KERNELS.len());
+        for (name, bytes) in blocks {
+            for dtype in Dtype::ALL {
+                let sources = [
+                    kernel_source_for(name, dtype),
+                    kernel_source_with_slots(name, dtype),
+                ];
+                for source in sources.into_iter().flatten() {
+                    let module = naga::front::wgsl::parse_str(&source).expect("parses");
+                    let params = module
+                        .types
+                        .iter()
+                        .find(|(_, t)| t.name.as_deref() == Some("Params"))
+                        .map(|(_, t)| t.inner.size(module.to_ctx()))
+                        .expect("a Params struct");
+                    assert_eq!(params as usize, bytes, "{name} ({dtype})");
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_emulated_division_replaces_fdiv() {
         assert_eq!(COMMON.matches(FDIV_EXACT).count(), 1);

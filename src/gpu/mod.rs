@@ -151,7 +151,8 @@ struct CallLayout {
     /// Pass 4 re-reads rows of micro-batches of several rows, with `[N, G]` per-row
     /// weights.
     per_row_weights: bool,
-    /// The norm pass's dispatches (tensors of one buffer share them).
+    /// The norm pass's dispatches (tensors of one buffer share them, and with
+    /// buffer slots tensors of up to 8 buffers).
     pass1: Vec<Pass1Dispatch>,
 }
 
@@ -533,7 +534,7 @@ impl GpuClipper {
             }
             tensors.push((tile_bases[p], windows, group_of[p] as u32));
         }
-        // Tensors of one type in the same buffer (key: the first such tensor's index).
+        // Tensors in the same buffer (key: the first such tensor's index).
         // (wgpu::Buffer hashes and compares by its handle's address, which its
         // interior mutability never changes.)
         #[allow(clippy::mutable_key_type)]
@@ -760,8 +761,8 @@ impl GpuClipper {
         // narrow enough on average that the dispatches saved outweigh the bytes
         // copied (`merge_max_avg_cols`). Over stored means: ONE dispatch over the
         // means matrix (with one parameter group: one weight per micro-batch).
-        // Over the input rows: the norm pass's dispatches, tensors of one buffer
-        // sharing one. Extra memory: the row, sum ceil4(D_p) x 4 bytes.
+        // Over the input rows: the norm pass's dispatches and their bindings
+        // (slots). Extra memory: the row, sum ceil4(D_p) x 4 bytes.
         let copies_pay = inputs.len() > 1
             && config.noise.is_none()
             && total_means_cols / inputs.len() as u64 <= self.merge_max_avg_cols

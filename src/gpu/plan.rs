@@ -242,7 +242,7 @@ pub(crate) fn pass1_dispatches(
         };
         let first_byte = w.bind_offset + w.elem_offset as u64 * t.elem_bytes;
         let (start, end) = (w.bind_offset, w.bind_offset + w.bind_size);
-        let same_type = |o: &&mut Open| o.dtype == t.dtype && o.elem_bytes == t.elem_bytes;
+        let same_type = |o: &&mut Open| o.dtype == t.dtype;
         // A binding of the same buffer that can take the rows, else a free slot.
         let into_binding = open.iter_mut().filter(same_type).find_map(|o| {
             let slot = o.bindings.iter().position(|&(b, _, s, e)| {
@@ -565,6 +565,7 @@ mod tests {
     fn tensors_of_many_buffers_share_dispatches_through_slots() {
         let o = offsets(10, 3);
         let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+        let b0 = one(0);
         // The 100 tensors, each in its own buffer: 8 per dispatch.
         let windows: Vec<Vec<Window>> = (0..100).map(|_| one(0)).collect();
         let tensors: Vec<Pass1Tensor<'_>> = windows
@@ -602,6 +603,43 @@ mod tests {
         let d = pass1_dispatches(&mixed, 1 << 20, 8);
         assert_eq!(d.len(), 2);
         assert!(d.iter().any(|d| d.entries == [entry(3, 0, 0)]));
+        // Tensors of a buffer placed from the highest offset down: the binding's
+        // start moves lower, and every entry's offset counts from the final start.
+        let (hi, mid, lo) = (one(1024), one(512), one(0));
+        let d = pass1_dispatches(
+            &[
+                f32_in(0, &hi),
+                f32_in(1, &b0),
+                f32_in(0, &mid),
+                f32_in(0, &lo),
+            ],
+            1 << 20,
+            8,
+        );
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].entries,
+            vec![
+                entry(0, 0, 256),
+                entry(1, 1, 0),
+                entry(2, 0, 128),
+                entry(3, 0, 0)
+            ]
+        );
+        assert_eq!(
+            (d[0].bindings[0].offset, d[0].bindings[0].size),
+            (0, 1024 + 280)
+        );
+        // At most TABLE_LEN entries per dispatch with slots too.
+        let many: Vec<Vec<Window>> = (0..TABLE_LEN as u64 + 9).map(|p| one(p * 512)).collect();
+        let tensors: Vec<Pass1Tensor<'_>> = many
+            .iter()
+            .enumerate()
+            .map(|(p, w)| f32_in(p % 3, w))
+            .collect();
+        let d = pass1_dispatches(&tensors, 1 << 30, 8);
+        let sizes: Vec<usize> = d.iter().map(|d| d.entries.len()).collect();
+        assert_eq!(sizes, [TABLE_LEN, 9]);
         // A binding too small for two tensors of a buffer: another slot.
         let (a, c) = (one(512), one(1024));
         let d = pass1_dispatches(&[f32_in(0, &a), f32_in(0, &c)], 600, 8);
