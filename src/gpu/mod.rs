@@ -1469,7 +1469,7 @@ fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
 /// else 1. The slots variants choose each load's binding by the table entry's
 /// slot: a branch that is the same for the whole workgroup. llvmpipe runs every
 /// side of a branch under a lane mask, so on lavapipe those loads cost about 8
-/// times as much: the input readers took 2.5-3x the time over the same bytes
+/// times as much: the input readers took 2.3-3.8x the time over the same bytes
 /// (measured: the 100 tensors in 100 buffers at b = 4 went from 3.8-4.4x a read
 /// to 6-10x, despite 13 norm-pass dispatches instead of 100), so a software
 /// adapter keeps a dispatch per buffer. Hardware runs a workgroup-uniform branch
