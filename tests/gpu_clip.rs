@@ -513,13 +513,8 @@ fn caller_buffers_with_offsets_and_poisoned_outputs() {
                 assert!(all[k].is_nan(), "byte range {k} overwritten");
             }
             // Buffers the clipper returns.
-            let (bufs, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
-            let grads: Vec<Vec<f32>> = bufs
-                .iter()
-                .zip(widths)
-                .map(|(b, d)| read_buffer(&gpu, b, 0, d))
-                .collect();
-            assert_matches(&ClipOutput { grads, stats }, &want, TOL, "returned buffers");
+            let out = clip_buffers_read(&mut gpu, &cfg, &inputs, n);
+            assert_matches(&out, &want, TOL, "returned buffers");
         }
     }
 }
@@ -590,14 +585,9 @@ fn many_tensors_in_one_buffer() {
         gpu.set_max_binding_bytes(max_binding);
         for cfg in &configs {
             let want = clip_f64(cfg, &slices(&t), n).unwrap();
-            let (bufs, stats) = gpu.clip_buffers(cfg, &inputs, n).unwrap();
-            let grads: Vec<Vec<f32>> = bufs
-                .iter()
-                .zip(&widths)
-                .map(|(b, &d)| read_buffer(&gpu, b, 0, d))
-                .collect();
+            let out = clip_buffers_read(&mut gpu, cfg, &inputs, n);
             let what = format!("{:?}, binding {max_binding}", cfg.micro_batches);
-            assert_matches(&ClipOutput { grads, stats }, &want, TOL, &what);
+            assert_matches(&out, &want, TOL, &what);
         }
     }
 }
@@ -625,27 +615,36 @@ fn tensors_in_many_buffers_share_dispatches() {
     // Tensors p % 5 = 3 are bf16, p % 5 = 4 f16 (the reference gets their
     // rounded values).
     let dtype = |p: usize| [Dtype::F32, Dtype::F32, Dtype::F32, Dtype::Bf16, Dtype::F16][p % 5];
-    let t: Vec<Vec<f32>> = random_tensors(77, n, &widths, 1.0)
+    // Each tensor's values (as the reference sees them) and its bytes.
+    let (t, bytes): (Vec<Vec<f32>>, Vec<Vec<u8>>) = random_tensors(77, n, &widths, 1.0)
         .into_iter()
         .enumerate()
         .map(|(p, x)| match dtype(p) {
-            Dtype::Bf16 => widened(&rounded(&[x], bf16::from_f32)).remove(0),
-            Dtype::F16 => widened(&rounded(&[x], f16::from_f32)).remove(0),
-            _ => x,
+            Dtype::Bf16 => {
+                let typed = rounded(&[x], bf16::from_f32);
+                (
+                    widened(&typed).remove(0),
+                    bytemuck::cast_slice(&typed[0]).to_vec(),
+                )
+            }
+            Dtype::F16 => {
+                let typed = rounded(&[x], f16::from_f32);
+                (
+                    widened(&typed).remove(0),
+                    bytemuck::cast_slice(&typed[0]).to_vec(),
+                )
+            }
+            _ => {
+                let b = bytemuck::cast_slice(&x).to_vec();
+                (x, b)
+            }
         })
-        .collect();
+        .unzip();
     // Tensor p at byte 4 * (p % 3) of its buffer; tensors 2k and 2k + 1 (k < 4)
     // share a buffer, the second one word after the first ends.
-    let bytes = |p: usize| -> Vec<u8> {
-        match dtype(p) {
-            Dtype::Bf16 => bytemuck::cast_slice(&rounded(&t[p..=p], bf16::from_f32)[0]).to_vec(),
-            Dtype::F16 => bytemuck::cast_slice(&rounded(&t[p..=p], f16::from_f32)[0]).to_vec(),
-            _ => bytemuck::cast_slice(&t[p]).to_vec(),
-        }
-    };
     let mut contents: Vec<Vec<u8>> = Vec::new();
     let mut place = Vec::new(); // (buffer, byte offset) per tensor
-    for p in 0..widths.len() {
+    for (p, rows) in bytes.iter().enumerate() {
         let shares = p < 8 && p % 2 == 1;
         if !shares {
             contents.push(vec![0xff; 4 * (p % 3)]); // NaN words before the rows
@@ -656,7 +655,7 @@ fn tensors_in_many_buffers_share_dispatches() {
             buffer.resize(buffer.len().next_multiple_of(4) + 4, 0xff);
         }
         place.push((index, buffer.len() as u64));
-        buffer.extend(bytes(p));
+        buffer.extend(rows);
     }
     let buffers: Vec<wgpu::Buffer> = contents
         .iter()
@@ -692,13 +691,7 @@ fn tensors_in_many_buffers_share_dispatches() {
             for on in [true, false] {
                 gpu.set_gpu_buffer_slots(Some(on));
                 assert_eq!(gpu.gpu_buffer_slots(), Some(on && slots));
-                let (bufs, stats) = gpu.clip_buffers(cfg, &inputs, n).unwrap();
-                let grads: Vec<Vec<f32>> = bufs
-                    .iter()
-                    .zip(&widths)
-                    .map(|(b, &d)| read_buffer(&gpu, b, 0, d))
-                    .collect();
-                let out = ClipOutput { grads, stats };
+                let out = clip_buffers_read(&mut gpu, cfg, &inputs, n);
                 assert_matches(&out, &want, TOL, &format!("{what}, slots {on}"));
                 runs.push((out, gpu.last_gpu_dispatches().unwrap()));
             }

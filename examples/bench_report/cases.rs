@@ -595,22 +595,14 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     ]);
     let many_refs: Vec<(&wgpu::Buffer, u64, usize)> =
         many.iter().zip(&widths).map(|(b, &d)| (b, 0, d)).collect();
-    rows.extend(device_case(
-        &ctx,
-        &format!("multi: {count} buffers"),
-        n,
-        b,
-        &many_refs,
-        Dtype::F32,
-        &reference,
-        false,
-        &multi_note,
-    )?);
-    // The same with the adapter's other choice of buffer slots (up to 8 buffers
-    // per dispatch, or one dispatch per buffer), where it has both.
-    let default_slots = ctx.clipper().gpu_buffer_slots().unwrap_or(false);
-    ctx.slots.set(Some(!default_slots));
-    if ctx.clipper().gpu_buffer_slots() == Some(!default_slots) {
+    // With the adapter's default, then its other choice of buffer slots (up to 8
+    // buffers per dispatch, or one dispatch per buffer) where it has both.
+    let other_slots = !ctx.clipper().gpu_buffer_slots().unwrap_or(false);
+    for slots in [None, Some(other_slots)] {
+        ctx.slots.set(slots);
+        if slots.is_some() && ctx.clipper().gpu_buffer_slots() != slots {
+            continue;
+        }
         rows.extend(device_case(
             &ctx,
             &format!("multi: {count} buffers"),

@@ -279,19 +279,28 @@ pub(crate) const MB_NORM_BYTES: u64 = 16;
 /// Size in bytes of the `Stats` record of clip_factors.wgsl.
 pub(crate) const STATS_BYTES: u64 = 32;
 
-/// The kernels that read the input gradients, compiled for one element type:
-/// over one buffer range per dispatch, and (built on first use) over up to
-/// [`SLOTS`] ranges.
+/// The two kernels that read the input gradients, compiled for one element type,
+/// over one buffer range per dispatch or (the slots variants, grads_slots.wgsl)
+/// over up to [`SLOTS`].
 pub(crate) struct GradKernels {
     pub partials: wgpu::ComputePipeline,
     pub weighted_means: wgpu::ComputePipeline,
-    slots: Option<SlotKernels>,
 }
 
-/// The slots variants of the two input readers (grads_slots.wgsl).
-pub(crate) struct SlotKernels {
-    pub partials: wgpu::ComputePipeline,
-    pub weighted_means: wgpu::ComputePipeline,
+impl GradKernels {
+    fn build(device: &wgpu::Device, dtype: Dtype, small_workgroups: bool, slots: bool) -> Self {
+        Self {
+            partials: build(device, "mb_partials", dtype, small_workgroups, slots),
+            weighted_means: build(device, "weighted_means", dtype, small_workgroups, slots),
+        }
+    }
+}
+
+/// The input readers of one element type: over one buffer range, and the slots
+/// variants (built on first use).
+struct TypeReaders {
+    one: GradKernels,
+    slots: Option<GradKernels>,
 }
 
 /// The compute pipelines: those that do not read gradients, and the gradient
@@ -301,7 +310,7 @@ pub(crate) struct Kernels {
     pub factors: wgpu::ComputePipeline,
     pub row_weights: wgpu::ComputePipeline,
     pub add_noise: wgpu::ComputePipeline,
-    readers: [Option<GradKernels>; 3],
+    readers: [Option<TypeReaders>; 3],
     /// Built with [`kernel_constants`]' small workgroups.
     small_workgroups: bool,
 }
@@ -313,17 +322,8 @@ pub(crate) fn slots_supported(device: &wgpu::Device) -> bool {
     device.limits().max_storage_buffers_per_shader_stage >= SLOTS_STORAGE_BUFFERS
 }
 
-fn build(
-    device: &wgpu::Device,
-    name: &str,
-    dtype: Dtype,
-    small_workgroups: bool,
-) -> wgpu::ComputePipeline {
-    build_from(device, name, dtype, small_workgroups, false)
-}
-
 /// Builds kernel `name` for `dtype`, the slots variant if `slots`.
-fn build_from(
+fn build(
     device: &wgpu::Device,
     name: &str,
     dtype: Dtype,
@@ -358,10 +358,10 @@ impl Kernels {
     /// `small_workgroups`: see [`kernel_constants`].
     pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
         let mut kernels = Self {
-            norms: build(device, "mb_norms", Dtype::F32, small_workgroups),
-            factors: build(device, "clip_factors", Dtype::F32, small_workgroups),
-            row_weights: build(device, "row_weights", Dtype::F32, small_workgroups),
-            add_noise: build(device, "add_noise", Dtype::F32, small_workgroups),
+            norms: build(device, "mb_norms", Dtype::F32, small_workgroups, false),
+            factors: build(device, "clip_factors", Dtype::F32, small_workgroups, false),
+            row_weights: build(device, "row_weights", Dtype::F32, small_workgroups, false),
+            add_noise: build(device, "add_noise", Dtype::F32, small_workgroups, false),
             readers: [None, None, None],
             small_workgroups,
         };
@@ -393,33 +393,31 @@ impl Kernels {
     /// variants if `slots` (the device must allow them: [`slots_supported`]).
     pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, slots: bool) {
         let small = self.small_workgroups;
-        let readers = self.readers[dtype.index()].get_or_insert_with(|| GradKernels {
-            partials: build(device, "mb_partials", dtype, small),
-            weighted_means: build(device, "weighted_means", dtype, small),
+        let readers = self.readers[dtype.index()].get_or_insert_with(|| TypeReaders {
+            one: GradKernels::build(device, dtype, small, false),
             slots: None,
         });
         if slots {
-            readers.slots.get_or_insert_with(|| SlotKernels {
-                partials: build_from(device, "mb_partials", dtype, small, true),
-                weighted_means: build_from(device, "weighted_means", dtype, small, true),
-            });
+            readers
+                .slots
+                .get_or_insert_with(|| GradKernels::build(device, dtype, small, true));
         }
     }
 
-    /// The gradient readers of `dtype` (after [`Self::prepare`]).
-    pub fn readers(&self, dtype: Dtype) -> &GradKernels {
-        self.readers[dtype.index()]
+    /// The gradient readers of `dtype`, the slots variants if `slots` (after
+    /// [`Self::prepare`] with the same `slots`).
+    pub fn readers(&self, dtype: Dtype, slots: bool) -> &GradKernels {
+        let readers = self.readers[dtype.index()]
             .as_ref()
-            .expect("readers prepared before encoding")
-    }
-
-    /// The slots variants of the gradient readers of `dtype` (after
-    /// [`Self::prepare`] with `slots`).
-    pub fn slot_readers(&self, dtype: Dtype) -> &SlotKernels {
-        self.readers(dtype)
-            .slots
-            .as_ref()
-            .expect("slot readers prepared before encoding")
+            .expect("readers prepared before encoding");
+        if slots {
+            readers
+                .slots
+                .as_ref()
+                .expect("slot readers prepared before encoding")
+        } else {
+            &readers.one
+        }
     }
 }
 

@@ -815,10 +815,11 @@ impl GpuClipper {
                 ..Default::default()
             }
         };
-        // Each norm-pass dispatch's bindings (buffer, offset, size), each rounded
-        // up to whole quads if it can be (then `Some` size), and whether it was
-        // (pass 4 over the rows reuses the dispatches and their bindings).
-        let pass1_sources: Vec<Vec<(&wgpu::Buffer, u64, u64, bool)>> = layout
+        // Each norm-pass dispatch's bindings (buffer, offset, size) by slot, each
+        // rounded up to whole quads if it can be, and whether it was (pass 4
+        // over the rows reuses the dispatches and their bindings).
+        type Bindings<'b> = Vec<(&'b wgpu::Buffer, u64, u64)>;
+        let pass1_bindings: Vec<(Bindings<'_>, Vec<bool>)> = layout
             .pass1
             .iter()
             .map(|d| {
@@ -827,19 +828,22 @@ impl GpuClipper {
                     .map(|b| {
                         let t = &inputs[b.tensor];
                         let quads = self.quads_binding(t, b.offset, b.size);
-                        (t.buffer, b.offset, quads.unwrap_or(b.size), quads.is_some())
+                        (
+                            (t.buffer, b.offset, quads.unwrap_or(b.size)),
+                            quads.is_some(),
+                        )
                     })
-                    .collect()
+                    .unzip()
             })
             .collect();
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
-        for (d, sources) in layout.pass1.iter().zip(&pass1_sources) {
+        for (d, (bindings, whole_quads)) in layout.pass1.iter().zip(&pass1_bindings) {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
             for e in &d.entries {
                 let (p, k, elem_offset) = (e.tensor, e.window, e.elem_offset);
-                let whole_quads = sources[e.slot].3;
+                let whole_quads = whole_quads[e.slot];
                 let (tile_base, windows, _) = &layout.tensors[p];
                 let w = &windows[k];
                 let cols = inputs[p].cols as u64;
@@ -874,14 +878,7 @@ impl GpuClipper {
             let (p, window) = (d.entries[0].tensor, d.entries[0].window);
             partial_dispatches.push(Pass1 {
                 params: params.push_table(&table, PARTIALS_TABLE_BYTES),
-                sources: slot_sources(
-                    &sources
-                        .iter()
-                        .map(|&(b, at, size, _)| (b, at, size))
-                        .collect::<Vec<_>>(),
-                    &table,
-                    |e| (e.slot as usize, e.vec4_path),
-                ),
+                sources: slot_sources(bindings, &table, |e| (e.slot as usize, e.vec4_path)),
                 window,
                 groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
                 dtype: inputs[p].dtype,
@@ -956,13 +953,13 @@ impl GpuClipper {
         }
         if merge_rows {
             // The input rows, in the norm pass's dispatches (same bindings).
-            for (d, sources) in layout.pass1.iter().zip(&pass1_sources) {
+            for (d, (bindings, whole_quads)) in layout.pass1.iter().zip(&pass1_bindings) {
                 let blocks = d
                     .entries
                     .iter()
                     .map(|e| {
                         let out_offset = means_bases[e.tensor] as u32;
-                        let whole_quads = sources[e.slot].3;
+                        let whole_quads = whole_quads[e.slot];
                         MeansSumParams {
                             slot: e.slot as u32,
                             ..rows_block(e.tensor, e.window, e.elem_offset, out_offset, whole_quads)
@@ -972,10 +969,7 @@ impl GpuClipper {
                 means_dispatches.push(Pass4::push(
                     &mut params,
                     blocks,
-                    sources
-                        .iter()
-                        .map(|&(b, at, size, _)| (b, at, size))
-                        .collect(),
+                    bindings.clone(),
                     per_row_weights,
                     (&merged_out, 0, merged_out.size()),
                     inputs[d.entries[0].tensor].dtype,
@@ -1054,22 +1048,9 @@ impl GpuClipper {
             bind_group(device, pipeline, resources, Vec::new())
         };
         let k = &self.kernels;
-        // The pipelines of the input readers: the slots variant for a dispatch
-        // over several buffer ranges.
-        let partials_pipeline = |sources: &[Source<'_>], dtype| {
-            if sources.len() > 1 {
-                &k.slot_readers(dtype).partials
-            } else {
-                &k.readers(dtype).partials
-            }
-        };
-        let means_pipeline = |sources: &[Source<'_>], dtype| {
-            if sources.len() > 1 {
-                &k.slot_readers(dtype).weighted_means
-            } else {
-                &k.readers(dtype).weighted_means
-            }
-        };
+        // The input readers of a dispatch: the slots variants over several
+        // buffer ranges.
+        let readers = |sources: &[Source<'_>], dtype| k.readers(dtype, sources.len() > 1);
         // Any read-only buffer, for the bindings a dispatch does not read.
         let dummy = &row_offsets;
         let partial_groups: Vec<_> = partial_dispatches
@@ -1090,7 +1071,7 @@ impl GpuClipper {
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    partials_pipeline(&d.sources, d.dtype),
+                    &readers(&d.sources, d.dtype).partials,
                     resources,
                     slots,
                 )
@@ -1161,7 +1142,7 @@ impl GpuClipper {
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    means_pipeline(&d.sources, d.dtype),
+                    &readers(&d.sources, d.dtype).weighted_means,
                     resources,
                     slots,
                 )
@@ -1177,7 +1158,7 @@ impl GpuClipper {
                 timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
             });
             for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
-                pass.set_pipeline(partials_pipeline(&d.sources, d.dtype));
+                pass.set_pipeline(&readers(&d.sources, d.dtype).partials);
                 pass.set_bind_group(0, group, &[]);
                 let (x, y, z) = d.groups;
                 pass.dispatch_workgroups(x, y, z);
@@ -1194,7 +1175,7 @@ impl GpuClipper {
                 pass.dispatch_workgroups(rows_groups_x, rows_groups_y, 1);
             }
             for (group, d) in means_groups.iter().zip(&means_dispatches) {
-                pass.set_pipeline(means_pipeline(&d.sources, d.dtype));
+                pass.set_pipeline(&readers(&d.sources, d.dtype).weighted_means);
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
             }

@@ -519,6 +519,22 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
         .unwrap();
 }
 
+/// `gpu.clip_buffers` on `inputs`, each returned output buffer read back.
+pub fn clip_buffers_read(
+    gpu: &mut Clipper,
+    cfg: &ClipConfig,
+    inputs: &[microclip::GpuTensor<'_>],
+    n: usize,
+) -> ClipOutput {
+    let (bufs, stats) = gpu.clip_buffers(cfg, inputs, n).unwrap();
+    let grads = bufs
+        .iter()
+        .zip(inputs)
+        .map(|(b, t)| read_buffer(gpu, b, 0, t.cols))
+        .collect();
+    ClipOutput { grads, stats }
+}
+
 /// `len` f32 of a GPU clipper's `buffer` from byte `offset`, read back to the host.
 pub fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Vec<f32> {
     let device = gpu.device().unwrap();
