@@ -7,15 +7,19 @@
 // a tensor's first add to its output.
 //
 // A workgroup of 64 threads covers WG = 64 * QUADS groups of 4 adjacent columns
-// (quads), 2048 columns. Each run of RUN threads owns RUN * QUADS adjacent quads:
-// thread t of the run sums quads t, t + RUN, ..., t + 7 RUN (with vec4_path = 2
-// quads 8 t .. 8 t + 7, see below), so each of its QUADS
-// loads per row is one of RUN adjacent quads, and the run reads
-// RUN * QUADS * 16 = 1 KiB contiguous bytes of every row per visit. On lavapipe
-// (SIMD-8 groups that each run the whole loop before the next starts) 4 quads per
-// thread made the pass 1.7x faster at b = 1 than one quad per thread, and 8
-// quads another 5-20% than 4 (longer visits of each row; 7 of 8 alternating
-// pairs).
+// (quads), 2048 columns. Each run of RUN threads owns RUN * QUADS adjacent quads
+// and reads RUN * QUADS * 16 = 1 KiB contiguous bytes of every row per visit. On
+// a GPU thread t of the run sums quads t, t + RUN, ..., t + 7 RUN, so each of its
+// QUADS loads per row is one of RUN adjacent quads. On a software adapter
+// (ADJACENT, a pipeline constant) and with vec4_path = 2, thread t sums the 8
+// adjacent quads 8 t .. 8 t + 7 instead: on lavapipe that took this pass over
+// 256 input rows (b = 1) from 1.68-1.77x to 1.41-1.48x a read-and-sum (3
+// alternating pairs of `bench_report --breakdown`; each lane's loads are then 128
+// contiguous bytes, as the norm pass's ADJACENT mapping found for 64). On
+// lavapipe (SIMD-8 groups that each run the whole loop before the next starts) 4
+// quads per thread made the pass 1.7x faster at b = 1 than one quad per thread,
+// and 8 quads another 5-20% than 4 (longer visits of each row; 7 of 8
+// alternating pairs).
 // QUADS separate accumulators, not an array: a row-walking variant with private
 // arrays was slower on llvmpipe (see BENCHMARKS.md). With vec4_path = 1 (rows 16-byte aligned
 // in the binding: the stored means, whose rows are padded to whole quads, or
@@ -133,6 +137,8 @@ fn store_quad(col0: u32, sum: vec4<f32>) {
 
 // Threads in a run: lanes that read adjacent quads of a row with one load each.
 const RUN: u32 = 8u;
+// Each thread sums QUADS adjacent quads (a software adapter: see the top).
+override ADJACENT: bool = false;
 // Quads per thread: a run reads RUN * QUADS * 16 contiguous bytes of every row.
 const QUADS: u32 = 8u;
 
@@ -205,12 +211,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     params = table[table_entry(dispatch_group)];
     // WG quads per workgroup (the host dispatches cols / (4 WG) workgroups per
     // entry), RUN * QUADS per run of RUN threads: thread t of the run owns quads
-    // t, t + RUN, ..., t + 7 RUN of them, or with vec4_path = 2 the 8 adjacent
-    // quads from QUADS t.
+    // t, t + RUN, ..., t + 7 RUN of them, or with ADJACENT or vec4_path = 2 the
+    // 8 adjacent quads from QUADS t (the same operations per column either way).
     let run_first = (dispatch_group - params.first_group) * WG + (lid / RUN) * RUN * QUADS;
     let shifted = params.vec4_path == 2u;
-    let first = run_first + select(lid % RUN, (lid % RUN) * QUADS, shifted);
-    let step = select(RUN, 1u, shifted);
+    let adjacent = ADJACENT || shifted;
+    let first = run_first + select(lid % RUN, (lid % RUN) * QUADS, adjacent);
+    let step = select(RUN, 1u, adjacent);
     let quads = (params.cols + 3u) / 4u;
     if (first + (QUADS - 1u) * step < quads) {
         if (params.vec4_path == 1u) {

@@ -223,10 +223,12 @@ impl Clipper {
         }
     }
 
-    /// Sets whether the GPU's reduction kernels (passes 1 and 2) run workgroups of 8
-    /// threads (one SIMD group of a software adapter) instead of 64 and 256; `None`
-    /// restores the adapter's default (8 on a software adapter). Rebuilds those
-    /// pipelines. For tests of both sizes on one adapter. No effect on the CPU.
+    /// Sets whether the GPU's kernels take a software adapter's shapes: the
+    /// reduction kernels (passes 1 and 2) run workgroups of 8 threads (one SIMD
+    /// group) instead of 64 and 256, and the input readers give each lane adjacent
+    /// quads (`kernel_constants`); `None` restores the adapter's default (on for a
+    /// software adapter). Rebuilds those pipelines. For tests of both shapes on one
+    /// adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_small_workgroups(&mut self, small: Option<bool>) {
         if let Engine::Gpu(gpu) = &mut self.engine {

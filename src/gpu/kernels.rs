@@ -146,14 +146,15 @@ const FDIV_FLUSHING: &str = "    let a_ftz = select(a, a * 0.0, abs(a) < 0x1p-12
 /// The pipeline-overridable constants kernel `name` is built with: the workgroup
 /// size `WG` of the two reduction kernels (`mb_partials`, `mb_norms`) when
 /// `small_workgroups` (one SIMD group of 8 lanes: what a software adapter runs
-/// best, see `default_small_workgroups` in the GPU module), and the norm pass's
-/// `ADJACENT` lane mapping (each lane reads 4 adjacent quads, so rows that are
-/// not 16-byte aligned take 5 aligned loads per 4 quads); else none (the
-/// shaders' defaults: 64 and 256 threads, each load of a run of lanes on
-/// adjacent quads).
+/// best, see `default_small_workgroups` in the GPU module), and the
+/// `ADJACENT` lane mapping of the two input readers (in the norm pass each lane
+/// reads 4 adjacent quads, so rows that are not 16-byte aligned take 5 aligned
+/// loads per 4 quads; in `weighted_means` 8); else none (the shaders' defaults:
+/// 64 and 256 threads, each load of a run of lanes on adjacent quads).
 pub fn kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'static str, f64)] {
     match name {
         "mb_partials" if small_workgroups => &[("WG", SMALL_WORKGROUP), ("ADJACENT", 1.0)],
+        "weighted_means" if small_workgroups => &[("ADJACENT", 1.0)],
         "mb_norms" if small_workgroups => &[("WG", SMALL_WORKGROUP)],
         _ => &[],
     }
