@@ -225,10 +225,15 @@ fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
 // the same bits whatever `loads`: on lavapipe a row loop per quad cost more than
 // its loads (a tensor of 250,001 columns took 1.5-1.7x one of 250,000 at b = 4
 // with one loop per quad, 1.3-1.4x with one per step and scalar loads).
-fn column_mean4x4(loads: u32, first: u32, rows: u32, stride: u32, inv_n: f32) -> mat4x4<f32> {
+// `init`: the total of the rows before `first` (a chunk of a deep micro-batch,
+// see walk4x4; rows of earlier chunks are a multiple of ROW_BLOCK, so the blocks
+// fall where they would without chunks and the sums are the same bits). With
+// `partial` (a call-site constant) the chunk's total is returned without the
+// open block, which is empty then.
+fn column_mean4x4(loads: u32, first: u32, rows: u32, stride: u32, inv_n: f32, init: mat4x4<f32>, partial: bool) -> mat4x4<f32> {
     // Block sums and totals, one column per quad (matrix operations are per
     // component: the same operations as column_mean4's).
-    var total = mat4x4<f32>();
+    var total = init;
     var block = mat4x4<f32>();
     var idx = first;
     for (var r = 0u; r < rows; r++) {
@@ -238,6 +243,9 @@ fn column_mean4x4(loads: u32, first: u32, rows: u32, stride: u32, inv_n: f32) ->
             total += block;
             block = mat4x4<f32>();
         }
+    }
+    if (partial) {
+        return total;
     }
     return total + block;
 }
@@ -347,20 +355,76 @@ fn finish4(blue: bool, mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32,
     add4(blue, w, s);
 }
 
+// Rows per chunk of a deep micro-batch whose means are stored (0: no chunks; a
+// multiple of ROW_BLOCK). A pipeline constant: 32 in the variant the host builds
+// for calls with such micro-batches on a software adapter
+// (`deep_kernel_constants` in src/gpu/kernels.rs), else 0: the chunked walk's
+// code, even where no workgroup takes it, made the pass over many shallow
+// micro-batches about 9% slower on lavapipe.
+override CHUNK_ROWS: u32 = 0u;
+
+// The four quads of a step in the stored means (a chunk's running totals).
+fn load_means4(at: u32, qs: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(means[at], means[at + qs], means[at + 2u * qs], means[at + 3u * qs]);
+}
+
 // Walks a span one step (four quads, see quad_step) at a time from *c4 while the
 // step's fourth quad is below q_end: their means in one row loop (column_mean4x4,
 // loading as `loads` says), finished as `mode` says and added to the sums in quad
-// order. Leaves *c4 at the first quad not done.
+// order. Leaves *c4 at the first quad not done. Stored means of more than
+// CHUNK_ROWS rows take walk4x4_chunks instead.
 fn walk4x4(blue: bool, loads: u32, mode: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
     let means_row = (params.means_base + mb * params.means_stride) >> 2u;
     let qs = quad_step();
+    if (mode == STORE_MEANS && CHUNK_ROWS > 0u && rows > CHUNK_ROWS) {
+        walk4x4_chunks(blue, loads, c4, q_end, row0, rows, inv_n, mb, s);
+        return;
+    }
     while (*c4 + 3u * qs < q_end) {
-        let m = column_mean4x4(loads, row0 + (*c4 << 2u), rows, params.cols, inv_n);
+        let m = column_mean4x4(loads, row0 + (*c4 << 2u), rows, params.cols, inv_n, mat4x4<f32>(), false);
         finish4(blue, mode, *c4, m[0], means_row, mb, takes_carry, gives_carry, s);
         finish4(blue, mode, *c4 + qs, m[1], means_row, mb, takes_carry, gives_carry, s);
         finish4(blue, mode, *c4 + 2u * qs, m[2], means_row, mb, takes_carry, gives_carry, s);
         finish4(blue, mode, *c4 + 3u * qs, m[3], means_row, mb, takes_carry, gives_carry, s);
         *c4 += 4u * RUN;
+    }
+}
+
+// walk4x4 in mode STORE_MEANS over a micro-batch of more than CHUNK_ROWS rows:
+// the span is walked once per chunk of CHUNK_ROWS rows, each chunk's running
+// totals kept in the means' own place (zeroed first, so that every chunk loads
+// them without a branch) until the last chunk finishes them. A row loop then
+// visits at most CHUNK_ROWS rows: on lavapipe a walk over 128 or 256 rows cost
+// 1.6x one over 16 to 64 (bench_report --scaling, time against M), and b = 256
+// went from 1.96x to 1.31-1.35x a read-and-sum with chunks of 32 rows.
+fn walk4x4_chunks(blue: bool, loads: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, s: ptr<function, Sums>) {
+    let means_row = (params.means_base + mb * params.means_stride) >> 2u;
+    let qs = quad_step();
+    let start = *c4;
+    for (var c = start; c + 3u * qs < q_end; c += 4u * RUN) {
+        let at = means_row + c;
+        means[at] = vec4<f32>(0.0);
+        means[at + qs] = vec4<f32>(0.0);
+        means[at + 2u * qs] = vec4<f32>(0.0);
+        means[at + 3u * qs] = vec4<f32>(0.0);
+    }
+    var r0 = 0u; // rows done in earlier chunks
+    for (; rows - r0 > CHUNK_ROWS; r0 += CHUNK_ROWS) {
+        for (*c4 = start; *c4 + 3u * qs < q_end; *c4 += 4u * RUN) {
+            let at = means_row + *c4;
+            let m = column_mean4x4(loads, row0 + r0 * params.cols + (*c4 << 2u), CHUNK_ROWS, params.cols, inv_n, load_means4(at, qs), true);
+            means[at] = m[0];
+            means[at + qs] = m[1];
+            means[at + 2u * qs] = m[2];
+            means[at + 3u * qs] = m[3];
+        }
+    }
+    for (*c4 = start; *c4 + 3u * qs < q_end; *c4 += 4u * RUN) {
+        let m = column_mean4x4(loads, row0 + r0 * params.cols + (*c4 << 2u), rows - r0, params.cols, inv_n, load_means4(means_row + *c4, qs), false);
+        finish4(blue, STORE_MEANS, *c4, m[0], means_row, mb, false, false, s);
+        finish4(blue, STORE_MEANS, *c4 + qs, m[1], means_row, mb, false, false, s);
+        finish4(blue, STORE_MEANS, *c4 + 2u * qs, m[2], means_row, mb, false, false, s);
+        finish4(blue, STORE_MEANS, *c4 + 3u * qs, m[3], means_row, mb, false, false, s);
     }
 }
 

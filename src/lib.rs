@@ -153,7 +153,8 @@ pub use half;
 /// validation tools and for reading.
 pub mod shaders {
     pub use crate::gpu::kernels::{
-        kernel_constants, kernel_names, kernel_source, kernel_source_for, kernel_source_with_slots,
+        deep_kernel_constants, kernel_constants, kernel_names, kernel_source, kernel_source_for,
+        kernel_source_with_slots, CHUNK_ROWS,
     };
 }
 

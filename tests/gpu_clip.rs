@@ -322,6 +322,38 @@ fn mixed_magnitudes_in_one_tile() {
     }
 }
 
+#[test]
+fn deep_micro_batches_walk_in_chunks() {
+    // Micro-batches of more than 32 rows whose means are stored: on a software
+    // adapter the norm pass walks them in chunks of 32 rows (CHUNK_ROWS), the
+    // running totals kept in the means; 100 rows = 3 chunks and 4 rows, 64 = 2
+    // whole chunks, 33 = one and a row; ragged offsets put 67 rows (2 chunks and
+    // 3) next to 3 and 30. Aligned, unaligned and narrow tensors, f32 and 16-bit,
+    // magnitude 1e-30 for Blue's second walk; both lane mappings and tile widths.
+    let Some(mut gpu) = gpu() else { return };
+    let n = 100;
+    let layouts = [
+        MicroBatches::Uniform(100),
+        MicroBatches::Uniform(64),
+        MicroBatches::Uniform(33),
+        MicroBatches::Offsets(vec![0, 3, 70, 100]),
+    ];
+    for (scale, dtype) in [(1.0, Dtype::F32), (1e-30, Dtype::F32), (0.5, Dtype::F16)] {
+        let t = random_tensors(77, n, &[4100, 4101, 9, 1], scale);
+        for hardware in [false, true] {
+            gpu.set_gpu_small_workgroups(hardware.then_some(false));
+            gpu.set_gpu_min_tile_workgroups(hardware.then_some(u64::MAX));
+            for layout in &layouts {
+                let cfg = ClipConfig::fixed(0.3 * scale, layout.clone());
+                let what = format!("scale {scale} {dtype:?} hardware {hardware} {layout:?}");
+                check_as(&mut gpu, &cfg, &t, n, TOL, &what, dtype);
+            }
+        }
+    }
+    gpu.set_gpu_small_workgroups(None);
+    gpu.set_gpu_min_tile_workgroups(None);
+}
+
 fn with_non_finite(n: usize, widths: &[usize]) -> Vec<Vec<f32>> {
     let mut t = random_tensors(5, n, widths, 1.0);
     let d1 = widths[1];
@@ -399,17 +431,27 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
     // cols % 4 != 0 the shift changes from row to row). Magnitude 1e-30 takes Blue's
     // second walk of the norm pass.
     let Some(mut gpu) = gpu() else { return };
-    let n = 10;
     let device = gpu.device().unwrap().clone();
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     // (pad elements before the rows, elements after them)
     let placements = [(0usize, 0usize), (1, 0), (1, 3), (2, 3), (3, 8), (2, 0)];
-    for (d, scale) in [(4100, 1.0), (4101, 1.0), (4101, 1e-30)] {
+    // b = 3: pass 4 reads stored means; b = 1, 2: it reads the rows. Both lane
+    // mappings of the norm pass (small workgroups: adjacent quads). b = 70 (n =
+    // 70): the norm pass walks its rows in chunks with small workgroups.
+    let runs: [(usize, &[(usize, bool)]); 2] = [
+        (
+            10,
+            &[(1, true), (2, true), (3, true), (1, false), (3, false)],
+        ),
+        (70, &[(70, true), (70, false)]),
+    ];
+    for ((d, scale), (n, bs)) in [(4100, 1.0), (4101, 1.0), (4101, 1e-30)]
+        .into_iter()
+        .flat_map(|shape| runs.iter().map(move |&run| (shape, run)))
+    {
         let t = random_tensors(23, n, &[d], scale).remove(0);
-        // b = 3: pass 4 reads stored means; b = 1, 2: it reads the rows.
-        // Both lane mappings of the norm pass (small workgroups: adjacent quads).
-        for (b, small) in [(1, true), (2, true), (3, true), (1, false), (3, false)] {
+        for &(b, small) in bs {
             gpu.set_gpu_small_workgroups(Some(small));
             let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
             let mut results = Vec::new();

@@ -28,7 +28,11 @@ fn every_kernel_validates_with_naga() {
         );
         // Every pipeline constant the backend sets is an override of the kernel.
         for small in [false, true] {
-            for (key, _) in microclip::shaders::kernel_constants(name, small) {
+            let constants = [
+                microclip::shaders::kernel_constants(name, small),
+                microclip::shaders::deep_kernel_constants(name, small),
+            ];
+            for (key, _) in constants.into_iter().flatten() {
                 assert!(
                     module
                         .overrides

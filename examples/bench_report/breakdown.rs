@@ -99,7 +99,7 @@ impl Single {
         kernel: &str,
         resources: &[wgpu::BindingResource<'_>],
         groups: (u32, u32, u32),
-        small_workgroups: bool,
+        constants: &[(&str, f64)],
     ) -> Self {
         let source = microclip::shaders::kernel_source(kernel).expect("kernel");
         let module = gpu
@@ -115,9 +115,9 @@ impl Single {
                 layout: None,
                 module: &module,
                 entry_point: Some("main"),
-                // The workgroup sizes microclip builds this kernel with.
+                // The constants microclip builds this kernel with.
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: microclip::shaders::kernel_constants(kernel, small_workgroups),
+                    constants,
                     ..Default::default()
                 },
                 cache: None,
@@ -297,7 +297,13 @@ pub fn run(
                 carry_out.as_entire_binding(),
             ],
             (tx, ty, m as u32),
-            small,
+            // The variant microclip takes for micro-batches deeper than CHUNK_ROWS
+            // rows whose means are stored (`deep_means` in src/gpu/mod.rs).
+            if with_means && n / m > microclip::shaders::CHUNK_ROWS as usize {
+                microclip::shaders::deep_kernel_constants("mb_partials", small)
+            } else {
+                microclip::shaders::kernel_constants("mb_partials", small)
+            },
         );
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
         // Without stored means pass 4 reads the N input rows, each with its
@@ -326,7 +332,7 @@ pub fn run(
                     rw.as_entire_binding(),
                 ],
                 (rx, ry, 1),
-                small,
+                microclip::shaders::kernel_constants("row_weights", small),
             )
             .run(gpu);
             Some(rw)
@@ -363,7 +369,7 @@ pub fn run(
                     source.as_entire_binding(),
                 ],
                 (mx, my, 1),
-                small,
+                microclip::shaders::kernel_constants("weighted_means", small),
             )
         };
         part.run(gpu);

@@ -160,6 +160,27 @@ pub fn kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'stat
     }
 }
 
+/// The constants of the variant built for calls with deep micro-batches (more
+/// than [`CHUNK_ROWS`] rows whose means are stored): with `small_workgroups` the
+/// norm pass also walks such micro-batches [`CHUNK_ROWS`] rows at a time
+/// (`CHUNK_ROWS` in mb_partials.wgsl); otherwise [`kernel_constants`]. A
+/// separate variant because on lavapipe the chunked walk's code made the norm
+/// pass over many shallow micro-batches about 9% slower.
+pub fn deep_kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'static str, f64)] {
+    match name {
+        "mb_partials" if small_workgroups => &[
+            ("WG", SMALL_WORKGROUP),
+            ("ADJACENT", 1.0),
+            ("CHUNK_ROWS", CHUNK_ROWS as f64),
+        ],
+        _ => kernel_constants(name, small_workgroups),
+    }
+}
+
+/// Rows per chunk of the norm pass's walk over a deep micro-batch on a software
+/// adapter ([`deep_kernel_constants`]).
+pub const CHUNK_ROWS: u64 = 32;
+
 /// Threads per workgroup of the reduction kernels on a software adapter: one SIMD
 /// group of llvmpipe (8 f32 lanes of AVX2), so no workgroup runs as coroutines.
 const SMALL_WORKGROUP: f64 = 8.0;
@@ -284,15 +305,35 @@ pub(crate) const STATS_BYTES: u64 = 32;
 /// over one buffer range per dispatch or (the slots variants, grads_slots.wgsl)
 /// over up to [`SLOTS`].
 pub(crate) struct GradKernels {
-    pub partials: wgpu::ComputePipeline,
+    partials: wgpu::ComputePipeline,
+    /// `mb_partials` with [`deep_kernel_constants`] where they differ (built on
+    /// first use).
+    partials_deep: Option<wgpu::ComputePipeline>,
     pub weighted_means: wgpu::ComputePipeline,
 }
 
 impl GradKernels {
     fn build(device: &wgpu::Device, dtype: Dtype, small_workgroups: bool, slots: bool) -> Self {
+        let constants = kernel_constants("mb_partials", small_workgroups);
         Self {
-            partials: build(device, "mb_partials", dtype, small_workgroups, slots),
-            weighted_means: build(device, "weighted_means", dtype, small_workgroups, slots),
+            partials: build(device, "mb_partials", dtype, constants, slots),
+            partials_deep: None,
+            weighted_means: build(
+                device,
+                "weighted_means",
+                dtype,
+                kernel_constants("weighted_means", small_workgroups),
+                slots,
+            ),
+        }
+    }
+
+    /// The norm pass, the variant for deep micro-batches if `deep` (after
+    /// [`Kernels::prepare`] with `deep`).
+    pub fn partials(&self, deep: bool) -> &wgpu::ComputePipeline {
+        match &self.partials_deep {
+            Some(p) if deep => p,
+            _ => &self.partials,
         }
     }
 }
@@ -323,12 +364,13 @@ pub(crate) fn slots_supported(device: &wgpu::Device) -> bool {
     device.limits().max_storage_buffers_per_shader_stage >= SLOTS_STORAGE_BUFFERS
 }
 
-/// Builds kernel `name` for `dtype`, the slots variant if `slots`.
+/// Builds kernel `name` for `dtype` with pipeline `constants`, the slots variant
+/// if `slots`.
 fn build(
     device: &wgpu::Device,
     name: &str,
     dtype: Dtype,
-    small_workgroups: bool,
+    constants: &[(&str, f64)],
     slots: bool,
 ) -> wgpu::ComputePipeline {
     let source = if slots {
@@ -348,7 +390,7 @@ fn build(
         module: &module,
         entry_point: Some("main"),
         compilation_options: wgpu::PipelineCompilationOptions {
-            constants: kernel_constants(name, small_workgroups),
+            constants,
             ..Default::default()
         },
         cache: None,
@@ -359,14 +401,38 @@ impl Kernels {
     /// `small_workgroups`: see [`kernel_constants`].
     pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
         let mut kernels = Self {
-            norms: build(device, "mb_norms", Dtype::F32, small_workgroups, false),
-            factors: build(device, "clip_factors", Dtype::F32, small_workgroups, false),
-            row_weights: build(device, "row_weights", Dtype::F32, small_workgroups, false),
-            add_noise: build(device, "add_noise", Dtype::F32, small_workgroups, false),
+            norms: build(
+                device,
+                "mb_norms",
+                Dtype::F32,
+                kernel_constants("mb_norms", small_workgroups),
+                false,
+            ),
+            factors: build(
+                device,
+                "clip_factors",
+                Dtype::F32,
+                kernel_constants("clip_factors", small_workgroups),
+                false,
+            ),
+            row_weights: build(
+                device,
+                "row_weights",
+                Dtype::F32,
+                kernel_constants("row_weights", small_workgroups),
+                false,
+            ),
+            add_noise: build(
+                device,
+                "add_noise",
+                Dtype::F32,
+                kernel_constants("add_noise", small_workgroups),
+                false,
+            ),
             readers: [None, None, None],
             small_workgroups,
         };
-        kernels.prepare(device, Dtype::F32, false);
+        kernels.prepare(device, Dtype::F32, false, false);
         kernels
     }
 
@@ -386,22 +452,32 @@ impl Kernels {
             .collect();
         *self = Self::new(device, small);
         for (dtype, slots) in prepared {
-            self.prepare(device, dtype, slots);
+            self.prepare(device, dtype, slots, false);
         }
     }
 
     /// Builds the gradient readers of `dtype` unless they exist, and their slots
-    /// variants if `slots` (the device must allow them: [`slots_supported`]).
-    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, slots: bool) {
+    /// variants if `slots` (the device must allow them: [`slots_supported`]);
+    /// with `deep`, also the norm pass's variant for deep micro-batches of the
+    /// readers named by `slots`, where its constants differ.
+    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, slots: bool, deep: bool) {
         let small = self.small_workgroups;
         let readers = self.readers[dtype.index()].get_or_insert_with(|| TypeReaders {
             one: GradKernels::build(device, dtype, small, false),
             slots: None,
         });
-        if slots {
+        let kernels = if slots {
             readers
                 .slots
-                .get_or_insert_with(|| GradKernels::build(device, dtype, small, true));
+                .get_or_insert_with(|| GradKernels::build(device, dtype, small, true))
+        } else {
+            &mut readers.one
+        };
+        let constants = deep_kernel_constants("mb_partials", small);
+        if deep && constants != kernel_constants("mb_partials", small) {
+            kernels
+                .partials_deep
+                .get_or_insert_with(|| build(device, "mb_partials", dtype, constants, slots));
         }
     }
 

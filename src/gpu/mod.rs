@@ -148,6 +148,9 @@ struct CallLayout {
     /// Pass 1 stores the `[M, total_means_cols]` micro-batch means (else pass 4
     /// re-reads the input rows).
     with_means: bool,
+    /// Means are stored and some micro-batch has more than `kernels::CHUNK_ROWS`
+    /// rows: the norm pass takes its variant for deep micro-batches.
+    deep_means: bool,
     /// Pass 4 re-reads rows of micro-batches of several rows, with `[N, G]` per-row
     /// weights.
     per_row_weights: bool,
@@ -584,6 +587,10 @@ impl GpuClipper {
             self.max_binding,
             self.means_min_rows,
         );
+        let deep_means = with_means
+            && offsets
+                .windows(2)
+                .any(|w| (w[1] - w[0]) as u64 > kernels::CHUNK_ROWS);
         let per_row_weights = !with_means && micro_batches != n;
         if per_row_weights {
             too_large(
@@ -601,6 +608,7 @@ impl GpuClipper {
             carry_cols,
             total_means_cols,
             with_means,
+            deep_means,
             per_row_weights,
             pass1,
         })
@@ -628,11 +636,13 @@ impl GpuClipper {
         // Inside the scopes: building a 16-bit type's pipelines on first use reports
         // a failure as ClipError::Device, not through wgpu's panicking handler.
         for t in inputs {
-            self.kernels.prepare(&self.device, t.dtype, false);
+            self.kernels
+                .prepare(&self.device, t.dtype, false, layout.deep_means);
         }
         for d in layout.pass1.iter().filter(|d| d.bindings.len() > 1) {
             let dtype = inputs[d.entries[0].tensor].dtype;
-            self.kernels.prepare(&self.device, dtype, true);
+            self.kernels
+                .prepare(&self.device, dtype, true, layout.deep_means);
         }
         let readback =
             self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
@@ -1071,7 +1081,7 @@ impl GpuClipper {
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    &readers(&d.sources, d.dtype).partials,
+                    readers(&d.sources, d.dtype).partials(layout.deep_means),
                     resources,
                     slots,
                 )
@@ -1158,7 +1168,7 @@ impl GpuClipper {
                 timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
             });
             for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
-                pass.set_pipeline(&readers(&d.sources, d.dtype).partials);
+                pass.set_pipeline(readers(&d.sources, d.dtype).partials(layout.deep_means));
                 pass.set_bind_group(0, group, &[]);
                 let (x, y, z) = d.groups;
                 pass.dispatch_workgroups(x, y, z);
