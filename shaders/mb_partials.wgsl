@@ -226,7 +226,7 @@ fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
 // its loads (a tensor of 250,001 columns took 1.5-1.7x one of 250,000 at b = 4
 // with one loop per quad, 1.3-1.4x with one per step and scalar loads).
 // `init`: the total of the rows before `first` (a chunk of a deep micro-batch,
-// see walk4x4; rows of earlier chunks are a multiple of ROW_BLOCK, so the blocks
+// see walk4x4_chunks; rows of earlier chunks are a multiple of ROW_BLOCK, so the blocks
 // fall where they would without chunks and the sums are the same bits). With
 // `partial` (a call-site constant) the chunk's total is returned without the
 // open block, which is empty then.

@@ -11,11 +11,13 @@
 // and reads RUN * QUADS * 16 = 1 KiB contiguous bytes of every row per visit. On
 // a GPU thread t of the run sums quads t, t + RUN, ..., t + 7 RUN, so each of its
 // QUADS loads per row is one of RUN adjacent quads. On a software adapter
-// (ADJACENT, a pipeline constant) and with vec4_path = 2, thread t sums the 8
-// adjacent quads 8 t .. 8 t + 7 instead: on lavapipe that took this pass over
-// 256 input rows (b = 1) from 1.68-1.77x to 1.41-1.48x a read-and-sum (3
-// alternating pairs of `bench_report --breakdown`; each lane's loads are then 128
-// contiguous bytes, as the norm pass's ADJACENT mapping found for 64). On
+// (ADJACENT, a pipeline constant) or with vec4_path = 2, thread t sums the 8
+// adjacent quads 8 t .. 8 t + 7 instead: on the eleventh session's lavapipe
+// host that took this pass over 256 input rows (b = 1) from 1.68-1.77x to
+// 1.41-1.48x a read-and-sum (3 alternating pairs of `bench_report --breakdown`;
+// each lane's loads are then 128 contiguous bytes, as the norm pass's ADJACENT
+// mapping found for 64). The ninth session's host had measured it slower
+// (BENCHMARKS.md): the better mapping depends on the host CPU. On
 // lavapipe (SIMD-8 groups that each run the whole loop before the next starts) 4
 // quads per thread made the pass 1.7x faster at b = 1 than one quad per thread,
 // and 8 quads another 5-20% than 4 (longer visits of each row; 7 of 8

@@ -225,8 +225,10 @@ impl Clipper {
 
     /// Sets whether the GPU's kernels take a software adapter's shapes: the
     /// reduction kernels (passes 1 and 2) run workgroups of 8 threads (one SIMD
-    /// group) instead of 64 and 256, and the input readers give each lane adjacent
-    /// quads (`kernel_constants`); `None` restores the adapter's default (on for a
+    /// group) instead of 64 and 256, the input readers give each lane adjacent
+    /// quads (`kernel_constants`), and calls with micro-batches deeper than
+    /// `CHUNK_ROWS` rows walk them in chunks (`deep_kernel_constants`); `None`
+    /// restores the adapter's default (on for a
     /// software adapter). Rebuilds those pipelines. For tests of both shapes on one
     /// adapter. No effect on the CPU.
     #[doc(hidden)]

@@ -329,7 +329,9 @@ fn deep_micro_batches_walk_in_chunks() {
     // running totals kept in the means; 100 rows = 3 chunks and 4 rows, 64 = 2
     // whole chunks, 33 = one and a row; ragged offsets put 67 rows (2 chunks and
     // 3) next to 3 and 30. Aligned, unaligned and narrow tensors, f32 and 16-bit,
-    // magnitude 1e-30 for Blue's second walk; both lane mappings and tile widths.
+    // magnitude 1e-30 for Blue's second walk; both lane mappings and tile widths
+    // (small workgroups take the chunked variant on any adapter). The chunked
+    // norms have the bits of the same walk without stored means (no chunks).
     let Some(mut gpu) = gpu() else { return };
     let n = 100;
     let layouts = [
@@ -338,15 +340,37 @@ fn deep_micro_batches_walk_in_chunks() {
         MicroBatches::Uniform(33),
         MicroBatches::Offsets(vec![0, 3, 70, 100]),
     ];
-    for (scale, dtype) in [(1.0, Dtype::F32), (1e-30, Dtype::F32), (0.5, Dtype::F16)] {
+    let norm_bits = |o: ClipOutput| {
+        o.stats
+            .norms
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    for (scale, dtype) in [
+        (1.0, Dtype::F32),
+        (1e-30, Dtype::F32),
+        (0.5, Dtype::F16),
+        (1.0, Dtype::Bf16),
+    ] {
         let t = random_tensors(77, n, &[4100, 4101, 9, 1], scale);
         for hardware in [false, true] {
-            gpu.set_gpu_small_workgroups(hardware.then_some(false));
+            gpu.set_gpu_small_workgroups(Some(!hardware));
             gpu.set_gpu_min_tile_workgroups(hardware.then_some(u64::MAX));
             for layout in &layouts {
                 let cfg = ClipConfig::fixed(0.3 * scale, layout.clone());
                 let what = format!("scale {scale} {dtype:?} hardware {hardware} {layout:?}");
                 check_as(&mut gpu, &cfg, &t, n, TOL, &what, dtype);
+                if dtype == Dtype::F32 {
+                    let chunked = norm_bits(gpu.clip(&cfg, &slices(&t), n).unwrap());
+                    gpu.set_gpu_means_min_rows(Some(1 << 20));
+                    let plain = norm_bits(gpu.clip(&cfg, &slices(&t), n).unwrap());
+                    gpu.set_gpu_means_min_rows(None);
+                    assert_eq!(
+                        chunked, plain,
+                        "{what}: norms with and without stored means"
+                    );
+                }
             }
         }
     }

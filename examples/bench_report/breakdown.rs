@@ -299,7 +299,7 @@ pub fn run(
             (tx, ty, m as u32),
             // The variant microclip takes for micro-batches deeper than CHUNK_ROWS
             // rows whose means are stored (`deep_means` in src/gpu/mod.rs).
-            if with_means && n / m > microclip::shaders::CHUNK_ROWS as usize {
+            if with_means && b.min(n) > microclip::shaders::CHUNK_ROWS as usize {
                 microclip::shaders::deep_kernel_constants("mb_partials", small)
             } else {
                 microclip::shaders::kernel_constants("mb_partials", small)

@@ -27,6 +27,10 @@ const BASELINE_WGSL: &str = include_str!("baseline.wgsl");
 const WG: u64 = 256;
 /// vec4 per thread in the reference kernels (`ITEMS` in reference.wgsl).
 const ITEMS: u64 = 16;
+/// `ITEMS` of the read-and-sum on a software adapter (8 threads x 512 vec4).
+const SOFTWARE_ITEMS: u64 = 512;
+// read_sum's unchecked loop takes 8 vec4 per iteration.
+const _: () = assert!(ITEMS.is_multiple_of(8) && SOFTWARE_ITEMS.is_multiple_of(8));
 /// Largest workgroup count of one dispatch dimension.
 const MAX_GROUPS: u64 = 65535;
 
@@ -378,7 +382,7 @@ impl RefKernels {
                 REFERENCE_WGSL,
                 "read_sum",
                 if gpu.software {
-                    &[("WG", 8.0), ("ITEMS", 512.0)]
+                    &[("WG", 8.0), ("ITEMS", SOFTWARE_ITEMS as f64)]
                 } else {
                     &[]
                 },

@@ -7,9 +7,10 @@
 // A read_sum workgroup whose whole block lies in the window (all but the
 // window's last) reads it without a bounds test per load, 8 loads per loop
 // iteration into 4 accumulators; only the last block tests each index. On lavapipe
-// this reads 64 MB in 0.70-0.85x the time of one tested load per iteration
-// (BENCHMARKS.md, eleventh session): the floor must be a read that microclip's
-// own kernels cannot beat. ITEMS is a multiple of 8.
+// this reads 64 MB in 0.55-0.7x the time of one tested load per iteration in
+// the bench's rows (0.6-0.9x in an interleaved probe; BENCHMARKS.md, eleventh
+// session): the floor must be a read that microclip's own kernels cannot beat.
+// ITEMS is a multiple of 8 (asserted where the bench sets it).
 //
 // The host binds the buffer in windows of at most one storage binding and
 // dispatches each window separately; `count` is the window's length in vec4.

@@ -536,6 +536,19 @@ mod tests {
         }
     }
 
+    /// Chunks of a deep micro-batch end where the shaders' row blocks end, so a
+    /// chunked walk sums the same blocks in the same order (mb_partials.wgsl).
+    #[test]
+    fn chunks_are_whole_row_blocks() {
+        let source = kernel_source("mb_partials").expect("known kernel");
+        let row_block: u64 = source
+            .lines()
+            .find_map(|l| l.strip_prefix("const ROW_BLOCK: u32 = "))
+            .and_then(|v| v.trim_end_matches(['u', ';']).parse().ok())
+            .expect("ROW_BLOCK in the prelude");
+        assert_eq!(CHUNK_ROWS % row_block, 0);
+    }
+
     #[test]
     fn the_emulated_division_replaces_fdiv() {
         assert_eq!(COMMON.matches(FDIV_EXACT).count(), 1);

@@ -375,7 +375,7 @@ pub(crate) fn materialize_means(
     max_binding: u64,
     min_rows: u64,
 ) -> bool {
-    n >= min_rows * micro_batches
+    n >= min_rows.saturating_mul(micro_batches)
         && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
 }
 
