@@ -228,9 +228,8 @@ impl Clipper {
     /// group) instead of 64 and 256, the input readers give each lane adjacent
     /// quads (`kernel_constants`), and calls with micro-batches deeper than
     /// `CHUNK_ROWS` rows walk them in chunks (`deep_kernel_constants`); `None`
-    /// restores the adapter's default (on for a
-    /// software adapter). Rebuilds those pipelines. For tests of both shapes on one
-    /// adapter. No effect on the CPU.
+    /// restores the adapter's default (on for a software adapter). Rebuilds those
+    /// pipelines. For tests of both shapes on one adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_small_workgroups(&mut self, small: Option<bool>) {
         if let Engine::Gpu(gpu) = &mut self.engine {

@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use microclip::half::{bf16, f16};
 use microclip::reference::clip_f64;
 use microclip::{ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
 use microclip::{ClipError, ClipOutput, Dtype, GpuTensor, GpuTensorMut};
@@ -685,26 +684,7 @@ fn tensors_in_many_buffers_share_dispatches() {
     let (t, bytes): (Vec<Vec<f32>>, Vec<Vec<u8>>) = random_tensors(77, n, &widths, 1.0)
         .into_iter()
         .enumerate()
-        .map(|(p, x)| match dtype(p) {
-            Dtype::Bf16 => {
-                let typed = rounded(&[x], bf16::from_f32);
-                (
-                    widened(&typed).remove(0),
-                    bytemuck::cast_slice(&typed[0]).to_vec(),
-                )
-            }
-            Dtype::F16 => {
-                let typed = rounded(&[x], f16::from_f32);
-                (
-                    widened(&typed).remove(0),
-                    bytemuck::cast_slice(&typed[0]).to_vec(),
-                )
-            }
-            _ => {
-                let b = bytemuck::cast_slice(&x).to_vec();
-                (x, b)
-            }
-        })
+        .map(|(p, x)| as_dtype(x, dtype(p)))
         .unzip();
     // Tensor p at byte 4 * (p % 3) of its buffer; tensors 2k and 2k + 1 (k < 4)
     // share a buffer, the second one word after the first ends.

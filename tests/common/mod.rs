@@ -294,6 +294,21 @@ pub fn check_typed<T: GradElement>(
     assert_matches(&got, &want, tol, what);
 }
 
+/// `x` rounded to `dtype`: its values widened back to f32 (as the reference
+/// sees them) and the bytes a buffer of that element type holds.
+pub fn as_dtype(x: Vec<f32>, dtype: Dtype) -> (Vec<f32>, Vec<u8>) {
+    fn typed<T: GradElement>(x: Vec<f32>, from_f32: fn(f32) -> T) -> (Vec<f32>, Vec<u8>) {
+        let typed = rounded(&[x], from_f32);
+        let bytes = bytemuck::cast_slice(&typed[0]).to_vec();
+        (widened(&typed).remove(0), bytes)
+    }
+    match dtype {
+        Dtype::F32 => typed(x, |v| v),
+        Dtype::F16 => typed(x, f16::from_f32),
+        Dtype::Bf16 => typed(x, bf16::from_f32),
+    }
+}
+
 /// [`check`] with the inputs rounded to `dtype` first.
 pub fn check_as(
     clipper: &mut Clipper,
