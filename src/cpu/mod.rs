@@ -186,16 +186,20 @@ impl<'a, T: GradElement> Plan<'a, T> {
 /// of additions (and the result) does not depend on the machine.
 const LANES: usize = 8;
 
-// The hot loops, compiled for AVX2 with FMA and F16C (x86-64) and NEON (AArch64)
-// as well as the baseline, chosen at run time. No FMA contraction happens in Rust,
-// so every version computes bitwise the same result. They read the input in its
-// own type and widen it in registers, 8 values at a time (`lanes_f64`: a shift for
-// bf16, for f16 one F16C instruction where the CPU has it, else the exact
-// branch-free decode of `GradElement::to_f32`), so 16-bit rows move half the bytes
-// of f32 ones and give the same bits as f32 rows of the same values.
+// The hot loops, compiled for multiversion's SIMD levels as well as the baseline,
+// chosen at run time: on x86-64 AVX-512 of the Ice Lake class (x86-64-v4, from
+// Rust 1.89), AVX2 with FMA and F16C (v3) and v2; SVE on AArch64, whose baseline
+// has NEON. AVX-512 took 16-bit input at b = 1 from 80-110 to 68-72 ms on the
+// twelfth session's Xeon, and changed no f32 row (BENCHMARKS.md). No FMA
+// contraction happens in Rust, so every version computes bitwise the same result.
+// They read the input in its own type and widen it in registers, 8 values at a
+// time (`lanes_f64`: a shift for bf16, for f16 one F16C instruction where the CPU
+// has it, else the exact branch-free decode of `GradElement::to_f32`), so 16-bit
+// rows move half the bytes of f32 ones and give the same bits as f32 rows of the
+// same values.
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
-#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
+#[multiversion(targets = "simd")]
 fn sum_squares<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let full = row.len() - row.len() % LANES;
@@ -214,7 +218,7 @@ fn sum_squares<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
 }
 
 /// `dst[c] = src[c]` as f32 (exact), for equal lengths.
-#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
+#[multiversion(targets = "simd")]
 fn widen<T: GradElement>(src: &[T], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
@@ -223,7 +227,7 @@ fn widen<T: GradElement>(src: &[T], dst: &mut [f32]) {
 
 /// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given) and returns
 /// `sum_c (sum[c] * inv_n)^2`, in `LANES` interleaved partial sums.
-#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
+#[multiversion(targets = "simd")]
 fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
     let mut lanes = [0.0f64; LANES];
     match mean {
@@ -253,7 +257,7 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 /// the same bits). For micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows, where
 /// the second sweep cost about as much as the rows' loads (b = 2 took half the
 /// time with one sweep).
-#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
+#[multiversion(targets = "simd")]
 fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
     inv_n: f64,
@@ -302,8 +306,8 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
 fn lanes_f64<T: GradElement>(x: &[T], c0: usize, f16c: F16c) -> [f64; LANES] {
     let x: &[T; LANES] = x[c0..c0 + LANES].try_into().expect("LANES columns");
     // Widened as f32 first: all LANES in one vector (f16's decode costs a dozen
-    // integer operations per vector, or one F16C instruction), then as f64 (two
-    // vectors with AVX2).
+    // integer operations per vector, or one F16C instruction), then as f64 (one
+    // vector with AVX-512, two with AVX2).
     let w32 = T::to_f32_x8(x, f16c);
     let mut w = [0.0f64; LANES];
     for l in 0..LANES {
@@ -393,7 +397,7 @@ fn add_rows<'x, T: GradElement>(
 
 /// `sum[c] = x_0[c] + x_1[c] + ...` (`first`: a sum's first rows) or
 /// `sum[c] += x_0[c] + ...`, added one row after the other, in f64.
-#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
+#[multiversion(targets = "simd")]
 fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: bool, f16c: F16c) {
     let n = sum.len();
     let x = x.map(|x| &x[..n]);
@@ -452,7 +456,7 @@ fn axpy_rows<T: GradElement>(acc: &mut [f64], terms: &[(f64, &[T])], f16c: F16c)
 }
 
 /// `acc[c] = (acc[c] + h_0 * x_0[c]) + h_1 * x_1[c] + ...`, in f64.
-#[multiversion(targets("x86_64+avx2+fma+f16c", "aarch64+neon"))]
+#[multiversion(targets = "simd")]
 fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]; K], f16c: F16c) {
     let n = acc.len();
     let x = x.map(|x| &x[..n]);
