@@ -737,6 +737,10 @@ fn push_conventions(header: &mut Vec<String>, opts: &Opts, timing: Timing) {
 // ---------------------------------------------------------------------------------
 // CPU
 
+/// Bytes of the CPU header's in-cache read-and-sum (a slice that fits the
+/// last-level cache of most machines the bench runs on).
+const CACHE_PROBE_BYTES: usize = 16 << 20;
+
 /// Multi-threaded sum of a slice: 64 Ki-element tasks, 8 independent f32 lanes each
 /// (so the compiler vectorises it), a memory-bound read of every element once.
 fn cpu_sum(x: &[f32]) -> f32 {
@@ -862,6 +866,28 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
             copy_ms,
             bytes / (read_ms * 1e-3) / 1e9,
             read_ms
+        ));
+        // The same sum over a slice that stays in the last-level cache between
+        // runs: what a second read of a cache block costs against the first one
+        // from DRAM (the stretch target re-reads each block from cache).
+        let hot = &x[..x.len().min(CACHE_PROBE_BYTES / 4)];
+        let hot_ms = median(
+            &interleaved(
+                opts.warmup,
+                opts.runs,
+                &mut [&mut || {
+                    std::hint::black_box(cpu_sum(hot));
+                    None
+                }],
+            )[0],
+        );
+        let hot_gbs = (hot.len() * 4) as f64 / (hot_ms * 1e-3) / 1e9;
+        header.push(format!(
+            "host read-and-sum over the first {:.1} MB, again and again (in the last-level cache if it fits): {:.2} GB/s, {:.2}x the rate over {:.0} MB",
+            (hot.len() * 4) as f64 / 1e6,
+            hot_gbs,
+            hot_gbs / (bytes / (read_ms * 1e-3) / 1e9),
+            bytes / 1e6
         ));
     }
     for &b in &sizes.bs {

@@ -55,7 +55,11 @@
 //!   `mb_partials` and again in `weighted_means`). For the 100-tensor cases the
 //!   reference reads one buffer of the same total size.
 //! * **Adapter bandwidth**: a vec4 copy kernel over the main input (GB/s counting
-//!   bytes read + written) and the read-and-sum, printed in the header.
+//!   bytes read + written) and the read-and-sum, printed in the header. The CPU
+//!   header adds the read-and-sum over the first 16 MiB alone, read again and
+//!   again (in the last-level cache where it fits): how much cheaper a second
+//!   read of a cached block is than the first read from DRAM, which bounds what
+//!   the one-read path can gain at b = 1.
 //! * **5-pass baseline** (`baseline.wgsl`): mean -> norms -> factors -> scale ->
 //!   sum, one kernel each with materialised intermediates, for b = 1 and 8 on the
 //!   main shape; speedup = its time / microclip's. It is checked against microclip
