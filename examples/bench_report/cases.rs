@@ -871,24 +871,28 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         // runs: what a second read of a cache block costs against the first one
         // from DRAM (the stretch target re-reads each block from cache).
         let hot = &x[..x.len().min(CACHE_PROBE_BYTES / 4)];
-        let hot_ms = median(
-            &interleaved(
-                opts.warmup,
-                opts.runs,
-                &mut [&mut || {
-                    std::hint::black_box(cpu_sum(hot));
-                    None
-                }],
-            )[0],
-        );
-        let hot_gbs = (hot.len() * 4) as f64 / (hot_ms * 1e-3) / 1e9;
-        header.push(format!(
+        if hot.len() == x.len() {
+            header.push("(the main input is no larger than the in-cache probe's 16 MiB: no second bandwidth line)".to_string());
+        } else {
+            let hot_ms = median(
+                &interleaved(
+                    opts.warmup,
+                    opts.runs,
+                    &mut [&mut || {
+                        std::hint::black_box(cpu_sum(hot));
+                        None
+                    }],
+                )[0],
+            );
+            let hot_gbs = (hot.len() * 4) as f64 / (hot_ms * 1e-3) / 1e9;
+            header.push(format!(
             "host read-and-sum over the first {:.1} MB, again and again (in the last-level cache if it fits): {:.2} GB/s, {:.2}x the rate over {:.0} MB",
             (hot.len() * 4) as f64 / 1e6,
             hot_gbs,
             hot_gbs / (bytes / (read_ms * 1e-3) / 1e9),
             bytes / 1e6
         ));
+        }
     }
     for &b in &sizes.bs {
         if b <= n {

@@ -188,9 +188,10 @@ const LANES: usize = 8;
 
 // The hot loops, compiled for multiversion's SIMD levels as well as the baseline,
 // chosen at run time: on x86-64 AVX-512 of the Ice Lake class (x86-64-v4, from
-// Rust 1.89), AVX2 with FMA and F16C (v3) and v2; SVE on AArch64, whose baseline
-// has NEON. AVX-512 took 16-bit input at b = 1 from 80-110 to 68-72 ms on the
-// twelfth session's Xeon, and changed no f32 row (BENCHMARKS.md). No FMA
+// Rust 1.89), AVX2 with FMA and F16C (v3) and v2; SVE (with FP16) on AArch64,
+// whose baseline has NEON. AVX-512 took 16-bit input at b = 1 from 83-117 to
+// 71-75 ms on the twelfth session's Xeon; f32 moved only at b = 2 and 4, about
+// 5% (BENCHMARKS.md). No FMA
 // contraction happens in Rust, so every version computes bitwise the same result.
 // They read the input in its own type and widen it in registers, 8 values at a
 // time (`lanes_f64`: a shift for bf16, for f16 one F16C instruction where the CPU
