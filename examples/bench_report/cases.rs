@@ -872,7 +872,11 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         // from DRAM (the issue's stretch target re-reads each block from cache).
         let hot = &x[..x.len().min(CACHE_PROBE_BYTES / 4)];
         if hot.len() == x.len() {
-            header.push("(the main input is no larger than the in-cache probe's 16 MiB: no second bandwidth line)".to_string());
+            header.push(
+                "(the main input is no larger than the in-cache probe's 16 MiB: \
+                 no second bandwidth line)"
+                    .to_string(),
+            );
         } else {
             let hot_ms = median(
                 &interleaved(
@@ -886,12 +890,13 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
             );
             let hot_gbs = (hot.len() * 4) as f64 / (hot_ms * 1e-3) / 1e9;
             header.push(format!(
-            "host read-and-sum over the first {:.1} MB, again and again (in the last-level cache if it fits): {:.2} GB/s, {:.2}x the rate over {:.0} MB",
-            (hot.len() * 4) as f64 / 1e6,
-            hot_gbs,
-            hot_gbs / (bytes / (read_ms * 1e-3) / 1e9),
-            bytes / 1e6
-        ));
+                "host read-and-sum over the first {:.1} MB, again and again (in the \
+                 last-level cache if it fits): {:.2} GB/s, {:.2}x the rate over {:.0} MB",
+                (hot.len() * 4) as f64 / 1e6,
+                hot_gbs,
+                hot_gbs / (bytes / (read_ms * 1e-3) / 1e9),
+                bytes / 1e6
+            ));
         }
     }
     for &b in &sizes.bs {

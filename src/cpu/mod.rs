@@ -191,13 +191,12 @@ const LANES: usize = 8;
 // Rust 1.89), AVX2 with FMA and F16C (v3) and v2; SVE (with FP16) on AArch64,
 // whose baseline has NEON. AVX-512 took 16-bit input at b = 1 from 83-117 to
 // 71-75 ms on the twelfth session's Xeon; f32 moved only at b = 2 and 4, about
-// 5% (BENCHMARKS.md). No FMA
-// contraction happens in Rust, so every version computes bitwise the same result.
-// They read the input in its own type and widen it in registers, 8 values at a
-// time (`lanes_f64`: a shift for bf16, for f16 one F16C instruction where the CPU
-// has it, else the exact branch-free decode of `GradElement::to_f32`), so 16-bit
-// rows move half the bytes of f32 ones and give the same bits as f32 rows of the
-// same values.
+// 5% (BENCHMARKS.md). No FMA contraction happens in Rust, so every version
+// computes bitwise the same result. They read the input in its own type and widen
+// it in registers, 8 values at a time (`lanes_f64`: a shift for bf16, for f16 one
+// F16C instruction where the CPU has it, else the exact branch-free decode of
+// `GradElement::to_f32`), so 16-bit rows move half the bytes of f32 ones and give
+// the same bits as f32 rows of the same values.
 
 /// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
 #[multiversion(targets = "simd")]
