@@ -859,12 +859,13 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
         );
         let bytes = (x.len() * 4) as f64;
         let (read_ms, copy_ms) = (median(&s[0]), median(&s[1]));
+        let read_gbs = bytes / (read_ms * 1e-3) / 1e9;
         header.push(format!(
             "host bandwidth on {:.0} MB: rayon copy {:.2} GB/s (read + write bytes counted; {:.2} ms), rayon read-and-sum {:.2} GB/s ({:.2} ms)",
             bytes / 1e6,
             2.0 * bytes / (copy_ms * 1e-3) / 1e9,
             copy_ms,
-            bytes / (read_ms * 1e-3) / 1e9,
+            read_gbs,
             read_ms
         ));
         // The same sum over a slice that stays in the last-level cache between
@@ -894,7 +895,7 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
                  last-level cache if it fits): {:.2} GB/s, {:.2}x the rate over {:.0} MB",
                 (hot.len() * 4) as f64 / 1e6,
                 hot_gbs,
-                hot_gbs / (bytes / (read_ms * 1e-3) / 1e9),
+                hot_gbs / read_gbs,
                 bytes / 1e6
             ));
         }

@@ -153,7 +153,7 @@ const FDIV_FLUSHING: &str = "    let a_ftz = select(a, a * 0.0, abs(a) < 0x1p-12
 /// 64 and 256 threads, each load of a run of lanes on adjacent quads).
 pub fn kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'static str, f64)] {
     match name {
-        "mb_partials" if small_workgroups => &[("WG", SMALL_WORKGROUP), ("ADJACENT", 1.0)],
+        "mb_partials" if small_workgroups => &PARTIALS_SMALL,
         "weighted_means" if small_workgroups => &[("ADJACENT", 1.0)],
         "mb_norms" if small_workgroups => &[("WG", SMALL_WORKGROUP)],
         _ => &[],
@@ -168,14 +168,21 @@ pub fn kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'stat
 /// pass over many shallow micro-batches about 9% slower.
 pub fn deep_kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&'static str, f64)] {
     match name {
-        "mb_partials" if small_workgroups => &[
-            ("WG", SMALL_WORKGROUP),
-            ("ADJACENT", 1.0),
-            ("CHUNK_ROWS", CHUNK_ROWS as f64),
-        ],
+        "mb_partials" if small_workgroups => &PARTIALS_SMALL_DEEP,
         _ => kernel_constants(name, small_workgroups),
     }
 }
+
+/// The norm pass's constants on a software adapter ([`kernel_constants`]).
+const PARTIALS_SMALL: [(&str, f64); 2] = [("WG", SMALL_WORKGROUP), ("ADJACENT", 1.0)];
+
+/// [`PARTIALS_SMALL`] with the chunked walk over deep micro-batches
+/// ([`deep_kernel_constants`]).
+const PARTIALS_SMALL_DEEP: [(&str, f64); 3] = [
+    PARTIALS_SMALL[0],
+    PARTIALS_SMALL[1],
+    ("CHUNK_ROWS", CHUNK_ROWS as f64),
+];
 
 /// Rows per chunk of the norm pass's walk over a deep micro-batch on a software
 /// adapter ([`deep_kernel_constants`]).
@@ -400,35 +407,20 @@ fn build(
 impl Kernels {
     /// `small_workgroups`: see [`kernel_constants`].
     pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
+        let f32_kernel = |name: &str| {
+            build(
+                device,
+                name,
+                Dtype::F32,
+                kernel_constants(name, small_workgroups),
+                false,
+            )
+        };
         let mut kernels = Self {
-            norms: build(
-                device,
-                "mb_norms",
-                Dtype::F32,
-                kernel_constants("mb_norms", small_workgroups),
-                false,
-            ),
-            factors: build(
-                device,
-                "clip_factors",
-                Dtype::F32,
-                kernel_constants("clip_factors", small_workgroups),
-                false,
-            ),
-            row_weights: build(
-                device,
-                "row_weights",
-                Dtype::F32,
-                kernel_constants("row_weights", small_workgroups),
-                false,
-            ),
-            add_noise: build(
-                device,
-                "add_noise",
-                Dtype::F32,
-                kernel_constants("add_noise", small_workgroups),
-                false,
-            ),
+            norms: f32_kernel("mb_norms"),
+            factors: f32_kernel("clip_factors"),
+            row_weights: f32_kernel("row_weights"),
+            add_noise: f32_kernel("add_noise"),
             readers: [None, None, None],
             small_workgroups,
         };
