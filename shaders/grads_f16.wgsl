@@ -1,15 +1,19 @@
 // Input gradients as IEEE binary16, two per 32-bit word, element 2k in the low
 // half of word k (little-endian). See grads_f32.wgsl for the interface.
 //
-// Decoded with integer operations, exactly (subnormals, infinities and NaN
-// payloads included), rather than with unpack2x16float: that builtin needs
-// wgpu's SHADER_F16_IN_F32 downlevel flag, which some Vulkan drivers (Mesa
-// without shader-f16) and backends lack.
+// The host appends `f16_pair(w)`, the two halves of w as f32 (`F16_PAIR_BITS`
+// and `F16_PAIR_UNPACK` in src/gpu/kernels.rs): by default f16_pair_bits below,
+// exact (subnormals, infinities and NaN payloads included) and needing nothing;
+// on a software adapter the unpack2x16float builtin where the device compiles it
+// (wgpu's SHADER_F16_IN_F32 downlevel flag: Mesa without shader-f16 and some
+// backends lack it). On lavapipe the builtin is about 10% faster at b = 1 and
+// exact (tests/half_inputs.rs reads every f16 value through both); WGSL lets it
+// flush subnormals, so hardware, bound by memory anyway, keeps the bits.
 alias GradWord = u32;
 alias GradQuad = vec2<u32>;
 
-// The two halves of w as f32.
-fn f16_pair(w: u32) -> vec2<f32> {
+// The two halves of w as f32, with integer operations and selects.
+fn f16_pair_bits(w: u32) -> vec2<f32> {
     let h = vec2<u32>(w & 0xffffu, w >> 16u);
     let sign = (h & vec2<u32>(0x8000u)) << vec2<u32>(16u);
     let em = h & vec2<u32>(0x7fffu); // exponent and mantissa

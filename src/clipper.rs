@@ -226,10 +226,12 @@ impl Clipper {
     /// Sets whether the GPU's kernels take a software adapter's shapes: the
     /// reduction kernels (passes 1 and 2) run workgroups of 8 threads (one SIMD
     /// group) instead of 64 and 256, the input readers give each lane adjacent
-    /// quads (`kernel_constants`), and calls with micro-batches deeper than
-    /// `CHUNK_ROWS` rows walk them in chunks (`deep_kernel_constants`); `None`
-    /// restores the adapter's default (on for a software adapter). Rebuilds those
-    /// pipelines. For tests of both shapes on one adapter. No effect on the CPU.
+    /// quads (`kernel_constants`), calls with micro-batches deeper than
+    /// `CHUNK_ROWS` rows walk them in chunks (`deep_kernel_constants`), and f16
+    /// is decoded by `unpack2x16float` where the device compiles it (unless
+    /// [`Self::set_gpu_f16_unpack`] chose); `None` restores the adapter's default
+    /// (on for a software adapter). Rebuilds those pipelines. For tests of both
+    /// shapes on one adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_small_workgroups(&mut self, small: Option<bool>) {
         if let Engine::Gpu(gpu) = &mut self.engine {
@@ -255,6 +257,31 @@ impl Clipper {
     pub fn gpu_buffer_slots(&self) -> Option<bool> {
         match &self.engine {
             Engine::Gpu(gpu) => Some(gpu.buffer_slots()),
+            Engine::Cpu(_) => None,
+        }
+    }
+
+    /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about
+    /// 10% faster at b = 1 on lavapipe, where each decode's integer operations
+    /// cost; exact there: every f16 value is tested) where the device compiles it,
+    /// or with its exact integer operations; `None` restores the default: the
+    /// builtin with small workgroups (a software adapter), the integer decode on
+    /// hardware, which is bound by memory and whose conversions WGSL allows to
+    /// flush f16 subnormals. Rebuilds the f16 pipelines. For tests of both ways on
+    /// one adapter. No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_f16_unpack(&mut self, unpack: Option<bool>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_f16_unpack(unpack);
+        }
+    }
+
+    /// Whether the GPU decodes f16 with `unpack2x16float` now
+    /// ([`Self::set_gpu_f16_unpack`]; `None` on the CPU).
+    #[doc(hidden)]
+    pub fn gpu_f16_unpack(&self) -> Option<bool> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu.f16_unpack()),
             Engine::Cpu(_) => None,
         }
     }

@@ -154,7 +154,7 @@ pub use half;
 pub mod shaders {
     pub use crate::gpu::kernels::{
         deep_kernel_constants, kernel_constants, kernel_names, kernel_source, kernel_source_for,
-        kernel_source_with_slots, CHUNK_ROWS,
+        kernel_source_variant, kernel_source_with_slots, KernelVariant, CHUNK_ROWS,
     };
 }
 

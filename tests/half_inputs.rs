@@ -16,7 +16,9 @@ const TOL: f64 = 3e-5;
 
 /// The CPU backend's three paths (one read; two passes storing the means; two
 /// passes reading the input again), each with f16 widened by F16C where the CPU
-/// has it and by the integer decode, then the GPU's.
+/// has it and by the integer decode, then the GPU's, with its default f16 decode
+/// and with the other one (`unpack2x16float` or integer operations) where the
+/// device has both.
 fn clippers() -> Vec<Clipper> {
     let mut all = Vec::new();
     for f16c in [true, false] {
@@ -31,7 +33,14 @@ fn clippers() -> Vec<Clipper> {
             all.push(two_pass);
         }
     }
-    all.extend(gpu());
+    if let Some(default) = gpu() {
+        let other = default.gpu_f16_unpack() == Some(false);
+        all.push(default);
+        all.extend(gpu().and_then(|mut gpu| {
+            gpu.set_gpu_f16_unpack(Some(other));
+            (gpu.gpu_f16_unpack() == Some(other)).then_some(gpu)
+        }));
+    }
     all
 }
 
@@ -297,7 +306,19 @@ fn loader_is_exact<T: GradElement>(gpu: &mut Clipper, from_bits: fn(u16) -> T, l
 #[test]
 fn gpu_loaders_decode_every_finite_value_exactly() {
     let Some(mut gpu) = gpu() else { return };
-    loader_is_exact(&mut gpu, f16::from_bits, f32::INFINITY);
+    // lavapipe (CI's adapter) compiles unpack2x16float, and as a software adapter
+    // decodes f16 with it by default: that path must not silently drop out.
+    let info = gpu.device().unwrap().adapter_info();
+    if info.name.contains("llvmpipe") {
+        assert_eq!(gpu.gpu_f16_unpack(), Some(true), "{}", info.name);
+    }
+    // Both f16 decodes where the device has both.
+    for unpack in [false, true] {
+        gpu.set_gpu_f16_unpack(Some(unpack));
+        if gpu.gpu_f16_unpack() == Some(unpack) {
+            loader_is_exact(&mut gpu, f16::from_bits, f32::INFINITY);
+        }
+    }
     loader_is_exact(&mut gpu, bf16::from_bits, 1e18);
 }
 

@@ -2,6 +2,9 @@
 //! it (shared preludes and the loader of each input element type included). Needs
 //! no GPU.
 
+use microclip::shaders::KernelVariant;
+use microclip::Dtype::F16;
+
 #[test]
 fn every_kernel_validates_with_naga() {
     let names: Vec<&str> = microclip::shaders::kernel_names().collect();
@@ -136,45 +139,46 @@ fn calls(block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
 }
 
 /// A kernel as the GPU backend composes it: name, input element type, and
-/// whether it is the slots variant (rows of several buffers per dispatch).
-type Kernel = (&'static str, microclip::Dtype, bool);
+/// variant (rows of several buffers per dispatch; f16 by `unpack2x16float`).
+type Kernel = (&'static str, microclip::Dtype, KernelVariant);
 
 /// Every kernel source the GPU backend composes: each kernel for each input
-/// element type, and the slots variants of the input readers.
+/// element type, the slots variants of the input readers, and the f16 readers
+/// decoding with `unpack2x16float`.
 fn kernels() -> impl Iterator<Item = Kernel> {
     microclip::shaders::kernel_names().flat_map(|n| {
         microclip::Dtype::ALL.into_iter().flat_map(move |d| {
-            let slots = microclip::shaders::kernel_source_with_slots(n, d).is_some();
-            [(n, d, false)]
+            let reader = microclip::shaders::kernel_source_with_slots(n, d).is_some();
+            let unpack = [false, true]
                 .into_iter()
-                .chain(slots.then_some((n, d, true)))
+                .filter(move |&u| !u || reader && d == F16);
+            unpack.flat_map(move |f16_unpack| {
+                let slots = [false, true].into_iter().filter(move |&s| !s || reader);
+                slots.map(move |slots| (n, d, KernelVariant { slots, f16_unpack }))
+            })
         })
     })
 }
 
-fn source((name, dtype, slots): Kernel) -> String {
-    if slots {
-        microclip::shaders::kernel_source_with_slots(name, dtype).unwrap()
-    } else {
-        microclip::shaders::kernel_source_for(name, dtype).unwrap()
-    }
+fn source((name, dtype, variant): Kernel) -> String {
+    microclip::shaders::kernel_source_variant(name, dtype, variant).unwrap()
 }
 
-/// A kernel parsed and validated by naga (a panic names the kernel and the error).
+/// A kernel parsed and validated by naga (a panic names the kernel and the
+/// error): with no capabilities, but `SHADER_FLOAT16_IN_FLOAT32` for the
+/// `unpack2x16float` variant (what wgpu checks against the adapter).
 fn validated(kernel: Kernel) -> (naga::Module, naga::valid::ModuleInfo) {
+    use naga::valid::Capabilities;
     let source = source(kernel);
-    let (name, dtype, slots) = kernel;
-    let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
-        panic!(
-            "{name} {dtype} slots={slots}: {}",
-            e.emit_to_string(&source)
-        )
-    });
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{name} {dtype} slots={slots}: {e:?}"));
+    let (name, dtype, variant) = kernel;
+    let module = naga::front::wgsl::parse_str(&source)
+        .unwrap_or_else(|e| panic!("{name} {dtype} {variant:?}: {}", e.emit_to_string(&source)));
+    let capabilities = match variant.f16_unpack {
+        true => Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        false => Capabilities::empty(),
+    };
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name} {dtype} {variant:?}: {e:?}"));
     (module, info)
 }

@@ -71,13 +71,48 @@ pub(crate) const KERNELS: [(&str, Prelude, &str); 6] = [
     ),
 ];
 
-/// The gradient loader of each element type.
-fn grads_loader(dtype: Dtype) -> &'static str {
+/// The gradient loader of each element type (f16's `f16_pair` as `variant` says).
+fn grads_loader(dtype: Dtype, variant: KernelVariant) -> String {
     match dtype {
-        Dtype::F32 => include_str!("../../shaders/grads_f32.wgsl"),
-        Dtype::F16 => include_str!("../../shaders/grads_f16.wgsl"),
-        Dtype::Bf16 => include_str!("../../shaders/grads_bf16.wgsl"),
+        Dtype::F32 => include_str!("../../shaders/grads_f32.wgsl").to_string(),
+        Dtype::F16 => {
+            let pair = if variant.f16_unpack {
+                F16_PAIR_UNPACK
+            } else {
+                F16_PAIR_BITS
+            };
+            format!("{}\n{pair}", include_str!("../../shaders/grads_f16.wgsl"))
+        }
+        Dtype::Bf16 => include_str!("../../shaders/grads_bf16.wgsl").to_string(),
     }
+}
+
+/// grads_f16.wgsl's `f16_pair` on every adapter by default: its exact integer
+/// decode.
+const F16_PAIR_BITS: &str = "fn f16_pair(w: u32) -> vec2<f32> {
+    return f16_pair_bits(w);
+}
+";
+
+/// grads_f16.wgsl's `f16_pair` by the `unpack2x16float` builtin
+/// ([`KernelVariant::f16_unpack`]).
+const F16_PAIR_UNPACK: &str = "fn f16_pair(w: u32) -> vec2<f32> {
+    return unpack2x16float(w);
+}
+";
+
+/// How a kernel's source is composed beyond its name and input element type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelVariant {
+    /// The input readers (`mb_partials`, `weighted_means`) over up to 8 buffer
+    /// ranges in one dispatch, each table entry naming its slot
+    /// (grads_slots.wgsl); else over one.
+    pub slots: bool,
+    /// f16 input decoded by WGSL's `unpack2x16float` instead of integer
+    /// operations (grads_f16.wgsl): what the GPU backend runs on a software
+    /// adapter whose device compiles it (wgpu's `SHADER_F16_IN_F32`). No effect
+    /// on other element types or kernels.
+    pub f16_unpack: bool,
 }
 
 /// The full WGSL source of a kernel reading f32 gradients: the shared prelude(s)
@@ -89,7 +124,7 @@ pub fn kernel_source(name: &str) -> Option<String> {
 /// The full WGSL source of a kernel for input gradients of `dtype` (the same for
 /// every type when the kernel does not read them).
 pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
-    compose(name, dtype, GRADS_ONE_BINDING)
+    kernel_source_variant(name, dtype, KernelVariant::default())
 }
 
 /// The variant of an input-reading kernel (`mb_partials`, `weighted_means`) that
@@ -97,27 +132,35 @@ pub fn kernel_source_for(name: &str, dtype: Dtype) -> Option<String> {
 /// naming its slot (grads_slots.wgsl): what the GPU backend runs for tensors in
 /// separate buffers. `None` for the other kernels.
 pub fn kernel_source_with_slots(name: &str, dtype: Dtype) -> Option<String> {
-    let (_, prelude, _) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
-    if *prelude == Prelude::None {
-        return None;
-    }
-    compose(name, dtype, GRADS_SLOTS)
+    let slots = KernelVariant {
+        slots: true,
+        ..Default::default()
+    };
+    kernel_source_variant(name, dtype, slots)
 }
 
-/// A kernel's source with `words`, the way its input words are bound.
-fn compose(name: &str, dtype: Dtype, words: &str) -> Option<String> {
+/// The full WGSL source of kernel `name` for input gradients of `dtype` in
+/// `variant`; `None` for an unknown name and for the slots variant of a kernel
+/// that does not read the input.
+pub fn kernel_source_variant(name: &str, dtype: Dtype, variant: KernelVariant) -> Option<String> {
     let (_, prelude, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
-    let (loader, shifted, table, mean) = match prelude {
-        Prelude::None => ("", "", "", ""),
-        Prelude::Grads => (grads_loader(dtype), GRADS_SHIFTED, TENSOR_TABLE, ""),
-        Prelude::GradsAndMean => (
-            grads_loader(dtype),
-            GRADS_SHIFTED,
-            TENSOR_TABLE,
-            COLUMN_MEAN,
-        ),
+    if variant.slots && *prelude == Prelude::None {
+        return None;
+    }
+    let loader = match prelude {
+        Prelude::None => String::new(),
+        _ => grads_loader(dtype, variant),
     };
-    let words = if *prelude == Prelude::None { "" } else { words };
+    let (shifted, table, mean) = match prelude {
+        Prelude::None => ("", "", ""),
+        Prelude::Grads => (GRADS_SHIFTED, TENSOR_TABLE, ""),
+        Prelude::GradsAndMean => (GRADS_SHIFTED, TENSOR_TABLE, COLUMN_MEAN),
+    };
+    let words = match prelude {
+        Prelude::None => "",
+        _ if variant.slots => GRADS_SLOTS,
+        _ => GRADS_ONE_BINDING,
+    };
     let common = if cfg!(feature = "emulate-ftz-division") {
         COMMON.replacen(FDIV_EXACT, FDIV_FLUSHING, 1)
     } else {
@@ -320,17 +363,22 @@ pub(crate) struct GradKernels {
 }
 
 impl GradKernels {
-    fn build(device: &wgpu::Device, dtype: Dtype, small_workgroups: bool, slots: bool) -> Self {
+    fn build(
+        device: &wgpu::Device,
+        dtype: Dtype,
+        small_workgroups: bool,
+        variant: KernelVariant,
+    ) -> Self {
         let constants = kernel_constants("mb_partials", small_workgroups);
         Self {
-            partials: build(device, "mb_partials", dtype, constants, slots),
+            partials: build(device, "mb_partials", dtype, constants, variant),
             partials_deep: None,
             weighted_means: build(
                 device,
                 "weighted_means",
                 dtype,
                 kernel_constants("weighted_means", small_workgroups),
-                slots,
+                variant,
             ),
         }
     }
@@ -362,6 +410,10 @@ pub(crate) struct Kernels {
     readers: [Option<TypeReaders>; 3],
     /// Built with [`kernel_constants`]' small workgroups.
     small_workgroups: bool,
+    /// Whether the device compiles `unpack2x16float` ([`f16_unpack_compiles`]).
+    f16_unpack_compiles: bool,
+    /// [`KernelVariant::f16_unpack`] as set (`None`: with small workgroups).
+    f16_unpack_choice: Option<bool>,
 }
 
 /// Whether `device` can bind the slots variants ([`SLOTS_STORAGE_BUFFERS`]
@@ -371,22 +423,37 @@ pub(crate) fn slots_supported(device: &wgpu::Device) -> bool {
     device.limits().max_storage_buffers_per_shader_stage >= SLOTS_STORAGE_BUFFERS
 }
 
-/// Builds kernel `name` for `dtype` with pipeline `constants`, the slots variant
-/// if `slots`.
+/// Whether `device` compiles WGSL's `unpack2x16float`: wgpu's
+/// `SHADER_F16_IN_F32` downlevel flag, which a device does not expose (on
+/// llvmpipe it follows the adapter's `SHADER_F16` feature), so a one-line module
+/// is compiled in an error scope.
+fn f16_unpack_compiles(device: &wgpu::Device) -> bool {
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let _probe = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("unpack2x16float probe"),
+        source: wgpu::ShaderSource::Wgsl(F16_PAIR_UNPACK.into()),
+    });
+    pollster::block_on(scope.pop()).is_none()
+}
+
+/// Builds kernel `name` for `dtype` in `variant` with pipeline `constants`.
 fn build(
     device: &wgpu::Device,
     name: &str,
     dtype: Dtype,
     constants: &[(&str, f64)],
-    slots: bool,
+    variant: KernelVariant,
 ) -> wgpu::ComputePipeline {
-    let source = if slots {
-        kernel_source_with_slots(name, dtype)
-    } else {
-        kernel_source_for(name, dtype)
-    }
-    .expect("known kernel");
-    let label = format!("{name} ({dtype}{})", if slots { ", slots" } else { "" });
+    let source = kernel_source_variant(name, dtype, variant).expect("known kernel");
+    let label = format!(
+        "{name} ({dtype}{}{})",
+        if variant.slots { ", slots" } else { "" },
+        if variant.f16_unpack && dtype == Dtype::F16 {
+            ", unpack2x16float"
+        } else {
+            ""
+        }
+    );
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&label),
         source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -406,6 +473,8 @@ fn build(
 
 impl Kernels {
     /// `small_workgroups`: see [`kernel_constants`].
+    /// f16 is decoded by `unpack2x16float` with small workgroups (a software
+    /// adapter) where the device compiles it.
     pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
         let f32_kernel = |name: &str| {
             build(
@@ -413,7 +482,7 @@ impl Kernels {
                 name,
                 Dtype::F32,
                 kernel_constants(name, small_workgroups),
-                false,
+                KernelVariant::default(),
             )
         };
         let mut kernels = Self {
@@ -423,6 +492,8 @@ impl Kernels {
             add_noise: f32_kernel("add_noise"),
             readers: [None, None, None],
             small_workgroups,
+            f16_unpack_compiles: f16_unpack_compiles(device),
+            f16_unpack_choice: None,
         };
         kernels.prepare(device, Dtype::F32, false, false);
         kernels
@@ -432,19 +503,46 @@ impl Kernels {
         self.small_workgroups
     }
 
+    /// Whether the f16 readers decode with `unpack2x16float`.
+    pub fn f16_unpack(&self) -> bool {
+        self.f16_unpack_compiles && self.f16_unpack_choice.unwrap_or(self.small_workgroups)
+    }
+
+    /// The element types whose readers exist, and whether their slots variants do.
+    fn prepared(&self) -> Vec<(Dtype, bool)> {
+        Dtype::ALL
+            .into_iter()
+            .filter_map(|d| Some((d, self.readers[d.index()].as_ref()?.slots.is_some())))
+            .collect()
+    }
+
     /// Rebuilds the pipelines with or without small workgroups (the gradient
     /// readers of every element type prepared so far).
     pub fn set_small_workgroups(&mut self, device: &wgpu::Device, small: bool) {
         if small == self.small_workgroups {
             return;
         }
-        let prepared: Vec<(Dtype, bool)> = Dtype::ALL
-            .into_iter()
-            .filter_map(|d| Some((d, self.readers[d.index()].as_ref()?.slots.is_some())))
-            .collect();
+        let prepared = self.prepared();
+        let choice = self.f16_unpack_choice;
         *self = Self::new(device, small);
+        self.f16_unpack_choice = choice;
         for (dtype, slots) in prepared {
             self.prepare(device, dtype, slots, false);
+        }
+    }
+
+    /// Sets whether f16 is decoded by `unpack2x16float` where the device compiles
+    /// it (`None`: with small workgroups); rebuilds the f16 readers if that
+    /// changes which decode they run.
+    pub fn set_f16_unpack(&mut self, device: &wgpu::Device, choice: Option<bool>) {
+        let before = self.f16_unpack();
+        self.f16_unpack_choice = choice;
+        if self.f16_unpack() == before {
+            return;
+        }
+        let slots = self.prepared().contains(&(Dtype::F16, true));
+        if self.readers[Dtype::F16.index()].take().is_some() {
+            self.prepare(device, Dtype::F16, slots, false);
         }
     }
 
@@ -454,14 +552,19 @@ impl Kernels {
     /// readers named by `slots`, where its constants differ.
     pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, slots: bool, deep: bool) {
         let small = self.small_workgroups;
+        let one = KernelVariant {
+            slots: false,
+            f16_unpack: self.f16_unpack(),
+        };
+        let variant = KernelVariant { slots, ..one };
         let readers = self.readers[dtype.index()].get_or_insert_with(|| TypeReaders {
-            one: GradKernels::build(device, dtype, small, false),
+            one: GradKernels::build(device, dtype, small, one),
             slots: None,
         });
         let kernels = if slots {
             readers
                 .slots
-                .get_or_insert_with(|| GradKernels::build(device, dtype, small, true))
+                .get_or_insert_with(|| GradKernels::build(device, dtype, small, variant))
         } else {
             &mut readers.one
         };
@@ -469,7 +572,7 @@ impl Kernels {
         if deep && constants != kernel_constants("mb_partials", small) {
             kernels
                 .partials_deep
-                .get_or_insert_with(|| build(device, "mb_partials", dtype, constants, slots));
+                .get_or_insert_with(|| build(device, "mb_partials", dtype, constants, variant));
         }
     }
 

@@ -309,6 +309,14 @@ impl GpuClipper {
         self.kernels.small_workgroups()
     }
 
+    pub fn set_f16_unpack(&mut self, unpack: Option<bool>) {
+        self.kernels.set_f16_unpack(&self.device, unpack);
+    }
+
+    pub fn f16_unpack(&self) -> bool {
+        self.kernels.f16_unpack()
+    }
+
     pub fn means_min_rows(&self) -> u64 {
         self.means_min_rows
     }
