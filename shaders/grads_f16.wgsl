@@ -8,7 +8,8 @@
 // (wgpu's SHADER_F16_IN_F32 downlevel flag: Mesa without shader-f16 and some
 // backends lack it). On lavapipe the builtin is about 10% faster at b = 1 and
 // exact (tests/half_inputs.rs reads every f16 value through both); WGSL lets it
-// flush subnormals, so hardware, bound by memory anyway, keeps the bits.
+// flush subnormals, so hardware keeps the integer decode until a run there
+// shows the builtin exact.
 alias GradWord = u32;
 alias GradQuad = vec2<u32>;
 

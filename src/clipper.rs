@@ -262,13 +262,13 @@ impl Clipper {
     }
 
     /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about
-    /// 10% faster at b = 1 on lavapipe, where each decode's integer operations
-    /// cost; exact there: every f16 value is tested) where the device compiles it,
-    /// or with its exact integer operations; `None` restores the default: the
-    /// builtin with small workgroups (a software adapter), the integer decode on
-    /// hardware, which is bound by memory and whose conversions WGSL allows to
-    /// flush f16 subnormals. Rebuilds the f16 pipelines. For tests of both ways on
-    /// one adapter. No effect on the CPU.
+    /// 10% faster at b = 1 on lavapipe; exact there: every f16 value is tested)
+    /// where the device compiles it, or with its exact integer operations; `None`
+    /// restores the default: the builtin with small workgroups (a software
+    /// adapter), else the integer decode (WGSL lets the builtin flush f16
+    /// subnormals; no hardware run has checked it yet). Rebuilds the f16
+    /// pipelines. For tests and benches of both ways on one adapter. No effect on
+    /// the CPU.
     #[doc(hidden)]
     pub fn set_gpu_f16_unpack(&mut self, unpack: Option<bool>) {
         if let Engine::Gpu(gpu) = &mut self.engine {

@@ -155,6 +155,9 @@ struct GpuCtx {
     /// Buffer slots of the clippers made now (`Clipper::set_gpu_buffer_slots`;
     /// `None`: the adapter's default).
     slots: std::cell::Cell<Option<bool>>,
+    /// f16 decode of the clippers made now (`Clipper::set_gpu_f16_unpack`;
+    /// `None`: the adapter's default).
+    f16_unpack: std::cell::Cell<Option<bool>>,
 }
 
 impl GpuCtx {
@@ -166,6 +169,9 @@ impl GpuCtx {
         c.set_gpu_timing(self.timed);
         if let Some(on) = self.slots.get() {
             c.set_gpu_buffer_slots(Some(on));
+        }
+        if let Some(on) = self.f16_unpack.get() {
+            c.set_gpu_f16_unpack(Some(on));
         }
         c
     }
@@ -344,9 +350,10 @@ fn device_case(
         timing: if ctx.timed { "device" } else { "wall" },
         note,
     };
-    let method = match ctx.slots.get() {
-        Some(on) => Method::MicroclipSlots(on),
-        None => Method::Microclip,
+    let method = match (ctx.slots.get(), ctx.f16_unpack.get()) {
+        (Some(on), _) => Method::MicroclipSlots(on),
+        (None, Some(on)) => Method::MicroclipF16Unpack(on),
+        (None, None) => Method::Microclip,
     };
     let mut rows = vec![row(
         method,
@@ -462,6 +469,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         scaled: Vec::new(),
         timed,
         slots: Default::default(),
+        f16_unpack: Default::default(),
     };
     let checks = crate::check::verify(&ctx.gpu, &ctx.refk, &ctx.baseline)?;
     for c in &checks {
@@ -534,8 +542,18 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     drop(x);
 
     // 16-bit inputs on the main shape: half the bytes to read, against the
-    // read-and-sum over those bytes.
-    for dtype in [Dtype::F16, Dtype::Bf16] {
+    // read-and-sum over those bytes. f16 also with the adapter's other decode
+    // (`unpack2x16float` or integer operations) where it has both.
+    let other_unpack = ctx.clipper().gpu_f16_unpack() == Some(false);
+    for (dtype, unpack) in [
+        (Dtype::F16, None),
+        (Dtype::F16, Some(other_unpack)),
+        (Dtype::Bf16, None),
+    ] {
+        ctx.f16_unpack.set(unpack);
+        if unpack.is_some() && ctx.clipper().gpu_f16_unpack() != unpack {
+            continue;
+        }
         let x = data::device_tensor_as(&ctx.gpu, SEED, 0, n, d0, dtype)?;
         let reference = ctx.refk.read_sum(&ctx.gpu, &x, (n * d0 * 2) as u64);
         for b in HALF_BS.into_iter().filter(|&b| b <= n) {
@@ -552,6 +570,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             )?);
         }
     }
+    ctx.f16_unpack.set(None);
 
     // Few wide rows, then many narrow rows (+ the host path on the same shape).
     for (what, (n0, d, b), host) in [

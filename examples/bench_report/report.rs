@@ -12,6 +12,10 @@ pub enum Method {
     /// Microclip with its GPU buffer slots set against the adapter's default
     /// (`Clipper::set_gpu_buffer_slots`): on (true) or off; not in the summary.
     MicroclipSlots(bool),
+    /// Microclip with its GPU f16 decode set against the adapter's default
+    /// (`Clipper::set_gpu_f16_unpack`): `unpack2x16float` (true) or integer
+    /// operations; not in the summary.
+    MicroclipF16Unpack(bool),
 }
 
 /// One measured case.
@@ -63,6 +67,8 @@ impl Row {
             Method::Baseline5Pass => "5-pass baseline",
             Method::MicroclipSlots(true) => "microclip, buffer slots on",
             Method::MicroclipSlots(false) => "microclip, buffer slots off",
+            Method::MicroclipF16Unpack(true) => "microclip, f16 by unpack2x16float",
+            Method::MicroclipF16Unpack(false) => "microclip, f16 by integer decode",
         }
     }
 }
