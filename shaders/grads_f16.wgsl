@@ -2,14 +2,15 @@
 // half of word k (little-endian). See grads_f32.wgsl for the interface.
 //
 // The host appends `f16_pair(w)`, the two halves of w as f32 (`F16_PAIR_BITS`
-// and `F16_PAIR_UNPACK` in src/gpu/kernels.rs): by default f16_pair_bits below,
-// exact (subnormals, infinities and NaN payloads included) and needing nothing;
-// on a software adapter the unpack2x16float builtin where the device compiles it
-// (wgpu's SHADER_F16_IN_F32 downlevel flag: Mesa without shader-f16 and some
-// backends lack it). On lavapipe the builtin is about 10% faster at b = 1 and
-// exact (tests/half_inputs.rs reads every f16 value through both); WGSL lets it
-// flush subnormals, so hardware keeps the integer decode until a run there
-// shows the builtin exact.
+// and `F16_PAIR_UNPACK` in src/gpu/kernels.rs): on hardware f16_pair_bits
+// below, exact (subnormals, infinities and NaN payloads included) and needing
+// nothing; with small workgroups (a software adapter) the unpack2x16float
+// builtin where the device compiles it (wgpu's SHADER_F16_IN_F32 downlevel
+// flag, which wgpu 30 withholds only on llvmpipe without shaderFloat16). On
+// lavapipe the builtin is about 10% faster at b = 1 and exact for every finite
+// value (tests/half_inputs.rs reads each through both); WGSL lets it flush
+// subnormals, so hardware keeps the integer decode until a run there shows the
+// builtin exact.
 alias GradWord = u32;
 alias GradQuad = vec2<u32>;
 

@@ -262,7 +262,8 @@ impl Clipper {
     }
 
     /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about
-    /// 10% faster at b = 1 on lavapipe; exact there: every f16 value is tested)
+    /// 10% faster at b = 1 on lavapipe; exact there: every finite f16 value is
+    /// tested)
     /// where the device compiles it, or with its exact integer operations; `None`
     /// restores the default: the builtin with small workgroups (a software
     /// adapter), else the integer decode (WGSL lets the builtin flush f16

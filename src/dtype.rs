@@ -130,10 +130,10 @@ pub trait GradElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
     /// The matching [`Dtype`].
     const DTYPE: Dtype;
     /// The value as f32: exact for all three types, NaN payloads kept (as the GPU
-    /// loaders do), with integer operations and selects only, so that loops over
-    /// it vectorise. (The CPU backend's hot loops widen 8 values at a time, f16
-    /// with F16C where the CPU has it: exact too, but signalling NaNs come out
-    /// quiet, as they do from any f32 -> f64 conversion after it.)
+    /// loaders' integer decodes do), with integer operations and selects only, so
+    /// that loops over it vectorise. (The CPU backend's hot loops widen 8 values
+    /// at a time, f16 with F16C where the CPU has it: exact too, but signalling
+    /// NaNs come out quiet, as they do from any f32 -> f64 conversion after it.)
     fn to_f32(self) -> f32;
 }
 

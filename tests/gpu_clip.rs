@@ -329,7 +329,9 @@ fn deep_micro_batches_walk_in_chunks() {
     // whole chunks, 33 = one and a row; ragged offsets put 67 rows (2 chunks and
     // 3) next to 3 and 30. Aligned, unaligned and narrow tensors, f32 and 16-bit,
     // magnitude 1e-30 for Blue's second walk; both lane mappings and tile widths
-    // (small workgroups take the chunked variant on any adapter). The chunked
+    // (small workgroups take the chunked variant on any adapter); f16 with the
+    // adapter's default decode and with the integer one (with small workgroups
+    // the default is unpack2x16float where the device compiles it). The chunked
     // norms have the bits of the same walk without stored means (no chunks).
     let Some(mut gpu) = gpu() else { return };
     let n = 100;
@@ -346,19 +348,24 @@ fn deep_micro_batches_walk_in_chunks() {
             .map(|v| v.to_bits())
             .collect::<Vec<_>>()
     };
-    for (scale, dtype) in [
-        (1.0, Dtype::F32),
-        (1e-30, Dtype::F32),
-        (0.5, Dtype::F16),
-        (1.0, Dtype::Bf16),
+    for (scale, dtype, f16_unpack) in [
+        (1.0, Dtype::F32, None),
+        (1e-30, Dtype::F32, None),
+        (0.5, Dtype::F16, None),
+        (0.5, Dtype::F16, Some(false)),
+        (1.0, Dtype::Bf16, None),
     ] {
         let t = random_tensors(77, n, &[4100, 4101, 9, 1], scale);
+        gpu.set_gpu_f16_unpack(f16_unpack);
         for hardware in [false, true] {
             gpu.set_gpu_small_workgroups(Some(!hardware));
             gpu.set_gpu_min_tile_workgroups(hardware.then_some(u64::MAX));
+            let unpack = gpu.gpu_f16_unpack();
             for layout in &layouts {
                 let cfg = ClipConfig::fixed(0.3 * scale, layout.clone());
-                let what = format!("scale {scale} {dtype:?} hardware {hardware} {layout:?}");
+                let what = format!(
+                    "scale {scale} {dtype:?} unpack {unpack:?} hardware {hardware} {layout:?}"
+                );
                 check_as(&mut gpu, &cfg, &t, n, TOL, &what, dtype);
                 if dtype == Dtype::F32 {
                     let chunked = norm_bits(gpu.clip(&cfg, &slices(&t), n).unwrap());
@@ -375,6 +382,7 @@ fn deep_micro_batches_walk_in_chunks() {
     }
     gpu.set_gpu_small_workgroups(None);
     gpu.set_gpu_min_tile_workgroups(None);
+    gpu.set_gpu_f16_unpack(None);
 }
 
 fn with_non_finite(n: usize, widths: &[usize]) -> Vec<Vec<f32>> {

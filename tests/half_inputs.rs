@@ -69,7 +69,11 @@ fn awkward_shapes_match_the_reference_of_the_rounded_inputs() {
                         MicroBatches::Offsets(random_offsets(k as u64, n, n.div_ceil(2))),
                     ),
                 ] {
-                    let what = format!("{} {dtype} case {k} {cfg:?}", clipper.backend());
+                    let what = format!(
+                        "{} (f16 unpack {:?}) {dtype} case {k} {cfg:?}",
+                        clipper.backend(),
+                        clipper.gpu_f16_unpack()
+                    );
                     check_as(&mut clipper, &cfg, &t, n, TOL, &what, dtype);
                 }
             }
@@ -119,7 +123,13 @@ fn same_bits_as_f32<T: GradElement>(clipper: &mut Clipper, from_f32: fn(f32) -> 
         let views: Vec<&[T]> = typed.iter().map(Vec::as_slice).collect();
         let got = clipper.clip(&cfg, &views, n).unwrap();
         let want = clipper.clip(&cfg, &slices(&widened), n).unwrap();
-        assert_eq!(got, want, "{} b {b}", clipper.backend());
+        let unpack = clipper.gpu_f16_unpack();
+        assert_eq!(
+            got,
+            want,
+            "{} (f16 unpack {unpack:?}) b {b}",
+            clipper.backend()
+        );
     }
 }
 
@@ -306,8 +316,10 @@ fn loader_is_exact<T: GradElement>(gpu: &mut Clipper, from_bits: fn(u16) -> T, l
 #[test]
 fn gpu_loaders_decode_every_finite_value_exactly() {
     let Some(mut gpu) = gpu() else { return };
-    // lavapipe (CI's adapter) compiles unpack2x16float, and as a software adapter
-    // decodes f16 with it by default: that path must not silently drop out.
+    // lavapipe (CI's adapter; Mesa with shaderFloat16, as Debian's 22.3) compiles
+    // unpack2x16float, and as a software adapter decodes f16 with it by default:
+    // that path must not silently drop out of CI. (An llvmpipe without
+    // shaderFloat16 would fail here: wgpu then withholds the builtin.)
     let info = gpu.device().unwrap().adapter_info();
     if info.name.contains("llvmpipe") {
         assert_eq!(gpu.gpu_f16_unpack(), Some(true), "{}", info.name);

@@ -164,6 +164,29 @@ fn source((name, dtype, variant): Kernel) -> String {
     microclip::shaders::kernel_source_variant(name, dtype, variant).unwrap()
 }
 
+/// The f16 readers call `unpack2x16float` exactly in their `f16_unpack`
+/// variant, which naga rejects without `SHADER_FLOAT16_IN_FLOAT32` (the
+/// capability wgpu derives from the adapter): the variant is what the device
+/// probe decides on, and the default sources need no capability.
+#[test]
+fn only_the_f16_unpack_variant_calls_the_builtin() {
+    use naga::valid::{Capabilities, ValidationFlags, Validator};
+    for kernel @ (name, dtype, variant) in kernels() {
+        let source = source(kernel);
+        let calls = source.contains("unpack2x16float(");
+        assert_eq!(calls, variant.f16_unpack, "{name} {dtype} {variant:?}");
+        if calls {
+            let module = naga::front::wgsl::parse_str(&source).unwrap();
+            let bare =
+                Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module);
+            assert!(
+                bare.is_err(),
+                "{name} {dtype} {variant:?} validates without the capability"
+            );
+        }
+    }
+}
+
 /// A kernel parsed and validated by naga (a panic names the kernel and the
 /// error): with no capabilities, but `SHADER_FLOAT16_IN_FLOAT32` for the
 /// `unpack2x16float` variant (what wgpu checks against the adapter).

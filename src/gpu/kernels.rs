@@ -109,9 +109,10 @@ pub struct KernelVariant {
     /// (grads_slots.wgsl); else over one.
     pub slots: bool,
     /// f16 input decoded by WGSL's `unpack2x16float` instead of integer
-    /// operations (grads_f16.wgsl): what the GPU backend runs on a software
-    /// adapter whose device compiles it (wgpu's `SHADER_F16_IN_F32`). No effect
-    /// on other element types or kernels.
+    /// operations (grads_f16.wgsl): what the GPU backend runs with small
+    /// workgroups (by default on a software adapter) where the device compiles
+    /// it (wgpu's `SHADER_F16_IN_F32`). A validation tool must then allow naga's
+    /// `SHADER_FLOAT16_IN_FLOAT32`. No effect on other element types or kernels.
     pub f16_unpack: bool,
 }
 
