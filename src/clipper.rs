@@ -263,8 +263,7 @@ impl Clipper {
 
     /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about
     /// 10% faster at b = 1 on lavapipe; exact there: every finite f16 value is
-    /// tested)
-    /// where the device compiles it, or with its exact integer operations; `None`
+    /// tested) where the device compiles it, or with its exact integer operations; `None`
     /// restores the default: the builtin with small workgroups (a software
     /// adapter), else the integer decode (WGSL lets the builtin flush f16
     /// subnormals; no hardware run has checked it yet). Rebuilds the f16
@@ -283,6 +282,17 @@ impl Clipper {
     pub fn gpu_f16_unpack(&self) -> Option<bool> {
         match &self.engine {
             Engine::Gpu(gpu) => Some(gpu.f16_unpack()),
+            Engine::Cpu(_) => None,
+        }
+    }
+
+    /// Whether the GPU's f16 pipelines, as built for the last f16 call, decode with
+    /// `unpack2x16float` (`None` on the CPU and before the first f16 call). For
+    /// tests: that a choice of [`Self::set_gpu_f16_unpack`] rebuilt them.
+    #[doc(hidden)]
+    pub fn gpu_f16_unpack_built(&self) -> Option<bool> {
+        match &self.engine {
+            Engine::Gpu(gpu) => gpu.f16_unpack_built(),
             Engine::Cpu(_) => None,
         }
     }

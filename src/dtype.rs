@@ -163,7 +163,7 @@ impl GradElement for half::bf16 {
 }
 
 /// binary16 bits as f32 with integer operations and selects (grads_f16.wgsl's
-/// decode): normal numbers rebiased, infinities and NaNs moved into place,
+/// `f16_pair_bits`): normal numbers rebiased, infinities and NaNs moved into place,
 /// subnormals as `mantissa * 2^-24` (exact in f32). `half`'s own conversion calls
 /// an F16C routine per value (or branches without it), which does not vectorise.
 #[inline(always)]

@@ -150,7 +150,9 @@ pub use gpu::{GpuTensor, GpuTensorMut};
 pub use half;
 
 /// The WGSL sources as the GPU backend compiles them (shared prelude included), for
-/// validation tools and for reading.
+/// validation tools and for reading: [`shaders::kernel_source_for`] gives each
+/// kernel's default source, [`shaders::kernel_source_variant`] its variants (see
+/// [`shaders::KernelVariant`]).
 pub mod shaders {
     pub use crate::gpu::kernels::{
         deep_kernel_constants, kernel_constants, kernel_names, kernel_source, kernel_source_for,

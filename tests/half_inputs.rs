@@ -324,11 +324,13 @@ fn gpu_loaders_decode_every_finite_value_exactly() {
     if info.name.contains("llvmpipe") {
         assert_eq!(gpu.gpu_f16_unpack(), Some(true), "{}", info.name);
     }
-    // Both f16 decodes where the device has both.
-    for unpack in [false, true] {
+    // Both f16 decodes where the device has both, each from pipelines rebuilt
+    // for it.
+    for unpack in [false, true, false] {
         gpu.set_gpu_f16_unpack(Some(unpack));
         if gpu.gpu_f16_unpack() == Some(unpack) {
             loader_is_exact(&mut gpu, f16::from_bits, f32::INFINITY);
+            assert_eq!(gpu.gpu_f16_unpack_built(), Some(unpack));
         }
     }
     loader_is_exact(&mut gpu, bf16::from_bits, 1e18);

@@ -399,6 +399,8 @@ impl GradKernels {
 struct TypeReaders {
     one: GradKernels,
     slots: Option<GradKernels>,
+    /// Built with [`KernelVariant::f16_unpack`] (both sets).
+    f16_unpack: bool,
 }
 
 /// The compute pipelines: those that do not read gradients, and the gradient
@@ -509,6 +511,14 @@ impl Kernels {
         self.f16_unpack_compiles && self.f16_unpack_choice.unwrap_or(self.small_workgroups)
     }
 
+    /// Whether the f16 readers built so far decode with `unpack2x16float`
+    /// (`None` before the first f16 call).
+    pub fn f16_unpack_built(&self) -> Option<bool> {
+        self.readers[Dtype::F16.index()]
+            .as_ref()
+            .map(|r| r.f16_unpack)
+    }
+
     /// The element types whose readers exist, and whether their slots variants do.
     fn prepared(&self) -> Vec<(Dtype, bool)> {
         Dtype::ALL
@@ -561,6 +571,7 @@ impl Kernels {
         let readers = self.readers[dtype.index()].get_or_insert_with(|| TypeReaders {
             one: GradKernels::build(device, dtype, small, one),
             slots: None,
+            f16_unpack: one.f16_unpack,
         });
         let kernels = if slots {
             readers

@@ -317,6 +317,10 @@ impl GpuClipper {
         self.kernels.f16_unpack()
     }
 
+    pub fn f16_unpack_built(&self) -> Option<bool> {
+        self.kernels.f16_unpack_built()
+    }
+
     pub fn means_min_rows(&self) -> u64 {
         self.means_min_rows
     }
