@@ -87,8 +87,8 @@ fn grads_loader(dtype: Dtype, variant: KernelVariant) -> String {
     }
 }
 
-/// grads_f16.wgsl's `f16_pair` on every adapter by default: its exact integer
-/// decode.
+/// grads_f16.wgsl's `f16_pair` by its exact integer decode (the default
+/// without small workgroups, and wherever the builtin does not compile).
 const F16_PAIR_BITS: &str = "fn f16_pair(w: u32) -> vec2<f32> {
     return f16_pair_bits(w);
 }
