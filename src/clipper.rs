@@ -125,18 +125,12 @@ impl Clipper {
 
     /// The wgpu device of a GPU clipper (to create buffers for [`Self::clip_buffers`]).
     pub fn device(&self) -> Option<&wgpu::Device> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.device()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.device())
     }
 
     /// The wgpu queue of a GPU clipper.
     pub fn queue(&self) -> Option<&wgpu::Queue> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.queue()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.queue())
     }
 
     /// Extra device memory this clipper holds between calls: norm partials,
@@ -175,20 +169,14 @@ impl Clipper {
     /// when [`Self::set_gpu_timing`] is on; `None` otherwise, when the last call
     /// failed, or when the driver's two timestamps were not in order.
     pub fn last_gpu_time(&self) -> Option<std::time::Duration> {
-        match &self.engine {
-            Engine::Gpu(gpu) => gpu.last_pass_time(),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().and_then(|gpu| gpu.last_pass_time())
     }
 
     /// Compute dispatches the last GPU call recorded (0 before the first; `None`
     /// on the CPU). For tests and benches of how tensors share dispatches.
     #[doc(hidden)]
     pub fn last_gpu_dispatches(&self) -> Option<usize> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.last_dispatches()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.last_dispatches())
     }
 
     /// Limits the bytes one storage binding may cover (default: the device's
@@ -255,10 +243,7 @@ impl Clipper {
     /// ([`Self::set_gpu_buffer_slots`]; `None` on the CPU). For the benchmark.
     #[doc(hidden)]
     pub fn gpu_buffer_slots(&self) -> Option<bool> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.buffer_slots()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.buffer_slots())
     }
 
     /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about
@@ -280,10 +265,7 @@ impl Clipper {
     /// ([`Self::set_gpu_f16_unpack`]; `None` on the CPU).
     #[doc(hidden)]
     pub fn gpu_f16_unpack(&self) -> Option<bool> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.f16_unpack()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.f16_unpack())
     }
 
     /// Whether the GPU's f16 pipelines, as built for the last f16 call, decode with
@@ -291,30 +273,21 @@ impl Clipper {
     /// tests: that a choice of [`Self::set_gpu_f16_unpack`] rebuilt them.
     #[doc(hidden)]
     pub fn gpu_f16_unpack_built(&self) -> Option<bool> {
-        match &self.engine {
-            Engine::Gpu(gpu) => gpu.f16_unpack_built(),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().and_then(|gpu| gpu.f16_unpack_built())
     }
 
     /// The GPU's current choice of [`Self::set_gpu_small_workgroups`] (`None` on the
     /// CPU). For the benchmark's per-kernel replay.
     #[doc(hidden)]
     pub fn gpu_small_workgroups(&self) -> Option<bool> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.small_workgroups()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.small_workgroups())
     }
 
     /// The GPU's current rule of [`Self::set_gpu_means_min_rows`] (`None` on the
     /// CPU). For the benchmark's per-kernel replay.
     #[doc(hidden)]
     pub fn gpu_means_min_rows(&self) -> Option<u64> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.means_min_rows()),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.means_min_rows())
     }
 
     /// Columns per workgroup the GPU norm pass would use for tensors of `widths`
@@ -322,10 +295,7 @@ impl Clipper {
     /// benchmark's per-kernel replay.
     #[doc(hidden)]
     pub fn gpu_tile_cols(&self, widths: &[usize], micro_batches: usize) -> Option<u64> {
-        match &self.engine {
-            Engine::Gpu(gpu) => Some(gpu.tile_cols(widths, micro_batches)),
-            Engine::Cpu(_) => None,
-        }
+        self.gpu().map(|gpu| gpu.tile_cols(widths, micro_batches))
     }
 
     /// Sets the host memory the CPU backend's one-read path may keep hot (default
@@ -454,6 +424,14 @@ impl Clipper {
     fn begin_call(&mut self) {
         if let Engine::Gpu(gpu) = &mut self.engine {
             gpu.forget_pass_time();
+        }
+    }
+
+    /// The GPU engine, `None` on the CPU.
+    fn gpu(&self) -> Option<&GpuClipper> {
+        match &self.engine {
+            Engine::Gpu(gpu) => Some(gpu),
+            Engine::Cpu(_) => None,
         }
     }
 
