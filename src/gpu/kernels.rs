@@ -479,6 +479,17 @@ impl Kernels {
     /// f16 is decoded by `unpack2x16float` with small workgroups (a software
     /// adapter) where the device compiles it.
     pub fn new(device: &wgpu::Device, small_workgroups: bool) -> Self {
+        Self::build_all(device, small_workgroups, f16_unpack_compiles(device), None)
+    }
+
+    /// The kernels with the device's [`f16_unpack_compiles`] known and the f16
+    /// decode chosen (`None`: with small workgroups).
+    fn build_all(
+        device: &wgpu::Device,
+        small_workgroups: bool,
+        f16_unpack_compiles: bool,
+        f16_unpack_choice: Option<bool>,
+    ) -> Self {
         let f32_kernel = |name: &str| {
             build(
                 device,
@@ -495,8 +506,8 @@ impl Kernels {
             add_noise: f32_kernel("add_noise"),
             readers: [None, None, None],
             small_workgroups,
-            f16_unpack_compiles: f16_unpack_compiles(device),
-            f16_unpack_choice: None,
+            f16_unpack_compiles,
+            f16_unpack_choice,
         };
         kernels.prepare(device, Dtype::F32, false, false);
         kernels
@@ -534,9 +545,12 @@ impl Kernels {
             return;
         }
         let prepared = self.prepared();
-        let choice = self.f16_unpack_choice;
-        *self = Self::new(device, small);
-        self.f16_unpack_choice = choice;
+        *self = Self::build_all(
+            device,
+            small,
+            self.f16_unpack_compiles,
+            self.f16_unpack_choice,
+        );
         for (dtype, slots) in prepared {
             self.prepare(device, dtype, slots, false);
         }
@@ -551,9 +565,8 @@ impl Kernels {
         if self.f16_unpack() == before {
             return;
         }
-        let slots = self.prepared().contains(&(Dtype::F16, true));
-        if self.readers[Dtype::F16.index()].take().is_some() {
-            self.prepare(device, Dtype::F16, slots, false);
+        if let Some(built) = self.readers[Dtype::F16.index()].take() {
+            self.prepare(device, Dtype::F16, built.slots.is_some(), false);
         }
     }
 
