@@ -4,7 +4,11 @@
 // input rows of one window (weights per row, w_{j,g} / n_j, from row_weights.wgsl;
 // at b = 1 the rows are the means and the micro-batch weights serve). Terms are
 // accumulated per column in blocks of ROW_BLOCK (sum of block sums); windows after
-// a tensor's first add to its output.
+// a tensor's first add to its output. Input rows may instead come in row chunks
+// (a software adapter's default; `chunk_rows_table` in src/gpu/plan.rs): the
+// ROW_CHUNKS pipeline sums each chunk of a few dozen rows into a partial row
+// (table entry = chunk; no blocks, the chunk is the block), then this one sums
+// the partial rows (weights 1) into the output.
 //
 // A workgroup of 64 threads covers WG = 64 * QUADS groups of 4 adjacent columns
 // (quads), 2048 columns. Each run of RUN threads owns RUN * QUADS adjacent quads
@@ -82,6 +86,16 @@ fn table_len() -> u32 {
 // The same buffer range as `grads`, four elements at a time (a dummy when every
 // entry has vec4_path = 0).
 @group(0) @binding(4) var<storage, read> grads4: array<GradQuad>;
+// The partial rows of row chunks (ROW_CHUNKS; a dummy otherwise).
+@group(0) @binding(5) var<storage, read_write> partials4: array<vec4<f32>>;
+
+// The pipeline that sums row chunks into partial rows (see `sum_quads8_plain`):
+// every entry's rows are a chunk of a few dozen rows, summed plainly (the chunk
+// is the block) and stored as whole quads into `partials4` from out_offset (a
+// multiple of 4; partial rows are padded to whole quads), never added to. A
+// pipeline constant rather than a parameter: on lavapipe the chunk sums ran
+// about 15% slower with the other path compiled into the same pipeline.
+override ROW_CHUNKS: bool = false;
 
 // The weighted sum over the micro-batches of one quad (columns col0 .. col0 + 3,
 // any alignment, clipped at cols), with scalar loads unless vec4_path.
@@ -111,7 +125,7 @@ fn quad_sum(col0: u32) -> vec4<f32> {
         }
         block += w * mean;
         in_block += 1u;
-        if (in_block == ROW_BLOCK) {
+        if (in_block == ROW_BLOCK && !ROW_CHUNKS) {
             total += block;
             block = vec4<f32>(0.0);
             in_block = 0u;
@@ -125,6 +139,11 @@ fn weight(j: u32) -> f32 {
 }
 
 fn store_quad(col0: u32, sum: vec4<f32>) {
+    if (ROW_CHUNKS) {
+        // The partial row is padded to whole quads.
+        partials4[(params.out_offset + col0) >> 2u] = sum;
+        return;
+    }
     for (var k = 0u; k < 4u; k++) {
         if (col0 + k < params.cols) {
             let at = params.out_offset + col0 + k;
@@ -204,6 +223,67 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
     }
 }
 
+// sum_quads8 for a row chunk (ROW_CHUNKS): plain sums of the chunk's
+// rows in eight vec4 accumulators, the eight quads stored as vec4 into the
+// chunk's partial row (the host cuts the rows into chunks of a few dozen and sums
+// the partial rows in a second dispatch, see `chunk_rows_table` in
+// src/gpu/plan.rs; a chunk is the block here). On lavapipe the block flushes and
+// scalar stores of sum_quads8 cost about as much as the chunks save: a probe of
+// this pass over 256 rows of 62,500 f32 in chunks of 32 rows took 9.2-9.8 ms with
+// sum_quads8 and 7.0 with this (BENCHMARKS.md). The same operations per column as
+// quad_sum with ROW_CHUNKS (no flush), so the same bits whatever the loads.
+fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
+    var a0 = vec4<f32>();
+    var a1 = vec4<f32>();
+    var a2 = vec4<f32>();
+    var a3 = vec4<f32>();
+    var a4 = vec4<f32>();
+    var a5 = vec4<f32>();
+    var a6 = vec4<f32>();
+    var a7 = vec4<f32>();
+    var e = params.means_base + first * 4u;
+    for (var j = 0u; j < params.rows; j++) {
+        let w = weight(j);
+        let q = e >> 2u;
+        let s = e & 3u;
+        e += params.stride;
+        if (params.skip_zero == 1u && w == 0.0) {
+            continue;
+        }
+        if (loads == LOAD_VEC4) {
+            a0 += w * grad_quad(q);
+            a1 += w * grad_quad(q + step);
+            a2 += w * grad_quad(q + 2u * step);
+            a3 += w * grad_quad(q + 3u * step);
+            a4 += w * grad_quad(q + 4u * step);
+            a5 += w * grad_quad(q + 5u * step);
+            a6 += w * grad_quad(q + 6u * step);
+            a7 += w * grad_quad(q + 7u * step);
+        } else {
+            let mid = grad_quad(q + 4u);
+            let lo = shift_quads4(grad_quad(q), grad_quad(q + 1u), grad_quad(q + 2u), grad_quad(q + 3u), mid, s);
+            let hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
+            a0 += w * lo[0];
+            a1 += w * lo[1];
+            a2 += w * lo[2];
+            a3 += w * lo[3];
+            a4 += w * hi[0];
+            a5 += w * hi[1];
+            a6 += w * hi[2];
+            a7 += w * hi[3];
+        }
+    }
+    let o = (params.out_offset >> 2u) + first;
+    partials4[o] = a0;
+    partials4[o + step] = a1;
+    partials4[o + 2u * step] = a2;
+    partials4[o + 3u * step] = a3;
+    partials4[o + 4u * step] = a4;
+    partials4[o + 5u * step] = a5;
+    partials4[o + 6u * step] = a6;
+    partials4[o + 7u * step] = a7;
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let dispatch_group = wg.x + wg.y * table[0].groups_x;
@@ -222,12 +302,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let step = select(RUN, 1u, adjacent);
     let quads = (params.cols + 3u) / 4u;
     if (first + (QUADS - 1u) * step < quads) {
+        let plain = ROW_CHUNKS;
         if (params.vec4_path == 1u) {
-            sum_quads8(LOAD_VEC4, first, step);
+            if (plain) {
+                sum_quads8_plain(LOAD_VEC4, first, step);
+            } else {
+                sum_quads8(LOAD_VEC4, first, step);
+            }
             return;
         }
         if (shifted) {
-            sum_quads8(LOAD_SHIFTED, first, step);
+            if (plain) {
+                sum_quads8_plain(LOAD_SHIFTED, first, step);
+            } else {
+                sum_quads8(LOAD_SHIFTED, first, step);
+            }
             return;
         }
     }

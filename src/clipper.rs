@@ -138,7 +138,9 @@ impl Clipper {
     /// (`M x sum ceil4(D_p) x 4` bytes, pooled from the first call with `N / M >= 3`),
     /// the output row of a last pass run once for several tensors
     /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 4` bytes, when the
-    /// last pass re-reads rows of micro-batches of several rows) and
+    /// last pass re-reads rows of micro-batches of several rows), the partial rows
+    /// of that pass's row chunks (`ceil(N / 32) x ceil4(D_p) x 4` bytes for the
+    /// largest of its dispatches, by default on a software adapter) and
     /// the read-back buffer (not the host path's upload of the input itself). On the
     /// CPU: the host memory kept between calls, the micro-batch means of the
     /// two-pass path (`M x sum D_p x 4` bytes, from the first call that stores
@@ -244,6 +246,26 @@ impl Clipper {
     #[doc(hidden)]
     pub fn gpu_buffer_slots(&self) -> Option<bool> {
         self.gpu().map(|gpu| gpu.buffer_slots())
+    }
+
+    /// Sets how many rows at a time the GPU's last pass walks when it re-reads the
+    /// input rows (micro-batches of 1 or 2 rows on average): chunks of `rows` rows
+    /// summed into partial rows, then one more dispatch adds those up; `Some(0)`:
+    /// all rows at once; `None`: the adapter's default (32 on a software adapter,
+    /// 0 on hardware). Only dispatches with at least `2 x rows` rows are cut. For
+    /// tests and benches of both ways on one adapter. No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_pass4_chunk_rows(&mut self, rows: Option<u32>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_pass4_chunk_rows(rows);
+        }
+    }
+
+    /// The GPU's rows per chunk of its last pass over input rows
+    /// ([`Self::set_gpu_pass4_chunk_rows`]; 0: no chunks; `None` on the CPU).
+    #[doc(hidden)]
+    pub fn gpu_pass4_chunk_rows(&self) -> Option<u32> {
+        self.gpu().map(|gpu| gpu.pass4_chunk_rows())
     }
 
     /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about

@@ -110,8 +110,11 @@
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
 //! row when that pass runs once for several tensors; otherwise, when `b > 1`, the
-//! last pass re-reads the rows with `N x G x 4` bytes of per-row weights. Noise is
-//! generated in place in the output: no buffer of random numbers.
+//! last pass re-reads the rows with `N x G x 4` bytes of per-row weights and, where
+//! it walks them in chunks of 32 rows (by default on a software adapter), the
+//! chunks' partial rows (`ceil(rows / 32) x ceil4(D_p) x 4` bytes, about 1/32 of an
+//! f32 input). Noise is generated in place in the output: no buffer of random
+//! numbers.
 //!
 //! The CPU backend reads the input once, in groups of micro-batches, when an f64
 //! accumulator row and a group's means fit its cache budget (20 MiB; the working
@@ -156,7 +159,8 @@ pub use half;
 pub mod shaders {
     pub use crate::gpu::kernels::{
         deep_kernel_constants, kernel_constants, kernel_names, kernel_source, kernel_source_for,
-        kernel_source_variant, kernel_source_with_slots, KernelVariant, CHUNK_ROWS,
+        kernel_source_variant, kernel_source_with_slots, row_chunks_kernel_constants,
+        KernelVariant, CHUNK_ROWS,
     };
 }
 

@@ -819,3 +819,75 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
     assert_eq!(gpu.clip(&cfg, &slices(&t), n).unwrap(), untimed);
     assert_eq!(gpu.last_gpu_time(), None);
 }
+
+/// The last pass over input rows (b <= 2) cut into row chunks (partial rows,
+/// then their sum; `Clipper::set_gpu_pass4_chunk_rows`) against the float64
+/// reference: one tensor and several (which share that pass's dispatches),
+/// uniform and ragged micro-batches, parameter groups, non-finite rows under
+/// both policies, row windows, f16 input, and more chunks than one dispatch's
+/// table holds (5-row chunks of 200 rows). Chunking adds dispatches.
+#[test]
+fn last_pass_in_row_chunks() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 200;
+    let widths = [4100, 7, 33, 1];
+    let mut t = random_tensors(91, n, &widths, 1.0);
+    let one = vec![t[0].clone()];
+    // Row 77 of the first tensor non-finite.
+    t[0][77 * 4100 + 5] = f32::NAN;
+    let groups = vec![1, 0, 1, 0];
+    let configs = [
+        ClipConfig::fixed(0.3, MicroBatches::Uniform(1)),
+        ClipConfig::adaptive(1.0, MicroBatches::Uniform(2)),
+        ClipConfig::fixed(0.3, MicroBatches::Uniform(1))
+            .with_non_finite(NonFinitePolicy::Propagate),
+        ClipConfig::fixed(0.4, MicroBatches::Offsets(random_offsets(5, n, 120))),
+        ClipConfig::fixed(0.4, MicroBatches::Uniform(2)).with_groups(groups),
+    ];
+    // No binding limit, and one that cuts the widest tensor into windows of 40 rows.
+    for max_binding in [u64::MAX, 4100 * 4 * 40 + 256] {
+        gpu.set_max_binding_bytes(max_binding);
+        for cfg in &configs {
+            for tensors in [&one, &t] {
+                if tensors.len() == 1 && cfg.groups.is_some() {
+                    continue;
+                }
+                let mut dispatches = Vec::new();
+                for rows in [0, 5, 32, 64] {
+                    gpu.set_gpu_pass4_chunk_rows(Some(rows));
+                    assert_eq!(gpu.gpu_pass4_chunk_rows(), Some(rows));
+                    let what = format!(
+                        "{cfg:?}, {} tensors, binding {max_binding}, chunks of {rows}",
+                        tensors.len()
+                    );
+                    check(&mut gpu, cfg, tensors, n, TOL, &what);
+                    dispatches.push(gpu.last_gpu_dispatches().unwrap());
+                }
+                // 5-row chunks: more than one table of chunks, plus the sum.
+                assert!(
+                    dispatches[1] >= dispatches[0] + 2,
+                    "{cfg:?}: dispatches {dispatches:?}"
+                );
+            }
+        }
+    }
+    gpu.set_max_binding_bytes(u64::MAX);
+    // 16-bit input through the chunks.
+    gpu.set_gpu_pass4_chunk_rows(Some(5));
+    let halves = rounded(&t[1..], half::f16::from_f32);
+    check_typed(
+        &mut gpu,
+        &configs[0],
+        &halves,
+        n,
+        TOL,
+        "f16 in chunks of 5 rows",
+    );
+    // None restores the adapter's default: 32 rows on a software adapter.
+    gpu.set_gpu_pass4_chunk_rows(None);
+    let software = gpu.device().unwrap().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(
+        gpu.gpu_pass4_chunk_rows(),
+        Some(if software { 32 } else { 0 })
+    );
+}

@@ -144,12 +144,23 @@ impl Single {
 
     /// One dispatch in its own pass: its device time in ms when timed.
     fn run(&self, gpu: &Gpu) -> Option<f64> {
-        gpu.run_pass(true, |pass| {
-            pass.set_pipeline(&self.pipeline);
-            pass.set_bind_group(0, &self.group, &[]);
-            pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
-        })
+        run_all(gpu, std::slice::from_ref(self))
     }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.group, &[]);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
+    }
+}
+
+/// Dispatches one after the other in one pass: their device time in ms when timed.
+fn run_all(gpu: &Gpu, kernels: &[Single]) -> Option<f64> {
+    gpu.run_pass(true, |pass| {
+        for k in kernels {
+            k.record(pass);
+        }
+    })
 }
 
 fn split(groups: u64) -> (u32, u32) {
@@ -337,8 +348,98 @@ pub fn run(
             .run(gpu);
             Some(rw)
         };
-        let sum = {
-            let (mx, my) = split((d as u64).div_ceil(2048));
+        // Over the input rows microclip walks them in chunks of `chunk_rows`
+        // rows when there are at least two (`chunk_rows_table` in
+        // src/gpu/plan.rs): one dispatch sums each chunk into a partial row, a
+        // second one adds those up with weight 1.
+        let chunk_rows = clipper.gpu_pass4_chunk_rows().ok_or("not a GPU clipper")? as usize;
+        let chunks = if !with_means && chunk_rows > 0 && n >= 2 * chunk_rows {
+            n.div_ceil(chunk_rows)
+        } else {
+            1
+        };
+        if chunks > TABLE_LEN {
+            return Err(format!("breakdown: {chunks} row chunks exceed one table"));
+        }
+        let groups_per = (d as u64).div_ceil(2048);
+        let partial_rows =
+            gpu.storage_buffer("breakdown chunk partials", (chunks * d4 * 4) as u64)?;
+        let ones = storage_init(gpu, bytemuck::cast_slice(&vec![1.0f32; chunks]));
+        // Pass 4's partial rows where a dispatch writes none.
+        let no_partials = gpu.storage_buffer("breakdown no partials", 16)?;
+        let sum = if chunks > 1 {
+            let (mx, my) = split(chunks as u64 * groups_per);
+            let mut table = [MeansSumParams::default(); TABLE_LEN];
+            for (c, e) in table.iter_mut().take(chunks).enumerate() {
+                let first = c * chunk_rows;
+                *e = MeansSumParams {
+                    cols: d as u32,
+                    means_base: (first * d) as u32,
+                    rows: chunk_rows.min(n - first) as u32,
+                    out_offset: (c * d4) as u32,
+                    skip_zero: 1,
+                    vec4_path: input_path,
+                    groups: 1,
+                    stride: d as u32,
+                    weights_base: first as u32,
+                    first_group: (c as u64 * groups_per) as u32,
+                    ..Default::default()
+                };
+            }
+            table[0].groups_x = mx;
+            table[0].entries = chunks as u32;
+            table[0].dispatch_groups = (chunks as u64 * groups_per) as u32;
+            let cp = uniform(gpu, &table);
+            let (rx, ry) = split(groups_per);
+            let rp = uniform(
+                gpu,
+                &[MeansSumParams {
+                    cols: d as u32,
+                    rows: chunks as u32,
+                    groups_x: rx,
+                    vec4_path: 1,
+                    groups: 1,
+                    stride: d4 as u32,
+                    entries: 1,
+                    dispatch_groups: groups_per as u32,
+                    ..Default::default()
+                }; TABLE_LEN],
+            );
+            let constants = microclip::shaders::kernel_constants("weighted_means", small);
+            let chunk_constants =
+                microclip::shaders::row_chunks_kernel_constants("weighted_means", small);
+            vec![
+                Single::new(
+                    gpu,
+                    "weighted_means",
+                    &[
+                        cp.as_entire_binding(),
+                        x.as_entire_binding(),
+                        row_weights.as_ref().unwrap_or(&weights).as_entire_binding(),
+                        replay_out.as_entire_binding(),
+                        x.as_entire_binding(),
+                        partial_rows.as_entire_binding(),
+                    ],
+                    (mx, my, 1),
+                    chunk_constants,
+                ),
+                Single::new(
+                    gpu,
+                    "weighted_means",
+                    &[
+                        rp.as_entire_binding(),
+                        partial_rows.as_entire_binding(),
+                        ones.as_entire_binding(),
+                        replay_out.as_entire_binding(),
+                        partial_rows.as_entire_binding(),
+                        no_partials.as_entire_binding(),
+                    ],
+                    (rx, ry, 1),
+                    constants,
+                ),
+            ]
+        } else {
+            let (mx, my) = split(groups_per);
             let rows = if with_means { m } else { n };
             // A table of one entry (TABLE_LEN copies of it; entries = 1).
             let sp = uniform(
@@ -353,12 +454,12 @@ pub fn run(
                     vec4_path: if with_means { 1 } else { input_path },
                     stride: if with_means { d4 } else { d } as u32,
                     entries: 1,
-                    dispatch_groups: (d as u64).div_ceil(2048) as u32,
+                    dispatch_groups: groups_per as u32,
                     ..Default::default()
                 }; TABLE_LEN],
             );
             let source = if with_means { &means } else { &x };
-            Single::new(
+            vec![Single::new(
                 gpu,
                 "weighted_means",
                 &[
@@ -367,13 +468,14 @@ pub fn run(
                     row_weights.as_ref().unwrap_or(&weights).as_entire_binding(),
                     replay_out.as_entire_binding(),
                     source.as_entire_binding(),
+                    no_partials.as_entire_binding(),
                 ],
                 (mx, my, 1),
                 microclip::shaders::kernel_constants("weighted_means", small),
-            )
+            )]
         };
         part.run(gpu);
-        sum.run(gpu);
+        run_all(gpu, &sum);
         let got = gpu.read_f32(&replay_out, 0, d as u64);
         if got != want {
             lines.push(format!(
@@ -393,7 +495,7 @@ pub fn run(
                     crate::report::device_ms(timed, clipper.last_gpu_time())
                 },
                 &mut || part.run(gpu),
-                &mut || sum.run(gpu),
+                &mut || run_all(gpu, &sum),
             ],
         );
         let [read, full, p, w] = [0, 1, 2, 3].map(|i| median(&s[i]));
@@ -403,14 +505,28 @@ pub fn run(
             p / read,
             w / read,
             if with_means {
-                "weighted_means (M rows of means)"
-            } else if m == n {
-                "weighted_means (N = M rows of the input)"
+                "weighted_means (M rows of means)".to_string()
             } else {
-                "weighted_means (N rows of the input, row weights)"
+                format!(
+                    "weighted_means ({}){}",
+                    if m == n {
+                        "N = M rows of the input"
+                    } else {
+                        "N rows of the input, row weights"
+                    },
+                    if chunks > 1 {
+                        format!(" in {chunks} chunks of {chunk_rows} rows + their sum")
+                    } else {
+                        String::new()
+                    }
+                )
             },
             tiles * m as u64,
-            (d as u64).div_ceil(2048)
+            if chunks > 1 {
+                format!("{} + {groups_per}", chunks as u64 * groups_per)
+            } else {
+                groups_per.to_string()
+            }
         ));
     }
     Ok(lines)

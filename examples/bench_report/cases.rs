@@ -25,6 +25,12 @@ const SEED: u64 = 0x5eed_c11b;
 pub const BASELINE_B: [usize; 2] = [1, 8];
 /// Micro-batch sizes of the 16-bit rows (main shape).
 pub const HALF_BS: [usize; 2] = [1, 8];
+/// Micro-batch sizes whose pass 4 re-reads the input rows (main shape), also
+/// timed with the adapter's other row-chunk setting.
+pub const ROWS_BS: [usize; 2] = [1, 2];
+/// Rows per chunk of those rows where the adapter's default has none (a
+/// software adapter's default).
+pub const ROW_CHUNK_ROWS: u32 = 32;
 
 /// The shapes, every D divided by `scale` (N and b kept, so the
 /// micro-batch structure is the same; only the bytes shrink).
@@ -158,6 +164,9 @@ struct GpuCtx {
     /// f16 decode of the clippers made now (`Clipper::set_gpu_f16_unpack`;
     /// `None`: the adapter's default).
     f16_unpack: std::cell::Cell<Option<bool>>,
+    /// Rows per chunk of pass 4 over input rows of the clippers made now
+    /// (`Clipper::set_gpu_pass4_chunk_rows`; `None`: the adapter's default).
+    row_chunks: std::cell::Cell<Option<u32>>,
 }
 
 impl GpuCtx {
@@ -172,6 +181,9 @@ impl GpuCtx {
         }
         if let Some(on) = self.f16_unpack.get() {
             c.set_gpu_f16_unpack(Some(on));
+        }
+        if let Some(rows) = self.row_chunks.get() {
+            c.set_gpu_pass4_chunk_rows(Some(rows));
         }
         c
     }
@@ -350,10 +362,11 @@ fn device_case(
         timing: if ctx.timed { "device" } else { "wall" },
         note,
     };
-    let method = match (ctx.slots.get(), ctx.f16_unpack.get()) {
-        (Some(on), _) => Method::MicroclipSlots(on),
-        (None, Some(on)) => Method::MicroclipF16Unpack(on),
-        (None, None) => Method::Microclip,
+    let method = match (ctx.slots.get(), ctx.f16_unpack.get(), ctx.row_chunks.get()) {
+        (Some(on), _, _) => Method::MicroclipSlots(on),
+        (None, Some(on), _) => Method::MicroclipF16Unpack(on),
+        (None, None, Some(rows)) => Method::MicroclipRowChunks(rows > 0),
+        (None, None, None) => Method::Microclip,
     };
     let mut rows = vec![row(
         method,
@@ -470,6 +483,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         timed,
         slots: Default::default(),
         f16_unpack: Default::default(),
+        row_chunks: Default::default(),
     };
     let checks = crate::check::verify(&ctx.gpu, &ctx.refk, &ctx.baseline)?;
     for c in &checks {
@@ -538,6 +552,26 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             &note,
         )?);
     }
+    // Pass 4 over the input rows with the adapter's other row-chunk setting.
+    let other = match ctx.clipper().gpu_pass4_chunk_rows() {
+        Some(0) => ROW_CHUNK_ROWS,
+        _ => 0,
+    };
+    ctx.row_chunks.set(Some(other));
+    for b in ROWS_BS.into_iter().filter(|&b| b <= n) {
+        rows.extend(device_case(
+            &ctx,
+            "main",
+            n,
+            b,
+            &[(&x, 0, d0)],
+            Dtype::F32,
+            &reference,
+            false,
+            &note,
+        )?);
+    }
+    ctx.row_chunks.set(None);
     drop(reference);
     drop(x);
 

@@ -27,8 +27,12 @@
 //!   On the GPU the inputs are in
 //!   device buffers before timing (`clip_buffers_into`); one extra row times the
 //!   host-slice path (`clip()`, upload included) on the N = 1024 shape. The main
-//!   shape also runs as f16 and bf16 input (b = 1 and 8). The CPU backend runs the
-//!   same shapes on host slices.
+//!   shape also runs as f16 and bf16 input (b = 1 and 8). Rows with a method
+//!   after "microclip, " time a GPU setting against the adapter's default and are
+//!   left out of the summary line: f16 with the other decode, the 100 buffers
+//!   with buffer slots the other way, and b = 1 and 2 with pass 4 the other way
+//!   (in row chunks or without). The CPU backend runs the same shapes on host
+//!   slices.
 //! * **Sizes**: `--scale S` divides every D by S (N, b and the tensor count stay,
 //!   so the micro-batch structure is unchanged). Default: S = 16 on a software
 //!   adapter (wgpu device type `Cpu`, e.g. lavapipe: its shaders run on the host

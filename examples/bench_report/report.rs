@@ -16,6 +16,11 @@ pub enum Method {
     /// (`Clipper::set_gpu_f16_unpack`): `unpack2x16float` (true) or integer
     /// operations; not in the summary.
     MicroclipF16Unpack(bool),
+    /// Microclip with its GPU pass 4 over input rows set against the adapter's
+    /// default (`Clipper::set_gpu_pass4_chunk_rows`): in chunks of
+    /// [`crate::cases::ROW_CHUNK_ROWS`] rows (true) or all rows at once; not in
+    /// the summary.
+    MicroclipRowChunks(bool),
 }
 
 /// One measured case.
@@ -69,6 +74,8 @@ impl Row {
             Method::MicroclipSlots(false) => "microclip, buffer slots off",
             Method::MicroclipF16Unpack(true) => "microclip, f16 by unpack2x16float",
             Method::MicroclipF16Unpack(false) => "microclip, f16 by integer decode",
+            Method::MicroclipRowChunks(true) => "microclip, pass 4 in row chunks",
+            Method::MicroclipRowChunks(false) => "microclip, pass 4 without row chunks",
         }
     }
 }

@@ -217,6 +217,21 @@ pub fn deep_kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&
     }
 }
 
+/// The constants of the pass-4 variant that sums row chunks of the input into
+/// partial rows (`ROW_CHUNKS` in weighted_means.wgsl; what the GPU backend runs
+/// when it cuts that pass's rows into chunks, by default on a software adapter);
+/// [`kernel_constants`] for the other kernels.
+pub fn row_chunks_kernel_constants(
+    name: &str,
+    small_workgroups: bool,
+) -> &'static [(&'static str, f64)] {
+    match name {
+        "weighted_means" if small_workgroups => &[("ADJACENT", 1.0), ("ROW_CHUNKS", 1.0)],
+        "weighted_means" => &[("ROW_CHUNKS", 1.0)],
+        _ => kernel_constants(name, small_workgroups),
+    }
+}
+
 /// The norm pass's constants on a software adapter ([`kernel_constants`]).
 const PARTIALS_SMALL: [(&str, f64); 2] = [("WG", SMALL_WORKGROUP), ("ADJACENT", 1.0)];
 
@@ -360,7 +375,9 @@ pub(crate) struct GradKernels {
     /// `mb_partials` with [`deep_kernel_constants`] where they differ (built on
     /// first use).
     partials_deep: Option<wgpu::ComputePipeline>,
-    pub weighted_means: wgpu::ComputePipeline,
+    weighted_means: wgpu::ComputePipeline,
+    /// `weighted_means` with [`row_chunks_kernel_constants`] (built on first use).
+    weighted_means_chunks: Option<wgpu::ComputePipeline>,
 }
 
 impl GradKernels {
@@ -374,6 +391,7 @@ impl GradKernels {
         Self {
             partials: build(device, "mb_partials", dtype, constants, variant),
             partials_deep: None,
+            weighted_means_chunks: None,
             weighted_means: build(
                 device,
                 "weighted_means",
@@ -390,6 +408,18 @@ impl GradKernels {
         match &self.partials_deep {
             Some(p) if deep => p,
             _ => &self.partials,
+        }
+    }
+
+    /// Pass 4, the variant that sums row chunks into partial rows if `chunks`
+    /// (after [`Kernels::prepare`] with `chunks`).
+    pub fn weighted_means(&self, chunks: bool) -> &wgpu::ComputePipeline {
+        if chunks {
+            self.weighted_means_chunks
+                .as_ref()
+                .expect("row-chunk readers prepared before encoding")
+        } else {
+            &self.weighted_means
         }
     }
 }
@@ -509,7 +539,7 @@ impl Kernels {
             f16_unpack_compiles,
             f16_unpack_choice,
         };
-        kernels.prepare(device, Dtype::F32, false, false);
+        kernels.prepare(device, Dtype::F32, false, false, false);
         kernels
     }
 
@@ -552,7 +582,7 @@ impl Kernels {
             self.f16_unpack_choice,
         );
         for (dtype, slots) in prepared {
-            self.prepare(device, dtype, slots, false);
+            self.prepare(device, dtype, slots, false, false);
         }
     }
 
@@ -566,15 +596,23 @@ impl Kernels {
             return;
         }
         if let Some(built) = self.readers[Dtype::F16.index()].take() {
-            self.prepare(device, Dtype::F16, built.slots.is_some(), false);
+            self.prepare(device, Dtype::F16, built.slots.is_some(), false, false);
         }
     }
 
     /// Builds the gradient readers of `dtype` unless they exist, and their slots
     /// variants if `slots` (the device must allow them: [`slots_supported`]);
     /// with `deep`, also the norm pass's variant for deep micro-batches of the
-    /// readers named by `slots`, where its constants differ.
-    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, slots: bool, deep: bool) {
+    /// readers named by `slots`, where its constants differ; with `chunks`, their
+    /// pass-4 variant over row chunks.
+    pub fn prepare(
+        &mut self,
+        device: &wgpu::Device,
+        dtype: Dtype,
+        slots: bool,
+        deep: bool,
+        chunks: bool,
+    ) {
         let small = self.small_workgroups;
         let one = KernelVariant {
             slots: false,
@@ -598,6 +636,12 @@ impl Kernels {
             kernels
                 .partials_deep
                 .get_or_insert_with(|| build(device, "mb_partials", dtype, constants, variant));
+        }
+        if chunks {
+            let constants = row_chunks_kernel_constants("weighted_means", small);
+            kernels
+                .weighted_means_chunks
+                .get_or_insert_with(|| build(device, "weighted_means", dtype, constants, variant));
         }
     }
 

@@ -16,7 +16,8 @@
 //!    the input rows, per tensor and window (or in the norm pass's dispatches into
 //!    the scratch row), of each row times its micro-batch's weight over the
 //!    micro-batch's size (those row weights from `row_weights`, dispatched after
-//!    `clip_factors` unless b = 1);
+//!    `clip_factors` unless b = 1), those rows in chunks of `pass4_chunk_rows`
+//!    into partial rows, then summed, where that is set (`chunk_rows_table`);
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
 pub(crate) mod kernels;
@@ -34,9 +35,9 @@ use kernels::{
     NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, dispatch_2d, materialize_means, means_cols, pack, pass1_dispatches,
-    plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor, Window,
-    MEANS_SUM_COLS, TABLE_LEN, WORKGROUP,
+    aligned_binding, chunk_rows_table, dispatch_2d, materialize_means, means_cols, pack,
+    pass1_dispatches, plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor,
+    RowChunks, Window, MEANS_SUM_COLS, TABLE_LEN, WORKGROUP,
 };
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
@@ -123,6 +124,9 @@ pub(crate) struct GpuClipper {
     /// in separate buffers then take a dispatch each per pass); see
     /// `default_buffer_slots`.
     buffer_slots: usize,
+    /// Pass 4 over input rows walks them this many at a time (0: all at once);
+    /// see `default_pass4_chunk_rows`.
+    pass4_chunk_rows: u32,
     /// Times each call's compute pass when set (`set_timing`).
     timer: Option<PassTimer>,
     /// Device time of the last call's compute pass, when timed.
@@ -151,6 +155,9 @@ struct CallLayout {
     /// Means are stored and some micro-batch has more than `kernels::CHUNK_ROWS`
     /// rows: the norm pass takes its variant for deep micro-batches.
     deep_means: bool,
+    /// Pass 4 re-reads the input rows and may cut them into row chunks (at least
+    /// two chunks of `pass4_chunk_rows` rows): its variant for them is built.
+    row_chunks: bool,
     /// Pass 4 re-reads rows of micro-batches of several rows, with `[N, G]` per-row
     /// weights.
     per_row_weights: bool,
@@ -219,6 +226,7 @@ impl GpuClipper {
             means_min_rows: DEFAULT_MEANS_MIN_ROWS,
             merge_max_avg_cols: default_merge_max_avg_cols(info.device_type),
             buffer_slots: default_buffer_slots(&device),
+            pass4_chunk_rows: default_pass4_chunk_rows(info.device_type),
             timer: None,
             last_pass_time: None,
             last_dispatches: 0,
@@ -297,6 +305,17 @@ impl GpuClipper {
 
     pub fn buffer_slots(&self) -> bool {
         self.buffer_slots > 1
+    }
+
+    /// Rows per chunk of pass 4 over input rows (0: no chunks); `None`: the
+    /// default for the adapter.
+    pub fn set_pass4_chunk_rows(&mut self, rows: Option<u32>) {
+        self.pass4_chunk_rows = rows
+            .unwrap_or_else(|| default_pass4_chunk_rows(self.device.adapter_info().device_type));
+    }
+
+    pub fn pass4_chunk_rows(&self) -> u32 {
+        self.pass4_chunk_rows
     }
 
     pub fn set_small_workgroups(&mut self, small: Option<bool>) {
@@ -603,6 +622,8 @@ impl GpuClipper {
             && offsets
                 .windows(2)
                 .any(|w| (w[1] - w[0]) as u64 > kernels::CHUNK_ROWS);
+        let row_chunks =
+            !with_means && self.pass4_chunk_rows > 0 && n >= 2 * self.pass4_chunk_rows as u64;
         let per_row_weights = !with_means && micro_batches != n;
         if per_row_weights {
             too_large(
@@ -621,6 +642,7 @@ impl GpuClipper {
             total_means_cols,
             with_means,
             deep_means,
+            row_chunks,
             per_row_weights,
             pass1,
         })
@@ -648,13 +670,23 @@ impl GpuClipper {
         // Inside the scopes: building a 16-bit type's pipelines on first use reports
         // a failure as ClipError::Device, not through wgpu's panicking handler.
         for t in inputs {
-            self.kernels
-                .prepare(&self.device, t.dtype, false, layout.deep_means);
+            self.kernels.prepare(
+                &self.device,
+                t.dtype,
+                false,
+                layout.deep_means,
+                layout.row_chunks,
+            );
         }
         for d in layout.pass1.iter().filter(|d| d.bindings.len() > 1) {
             let dtype = inputs[d.entries[0].tensor].dtype;
-            self.kernels
-                .prepare(&self.device, dtype, true, layout.deep_means);
+            self.kernels.prepare(
+                &self.device,
+                dtype,
+                true,
+                layout.deep_means,
+                layout.row_chunks,
+            );
         }
         let readback =
             self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
@@ -801,6 +833,15 @@ impl GpuClipper {
             storage,
         );
         let mut means_dispatches = Vec::new();
+        // Pass-4 dispatches over input rows (table, bindings by slot, output range,
+        // element type), encoded after the tensors' loop, cut into row chunks
+        // where `pass4_chunk_rows` says so.
+        let mut rows_jobs: Vec<RowsJob<'_>> = Vec::new();
+        let row_weights_kind = if per_row_weights {
+            Pass4Weights::Row
+        } else {
+            Pass4Weights::MicroBatch
+        };
         // 1: a zero weight skips its row in pass 4 (so 0 * NaN never happens).
         let skip_zero = (config.non_finite != NonFinitePolicy::Propagate) as u32;
 
@@ -922,20 +963,22 @@ impl GpuClipper {
                 if !with_means && !merge_rows {
                     // Pass 4 over this window's rows, weighted per row.
                     let quads_size = self.quads_binding(t, w.bind_offset, w.bind_size);
-                    means_dispatches.push(Pass4::push(
-                        &mut params,
-                        vec![rows_block(
+                    rows_jobs.push(RowsJob {
+                        table: vec![rows_block(
                             p,
                             k,
                             w.elem_offset,
                             out_offset,
                             quads_size.is_some(),
                         )],
-                        vec![(t.buffer, w.bind_offset, quads_size.unwrap_or(w.bind_size))],
-                        per_row_weights,
-                        (o.buffer, out_bind, out_size),
-                        t.dtype,
-                    )?);
+                        bindings: vec![(
+                            t.buffer,
+                            w.bind_offset,
+                            quads_size.unwrap_or(w.bind_size),
+                        )],
+                        out: (o.buffer, out_bind, out_size),
+                        dtype: t.dtype,
+                    });
                 }
             }
             if with_means && !merge_pass4 {
@@ -955,7 +998,7 @@ impl GpuClipper {
                         ..Default::default()
                     }],
                     vec![(&means, 0, means.size())],
-                    false,
+                    Pass4Weights::MicroBatch,
                     (o.buffer, out_bind, out_size),
                     Dtype::F32,
                 )?);
@@ -988,15 +1031,69 @@ impl GpuClipper {
                         }
                     })
                     .collect();
+                rows_jobs.push(RowsJob {
+                    table: blocks,
+                    bindings: bindings.clone(),
+                    out: (&merged_out, 0, merged_out.size()),
+                    dtype: inputs[d.entries[0].tensor].dtype,
+                });
+            }
+        }
+        // Pass 4 over input rows, each dispatch cut into row chunks when it
+        // walks enough rows (`chunk_rows_table`): the chunks' sums go to partial
+        // rows of a scratch matrix (shared by the dispatches, one after the
+        // other), which a second dispatch sums into the outputs with weight 1.
+        // Extra memory: the largest dispatch's partial rows, about
+        // `rows / pass4_chunk_rows x ceil4(D_p) x 4` bytes, and the ones.
+        let chunked: Vec<Option<RowChunks>> = rows_jobs
+            .iter()
+            .map(|j| chunk_rows_table(&j.table, self.pass4_chunk_rows, self.max_binding))
+            .collect();
+        let chunk_floats = chunked.iter().flatten().map(|c| c.scratch_floats).max();
+        let max_chunks = chunked.iter().flatten().map(|c| c.max_chunks).max();
+        let chunk_partials =
+            self.pool
+                .get(Slot::ChunkPartials, chunk_floats.unwrap_or(0) * 4, storage);
+        let ones = self
+            .pool
+            .get(Slot::Ones, max_chunks.unwrap_or(0) as u64 * 4, storage);
+        if let Some(k) = max_chunks {
+            self.queue
+                .write_buffer(&ones, 0, bytemuck::cast_slice(&vec![1.0f32; k as usize]));
+        }
+        let partial_rows = (&chunk_partials, 0, chunk_floats.unwrap_or(0).max(4) * 4);
+        for (job, chunks) in rows_jobs.into_iter().zip(chunked) {
+            let Some(chunks) = chunks else {
                 means_dispatches.push(Pass4::push(
                     &mut params,
-                    blocks,
-                    bindings.clone(),
-                    per_row_weights,
-                    (&merged_out, 0, merged_out.size()),
-                    inputs[d.entries[0].tensor].dtype,
+                    job.table,
+                    job.bindings,
+                    row_weights_kind,
+                    job.out,
+                    job.dtype,
                 )?);
+                continue;
+            };
+            for table in chunks.chunks {
+                let mut chunk = Pass4::push(
+                    &mut params,
+                    table,
+                    job.bindings.clone(),
+                    row_weights_kind,
+                    job.out,
+                    job.dtype,
+                )?;
+                chunk.partials = Some(partial_rows);
+                means_dispatches.push(chunk);
             }
+            means_dispatches.push(Pass4::push(
+                &mut params,
+                chunks.reduce,
+                vec![partial_rows],
+                Pass4Weights::Ones,
+                job.out,
+                Dtype::F32,
+            )?);
         }
         if merge_pass4 {
             means_dispatches.push(Pass4::push(
@@ -1011,7 +1108,7 @@ impl GpuClipper {
                     ..Default::default()
                 }],
                 vec![(&means, 0, means.size())],
-                false,
+                Pass4Weights::MicroBatch,
                 (&merged_out, 0, merged_out.size()),
                 Dtype::F32,
             )?);
@@ -1149,22 +1246,30 @@ impl GpuClipper {
             })
             .collect();
 
+        // The partial rows' binding of pass-4 dispatches without row chunks.
+        let no_partials = self.pool.get(Slot::NoPartials, 16, storage);
         let means_groups: Vec<_> = means_dispatches
             .iter()
             .map(|d| {
                 let (out, out_bind, out_size) = d.out;
                 let [grads, grads4] = d.sources[0].resources(dummy);
+                let (partials, at, size) = d.partials.unwrap_or((&no_partials, 0, 16));
                 let resources = vec![
                     uniform(d.params, MEANS_TABLE_BYTES),
                     grads,
-                    whole(if d.per_row { &row_weights } else { &weights }),
+                    whole(match d.weights {
+                        Pass4Weights::MicroBatch => &weights,
+                        Pass4Weights::Row => &row_weights,
+                        Pass4Weights::Ones => &ones,
+                    }),
                     range(out, out_bind, out_size),
                     grads4,
+                    range(partials, at, size),
                 ];
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    &readers(&d.sources, d.dtype).weighted_means,
+                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some()),
                     resources,
                     slots,
                 )
@@ -1197,7 +1302,9 @@ impl GpuClipper {
                 pass.dispatch_workgroups(rows_groups_x, rows_groups_y, 1);
             }
             for (group, d) in means_groups.iter().zip(&means_dispatches) {
-                pass.set_pipeline(&readers(&d.sources, d.dtype).weighted_means);
+                pass.set_pipeline(
+                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some()),
+                );
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
             }
@@ -1453,6 +1560,21 @@ fn default_small_workgroups(device_type: wgpu::DeviceType) -> bool {
 /// they cost 1.2x; at b = 4 storing wins (1.9x against 3.0x).
 const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
 
+/// Rows per chunk of pass 4 over input rows (b <= 2) for an adapter type: 32 on
+/// a software adapter, else 0 (no chunks). Walking a column tile down all N rows
+/// costs lavapipe about 1.4x a linear read of the same bytes; 32 rows at a time
+/// across all columns (chunk after chunk, in one dispatch) about 1.05x (a probe
+/// over 256 rows of 62,500 f32, 64-thread workgroups: 8.8 ms against 6.7-6.8;
+/// BENCHMARKS.md), since then few rows stream at once. The chunks' partial rows
+/// cost one more dispatch and `1/32` of an f32 input's bytes written and read.
+/// Hardware keeps the long walk (not measured there).
+fn default_pass4_chunk_rows(device_type: wgpu::DeviceType) -> u32 {
+    match device_type {
+        wgpu::DeviceType::Cpu => 32,
+        _ => 0,
+    }
+}
+
 /// Up to which average padded tensor width pass 4 runs once for several tensors,
 /// for an adapter type. Merging saves a dispatch per tensor and costs one more
 /// write, read and write of the output (12 bytes per column). On a software
@@ -1499,9 +1621,11 @@ struct Pass4<'a> {
     params: u64,
     /// The rows' buffer ranges, by slot.
     sources: Vec<Source<'a>>,
-    /// Weighted per input row (the row-weight table), else per micro-batch.
-    per_row: bool,
+    /// Which weights it reads.
+    weights: Pass4Weights,
     out: (&'a wgpu::Buffer, u64, u64),
+    /// The partial rows its row chunks write (`partial_rows` entries), if any.
+    partials: Option<(&'a wgpu::Buffer, u64, u64)>,
     groups: (u32, u32),
     dtype: Dtype,
 }
@@ -1513,7 +1637,7 @@ impl<'a> Pass4<'a> {
         params: &mut ParamBlocks,
         mut table: Vec<MeansSumParams>,
         bindings: Vec<(&'a wgpu::Buffer, u64, u64)>,
-        per_row: bool,
+        weights: Pass4Weights,
         out: (&'a wgpu::Buffer, u64, u64),
         dtype: Dtype,
     ) -> Result<Self> {
@@ -1530,12 +1654,32 @@ impl<'a> Pass4<'a> {
         Ok(Self {
             params: params.push_table(&table, MEANS_TABLE_BYTES),
             sources,
-            per_row,
+            weights,
             out,
+            partials: None,
             groups,
             dtype,
         })
     }
+}
+
+/// The weights a pass-4 dispatch reads: per micro-batch (`s_{j,g} / M`), per
+/// input row (the row-weight table), or ones (the sum of row chunks' partial
+/// rows).
+#[derive(Clone, Copy)]
+enum Pass4Weights {
+    MicroBatch,
+    Row,
+    Ones,
+}
+
+/// A pass-4 dispatch over input rows before it is cut into row chunks: its
+/// table, bindings by slot, output range and element type.
+struct RowsJob<'a> {
+    table: Vec<MeansSumParams>,
+    bindings: Vec<(&'a wgpu::Buffer, u64, u64)>,
+    out: (&'a wgpu::Buffer, u64, u64),
+    dtype: Dtype,
 }
 
 /// One norm-pass (`mb_partials`) dispatch: its table's offset in the uniform

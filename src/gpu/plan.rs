@@ -1,6 +1,7 @@
 //! Planning: how a tensor is cut into row windows that fit one storage binding, and
 //! how many workgroups each pass dispatches. Pure arithmetic, tested without a GPU.
 
+use super::kernels::MeansSumParams;
 use crate::error::{ClipError, Result};
 
 /// Narrowest column tile of one norm-pass workgroup (a multiple of the 4 x 64
@@ -379,6 +380,105 @@ pub(crate) fn materialize_means(
         && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
 }
 
+/// Pass 4 over input rows cut into row chunks: the chunk dispatches' tables
+/// (entry `(e, c)` sums rows `c R ..` of entry `e` into partial row `c` of `e`'s
+/// block of the scratch matrix, never adding to it) and the reduction dispatch's
+/// table (entry `e` sums its partial rows, weight 1 each, into `e`'s output,
+/// adding to it where `e` did).
+#[derive(Debug)]
+pub(crate) struct RowChunks {
+    /// The chunk dispatches' tables, at most [`TABLE_LEN`] entries each; every
+    /// entry's `out_offset` is its partial row's first element in the scratch.
+    pub chunks: Vec<Vec<MeansSumParams>>,
+    /// The reduction's table (one entry per entry of the original table): rows
+    /// are the partial rows (`stride` whole quads apart, `vec4_path` 1), weights
+    /// from a buffer of ones (`weights_base` 0, one group).
+    pub reduce: Vec<MeansSumParams>,
+    /// Floats of the scratch matrix: `sum_e chunks_e x ceil4(cols_e)`.
+    pub scratch_floats: u64,
+    /// The most chunks of one entry (the ones the reduction reads).
+    pub max_chunks: u32,
+}
+
+/// Chunks of `rows` rows of `chunk_rows` each: 1 (no chunking) unless
+/// `chunk_rows > 0` and the rows make at least two.
+pub(crate) fn row_chunk_count(rows: u32, chunk_rows: u32) -> u32 {
+    if chunk_rows == 0 || rows < 2 * chunk_rows {
+        1
+    } else {
+        rows.div_ceil(chunk_rows)
+    }
+}
+
+/// Cuts the rows of a pass-4 table over input rows (`table`: entries reading
+/// rows of the input, `stride` elements apart, weights `weights_base + j`) into
+/// chunks of `chunk_rows`, or `None` when no entry has two chunks or the scratch
+/// matrix would not fit `max_binding` bytes. Walking a few rows at a time across
+/// all columns, instead of every row down one column tile, is what lavapipe reads
+/// at about the speed of a linear read (see `default_pass4_chunk_rows`).
+/// Every entry of a chunked table is cut (one chunk for a short one), so an
+/// entry's sum never depends on the other entries of its dispatch.
+pub(crate) fn chunk_rows_table(
+    table: &[MeansSumParams],
+    chunk_rows: u32,
+    max_binding: u64,
+) -> Option<RowChunks> {
+    if table
+        .iter()
+        .all(|e| row_chunk_count(e.rows, chunk_rows) == 1)
+    {
+        return None;
+    }
+    let mut entries = Vec::new();
+    let mut reduce = Vec::with_capacity(table.len());
+    let mut base = 0u64;
+    let mut max_chunks = 0;
+    for e in table {
+        let chunks = row_chunk_count(e.rows, chunk_rows);
+        let stride = means_cols(e.cols as u64);
+        for c in 0..chunks {
+            let first = c * chunk_rows;
+            entries.push(MeansSumParams {
+                means_base: e.means_base + first * e.stride,
+                rows: if chunks == 1 {
+                    e.rows
+                } else {
+                    (e.rows - first).min(chunk_rows)
+                },
+                weights_base: e.weights_base + first,
+                out_offset: (base + c as u64 * stride) as u32,
+                accumulate: 0,
+                ..*e
+            });
+        }
+        reduce.push(MeansSumParams {
+            cols: e.cols,
+            means_base: base as u32,
+            rows: chunks,
+            out_offset: e.out_offset,
+            skip_zero: 0,
+            vec4_path: 1,
+            groups: 1,
+            group: 0,
+            stride: stride as u32,
+            weights_base: 0,
+            accumulate: e.accumulate,
+            ..Default::default()
+        });
+        base += chunks as u64 * stride;
+        max_chunks = max_chunks.max(chunks);
+    }
+    if base * 4 > max_binding.min(u32::MAX as u64) {
+        return None;
+    }
+    Some(RowChunks {
+        chunks: entries.chunks(TABLE_LEN).map(<[_]>::to_vec).collect(),
+        reduce,
+        scratch_floats: base,
+        max_chunks,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,5 +776,99 @@ mod tests {
         assert_eq!(tiles(1, 4096), 1);
         assert_eq!(tiles(4096, 4096), 1);
         assert_eq!(tiles(4097, 4096), 2);
+    }
+
+    #[test]
+    fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
+        assert_eq!(row_chunk_count(63, 32), 1);
+        assert_eq!(row_chunk_count(64, 32), 2);
+        assert_eq!(row_chunk_count(70, 32), 3);
+        assert_eq!(row_chunk_count(1000, 0), 1);
+        let entry = |cols, rows, means_base, out_offset, accumulate| MeansSumParams {
+            cols,
+            rows,
+            means_base,
+            stride: cols,
+            weights_base: 5,
+            out_offset,
+            accumulate,
+            skip_zero: 1,
+            vec4_path: 2,
+            groups: 3,
+            group: 2,
+            slot: 1,
+            ..Default::default()
+        };
+        // A short entry among long ones is cut into one chunk.
+        let table = [
+            entry(7, 70, 3, 100, 1),
+            entry(4100, 40, 9, 0, 0),
+            entry(1, 64, 0, 50, 0),
+        ];
+        let chunked = chunk_rows_table(&table, 32, u64::MAX).unwrap();
+        let all: Vec<_> = chunked.chunks.concat();
+        assert!(chunked.chunks.iter().all(|t| t.len() <= TABLE_LEN));
+        assert_eq!(all.len(), 3 + 1 + 2);
+        // Entry by entry, chunk by chunk: rows, first row, first weight, partial row.
+        let want = [
+            (7, 32, 3, 5, 0),
+            (7, 32, 3 + 32 * 7, 5 + 32, 8),
+            (7, 6, 3 + 64 * 7, 5 + 64, 16),
+            (4100, 40, 9, 5, 24),
+            (1, 32, 0, 5, 24 + 4100),
+            (1, 32, 32, 5 + 32, 24 + 4100 + 4),
+        ];
+        for (e, w) in all.iter().zip(want) {
+            assert_eq!(
+                (e.cols, e.rows, e.means_base, e.weights_base, e.out_offset),
+                w
+            );
+            assert_eq!(e.accumulate, 0);
+            // The rest as in the original entry.
+            assert_eq!(
+                (e.skip_zero, e.vec4_path, e.groups, e.group, e.slot),
+                (1, 2, 3, 2, 1)
+            );
+        }
+        assert_eq!(chunked.scratch_floats, 24 + 4100 + 8);
+        assert_eq!(chunked.max_chunks, 3);
+        let reduce: Vec<_> = chunked
+            .reduce
+            .iter()
+            .map(|e| {
+                (
+                    e.cols,
+                    e.rows,
+                    e.means_base,
+                    e.stride,
+                    e.out_offset,
+                    e.accumulate,
+                )
+            })
+            .collect();
+        assert_eq!(
+            reduce,
+            [
+                (7, 3, 0, 8, 100, 1),
+                (4100, 1, 24, 4100, 0, 0),
+                (1, 2, 4124, 4, 50, 0)
+            ]
+        );
+        assert!(chunked.reduce.iter().all(|e| (
+            e.vec4_path,
+            e.groups,
+            e.group,
+            e.skip_zero,
+            e.weights_base
+        ) == (1, 1, 0, 0, 0)));
+        // Nothing to cut, or a scratch matrix over the binding limit: no chunks.
+        assert!(chunk_rows_table(&table[1..2], 32, u64::MAX).is_none());
+        assert!(chunk_rows_table(&table, 0, u64::MAX).is_none());
+        assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8) - 4).is_none());
+        assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8)).is_some());
+        // Many chunks: tables of at most TABLE_LEN entries.
+        let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
+        let sizes: Vec<usize> = long.chunks.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
     }
 }

@@ -29,6 +29,12 @@ pub(crate) enum Slot {
     /// Pass 4's output row of all tensors, when it runs as one dispatch over the
     /// means (then copied into each tensor's output).
     MergedOutput,
+    /// Partial rows of pass 4's row chunks (see `plan::chunk_rows_table`).
+    ChunkPartials,
+    /// Ones: the weights of the sum of pass 4's row chunks.
+    Ones,
+    /// 16 bytes bound as pass 4's partial rows where a dispatch writes none.
+    NoPartials,
     Readback,
     /// Host-path upload buffer `k`, holding input tensors packed one after the other.
     Input(usize),

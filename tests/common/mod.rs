@@ -358,6 +358,10 @@ struct Case {
     /// Whether the GPU's reduction kernels run 8-thread workgroups (None: the
     /// adapter's default, 8 on a software adapter; Some(false): 64 and 256 threads).
     small_workgroups: Option<bool>,
+    /// Rows per chunk of the GPU's last pass over input rows (None: the adapter's
+    /// default, 32 on a software adapter; Some(0): no chunks; small values cut
+    /// the few rows of these cases into many chunks).
+    pass4_chunk_rows: Option<u32>,
     seed: u64,
 }
 
@@ -470,6 +474,7 @@ fn case() -> impl Strategy<Value = Case> {
                     ],
                     prop_oneof![Just(None), Just(Some(2u64)), Just(Some(3u64))],
                     prop_oneof![Just(None), Just(Some(false)), Just(Some(true))],
+                    prop_oneof![Just(None), Just(Some(0u32)), (1..12u32).prop_map(Some)],
                 ),
             )
         })
@@ -485,7 +490,7 @@ fn case() -> impl Strategy<Value = Case> {
                 groups,
                 noise,
                 dtype,
-                (min_tile_workgroups, means_min_rows, small_workgroups),
+                (min_tile_workgroups, means_min_rows, small_workgroups, pass4_chunk_rows),
             )| {
                 Case {
                     n,
@@ -509,6 +514,7 @@ fn case() -> impl Strategy<Value = Case> {
                     min_tile_workgroups,
                     means_min_rows,
                     small_workgroups,
+                    pass4_chunk_rows,
                 }
             },
         )
@@ -526,6 +532,7 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
             clipper.set_gpu_min_tile_workgroups(c.min_tile_workgroups);
             clipper.set_gpu_means_min_rows(c.means_min_rows);
             clipper.set_gpu_small_workgroups(c.small_workgroups);
+            clipper.set_gpu_pass4_chunk_rows(c.pass4_chunk_rows);
             let t = random_tensors(c.seed, c.n, &c.widths, c.magnitude);
             let cfg = c.config();
             check_as(&mut clipper, &cfg, &t, c.n, tol, &format!("{c:?}"), c.dtype);
