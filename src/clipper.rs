@@ -139,8 +139,10 @@ impl Clipper {
     /// the output row of a last pass run once for several tensors
     /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 4` bytes, when the
     /// last pass re-reads rows of micro-batches of several rows), the partial rows
-    /// of that pass's row chunks (`ceil(N / 32) x ceil4(D_p) x 4` bytes for the
-    /// largest of its dispatches, by default on a software adapter) and
+    /// of that pass's row chunks when it re-reads the rows (b = 1 too; by default
+    /// on a software adapter: `ceil(rows / 32) x ceil4(D_p) x 4` bytes summed over
+    /// the tensors of its largest dispatch, `ceil(rows / 32) x 4` bytes of ones,
+    /// and a 16-byte stand-in) and
     /// the read-back buffer (not the host path's upload of the input itself). On the
     /// CPU: the host memory kept between calls, the micro-batch means of the
     /// two-pass path (`M x sum D_p x 4` bytes, from the first call that stores
@@ -252,8 +254,9 @@ impl Clipper {
     /// input rows (micro-batches of 1 or 2 rows on average): chunks of `rows` rows
     /// summed into partial rows, then one more dispatch adds those up; `Some(0)`:
     /// all rows at once; `None`: the adapter's default (32 on a software adapter,
-    /// 0 on hardware). Only dispatches with at least `2 x rows` rows are cut. For
-    /// tests and benches of both ways on one adapter. No effect on the CPU.
+    /// 0 on hardware); values above 64 count as 64 (a chunk is summed without
+    /// blocks). Only dispatches with an entry of at least `2 x rows` rows are cut.
+    /// For tests and benches of both ways on one adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_pass4_chunk_rows(&mut self, rows: Option<u32>) {
         if let Engine::Gpu(gpu) = &mut self.engine {

@@ -109,12 +109,13 @@
 //! micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
-//! row when that pass runs once for several tensors; otherwise, when `b > 1`, the
-//! last pass re-reads the rows with `N x G x 4` bytes of per-row weights and, where
-//! it walks them in chunks of 32 rows (by default on a software adapter), the
-//! chunks' partial rows (`ceil(rows / 32) x ceil4(D_p) x 4` bytes, about 1/32 of an
-//! f32 input). Noise is generated in place in the output: no buffer of random
-//! numbers.
+//! row when that pass runs once for several tensors; otherwise the last pass
+//! re-reads the rows, with `N x G x 4` bytes of per-row weights when `b > 1` and,
+//! where it walks them in chunks of 32 rows (by default on a software adapter, b
+//! = 1 too), the partial rows of its largest dispatch (`ceil(rows / 32) x
+//! ceil4(D_p) x 4` bytes summed over that dispatch's tensors, about 1/32 of an f32
+//! input's bytes) and `ceil(rows / 32) x 4` bytes of ones. Noise is generated in
+//! place in the output: no buffer of random numbers.
 //!
 //! The CPU backend reads the input once, in groups of micro-batches, when an f64
 //! accumulator row and a group's means fit its cache budget (20 MiB; the working

@@ -6,7 +6,9 @@
 //! `materialize_means` rule;
 //! sources from `microclip::shaders::kernel_source`, parameter blocks laid out as
 //! in the WGSL), each as its own submit, on a shape that fits one storage binding
-//! (no row windows, no carry). Pass 4 gets the weights `s_j / M` from the
+//! (no row windows, no carry). Where the clipper cuts pass 4's rows into row
+//! chunks (`Clipper::gpu_pass4_chunk_rows`), pass 4 is the chunk dispatch and
+//! the sum of its partial rows, in one submit. Pass 4 gets the weights `s_j / M` from the
 //! statistics of a real call, and its output is compared with microclip's (a
 //! mismatch means the replayed layout is stale: the breakdown is then skipped, the
 //! report goes on). "rest" = full call - both kernels: the tiny
@@ -207,7 +209,7 @@ pub fn run(
     let out = gpu.storage_buffer("breakdown out (microclip)", (d * 4) as u64)?;
     let mut lines = vec![
         String::new(),
-        format!("## per-kernel breakdown (N = {n}, D = {d}, one binding; median of {runs} runs, each kernel its own submit)"),
+        format!("## per-kernel breakdown (N = {n}, D = {d}, one binding; median of {runs} runs, each kernel its own submit; pass 4 in row chunks: the chunks and their sum in one)"),
         String::new(),
         "| b | M | full call ms | mb_partials ms | pass 4 ms | rest ms | read-sum ms | mb_partials / read | pass 4 / read | pass 4 | workgroups (partials, sum) |".to_string(),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|".to_string(),

@@ -307,11 +307,12 @@ impl GpuClipper {
         self.buffer_slots > 1
     }
 
-    /// Rows per chunk of pass 4 over input rows (0: no chunks); `None`: the
-    /// default for the adapter.
+    /// Rows per chunk of pass 4 over input rows (0: no chunks; at most
+    /// [`MAX_PASS4_CHUNK_ROWS`]); `None`: the default for the adapter.
     pub fn set_pass4_chunk_rows(&mut self, rows: Option<u32>) {
         self.pass4_chunk_rows = rows
-            .unwrap_or_else(|| default_pass4_chunk_rows(self.device.adapter_info().device_type));
+            .unwrap_or_else(|| default_pass4_chunk_rows(self.device.adapter_info().device_type))
+            .min(MAX_PASS4_CHUNK_ROWS);
     }
 
     pub fn pass4_chunk_rows(&self) -> u32 {
@@ -1560,10 +1561,14 @@ fn default_small_workgroups(device_type: wgpu::DeviceType) -> bool {
 /// they cost 1.2x; at b = 4 storing wins (1.9x against 3.0x).
 const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
 
+/// The most rows per chunk of pass 4 over input rows: a chunk is a plain sum
+/// (no blocks of `ROW_BLOCK`), so its rounding error grows with its rows.
+pub(crate) const MAX_PASS4_CHUNK_ROWS: u32 = 64;
+
 /// Rows per chunk of pass 4 over input rows (b <= 2) for an adapter type: 32 on
 /// a software adapter, else 0 (no chunks). Walking a column tile down all N rows
 /// costs lavapipe about 1.4x a linear read of the same bytes; 32 rows at a time
-/// across all columns (chunk after chunk, in one dispatch) about 1.05x (a probe
+/// across all columns (chunk after chunk, in one dispatch) about 1.1x (a probe
 /// over 256 rows of 62,500 f32, 64-thread workgroups: 8.8 ms against 6.7-6.8;
 /// BENCHMARKS.md), since then few rows stream at once. The chunks' partial rows
 /// cost one more dispatch and `1/32` of an f32 input's bytes written and read.

@@ -400,14 +400,10 @@ pub(crate) struct RowChunks {
     pub max_chunks: u32,
 }
 
-/// Chunks of `rows` rows of `chunk_rows` each: 1 (no chunking) unless
-/// `chunk_rows > 0` and the rows make at least two.
-pub(crate) fn row_chunk_count(rows: u32, chunk_rows: u32) -> u32 {
-    if chunk_rows == 0 || rows < 2 * chunk_rows {
-        1
-    } else {
-        rows.div_ceil(chunk_rows)
-    }
+/// Whether `rows` rows make at least two chunks of `chunk_rows` (> 0): only
+/// tables with such an entry are cut.
+pub(crate) fn cuts(rows: u32, chunk_rows: u32) -> bool {
+    chunk_rows > 0 && rows / 2 >= chunk_rows
 }
 
 /// Cuts the rows of a pass-4 table over input rows (`table`: entries reading
@@ -416,17 +412,15 @@ pub(crate) fn row_chunk_count(rows: u32, chunk_rows: u32) -> u32 {
 /// matrix would not fit `max_binding` bytes. Walking a few rows at a time across
 /// all columns, instead of every row down one column tile, is what lavapipe reads
 /// at about the speed of a linear read (see `default_pass4_chunk_rows`).
-/// Every entry of a chunked table is cut (one chunk for a short one), so an
-/// entry's sum never depends on the other entries of its dispatch.
+/// Every entry of a cut table is cut (a short one into one chunk), so no chunk
+/// holds more than `chunk_rows` rows and an entry's sum never depends on the
+/// other entries of its dispatch.
 pub(crate) fn chunk_rows_table(
     table: &[MeansSumParams],
     chunk_rows: u32,
     max_binding: u64,
 ) -> Option<RowChunks> {
-    if table
-        .iter()
-        .all(|e| row_chunk_count(e.rows, chunk_rows) == 1)
-    {
+    if !table.iter().any(|e| cuts(e.rows, chunk_rows)) {
         return None;
     }
     let mut entries = Vec::new();
@@ -434,17 +428,13 @@ pub(crate) fn chunk_rows_table(
     let mut base = 0u64;
     let mut max_chunks = 0;
     for e in table {
-        let chunks = row_chunk_count(e.rows, chunk_rows);
+        let chunks = e.rows.div_ceil(chunk_rows).max(1);
         let stride = means_cols(e.cols as u64);
         for c in 0..chunks {
             let first = c * chunk_rows;
             entries.push(MeansSumParams {
                 means_base: e.means_base + first * e.stride,
-                rows: if chunks == 1 {
-                    e.rows
-                } else {
-                    (e.rows - first).min(chunk_rows)
-                },
+                rows: (e.rows - first).min(chunk_rows),
                 weights_base: e.weights_base + first,
                 out_offset: (base + c as u64 * stride) as u32,
                 accumulate: 0,
@@ -780,10 +770,8 @@ mod tests {
 
     #[test]
     fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
-        assert_eq!(row_chunk_count(63, 32), 1);
-        assert_eq!(row_chunk_count(64, 32), 2);
-        assert_eq!(row_chunk_count(70, 32), 3);
-        assert_eq!(row_chunk_count(1000, 0), 1);
+        assert!(!cuts(63, 32) && cuts(64, 32) && cuts(70, 32));
+        assert!(!cuts(1000, 0) && !cuts(u32::MAX, u32::MAX) && cuts(u32::MAX, u32::MAX / 2));
         let entry = |cols, rows, means_base, out_offset, accumulate| MeansSumParams {
             cols,
             rows,
@@ -799,7 +787,7 @@ mod tests {
             slot: 1,
             ..Default::default()
         };
-        // A short entry among long ones is cut into one chunk.
+        // A short entry among long ones is cut too (into one or two chunks).
         let table = [
             entry(7, 70, 3, 100, 1),
             entry(4100, 40, 9, 0, 0),
@@ -808,15 +796,16 @@ mod tests {
         let chunked = chunk_rows_table(&table, 32, u64::MAX).unwrap();
         let all: Vec<_> = chunked.chunks.concat();
         assert!(chunked.chunks.iter().all(|t| t.len() <= TABLE_LEN));
-        assert_eq!(all.len(), 3 + 1 + 2);
+        assert_eq!(all.len(), 3 + 2 + 2);
         // Entry by entry, chunk by chunk: rows, first row, first weight, partial row.
         let want = [
             (7, 32, 3, 5, 0),
             (7, 32, 3 + 32 * 7, 5 + 32, 8),
             (7, 6, 3 + 64 * 7, 5 + 64, 16),
-            (4100, 40, 9, 5, 24),
-            (1, 32, 0, 5, 24 + 4100),
-            (1, 32, 32, 5 + 32, 24 + 4100 + 4),
+            (4100, 32, 9, 5, 24),
+            (4100, 8, 9 + 32 * 4100, 5 + 32, 24 + 4100),
+            (1, 32, 0, 5, 24 + 2 * 4100),
+            (1, 32, 32, 5 + 32, 24 + 2 * 4100 + 4),
         ];
         for (e, w) in all.iter().zip(want) {
             assert_eq!(
@@ -830,7 +819,7 @@ mod tests {
                 (1, 2, 3, 2, 1)
             );
         }
-        assert_eq!(chunked.scratch_floats, 24 + 4100 + 8);
+        assert_eq!(chunked.scratch_floats, 24 + 2 * 4100 + 8);
         assert_eq!(chunked.max_chunks, 3);
         let reduce: Vec<_> = chunked
             .reduce
@@ -850,8 +839,8 @@ mod tests {
             reduce,
             [
                 (7, 3, 0, 8, 100, 1),
-                (4100, 1, 24, 4100, 0, 0),
-                (1, 2, 4124, 4, 50, 0)
+                (4100, 2, 24, 4100, 0, 0),
+                (1, 2, 8224, 4, 50, 0)
             ]
         );
         assert!(chunked.reduce.iter().all(|e| (
@@ -864,8 +853,8 @@ mod tests {
         // Nothing to cut, or a scratch matrix over the binding limit: no chunks.
         assert!(chunk_rows_table(&table[1..2], 32, u64::MAX).is_none());
         assert!(chunk_rows_table(&table, 0, u64::MAX).is_none());
-        assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8) - 4).is_none());
-        assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8)).is_some());
+        assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8) - 4).is_none());
+        assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8)).is_some());
         // Many chunks: tables of at most TABLE_LEN entries.
         let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
         let sizes: Vec<usize> = long.chunks.iter().map(Vec::len).collect();

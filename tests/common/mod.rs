@@ -359,8 +359,8 @@ struct Case {
     /// adapter's default, 8 on a software adapter; Some(false): 64 and 256 threads).
     small_workgroups: Option<bool>,
     /// Rows per chunk of the GPU's last pass over input rows (None: the adapter's
-    /// default, 32 on a software adapter; Some(0): no chunks; small values cut
-    /// the few rows of these cases into many chunks).
+    /// default, 32 on a software adapter, which cuts no case here: N <= 47;
+    /// Some(0): no chunks; 1-11 rows cut the few rows into many chunks).
     pass4_chunk_rows: Option<u32>,
     seed: u64,
 }
