@@ -230,7 +230,8 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
 // src/gpu/plan.rs; a chunk is the block here). On lavapipe the block flushes and
 // scalar stores of sum_quads8 cost about as much as the chunks save: a probe of
 // this pass over 256 rows of 62,500 f32 in chunks of 32 rows took 9.2-9.8 ms with
-// sum_quads8 and 7.0 with this (BENCHMARKS.md). The same operations per column as
+// sum_quads8, 7.0-7.1 with a plain loop like this one alone in the shader, and
+// 7.7-7.9 in the ROW_CHUNKS pipeline (BENCHMARKS.md). The same operations per column as
 // quad_sum with ROW_CHUNKS (no flush), so the same bits whatever the loads.
 fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
     var a0 = vec4<f32>();

@@ -1629,7 +1629,8 @@ struct Pass4<'a> {
     /// Which weights it reads.
     weights: Pass4Weights,
     out: (&'a wgpu::Buffer, u64, u64),
-    /// The partial rows its row chunks write (`partial_rows` entries), if any.
+    /// The partial rows it writes (a row-chunk dispatch: the `ROW_CHUNKS`
+    /// pipeline), if any.
     partials: Option<(&'a wgpu::Buffer, u64, u64)>,
     groups: (u32, u32),
     dtype: Dtype,
