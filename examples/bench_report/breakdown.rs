@@ -165,6 +165,31 @@ fn run_all(gpu: &Gpu, kernels: &[Single]) -> Option<f64> {
     })
 }
 
+/// A `weighted_means` dispatch from its buffers [parameter table, rows (bound as
+/// `grads` and `grads4`), weights, output, partial rows (the `ROW_CHUNKS`
+/// variant's; a stand-in otherwise)], as microclip binds them.
+fn weighted_means(
+    gpu: &Gpu,
+    [table, rows, weights, out, partials]: [&wgpu::Buffer; 5],
+    (x, y): (u32, u32),
+    constants: &[(&str, f64)],
+) -> Single {
+    Single::new(
+        gpu,
+        "weighted_means",
+        &[
+            table.as_entire_binding(),
+            rows.as_entire_binding(),
+            weights.as_entire_binding(),
+            out.as_entire_binding(),
+            rows.as_entire_binding(),
+            partials.as_entire_binding(),
+        ],
+        (x, y, 1),
+        constants,
+    )
+}
+
 fn split(groups: u64) -> (u32, u32) {
     let x = groups.clamp(1, 65535);
     (x as u32, groups.div_ceil(x).max(1) as u32)
@@ -407,37 +432,24 @@ pub fn run(
                     ..Default::default()
                 }; TABLE_LEN],
             );
-            let constants = microclip::shaders::kernel_constants("weighted_means", small);
-            let chunk_constants =
-                microclip::shaders::row_chunks_kernel_constants("weighted_means", small);
             vec![
-                Single::new(
+                weighted_means(
                     gpu,
-                    "weighted_means",
-                    &[
-                        cp.as_entire_binding(),
-                        x.as_entire_binding(),
-                        row_weights.as_ref().unwrap_or(&weights).as_entire_binding(),
-                        replay_out.as_entire_binding(),
-                        x.as_entire_binding(),
-                        partial_rows.as_entire_binding(),
+                    [
+                        &cp,
+                        &x,
+                        row_weights.as_ref().unwrap_or(&weights),
+                        &replay_out,
+                        &partial_rows,
                     ],
-                    (mx, my, 1),
-                    chunk_constants,
+                    (mx, my),
+                    microclip::shaders::row_chunks_kernel_constants("weighted_means", small),
                 ),
-                Single::new(
+                weighted_means(
                     gpu,
-                    "weighted_means",
-                    &[
-                        rp.as_entire_binding(),
-                        partial_rows.as_entire_binding(),
-                        ones.as_entire_binding(),
-                        replay_out.as_entire_binding(),
-                        partial_rows.as_entire_binding(),
-                        no_partials.as_entire_binding(),
-                    ],
-                    (rx, ry, 1),
-                    constants,
+                    [&rp, &partial_rows, &ones, &replay_out, &no_partials],
+                    (rx, ry),
+                    microclip::shaders::kernel_constants("weighted_means", small),
                 ),
             ]
         } else {
@@ -461,18 +473,16 @@ pub fn run(
                 }; TABLE_LEN],
             );
             let source = if with_means { &means } else { &x };
-            vec![Single::new(
+            vec![weighted_means(
                 gpu,
-                "weighted_means",
-                &[
-                    sp.as_entire_binding(),
-                    source.as_entire_binding(),
-                    row_weights.as_ref().unwrap_or(&weights).as_entire_binding(),
-                    replay_out.as_entire_binding(),
-                    source.as_entire_binding(),
-                    no_partials.as_entire_binding(),
+                [
+                    &sp,
+                    source,
+                    row_weights.as_ref().unwrap_or(&weights),
+                    &replay_out,
+                    &no_partials,
                 ],
-                (mx, my, 1),
+                (mx, my),
                 microclip::shaders::kernel_constants("weighted_means", small),
             )]
         };

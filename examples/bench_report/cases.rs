@@ -535,12 +535,8 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             reference.job.dispatches()
         ));
     }
-    for &b in &sizes.bs {
-        if b > n {
-            header.push(format!("main: b = {b} skipped (N = {n} after scaling)"));
-            continue;
-        }
-        rows.extend(device_case(
+    let main_case = |b, with_baseline| {
+        device_case(
             &ctx,
             "main",
             n,
@@ -548,9 +544,16 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             &[(&x, 0, d0)],
             Dtype::F32,
             &reference,
-            BASELINE_B.contains(&b),
+            with_baseline,
             &note,
-        )?);
+        )
+    };
+    for &b in &sizes.bs {
+        if b > n {
+            header.push(format!("main: b = {b} skipped (N = {n} after scaling)"));
+            continue;
+        }
+        rows.extend(main_case(b, BASELINE_B.contains(&b))?);
     }
     // Pass 4 over the input rows with the adapter's other row-chunk setting.
     let other = match ctx.clipper().gpu_pass4_chunk_rows() {
@@ -559,17 +562,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     };
     ctx.row_chunks.set(Some(other));
     for b in ROWS_BS.into_iter().filter(|&b| b <= n) {
-        rows.extend(device_case(
-            &ctx,
-            "main",
-            n,
-            b,
-            &[(&x, 0, d0)],
-            Dtype::F32,
-            &reference,
-            false,
-            &note,
-        )?);
+        rows.extend(main_case(b, false)?);
     }
     ctx.row_chunks.set(None);
     drop(reference);

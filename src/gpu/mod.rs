@@ -35,7 +35,7 @@ use kernels::{
     NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
 use plan::{
-    aligned_binding, chunk_rows_table, dispatch_2d, materialize_means, means_cols, pack,
+    aligned_binding, chunk_rows_table, cuts, dispatch_2d, materialize_means, means_cols, pack,
     pass1_dispatches, plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor,
     RowChunks, Window, MEANS_SUM_COLS, TABLE_LEN, WORKGROUP,
 };
@@ -623,8 +623,8 @@ impl GpuClipper {
             && offsets
                 .windows(2)
                 .any(|w| (w[1] - w[0]) as u64 > kernels::CHUNK_ROWS);
-        let row_chunks =
-            !with_means && self.pass4_chunk_rows > 0 && n >= 2 * self.pass4_chunk_rows as u64;
+        // N is the last of the u32 row offsets.
+        let row_chunks = !with_means && cuts(n as u32, self.pass4_chunk_rows);
         let per_row_weights = !with_means && micro_batches != n;
         if per_row_weights {
             too_large(
@@ -1051,7 +1051,7 @@ impl GpuClipper {
             .map(|j| chunk_rows_table(&j.table, self.pass4_chunk_rows, self.max_binding))
             .collect();
         let chunk_floats = chunked.iter().flatten().map(|c| c.scratch_floats).max();
-        let max_chunks = chunked.iter().flatten().map(|c| c.max_chunks).max();
+        let max_chunks = chunked.iter().flatten().map(RowChunks::max_chunks).max();
         let chunk_partials =
             self.pool
                 .get(Slot::ChunkPartials, chunk_floats.unwrap_or(0) * 4, storage);

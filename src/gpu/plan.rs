@@ -396,8 +396,13 @@ pub(crate) struct RowChunks {
     pub reduce: Vec<MeansSumParams>,
     /// Floats of the scratch matrix: `sum_e chunks_e x ceil4(cols_e)`.
     pub scratch_floats: u64,
-    /// The most chunks of one entry (the ones the reduction reads).
-    pub max_chunks: u32,
+}
+
+impl RowChunks {
+    /// The most chunks of one entry: the ones the reduction reads.
+    pub fn max_chunks(&self) -> u32 {
+        self.reduce.iter().map(|e| e.rows).max().unwrap_or(0)
+    }
 }
 
 /// Whether `rows` rows make at least two chunks of `chunk_rows` (> 0): only
@@ -426,7 +431,6 @@ pub(crate) fn chunk_rows_table(
     let mut entries = Vec::new();
     let mut reduce = Vec::with_capacity(table.len());
     let mut base = 0u64;
-    let mut max_chunks = 0;
     for e in table {
         let chunks = e.rows.div_ceil(chunk_rows).max(1);
         let stride = means_cols(e.cols as u64);
@@ -456,7 +460,6 @@ pub(crate) fn chunk_rows_table(
             ..Default::default()
         });
         base += chunks as u64 * stride;
-        max_chunks = max_chunks.max(chunks);
     }
     if base * 4 > max_binding.min(u32::MAX as u64) {
         return None;
@@ -465,7 +468,6 @@ pub(crate) fn chunk_rows_table(
         chunks: entries.chunks(TABLE_LEN).map(<[_]>::to_vec).collect(),
         reduce,
         scratch_floats: base,
-        max_chunks,
     })
 }
 
@@ -820,7 +822,7 @@ mod tests {
             );
         }
         assert_eq!(chunked.scratch_floats, 24 + 2 * 4100 + 8);
-        assert_eq!(chunked.max_chunks, 3);
+        assert_eq!(chunked.max_chunks(), 3);
         let reduce: Vec<_> = chunked
             .reduce
             .iter()
