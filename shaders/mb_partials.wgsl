@@ -19,10 +19,9 @@
 // of a workgroup's start and barriers is what the tile width trades against
 // parallelism; a workgroup of several SIMD groups runs them as coroutines that
 // switch at every barrier, which made a 64-thread tree 16x dearer than an
-// 8-thread one there). At b = 1 (one row, no carry, no stored means) the vec4 path
-// loads each quad directly, four quads per iteration, instead of running the
-// row loop once per quad: on lavapipe that loop's per-lane mask and exit tests
-// cost more than the load (pass 1 at b = 1 went from 1.6x to 0.85x a read).
+// 8-thread one there). At b = 1 and 2 (no carry, no stored means) the vec4 path
+// loads each quad's rows directly, four quads per iteration, instead of running
+// the row loop once per quad (walk_shallow).
 // At b > 1 it forms four quads' means in one row loop (column_mean4x4), which
 // took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read; rows that are not
 // 16-byte aligned do the same with aligned vec4 loads and shifts where the
@@ -440,6 +439,40 @@ fn walk_modes(blue: bool, loads: u32, c4: ptr<function, u32>, q_end: u32, row0: 
     }
 }
 
+// The mean of quad q over `rows` rows (1 or 2, a call-site constant) of a
+// micro-batch of that many rows, without the row loop: the same bits as
+// column_mean4 (up to the sign of a zero, which the squares drop). Two rows
+// are a * inv_n + b * 0.5 (inv_n is 1/2 then): with inv_n in both products the
+// shader compiler may factor the sum into (a + b) * inv_n (lavapipe did), which
+// overflows where a + b exceeds f32::MAX.
+fn shallow_mean4(rows: u32, q: u32, stride4: u32, inv_n: f32) -> vec4<f32> {
+    let a = grad_quad(q) * inv_n;
+    if (rows == 1u) {
+        return a;
+    }
+    return a + grad_quad(q + stride4) * 0.5;
+}
+
+// walk4x4 in mode NORM_ONLY for micro-batches of one or two aligned rows
+// (`rows`, a call-site constant), four quads per iteration in the same order:
+// on lavapipe the row loop's per-lane mask and exit tests cost more than the
+// loads (pass 1 at b = 1 went from 1.6x to 0.85x a read, at b = 2 from about
+// 1.4x to about 1.05x).
+fn walk_shallow(rows: u32, c4: ptr<function, u32>, q_end: u32, row04: u32, stride4: u32, inv_n: f32, s: ptr<function, Sums>) {
+    let qs = quad_step();
+    while (*c4 + 3u * qs < q_end) {
+        let v0 = shallow_mean4(rows, row04 + *c4, stride4, inv_n);
+        let v1 = shallow_mean4(rows, row04 + *c4 + qs, stride4, inv_n);
+        let v2 = shallow_mean4(rows, row04 + *c4 + 2u * qs, stride4, inv_n);
+        let v3 = shallow_mean4(rows, row04 + *c4 + 3u * qs, stride4, inv_n);
+        add4(false, v0, s);
+        add4(false, v1, s);
+        add4(false, v2, s);
+        add4(false, v3, s);
+        *c4 += 4u * RUN;
+    }
+}
+
 // One thread's walk over its span [span0, span_end) of the tile's quads (up to
 // column col_end): every mean formed, passed on or stored, and its square added
 // to the sums (`blue`: Blue's classes, else plain squares). Running it twice
@@ -454,21 +487,11 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
     if (!blue && params.vec4_path == 1u) {
         let stride4 = params.cols >> 2u;
         let row04 = row0 >> 2u;
-        if (rows == 1u && !takes_carry && !gives_carry && params.write_means == 0u) {
-            // One row (b = 1): the mean is the row times inv_n (column_mean4 of one
-            // row, same bits up to the sign of a zero, which the squares drop);
-            // four quads per iteration, in the same order.
-            while (c4 + 3u * qs < q_end) {
-                let v0 = grad_quad(row04 + c4) * inv_n;
-                let v1 = grad_quad(row04 + c4 + qs) * inv_n;
-                let v2 = grad_quad(row04 + c4 + 2u * qs) * inv_n;
-                let v3 = grad_quad(row04 + c4 + 3u * qs) * inv_n;
-                add4(blue, v0, s);
-                add4(blue, v1, s);
-                add4(blue, v2, s);
-                add4(blue, v3, s);
-                c4 += 4u * RUN;
-            }
+        let shallow = !takes_carry && !gives_carry && params.write_means == 0u;
+        if (shallow && rows == 1u) {
+            walk_shallow(1u, &c4, q_end, row04, stride4, inv_n, s);
+        } else if (shallow && rows == 2u) {
+            walk_shallow(2u, &c4, q_end, row04, stride4, inv_n, s);
         } else {
             walk_modes(blue, LOAD_VEC4, &c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
         }
