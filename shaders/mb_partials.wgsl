@@ -20,9 +20,10 @@
 // parallelism; a workgroup of several SIMD groups runs them as coroutines that
 // switch at every barrier, which made a 64-thread tree 16x dearer than an
 // 8-thread one there). At b = 1 and 2 (no carry, no stored means) the vec4 path
-// loads each quad's rows directly, four quads per iteration, instead of running
-// the row loop once per quad (walk_shallow).
-// At b > 1 it forms four quads' means in one row loop (column_mean4x4), which
+// loads each quad's rows directly, four quads per iteration, instead of
+// column_mean4x4's row loop (walk_shallow).
+// Otherwise (b > 2, a carry, stored means or unaligned rows) it forms four
+// quads' means in one row loop (column_mean4x4), which
 // took pass 1 at b = 8..256 from 0.9-1.1x to 0.75-0.9x a read; rows that are not
 // 16-byte aligned do the same with aligned vec4 loads and shifts where the
 // binding holds whole quads (on a software adapter, whose lanes then own 4
@@ -456,8 +457,9 @@ fn shallow_mean4(rows: u32, q: u32, stride4: u32, inv_n: f32) -> vec4<f32> {
 // walk4x4 in mode NORM_ONLY for micro-batches of one or two aligned rows
 // (`rows`, a call-site constant), four quads per iteration in the same order:
 // on lavapipe the row loop's per-lane mask and exit tests cost more than the
-// loads (pass 1 at b = 1 went from 1.6x to 0.85x a read, at b = 2 from about
-// 1.4x to about 1.05x).
+// loads (pass 1 at b = 1 went from 1.6x to 0.85x a read against the
+// read-and-sum of that day, at b = 2 from about 1.4x to about 1.05x against
+// today's).
 fn walk_shallow(rows: u32, c4: ptr<function, u32>, q_end: u32, row04: u32, stride4: u32, inv_n: f32, s: ptr<function, Sums>) {
     let qs = quad_step();
     while (*c4 + 3u * qs < q_end) {
@@ -487,6 +489,8 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
     if (!blue && params.vec4_path == 1u) {
         let stride4 = params.cols >> 2u;
         let row04 = row0 >> 2u;
+        // Without a carry the micro-batch lies whole in the window, so rows is
+        // its size and inv_n = 1 / rows (walk_shallow relies on it).
         let shallow = !takes_carry && !gives_carry && params.write_means == 0u;
         if (shallow && rows == 1u) {
             walk_shallow(1u, &c4, q_end, row04, stride4, inv_n, s);

@@ -476,7 +476,14 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
     let runs: [(usize, &[(usize, bool)]); 2] = [
         (
             10,
-            &[(1, true), (2, true), (3, true), (1, false), (3, false)],
+            &[
+                (1, true),
+                (2, true),
+                (3, true),
+                (1, false),
+                (2, false),
+                (3, false),
+            ],
         ),
         (70, &[(70, true), (70, false)]),
     ];
