@@ -458,8 +458,8 @@ fn shallow_mean4(rows: u32, q: u32, stride4: u32, inv_n: f32) -> vec4<f32> {
 // (`rows`, a call-site constant), four quads per iteration in the same order:
 // on lavapipe the row loop's per-lane mask and exit tests cost more than the
 // loads (pass 1 at b = 1 went from 1.6x to 0.85x a read against the
-// read-and-sum of that day, at b = 2 from about 1.4x to about 1.05x against
-// today's).
+// read-and-sum of 2026-12-02, at b = 2 from about 1.4x to about 1.05x against
+// the faster one of 2026-12-04 on).
 fn walk_shallow(rows: u32, c4: ptr<function, u32>, q_end: u32, row04: u32, stride4: u32, inv_n: f32, s: ptr<function, Sums>) {
     let qs = quad_step();
     while (*c4 + 3u * qs < q_end) {
