@@ -363,6 +363,17 @@ fn finish4(blue: bool, mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32,
 // micro-batches about 9% slower on lavapipe.
 override CHUNK_ROWS: u32 = 0u;
 
+// The lean variant's two constants (`lean_kernel_constants` in
+// src/gpu/kernels.rs: what the host runs for a dispatch whose every table entry
+// has vec4_path = 1 and no carry). ALIGNED_ROWS: every walk, Blue's too, loads
+// vec4 (the shifted and scalar walks compile away); CARRIES = false: no carry
+// code. On lavapipe a workgroup's start costs more the more code the shader has,
+// even where it returns at once: at N = 256, D = 64, b = 1 a call took 1.11-1.18
+// ms with both walks and the carry compiled in, 0.65-0.68 without (M = 256
+// workgroups), and on the full main shape at b = 1 about 0.5 ms less of 17.
+override ALIGNED_ROWS: bool = false;
+override CARRIES: bool = true;
+
 // The four quads of a step in the stored means (a chunk's running totals).
 fn load_means4(at: u32, qs: u32) -> mat4x4<f32> {
     return mat4x4<f32>(means[at], means[at + qs], means[at + 2u * qs], means[at + 3u * qs]);
@@ -480,18 +491,21 @@ fn walk_shallow(rows: u32, c4: ptr<function, u32>, q_end: u32, row04: u32, strid
 // to the sums (`blue`: Blue's classes, else plain squares). Running it twice
 // stores the same means and carries again (the second walk only repeats the
 // norm's arithmetic). With Blue's classes (the rare second walk) it reads with
-// scalar loads whatever the alignment, which gives the same bits as the vec4
-// loads and compiles half the code.
+// scalar loads whatever the alignment (vec4 loads in the ALIGNED_ROWS variant),
+// which gives the same bits as the vec4 loads and compiles half the code.
 fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
     let qs = quad_step();
     var c4 = span0 + select(lid % RUN, 4u * (lid % RUN), ADJACENT);
     let q_end = min(span_end, col_end >> 2u);
-    if (!blue && params.vec4_path == 1u) {
+    // Blue's walk takes vec4 loads only where every row is aligned (a constant):
+    // elsewhere scalar loads, which compile half the code for the same bits.
+    if (ALIGNED_ROWS || (!blue && params.vec4_path == 1u)) {
         let stride4 = params.cols >> 2u;
         let row04 = row0 >> 2u;
         // Without a carry the micro-batch lies whole in the window, so rows is
-        // its size and inv_n = 1 / rows (walk_shallow relies on it).
-        let shallow = !takes_carry && !gives_carry && params.write_means == 0u;
+        // its size and inv_n = 1 / rows (walk_shallow relies on it). Plain
+        // squares only (Blue's walk takes column_mean4x4).
+        let shallow = !blue && !takes_carry && !gives_carry && params.write_means == 0u;
         if (shallow && rows == 1u) {
             walk_shallow(1u, &c4, q_end, row04, stride4, inv_n, s);
         } else if (shallow && rows == 2u) {
@@ -575,8 +589,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let lo = max(mb_lo, params.row_start);
     let hi = min(mb_hi, params.row_end);
     let rows = hi - lo;
-    let takes_carry = local_mb == 0u && params.carry_in == 1u;
-    let gives_carry = local_mb == table[entry].last_local && table[entry].carry_out == 1u;
+    // Both false in the variant without carries (CARRIES, a constant).
+    let takes_carry = CARRIES && local_mb == 0u && params.carry_in == 1u;
+    let gives_carry = CARRIES && local_mb == table[entry].last_local && table[entry].carry_out == 1u;
     let row0 = params.elem_offset + (lo - params.row_start) * params.cols;
     let col_end = min(params.cols, (tile + 1u) * params.tile_cols);
 

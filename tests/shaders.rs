@@ -34,6 +34,7 @@ fn every_kernel_validates_with_naga() {
             let constants = [
                 microclip::shaders::kernel_constants(name, small),
                 microclip::shaders::deep_kernel_constants(name, small),
+                &microclip::shaders::lean_kernel_constants(name, small, true),
                 microclip::shaders::row_chunks_kernel_constants(name, small),
             ];
             for (key, _) in constants.into_iter().flatten() {

@@ -335,13 +335,15 @@ pub fn run(
                 carry_out.as_entire_binding(),
             ],
             (tx, ty, m as u32),
-            // The variant microclip takes for micro-batches deeper than CHUNK_ROWS
-            // rows whose means are stored (`deep_means` in src/gpu/mod.rs).
-            if with_means && b.min(n) > microclip::shaders::CHUNK_ROWS as usize {
-                microclip::shaders::deep_kernel_constants("mb_partials", small)
-            } else {
-                microclip::shaders::kernel_constants("mb_partials", small)
-            },
+            // The lean variant microclip takes for aligned rows without carries
+            // (`pass1_lean` in src/gpu/mod.rs; D is a multiple of 4096 here), for
+            // micro-batches deeper than CHUNK_ROWS rows whose means are stored
+            // (`deep_means`) the deep one's.
+            &microclip::shaders::lean_kernel_constants(
+                "mb_partials",
+                small,
+                with_means && b.min(n) > microclip::shaders::CHUNK_ROWS as usize,
+            ),
         );
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;
         // Without stored means pass 4 reads the N input rows, each with its

@@ -724,7 +724,20 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
 
     let mut footer = if ctx.opts.breakdown {
         let (n, d) = sizes.main;
-        crate::breakdown::run(&ctx.gpu, &ctx.refk, n, d, &sizes.bs, &ctx.opts, ctx.timed)?
+        let mut lines =
+            crate::breakdown::run(&ctx.gpu, &ctx.refk, n, d, &sizes.bs, &ctx.opts, ctx.timed)?;
+        // The tall shape too: its fixed costs weigh more (4,096 columns at D/16).
+        let (n, d, b) = sizes.tall;
+        lines.extend(crate::breakdown::run(
+            &ctx.gpu,
+            &ctx.refk,
+            n,
+            d,
+            &[b],
+            &ctx.opts,
+            ctx.timed,
+        )?);
+        lines
     } else {
         Vec::new()
     };

@@ -84,7 +84,8 @@
 //!
 //! `--breakdown` adds a per-kernel table (see `breakdown.rs`): microclip's
 //! `mb_partials` and `weighted_means` replayed one by one on the main shape shrunk to
-//! one storage binding, to show which pass the time goes to.
+//! one storage binding (every b) and on the tall shape, to show which pass the time
+//! goes to.
 //!
 //! The summary's worst ratios cover the microclip rows of the device path (all rows
 //! on the CPU backend); `speedup_vs_5pass_b1` is `nan` on the CPU backend.

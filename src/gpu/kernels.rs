@@ -217,6 +217,31 @@ pub fn deep_kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&
     }
 }
 
+/// The constants of the lean variant of the norm pass (`mb_partials`): those of
+/// [`kernel_constants`] (of [`deep_kernel_constants`] if `deep`) with
+/// `ALIGNED_ROWS` (every walk loads vec4) and without `CARRIES` (no carried sums),
+/// which compiles the shifted and scalar walks and the carry code away. What the
+/// GPU backend runs for a dispatch whose every tensor window has 16-byte aligned
+/// rows and carries nothing: on lavapipe a workgroup's start costs more the more
+/// code its shader has. Other kernels: [`kernel_constants`].
+pub fn lean_kernel_constants(
+    name: &str,
+    small_workgroups: bool,
+    deep: bool,
+) -> Vec<(&'static str, f64)> {
+    let base = if deep {
+        deep_kernel_constants(name, small_workgroups)
+    } else {
+        kernel_constants(name, small_workgroups)
+    };
+    let lean: &[(&str, f64)] = if name == "mb_partials" {
+        &[("ALIGNED_ROWS", 1.0), ("CARRIES", 0.0)]
+    } else {
+        &[]
+    };
+    [base, lean].concat()
+}
+
 /// The constants of the pass-4 variant that sums row chunks of the input into
 /// partial rows (`ROW_CHUNKS` in weighted_means.wgsl; what the GPU backend runs
 /// when it cuts that pass's rows into chunks, by default on a software adapter);
@@ -371,10 +396,10 @@ pub(crate) const STATS_BYTES: u64 = 32;
 /// over one buffer range per dispatch or (the slots variants, grads_slots.wgsl)
 /// over up to [`SLOTS`].
 pub(crate) struct GradKernels {
-    partials: wgpu::ComputePipeline,
-    /// `mb_partials` with [`deep_kernel_constants`] where they differ (built on
-    /// first use).
-    partials_deep: Option<wgpu::ComputePipeline>,
+    /// `mb_partials` by [`partials_index`]: with [`kernel_constants`] (built up
+    /// front), [`deep_kernel_constants`] where they differ, and the lean variants
+    /// ([`lean_kernel_constants`]) (built on first use).
+    partials: [Option<wgpu::ComputePipeline>; 4],
     weighted_means: wgpu::ComputePipeline,
     /// `weighted_means` with [`row_chunks_kernel_constants`] (built on first use).
     weighted_means_chunks: Option<wgpu::ComputePipeline>,
@@ -389,8 +414,12 @@ impl GradKernels {
     ) -> Self {
         let constants = kernel_constants("mb_partials", small_workgroups);
         Self {
-            partials: build(device, "mb_partials", dtype, constants, variant),
-            partials_deep: None,
+            partials: [
+                Some(build(device, "mb_partials", dtype, constants, variant)),
+                None,
+                None,
+                None,
+            ],
             weighted_means_chunks: None,
             weighted_means: build(
                 device,
@@ -402,13 +431,15 @@ impl GradKernels {
         }
     }
 
-    /// The norm pass, the variant for deep micro-batches if `deep` (after
-    /// [`Kernels::prepare`] with `deep`).
-    pub fn partials(&self, deep: bool) -> &wgpu::ComputePipeline {
-        match &self.partials_deep {
-            Some(p) if deep => p,
-            _ => &self.partials,
-        }
+    /// The norm pass: the variant for deep micro-batches if `deep`, the lean one
+    /// if `lean` (after [`Kernels::prepare`] with the same needs; a variant not
+    /// built because its constants are the general one's falls back to it).
+    pub fn partials(&self, deep: bool, lean: bool) -> &wgpu::ComputePipeline {
+        let built = |deep, lean| self.partials[partials_index(deep, lean)].as_ref();
+        built(deep, lean)
+            .or_else(|| built(false, lean))
+            .or_else(|| built(false, false))
+            .expect("the general norm pass is built with its readers")
     }
 
     /// Pass 4, the variant that sums row chunks into partial rows if `chunks`
@@ -422,6 +453,26 @@ impl GradKernels {
             &self.weighted_means
         }
     }
+}
+
+/// Where [`GradKernels`] keeps the norm pass's variant for `deep` and `lean`.
+fn partials_index(deep: bool, lean: bool) -> usize {
+    deep as usize + 2 * lean as usize
+}
+
+/// The optional pipelines a call needs ([`Kernels::prepare`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Needs {
+    /// The slots variants of the input readers (the device must allow them:
+    /// [`slots_supported`]).
+    pub slots: bool,
+    /// The norm pass's variant for deep micro-batches, where its constants differ.
+    pub deep: bool,
+    /// The norm pass's lean variant ([`lean_kernel_constants`]), also for deep
+    /// micro-batches with `deep`.
+    pub lean: bool,
+    /// Pass 4's variant over row chunks.
+    pub chunks: bool,
 }
 
 /// The input readers of one element type: over one buffer range, and the slots
@@ -539,7 +590,7 @@ impl Kernels {
             f16_unpack_compiles,
             f16_unpack_choice,
         };
-        kernels.prepare(device, Dtype::F32, false, false, false);
+        kernels.prepare(device, Dtype::F32, Needs::default());
         kernels
     }
 
@@ -582,7 +633,11 @@ impl Kernels {
             self.f16_unpack_choice,
         );
         for (dtype, slots) in prepared {
-            self.prepare(device, dtype, slots, false, false);
+            let needs = Needs {
+                slots,
+                ..Needs::default()
+            };
+            self.prepare(device, dtype, needs);
         }
     }
 
@@ -596,23 +651,24 @@ impl Kernels {
             return;
         }
         if let Some(built) = self.readers[Dtype::F16.index()].take() {
-            self.prepare(device, Dtype::F16, built.slots.is_some(), false, false);
+            let needs = Needs {
+                slots: built.slots.is_some(),
+                ..Needs::default()
+            };
+            self.prepare(device, Dtype::F16, needs);
         }
     }
 
-    /// Builds the gradient readers of `dtype` unless they exist, and their slots
-    /// variants if `slots` (the device must allow them: [`slots_supported`]);
-    /// with `deep`, also the norm pass's variant for deep micro-batches of the
-    /// readers named by `slots`, where its constants differ; with `chunks`, their
-    /// pass-4 variant over row chunks.
-    pub fn prepare(
-        &mut self,
-        device: &wgpu::Device,
-        dtype: Dtype,
-        slots: bool,
-        deep: bool,
-        chunks: bool,
-    ) {
+    /// Builds the gradient readers of `dtype` unless they exist, their slots
+    /// variants if `needs.slots`, and the variants `needs` names of the readers
+    /// `needs.slots` names (see [`Needs`]).
+    pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, needs: Needs) {
+        let Needs {
+            slots,
+            deep,
+            lean,
+            chunks,
+        } = needs;
         let small = self.small_workgroups;
         let one = KernelVariant {
             slots: false,
@@ -631,11 +687,20 @@ impl Kernels {
         } else {
             &mut readers.one
         };
-        let constants = deep_kernel_constants("mb_partials", small);
-        if deep && constants != kernel_constants("mb_partials", small) {
-            kernels
-                .partials_deep
-                .get_or_insert_with(|| build(device, "mb_partials", dtype, constants, variant));
+        let general = kernel_constants("mb_partials", small);
+        let deep = deep && deep_kernel_constants("mb_partials", small) != general;
+        // The general variant exists already.
+        for (d, l) in [(deep, false), (false, lean), (deep, lean)] {
+            if !d && !l {
+                continue;
+            }
+            let constants = if l {
+                lean_kernel_constants("mb_partials", small, d)
+            } else {
+                deep_kernel_constants("mb_partials", small).to_vec()
+            };
+            kernels.partials[partials_index(d, l)]
+                .get_or_insert_with(|| build(device, "mb_partials", dtype, &constants, variant));
         }
         if chunks {
             let constants = row_chunks_kernel_constants("weighted_means", small);

@@ -30,7 +30,7 @@ use crate::config::{ClipBound, ClipConfig, ClipFunction, GaussianNoise, NonFinit
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
-    slot_binding, slots_supported, FactorsParams, Kernels, MeansSumParams, NoiseParams,
+    slot_binding, slots_supported, FactorsParams, Kernels, MeansSumParams, Needs, NoiseParams,
     NormsParams, PartialsParams, RowWeightsParams, MB_NORM_BYTES, NOISE_MODE_ADD,
     NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
@@ -164,6 +164,10 @@ struct CallLayout {
     /// The norm pass's dispatches (tensors of one buffer share them, and with
     /// buffer slots tensors of up to 8 buffers).
     pass1: Vec<Pass1Dispatch>,
+    /// Per dispatch of `pass1`: every entry's rows are 16-byte aligned and none
+    /// carries sums between windows, so it runs the norm pass's lean variant
+    /// (`kernels::lean_kernel_constants`).
+    pass1_lean: Vec<bool>,
 }
 
 impl GpuClipper {
@@ -586,6 +590,17 @@ impl GpuClipper {
             })
             .collect();
         let pass1 = pass1_dispatches(&keyed, self.max_binding, self.buffer_slots);
+        let pass1_lean = pass1
+            .iter()
+            .map(|d| {
+                d.entries.iter().all(|e| {
+                    let w = &tensors[e.tensor].1[e.window];
+                    vec4_aligned(inputs[e.tensor].cols as u64, e.elem_offset)
+                        && !w.carry_in
+                        && !w.carry_out
+                })
+            })
+            .collect();
         let too_large = |what: String, bytes: u64| {
             if bytes > self.max_binding {
                 Err(ClipError::TooLarge(format!(
@@ -646,6 +661,7 @@ impl GpuClipper {
             row_chunks,
             per_row_weights,
             pass1,
+            pass1_lean,
         })
     }
 
@@ -670,24 +686,23 @@ impl GpuClipper {
         let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         // Inside the scopes: building a 16-bit type's pipelines on first use reports
         // a failure as ClipError::Device, not through wgpu's panicking handler.
+        let needs = Needs {
+            deep: layout.deep_means,
+            chunks: layout.row_chunks,
+            ..Needs::default()
+        };
         for t in inputs {
-            self.kernels.prepare(
-                &self.device,
-                t.dtype,
-                false,
-                layout.deep_means,
-                layout.row_chunks,
-            );
+            self.kernels.prepare(&self.device, t.dtype, needs);
         }
-        for d in layout.pass1.iter().filter(|d| d.bindings.len() > 1) {
+        for (d, &lean) in layout.pass1.iter().zip(&layout.pass1_lean) {
             let dtype = inputs[d.entries[0].tensor].dtype;
-            self.kernels.prepare(
-                &self.device,
-                dtype,
-                true,
-                layout.deep_means,
-                layout.row_chunks,
-            );
+            let slots = d.bindings.len() > 1;
+            let needs = Needs {
+                slots,
+                lean,
+                ..needs
+            };
+            self.kernels.prepare(&self.device, dtype, needs);
         }
         let readback =
             self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
@@ -902,7 +917,12 @@ impl GpuClipper {
             .collect();
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
-        for (d, (bindings, whole_quads)) in layout.pass1.iter().zip(&pass1_bindings) {
+        for ((d, (bindings, whole_quads)), &lean) in layout
+            .pass1
+            .iter()
+            .zip(&pass1_bindings)
+            .zip(&layout.pass1_lean)
+        {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
             for e in &d.entries {
@@ -942,6 +962,7 @@ impl GpuClipper {
             let (p, window) = (d.entries[0].tensor, d.entries[0].window);
             partial_dispatches.push(Pass1 {
                 params: params.push_table(&table, PARTIALS_TABLE_BYTES),
+                lean,
                 sources: slot_sources(bindings, &table, |e| (e.slot as usize, e.vec4_path)),
                 window,
                 groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
@@ -1191,7 +1212,7 @@ impl GpuClipper {
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    readers(&d.sources, d.dtype).partials(layout.deep_means),
+                    readers(&d.sources, d.dtype).partials(layout.deep_means, d.lean),
                     resources,
                     slots,
                 )
@@ -1286,7 +1307,7 @@ impl GpuClipper {
                 timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
             });
             for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
-                pass.set_pipeline(readers(&d.sources, d.dtype).partials(layout.deep_means));
+                pass.set_pipeline(readers(&d.sources, d.dtype).partials(layout.deep_means, d.lean));
                 pass.set_bind_group(0, group, &[]);
                 let (x, y, z) = d.groups;
                 pass.dispatch_workgroups(x, y, z);
@@ -1693,6 +1714,8 @@ struct RowsJob<'a> {
 /// index), its workgroups and type.
 struct Pass1<'a> {
     params: u64,
+    /// It runs the lean variant (`CallLayout::pass1_lean`).
+    lean: bool,
     sources: Vec<Source<'a>>,
     window: usize,
     groups: (u32, u32, u32),
