@@ -363,14 +363,15 @@ fn finish4(blue: bool, mode: u32, q: u32, v: vec4<f32>, means_row: u32, mb: u32,
 // micro-batches about 9% slower on lavapipe.
 override CHUNK_ROWS: u32 = 0u;
 
-// The lean variant's two constants (`lean_kernel_constants` in
-// src/gpu/kernels.rs: what the host runs for a dispatch whose every table entry
-// has vec4_path = 1 and no carry). ALIGNED_ROWS: every walk, Blue's too, loads
-// vec4 (the shifted and scalar walks compile away); CARRIES = false: no carry
-// code. On lavapipe a workgroup's start costs more the more code the shader has,
-// even where it returns at once: at N = 256, D = 64, b = 1 a call took 1.11-1.18
-// ms with both walks and the carry compiled in, 0.65-0.68 without (M = 256
-// workgroups), and on the full main shape at b = 1 about 0.5 ms less of 17.
+// Two constants that compile code away for the dispatches that do not need it
+// (`partials_constants` in src/gpu/kernels.rs; the host sets each per dispatch).
+// ALIGNED_ROWS: every table entry has vec4_path = 1, so every walk, Blue's too,
+// loads vec4 (the shifted and scalar walks compile away). CARRIES = false: no
+// entry carries sums between windows (no carry code). On lavapipe a workgroup's
+// start costs more the more code the shader has, even where it returns at once:
+// at N = 256, D = 64, b = 1 a call took 1.11-1.18 ms with both walks and the
+// carry compiled in, 0.65-0.68 without (M = 256 workgroups); at D = 63 1.21-1.23
+// with the carry, 0.92-1.08 without.
 override ALIGNED_ROWS: bool = false;
 override CARRIES: bool = true;
 

@@ -160,8 +160,8 @@ pub use half;
 pub mod shaders {
     pub use crate::gpu::kernels::{
         deep_kernel_constants, kernel_constants, kernel_names, kernel_source, kernel_source_for,
-        kernel_source_variant, kernel_source_with_slots, lean_kernel_constants,
-        row_chunks_kernel_constants, KernelVariant, CHUNK_ROWS,
+        kernel_source_variant, kernel_source_with_slots, partials_constants,
+        row_chunks_kernel_constants, KernelVariant, PartialsVariant, CHUNK_ROWS,
     };
 }
 

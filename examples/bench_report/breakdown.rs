@@ -335,14 +335,16 @@ pub fn run(
                 carry_out.as_entire_binding(),
             ],
             (tx, ty, m as u32),
-            // The lean variant microclip takes for aligned rows without carries
-            // (`pass1_lean` in src/gpu/mod.rs; D is a multiple of 4096 here), for
-            // micro-batches deeper than CHUNK_ROWS rows whose means are stored
-            // (`deep_means`) the deep one's.
-            &microclip::shaders::lean_kernel_constants(
-                "mb_partials",
+            // The build microclip runs (`pass1_variants` in src/gpu/mod.rs): rows
+            // aligned (D is a multiple of 4096 here), no carry (one window), and
+            // deep where micro-batches of more than CHUNK_ROWS rows store means.
+            &microclip::shaders::partials_constants(
                 small,
-                with_means && b.min(n) > microclip::shaders::CHUNK_ROWS as usize,
+                microclip::shaders::PartialsVariant {
+                    deep: with_means && b.min(n) > microclip::shaders::CHUNK_ROWS as usize,
+                    aligned: true,
+                    no_carry: true,
+                },
             ),
         );
         let replay_out = gpu.storage_buffer("breakdown out (replay)", (d * 4) as u64)?;

@@ -217,29 +217,50 @@ pub fn deep_kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&
     }
 }
 
-/// The constants of the lean variant of the norm pass (`mb_partials`): those of
-/// [`kernel_constants`] (of [`deep_kernel_constants`] if `deep`) with
-/// `ALIGNED_ROWS` (every walk loads vec4) and without `CARRIES` (no carried sums),
-/// which compiles the shifted and scalar walks and the carry code away. What the
-/// GPU backend runs for a dispatch whose every tensor window has 16-byte aligned
-/// rows and carries nothing: on lavapipe a workgroup's start costs more the more
-/// code its shader has. Other kernels: [`kernel_constants`].
-pub fn lean_kernel_constants(
-    name: &str,
+/// Which build of the norm pass (`mb_partials`) a dispatch runs: the general
+/// one ([`Default`]) handles every dispatch; the others compile code away that
+/// the dispatch does not need (see [`partials_constants`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartialsVariant {
+    /// Some micro-batch has more than [`CHUNK_ROWS`] rows whose means are stored
+    /// ([`deep_kernel_constants`]).
+    pub deep: bool,
+    /// Every tensor window of the dispatch has 16-byte aligned rows (vec4 loads).
+    pub aligned: bool,
+    /// No tensor window of the dispatch carries sums to or from another window.
+    pub no_carry: bool,
+}
+
+impl PartialsVariant {
+    /// Where [`GradKernels`] keeps it.
+    fn index(self) -> usize {
+        self.deep as usize + 2 * self.aligned as usize + 4 * self.no_carry as usize
+    }
+}
+
+/// The constants of the norm pass (`mb_partials`) in `variant`: those of
+/// [`kernel_constants`] ([`deep_kernel_constants`] if `deep`), with `aligned`
+/// also `ALIGNED_ROWS` (every walk, Blue's too, loads vec4: the shifted and
+/// scalar walks compile away), with `no_carry` also `CARRIES = false` (the carry
+/// code compiles away). On lavapipe a workgroup's start costs more the more code
+/// its shader has, even code it never reaches (BENCHMARKS.md), so the GPU backend
+/// builds each variant a call's dispatches need on first use.
+pub fn partials_constants(
     small_workgroups: bool,
-    deep: bool,
+    variant: PartialsVariant,
 ) -> Vec<(&'static str, f64)> {
-    let base = if deep {
-        deep_kernel_constants(name, small_workgroups)
+    let mut constants = if variant.deep {
+        deep_kernel_constants("mb_partials", small_workgroups).to_vec()
     } else {
-        kernel_constants(name, small_workgroups)
+        kernel_constants("mb_partials", small_workgroups).to_vec()
     };
-    let lean: &[(&str, f64)] = if name == "mb_partials" {
-        &[("ALIGNED_ROWS", 1.0), ("CARRIES", 0.0)]
-    } else {
-        &[]
-    };
-    [base, lean].concat()
+    if variant.aligned {
+        constants.push(("ALIGNED_ROWS", 1.0));
+    }
+    if variant.no_carry {
+        constants.push(("CARRIES", 0.0));
+    }
+    constants
 }
 
 /// The constants of the pass-4 variant that sums row chunks of the input into
@@ -396,10 +417,10 @@ pub(crate) const STATS_BYTES: u64 = 32;
 /// over one buffer range per dispatch or (the slots variants, grads_slots.wgsl)
 /// over up to [`SLOTS`].
 pub(crate) struct GradKernels {
-    /// `mb_partials` by [`partials_index`]: with [`kernel_constants`] (built up
-    /// front), [`deep_kernel_constants`] where they differ, and the lean variants
-    /// ([`lean_kernel_constants`]) (built on first use).
-    partials: [Option<wgpu::ComputePipeline>; 4],
+    /// `mb_partials` by [`PartialsVariant::index`]: the general one (built up
+    /// front) and the others (built on first use, the deep ones only where
+    /// their constants differ).
+    partials: [Option<wgpu::ComputePipeline>; 8],
     weighted_means: wgpu::ComputePipeline,
     /// `weighted_means` with [`row_chunks_kernel_constants`] (built on first use).
     weighted_means_chunks: Option<wgpu::ComputePipeline>,
@@ -419,6 +440,10 @@ impl GradKernels {
                 None,
                 None,
                 None,
+                None,
+                None,
+                None,
+                None,
             ],
             weighted_means_chunks: None,
             weighted_means: build(
@@ -431,15 +456,17 @@ impl GradKernels {
         }
     }
 
-    /// The norm pass: the variant for deep micro-batches if `deep`, the lean one
-    /// if `lean` (after [`Kernels::prepare`] with the same needs; a variant not
-    /// built because its constants are the general one's falls back to it).
-    pub fn partials(&self, deep: bool, lean: bool) -> &wgpu::ComputePipeline {
-        let built = |deep, lean| self.partials[partials_index(deep, lean)].as_ref();
-        built(deep, lean)
-            .or_else(|| built(false, lean))
-            .or_else(|| built(false, false))
-            .expect("the general norm pass is built with its readers")
+    /// The norm pass in `variant` (after [`Kernels::prepare`] with it; a deep
+    /// variant whose constants are those of the shallow one is that one).
+    pub fn partials(&self, variant: PartialsVariant) -> &wgpu::ComputePipeline {
+        let shallow = PartialsVariant {
+            deep: false,
+            ..variant
+        };
+        [variant, shallow]
+            .iter()
+            .find_map(|v| self.partials[v.index()].as_ref())
+            .expect("norm-pass variant prepared before encoding")
     }
 
     /// Pass 4, the variant that sums row chunks into partial rows if `chunks`
@@ -455,22 +482,15 @@ impl GradKernels {
     }
 }
 
-/// Where [`GradKernels`] keeps the norm pass's variant for `deep` and `lean`.
-fn partials_index(deep: bool, lean: bool) -> usize {
-    deep as usize + 2 * lean as usize
-}
-
 /// The optional pipelines a call needs ([`Kernels::prepare`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Needs {
     /// The slots variants of the input readers (the device must allow them:
     /// [`slots_supported`]).
     pub slots: bool,
-    /// The norm pass's variant for deep micro-batches, where its constants differ.
-    pub deep: bool,
-    /// The norm pass's lean variant ([`lean_kernel_constants`]), also for deep
-    /// micro-batches with `deep`.
-    pub lean: bool,
+    /// A variant of the norm pass (built where its constants differ from the
+    /// general one's).
+    pub partials: PartialsVariant,
     /// Pass 4's variant over row chunks.
     pub chunks: bool,
 }
@@ -665,8 +685,7 @@ impl Kernels {
     pub fn prepare(&mut self, device: &wgpu::Device, dtype: Dtype, needs: Needs) {
         let Needs {
             slots,
-            deep,
-            lean,
+            partials,
             chunks,
         } = needs;
         let small = self.small_workgroups;
@@ -687,21 +706,16 @@ impl Kernels {
         } else {
             &mut readers.one
         };
-        let general = kernel_constants("mb_partials", small);
-        let deep = deep && deep_kernel_constants("mb_partials", small) != general;
-        // The general variant exists already.
-        for (d, l) in [(deep, false), (false, lean), (deep, lean)] {
-            if !d && !l {
-                continue;
-            }
-            let constants = if l {
-                lean_kernel_constants("mb_partials", small, d)
-            } else {
-                deep_kernel_constants("mb_partials", small).to_vec()
-            };
-            kernels.partials[partials_index(d, l)]
-                .get_or_insert_with(|| build(device, "mb_partials", dtype, &constants, variant));
-        }
+        let shallow = PartialsVariant {
+            deep: false,
+            ..partials
+        };
+        let deep_differs =
+            deep_kernel_constants("mb_partials", small) != kernel_constants("mb_partials", small);
+        let partials = if deep_differs { partials } else { shallow };
+        let constants = partials_constants(small, partials);
+        kernels.partials[partials.index()]
+            .get_or_insert_with(|| build(device, "mb_partials", dtype, &constants, variant));
         if chunks {
             let constants = row_chunks_kernel_constants("weighted_means", small);
             kernels

@@ -31,7 +31,7 @@ use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 use kernels::{
     slot_binding, slots_supported, FactorsParams, Kernels, MeansSumParams, Needs, NoiseParams,
-    NormsParams, PartialsParams, RowWeightsParams, MB_NORM_BYTES, NOISE_MODE_ADD,
+    NormsParams, PartialsParams, PartialsVariant, RowWeightsParams, MB_NORM_BYTES, NOISE_MODE_ADD,
     NOISE_MODE_NORMALS, NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
 use plan::{
@@ -152,9 +152,6 @@ struct CallLayout {
     /// Pass 1 stores the `[M, total_means_cols]` micro-batch means (else pass 4
     /// re-reads the input rows).
     with_means: bool,
-    /// Means are stored and some micro-batch has more than `kernels::CHUNK_ROWS`
-    /// rows: the norm pass takes its variant for deep micro-batches.
-    deep_means: bool,
     /// Pass 4 re-reads the input rows and may cut them into row chunks (at least
     /// two chunks of `pass4_chunk_rows` rows): its variant for them is built.
     row_chunks: bool,
@@ -164,10 +161,11 @@ struct CallLayout {
     /// The norm pass's dispatches (tensors of one buffer share them, and with
     /// buffer slots tensors of up to 8 buffers).
     pass1: Vec<Pass1Dispatch>,
-    /// Per dispatch of `pass1`: every entry's rows are 16-byte aligned and none
-    /// carries sums between windows, so it runs the norm pass's lean variant
-    /// (`kernels::lean_kernel_constants`).
-    pass1_lean: Vec<bool>,
+    /// Per dispatch of `pass1`: the norm pass's build it runs (whether all its
+    /// entries' rows are 16-byte aligned, whether none carries sums between
+    /// windows, whether some micro-batch of more than `kernels::CHUNK_ROWS` rows
+    /// stores its means).
+    pass1_variants: Vec<PartialsVariant>,
 }
 
 impl GpuClipper {
@@ -590,17 +588,6 @@ impl GpuClipper {
             })
             .collect();
         let pass1 = pass1_dispatches(&keyed, self.max_binding, self.buffer_slots);
-        let pass1_lean = pass1
-            .iter()
-            .map(|d| {
-                d.entries.iter().all(|e| {
-                    let w = &tensors[e.tensor].1[e.window];
-                    vec4_aligned(inputs[e.tensor].cols as u64, e.elem_offset)
-                        && !w.carry_in
-                        && !w.carry_out
-                })
-            })
-            .collect();
         let too_large = |what: String, bytes: u64| {
             if bytes > self.max_binding {
                 Err(ClipError::TooLarge(format!(
@@ -634,6 +621,7 @@ impl GpuClipper {
             self.max_binding,
             self.means_min_rows,
         );
+        // Means are stored and some micro-batch has more than CHUNK_ROWS rows.
         let deep_means = with_means
             && offsets
                 .windows(2)
@@ -647,6 +635,20 @@ impl GpuClipper {
                 n * groups as u64 * 4,
             )?;
         }
+        let pass1_variants = pass1
+            .iter()
+            .map(|d| PartialsVariant {
+                deep: deep_means,
+                aligned: d
+                    .entries
+                    .iter()
+                    .all(|e| vec4_aligned(inputs[e.tensor].cols as u64, e.elem_offset)),
+                no_carry: d.entries.iter().all(|e| {
+                    let w = &tensors[e.tensor].1[e.window];
+                    !w.carry_in && !w.carry_out
+                }),
+            })
+            .collect();
         Ok(CallLayout {
             micro_batches,
             groups: groups as u64,
@@ -657,11 +659,10 @@ impl GpuClipper {
             carry_cols,
             total_means_cols,
             with_means,
-            deep_means,
             row_chunks,
             per_row_weights,
             pass1,
-            pass1_lean,
+            pass1_variants,
         })
     }
 
@@ -687,19 +688,18 @@ impl GpuClipper {
         // Inside the scopes: building a 16-bit type's pipelines on first use reports
         // a failure as ClipError::Device, not through wgpu's panicking handler.
         let needs = Needs {
-            deep: layout.deep_means,
             chunks: layout.row_chunks,
             ..Needs::default()
         };
         for t in inputs {
             self.kernels.prepare(&self.device, t.dtype, needs);
         }
-        for (d, &lean) in layout.pass1.iter().zip(&layout.pass1_lean) {
+        for (d, &partials) in layout.pass1.iter().zip(&layout.pass1_variants) {
             let dtype = inputs[d.entries[0].tensor].dtype;
             let slots = d.bindings.len() > 1;
             let needs = Needs {
                 slots,
-                lean,
+                partials,
                 ..needs
             };
             self.kernels.prepare(&self.device, dtype, needs);
@@ -917,11 +917,11 @@ impl GpuClipper {
             .collect();
         // Pass 1: a table of up to TABLE_LEN tensor windows per dispatch.
         let mut partial_dispatches = Vec::with_capacity(layout.pass1.len());
-        for ((d, (bindings, whole_quads)), &lean) in layout
+        for ((d, (bindings, whole_quads)), &variant) in layout
             .pass1
             .iter()
             .zip(&pass1_bindings)
-            .zip(&layout.pass1_lean)
+            .zip(&layout.pass1_variants)
         {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
@@ -962,7 +962,7 @@ impl GpuClipper {
             let (p, window) = (d.entries[0].tensor, d.entries[0].window);
             partial_dispatches.push(Pass1 {
                 params: params.push_table(&table, PARTIALS_TABLE_BYTES),
-                lean,
+                variant,
                 sources: slot_sources(bindings, &table, |e| (e.slot as usize, e.vec4_path)),
                 window,
                 groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
@@ -1212,7 +1212,7 @@ impl GpuClipper {
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    readers(&d.sources, d.dtype).partials(layout.deep_means, d.lean),
+                    readers(&d.sources, d.dtype).partials(d.variant),
                     resources,
                     slots,
                 )
@@ -1307,7 +1307,7 @@ impl GpuClipper {
                 timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
             });
             for (group, d) in partial_groups.iter().zip(&partial_dispatches) {
-                pass.set_pipeline(readers(&d.sources, d.dtype).partials(layout.deep_means, d.lean));
+                pass.set_pipeline(readers(&d.sources, d.dtype).partials(d.variant));
                 pass.set_bind_group(0, group, &[]);
                 let (x, y, z) = d.groups;
                 pass.dispatch_workgroups(x, y, z);
@@ -1714,8 +1714,8 @@ struct RowsJob<'a> {
 /// index), its workgroups and type.
 struct Pass1<'a> {
     params: u64,
-    /// It runs the lean variant (`CallLayout::pass1_lean`).
-    lean: bool,
+    /// The norm pass's build it runs (`CallLayout::pass1_variants`).
+    variant: PartialsVariant,
     sources: Vec<Source<'a>>,
     window: usize,
     groups: (u32, u32, u32),
