@@ -97,6 +97,14 @@ fn table_len() -> u32 {
 // about 15% slower with the other path compiled into the same pipeline.
 override ROW_CHUNKS: bool = false;
 
+// Every entry of the dispatch has vec4_path = 1 (the stored means, the partial
+// rows of row chunks, aligned input rows): the shifted and scalar loads compile
+// away. A pipeline constant the host sets per dispatch (`weighted_means_constants`
+// in src/gpu/kernels.rs): on lavapipe a workgroup's start costs more the more
+// code the shader has (mb_partials.wgsl); a probe of the main shape at b = 1
+// took 0.2-0.5 ms less of 15.5-16 ms with it (4 alternating pairs).
+override ALIGNED_ROWS: bool = false;
+
 // The weighted sum over the micro-batches of one quad (columns col0 .. col0 + 3,
 // any alignment, clipped at cols), with scalar loads unless vec4_path.
 fn quad_sum(col0: u32) -> vec4<f32> {
@@ -108,7 +116,7 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     for (var j = 0u; j < params.rows; j++) {
         let w = weight(j);
         var mean = vec4<f32>(0.0);
-        if (params.vec4_path == 1u) {
+        if (ALIGNED_ROWS || params.vec4_path == 1u) {
             mean = grad_quad(idx >> 2u);
         } else if (full) {
             mean = vec4<f32>(grad_at(idx), grad_at(idx + 1u), grad_at(idx + 2u), grad_at(idx + 3u));
@@ -297,14 +305,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // t, t + RUN, ..., t + 7 RUN of them, or with ADJACENT or vec4_path = 2 the
     // 8 adjacent quads from QUADS t (the same operations per column either way).
     let run_first = (dispatch_group - params.first_group) * WG + (lid / RUN) * RUN * QUADS;
-    let shifted = params.vec4_path == 2u;
+    let shifted = !ALIGNED_ROWS && params.vec4_path == 2u;
     let adjacent = ADJACENT || shifted;
     let first = run_first + select(lid % RUN, (lid % RUN) * QUADS, adjacent);
     let step = select(RUN, 1u, adjacent);
     let quads = (params.cols + 3u) / 4u;
     if (first + (QUADS - 1u) * step < quads) {
         let plain = ROW_CHUNKS;
-        if (params.vec4_path == 1u) {
+        if (ALIGNED_ROWS || params.vec4_path == 1u) {
             if (plain) {
                 sum_quads8_plain(LOAD_VEC4, first, step);
             } else {

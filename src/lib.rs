@@ -161,7 +161,8 @@ pub mod shaders {
     pub use crate::gpu::kernels::{
         deep_kernel_constants, kernel_constants, kernel_names, kernel_source, kernel_source_for,
         kernel_source_variant, kernel_source_with_slots, partials_constants,
-        row_chunks_kernel_constants, KernelVariant, PartialsVariant, CHUNK_ROWS,
+        row_chunks_kernel_constants, weighted_means_constants, KernelVariant, PartialsVariant,
+        CHUNK_ROWS,
     };
 }
 

@@ -447,13 +447,15 @@ pub fn run(
                         &partial_rows,
                     ],
                     (mx, my),
-                    microclip::shaders::row_chunks_kernel_constants("weighted_means", small),
+                    // microclip's build for the dispatch's rows (aligned or not).
+                    &microclip::shaders::weighted_means_constants(small, true, input_path == 1),
                 ),
                 weighted_means(
                     gpu,
                     [&rp, &partial_rows, &ones, &replay_out, &no_partials],
                     (rx, ry),
-                    microclip::shaders::kernel_constants("weighted_means", small),
+                    // The partial rows are whole quads.
+                    &microclip::shaders::weighted_means_constants(small, false, true),
                 ),
             ]
         } else {
@@ -487,7 +489,11 @@ pub fn run(
                     &no_partials,
                 ],
                 (mx, my),
-                microclip::shaders::kernel_constants("weighted_means", small),
+                &microclip::shaders::weighted_means_constants(
+                    small,
+                    false,
+                    with_means || input_path == 1,
+                ),
             )]
         };
         part.run(gpu);

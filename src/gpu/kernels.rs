@@ -263,6 +263,27 @@ pub fn partials_constants(
     constants
 }
 
+/// The constants of pass 4 (`weighted_means`): those of [`kernel_constants`], of
+/// [`row_chunks_kernel_constants`] if `row_chunks`, and with `aligned` (every
+/// entry of the dispatch reads 16-byte aligned rows: the stored means, the
+/// partial rows of row chunks, aligned input rows) also `ALIGNED_ROWS`, which
+/// compiles the shifted and scalar loads away (see [`partials_constants`]).
+pub fn weighted_means_constants(
+    small_workgroups: bool,
+    row_chunks: bool,
+    aligned: bool,
+) -> Vec<(&'static str, f64)> {
+    let mut constants = if row_chunks {
+        row_chunks_kernel_constants("weighted_means", small_workgroups).to_vec()
+    } else {
+        kernel_constants("weighted_means", small_workgroups).to_vec()
+    };
+    if aligned {
+        constants.push(("ALIGNED_ROWS", 1.0));
+    }
+    constants
+}
+
 /// The constants of the pass-4 variant that sums row chunks of the input into
 /// partial rows (`ROW_CHUNKS` in weighted_means.wgsl; what the GPU backend runs
 /// when it cuts that pass's rows into chunks, by default on a software adapter);
@@ -421,9 +442,15 @@ pub(crate) struct GradKernels {
     /// front) and the others (built on first use, the deep ones only where
     /// their constants differ).
     partials: [Option<wgpu::ComputePipeline>; 8],
-    weighted_means: wgpu::ComputePipeline,
-    /// `weighted_means` with [`row_chunks_kernel_constants`] (built on first use).
-    weighted_means_chunks: Option<wgpu::ComputePipeline>,
+    /// `weighted_means` by [`pass4_index`] ([`weighted_means_constants`]): over
+    /// any rows and over aligned rows (built up front), and the same over row
+    /// chunks (built on first use).
+    weighted_means: [Option<wgpu::ComputePipeline>; 4],
+}
+
+/// Where [`GradKernels`] keeps pass 4 over row chunks or not, aligned rows or not.
+fn pass4_index(row_chunks: bool, aligned: bool) -> usize {
+    row_chunks as usize + 2 * aligned as usize
 }
 
 impl GradKernels {
@@ -445,13 +472,11 @@ impl GradKernels {
                 None,
                 None,
             ],
-            weighted_means_chunks: None,
-            weighted_means: build(
-                device,
-                "weighted_means",
-                dtype,
-                kernel_constants("weighted_means", small_workgroups),
-                variant,
+            weighted_means: [(false, false), (true, false), (false, true), (true, true)].map(
+                |(chunks, aligned)| {
+                    let constants = weighted_means_constants(small_workgroups, false, aligned);
+                    (!chunks).then(|| build(device, "weighted_means", dtype, &constants, variant))
+                },
             ),
         }
     }
@@ -469,16 +494,13 @@ impl GradKernels {
             .expect("norm-pass variant prepared before encoding")
     }
 
-    /// Pass 4, the variant that sums row chunks into partial rows if `chunks`
-    /// (after [`Kernels::prepare`] with `chunks`).
-    pub fn weighted_means(&self, chunks: bool) -> &wgpu::ComputePipeline {
-        if chunks {
-            self.weighted_means_chunks
-                .as_ref()
-                .expect("row-chunk readers prepared before encoding")
-        } else {
-            &self.weighted_means
-        }
+    /// Pass 4: the variant that sums row chunks into partial rows if `chunks`
+    /// (after [`Kernels::prepare`] with `chunks`), for `aligned` rows only if
+    /// they all are.
+    pub fn weighted_means(&self, chunks: bool, aligned: bool) -> &wgpu::ComputePipeline {
+        self.weighted_means[pass4_index(chunks, aligned)]
+            .as_ref()
+            .expect("pass-4 variant prepared before encoding")
     }
 }
 
@@ -717,10 +739,12 @@ impl Kernels {
         kernels.partials[partials.index()]
             .get_or_insert_with(|| build(device, "mb_partials", dtype, &constants, variant));
         if chunks {
-            let constants = row_chunks_kernel_constants("weighted_means", small);
-            kernels
-                .weighted_means_chunks
-                .get_or_insert_with(|| build(device, "weighted_means", dtype, constants, variant));
+            for aligned in [false, true] {
+                let constants = weighted_means_constants(small, true, aligned);
+                kernels.weighted_means[pass4_index(true, aligned)].get_or_insert_with(|| {
+                    build(device, "weighted_means", dtype, &constants, variant)
+                });
+            }
         }
     }
 

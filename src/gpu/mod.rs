@@ -1291,7 +1291,7 @@ impl GpuClipper {
                 let slots = slot_resources(&d.sources, dummy);
                 bind_group(
                     device,
-                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some()),
+                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some(), d.aligned),
                     resources,
                     slots,
                 )
@@ -1325,7 +1325,7 @@ impl GpuClipper {
             }
             for (group, d) in means_groups.iter().zip(&means_dispatches) {
                 pass.set_pipeline(
-                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some()),
+                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some(), d.aligned),
                 );
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
@@ -1653,6 +1653,9 @@ struct Pass4<'a> {
     /// The partial rows it writes (a row-chunk dispatch: the `ROW_CHUNKS`
     /// pipeline), if any.
     partials: Option<(&'a wgpu::Buffer, u64, u64)>,
+    /// Every entry reads 16-byte aligned rows (`vec4_path` 1): the pipeline
+    /// built for them (`kernels::weighted_means_constants`).
+    aligned: bool,
     groups: (u32, u32),
     dtype: Dtype,
 }
@@ -1679,6 +1682,7 @@ impl<'a> Pass4<'a> {
         table[0].dispatch_groups = dispatch_groups as u32;
         let sources = slot_sources(&bindings, &table, |e| (e.slot as usize, e.vec4_path));
         Ok(Self {
+            aligned: table.iter().all(|e| e.vec4_path == 1),
             params: params.push_table(&table, MEANS_TABLE_BYTES),
             sources,
             weights,
