@@ -262,7 +262,7 @@ fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: 
         carry_out[col + 1u] = v.y;
         carry_out[col + 2u] = v.z;
         carry_out[col + 3u] = v.w;
-    } else if (params.write_means == 1u) {
+    } else if (writes_means()) {
         means[(params.means_base + mb * params.means_stride + col) >> 2u] = v;
     }
     return v;
@@ -374,6 +374,17 @@ override CHUNK_ROWS: u32 = 0u;
 // with the carry, 0.92-1.08 without.
 override ALIGNED_ROWS: bool = false;
 override CARRIES: bool = true;
+// Whether the dispatch stores the means: 0 never, 1 always (the host sets one of
+// the two per call, so the other walks compile away), 2 as each entry's
+// write_means says.
+override WRITE_MEANS: u32 = 2u;
+
+fn writes_means() -> bool {
+    if (WRITE_MEANS == 2u) {
+        return params.write_means == 1u;
+    }
+    return WRITE_MEANS == 1u;
+}
 
 // The four quads of a step in the stored means (a chunk's running totals).
 fn load_means4(at: u32, qs: u32) -> mat4x4<f32> {
@@ -445,7 +456,7 @@ fn walk4x4_chunks(blue: bool, loads: u32, c4: ptr<function, u32>, q_end: u32, ro
 fn walk_modes(blue: bool, loads: u32, c4: ptr<function, u32>, q_end: u32, row0: u32, rows: u32, inv_n: f32, mb: u32, takes_carry: bool, gives_carry: bool, s: ptr<function, Sums>) {
     if (takes_carry || gives_carry) {
         walk4x4(blue, loads, CARRY, c4, q_end, row0, rows, inv_n, mb, takes_carry, gives_carry, s);
-    } else if (params.write_means == 1u) {
+    } else if (writes_means()) {
         walk4x4(blue, loads, STORE_MEANS, c4, q_end, row0, rows, inv_n, mb, false, false, s);
     } else {
         walk4x4(blue, loads, NORM_ONLY, c4, q_end, row0, rows, inv_n, mb, false, false, s);
@@ -506,7 +517,7 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
         // Without a carry the micro-batch lies whole in the window, so rows is
         // its size and inv_n = 1 / rows (walk_shallow relies on it). Plain
         // squares only (Blue's walk takes column_mean4x4).
-        let shallow = !blue && !takes_carry && !gives_carry && params.write_means == 0u;
+        let shallow = !blue && !takes_carry && !gives_carry && !writes_means();
         if (shallow && rows == 1u) {
             walk_shallow(1u, &c4, q_end, row04, stride4, inv_n, s);
         } else if (shallow && rows == 2u) {
@@ -556,7 +567,7 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
                 }
             }
         }
-        if (!gives_carry && params.write_means == 1u) {
+        if (!gives_carry && writes_means()) {
             // Columns past col_end are 0, in the rows' padding.
             means[(params.means_base + mb * params.means_stride + col0) >> 2u] = v;
         }

@@ -35,6 +35,7 @@ fn every_kernel_validates_with_naga() {
                 deep: true,
                 aligned: true,
                 no_carry: true,
+                stores_means: Some(true),
             };
             let partials = match name {
                 "mb_partials" => microclip::shaders::partials_constants(small, all_partials),

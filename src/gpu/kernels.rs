@@ -229,12 +229,20 @@ pub struct PartialsVariant {
     pub aligned: bool,
     /// No tensor window of the dispatch carries sums to or from another window.
     pub no_carry: bool,
+    /// Whether the call stores the micro-batch means (`Some`, every entry alike)
+    /// or each entry says (`None`).
+    pub stores_means: Option<bool>,
 }
 
 impl PartialsVariant {
     /// Where [`GradKernels`] keeps it.
     fn index(self) -> usize {
-        self.deep as usize + 2 * self.aligned as usize + 4 * self.no_carry as usize
+        let means = match self.stores_means {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        self.deep as usize + 2 * self.aligned as usize + 4 * self.no_carry as usize + 8 * means
     }
 }
 
@@ -242,7 +250,8 @@ impl PartialsVariant {
 /// [`kernel_constants`] ([`deep_kernel_constants`] if `deep`), with `aligned`
 /// also `ALIGNED_ROWS` (every walk, Blue's too, loads vec4: the shifted and
 /// scalar walks compile away), with `no_carry` also `CARRIES = false` (the carry
-/// code compiles away). On lavapipe a workgroup's start costs more the more code
+/// code compiles away), with `stores_means` also `WRITE_MEANS` 0 or 1 (the walks
+/// of the other case compile away). On lavapipe a workgroup's start costs more the more code
 /// its shader has, even code it never reaches (BENCHMARKS.md), so the GPU backend
 /// builds each variant a call's dispatches need on first use.
 pub fn partials_constants(
@@ -259,6 +268,9 @@ pub fn partials_constants(
     }
     if variant.no_carry {
         constants.push(("CARRIES", 0.0));
+    }
+    if let Some(stores) = variant.stores_means {
+        constants.push(("WRITE_MEANS", stores as u32 as f64));
     }
     constants
 }
@@ -441,7 +453,7 @@ pub(crate) struct GradKernels {
     /// `mb_partials` by [`PartialsVariant::index`]: the general one (built up
     /// front) and the others (built on first use, the deep ones only where
     /// their constants differ).
-    partials: [Option<wgpu::ComputePipeline>; 8],
+    partials: [Option<wgpu::ComputePipeline>; 24],
     /// `weighted_means` by [`pass4_index`] ([`weighted_means_constants`]): over
     /// any rows and over aligned rows (built up front), and the same over row
     /// chunks (built on first use).
@@ -462,16 +474,9 @@ impl GradKernels {
     ) -> Self {
         let constants = kernel_constants("mb_partials", small_workgroups);
         Self {
-            partials: [
-                Some(build(device, "mb_partials", dtype, constants, variant)),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            ],
+            partials: std::array::from_fn(|k| {
+                (k == 0).then(|| build(device, "mb_partials", dtype, constants, variant))
+            }),
             weighted_means: [(false, false), (true, false), (false, true), (true, true)].map(
                 |(chunks, aligned)| {
                     let constants = weighted_means_constants(small_workgroups, false, aligned);

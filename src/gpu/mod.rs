@@ -647,6 +647,7 @@ impl GpuClipper {
                     let w = &tensors[e.tensor].1[e.window];
                     !w.carry_in && !w.carry_out
                 }),
+                stores_means: Some(with_means),
             })
             .collect();
         Ok(CallLayout {
