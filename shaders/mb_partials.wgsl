@@ -44,9 +44,10 @@
 // rewrites the three sums as (scale = max |g|, ssq = sum (g / scale)^2), the record
 // the later passes expect (ssq in [1, tile_cols]).
 //
-// With write_means = 1 (micro-batches of 3 rows or more on average, see
-// `materialize_means` in plan.rs) each finished mean is also stored in `means`, so
-// that pass 4 reads M rows of means instead of the N input rows.
+// When the call stores the means (micro-batches of 3 rows or more on average,
+// see `materialize_means` in plan.rs; WRITE_MEANS below) each finished mean is
+// also stored in `means`, so that pass 4 reads M rows of means instead of the N
+// input rows.
 //
 // A tensor larger than one storage binding is processed in row windows. A
 // micro-batch cut by a window boundary passes its partial column sums to the next
@@ -101,6 +102,7 @@ struct Params {
                         // quads, ADJACENT: 5 aligned vec4 loads per step of 4 quads,
                         // shifted into place (grads_shifted.wgsl); 0: scalar loads
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
+                        // (read only with WRITE_MEANS = 2)
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
     means_stride: u32,  // elements between two micro-batches' means: cols rounded up to 4
@@ -369,14 +371,15 @@ override CHUNK_ROWS: u32 = 0u;
 // loads vec4 (the shifted and scalar walks compile away). CARRIES = false: no
 // entry carries sums between windows (no carry code). On lavapipe a workgroup's
 // start costs more the more code the shader has, even where it returns at once:
-// at N = 256, D = 64, b = 1 a call took 1.11-1.18 ms with both walks and the
+// at N = 256, D = 64, b = 1 a call took 1.10-1.18 ms with both walks and the
 // carry compiled in, 0.65-0.68 without (M = 256 workgroups); at D = 63 1.21-1.23
 // with the carry, 0.92-1.08 without.
 override ALIGNED_ROWS: bool = false;
 override CARRIES: bool = true;
 // Whether the dispatch stores the means: 0 never, 1 always (the host sets one of
 // the two per call, so the other walks compile away), 2 as each entry's
-// write_means says.
+// write_means says (the default, for tools that build the kernel without
+// constants; the crate never runs it).
 override WRITE_MEANS: u32 = 2u;
 
 fn writes_means() -> bool {

@@ -462,8 +462,9 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
     // whole quad past them), and with small workgroups as aligned quads shifted into
     // place when elements follow them (rows shifted by 1, 2 or 3 elements; with
     // cols % 4 != 0 the shift changes from row to row). Magnitude 1e-30 takes Blue's
-    // second walk of the norm pass. The aligned placement runs the norm pass's lean
-    // variant (vec4 loads in Blue's walk too), the others its general one.
+    // second walk of the norm pass. The aligned placement runs the norm pass's
+    // build for aligned rows (vec4 loads in Blue's walk too), the others the build
+    // with shifted and scalar walks (scalar loads in Blue's walk).
     let Some(mut gpu) = gpu() else { return };
     let device = gpu.device().unwrap().clone();
     let usage =

@@ -336,14 +336,14 @@ pub fn run(
             ],
             (tx, ty, m as u32),
             // The build microclip runs (`pass1_variants` in src/gpu/mod.rs): rows
-            // aligned (D is a multiple of 4096 here), no carry (one window), the
+            // aligned or not as the loads say, no carry (one window), the
             // means stored or not for the whole call, and deep where
             // micro-batches of more than CHUNK_ROWS rows store means.
             &microclip::shaders::partials_constants(
                 small,
                 microclip::shaders::PartialsVariant {
                     deep: with_means && b.min(n) > microclip::shaders::CHUNK_ROWS as usize,
-                    aligned: true,
+                    aligned: input_path == 1,
                     no_carry: true,
                     stores_means: Some(with_means),
                 },

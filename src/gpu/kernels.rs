@@ -217,15 +217,19 @@ pub fn deep_kernel_constants(name: &str, small_workgroups: bool) -> &'static [(&
     }
 }
 
-/// Which build of the norm pass (`mb_partials`) a dispatch runs: the general
-/// one ([`Default`]) handles every dispatch; the others compile code away that
-/// the dispatch does not need (see [`partials_constants`]).
+/// Which build of the norm pass (`mb_partials`) a dispatch runs. Each field
+/// that is set compiles away code the dispatch must not need (see
+/// [`partials_constants`]): a dispatch that breaks one of them gets wrong
+/// results. [`Default`] is the general build, which handles every dispatch
+/// (the GPU backend always knows `stores_means`, so it never runs that one).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PartialsVariant {
     /// Some micro-batch has more than [`CHUNK_ROWS`] rows whose means are stored
     /// ([`deep_kernel_constants`]).
     pub deep: bool,
-    /// Every tensor window of the dispatch has 16-byte aligned rows (vec4 loads).
+    /// Every tensor window of the dispatch has rows read as whole quads: D_p and
+    /// the element index of its first row in the binding are multiples of 4
+    /// (`vec4_path` 1; 16-byte aligned rows for f32, 8-byte for f16 / bf16).
     pub aligned: bool,
     /// No tensor window of the dispatch carries sums to or from another window.
     pub no_carry: bool,
@@ -450,9 +454,9 @@ pub(crate) const STATS_BYTES: u64 = 32;
 /// over one buffer range per dispatch or (the slots variants, grads_slots.wgsl)
 /// over up to [`SLOTS`].
 pub(crate) struct GradKernels {
-    /// `mb_partials` by [`PartialsVariant::index`]: the general one (built up
-    /// front) and the others (built on first use, the deep ones only where
-    /// their constants differ).
+    /// `mb_partials` by [`PartialsVariant::index`], each built when a dispatch
+    /// first needs it (a deep one only where its constants differ from the
+    /// shallow one's).
     partials: [Option<wgpu::ComputePipeline>; 24],
     /// `weighted_means` by [`pass4_index`] ([`weighted_means_constants`]): over
     /// any rows and over aligned rows (built up front), and the same over row
@@ -472,11 +476,8 @@ impl GradKernels {
         small_workgroups: bool,
         variant: KernelVariant,
     ) -> Self {
-        let constants = kernel_constants("mb_partials", small_workgroups);
         Self {
-            partials: std::array::from_fn(|k| {
-                (k == 0).then(|| build(device, "mb_partials", dtype, constants, variant))
-            }),
+            partials: Default::default(),
             weighted_means: [(false, false), (true, false), (false, true), (true, true)].map(
                 |(chunks, aligned)| {
                     let constants = weighted_means_constants(small_workgroups, false, aligned);
@@ -515,9 +516,9 @@ pub(crate) struct Needs {
     /// The slots variants of the input readers (the device must allow them:
     /// [`slots_supported`]).
     pub slots: bool,
-    /// A variant of the norm pass (built where its constants differ from the
-    /// general one's).
-    pub partials: PartialsVariant,
+    /// A build of the norm pass (a deep one where its constants differ from the
+    /// shallow one's, else that one).
+    pub partials: Option<PartialsVariant>,
     /// Pass 4's variant over row chunks.
     pub chunks: bool,
 }
@@ -733,16 +734,18 @@ impl Kernels {
         } else {
             &mut readers.one
         };
-        let shallow = PartialsVariant {
-            deep: false,
-            ..partials
-        };
-        let deep_differs =
-            deep_kernel_constants("mb_partials", small) != kernel_constants("mb_partials", small);
-        let partials = if deep_differs { partials } else { shallow };
-        let constants = partials_constants(small, partials);
-        kernels.partials[partials.index()]
-            .get_or_insert_with(|| build(device, "mb_partials", dtype, &constants, variant));
+        if let Some(partials) = partials {
+            let deep_differs = deep_kernel_constants("mb_partials", small)
+                != kernel_constants("mb_partials", small);
+            let partials = PartialsVariant {
+                deep: partials.deep && deep_differs,
+                ..partials
+            };
+            kernels.partials[partials.index()].get_or_insert_with(|| {
+                let constants = partials_constants(small, partials);
+                build(device, "mb_partials", dtype, &constants, variant)
+            });
+        }
         if chunks {
             for aligned in [false, true] {
                 let constants = weighted_means_constants(small, true, aligned);

@@ -162,9 +162,9 @@ struct CallLayout {
     /// buffer slots tensors of up to 8 buffers).
     pass1: Vec<Pass1Dispatch>,
     /// Per dispatch of `pass1`: the norm pass's build it runs (whether all its
-    /// entries' rows are 16-byte aligned, whether none carries sums between
-    /// windows, whether some micro-batch of more than `kernels::CHUNK_ROWS` rows
-    /// stores its means).
+    /// entries' rows are read as whole quads, whether none carries sums between
+    /// windows, whether the call stores the means, whether some micro-batch of
+    /// more than `kernels::CHUNK_ROWS` rows does).
     pass1_variants: Vec<PartialsVariant>,
 }
 
@@ -700,7 +700,7 @@ impl GpuClipper {
             let slots = d.bindings.len() > 1;
             let needs = Needs {
                 slots,
-                partials,
+                partials: Some(partials),
                 ..needs
             };
             self.kernels.prepare(&self.device, dtype, needs);
