@@ -281,9 +281,10 @@ pub fn partials_constants(
 
 /// The constants of pass 4 (`weighted_means`): those of [`kernel_constants`], of
 /// [`row_chunks_kernel_constants`] if `row_chunks`, and with `aligned` (every
-/// entry of the dispatch reads 16-byte aligned rows: the stored means, the
-/// partial rows of row chunks, aligned input rows) also `ALIGNED_ROWS`, which
-/// compiles the shifted and scalar loads away (see [`partials_constants`]).
+/// entry of the dispatch reads its rows as whole quads, `vec4_path` 1: the
+/// stored means, the partial rows of row chunks, input rows whose D_p and first
+/// element are multiples of 4) also `ALIGNED_ROWS`, which compiles the shifted
+/// and scalar loads away (see [`partials_constants`]).
 pub fn weighted_means_constants(
     small_workgroups: bool,
     row_chunks: bool,
