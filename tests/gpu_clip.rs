@@ -165,29 +165,33 @@ fn windows_smaller_than_a_tensor() {
     let Some(mut gpu) = gpu() else { return };
     let n = 23;
     let widths = [300, 7, 1100];
-    let t = random_tensors(9, n, &widths, 1.0);
-    for max_binding in [1100 * 4 + 256, 3 * 1100 * 4, 8192, 50_000] {
-        gpu.set_max_binding_bytes(max_binding);
-        for b in [1, 4, 5, 23] {
-            let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+    // Magnitude 1e-30: Blue's second walk of the norm pass, in windows that carry
+    // (its build for aligned rows with carries, and the one for unaligned rows).
+    for (scale, seed) in [(1.0, 9), (1e-30, 10)] {
+        let t = random_tensors(seed, n, &widths, scale);
+        for max_binding in [1100 * 4 + 256, 3 * 1100 * 4, 8192, 50_000] {
+            gpu.set_max_binding_bytes(max_binding);
+            for b in [1, 4, 5, 23] {
+                let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+                check(
+                    &mut gpu,
+                    &cfg,
+                    &t,
+                    n,
+                    TOL,
+                    &format!("scale {scale} binding {max_binding} b {b}"),
+                );
+            }
+            let cfg = ClipConfig::fixed(0.3, MicroBatches::Offsets(vec![0, 1, 9, 10, 22, 23]));
             check(
                 &mut gpu,
                 &cfg,
                 &t,
                 n,
                 TOL,
-                &format!("binding {max_binding} b {b}"),
+                &format!("scale {scale} binding {max_binding} offsets"),
             );
         }
-        let cfg = ClipConfig::fixed(0.3, MicroBatches::Offsets(vec![0, 1, 9, 10, 22, 23]));
-        check(
-            &mut gpu,
-            &cfg,
-            &t,
-            n,
-            TOL,
-            &format!("binding {max_binding} offsets"),
-        );
     }
 }
 
