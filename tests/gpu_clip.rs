@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use microclip::reference::clip_f64;
-use microclip::{ClipConfig, ClipFunction, MicroBatches, NonFinitePolicy};
+use microclip::{ClipConfig, ClipFunction, Clipper, MicroBatches, NonFinitePolicy};
 use microclip::{ClipError, ClipOutput, Dtype, GpuTensor, GpuTensorMut};
 use wgpu::util::DeviceExt;
 
@@ -170,18 +170,8 @@ fn windows_smaller_than_a_tensor() {
     for (scale, seed) in [(1.0, 9), (1e-30, 10)] {
         let t = random_tensors(seed, n, &widths, scale);
         for max_binding in [1100 * 4 + 256, 3 * 1100 * 4, 8192, 50_000] {
-            gpu.set_max_binding_bytes(max_binding);
-            for b in [1, 4, 5, 23] {
-                let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
-                check(
-                    &mut gpu,
-                    &cfg,
-                    &t,
-                    n,
-                    TOL,
-                    &format!("scale {scale} binding {max_binding} b {b}"),
-                );
-            }
+            let what = format!("scale {scale} binding {max_binding}");
+            check_windows(&mut gpu, &t, n, max_binding, &[1, 4, 5, 23], &what);
             let cfg = ClipConfig::fixed(0.3, MicroBatches::Offsets(vec![0, 1, 9, 10, 22, 23]));
             check(
                 &mut gpu,
@@ -208,18 +198,26 @@ fn windows_over_several_column_tiles() {
     let t = random_tensors(17, n, &widths, 1.0);
     assert_eq!(gpu.gpu_tile_cols(&widths, n), Some(4096));
     for max_binding in [8193 * 4 + 256, 3 * 8193 * 4] {
-        gpu.set_max_binding_bytes(max_binding);
-        for b in [1, 3, 4, 11] {
-            let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
-            check(
-                &mut gpu,
-                &cfg,
-                &t,
-                n,
-                TOL,
-                &format!("binding {max_binding} b {b}"),
-            );
-        }
+        let what = format!("binding {max_binding}");
+        check_windows(&mut gpu, &t, n, max_binding, &[1, 3, 4, 11], &what);
+    }
+}
+
+/// Adaptive clipping at every uniform micro-batch size in `bs` against the
+/// float64 reference, with storage bindings cut to `max_binding` bytes (so
+/// tensors are read in row windows).
+fn check_windows(
+    gpu: &mut Clipper,
+    t: &[Vec<f32>],
+    n: usize,
+    max_binding: u64,
+    bs: &[usize],
+    what: &str,
+) {
+    gpu.set_max_binding_bytes(max_binding);
+    for &b in bs {
+        let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+        check(gpu, &cfg, t, n, TOL, &format!("{what} b {b}"));
     }
 }
 

@@ -463,6 +463,11 @@ pub(crate) struct GradKernels {
     /// any rows and over aligned rows (built up front), and the same over row
     /// chunks (built on first use).
     weighted_means: [Option<wgpu::ComputePipeline>; 4],
+    /// What every build of this set shares: element type, source variant, small
+    /// workgroups.
+    dtype: Dtype,
+    variant: KernelVariant,
+    small_workgroups: bool,
 }
 
 /// Where [`GradKernels`] keeps pass 4 over row chunks or not, aligned rows or not.
@@ -477,27 +482,55 @@ impl GradKernels {
         small_workgroups: bool,
         variant: KernelVariant,
     ) -> Self {
-        Self {
+        let mut kernels = Self {
             partials: Default::default(),
-            weighted_means: [(false, false), (true, false), (false, true), (true, true)].map(
-                |(chunks, aligned)| {
-                    let constants = weighted_means_constants(small_workgroups, false, aligned);
-                    (!chunks).then(|| build(device, "weighted_means", dtype, &constants, variant))
-                },
-            ),
+            weighted_means: Default::default(),
+            dtype,
+            variant,
+            small_workgroups,
+        };
+        kernels.build_pass4(device, false);
+        kernels
+    }
+
+    /// Where the norm pass's build for `variant` is kept: a deep variant whose
+    /// constants are those of the shallow one (hardware) is that one.
+    fn partials_slot(&self, variant: PartialsVariant) -> usize {
+        let deep_differs = deep_kernel_constants("mb_partials", self.small_workgroups)
+            != kernel_constants("mb_partials", self.small_workgroups);
+        PartialsVariant {
+            deep: variant.deep && deep_differs,
+            ..variant
+        }
+        .index()
+    }
+
+    /// Builds the norm pass in `variant` unless it exists.
+    fn build_partials(&mut self, device: &wgpu::Device, variant: PartialsVariant) {
+        let slot = self.partials_slot(variant);
+        let (dtype, source, small) = (self.dtype, self.variant, self.small_workgroups);
+        self.partials[slot].get_or_insert_with(|| {
+            let constants = partials_constants(small, variant);
+            build(device, "mb_partials", dtype, &constants, source)
+        });
+    }
+
+    /// Builds pass 4 over row chunks or not (`chunks`), over any rows and over
+    /// aligned ones, unless they exist.
+    fn build_pass4(&mut self, device: &wgpu::Device, chunks: bool) {
+        let (dtype, source, small) = (self.dtype, self.variant, self.small_workgroups);
+        for aligned in [false, true] {
+            self.weighted_means[pass4_index(chunks, aligned)].get_or_insert_with(|| {
+                let constants = weighted_means_constants(small, chunks, aligned);
+                build(device, "weighted_means", dtype, &constants, source)
+            });
         }
     }
 
-    /// The norm pass in `variant` (after [`Kernels::prepare`] with it; a deep
-    /// variant whose constants are those of the shallow one is that one).
+    /// The norm pass in `variant` (after [`Kernels::prepare`] with it).
     pub fn partials(&self, variant: PartialsVariant) -> &wgpu::ComputePipeline {
-        let shallow = PartialsVariant {
-            deep: false,
-            ..variant
-        };
-        [variant, shallow]
-            .iter()
-            .find_map(|v| self.partials[v.index()].as_ref())
+        self.partials[self.partials_slot(variant)]
+            .as_ref()
             .expect("norm-pass variant prepared before encoding")
     }
 
@@ -736,24 +769,10 @@ impl Kernels {
             &mut readers.one
         };
         if let Some(partials) = partials {
-            let deep_differs = deep_kernel_constants("mb_partials", small)
-                != kernel_constants("mb_partials", small);
-            let partials = PartialsVariant {
-                deep: partials.deep && deep_differs,
-                ..partials
-            };
-            kernels.partials[partials.index()].get_or_insert_with(|| {
-                let constants = partials_constants(small, partials);
-                build(device, "mb_partials", dtype, &constants, variant)
-            });
+            kernels.build_partials(device, partials);
         }
         if chunks {
-            for aligned in [false, true] {
-                let constants = weighted_means_constants(small, true, aligned);
-                kernels.weighted_means[pass4_index(true, aligned)].get_or_insert_with(|| {
-                    build(device, "weighted_means", dtype, &constants, variant)
-                });
-            }
+            kernels.build_pass4(device, true);
         }
     }
 

@@ -1654,7 +1654,7 @@ struct Pass4<'a> {
     /// The partial rows it writes (a row-chunk dispatch: the `ROW_CHUNKS`
     /// pipeline), if any.
     partials: Option<(&'a wgpu::Buffer, u64, u64)>,
-    /// Every entry reads 16-byte aligned rows (`vec4_path` 1): the pipeline
+    /// Every entry reads its rows as whole quads (`vec4_path` 1): the pipeline
     /// built for them (`kernels::weighted_means_constants`).
     aligned: bool,
     groups: (u32, u32),
