@@ -89,7 +89,8 @@ fn bench_device(
     tensors: &[(&wgpu::Buffer, u64, usize)],
     dtype: Dtype,
 ) {
-    let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
+    let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone())
+        .expect("microclip builds on the bench's device");
     let outs: Vec<wgpu::Buffer> = tensors
         .iter()
         .map(|&(_, _, d)| {

@@ -128,8 +128,19 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         if (params.adaptive == 0u) {
             bound.x = bounds[g];
         } else {
-            // The scale goes into the root, so the pair's scale stays a norm's.
-            bound = vec2<f32>(red_min[0].x, red_min[0].y * params.scale);
+            // The scale goes into the root, so the pair's scale stays a norm's
+            // (the bound's own micro-batch then has ratio exactly 1 at scale 1).
+            // A scale beyond 2^-16..2^16 is split: its power of two into the
+            // pair's scale (exact), its mantissa into the root, so that the
+            // root's square (the sensitivity) neither overflows nor vanishes.
+            var to_scale = 1.0;
+            var to_root = params.scale;
+            if (params.scale > 65536.0 || params.scale < 0x1p-16f) {
+                let parts = frexp(params.scale);
+                to_scale = ldexp(1.0, parts.exp);
+                to_root = parts.fract;
+            }
+            bound = vec2<f32>(red_min[0].x * to_scale, red_min[0].y * to_root);
             bound_valid = red_found[0] == 1u;
         }
         workgroupBarrier(); // everyone has read red_min before the next group's tree
@@ -141,7 +152,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             let n = mb_norms[at];
             var factor = 1.0;
             var norm = n.scale * n.root;
-            if (n.flags != 0u) {
+            if (!bound_valid && params.policy == POLICY_PROPAGATE) {
+                // An adaptive bound without a finite micro-batch is NaN, and so
+                // is every factor of its group (plain arithmetic).
+                factor = nan_f32();
+                norm = select(norm, select(inf_f32(), nan_f32(), (n.flags & FLAG_NAN) != 0u), n.flags != 0u);
+            } else if (n.flags != 0u) {
                 let has_nan = (n.flags & FLAG_NAN) != 0u;
                 norm = select(inf_f32(), nan_f32(), has_nan);
                 // Propagate: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
@@ -186,7 +202,10 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                 }
             }
             factors[at] = factor;
-            weights[at] = factor * inv_m;
+            // A group whose mean is exactly zero adds nothing, whatever its
+            // factor (C / gamma under AUTO-S may overflow f32: inf * 0 = NaN).
+            let zero = n.flags == 0u && n.scale == 0.0;
+            weights[at] = select(factor * inv_m, 0.0, zero);
             norms[at] = norm;
         }
         if (lid == 0u && params.adaptive == 1u) {

@@ -208,17 +208,18 @@ impl BurnClipper {
         let (device, setup) = Device::wgpu_options()
             .init_with_setup()
             .map_err(|e| BurnClipError::Runtime(e.to_string()))?;
-        let clipper = Self::from_setup(&device, &setup);
+        let clipper = Self::from_setup(&device, &setup)?;
         Ok((clipper, device))
     }
 
     /// Builds the clipper on the handles of a setup burn already runs on
-    /// (`device` is the burn device of that setup).
-    pub fn from_setup(device: &Device, setup: &WgpuSetup) -> Self {
-        Self {
-            clipper: Clipper::from_device(setup.device.clone(), setup.queue.clone()),
+    /// (`device` is the burn device of that setup); fails as
+    /// [`Clipper::from_device`] does.
+    pub fn from_setup(device: &Device, setup: &WgpuSetup) -> Result<Self> {
+        Ok(Self {
+            clipper: Clipper::from_device(setup.device.clone(), setup.queue.clone())?,
             device: device.clone().without_autodiff(),
-        }
+        })
     }
 
     /// microclip's device handed to burn: registers `setup` (for example from
@@ -226,7 +227,7 @@ impl BurnClipper {
     /// .init()`, CubeCL's `init_device`) and builds the clipper on the same device
     /// and queue. Returns the clipper and the new burn device.
     pub fn register(setup: WgpuSetup) -> Result<(Self, Device)> {
-        let clipper = Clipper::from_device(setup.device.clone(), setup.queue.clone());
+        let clipper = Clipper::from_device(setup.device.clone(), setup.queue.clone())?;
         let device = Device::wgpu_options()
             .setup(setup)
             .init()

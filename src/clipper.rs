@@ -108,11 +108,17 @@ impl Clipper {
     }
 
     /// Builds a GPU clipper on a device and queue the caller already has (a
-    /// framework's), so that its buffers can be passed in directly.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
-        Self {
-            engine: Engine::Gpu(Box::new(GpuClipper::from_device(device, queue))),
-        }
+    /// framework's), so that its buffers can be passed in directly. The device
+    /// must allow 7 storage buffers per shader stage and 256 invocations per
+    /// workgroup (WebGPU's default limits; not wgpu's downlevel ones), else
+    /// [`ClipError::Device`], as when a kernel fails to build on it. Buffers
+    /// passed to the clipper must come from this device (and its instance:
+    /// wgpu reports a buffer of another device of the same instance, which
+    /// becomes [`ClipError::Device`], but cannot tell one of another instance).
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Ok(Self {
+            engine: Engine::Gpu(Box::new(GpuClipper::from_device(device, queue)?)),
+        })
     }
 
     /// The backend this clipper runs on.
@@ -375,6 +381,13 @@ impl Clipper {
     /// Clips gradients that already live in `wgpu::Buffer`s on this clipper's
     /// device, writing `out_p` (f32, `D_p` elements) into the caller's buffers.
     /// No gradient data crosses to the host; the statistics are read back.
+    /// Outputs must not overlap each other or any input buffer
+    /// ([`ClipError::BufferRange`]). Under
+    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) the non-finite
+    /// micro-batches are found on the device, so when the call returns
+    /// [`ClipError::NonFinite`] the outputs already hold the result with those
+    /// micro-batches skipped (as [`NonFinitePolicy::Skip`](crate::NonFinitePolicy::Skip)
+    /// gives).
     pub fn clip_buffers_into(
         &mut self,
         config: &ClipConfig,
@@ -404,7 +417,10 @@ impl Clipper {
         n_samples: usize,
     ) -> Result<(Vec<wgpu::Buffer>, ClipStats)> {
         let gpu = self.gpu_engine()?;
-        let buffers: Vec<wgpu::Buffer> = inputs.iter().map(|t| gpu.output_buffer(t.cols)).collect();
+        let buffers: Vec<wgpu::Buffer> = inputs
+            .iter()
+            .map(|t| gpu.output_buffer(t.cols))
+            .collect::<Result<_>>()?;
         let outputs: Vec<GpuTensorMut<'_>> = buffers
             .iter()
             .zip(inputs)

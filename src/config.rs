@@ -61,7 +61,8 @@ pub enum NonFinitePolicy {
     /// infinities but no NaN); its factor is `min(1, C / norm)`, i.e. NaN or 0, and
     /// the output is `(1/M) * sum_j s_j * g_j` evaluated in IEEE arithmetic
     /// (so `0 * inf = NaN` where the infinities are). An adaptive bound still uses
-    /// only the finite micro-batches.
+    /// only the finite micro-batches; with none, each group's bound is NaN, and
+    /// so is every factor (and output) of its tensors.
     Propagate,
     /// Return [`ClipError::NonFinite`] naming the first non-finite micro-batch.
     Error,
@@ -184,8 +185,22 @@ impl ClipConfig {
             _ => {}
         }
         if let Some(groups) = &self.groups {
+            // Every group has a tensor, so G <= the number of tensors.
+            let mut used = vec![false; groups.len()];
+            for &k in groups {
+                match used.get_mut(k) {
+                    Some(seen) => *seen = true,
+                    None => {
+                        return Err(ClipError::InvalidGroups(format!(
+                            "group index {k} with {} tensors (groups must be numbered \
+                             0..G with none empty)",
+                            groups.len()
+                        )))
+                    }
+                }
+            }
             let g = self.group_count();
-            if let Some(empty) = (0..g).find(|k| !groups.contains(k)) {
+            if let Some(empty) = (0..g).find(|&k| !used[k]) {
                 return Err(ClipError::InvalidGroups(format!(
                     "group {empty} has no tensor (groups must be numbered 0..{g} with none empty)"
                 )));
@@ -212,7 +227,7 @@ impl ClipConfig {
     pub fn group_count(&self) -> usize {
         self.groups
             .as_ref()
-            .map_or(1, |g| g.iter().max().map_or(0, |&m| m + 1))
+            .map_or(1, |g| g.iter().max().map_or(0, |&m| m.saturating_add(1)))
     }
 
     /// The group of each of `tensors` tensors, checked against the group layout.

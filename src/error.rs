@@ -61,7 +61,8 @@ pub enum ClipError {
     /// A shape is beyond what the kernels can address: one input row, or one
     /// tensor's f32 output row, larger than a storage binding; scratch bound whole
     /// (the `M x tiles` norm partials, the `N x G` per-row weights) larger than a
-    /// binding; more than `u32::MAX` rows or micro-batches.
+    /// binding; `u32::MAX` rows or more; more workgroups than one dispatch can
+    /// index.
     #[error("input too large: {0}")]
     TooLarge(String),
     /// The [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) policy found a

@@ -53,7 +53,8 @@
 //! offset, the row width and the element type) on the clipper's device and writes the clipped average
 //! into caller buffers; [`Clipper::clip_buffers`] returns new buffers instead. Only
 //! the statistics (O(M) bytes) come back to the host. Build the clipper on the
-//! framework's own device with [`Clipper::from_device`].
+//! framework's own device with [`Clipper::from_device`] (an error, not a panic,
+//! when the device's limits are below WebGPU's defaults).
 //!
 //! Tensors in one buffer share the kernels' dispatches. On a hardware adapter so
 //! do tensors in up to 8 separate buffers, where the device allows 21 storage

@@ -111,7 +111,11 @@ pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Re
     let factors: Vec<f64> = (0..m * groups)
         .map(|at| {
             let (n, c) = (norms[at], group_bounds[at % groups]);
-            if !n.is_finite() {
+            if propagate && c.is_nan() {
+                // An adaptive bound without a finite micro-batch: plain arithmetic
+                // with a NaN bound.
+                f64::NAN
+            } else if !n.is_finite() {
                 // Plain arithmetic: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
                 if propagate && n.is_nan() {
                     f64::NAN

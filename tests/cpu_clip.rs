@@ -69,6 +69,20 @@ fn two_pass_stored_means() {
 }
 
 #[test]
+fn factor_edge_cases_match_the_reference() {
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    // The one-read path, then the two-pass paths (re-reading, stored means).
+    for (budget, means) in [(usize::MAX, usize::MAX), (0, usize::MAX), (0, 0)] {
+        cpu.set_cpu_fused_budget_bytes(budget);
+        cpu.set_cpu_means_max_bytes(means);
+        for (what, cfg, t, n) in factor_edge_cases() {
+            let what = format!("budget {budget} means {means}: {what}");
+            check(&mut cpu, &cfg, &t, n, 1e-6, &what);
+        }
+    }
+}
+
+#[test]
 fn non_finite_policies() {
     let mut cpu = Clipper::new(Backend::Cpu).unwrap();
     let n = 9;

@@ -51,15 +51,16 @@ fn host_errors(clipper: &mut Clipper) {
             ClipError::InvalidClipNorm(c)
         );
     }
+    for scale in [-2.0, 0.0, f32::NAN, f32::INFINITY] {
+        let cfg = ClipConfig::adaptive(scale, MicroBatches::Uniform(2));
+        let e = clipper.clip(&cfg, &[&t], 4).unwrap_err();
+        assert!(matches!(e, ClipError::InvalidAdaptiveScale(_)), "{e:?}");
+    }
     assert!(matches!(
         clipper
-            .clip(
-                &ClipConfig::adaptive(-2.0, MicroBatches::Uniform(2)),
-                &[&t],
-                4
-            )
+            .clip(&ClipConfig::fixed(f32::NAN, MicroBatches::Uniform(2)), &[&t], 4)
             .unwrap_err(),
-        ClipError::InvalidAdaptiveScale(_)
+        ClipError::InvalidClipNorm(c) if c.is_nan()
     ));
     assert_eq!(
         clipper
@@ -67,12 +68,13 @@ fn host_errors(clipper: &mut Clipper) {
             .unwrap_err(),
         ClipError::ZeroMicroBatchSize
     );
-    for gamma in [0.0, -0.5, f32::INFINITY] {
+    for gamma in [0.0, -0.5, f32::INFINITY, f32::NAN] {
         let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(2))
             .with_function(ClipFunction::Automatic { gamma });
-        assert_eq!(
-            clipper.clip(&cfg, &[&t], 4).unwrap_err(),
-            ClipError::InvalidGamma(gamma)
+        let e = clipper.clip(&cfg, &[&t], 4).unwrap_err();
+        assert!(
+            matches!(e, ClipError::InvalidGamma(g) if g.to_bits() == gamma.to_bits()),
+            "{e:?}"
         );
     }
     assert_eq!(
@@ -203,6 +205,23 @@ fn gpu_buffer_errors() {
         ),
         "aliasing"
     );
+    // Two outputs in one buffer, the second starting inside the first.
+    let two_out = make(16, storage);
+    let two_in = [t(&input, 0, 4), t(&input, 64, 4)];
+    let e = gpu
+        .clip_buffers_into(&cfg, &two_in, 4, &[o(&two_out, 0, 4), o(&two_out, 12, 4)])
+        .unwrap_err();
+    assert!(
+        matches!(e, ClipError::BufferRange { tensor: 1, .. }),
+        "overlapping outputs: {e:?}"
+    );
+    gpu.clip_buffers_into(&cfg, &two_in, 4, &[o(&two_out, 16, 4), o(&two_out, 0, 4)])
+        .unwrap();
+    // A width whose f32 output cannot exist: typed, before anything is allocated.
+    let e = gpu
+        .clip_buffers(&cfg, &[t(&input, 0, 1 << 40)], 4)
+        .unwrap_err();
+    assert!(matches!(e, ClipError::TooLarge(_)), "{e:?}");
     assert_eq!(
         gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[])
             .unwrap_err(),
@@ -249,6 +268,23 @@ fn gpu_buffer_errors() {
         matches!(&e, ClipError::TooLarge(m) if m.contains("output")),
         "{e:?}"
     );
+    // Tensors whose merged pass-4 row (sum ceil4(D_p) x 4 = 1280 bytes) is over
+    // the binding while each tensor fits: pass 4 runs per tensor instead.
+    let tensors: Vec<Vec<f32>> = (0..4)
+        .map(|p| (0..8 * 80).map(|i| ((i + p) % 9) as f32 - 4.0).collect())
+        .collect();
+    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    for b in [1, 2] {
+        let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(b));
+        let got = gpu.clip(&cfg, &views, 8).unwrap();
+        let want = microclip::reference::clip_f64(&cfg, &views, 8).unwrap();
+        for (g, w) in got.grads.iter().flatten().zip(want.grads.iter().flatten()) {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "b {b}: {g} vs {w}"
+            );
+        }
+    }
     // The same shapes run under the device's own limit.
     gpu.set_max_binding_bytes(u64::MAX);
     gpu.clip(
@@ -272,6 +308,15 @@ fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
         ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![0, 2]),
         &two,
     );
+    // An index far past the tensors (G = usize::MAX + 1 would overflow).
+    groups_err(
+        ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![0, usize::MAX]),
+        &two,
+    );
+    groups_err(
+        ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![usize::MAX]),
+        &[t],
+    );
     // Three group indices for two tensors.
     groups_err(
         ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![0, 1, 1]),
@@ -287,15 +332,16 @@ fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
             .unwrap_err(),
         ClipError::InvalidClipNorm(-3.0)
     );
-    for sigma in [-1.0, f32::INFINITY] {
+    for sigma in [-1.0, f32::INFINITY, f32::NAN] {
         let cfg = ClipConfig::fixed(1.0, layout.clone()).with_noise(GaussianNoise {
             multiplier: sigma,
             seed: 1,
             step: 0,
         });
-        assert_eq!(
-            clipper.clip(&cfg, &[t], 4).unwrap_err(),
-            ClipError::InvalidNoise(sigma)
+        let e = clipper.clip(&cfg, &[t], 4).unwrap_err();
+        assert!(
+            matches!(e, ClipError::InvalidNoise(s) if s.to_bits() == sigma.to_bits()),
+            "{e:?}"
         );
     }
     // And a valid grouped, noised configuration runs.
@@ -310,4 +356,30 @@ fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
     assert_eq!(out.stats.norms.len(), 2 * 2);
     assert!((out.stats.clip_bound - 1.25f32.sqrt()).abs() < 1e-6);
     assert!((out.stats.noise_std - 1.25f32.sqrt()).abs() < 1e-6);
+}
+
+/// A device with wgpu's downlevel limits (4 storage buffers per shader stage) is
+/// refused with a typed error, not a panic in a pipeline build.
+#[test]
+fn device_below_the_kernels_limits() {
+    if gpu().is_none() {
+        return;
+    }
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("an adapter (gpu() found one)");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: wgpu::Limits::downlevel_defaults(),
+        ..Default::default()
+    }))
+    .expect("a downlevel device");
+    let Err(e) = Clipper::from_device(device, queue) else {
+        panic!("a clipper on a device with 4 storage buffers per stage");
+    };
+    assert!(
+        matches!(&e, ClipError::Device(m) if m.contains("storage buffers")),
+        "{e:?}"
+    );
 }

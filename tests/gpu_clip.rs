@@ -440,6 +440,14 @@ fn non_finite_policies() {
 }
 
 #[test]
+fn factor_edge_cases_match_the_reference() {
+    let Some(mut gpu) = gpu() else { return };
+    for (what, cfg, t, n) in factor_edge_cases() {
+        check(&mut gpu, &cfg, &t, n, TOL, &what);
+    }
+}
+
+#[test]
 fn same_input_gives_bitwise_same_output() {
     let Some(mut gpu) = gpu() else { return };
     let t = random_tensors(3, 40, &[5000, 33], 1.0);

@@ -241,7 +241,8 @@ pub fn run(
     ];
     for &b in bs.iter().filter(|&&b| b <= n) {
         let m = n.div_ceil(b);
-        let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
+        let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone())
+            .map_err(|e| e.to_string())?;
         // Timed like the replayed kernels (device times when the bench's are).
         clipper.set_gpu_timing(timed);
         let input = [GpuTensor::new(&x, 0, d)];

@@ -171,7 +171,8 @@ struct GpuCtx {
 
 impl GpuCtx {
     fn clipper(&self) -> Clipper {
-        let mut c = Clipper::from_device(self.gpu.device.clone(), self.gpu.queue.clone());
+        let mut c = Clipper::from_device(self.gpu.device.clone(), self.gpu.queue.clone())
+            .expect("microclip builds on the device the bench opened");
         if let Some(mb) = self.opts.max_binding {
             c.set_max_binding_bytes(mb);
         }

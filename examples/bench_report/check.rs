@@ -62,7 +62,8 @@ pub fn verify(gpu: &Gpu, refk: &RefKernels, baseline: &Baseline) -> Result<Vec<S
     ));
 
     // 5-pass baseline against microclip (both windowed) and the f64 reference.
-    let mut clipper = Clipper::from_device(gpu.device.clone(), gpu.queue.clone());
+    let mut clipper =
+        Clipper::from_device(gpu.device.clone(), gpu.queue.clone()).map_err(|e| e.to_string())?;
     clipper.set_max_binding_bytes(WINDOW);
     let out = small.storage_buffer("check out", (D * 4) as u64)?;
     let input = [GpuTensor::new(&x, 0, D)];

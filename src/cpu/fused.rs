@@ -22,7 +22,9 @@ use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
 /// The factor `h` applied during the pass: `s_j` with a fixed bound; `s_j / C` with
-/// an adaptive one (hard clipping with `scale <= 1` is `C / norm_j` for every j).
+/// an adaptive one (hard clipping with `scale <= 1` is `C / norm_j` for every j
+/// the minimum is taken over; `choose` keeps every other adaptive hard call off
+/// this path).
 fn pass_factor<T: GradElement>(plan: &Plan<'_, T>, group: usize, n: f64, mb_finite: bool) -> f64 {
     let f = plan.config.function;
     match &plan.config.bound {

@@ -483,6 +483,7 @@ fn axpy_k<T: GradElement, const K: usize>(acc: &mut [f64], h: [f64; K], x: [&[T]
 
 fn factor(function: ClipFunction, bound: f64, n: f64, mb_finite: bool, propagate: bool) -> f64 {
     match n {
+        _ if bound.is_nan() && propagate => f64::NAN, // adaptive, no finite micro-batch
         n if n.is_nan() && propagate => f64::NAN,
         n if !n.is_finite() => 0.0,
         _ if !propagate && !mb_finite => 0.0, // Skip drops the whole micro-batch
@@ -565,13 +566,17 @@ const MAX_GROUP: usize = 16;
 /// The fused path's group size R, or `None` for the two-pass path: the f64
 /// accumulator row and R rows (or f32 means) must fit in `budget` bytes.
 fn choose<T: GradElement>(plan: &Plan<'_, T>, budget: usize) -> Option<usize> {
-    let hard_adaptive_above_min = matches!(
+    // The one-read path applies an adaptive hard bound as C / norm_j: right for
+    // every micro-batch the minimum was taken over when scale <= 1, not for a
+    // group of a non-finite micro-batch under Propagate (its norm may be below C).
+    let hard_adaptive_not_normalize = matches!(
         (plan.config.function, &plan.config.bound),
-        (ClipFunction::Hard, ClipBound::Adaptive { scale }) if *scale > 1.0
+        (ClipFunction::Hard, ClipBound::Adaptive { scale })
+            if *scale > 1.0 || (plan.propagate && plan.groups > 1)
     );
     let cols: usize = plan.widths.iter().sum();
     let per_group = budget.checked_sub(8 * cols)? / (4 * cols);
-    (!hard_adaptive_above_min && per_group >= 1)
+    (!hard_adaptive_not_normalize && per_group >= 1)
         .then(|| per_group.min(MAX_GROUP).min(plan.micro_batches()))
 }
 
@@ -657,12 +662,12 @@ pub(crate) fn clip<T: GradElement>(
         .enumerate()
         .map(|(p, sum)| {
             let bound = f.bounds[plan.group_of[p]];
-            // With no finite micro-batch the bound is NaN, and every h_j is already
-            // the final factor (NaN or 0) of a non-finite micro-batch.
-            let scale = if adaptive_scaled && !bound.is_nan() {
-                bound / m
-            } else {
-                1.0 / m
+            // With no finite micro-batch the bound is NaN: under Skip every h_j is
+            // 0 (every micro-batch dropped), under Propagate every factor is NaN.
+            let scale = match adaptive_scaled {
+                true if bound.is_nan() && !plan.propagate => 1.0 / m,
+                true => bound / m,
+                false => 1.0 / m,
             };
             let first = first_element;
             first_element += sum.len() as u64;

@@ -206,21 +206,39 @@ impl GpuClipper {
                 })
                 .await
                 .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
-            return Ok(Self::from_device(device, queue));
+            match Self::from_device(device, queue) {
+                Ok(clipper) => return Ok(clipper),
+                // Say a GL adapter without compute shaders: try the next kind.
+                Err(e) => last_error = e.to_string(),
+            }
         }
         Err(ClipError::NoAdapter(last_error))
     }
 
-    /// Builds the pipelines on an existing device.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+    /// Builds the pipelines on an existing device: a [`ClipError::Device`] when
+    /// its limits are below the kernels' needs or a pipeline fails to build.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         let info = device.adapter_info();
         let limits = device.limits();
+        if limits.max_storage_buffers_per_shader_stage < KERNEL_STORAGE_BUFFERS
+            || limits.max_compute_invocations_per_workgroup < 256
+            || limits.max_compute_workgroup_size_x < 256
+        {
+            return Err(ClipError::Device(format!(
+                "the device allows {} storage buffers per shader stage and {} invocations \
+                 per workgroup; the kernels need {KERNEL_STORAGE_BUFFERS} and 256",
+                limits.max_storage_buffers_per_shader_stage,
+                limits.max_compute_invocations_per_workgroup
+            )));
+        }
+        let small_workgroups = default_small_workgroups(info.device_type);
+        let kernels = scoped(&device, || Kernels::new(&device, small_workgroups))?;
         let device_max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
-        Self {
+        Ok(Self {
             adapter_name: format!("{} ({:?})", info.name, info.backend),
-            kernels: Kernels::new(&device, default_small_workgroups(info.device_type)),
+            kernels,
             pool: Pool::new(device.clone()),
             device_max_binding,
             max_binding: device_max_binding,
@@ -236,7 +254,7 @@ impl GpuClipper {
             last_dispatches: 0,
             device,
             queue,
-        }
+        })
     }
 
     /// Times every later call's compute pass (`on`) or stops; returns whether
@@ -357,13 +375,23 @@ impl GpuClipper {
         )
     }
 
-    /// A new output buffer for `cols` f32.
-    pub fn output_buffer(&self, cols: usize) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("microclip output"),
-            size: (cols as u64 * 4).max(4),
-            usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
-            mapped_at_creation: false,
+    /// A new output buffer for `cols` f32: [`ClipError::TooLarge`] beyond the
+    /// device's largest buffer, [`ClipError::Device`] if it cannot be made.
+    pub fn output_buffer(&self, cols: usize) -> Result<wgpu::Buffer> {
+        let size = (cols as u64).saturating_mul(4).max(4);
+        let max_buffer = self.device.limits().max_buffer_size;
+        if size > max_buffer {
+            return Err(ClipError::TooLarge(format!(
+                "an output of {cols} f32 exceeds the device's largest buffer ({max_buffer} bytes)"
+            )));
+        }
+        scoped(&self.device, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("microclip output"),
+                size,
+                usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                mapped_at_creation: false,
+            })
         })
     }
 
@@ -393,27 +421,36 @@ impl GpuClipper {
                 sizes[p]
             )));
         }
+        if let Some(p) = widths.iter().position(|&d| d as u64 * 4 > max_buffer) {
+            return Err(ClipError::TooLarge(format!(
+                "tensor {p}: its f32 output row of {} bytes exceeds the device's largest \
+                 buffer ({max_buffer} bytes)",
+                widths[p] as u64 * 4
+            )));
+        }
         // Buffers up to one binding (sharing needs no more) unless a tensor is larger.
         let limit = self.max_binding.min(max_buffer) / 16 * 16;
         let (placed, buffer_bytes) = pack(&sizes, self.storage_align, limit);
-        let buffers: Vec<wgpu::Buffer> = buffer_bytes
-            .iter()
-            .enumerate()
-            .map(|(k, &bytes)| {
-                self.pool
-                    .get(Slot::Input(k), bytes, U::STORAGE | U::COPY_DST)
-            })
-            .collect();
-        let mut outputs = Vec::with_capacity(tensors.len());
-        for (p, (t, &(k, at))) in tensors.iter().zip(&placed).enumerate() {
-            upload(&self.queue, &buffers[k], at, bytemuck::cast_slice(t));
-            let output = self.pool.get(
-                Slot::Output(p),
-                widths[p] as u64 * 4,
-                U::STORAGE | U::COPY_SRC | U::COPY_DST,
-            );
-            outputs.push((output, widths[p]));
-        }
+        // In error scopes: running out of device memory is a ClipError::Device.
+        let (pool, queue) = (&mut self.pool, &self.queue);
+        let (buffers, outputs) = scoped(&self.device, || {
+            let buffers: Vec<wgpu::Buffer> = buffer_bytes
+                .iter()
+                .enumerate()
+                .map(|(k, &bytes)| pool.get(Slot::Input(k), bytes, U::STORAGE | U::COPY_DST))
+                .collect();
+            let mut outputs = Vec::with_capacity(tensors.len());
+            for (p, (t, &(k, at))) in tensors.iter().zip(&placed).enumerate() {
+                upload(queue, &buffers[k], at, bytemuck::cast_slice(t));
+                let output = pool.get(
+                    Slot::Output(p),
+                    widths[p] as u64 * 4,
+                    U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                );
+                outputs.push((output, widths[p]));
+            }
+            (buffers, outputs)
+        })?;
         let in_views: Vec<GpuTensor<'_>> = placed
             .iter()
             .zip(widths)
@@ -461,7 +498,7 @@ impl GpuClipper {
             let cols = t.cols as u64;
             for (what, buffer, offset, len) in [
                 ("input", t.buffer, t.offset, t.bound_bytes(n)),
-                ("output", o.buffer, o.offset, cols * 4),
+                ("output", o.buffer, o.offset, cols.saturating_mul(4)),
             ] {
                 if offset % 4 != 0 {
                     return Err(range_error(
@@ -496,6 +533,20 @@ impl GpuClipper {
                 return Err(range_error(
                     p,
                     "output buffer is also an input buffer".into(),
+                ));
+            }
+        }
+        // Outputs in one buffer, by offset: each must end before the next starts.
+        let mut order: Vec<usize> = (0..outputs.len()).collect();
+        order.sort_by(|&a, &b| {
+            (outputs[a].buffer, outputs[a].offset).cmp(&(outputs[b].buffer, outputs[b].offset))
+        });
+        for w in order.windows(2) {
+            let (a, b) = (&outputs[w[0]], &outputs[w[1]]);
+            if a.buffer == b.buffer && a.offset + a.cols as u64 * 4 > b.offset {
+                return Err(range_error(
+                    w[1],
+                    format!("output overlaps the output of tensor {}", w[0]),
                 ));
             }
         }
@@ -838,6 +889,25 @@ impl GpuClipper {
             .to_vec();
         buffer.unmap();
         Ok(bytes)
+    }
+}
+
+/// Storage buffers the kernels bind in one shader stage (mb_partials' and
+/// clip_factors' 7; the slots variants need more, see `slots_supported`).
+const KERNEL_STORAGE_BUFFERS: u32 = 7;
+
+/// Runs `f` (buffer or pipeline creation, uploads) in out-of-memory and
+/// validation error scopes: a failure is a [`ClipError::Device`] rather than a
+/// panic in wgpu's default error handler.
+fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let result = f();
+    let validation = pollster::block_on(validation.pop());
+    let oom = pollster::block_on(oom.pop());
+    match validation.or(oom) {
+        Some(e) => Err(ClipError::Device(e.to_string())),
+        None => Ok(result),
     }
 }
 

@@ -66,11 +66,12 @@ impl<'a> Call<'a> {
         // into the read-back buffer on the host path): with several tensors, no
         // noise (added per tensor in the output), outputs that accept copies,
         // and tensors narrow enough on average that the dispatches saved
-        // outweigh the bytes copied (`merge_max_avg_cols`). Extra memory: the
-        // row, sum ceil4(D_p) x 4 bytes.
+        // outweigh the bytes copied (`merge_max_avg_cols`), whose row fits one
+        // binding. Extra memory: the row, sum ceil4(D_p) x 4 bytes.
         let copies_pay = inputs.len() > 1
             && config.noise.is_none()
             && layout.total_means_cols / inputs.len() as u64 <= clipper.merge_max_avg_cols
+            && layout.total_means_cols * 4 <= clipper.max_binding
             && (read_outputs
                 || outputs
                     .iter()

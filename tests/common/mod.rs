@@ -192,9 +192,12 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
         let a = a as f64;
         if b.is_nan() {
             assert!(a.is_nan(), "{what}: factor[{j}] = {a}, reference NaN");
+        } else if b > f32::MAX as f64 {
+            assert_eq!(a, f64::INFINITY, "{what}: factor[{j}] beyond f32 range");
         } else {
             assert!(
-                (a - b).abs() <= 1e-5 * b.max(1e-30) + 1e-7,
+                // Relative, down to f32's normal range (tiny factors count too).
+                (a - b).abs() <= 1e-5 * b.abs() + F32_FLOOR,
                 "{what}: factor[{j}] = {a:e}, reference {b:e}"
             );
         }
@@ -573,4 +576,90 @@ pub fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize
     device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
     let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
     v
+}
+
+/// Corner cases of the factors, each (name, config, tensors, N), run on every
+/// backend against the reference: an adaptive hard bound with groups where a
+/// non-finite micro-batch's other group lies below the bound (Propagate); no
+/// finite micro-batch with groups (the bound and every factor NaN under
+/// Propagate, zeros under Skip); adaptive scales far from 1 (the bound, the
+/// sensitivity and the noise scale stay finite); AUTO-S with `C / gamma` beyond
+/// f32 on a micro-batch whose mean is exactly zero.
+pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
+    use microclip::NonFinitePolicy::{Propagate, Skip};
+    let mut cases = Vec::new();
+    let one_row = MicroBatches::Uniform(1);
+    // Group 1 of micro-batch 2 (norm 0.5) is below its bound (4) while group 0
+    // of that micro-batch is NaN: its factor is 1, not C / norm.
+    let below = vec![vec![1.0, 1.0, f32::NAN], vec![4.0, 5.0, 0.5]];
+    let mut wide = random_tensors(21, 6, &[3, 70], 1.0);
+    wide[0][2 * 3 + 1] = f32::NAN;
+    for function in [ClipFunction::Hard, ClipFunction::Normalize] {
+        for (name, t, n) in [("3 rows", &below, 3), ("6 random rows", &wide, 6)] {
+            let cfg = ClipConfig::adaptive(1.0, one_row.clone())
+                .with_groups(vec![0, 1])
+                .with_function(function)
+                .with_non_finite(Propagate);
+            cases.push((
+                format!("{name}, {function:?}, adaptive, groups, Propagate"),
+                cfg,
+                t.clone(),
+                n,
+            ));
+        }
+    }
+    // No finite micro-batch: group 0 NaN everywhere, group 1 finite.
+    let none_finite = vec![vec![f32::NAN, f32::NAN], vec![3.0, 4.0]];
+    for function in [
+        ClipFunction::Hard,
+        ClipFunction::Normalize,
+        ClipFunction::Automatic { gamma: 0.1 },
+    ] {
+        for policy in [Propagate, Skip] {
+            let cfg = ClipConfig::adaptive(1.0, one_row.clone())
+                .with_groups(vec![0, 1])
+                .with_function(function)
+                .with_non_finite(policy);
+            cases.push((
+                format!("no finite micro-batch, {function:?}, {policy:?}"),
+                cfg,
+                none_finite.clone(),
+                2,
+            ));
+        }
+    }
+    // Adaptive scales far from 1, with noise (the sensitivity is the bound).
+    let t = random_tensors(22, 8, &[5, 300], 1.0);
+    for scale in [1e25f32, 3e-20, 1e-30] {
+        for function in [ClipFunction::Hard, ClipFunction::Normalize] {
+            let cfg = ClipConfig::adaptive(scale, MicroBatches::Uniform(2))
+                .with_function(function)
+                .with_noise(GaussianNoise {
+                    multiplier: 0.5,
+                    seed: 7,
+                    step: 1,
+                });
+            cases.push((
+                format!("adaptive scale {scale:e}, {function:?}"),
+                cfg,
+                t.clone(),
+                8,
+            ));
+        }
+    }
+    // AUTO-S with C / gamma = 1e39 on a micro-batch of zero rows.
+    let mut t = random_tensors(23, 6, &[4, 40], 1e30);
+    for tensor in &mut t {
+        let d = tensor.len() / 6;
+        tensor[2 * d..4 * d].fill(0.0);
+    }
+    let cfg = ClipConfig::fixed(1e36, MicroBatches::Uniform(2))
+        .with_function(ClipFunction::Automatic { gamma: 1e-3 });
+    cases.push((
+        "AUTO-S, C / gamma beyond f32, a zero micro-batch".into(),
+        cfg,
+        t,
+        6,
+    ));
+    cases
 }
