@@ -219,8 +219,10 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         var sensitivity = sens.x * root;
         var noise_scale = ((params.sigma * inv_m) * sens.x) * root;
         if (!sens_valid) {
+            // No finite micro-batch for an adaptive bound: NaN, but sigma = 0
+            // still adds no noise.
             sensitivity = nan_f32();
-            noise_scale = nan_f32();
+            noise_scale = select(nan_f32(), 0.0, params.sigma == 0.0);
         }
         stats = Stats(sensitivity, atomicLoad(&clipped), atomicLoad(&nonfinite),
             atomicLoad(&first_nonfinite), noise_scale, 0u, 0u, 0u);

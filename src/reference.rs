@@ -139,8 +139,10 @@ pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Re
         .filter(|&at| finite_mb[at / groups] && norms[at] > group_bounds[at % groups])
         .count();
     let clip_bound = group_bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
+    // sigma = 0 adds no noise, whatever the bound (NaN or beyond f32 included).
     let noise_std = config
         .noise
+        .filter(|n| n.multiplier != 0.0)
         .map_or(0.0, |n| n.multiplier as f64 * clip_bound);
     // The terms s_{j,g} * g_j[c] of output element c of tensor p.
     let (factors_of, means_of) = (&factors, &means);

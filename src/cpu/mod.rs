@@ -652,8 +652,10 @@ pub(crate) fn clip<T: GradElement>(
     };
     let m = plan.micro_batches() as f64;
     let sensitivity = f.bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
+    // sigma = 0 adds no noise, whatever the bound (NaN or beyond f32 included).
     let noise_std = config
         .noise
+        .filter(|n| n.multiplier != 0.0)
         .map_or(0.0, |n| n.multiplier as f64 * sensitivity);
 
     let mut first_element = 0u64;

@@ -628,6 +628,20 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
             ));
         }
     }
+    // No finite micro-batch and sigma = 0: the bound is NaN, the noise none.
+    let cfg = ClipConfig::adaptive(1.0, one_row.clone())
+        .with_groups(vec![0, 1])
+        .with_noise(GaussianNoise {
+            multiplier: 0.0,
+            seed: 1,
+            step: 1,
+        });
+    cases.push((
+        "no finite micro-batch, sigma 0".into(),
+        cfg,
+        none_finite.clone(),
+        2,
+    ));
     // Adaptive scales far from 1, with noise (the sensitivity is the bound).
     let t = random_tensors(22, 8, &[5, 300], 1.0);
     for scale in [1e25f32, 3e-20, 1e-30] {
