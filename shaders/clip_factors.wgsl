@@ -60,6 +60,12 @@ fn inf_f32() -> f32 {
     return bitcast<f32>(0x7f800000u);
 }
 
+// a * b * 2^shift with the power of two applied where it cannot overflow or
+// vanish first: before the product when it shrinks it, after when it grows it.
+fn times_pow2(a: f32, b: f32, shift: i32) -> f32 {
+    return select(ldexp(a * b, shift), ldexp(a, shift) * b, shift < 0i);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let m = params.micro_batches;
@@ -92,6 +98,20 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     let inv_m = div_wide(1.0, f32(m));
     var sens = vec2<f32>(0.0, 0.0);
     var sens_valid = true;
+    // An adaptive scale beyond 2^-16..2^16: its mantissa goes into the bounds'
+    // pairs and its power of two, 2^shift, is applied to each result formed from
+    // them (ratios, bounds, sensitivity), never to a pair: a pair's root squared
+    // (the sensitivity) would overflow or vanish, its scale leave f32's range
+    // where the bound itself does not. Within the range shift = 0 and the scale
+    // goes into the root whole (the bound's own micro-batch then has ratio
+    // exactly 1 at scale 1).
+    var shift = 0i;
+    var to_root = params.scale;
+    if (params.adaptive == 1u && (params.scale > 65536.0 || params.scale < 0x1p-16f)) {
+        let parts = frexp(params.scale);
+        shift = parts.exp;
+        to_root = parts.fract;
+    }
     for (var g = 0u; g < groups; g++) {
         // Smallest norm over the finite micro-batches, as a (scale, root) pair.
         var best = vec2<f32>(0.0, 0.0);
@@ -120,7 +140,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             }
             workgroupBarrier();
         }
-        // The bound as a (scale, root) pair: C = bound.x * bound.y.
+        // The bound as a (scale, root) pair: C = bound.x * bound.y * 2^shift.
         // Fixed bounds are only read and adaptive ones only written, by thread 0
         // after the barrier below: no thread reads what another writes.
         var bound = vec2<f32>(1.0, 1.0);
@@ -128,19 +148,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         if (params.adaptive == 0u) {
             bound.x = bounds[g];
         } else {
-            // The scale goes into the root, so the pair's scale stays a norm's
-            // (the bound's own micro-batch then has ratio exactly 1 at scale 1).
-            // A scale beyond 2^-16..2^16 is split: its power of two into the
-            // pair's scale (exact), its mantissa into the root, so that the
-            // root's square (the sensitivity) neither overflows nor vanishes.
-            var to_scale = 1.0;
-            var to_root = params.scale;
-            if (params.scale > 65536.0 || params.scale < 0x1p-16f) {
-                let parts = frexp(params.scale);
-                to_scale = ldexp(1.0, parts.exp);
-                to_root = parts.fract;
-            }
-            bound = vec2<f32>(red_min[0].x * to_scale, red_min[0].y * to_root);
+            // The scale (its mantissa when split) goes into the root, so the
+            // pair's scale stays a norm's.
+            bound = vec2<f32>(red_min[0].x, red_min[0].y * to_root);
             bound_valid = red_found[0] == 1u;
         }
         workgroupBarrier(); // everyone has read red_min before the next group's tree
@@ -170,14 +180,14 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                 var ratio = 1.0;
                 if (positive) {
                     if (bound.x == n.scale) {
-                        ratio = div_wide(bound.y, n.root);
+                        ratio = ldexp(div_wide(bound.y, n.root), shift);
                     } else {
-                        ratio = div_wide(bound.x, n.scale) * div_wide(bound.y, n.root);
+                        ratio = times_pow2(div_wide(bound.x, n.scale), div_wide(bound.y, n.root), shift);
                     }
                 }
                 // norm > C, decided exactly when the scales are equal (GPU
                 // division need not be correctly rounded: C / C can miss 1).
-                let over = positive && select(ratio < 1.0, bound.y < n.root, bound.x == n.scale);
+                let over = positive && select(ratio < 1.0, bound.y < n.root, bound.x == n.scale && shift == 0i);
                 let finite_mb = mb_flags[j] == 0u;
                 if (over && finite_mb) {
                     atomicAdd(&clipped, 1u);
@@ -193,7 +203,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     // neither C nor the norm has to fit in f32; a norm beyond f32::MAX
                     // leaves C / norm, and a zero norm gives C / gamma.
                     if (!positive) {
-                        factor = div_wide(bound.x * bound.y, params.gamma);
+                        factor = ldexp(div_wide(bound.x * bound.y, params.gamma), shift);
                     } else if (norm <= 3.4028235e38) {
                         factor = ratio * div_wide(norm, norm + params.gamma);
                     } else {
@@ -204,20 +214,21 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             factors[at] = factor;
             // A group whose mean is exactly zero adds nothing, whatever its
             // factor (C / gamma under AUTO-S may overflow f32: inf * 0 = NaN).
-            let zero = n.flags == 0u && n.scale == 0.0;
+            // (Not a NaN factor: a NaN bound's group stays NaN under Propagate.)
+            let zero = n.flags == 0u && n.scale == 0.0 && (bound_valid || params.policy != POLICY_PROPAGATE);
             weights[at] = select(factor * inv_m, 0.0, zero);
             norms[at] = norm;
         }
         if (lid == 0u && params.adaptive == 1u) {
-            bounds[g] = select(nan_f32(), bound.x * bound.y, bound_valid);
+            bounds[g] = select(nan_f32(), times_pow2(bound.x, bound.y, shift), bound_valid);
         }
     }
 
     // (C) Totals.
     if (lid == 0u) {
         let root = sqrt(sens.y);
-        var sensitivity = sens.x * root;
-        var noise_scale = ((params.sigma * inv_m) * sens.x) * root;
+        var sensitivity = times_pow2(sens.x, root, shift);
+        var noise_scale = times_pow2((params.sigma * inv_m) * sens.x, root, shift);
         if (!sens_valid) {
             // No finite micro-batch for an adaptive bound: NaN, but sigma = 0
             // still adds no noise.

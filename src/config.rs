@@ -38,7 +38,8 @@ pub enum MicroBatches {
 /// The GPU forms factors in f32: one beyond `f32::MAX` (`C / norm_j` above
 /// 3.4e38 under `Normalize` or AUTO-S, e.g. `C = 1` on a norm below 3e-39) is
 /// `+inf`, and so are its micro-batch's terms of the output; the CPU forms them
-/// in f64. A micro-batch whose mean is exactly zero adds nothing on either.
+/// in f64. A micro-batch whose mean is exactly zero adds nothing on either
+/// (unless its factor is NaN, see [`NonFinitePolicy::Propagate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum ClipFunction {
     /// `s_j = min(1, C / norm_j)` (1 when `norm_j = 0`): the classic clip.

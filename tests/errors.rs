@@ -268,23 +268,6 @@ fn gpu_buffer_errors() {
         matches!(&e, ClipError::TooLarge(m) if m.contains("output")),
         "{e:?}"
     );
-    // Tensors whose merged pass-4 row (sum ceil4(D_p) x 4 = 1280 bytes) is over
-    // the binding while each tensor fits: pass 4 runs per tensor instead.
-    let tensors: Vec<Vec<f32>> = (0..4)
-        .map(|p| (0..8 * 80).map(|i| ((i + p) % 9) as f32 - 4.0).collect())
-        .collect();
-    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
-    for b in [1, 2] {
-        let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(b));
-        let got = gpu.clip(&cfg, &views, 8).unwrap();
-        let want = microclip::reference::clip_f64(&cfg, &views, 8).unwrap();
-        for (g, w) in got.grads.iter().flatten().zip(want.grads.iter().flatten()) {
-            assert!(
-                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                "b {b}: {g} vs {w}"
-            );
-        }
-    }
     // The same shapes run under the device's own limit.
     gpu.set_max_binding_bytes(u64::MAX);
     gpu.clip(
@@ -358,23 +341,67 @@ fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
     assert!((out.stats.noise_std - 1.25f32.sqrt()).abs() < 1e-6);
 }
 
-/// A device with wgpu's downlevel limits (4 storage buffers per shader stage) is
-/// refused with a typed error, not a panic in a pipeline build.
-#[test]
-fn device_below_the_kernels_limits() {
-    if gpu().is_none() {
-        return;
-    }
+/// A device of the default adapter with the limits `limits` makes of the
+/// adapter's (None without an adapter).
+fn device_with(
+    limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits,
+) -> Option<(wgpu::Device, wgpu::Queue)> {
+    gpu()?;
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter =
         pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
             .expect("an adapter (gpu() found one)");
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: wgpu::Limits::downlevel_defaults(),
-        ..Default::default()
-    }))
-    .expect("a downlevel device");
+    let required_limits = limits(adapter.limits());
+    Some(
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            required_limits,
+            ..Default::default()
+        }))
+        .expect("a device with lower limits"),
+    )
+}
+
+/// Tensors whose merged pass-4 row (sum ceil4(D_p) x 4 = 4800 bytes) is over the
+/// device's storage binding (4096 bytes) while each row fits: pass 4 runs per
+/// tensor instead of failing at binding (ClipError::Device before).
+#[test]
+fn merged_row_over_the_devices_binding() {
+    let Some((device, queue)) = device_with(|l| wgpu::Limits {
+        max_storage_buffer_binding_size: 4096,
+        ..l
+    }) else {
+        return;
+    };
+    let mut clipper = Clipper::from_device(device, queue).unwrap();
+    let tensors: Vec<Vec<f32>> = (0..4)
+        .map(|p| {
+            (0..8 * 300)
+                .map(|i| ((i * 7 + p) % 9) as f32 - 4.0)
+                .collect()
+        })
+        .collect();
+    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    for b in [1, 2] {
+        let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(b));
+        let got = clipper.clip(&cfg, &views, 8).unwrap();
+        let want = microclip::reference::clip_f64(&cfg, &views, 8).unwrap();
+        for (g, w) in got.grads.iter().flatten().zip(want.grads.iter().flatten()) {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "b {b}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+/// A device with wgpu's downlevel limits (4 storage buffers per shader stage) is
+/// refused with a typed error, not a panic in a pipeline build.
+#[test]
+fn device_below_the_kernels_limits() {
+    let Some((device, queue)) = device_with(|_| wgpu::Limits::downlevel_defaults()) else {
+        return;
+    };
     let Err(e) = Clipper::from_device(device, queue) else {
         panic!("a clipper on a device with 4 storage buffers per stage");
     };

@@ -433,7 +433,7 @@ impl GpuClipper {
         let (placed, buffer_bytes) = pack(&sizes, self.storage_align, limit);
         // In error scopes: running out of device memory is a ClipError::Device.
         let (pool, queue) = (&mut self.pool, &self.queue);
-        let (buffers, outputs) = scoped(&self.device, || {
+        let created = scoped(&self.device, || {
             let buffers: Vec<wgpu::Buffer> = buffer_bytes
                 .iter()
                 .enumerate()
@@ -450,7 +450,9 @@ impl GpuClipper {
                 outputs.push((output, widths[p]));
             }
             (buffers, outputs)
-        })?;
+        });
+        // A buffer that failed (out of memory) must not be reused by later calls.
+        let (buffers, outputs) = created.inspect_err(|_| self.pool.clear())?;
         let in_views: Vec<GpuTensor<'_>> = placed
             .iter()
             .zip(widths)
@@ -737,34 +739,31 @@ impl GpuClipper {
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         let layout = self.plan(&offsets_u32, inputs, outputs, group_of)?;
 
-        let oom_scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        // Inside the scopes: building a 16-bit type's pipelines on first use reports
-        // a failure as ClipError::Device, not through wgpu's panicking handler.
-        let needs = Needs {
-            chunks: layout.row_chunks,
-            ..Needs::default()
-        };
-        for t in inputs {
-            self.kernels.prepare(&self.device, t.dtype, needs);
-        }
-        for (d, &partials) in layout.pass1.iter().zip(&layout.pass1_variants) {
-            let dtype = inputs[d.entries[0].tensor].dtype;
-            let slots = d.bindings.len() > 1;
+        // In error scopes: building a 16-bit type's pipelines on first use, the
+        // scratch buffers and the passes report a failure as ClipError::Device,
+        // not through wgpu's panicking handler.
+        let device = self.device.clone();
+        let readback = scoped(&device, || {
             let needs = Needs {
-                slots,
-                partials: Some(partials),
-                ..needs
+                chunks: layout.row_chunks,
+                ..Needs::default()
             };
-            self.kernels.prepare(&self.device, dtype, needs);
-        }
-        let readback =
-            self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs);
-        let validation = pollster::block_on(validation_scope.pop());
-        let oom = pollster::block_on(oom_scope.pop());
-        if let Some(e) = validation.or(oom) {
-            return Err(ClipError::Device(e.to_string()));
-        }
+            for t in inputs {
+                self.kernels.prepare(&device, t.dtype, needs);
+            }
+            for (d, &partials) in layout.pass1.iter().zip(&layout.pass1_variants) {
+                let dtype = inputs[d.entries[0].tensor].dtype;
+                let slots = d.bindings.len() > 1;
+                let needs = Needs {
+                    slots,
+                    partials: Some(partials),
+                    ..needs
+                };
+                self.kernels.prepare(&device, dtype, needs);
+            }
+            self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs)
+        })
+        .inspect_err(|_| self.pool.clear())?;
         let bytes = self.read_back(&readback?)?;
         // The read-back ends with the pass's timestamps when timed.
         let pass_time = self
@@ -901,11 +900,13 @@ const KERNEL_STORAGE_BUFFERS: u32 = 7;
 /// panic in wgpu's default error handler.
 fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let result = f();
     let validation = pollster::block_on(validation.pop());
+    let internal = pollster::block_on(internal.pop());
     let oom = pollster::block_on(oom.pop());
-    match validation.or(oom) {
+    match validation.or(internal).or(oom) {
         Some(e) => Err(ClipError::Device(e.to_string())),
         None => Ok(result),
     }

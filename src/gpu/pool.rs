@@ -74,6 +74,12 @@ impl Pool {
         buffer
     }
 
+    /// Drops every buffer (after a failed call: one may be invalid, say out of
+    /// memory, and must not be handed out again).
+    pub fn clear(&mut self) {
+        self.buffers.clear();
+    }
+
     /// Bytes of scratch held (everything but the host path's input and output
     /// tensors, which hold the caller's data rather than extra state).
     pub fn scratch_bytes(&self) -> u64 {

@@ -628,6 +628,17 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
             ));
         }
     }
+    // No finite micro-batch, group 1 all zeros: NaN factors, NaN outputs.
+    let zero_group = vec![vec![f32::NAN, f32::NAN], vec![0.0, 0.0]];
+    let cfg = ClipConfig::adaptive(1.0, one_row.clone())
+        .with_groups(vec![0, 1])
+        .with_non_finite(Propagate);
+    cases.push((
+        "no finite micro-batch, a zero group, Propagate".into(),
+        cfg,
+        zero_group,
+        2,
+    ));
     // No finite micro-batch and sigma = 0: the bound is NaN, the noise none.
     let cfg = ClipConfig::adaptive(1.0, one_row.clone())
         .with_groups(vec![0, 1])
@@ -661,6 +672,23 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
             ));
         }
     }
+    // Scale 1e25 on norms of 2^44: C = 1.8e38, near f32::MAX but inside it
+    // (2^44 x 2^84 would not be); scale 1e-30 on norms near 1e-9 (C near 1e-39
+    // if the power of two met the norm first).
+    let near_max = vec![vec![2f32.powi(44), 2f32.powi(45)]];
+    for function in [ClipFunction::Hard, ClipFunction::Normalize] {
+        let cfg = ClipConfig::adaptive(1e25, one_row.clone()).with_function(function);
+        cases.push((
+            format!("scale 1e25, C near f32::MAX, {function:?}"),
+            cfg,
+            near_max.clone(),
+            2,
+        ));
+    }
+    let tiny = random_tensors(24, 8, &[5, 300], 1e-9);
+    let cfg = ClipConfig::adaptive(1e-30, MicroBatches::Uniform(2))
+        .with_function(ClipFunction::Normalize);
+    cases.push(("scale 1e-30 on norms near 1e-9".into(), cfg, tiny, 8));
     // AUTO-S with C / gamma = 1e39 on a micro-batch of zero rows.
     let mut t = random_tensors(23, 6, &[4, 40], 1e30);
     for tensor in &mut t {
