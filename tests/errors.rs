@@ -1,4 +1,5 @@
-//! Every typed error, on both backends, raised before any GPU work.
+//! Every typed error, on both backends: bad configurations, shapes and buffers
+//! (raised before any kernel runs), and devices the kernels cannot use.
 
 mod common;
 
