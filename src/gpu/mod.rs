@@ -895,9 +895,9 @@ impl GpuClipper {
 /// clip_factors' 7; the slots variants need more, see `slots_supported`).
 const KERNEL_STORAGE_BUFFERS: u32 = 7;
 
-/// Runs `f` (buffer or pipeline creation, uploads) in out-of-memory and
-/// validation error scopes: a failure is a [`ClipError::Device`] rather than a
-/// panic in wgpu's default error handler.
+/// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
+/// out-of-memory, internal and validation error scopes: a failure is a
+/// [`ClipError::Device`] rather than a panic in wgpu's default error handler.
 fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
