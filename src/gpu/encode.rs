@@ -12,18 +12,13 @@ use super::kernels::{
     STATS_BYTES,
 };
 use super::plan::{chunk_rows_table, RowChunks};
-use super::pool::{Pool, Slot};
+use super::pool::{Pool, Slot, SCRATCH_USAGE};
 use super::tables::Call;
 use super::timer::{PassTimer, TIMER_BYTES};
 use super::{CallLayout, GpuClipper, GpuTensor, GpuTensorMut};
 use crate::config::{ClipBound, ClipConfig};
 use crate::error::Result;
 use wgpu::BufferUsages as U;
-
-/// Usage of the scratch buffers the passes read and write.
-fn storage() -> U {
-    U::STORAGE | U::COPY_DST | U::COPY_SRC
-}
 
 impl GpuClipper {
     /// Records the passes and the copies into the read-back buffer, submits,
@@ -37,6 +32,7 @@ impl GpuClipper {
         outputs: &[GpuTensorMut<'_>],
         read_outputs: bool,
     ) -> Result<(wgpu::Buffer, u64)> {
+        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
         let call = Call::new(self, config, layout, inputs, outputs, read_outputs);
         let scratch = Scratch::new(
             &mut self.pool,
@@ -74,7 +70,6 @@ impl GpuClipper {
             )?);
         }
         let noise = call.noise(&mut params)?;
-        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
         let fixed = call.fixed_passes(&mut params, n)?;
         let uniforms = self.pool.get(
             Slot::Params,
@@ -83,7 +78,7 @@ impl GpuClipper {
         );
         self.queue.write_buffer(&uniforms, 0, &params.bytes);
         // The partial rows' binding of pass-4 dispatches without row chunks.
-        let no_partials = self.pool.get(Slot::NoPartials, 16, storage());
+        let no_partials = self.pool.get(Slot::NoPartials, 16, SCRATCH_USAGE);
 
         let mut encoder = self
             .device
@@ -151,9 +146,11 @@ impl GpuClipper {
         let readers = |sources: &[Source<'_>], dtype| k.readers(dtype, sources.len() > 1);
         // Any read-only buffer, for the bindings a dispatch does not read.
         let dummy = &s.row_offsets;
+        // (pipeline, bind group) of each input-reading dispatch.
         let partial_groups: Vec<_> = pass1
             .iter()
             .map(|d| {
+                let pipeline = readers(&d.sources, d.dtype).partials(d.variant);
                 let [grads, grads4] = d.sources[0].resources(dummy);
                 let resources = vec![
                     uniform(d.params, PARTIALS_TABLE_BYTES),
@@ -167,12 +164,7 @@ impl GpuClipper {
                     whole(&s.carry[d.window % 2]),
                 ];
                 let slots = slot_resources(&d.sources, dummy);
-                bind_group(
-                    device,
-                    readers(&d.sources, d.dtype).partials(d.variant),
-                    resources,
-                    slots,
-                )
+                (pipeline, bind_group(device, pipeline, resources, slots))
             })
             .collect();
         let norms_group = bind(
@@ -225,6 +217,8 @@ impl GpuClipper {
         let means_groups: Vec<_> = pass4
             .iter()
             .map(|d| {
+                let pipeline =
+                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some(), d.aligned);
                 let (out, out_bind, out_size) = d.out;
                 let [grads, grads4] = d.sources[0].resources(dummy);
                 let (partials, at, size) = d.partials.unwrap_or((bound.no_partials, 0, 16));
@@ -241,12 +235,7 @@ impl GpuClipper {
                     range(partials, at, size),
                 ];
                 let slots = slot_resources(&d.sources, dummy);
-                bind_group(
-                    device,
-                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some(), d.aligned),
-                    resources,
-                    slots,
-                )
+                (pipeline, bind_group(device, pipeline, resources, slots))
             })
             .collect();
 
@@ -254,8 +243,8 @@ impl GpuClipper {
             label: Some("microclip"),
             timestamp_writes: self.timer.as_ref().map(PassTimer::writes),
         });
-        for (group, d) in partial_groups.iter().zip(pass1) {
-            pass.set_pipeline(readers(&d.sources, d.dtype).partials(d.variant));
+        for ((pipeline, group), d) in partial_groups.iter().zip(pass1) {
+            pass.set_pipeline(pipeline);
             pass.set_bind_group(0, group, &[]);
             let (x, y, z) = d.groups;
             pass.dispatch_workgroups(x, y, z);
@@ -271,10 +260,8 @@ impl GpuClipper {
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(x, y, 1);
         }
-        for (group, d) in means_groups.iter().zip(pass4) {
-            pass.set_pipeline(
-                readers(&d.sources, d.dtype).weighted_means(d.partials.is_some(), d.aligned),
-            );
+        for ((pipeline, group), d) in means_groups.iter().zip(pass4) {
+            pass.set_pipeline(pipeline);
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
         }
@@ -374,8 +361,8 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Takes the call's buffers from `pool` and writes the offsets, the groups'
-    /// first tiles and the fixed bounds.
+    /// Takes the call's buffers from `pool` and writes the offsets (`[0, ..., N]`),
+    /// the groups' first tiles and the fixed bounds.
     fn new(
         pool: &mut Pool,
         queue: &wgpu::Queue,
@@ -386,7 +373,7 @@ impl Scratch {
     ) -> Self {
         let (m, g) = (layout.micro_batches, layout.groups);
         let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let storage = storage();
+        let storage = SCRATCH_USAGE;
         let row_offsets = pool.get(Slot::RowOffsets, offsets.len() as u64 * 4, storage);
         queue.write_buffer(&row_offsets, 0, bytemuck::cast_slice(offsets));
         let group_tiles = pool.get(Slot::GroupTiles, (g + 1) * 4, storage);
@@ -446,8 +433,12 @@ impl ChunkScratch {
     fn new(pool: &mut Pool, queue: &wgpu::Queue, chunked: &[Option<RowChunks>]) -> Self {
         let floats = chunked.iter().flatten().map(|c| c.scratch_floats).max();
         let max_chunks = chunked.iter().flatten().map(RowChunks::max_chunks).max();
-        let partials = pool.get(Slot::ChunkPartials, floats.unwrap_or(0) * 4, storage());
-        let ones = pool.get(Slot::Ones, max_chunks.unwrap_or(0) as u64 * 4, storage());
+        let partials = pool.get(Slot::ChunkPartials, floats.unwrap_or(0) * 4, SCRATCH_USAGE);
+        let ones = pool.get(
+            Slot::Ones,
+            max_chunks.unwrap_or(0) as u64 * 4,
+            SCRATCH_USAGE,
+        );
         if let Some(k) = max_chunks {
             queue.write_buffer(&ones, 0, bytemuck::cast_slice(&vec![1.0f32; k as usize]));
         }

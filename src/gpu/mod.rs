@@ -41,7 +41,7 @@ use plan::{
     aligned_binding, cuts, dispatch_2d, materialize_means, means_cols, pack, pass1_dispatches,
     plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor, Window, WORKGROUP,
 };
-use pool::{Pool, Slot};
+use pool::{Pool, Slot, SCRATCH_USAGE};
 use timer::{PassTimer, TIMER_BYTES};
 use wgpu::BufferUsages as U;
 
@@ -825,11 +825,7 @@ impl GpuClipper {
         let out = self
             .pool
             .get(Slot::Output(usize::MAX), bytes, U::STORAGE | U::COPY_SRC);
-        let stats = self.pool.get(
-            Slot::Stats,
-            STATS_BYTES,
-            U::STORAGE | U::COPY_DST | U::COPY_SRC,
-        );
+        let stats = self.pool.get(Slot::Stats, STATS_BYTES, SCRATCH_USAGE);
         let (groups_x, groups_y) = dispatch_2d((count as u64).div_ceil(WORKGROUP))?;
         let mode = if normals {
             NOISE_MODE_NORMALS

@@ -42,6 +42,12 @@ pub(crate) enum Slot {
     Output(usize),
 }
 
+/// Usage of the pooled scratch that kernels read and write and copies read or
+/// fill: one value, so that every request for a slot matches its buffer.
+pub(crate) const SCRATCH_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
 /// Buffers by slot; a request larger than the slot's buffer replaces it.
 pub(crate) struct Pool {
     device: wgpu::Device,

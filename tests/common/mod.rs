@@ -589,6 +589,8 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     use microclip::NonFinitePolicy::{Propagate, Skip};
     let mut cases = Vec::new();
     let one_row = MicroBatches::Uniform(1);
+    // Adaptive (scale 1), one row per micro-batch, tensors 0 and 1 in groups 0 and 1.
+    let two_groups = || ClipConfig::adaptive(1.0, one_row.clone()).with_groups(vec![0, 1]);
     // Group 1 of micro-batch 2 (norm 0.5) is below its bound (4) while group 0
     // of that micro-batch is NaN: its factor is 1, not C / norm.
     let below = vec![vec![1.0, 1.0, f32::NAN], vec![4.0, 5.0, 0.5]];
@@ -596,8 +598,7 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     wide[0][2 * 3 + 1] = f32::NAN;
     for function in [ClipFunction::Hard, ClipFunction::Normalize] {
         for (name, t, n) in [("3 rows", &below, 3), ("6 random rows", &wide, 6)] {
-            let cfg = ClipConfig::adaptive(1.0, one_row.clone())
-                .with_groups(vec![0, 1])
+            let cfg = two_groups()
                 .with_function(function)
                 .with_non_finite(Propagate);
             cases.push((
@@ -616,10 +617,7 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
         ClipFunction::Automatic { gamma: 0.1 },
     ] {
         for policy in [Propagate, Skip] {
-            let cfg = ClipConfig::adaptive(1.0, one_row.clone())
-                .with_groups(vec![0, 1])
-                .with_function(function)
-                .with_non_finite(policy);
+            let cfg = two_groups().with_function(function).with_non_finite(policy);
             cases.push((
                 format!("no finite micro-batch, {function:?}, {policy:?}"),
                 cfg,
@@ -630,9 +628,7 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     }
     // No finite micro-batch, group 1 all zeros: NaN factors, NaN outputs.
     let zero_group = vec![vec![f32::NAN, f32::NAN], vec![0.0, 0.0]];
-    let cfg = ClipConfig::adaptive(1.0, one_row.clone())
-        .with_groups(vec![0, 1])
-        .with_non_finite(Propagate);
+    let cfg = two_groups().with_non_finite(Propagate);
     cases.push((
         "no finite micro-batch, a zero group, Propagate".into(),
         cfg,
@@ -640,13 +636,11 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
         2,
     ));
     // No finite micro-batch and sigma = 0: the bound is NaN, the noise none.
-    let cfg = ClipConfig::adaptive(1.0, one_row.clone())
-        .with_groups(vec![0, 1])
-        .with_noise(GaussianNoise {
-            multiplier: 0.0,
-            seed: 1,
-            step: 1,
-        });
+    let cfg = two_groups().with_noise(GaussianNoise {
+        multiplier: 0.0,
+        seed: 1,
+        step: 1,
+    });
     cases.push((
         "no finite micro-batch, sigma 0".into(),
         cfg,
