@@ -224,7 +224,8 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         }
     }
 
-    // (C) Totals.
+    // (C) Totals, once every thread's last additions to `clipped` are done.
+    workgroupBarrier();
     if (lid == 0u) {
         let root = sqrt(sens.y);
         var sensitivity = times_pow2(sens.x, root, shift);

@@ -44,7 +44,9 @@ pub struct ClipStats {
     /// Number of parameter groups G (1 without groups).
     pub groups: usize,
     /// `norm_{j,g}` (NaN or +inf for a non-finite one; +inf also when a finite norm
-    /// exceeds `f32::MAX`).
+    /// exceeds `f32::MAX`; 0 for a norm below f32's smallest subnormal, about
+    /// 1.4e-45, or below its normal range where a GPU flushes subnormals, while
+    /// the factors are formed from the norm itself).
     pub norms: Vec<f32>,
     /// The factor `s_{j,g}` applied to micro-batch `j`'s mean in group `g` (0 for a
     /// skipped micro-batch).
@@ -191,7 +193,8 @@ impl Clipper {
 
     /// Limits the bytes one storage binding may cover (default: the device's
     /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
-    /// windows; tests use a small value to exercise that path. No effect on the CPU.
+    /// windows; tests use a small value to exercise that path. Rounded down to a
+    /// multiple of 16 and kept below 4 GiB (u32 indexing). No effect on the CPU.
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         if let Engine::Gpu(gpu) = &mut self.engine {
             gpu.set_max_binding_bytes(bytes);
@@ -369,8 +372,14 @@ impl Clipper {
         n_samples: usize,
     ) -> Result<ClipOutput> {
         self.begin_call();
-        let offsets = config.row_offsets(n_samples)?;
+        config.validate()?;
+        if n_samples == 0 {
+            return Err(ClipError::NoSamples);
+        }
+        // The lengths before the offsets, whose vector a wrong n_samples could
+        // make huge.
         let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
+        let offsets = config.row_offsets(n_samples)?;
         let groups = config.tensor_groups(tensors.len())?;
         match &mut self.engine {
             Engine::Gpu(gpu) => gpu.clip_host(config, &offsets, &widths, &groups, tensors),
@@ -403,6 +412,10 @@ impl Clipper {
                 outputs: outputs.len(),
             });
         }
+        config.validate()?;
+        // The buffers before the offsets, whose vector a wrong n_samples could
+        // make huge: every input must hold n_samples rows.
+        gpu.check_buffers(n_samples as u64, inputs, outputs)?;
         let offsets = config.row_offsets(n_samples)?;
         let groups = config.tensor_groups(inputs.len())?;
         gpu.clip_buffers(config, &offsets, &groups, inputs, outputs)

@@ -94,6 +94,15 @@ fn host_errors(clipper: &mut Clipper) {
             n_samples: 4
         }
     );
+    // An n_samples no tensor holds: typed before its offsets (2^49 of them) are built.
+    assert_eq!(
+        clipper.clip(&ok, &[&t], 1 << 50).unwrap_err(),
+        ClipError::TensorLength {
+            tensor: 0,
+            len: 12,
+            n_samples: 1 << 50
+        }
+    );
     for bad in [
         vec![0, 2],
         vec![1, 4],
@@ -157,6 +166,14 @@ fn gpu_buffer_errors() {
     // Fits exactly: 4 rows x 8 cols.
     gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[o(&out, 0, 8)])
         .unwrap();
+    // An n_samples no buffer holds: typed before its offsets are built.
+    assert!(
+        range_err(
+            gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 1 << 50, &[o(&out, 0, 8)])
+                .unwrap_err()
+        ),
+        "rows"
+    );
     assert!(
         range_err(
             gpu.clip_buffers_into(&cfg, &[t(&input, 4, 8)], 4, &[o(&out, 0, 8)])

@@ -235,7 +235,10 @@ impl GpuClipper {
         let kernels = scoped(&device, || Kernels::new(&device, small_workgroups))?;
         let device_max_binding = limits
             .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+            .min(limits.max_buffer_size)
+            .min(MAX_BINDING_BYTES)
+            / 16
+            * 16;
         Ok(Self {
             adapter_name: format!("{} ({:?})", info.name, info.backend),
             kernels,
@@ -302,7 +305,7 @@ impl GpuClipper {
     }
 
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
-        self.max_binding = bytes.clamp(self.storage_align + 4, self.device_max_binding) / 4 * 4;
+        self.max_binding = bytes.clamp(self.storage_align + 16, self.device_max_binding) / 16 * 16;
     }
 
     pub fn set_min_tile_workgroups(&mut self, workgroups: Option<u64>) {
@@ -483,7 +486,7 @@ impl GpuClipper {
             .map(|(stats, _)| stats)
     }
 
-    fn check_buffers(
+    pub(crate) fn check_buffers(
         &self,
         n: u64,
         inputs: &[GpuTensor<'_>],
@@ -890,6 +893,14 @@ impl GpuClipper {
 /// Storage buffers the kernels bind in one shader stage (mb_partials' and
 /// clip_factors' 7; the slots variants need more, see `slots_supported`).
 const KERNEL_STORAGE_BUFFERS: u32 = 7;
+
+/// The largest storage binding the kernels use, whatever the device allows: a
+/// window and its alignment slack (under 256 bytes) stay below 4 GiB, since
+/// WGSL indexes in u32 and Metal passes each binding's size to the shader as a
+/// u32 (clamped, so a larger binding would silently read its tail wrong). The
+/// limit in use is also a multiple of 16, the pool's granularity, so a scratch
+/// buffer checked against it still fits once rounded up (and bound whole).
+const MAX_BINDING_BYTES: u64 = (1 << 32) - 256;
 
 /// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
 /// out-of-memory, internal and validation error scopes: a failure is a
