@@ -214,3 +214,33 @@ fn terms_that_cancel_exactly() {
         check_typed(&mut clipper, &cfg, &t, 4, 1e-6, "cancelling terms");
     }
 }
+
+/// Micro-batch means whose elements are f32 subnormals, under Normalize and AUTO-S
+/// (factors up to about 1e45): the paths that store f32 means must not use them
+/// there (a mean of 2^-149 / 3 stored as 0 gave an output of 0 instead of 1).
+#[test]
+fn subnormal_means_match_the_reference() {
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    // 2^-126 + 2^-149, -2^-126, 0: a mean of 2^-149 / 3.
+    let exact = vec![vec![f32::from_bits(0x0080_0001), -f32::MIN_POSITIVE, 0.0]];
+    let mut cases = vec![("2^-149 / 3".to_string(), exact, 3, 3)];
+    for (b, magnitude) in [(2, 1e-40f32), (3, 1e-42)] {
+        let t = random_tensors(31, 6, &[1000, 7], magnitude);
+        cases.push((format!("b {b}, magnitude {magnitude:e}"), t, 6, b));
+    }
+    // The one-read path, then the two-pass paths (stored means, re-reading).
+    for (budget, means) in [(usize::MAX, usize::MAX), (0, usize::MAX), (0, 0)] {
+        cpu.set_cpu_fused_budget_bytes(budget);
+        cpu.set_cpu_means_max_bytes(means);
+        for (what, t, n, b) in &cases {
+            for function in [
+                ClipFunction::Normalize,
+                ClipFunction::Automatic { gamma: 1e-44 },
+            ] {
+                let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(*b)).with_function(function);
+                let what = format!("budget {budget} means {means}: {what}, {function:?}");
+                check(&mut cpu, &cfg, t, *n, 1e-6, &what);
+            }
+        }
+    }
+}

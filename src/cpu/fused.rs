@@ -1,6 +1,8 @@
 //! One read of the input, in groups of R consecutive micro-batches: every thread
 //! forms the means of its own column blocks (f64 sums, kept as f32 rows when a
-//! micro-batch has several rows) and their squared norms, the threads meet at a
+//! micro-batch has several rows; where a mean's norm is below 2^-64, too small
+//! for f32 storage, the rows are read again instead) and their squared norms,
+//! the threads meet at a
 //! barrier to combine the partial norms in block order, and each thread adds
 //! `sum_r h_r * mean_r` to its f64 accumulator while the group's rows or means are
 //! still in the last-level cache. One sweep of the accumulator per group rather
@@ -17,7 +19,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
-use super::{axpy_rows, factor, sum_squares, widen, Plan, BLOCK_COLS};
+use super::{axpy_rows, factor, mean_too_coarse, sum_squares, widen, Plan, BLOCK_COLS};
 use crate::config::{ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
@@ -84,6 +86,9 @@ fn worker<T: GradElement>(
     let mut sum = vec![0.0f64; BLOCK_COLS];
     let mut norms = Vec::new();
     let mut h = vec![0.0f64; group_size * plan.groups];
+    // Per (micro-batch, group): whether its stored f32 mean is too coarse for
+    // phase B, which then reads the rows instead (see mean_too_coarse).
+    let mut coarse = vec![false; group_size * plan.groups];
     for (step, first) in (0..m).step_by(group_size).enumerate() {
         let mbs = first..(first + group_size).min(m);
         let slot = &partials[step % 2];
@@ -118,6 +123,7 @@ fn worker<T: GradElement>(
             let mb_finite = norms_j.iter().all(|n| n.is_finite());
             for (g, &n) in norms_j.iter().enumerate() {
                 h[r * plan.groups + g] = pass_factor(plan, g, n, mb_finite);
+                coarse[r * plan.groups + g] = mean_too_coarse(n);
             }
             if record {
                 norms.extend_from_slice(&norms_j);
@@ -131,27 +137,32 @@ fn worker<T: GradElement>(
         let mut row_terms: Vec<(f64, &[T])> = Vec::with_capacity(group_size);
         let mut f32_terms: Vec<(f64, &[f32])> = Vec::with_capacity(group_size);
         for b in mine {
+            let g = plan.group(b);
             let live = mbs.clone().enumerate().filter_map(|(r, j)| {
-                let h = h[r * plan.groups + plan.group(b)];
+                let h = h[r * plan.groups + g];
                 (h != 0.0 || plan.propagate).then_some((r, plan.rows(j), h))
             });
             let acc = &mut acc[at..at + b.w];
+            row_terms.clear();
             if via_means {
                 f32_terms.clear();
-                f32_terms.extend(live.map(|(r, rows, h)| {
-                    let x: &[f32] = if stored(rows.len()) {
-                        &means[r * width + at..r * width + at + b.w]
-                    } else {
+                for (r, rows, h) in live {
+                    if !stored(rows.len()) {
                         // One f32 row (not stored): T is f32.
                         debug_assert_eq!(T::DTYPE, Dtype::F32);
-                        bytemuck::cast_slice(plan.segment(b, rows.start))
-                    };
-                    (h, x)
-                }));
+                        f32_terms.push((h, bytemuck::cast_slice(plan.segment(b, rows.start))));
+                    } else if rows.len() > 1 && coarse[r * plan.groups + g] {
+                        let coef = h / rows.len() as f64;
+                        row_terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
+                    } else {
+                        f32_terms.push((h, &means[r * width + at..r * width + at + b.w]));
+                    }
+                }
                 axpy_rows(acc, &f32_terms, plan.f16c);
             } else {
-                row_terms.clear();
                 row_terms.extend(live.map(|(_, rows, h)| (h, plan.segment(b, rows.start))));
+            }
+            if !row_terms.is_empty() {
                 axpy_rows(acc, &row_terms, plan.f16c);
             }
             at += b.w;

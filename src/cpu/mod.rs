@@ -36,6 +36,20 @@ use crate::noise::standard_normal;
 /// Columns per block (the unit of parallel work and of the partial norms).
 const BLOCK_COLS: usize = 4096;
 
+/// Norms below 2^-64: see [`mean_too_coarse`].
+const COARSE_MEAN_NORM: f64 = 5.421_010_862_427_522e-20;
+
+/// Whether a micro-batch (group) mean of this norm, formed in f64, is too coarse
+/// once stored as f32 for the weighted sum: its elements may then be f32
+/// subnormals, kept only to within 2^-150, which a factor of up to `C / norm`
+/// magnifies (Normalize or AUTO-S on a norm of 1e-45 gives a factor of 1e45).
+/// The paths that store means add such micro-batches from their rows instead.
+/// From 2^-64 on the stored error is at most `2^-86 sqrt(D)` of the norm;
+/// real gradients are far above it, so the rows are read only in such corners.
+fn mean_too_coarse(norm: f64) -> bool {
+    norm > 0.0 && norm < COARSE_MEAN_NORM
+}
+
 /// Host memory the fused path may keep hot across a group of micro-batches: its
 /// f64 accumulator row and the group's rows (or f32 means). About two thirds of a
 /// 32 MiB L3; beyond it the two-pass path, whose working set is one column block,
@@ -640,7 +654,7 @@ pub(crate) fn clip<T: GradElement>(
             let means = engine.means(means_len);
             let norms = two_pass::norms_and_means(&plan, means);
             let f = factors(&plan, &norms)?;
-            let sums = two_pass::sums_of_means(&plan, &f.factors, means);
+            let sums = two_pass::sums_of_means(&plan, &norms, &f.factors, means);
             (norms, sums, f, false)
         }
         None => {

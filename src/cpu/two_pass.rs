@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{axpy_rows, sum_squares, Plan};
+use super::{axpy_rows, mean_too_coarse, sum_squares, Plan};
 use crate::dtype::GradElement;
 
 /// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
@@ -106,9 +106,11 @@ pub(super) fn norms_and_means<T: GradElement>(plan: &Plan<'_, T>, means: &mut [f
 }
 
 /// Pass 2 over the stored means of [`norms_and_means`]: per tensor,
-/// `sum_j s_j * mean_j`, block by block.
+/// `sum_j s_j * mean_j`, block by block (from the rows where the stored mean is
+/// too coarse for its norm, see [`mean_too_coarse`]).
 pub(super) fn sums_of_means<T: GradElement>(
     plan: &Plan<'_, T>,
+    norms: &[f64],
     factors: &[f64],
     means: &[f32],
 ) -> Vec<Vec<f64>> {
@@ -118,13 +120,26 @@ pub(super) fn sums_of_means<T: GradElement>(
         .zip(per_block(plan, means, <[f32]>::split_at))
         .map(|(b, mine)| {
             let mut acc = vec![0.0f64; b.w];
-            let terms: Vec<(f64, &[f32])> = mine
-                .chunks(b.w)
-                .enumerate()
-                .map(|(j, mean)| (factors[j * plan.groups + plan.group(b)], mean))
-                .filter(|&(s, _)| s != 0.0 || plan.propagate)
-                .collect();
+            let mut terms: Vec<(f64, &[f32])> = Vec::new();
+            let mut row_terms: Vec<(f64, &[T])> = Vec::new();
+            for (j, mean) in mine.chunks(b.w).enumerate() {
+                let at = j * plan.groups + plan.group(b);
+                let s = factors[at];
+                if s == 0.0 && !plan.propagate {
+                    continue;
+                }
+                let rows = plan.rows(j);
+                if rows.len() > 1 && mean_too_coarse(norms[at]) {
+                    let coef = s / rows.len() as f64;
+                    row_terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
+                } else {
+                    terms.push((s, mean));
+                }
+            }
             axpy_rows(&mut acc, &terms, plan.f16c);
+            if !row_terms.is_empty() {
+                axpy_rows(&mut acc, &row_terms, plan.f16c);
+            }
             acc
         })
         .collect();
