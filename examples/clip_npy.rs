@@ -10,8 +10,9 @@
 //! ```
 //!
 //! * `G.npy`: 2-D `[N, D]` float16, float32 or float64 (float64 is rounded to
-//!   float32; float16 is clipped as 16-bit input, half the bytes to read), C or
-//!   Fortran order.
+//!   float32, and a finite value beyond the float32 range is an error; float16 is
+//!   clipped as 16-bit input, half the bytes to read), C or Fortran order. Every
+//!   input's data section must hold exactly the bytes its shape needs.
 //! * `O.npy`: 1-D int32/int64/uint32/uint64 row offsets `[0, ..., N]`.
 //! * `--clip 1.5` is a fixed bound, `--clip min` the adaptive bound `min_j norm_j`,
 //!   `--clip min:0.5` the adaptive bound `0.5 * min_j norm_j`, `--clip 1,0.5` one
@@ -29,19 +30,20 @@
 //!   `micro_batches`, `groups`, `clip_bound` (the total `sqrt(sum_g C_g^2)`, null when
 //!   not finite), `group_bounds`, `noise_std`, `backend` (`"gpu"` / `"cpu"`) and
 //!   `adapter` (null on the CPU). The same summary is printed to stdout.
+//!   The outputs must be three different files, none of them an input.
 //!
 //! Errors are one line on stderr, `error: ...`, with exit status 1.
 
 use clap::{ArgGroup, Parser, ValueEnum};
 use microclip::half::f16;
 use microclip::{
-    Backend, BackendKind, ClipBound, ClipConfig, ClipFunction, ClipOutput, Clipper, GaussianNoise,
-    GradElement, MicroBatches, NonFinitePolicy,
+    Backend, BackendKind, ClipBound, ClipConfig, ClipError, ClipFunction, ClipOutput, Clipper,
+    GaussianNoise, GradElement, MicroBatches, NonFinitePolicy,
 };
-use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
+use npyz::{DType, NpyFile, NpyHeader, Order, TypeChar, WriterBuilder};
 use std::error::Error;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -81,11 +83,16 @@ struct Args {
         allow_negative_numbers = true
     )]
     noise_multiplier: Option<f32>,
-    /// Noise generator key (needed with --noise-multiplier)
-    #[arg(long, value_name = "SEED")]
+    /// Noise generator key (needed with --noise-multiplier, and only with it)
+    #[arg(long, value_name = "SEED", requires = "noise_multiplier")]
     seed: Option<u64>,
-    /// Training step: each step draws fresh noise
-    #[arg(long, value_name = "STEP", default_value_t = 0)]
+    /// Training step: each step draws fresh noise (only with --noise-multiplier)
+    #[arg(
+        long,
+        value_name = "STEP",
+        default_value_t = 0,
+        requires = "noise_multiplier"
+    )]
     step: u64,
     /// What to do with a micro-batch whose mean gradient holds NaN or infinity
     #[arg(long, value_enum, default_value = "skip")]
@@ -96,7 +103,7 @@ struct Args {
     /// Output: the clipped average, float32 [D]
     #[arg(long, value_name = "OUT.npy")]
     out: PathBuf,
-    /// Optional output: the micro-batch norms, float32 [M]
+    /// Optional output: the micro-batch norms, float32 [M], or [M, G] with --groups
     #[arg(long, value_name = "NORMS.npy")]
     norms: Option<PathBuf>,
     /// Optional output: the summary as a JSON object
@@ -156,21 +163,15 @@ enum Grads {
 }
 
 impl Grads {
-    /// All elements of `npy` in file order.
-    fn read(npy: Npy) -> Res<Self> {
+    /// All elements of the `[n, d]` array `npy` in file order.
+    fn read(npy: Npy, n: usize, d: usize) -> Res<Self> {
         let dtype = npy.dtype();
         if let DType::Plain(t) = &dtype {
             if t.type_char() == TypeChar::Float {
                 match t.size_field() {
                     2 => return Ok(Self::F16(npy.into_vec::<f16>()?)),
                     4 => return Ok(Self::F32(npy.into_vec::<f32>()?)),
-                    8 => {
-                        return Ok(Self::F32(
-                            npy.data::<f64>()?
-                                .map(|v| v.map(|x| x as f32))
-                                .collect::<Result<_, _>>()?,
-                        ))
-                    }
+                    8 => return Ok(Self::F32(Self::round_f64(npy, n, d)?)),
                     _ => {}
                 }
             }
@@ -180,6 +181,33 @@ impl Grads {
             dtype.descr()
         )
         .into())
+    }
+
+    /// float64 elements rounded to f32; a finite value beyond the f32 range (which
+    /// would round to an infinity, a non-finite gradient the file does not hold) is
+    /// an error naming its (row, column).
+    fn round_f64(npy: Npy, n: usize, d: usize) -> Res<Vec<f32>> {
+        let fortran = npy.order() == Order::Fortran;
+        let mut out = Vec::with_capacity(n * d);
+        for (k, x) in npy.data::<f64>()?.enumerate() {
+            let x = x?;
+            let y = x as f32;
+            if y.is_infinite() && x.is_finite() {
+                let (i, c) = if fortran {
+                    (k % n, k / n)
+                } else {
+                    (k / d, k % d)
+                };
+                return Err(format!(
+                    "element ({i}, {c}) = {x:e} is beyond the float32 range (magnitude at \
+                     most {:e}); rescale the gradients",
+                    f32::MAX
+                )
+                .into());
+            }
+            out.push(y);
+        }
+        Ok(out)
     }
 
     fn len(&self) -> usize {
@@ -207,8 +235,52 @@ fn in_file<T>(path: &Path, f: impl FnOnce() -> Res<T>) -> Res<T> {
     f().map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
+/// Opens an .npy file whose shape and data section agree: the element count fits in
+/// 64 bits and the data section holds exactly the bytes the shape needs.
 fn open_npy(path: &Path) -> Res<Npy> {
-    Ok(NpyFile::new(BufReader::new(File::open(path)?))?)
+    let mut reader = BufReader::new(File::open(path)?);
+    // npyz multiplies the dimensions unchecked: a panic in builds with overflow
+    // checks (caught here: an error, never a panic), a wrapped element count in
+    // others (checked below against the shape).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let header = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        NpyHeader::from_reader(&mut reader)
+    }));
+    std::panic::set_hook(hook);
+    let header = header.map_err(|_| "the header's shape is too large: npyz cannot read it")??;
+    let len = check_shape(header.shape())?;
+    if len != header.len() {
+        return Err(format!("shape {:?} is too large", header.shape()).into());
+    }
+    if let Some(item) = header.dtype().num_bytes() {
+        let start = reader.stream_position()?;
+        let data = reader.get_ref().metadata()?.len().saturating_sub(start);
+        let need = len as u128 * item as u128;
+        if data as u128 != need {
+            return Err(format!(
+                "the data section holds {data} bytes, but shape {:?} of dtype {} needs \
+                 {need} bytes",
+                header.shape(),
+                header.dtype().descr()
+            )
+            .into());
+        }
+    }
+    Ok(NpyFile::with_header(header, reader))
+}
+
+/// The number of elements of `shape`; an error when its non-zero dimensions multiply
+/// past `u64::MAX` (npyz also multiplies the dimensions of an empty array).
+fn check_shape(shape: &[u64]) -> Res<u64> {
+    let mut nonzero = shape.iter().filter(|&&s| s != 0);
+    match nonzero.try_fold(1u64, |p, &s| p.checked_mul(s)) {
+        Some(_) if shape.contains(&0) => Ok(0),
+        Some(len) => Ok(len),
+        None => Err(
+            format!("shape {shape:?} is too large: its dimensions multiply past 64 bits").into(),
+        ),
+    }
 }
 
 /// Reads `G` as a row-major `[N, D]` matrix; returns it with `N`.
@@ -223,7 +295,7 @@ fn read_grads(path: &Path) -> Res<(Grads, usize)> {
             return Err(format!("empty array of shape [{n}, {d}]").into());
         }
         let fortran = npy.order() == Order::Fortran;
-        let data = Grads::read(npy)?;
+        let data = Grads::read(npy, n, d)?;
         Ok((
             if fortran {
                 data.fortran_to_row_major(n, d)
@@ -295,9 +367,9 @@ fn clip_columns<T: GradElement>(
     g: &[T],
     n: usize,
     cols: &[usize],
-) -> Res<ClipOutput> {
+) -> microclip::Result<ClipOutput> {
     if cols.len() == 2 {
-        return Ok(clipper.clip(cfg, &[g], n)?);
+        return clipper.clip(cfg, &[g], n);
     }
     let d = g.len() / n;
     let tensors: Vec<Vec<T>> = cols
@@ -310,7 +382,57 @@ fn clip_columns<T: GradElement>(
         })
         .collect();
     let views: Vec<&[T]> = tensors.iter().map(Vec::as_slice).collect();
-    Ok(clipper.clip(cfg, &views, n)?)
+    clipper.clip(cfg, &views, n)
+}
+
+/// Where `path` leads: the canonical path of an existing file, else its canonical
+/// parent directory joined with its file name (the path as given when the parent
+/// does not resolve: writing there fails and says so).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(real) = path.canonicalize() {
+        return real;
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses outputs that name the same file as another output or as an input (one
+/// would silently overwrite the other).
+fn check_paths(args: &Args) -> Res<()> {
+    type Named<'a> = (&'static str, &'a PathBuf, PathBuf);
+    fn named<'a>(paths: [(&'static str, Option<&'a PathBuf>); 3]) -> Vec<Named<'a>> {
+        paths
+            .into_iter()
+            .filter_map(|(flag, path)| path.map(|p| (flag, p, resolved(p))))
+            .collect()
+    }
+    let inputs = named([
+        ("--grads", Some(&args.grads)),
+        ("--offsets", args.offsets.as_ref()),
+        ("--groups", args.groups.as_ref()),
+    ]);
+    let outputs = named([
+        ("--out", Some(&args.out)),
+        ("--norms", args.norms.as_ref()),
+        ("--stats", args.stats.as_ref()),
+    ]);
+    for (k, (flag, path, real)) in outputs.iter().enumerate() {
+        if let Some((other, ..)) = outputs[..k].iter().chain(&inputs).find(|o| o.2 == *real) {
+            return Err(format!(
+                "{flag} {} names the same file as {other}; every output needs a file of \
+                 its own",
+                path.display()
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 fn write_f32(path: &Path, shape: &[u64], data: &[f32]) -> Res<()> {
@@ -338,6 +460,7 @@ fn run() -> Res<()> {
         let first = text.split("\n\n").next().unwrap_or_default();
         first.trim_start_matches("error: ").to_string()
     })?;
+    check_paths(&args)?;
     let layout = match (&args.offsets, args.micro_batch) {
         (Some(path), _) => MicroBatches::Offsets(read_offsets(path)?),
         (None, b) => MicroBatches::Uniform(b.unwrap_or_default()),
@@ -385,10 +508,20 @@ fn run() -> Res<()> {
         BackendArg::Gpu => Backend::Gpu,
         BackendArg::Cpu => Backend::Cpu,
     })?;
+    let on_gpu = matches!(clipper.backend(), BackendKind::Gpu(_));
     let out = match &grads {
-        Grads::F16(g) => clip_columns(&mut clipper, &cfg, g, n, &cols)?,
-        Grads::F32(g) => clip_columns(&mut clipper, &cfg, g, n, &cols)?,
-    };
+        Grads::F16(g) => clip_columns(&mut clipper, &cfg, g, n, &cols),
+        Grads::F32(g) => clip_columns(&mut clipper, &cfg, g, n, &cols),
+    }
+    .map_err(|e| -> Box<dyn Error> {
+        match e {
+            // Beyond what the GPU's buffers hold; the CPU has no such limit.
+            ClipError::TooLarge(_) if on_gpu => {
+                format!("{e} on the GPU; --backend cpu clips it on the CPU").into()
+            }
+            e => e.into(),
+        }
+    })?;
     write_f32(&args.out, &[d as u64], &out.grads.concat())?;
     let s = &out.stats;
     let m = s.norms.len() / s.groups;
@@ -425,15 +558,21 @@ fn run() -> Res<()> {
             Ok(f.flush()?)
         })?;
     }
-    println!("micro_batches:   {m}");
-    println!("groups:          {}", s.groups);
-    println!("clip_bound:      {}", s.clip_bound);
-    println!("group_bounds:    {:?}", s.group_bounds);
-    println!("noise_std:       {}", s.noise_std);
-    println!("clipped_count:   {}", s.clipped_count);
-    println!("nonfinite_count: {}", s.nonfinite_count);
-    println!("backend:         {backend}");
-    println!("adapter:         {}", adapter.unwrap_or("none"));
+    // A closed stdout (`| head -0`) is an error like any other, not a panic.
+    let print = || -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "micro_batches:   {m}")?;
+        writeln!(out, "groups:          {}", s.groups)?;
+        writeln!(out, "clip_bound:      {}", s.clip_bound)?;
+        writeln!(out, "group_bounds:    {:?}", s.group_bounds)?;
+        writeln!(out, "noise_std:       {}", s.noise_std)?;
+        writeln!(out, "clipped_count:   {}", s.clipped_count)?;
+        writeln!(out, "nonfinite_count: {}", s.nonfinite_count)?;
+        writeln!(out, "backend:         {backend}")?;
+        writeln!(out, "adapter:         {}", adapter.unwrap_or("none"))?;
+        out.flush()
+    };
+    print().map_err(|e| format!("writing the summary to stdout: {e}"))?;
     Ok(())
 }
 
@@ -443,7 +582,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Always one line, whatever the error text holds.
             let words: Vec<String> = e.to_string().split_whitespace().map(String::from).collect();
-            eprintln!("error: {}", words.join(" "));
+            let _ = writeln!(std::io::stderr(), "error: {}", words.join(" "));
             ExitCode::FAILURE
         }
     }

@@ -594,3 +594,218 @@ fn help_mentions_float64_rounding() {
     let help = String::from_utf8(out.stdout).unwrap();
     assert!(help.contains("float64 is rounded to float32"), "{help}");
 }
+
+/// The bytes of a version 1.0 .npy file with the header dict `{descr, fortran_order,
+/// shape}` as given (the shape as Python text), then `data`: for headers npyz will
+/// not write.
+fn raw_npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
+    let order = if fortran { "True" } else { "False" };
+    let mut text = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
+    // Magic (6), version (2), header length (2), text: padded to 64 bytes, '\n' last.
+    while (10 + text.len() + 1) % 64 != 0 {
+        text.push(' ');
+    }
+    text.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(text.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// A shape whose element count overflows 64 bits is an error, not a wrapped count
+/// (a [2, 1] matrix) or a panic (npyz's unchecked product in debug builds, an index
+/// past the end in the Fortran reorder); so is a data section shorter or longer than
+/// the shape needs.
+#[test]
+fn overflowing_shape_and_wrong_data_size_are_errors() {
+    let dir = Dir::new("overflow");
+    let two_floats: Vec<u8> = [0.5f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let huge = "(2, 9223372036854775809)";
+    let files: [(&str, Vec<u8>); 9] = [
+        ("c", raw_npy("<f4", false, huge, &two_floats)),
+        ("f", raw_npy("<f4", true, huge, &two_floats)),
+        ("f64", raw_npy("<f8", false, huge, &[0; 16])),
+        (
+            "h3",
+            raw_npy("<f4", false, "(4, 4611686018427387904, 1)", &[]),
+        ),
+        // Hexadecimal dimensions (valid Python, never written by NumPy); an empty
+        // array whose other dimensions overflow (npyz multiplies them for strides).
+        (
+            "hex",
+            raw_npy("<f4", true, "(2, 0x8000000000000001)", &two_floats),
+        ),
+        (
+            "zero",
+            raw_npy("<f4", false, "(0, 4294967296, 4294967296)", &[]),
+        ),
+        ("short", raw_npy("<f4", false, "(3, 2)", &two_floats)),
+        ("long", raw_npy("<f4", false, "(1, 1)", &two_floats)),
+        ("o_short", raw_npy("<i8", false, "(4,)", &[0; 24])),
+    ];
+    for (name, bytes) in &files {
+        std::fs::write(dir.path(&format!("{name}.npy")), bytes).unwrap();
+    }
+    dir.write("g.npy", &[4, 2], Order::C, &[1.0f32; 8]);
+    let cases = [
+        ("--grads @c.npy --micro-batch 1", "c.npy", "too large"),
+        ("--grads @f.npy --micro-batch 1", "f.npy", "too large"),
+        ("--grads @f64.npy --micro-batch 1", "f64.npy", "too large"),
+        ("--grads @h3.npy --micro-batch 1", "h3.npy", "too large"),
+        ("--grads @hex.npy --micro-batch 1", "hex.npy", "too large"),
+        ("--grads @zero.npy --micro-batch 1", "zero.npy", "too large"),
+        (
+            "--grads @short.npy --micro-batch 1",
+            "short.npy",
+            "24 bytes",
+        ),
+        ("--grads @long.npy --micro-batch 1", "long.npy", "4 bytes"),
+        (
+            "--grads @g.npy --offsets @o_short.npy",
+            "o_short.npy",
+            "32 bytes",
+        ),
+    ];
+    for (args, file, needle) in cases {
+        for backend in backends() {
+            let err = dir.fails(&format!(
+                "{args} --clip 1 --backend {backend} --out @out.npy"
+            ));
+            assert!(
+                err.contains(file) && err.contains(needle),
+                "{args}: {err:?} does not mention {file:?} and {needle:?}"
+            );
+            assert!(!dir.path("out.npy").exists(), "{args}: wrote OUT");
+        }
+    }
+}
+
+/// Outputs that name the same file, or an input, are refused before anything is
+/// written (also through `..` and symbolic links); inputs are left as they were.
+#[test]
+fn outputs_must_not_collide_with_each_other_or_inputs() {
+    let dir = Dir::new("collide");
+    write_grads(&dir);
+    dir.write("o.npy", &[4], Order::C, &[0i64, 1, 5, 13]);
+    dir.write("cols.npy", &[3], Order::C, &[0i64, 5, D as i64]);
+    std::fs::create_dir(dir.path("sub")).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(dir.path("g32.npy"), dir.path("link.npy")).unwrap();
+    let before = |f: &str| std::fs::read(dir.path(f)).unwrap();
+    let inputs = ["g32.npy", "o.npy", "cols.npy"].map(|f| (f, before(f)));
+
+    let base = "--grads @g32.npy --offsets @o.npy --groups @cols.npy --clip 1 --backend cpu";
+    let mut cases = vec![
+        ("--out @x.npy --norms @x.npy", "--norms"),
+        ("--out @x.npy --stats @x.npy", "--stats"),
+        ("--out @x.npy --norms @y.npy --stats @y.npy", "--stats"),
+        ("--out @x.npy --norms @sub/../x.npy", "--norms"),
+        ("--out @g32.npy", "--grads"),
+        ("--out @sub/../g32.npy", "--grads"),
+        ("--out @x.npy --norms @o.npy", "--offsets"),
+        ("--out @x.npy --stats @cols.npy", "--groups"),
+    ];
+    if cfg!(unix) {
+        cases.push(("--out @link.npy", "--grads"));
+    }
+    for (outputs, needle) in cases {
+        let err = dir.fails(&format!("{base} {outputs}"));
+        assert!(
+            err.contains(needle) && err.contains("same file"),
+            "{outputs}: {err:?} does not mention {needle:?}"
+        );
+        for (f, bytes) in &inputs {
+            assert!(&before(f) == bytes, "{outputs}: {f} was changed");
+        }
+        for f in ["x.npy", "y.npy"] {
+            assert!(!dir.path(f).exists(), "{outputs}: wrote {f}");
+        }
+    }
+    dir.ok(&format!(
+        "{base} --out @x.npy --norms @sub/x.npy --stats @y.npy"
+    ));
+}
+
+/// A closed stdout is the usual one-line error with status 1, not a panic.
+#[test]
+fn closed_stdout_is_an_error_not_a_panic() {
+    let dir = Dir::new("stdout");
+    dir.write("g.npy", &[4, 3], Order::C, &[1.0f32; 12]);
+    let mut child = Command::new(example_bin())
+        .args(["--grads".as_ref(), dir.path("g.npy").as_os_str()])
+        .args([
+            "--micro-batch",
+            "2",
+            "--clip",
+            "1",
+            "--backend",
+            "cpu",
+            "--out",
+        ])
+        .arg(dir.path("out.npy"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running clip_npy");
+    drop(child.stdout.take()); // the read end: every write to stdout fails
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: ") && lines[0].contains("stdout"),
+        "{stderr:?}"
+    );
+}
+
+/// float64 values beyond the float32 range are an error naming the element, under
+/// every --non-finite policy; a float64 infinity is still a non-finite gradient.
+#[test]
+fn float64_beyond_float32_range_is_an_error() {
+    let dir = Dir::new("f64range");
+    let (n, d) = (4, 5);
+    let mut g = vec![0.25f64; n * d];
+    g[2 * d + 3] = 1e39;
+    g[3 * d + 4] = -1e300;
+    let fortran: Vec<f64> = (0..n * d).map(|k| g[(k % n) * d + k / n]).collect();
+    dir.write("g.npy", &[n, d], Order::C, &g);
+    dir.write("gf.npy", &[n, d], Order::Fortran, &fortran);
+    let mut edge = vec![0.25f64; n * d];
+    edge[1] = f32::MAX as f64;
+    edge[2] = -(f32::MAX as f64);
+    edge[3] = f64::INFINITY;
+    dir.write("edge.npy", &[n, d], Order::C, &edge);
+    for input in ["g", "gf"] {
+        for policy in ["skip", "propagate", "error"] {
+            let err = dir.fails(&format!(
+                "--grads @{input}.npy --micro-batch 2 --clip 1 --backend cpu \
+                 --non-finite {policy} --out @out.npy"
+            ));
+            assert!(
+                err.contains(&format!("{input}.npy")) && err.contains("(2, 3)"),
+                "{input} {policy}: {err:?}"
+            );
+            assert!(err.contains("float32"), "{input} {policy}: {err:?}");
+        }
+    }
+    let stdout = dir.ok("--grads @edge.npy --micro-batch 2 --clip 1 --backend cpu --out @out.npy");
+    assert!(stdout.contains("nonfinite_count: 1"), "{stdout}");
+}
+
+/// --seed and --step mean nothing without --noise-multiplier: an error, not ignored.
+#[test]
+fn seed_and_step_need_noise_multiplier() {
+    let dir = Dir::new("seed");
+    dir.write("g.npy", &[4, 3], Order::C, &[1.0f32; 12]);
+    for flag in ["--seed 3", "--step 2", "--seed 3 --step 2"] {
+        let err = dir.fails(&format!(
+            "--grads @g.npy --micro-batch 2 --clip 1 --backend cpu --out @out.npy {flag}"
+        ));
+        assert!(err.contains("--noise-multiplier"), "{flag}: {err:?}");
+    }
+    let help = String::from_utf8(dir.run("--help").stdout).unwrap();
+    assert!(help.contains("[M, G] with --groups"), "{help}");
+}
