@@ -201,8 +201,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
 const LANES: usize = 8;
 
 // The hot loops, compiled for multiversion's SIMD levels as well as the baseline,
-// chosen at run time: on x86-64 AVX-512 of the Ice Lake class (x86-64-v4, from
-// Rust 1.89), AVX2 with FMA and F16C (v3) and v2; SVE (with FP16) on AArch64,
+// chosen at run time: on x86-64 AVX-512 of the Ice Lake class (x86-64-v4), AVX2 with FMA and F16C (v3) and v2; SVE (with FP16) on AArch64,
 // whose baseline has NEON. AVX-512 took 16-bit input at b = 1 from 83-117 to
 // 71-75 ms on the twelfth session's Xeon; f32 moved only at b = 2 and 4, about
 // 5% (BENCHMARKS.md). No FMA contraction happens in Rust, so every version

@@ -196,7 +196,7 @@ impl GpuClipper {
                     continue;
                 }
             };
-            let (device, queue) = adapter
+            let device = adapter
                 .request_device(&wgpu::DeviceDescriptor {
                     label: Some("microclip"),
                     // Timestamps where the adapter has them (`set_timing`).
@@ -204,8 +204,15 @@ impl GpuClipper {
                     required_limits: adapter.limits(),
                     ..Default::default()
                 })
-                .await
-                .map_err(|e| ClipError::NoAdapter(e.to_string()))?;
+                .await;
+            let (device, queue) = match device {
+                Ok(pair) => pair,
+                // The device of one kind failing to open: try the next kind too.
+                Err(e) => {
+                    last_error = e.to_string();
+                    continue;
+                }
+            };
             match Self::from_device(device, queue) {
                 Ok(clipper) => return Ok(clipper),
                 // Say a GL adapter without compute shaders: try the next kind.
