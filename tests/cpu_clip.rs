@@ -215,15 +215,31 @@ fn terms_that_cancel_exactly() {
     }
 }
 
-/// Micro-batch means whose elements are f32 subnormals, under Normalize and AUTO-S
-/// (factors up to about 1e45): the paths that store f32 means must not use them
-/// there (a mean of 2^-149 / 3 stored as 0 gave an output of 0 instead of 1).
+/// Micro-batch means of tiny norms under Normalize and AUTO-S (factors up to about
+/// 1e45): means whose elements are f32 subnormals, which the paths that store f32
+/// means must not use there (a mean of 2^-149 / 3 stored as 0 gave an output of 0
+/// instead of 1), and a mean of norm 1e-30 from rows of about 1 that cancel, which
+/// must be summed before it is scaled (scaling each row by 1e30 / 3 first gave
+/// -1.4e14 instead of 0).
 #[test]
-fn subnormal_means_match_the_reference() {
+fn tiny_norm_means_match_the_reference() {
     let mut cpu = Clipper::new(Backend::Cpu).unwrap();
     // 2^-126 + 2^-149, -2^-126, 0: a mean of 2^-149 / 3.
     let exact = vec![vec![f32::from_bits(0x0080_0001), -f32::MIN_POSITIVE, 0.0]];
-    let mut cases = vec![("2^-149 / 3".to_string(), exact, 3, 3)];
+    // Column 0 sums to exactly 0 in f64; column 1 is the norm, 1e-30.
+    let cancel = [0x3eac_8c34u32, 0x3fce_f389, 0xbffa_1696]
+        .iter()
+        .flat_map(|&bits| [f32::from_bits(bits), 1e-30])
+        .collect();
+    let mut cases = vec![
+        ("2^-149 / 3".to_string(), exact, 3, 3),
+        (
+            "rows that cancel, norm 1e-30".to_string(),
+            vec![cancel],
+            3,
+            3,
+        ),
+    ];
     for (b, magnitude) in [(2, 1e-40f32), (3, 1e-42)] {
         let t = random_tensors(31, 6, &[1000, 7], magnitude);
         cases.push((format!("b {b}, magnitude {magnitude:e}"), t, 6, b));

@@ -136,6 +136,7 @@ fn worker<T: GradElement>(
         let mut at = 0;
         let mut row_terms: Vec<(f64, &[T])> = Vec::with_capacity(group_size);
         let mut f32_terms: Vec<(f64, &[f32])> = Vec::with_capacity(group_size);
+        let mut coarse_terms: Vec<(Range<usize>, f64)> = Vec::new();
         for b in mine {
             let g = plan.group(b);
             let live = mbs.clone().enumerate().filter_map(|(r, j)| {
@@ -143,26 +144,27 @@ fn worker<T: GradElement>(
                 (h != 0.0 || plan.propagate).then_some((r, plan.rows(j), h))
             });
             let acc = &mut acc[at..at + b.w];
-            row_terms.clear();
             if via_means {
                 f32_terms.clear();
+                coarse_terms.clear();
                 for (r, rows, h) in live {
                     if !stored(rows.len()) {
                         // One f32 row (not stored): T is f32.
                         debug_assert_eq!(T::DTYPE, Dtype::F32);
                         f32_terms.push((h, bytemuck::cast_slice(plan.segment(b, rows.start))));
                     } else if rows.len() > 1 && coarse[r * plan.groups + g] {
-                        let coef = h / rows.len() as f64;
-                        row_terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
+                        coarse_terms.push((rows, h));
                     } else {
                         f32_terms.push((h, &means[r * width + at..r * width + at + b.w]));
                     }
                 }
                 axpy_rows(acc, &f32_terms, plan.f16c);
+                for (rows, h) in coarse_terms.drain(..) {
+                    plan.add_mean_from_rows(acc, b, rows, h, &mut sum);
+                }
             } else {
+                row_terms.clear();
                 row_terms.extend(live.map(|(_, rows, h)| (h, plan.segment(b, rows.start))));
-            }
-            if !row_terms.is_empty() {
                 axpy_rows(acc, &row_terms, plan.f16c);
             }
             at += b.w;

@@ -43,7 +43,9 @@ const COARSE_MEAN_NORM: f64 = 5.421_010_862_427_522e-20;
 /// once stored as f32 for the weighted sum: its elements may then be f32
 /// subnormals, kept only to within 2^-150, which a factor of up to `C / norm`
 /// magnifies (Normalize or AUTO-S on a norm of 1e-45 gives a factor of 1e45).
-/// The paths that store means add such micro-batches from their rows instead.
+/// The paths that store means add such micro-batches from their rows instead
+/// (summed, then scaled: [`Plan::add_mean_from_rows`]), as does the path that
+/// reads the input twice (which otherwise scales each row before summing).
 /// From 2^-64 on the stored error is at most `2^-86 sqrt(D)` of the norm;
 /// real gradients are far above it, so the rows are read only in such corners.
 fn mean_too_coarse(norm: f64) -> bool {
@@ -183,6 +185,28 @@ impl<'a, T: GradElement> Plan<'a, T> {
         let sum = &mut sum[..b.w];
         add_rows(sum, rows, row, self.f16c);
         scale_and_sum_squares(sum, inv_n, mean)
+    }
+
+    /// `acc += h * mean` for block `b`'s part of the mean of rows `rows`, from the
+    /// rows: their f64 sums (into `sum`, scratch of at least `b.w`) scaled by
+    /// `1 / n`, the mean [`Self::mean_ssq`] forms before any rounding to f32. For
+    /// micro-batches whose stored f32 mean is too coarse ([`mean_too_coarse`]);
+    /// summing before scaling keeps rows that cancel from rounding at the size of
+    /// `h` times the rows instead of `h` times the mean.
+    fn add_mean_from_rows(
+        &self,
+        acc: &mut [f64],
+        b: &Block,
+        rows: Range<usize>,
+        h: f64,
+        sum: &mut [f64],
+    ) {
+        let inv_n = 1.0 / rows.len() as f64;
+        let sum = &mut sum[..b.w];
+        add_rows(sum, rows, |i| self.segment(b, i), self.f16c);
+        for (a, &s) in acc.iter_mut().zip(sum.iter()) {
+            *a += h * (s * inv_n);
+        }
     }
 
     /// Norms `[M, G]` from per-(micro-batch, block) squared norms, in block order.
@@ -659,7 +683,7 @@ pub(crate) fn clip<T: GradElement>(
         None => {
             let norms = two_pass::norms(&plan);
             let f = factors(&plan, &norms)?;
-            let sums = two_pass::sums(&plan, &f.factors);
+            let sums = two_pass::sums(&plan, &norms, &f.factors);
             (norms, sums, f, false)
         }
     };

@@ -42,8 +42,14 @@ pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
 }
 
 /// Pass 2, once the `[M, G]` factors are known: per tensor,
-/// `sum_j s_j * mean_j = sum_i (s_j(i) / n_j(i)) * x_i`, block by block.
-pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<Vec<f64>> {
+/// `sum_j s_j * mean_j = sum_i (s_j(i) / n_j(i)) * x_i`, block by block (a
+/// micro-batch of a norm below 2^-64 summed first, then scaled: see
+/// [`mean_too_coarse`]).
+pub(super) fn sums<T: GradElement>(
+    plan: &Plan<'_, T>,
+    norms: &[f64],
+    factors: &[f64],
+) -> Vec<Vec<f64>> {
     let block_sums: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
@@ -51,20 +57,44 @@ pub(super) fn sums<T: GradElement>(plan: &Plan<'_, T>, factors: &[f64]) -> Vec<V
             let mut acc = vec![0.0f64; b.w];
             // Several rows per sweep of the accumulator.
             let mut terms: Vec<(f64, &[T])> = Vec::new();
+            let mut coarse = Vec::new();
             for j in 0..plan.micro_batches() {
-                let s = factors[j * plan.groups + plan.group(b)];
+                let at = j * plan.groups + plan.group(b);
+                let s = factors[at];
                 if s == 0.0 && !plan.propagate {
                     continue;
                 }
                 let rows = plan.rows(j);
+                if rows.len() > 1 && mean_too_coarse(norms[at]) {
+                    coarse.push((rows, s));
+                    continue;
+                }
                 let coef = s / rows.len() as f64;
                 terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
             }
             axpy_rows(&mut acc, &terms, plan.f16c);
+            add_coarse_means(plan, &mut acc, b, coarse);
             acc
         })
         .collect();
     plan.per_tensor(block_sums.iter().map(Vec::as_slice))
+}
+
+/// `acc += s * mean` for each (rows, s) of `coarse`, from the rows
+/// ([`Plan::add_mean_from_rows`]).
+fn add_coarse_means<T: GradElement>(
+    plan: &Plan<'_, T>,
+    acc: &mut [f64],
+    b: &super::Block,
+    coarse: Vec<(std::ops::Range<usize>, f64)>,
+) {
+    if coarse.is_empty() {
+        return;
+    }
+    let mut sum = vec![0.0f64; b.w];
+    for (rows, s) in coarse {
+        plan.add_mean_from_rows(acc, b, rows, s, &mut sum);
+    }
 }
 
 /// The block-major means cut into each block's `M x w` means, in block order
@@ -121,7 +151,7 @@ pub(super) fn sums_of_means<T: GradElement>(
         .map(|(b, mine)| {
             let mut acc = vec![0.0f64; b.w];
             let mut terms: Vec<(f64, &[f32])> = Vec::new();
-            let mut row_terms: Vec<(f64, &[T])> = Vec::new();
+            let mut coarse = Vec::new();
             for (j, mean) in mine.chunks(b.w).enumerate() {
                 let at = j * plan.groups + plan.group(b);
                 let s = factors[at];
@@ -130,16 +160,13 @@ pub(super) fn sums_of_means<T: GradElement>(
                 }
                 let rows = plan.rows(j);
                 if rows.len() > 1 && mean_too_coarse(norms[at]) {
-                    let coef = s / rows.len() as f64;
-                    row_terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
+                    coarse.push((rows, s));
                 } else {
                     terms.push((s, mean));
                 }
             }
             axpy_rows(&mut acc, &terms, plan.f16c);
-            if !row_terms.is_empty() {
-                axpy_rows(&mut acc, &row_terms, plan.f16c);
-            }
+            add_coarse_means(plan, &mut acc, b, coarse);
             acc
         })
         .collect();
