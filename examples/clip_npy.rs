@@ -253,7 +253,10 @@ fn open_npy(path: &Path) -> Res<Npy> {
     if len != header.len() {
         return Err(format!("shape {:?} is too large", header.shape()).into());
     }
-    if let Some(item) = header.dtype().num_bytes() {
+    // The data section's size, where the file has one (not a pipe: that one is
+    // read as npyz streams it, and a short one fails the read).
+    let item = header.dtype().num_bytes();
+    if let (Some(item), true) = (item, reader.get_ref().metadata()?.is_file()) {
         let start = reader.stream_position()?;
         let data = reader.get_ref().metadata()?.len().saturating_sub(start);
         let need = len as u128 * item as u128;

@@ -195,8 +195,9 @@ impl Clipper {
 
     /// Limits the bytes one storage binding may cover (default: the device's
     /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
-    /// windows; tests use a small value to exercise that path. Rounded down to a
-    /// multiple of 16 and kept below 4 GiB (u32 indexing). No effect on the CPU.
+    /// windows; tests use a small value to exercise that path. Rounded up to a
+    /// multiple of 16, within the device's limit, which is kept below 4 GiB (u32
+    /// indexing). No effect on the CPU.
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         if let Engine::Gpu(gpu) = &mut self.engine {
             gpu.set_max_binding_bytes(bytes);
@@ -415,6 +416,9 @@ impl Clipper {
             });
         }
         config.validate()?;
+        if n_samples == 0 {
+            return Err(ClipError::NoSamples);
+        }
         // The buffers before the offsets, whose vector a wrong n_samples could
         // make huge: every input must hold n_samples rows.
         gpu.check_buffers(n_samples as u64, inputs, outputs)?;

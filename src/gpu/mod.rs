@@ -312,7 +312,12 @@ impl GpuClipper {
     }
 
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
-        self.max_binding = bytes.clamp(self.storage_align + 16, self.device_max_binding) / 16 * 16;
+        // Up to a multiple of 16 (the device's limit is one): a limit a test sets
+        // just above a row plus the alignment slack must stay above it.
+        self.max_binding = bytes
+            .clamp(self.storage_align + 16, self.device_max_binding)
+            .next_multiple_of(16)
+            .min(self.device_max_binding);
     }
 
     pub fn set_min_tile_workgroups(&mut self, workgroups: Option<u64>) {
