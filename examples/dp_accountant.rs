@@ -3,8 +3,8 @@
 //! Epsilon spent:
 //!
 //! ```text
-//! cargo run --release --example dp_accountant -- \
-//!     --sampling-rate 0.0042667 --noise-multiplier 1.1 --steps 14062 --delta 1e-5
+//! cargo run --release --example dp_accountant -- --sampling-rate 0.0042667 \
+//!     --noise-multiplier 1.1 --micro-batch-rows 1 --steps 14062 --delta 1e-5
 //! ```
 //!
 //! prints a short summary and, as its last line, `epsilon=<value> order=<alpha>`.
@@ -12,16 +12,21 @@
 //! Noise multiplier needed for a target epsilon:
 //!
 //! ```text
-//! cargo run --release --example dp_accountant -- \
-//!     --sampling-rate 0.0042667 --target-epsilon 3 --steps 14062 --delta 1e-5
+//! cargo run --release --example dp_accountant -- --sampling-rate 0.0042667 \
+//!     --target-epsilon 3 --micro-batch-rows 8 --steps 14062 --delta 1e-5
 //! ```
 //!
-//! prints `noise_multiplier=<sigma>` as its last line.
+//! prints `noise_multiplier=<multiplier>` as its last line: the value to put in
+//! `GaussianNoise::multiplier` (exactly representable as `f32`).
 //!
 //! The sampling rate is the expected batch size over the dataset size (Poisson
-//! sampling); the noise multiplier is the noise standard deviation over the clip
-//! norm, for noise added to the SUM of the clipped micro-batch gradients. Bad
-//! arguments print one `error: ...` line and exit with a non-zero status.
+//! sampling). The noise multiplier is the configured `GaussianNoise` multiplier:
+//! the noise standard deviation over the total clip bound `S`, for noise added to
+//! the SUM of the clipped micro-batch means. `--micro-batch-rows B` is the largest
+//! number of examples in one micro-batch (1 = per-example clipping): with `B > 1`
+//! one example can move the sum by `2 S`, so the accountant's sigma is half the
+//! multiplier (`accountant::micro_batch_sensitivity`). Bad arguments print one
+//! `error: ...` line and exit with a non-zero status.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -38,7 +43,8 @@ struct Args {
     #[arg(long, value_name = "Q")]
     sampling_rate: f64,
 
-    /// Noise multiplier sigma (noise std / clip norm): compute epsilon.
+    /// Configured noise multiplier (noise std / total clip bound S, noise added
+    /// to the sum): compute epsilon.
     #[arg(
         long,
         value_name = "SIGMA",
@@ -50,6 +56,11 @@ struct Args {
     /// Target epsilon: compute the smallest noise multiplier that reaches it.
     #[arg(long, value_name = "E")]
     target_epsilon: Option<f64>,
+
+    /// Largest number of examples in one micro-batch (1 = per-example
+    /// clipping; more doubles the sensitivity to 2 S).
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
+    micro_batch_rows: u64,
 
     /// Number of training steps (noisy releases).
     #[arg(long, value_name = "T")]
@@ -111,6 +122,14 @@ fn fail(msg: &str) -> ExitCode {
 
 fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
     let (q, steps, delta) = (args.sampling_rate, args.steps, args.delta);
+    let rows = args.micro_batch_rows;
+    let sensitivity =
+        accountant::micro_batch_sensitivity(usize::try_from(rows).unwrap_or(usize::MAX));
+    let sensitivity_line = if sensitivity == 1.0 {
+        "  sensitivity      : 1 S (one example per micro-batch)".to_string()
+    } else {
+        format!("  sensitivity      : {sensitivity} S (micro-batches of up to {rows} examples)")
+    };
     let orders = accountant::default_orders();
     let mut lines = vec![
         "Poisson-subsampled Gaussian mechanism, RDP accountant".to_string(),
@@ -125,10 +144,13 @@ fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
         ),
     ];
     match args.noise_multiplier {
-        Some(sigma) => {
+        Some(multiplier) => {
+            let sigma = multiplier / sensitivity;
             let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
             let (classic, classic_order) = accountant::epsilon_classic(q, sigma, steps, delta)?;
-            lines.push(format!("  noise multiplier : {sigma}"));
+            lines.push(format!("  noise multiplier : {multiplier}"));
+            lines.push(sensitivity_line);
+            lines.push(format!("  accounting sigma : {sigma}"));
             lines.push(format!(
                 "  epsilon          : {eps:.4} (Balle et al. 2020 conversion, as Opacus / dp_accounting)"
             ));
@@ -141,13 +163,17 @@ fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
             // clap makes one of the two required; a missing target reads as NaN
             // and is reported as an invalid target epsilon.
             let target = args.target_epsilon.unwrap_or(f64::NAN);
+            // The search returns an f32-exact sigma; doubling keeps it exact.
             let sigma = accountant::noise_multiplier_for_epsilon(q, steps, delta, target)?;
+            let multiplier = sigma * sensitivity;
             let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
             lines.push(format!("  target epsilon   : {target}"));
+            lines.push(sensitivity_line);
+            lines.push(format!("  accounting sigma : {sigma}"));
             lines.push(format!(
                 "  epsilon reached  : {eps:.6} at order {order} (Balle et al. 2020 conversion)"
             ));
-            lines.push(format!("noise_multiplier={sigma}"));
+            lines.push(format!("noise_multiplier={multiplier}"));
         }
     }
     Ok(lines)

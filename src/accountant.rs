@@ -5,8 +5,8 @@
 //!
 //! Each training step samples a batch by including every one of the `n`
 //! examples independently with probability `q` (Poisson sampling), computes a
-//! sum `S` whose L2 sensitivity is `C` (adding or removing one example moves
-//! `S` by at most `C` in L2 norm), and releases `S + N(0, (sigma * C)^2 I)`.
+//! sum `G` whose L2 sensitivity is `D` (adding or removing one example moves
+//! `G` by at most `D` in L2 norm), and releases `G + N(0, (sigma * D)^2 I)`.
 //! `sigma` is the *noise multiplier*. One such step is the sampled Gaussian
 //! mechanism (SGM); `T` steps compose.
 //!
@@ -17,31 +17,53 @@
 //! arXiv:1908.10530, Section 3.3). [`rdp_subsampled_gaussian`] evaluates it
 //! the way TensorFlow Privacy's `rdp_accountant._compute_rdp` and Opacus'
 //! `accountants/analysis/rdp.py` do: a finite binomial sum in log space for
-//! integer orders, and the two-sided erfc series for fractional orders. RDP
-//! composes additively, so `T` steps have RDP `T * rdp(alpha)`.
+//! integer orders, and the two-sided erfc series for fractional orders (with a
+//! numerically stable log-space subtraction). RDP composes additively, so `T`
+//! steps have RDP `T * rdp(alpha)`. Orders are limited to [`MAX_ORDER`].
 //!
 //! # Micro-batch clipping
 //!
 //! With micro-batch clipping the batch is split into `M` micro-batches; each
-//! micro-batch mean gradient `g_j` is scaled by `s_j = min(1, C / ||g_j||)`, so
-//! `||s_j g_j|| <= C`. The accountant applies when every example belongs to
-//! exactly one micro-batch and adding or removing one example changes only
-//! that micro-batch (the other micro-batches keep their members). Then the sum
-//! `sum_j s_j g_j` changes by one clipped contribution of norm at most `C`: its
-//! L2 sensitivity is `C`, exactly as for per-example clipping (which is the
-//! case `M = N`). Adding noise of standard deviation `sigma * C` to that
-//! **sum** (and only then dividing by `M`, which is post-processing when `M`
-//! does not depend on the data, e.g. the expected number of micro-batches) is
-//! the Gaussian mechanism with noise multiplier `sigma`, and the sampling rate
-//! is `q = expected batch size / dataset size` under Poisson sampling.
+//! micro-batch mean gradient `g_j` is scaled by `s_j = min(1, C / ||g_j||)` (in
+//! each parameter group g by its own bound `C_g`), so `||s_j g_j|| <= S`, where
+//! `S = sqrt(sum_g C_g^2)` is the total clip bound (`S = C` without groups). microclip adds noise of standard deviation
+//! `multiplier * S` to the **sum** `sum_j s_j g_j` (as TensorFlow Privacy adds
+//! `noise_multiplier * l2_norm_clip`) and then divides by `M`.
 //!
-//! Caveats: the guarantee needs a *fixed* clip bound `C`; a bound computed
-//! from the batch (such as an adaptive `C_t = scale * min_j ||g_j||`) is itself
-//! data dependent and is not covered. Forming micro-batches from consecutive
-//! rows of a Poisson sample can move many examples between micro-batches when
-//! one example is added; the assignment of examples to micro-batches must not
-//! depend on the presence of other examples for the sensitivity above to hold.
-//! Noise added to the *mean* must be `sigma * C / M`, not `sigma * C`.
+//! Suppose every example belongs to exactly one micro-batch and adding or
+//! removing one example changes only that micro-batch (the other micro-batches
+//! keep their members). Then the L2 sensitivity of the sum is
+//! * `S` with one example per micro-batch (per-example clipping, `M = N`):
+//!   adding or removing the example adds or removes a whole term of norm `<= S`;
+//! * `2 S` when a micro-batch can hold more than one example: adding or
+//!   removing an example moves its micro-batch's clipped mean from one vector of
+//!   norm `<= S` to another, up to `2 S` away. This is why TensorFlow Privacy's
+//!   `compute_dp_sgd_privacy_statement(..., used_microbatching=True)` accounts
+//!   with half the noise multiplier ("increases sensitivity by a factor of
+//!   two"); see also "How to DP-fy ML" (Ponomareva et al. 2023,
+//!   arXiv:2303.00654, Sec. 5.6).
+//!
+//! [`micro_batch_sensitivity`] gives this factor (1 or 2) from the largest
+//! number of examples in one micro-batch. The configured multiplier is
+//! therefore the Gaussian mechanism with noise multiplier
+//! `sigma = multiplier / micro_batch_sensitivity(b)`: pass that `sigma` to
+//! [`epsilon`], and configure `multiplier = sigma * micro_batch_sensitivity(b)`
+//! for a `sigma` found by [`noise_multiplier_for_epsilon`]. The sampling rate is
+//! `q = expected batch size / dataset size` under Poisson sampling.
+//!
+//! Caveats:
+//! * The guarantee needs a *fixed* clip bound; a bound computed from the batch
+//!   (such as an adaptive `C_t = scale * min_j ||g_j||`) is itself data
+//!   dependent and is not covered.
+//! * The assignment of examples to micro-batches must not depend on the
+//!   presence of other examples for the sensitivity above to hold. Forming
+//!   micro-batches from consecutive rows of a Poisson sample can move many
+//!   examples between micro-batches when one example is added.
+//! * The outputs are divided by the call's `M`, which under Poisson sampling
+//!   depends on the data (the batch size is random). Division by a
+//!   data-independent number is post-processing; division by `M` is not. For
+//!   the guarantee, rescale the output by `M / M_expected`, i.e. treat the
+//!   division as one by the expected number of micro-batches.
 //!
 //! # From RDP to (epsilon, delta)
 //!
@@ -56,8 +78,13 @@
 //!
 //! minimised over the orders, clamped at 0, with `dp_accounting`'s two
 //! refinements: orders `alpha <= 1.01` are skipped (numerically unstable), and
-//! an order whose RDP satisfies `delta^2 + expm1(-rdp) > 0` gives `eps = 0`
-//! (the bound `delta <= sqrt(1 - exp(-KL))`). [`epsilon_classic`] is the older
+//! a total KL divergence below `-ln(1 - delta^2)` gives `eps = 0` (the bound
+//! `delta <= sqrt(1 - exp(-KL))`). [`rdp_to_epsilon`] tests each given RDP value
+//! against that bound as `dp_accounting` does (`delta^2 + expm1(-rdp) > 0`,
+//! compared in log space so that it survives `delta^2` underflowing);
+//! [`epsilon`] tests the closed-form bound `T ln(1 + q^2 expm1(1 / sigma^2))`
+//! on the KL instead, because the computed per-step RDP can be rounded to 0
+//! (see [`epsilon_with_orders`]). [`epsilon_classic`] is the older
 //! conversion `eps = min_alpha rdp(alpha) - ln(delta) / (alpha - 1)` (Mironov
 //! 2017, Proposition 3) that TensorFlow Privacy's tutorials printed; over
 //! orders above 1.01 it is never smaller than the improved one.
@@ -84,7 +111,9 @@
 //!   `1e-5` for fractional ones (the series stops at terms below `e^-30`, as
 //!   TF Privacy's does).
 //! * Per-step RDP and `(epsilon, order)` from Opacus' `analysis/rdp.py` run in
-//!   float64: agreement to `1e-9` relative, same optimal orders.
+//!   float64: agreement to `1e-9` relative (`2e-9` at one point, where Opacus'
+//!   unstable log-space subtraction rounds and ours matches the exact sum of the
+//!   same series), same optimal orders.
 //!
 //! # Example
 //!
@@ -99,9 +128,19 @@
 //! let (classic, _) = accountant::epsilon_classic(q, 1.12, steps, 1e-5)?;
 //! assert!((classic - 2.92).abs() < 0.01);
 //!
-//! // The inverse: the noise multiplier that gives epsilon = 3.
+//! // The inverse: the noise multiplier that gives epsilon = 3; it is exactly
+//! // representable as f32 (GaussianNoise::multiplier is an f32).
 //! let sigma = accountant::noise_multiplier_for_epsilon(q, steps, 1e-5, 3.0)?;
 //! assert!(accountant::epsilon(q, sigma, steps, 1e-5)?.0 <= 3.0);
+//! assert_eq!(sigma as f32 as f64, sigma);
+//!
+//! // Micro-batches of up to 8 examples: sensitivity 2 S, so the configured
+//! // multiplier is twice the accountant's sigma, and a configured multiplier m
+//! // is accounted as m / 2.
+//! let multiplier = sigma * accountant::micro_batch_sensitivity(8);
+//! assert_eq!(multiplier, 2.0 * sigma);
+//! let accounted = multiplier / accountant::micro_batch_sensitivity(8);
+//! assert!(accountant::epsilon(q, accounted, steps, 1e-5)?.0 <= 3.0);
 //! # Ok::<(), accountant::AccountantError>(())
 //! ```
 
@@ -112,8 +151,18 @@ use std::f64::consts::{LN_2, PI};
 pub const MAX_NOISE_MULTIPLIER: f64 = 1e6;
 
 /// Relative tolerance of [`noise_multiplier_for_epsilon`] on the noise
-/// multiplier.
-pub const NOISE_MULTIPLIER_RTOL: f64 = 1e-7;
+/// multiplier: it returns the smallest `f32` that meets the target, which is
+/// above the exact threshold by less than one `f32` ulp, i.e. less than `2^-23`
+/// (about `1.19e-7`) of the result.
+pub const NOISE_MULTIPLIER_RTOL: f64 = f32::EPSILON as f64;
+
+/// Largest finite RDP order accepted (`+inf` is accepted too, and never
+/// optimal). The integer-order sum has `order + 1` terms, and every order above
+/// `2^53` is an integer, so an unbounded order could run for hours; `1e6` takes
+/// well under a second and is far above any useful order (the defaults stop at
+/// 63; `dp_accounting`'s at a few hundred). Larger orders are
+/// [`AccountantError::InvalidOrder`].
+pub const MAX_ORDER: f64 = 1e6;
 
 /// Iteration cap of the fractional-order series; an order that does not
 /// converge within it is given RDP `+inf` (conservative; `dp_accounting` does
@@ -136,8 +185,9 @@ pub enum AccountantError {
     /// Zero steps: nothing was released, so there is nothing to account.
     #[error("the number of steps must be >= 1")]
     ZeroSteps,
-    /// An RDP order is NaN or not greater than 1.
-    #[error("RDP orders must be > 1, got {0}")]
+    /// An RDP order is NaN, not greater than 1, or finite and above
+    /// [`MAX_ORDER`].
+    #[error("RDP orders must be > 1 and at most {max} (or +inf), got {0}", max = MAX_ORDER)]
     InvalidOrder(f64),
     /// The list of orders is empty.
     #[error("the list of RDP orders is empty")]
@@ -198,12 +248,18 @@ fn log_sub(x: f64, y: f64) -> Option<f64> {
     if x == y {
         return Some(f64::NEG_INFINITY);
     }
-    let d = (x - y).exp_m1();
-    if d.is_infinite() {
-        // exp(x - y) overflows: exp(y) is negligible next to exp(x).
-        return Some(x);
-    }
-    Some(d.ln() + y)
+    // x + ln(1 - exp(y - x)), as dp_accounting's `_log_sub_sign`. The older
+    // form ln(expm1(x - y)) + y cancels: for x ~ 0 and y ~ -45 it is exact only
+    // to ulp(45) ~ 7e-15, which rounded tiny ln(A) (and with it the per-step RDP)
+    // to 0. ln(1 - e^d) is taken as ln(-expm1(d)) near d = 0 and as
+    // ln1p(-exp(d)) below -ln 2, each accurate to a few ulps where it is used.
+    let d = y - x;
+    let log1mexp = if d > -LN_2 {
+        (-d.exp_m1()).ln()
+    } else {
+        (-d.exp()).ln_1p()
+    };
+    Some(x + log1mexp)
 }
 
 /// `ln(erfc(x))`, accurate also far in the upper tail where `erfc` underflows.
@@ -326,7 +382,8 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
 /// order whose series fails to converge gets `+inf`, which is conservative.
 ///
 /// Returns NaN for invalid arguments: `q` NaN or outside `[0, 1]`, `sigma`
-/// NaN, negative or infinite, `order` NaN or `<= 1`.
+/// NaN, negative or infinite, `order` NaN, `<= 1` or finite and above
+/// [`MAX_ORDER`].
 pub fn rdp_subsampled_gaussian(q: f64, sigma: f64, order: f64) -> f64 {
     if check_q(q).is_err() || check_sigma(sigma).is_err() || check_order(order).is_err() {
         return f64::NAN;
@@ -401,9 +458,23 @@ pub fn rdp_to_epsilon(
     delta: f64,
 ) -> Result<(f64, f64), AccountantError> {
     check_conversion_inputs(orders, rdp, delta)?;
+    Ok(improved_conversion(orders, rdp, delta, true))
+}
+
+/// The improved conversion; with `per_order_kl_shortcut`, `dp_accounting`'s
+/// test of each order's RDP against the KL bound (eps = 0 when
+/// `rdp < -ln(1 - delta^2)`, compared in log space so that it still works when
+/// `delta^2` underflows).
+fn improved_conversion(
+    orders: &[f64],
+    rdp: &[f64],
+    delta: f64,
+    per_order_kl_shortcut: bool,
+) -> (f64, f64) {
     let log_delta = delta.ln();
+    let log_kl_max = log_kl_threshold(delta);
     let per_order = orders.iter().zip(rdp).map(|(&a, &r)| {
-        if delta * delta + (-r).exp_m1() > 0.0 {
+        if per_order_kl_shortcut && r.ln() < log_kl_max {
             // delta <= sqrt(1 - exp(-KL)) <= sqrt(1 - exp(-rdp)).
             0.0
         } else if a > 1.01 && a.is_finite() {
@@ -412,7 +483,50 @@ pub fn rdp_to_epsilon(
             f64::INFINITY
         }
     });
-    Ok(argmin(orders, per_order))
+    argmin(orders, per_order)
+}
+
+/// `ln(-ln(1 - delta^2))`: the log of the largest total KL divergence for which
+/// the mechanism is `(0, delta)`-DP. `delta^2` underflows below `delta ~ 1.5e-162`;
+/// there `-ln(1 - delta^2) = delta^2 (1 + delta^2 / 2 + ...)` has log `2 ln(delta)`.
+fn log_kl_threshold(delta: f64) -> f64 {
+    let d2 = delta * delta;
+    if d2 >= f64::MIN_POSITIVE {
+        (-(-d2).ln_1p()).ln()
+    } else {
+        2.0 * delta.ln()
+    }
+}
+
+/// Log of an upper bound on the total KL divergence of `steps` steps of the
+/// sampled Gaussian mechanism: `T * D_2` with the closed form
+/// `D_2 = ln(A_2) = ln(1 + q^2 expm1(1 / sigma^2))` (KL = `D_1 <= D_2`, since
+/// the Rényi divergence is non-decreasing in its order). Evaluated in log space
+/// with `ln1p`/`expm1`, so it has full relative precision however small it is,
+/// and is `-inf` only for `q = 0`.
+fn log_kl_upper_bound(q: f64, sigma: f64, steps: u64) -> f64 {
+    if q == 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if sigma == 0.0 {
+        return f64::INFINITY;
+    }
+    // ln(expm1(1 / sigma^2)); for huge sigma, expm1(x) = x to full precision.
+    let log_c = if sigma < 1e100 {
+        (1.0 / (sigma * sigma)).exp_m1().ln()
+    } else {
+        -2.0 * sigma.ln()
+    };
+    // ln(x), x = q^2 expm1(1 / sigma^2), then ln(ln1p(x)).
+    let log_x = 2.0 * q.ln() + log_c;
+    let log_d2 = if log_x < -700.0 {
+        log_x
+    } else if log_x < 700.0 {
+        log_x.exp().ln_1p().ln()
+    } else {
+        log_x.ln()
+    };
+    (steps as f64).ln() + log_d2
 }
 
 /// Converts RDP values to `(epsilon, best_order)` at `delta` with the classic
@@ -452,13 +566,21 @@ fn argmin(orders: &[f64], eps: impl Iterator<Item = f64>) -> (f64, f64) {
 /// Gaussian mechanism (sampling rate `q`, noise multiplier `sigma`) at `delta`,
 /// over [`default_orders`], with the improved conversion of Balle et al. 2020
 /// (the one Opacus and `dp_accounting` use). `(+inf, NaN)` when `sigma = 0` and
-/// `q > 0`.
+/// `q > 0`. Epsilon is 0, with the first order, when the total KL divergence is
+/// provably below `-ln(1 - delta^2)` (always for `q = 0`, at any `delta`); this
+/// test uses a closed-form bound on the KL rather than the RDP computed at each
+/// order, see [`epsilon_with_orders`].
 pub fn epsilon(q: f64, sigma: f64, steps: u64, delta: f64) -> Result<(f64, f64), AccountantError> {
     epsilon_with_orders(q, sigma, steps, delta, &default_orders())
 }
 
-/// [`epsilon`] over the given RDP orders (each `> 1`; `+inf` is accepted and
-/// never optimal).
+/// [`epsilon`] over the given RDP orders (each `> 1` and at most
+/// [`MAX_ORDER`]; `+inf` is accepted and never optimal).
+///
+/// Unlike [`rdp_to_epsilon`], the `eps = 0` shortcut is decided on the
+/// closed-form bound `T ln(1 + q^2 expm1(1 / sigma^2)) >= T * KL`, because a tiny
+/// per-step RDP can be rounded to 0 by the series and would then pass the test
+/// for any number of steps.
 pub fn epsilon_with_orders(
     q: f64,
     sigma: f64,
@@ -468,7 +590,23 @@ pub fn epsilon_with_orders(
 ) -> Result<(f64, f64), AccountantError> {
     check_delta(delta)?;
     let rdp = compute_rdp(q, sigma, steps, orders)?;
-    rdp_to_epsilon(orders, &rdp, delta)
+    // The KL shortcut (eps = 0 when the total KL is below -ln(1 - delta^2)) is
+    // decided here on the closed-form bound T * D_2 >= T * KL, not on the RDP
+    // computed at each order as `dp_accounting` (and `rdp_to_epsilon`) do. For
+    // small q, ln(A) ~ alpha (alpha - 1) / 2 q^2 expm1(1 / sigma^2) is what is
+    // left of terms of size ~q after cancellation, so its absolute rounding error
+    // is ~1e-16 q |ln q| (plus the fractional series' tail below e^-30): a tiny
+    // per-step RDP can come out as 0 (at order 1.1 for q = 1e-14, sigma = 1),
+    // and T * 0 passes the test for any number of steps and any delta. Where the
+    // shortcut can fire (tiny divergences) D_2 is about twice the KL and 1.8
+    // times the RDP at order 1.1, so it fires for somewhat more noise than in
+    // dp_accounting, and never on a rounded-down value. The per-order rounding
+    // does not matter in the formula below: it moves T * rdp by ~1e-16 T q |ln q|,
+    // negligible for any realistic number of epochs T q.
+    if log_kl_upper_bound(q, sigma, steps) < log_kl_threshold(delta) {
+        return Ok((0.0, orders[0]));
+    }
+    Ok(improved_conversion(orders, &rdp, delta, false))
 }
 
 /// `(epsilon, best_order)` like [`epsilon`] but with the classic conversion
@@ -506,15 +644,25 @@ pub fn epsilon_classic_with_orders(
 /// is at most `target_epsilon`. The returned value always satisfies the
 /// target (it is the upper end of the final bisection bracket).
 ///
+/// The result is **exactly representable as `f32`**: it is the smallest `f32`
+/// whose epsilon meets the target, returned as `f64`. So
+/// `GaussianNoise { multiplier: sigma as f32, .. }` configures exactly the
+/// accounted value; rounding an arbitrary `f64` to the nearest `f32` could
+/// instead round it down and miss the target. (When configuring micro-batches
+/// of more than one example, multiply by [`micro_batch_sensitivity`] first;
+/// doubling keeps the value exact.)
+///
 /// Epsilon is non-increasing in `sigma`, so this brackets the answer by
-/// doubling and then bisects. Returns `0` when `q = 0` (no example is ever
+/// doubling and then bisects over the `f32` values (whose bit patterns are
+/// ordered like the values). Returns `0` when `q = 0` (no example is ever
 /// used). Fails with [`AccountantError::UnreachableEpsilon`] when even
 /// [`MAX_NOISE_MULTIPLIER`] does not reach the target (with the default orders
 /// and the improved conversion, epsilon cannot drop below roughly
 /// `-(ln(delta) + ln 63) / 62 + ln(62 / 63)`, about 0.10 at `delta = 1e-5`,
-/// until the total RDP falls below about `delta^2`, where the KL-divergence
-/// shortcut of the conversion gives epsilon 0; a target below that floor is
-/// therefore met only by a very large `sigma`, or not at all).
+/// until the bound `T ln(1 + q^2 expm1(1 / sigma^2))` on the total KL divergence
+/// falls below about `delta^2`, where the KL-divergence shortcut of
+/// [`epsilon`] gives epsilon 0; a target below that floor is therefore met only
+/// by a very large `sigma`, or not at all).
 pub fn noise_multiplier_for_epsilon(
     q: f64,
     steps: u64,
@@ -542,25 +690,28 @@ pub fn noise_multiplier_for_epsilon_with_orders(
     if q == 0.0 {
         return Ok(0.0);
     }
-    let eps_at = |sigma: f64| epsilon_with_orders(q, sigma, steps, delta, orders).map(|e| e.0);
+    let eps_at =
+        |sigma: f32| epsilon_with_orders(q, f64::from(sigma), steps, delta, orders).map(|e| e.0);
+    // MAX_NOISE_MULTIPLIER (1e6) and the powers of two below are exact in f32.
+    let max_sigma = MAX_NOISE_MULTIPLIER as f32;
 
     // Bracket: eps(lo) > target >= eps(hi). eps(0) = +inf for q > 0.
-    let mut lo = 0.0_f64;
-    let mut hi = 1.0_f64;
+    let mut lo = 0.0_f32;
+    let mut hi = 1.0_f32;
     loop {
         let e = eps_at(hi)?;
         if e <= target_epsilon {
             break;
         }
         lo = hi;
-        if hi >= MAX_NOISE_MULTIPLIER {
+        if hi >= max_sigma {
             return Err(AccountantError::UnreachableEpsilon {
                 target: target_epsilon,
                 best: e,
                 max_sigma: MAX_NOISE_MULTIPLIER,
             });
         }
-        hi = (hi * 2.0).min(MAX_NOISE_MULTIPLIER);
+        hi = (hi * 2.0).min(max_sigma);
     }
     // Halve towards small sigma first so that the bisection starts from a
     // bracket within a factor 2 (keeps the relative tolerance meaningful).
@@ -572,15 +723,37 @@ pub fn noise_multiplier_for_epsilon_with_orders(
         }
         lo = cand;
     }
-    while hi - lo > NOISE_MULTIPLIER_RTOL * hi {
-        let mid = 0.5 * (lo + hi);
-        if eps_at(mid)? <= target_epsilon {
-            hi = mid;
+    // Bisect over the f32 values between lo and hi: non-negative f32 bit
+    // patterns are ordered like the values, so this ends with hi the smallest
+    // f32 meeting the target (for a monotone epsilon), in at most 23 steps from
+    // a bracket within a factor 2.
+    let (mut lo_bits, mut hi_bits) = (lo.to_bits(), hi.to_bits());
+    while hi_bits - lo_bits > 1 {
+        let mid_bits = lo_bits + (hi_bits - lo_bits) / 2;
+        if eps_at(f32::from_bits(mid_bits))? <= target_epsilon {
+            hi_bits = mid_bits;
         } else {
-            lo = mid;
+            lo_bits = mid_bits;
         }
     }
-    Ok(hi)
+    Ok(f64::from(f32::from_bits(hi_bits)))
+}
+
+/// The L2 sensitivity of the sum of clipped micro-batch means, in units of the
+/// total clip bound S, when micro-batches hold at most `max_micro_batch_rows`
+/// examples: 1 for per-example clipping (one row per micro-batch: adding or removing
+/// an example adds or removes a whole term of norm <= S), 2 beyond (it moves its
+/// micro-batch's clipped mean from one vector of norm <= S to another; TensorFlow
+/// Privacy's `used_microbatching`). Account with `multiplier / micro_batch_sensitivity(b)`;
+/// configure `multiplier = sigma * micro_batch_sensitivity(b)` for the sigma the accountant found.
+///
+/// `0` rows (no micro-batch holds an example) is treated like `1`.
+pub fn micro_batch_sensitivity(max_micro_batch_rows: usize) -> f64 {
+    if max_micro_batch_rows <= 1 {
+        1.0
+    } else {
+        2.0
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -620,7 +793,7 @@ fn check_steps(steps: u64) -> Result<(), AccountantError> {
 }
 
 fn check_order(order: f64) -> Result<(), AccountantError> {
-    if order > 1.0 {
+    if order > 1.0 && (order <= MAX_ORDER || order == f64::INFINITY) {
         Ok(())
     } else {
         Err(AccountantError::InvalidOrder(order))
@@ -901,10 +1074,22 @@ mod tests {
                 assert_rel(
                     r,
                     e,
-                    1e-9,
+                    2e-9,
                     &format!("rdp(q={q}, sigma={sigma}, alpha={order})"),
                 );
             }
+        }
+        // Opacus' log_sub, ln(expm1(x - y)) + y, rounds to ulp(|y|) at every
+        // subtraction; ours (x + ln(1 - e^(y - x))) does not. At (0.01, 1, 1.1)
+        // Opacus is 1.8e-9 (relative) away from the exact sum of the same
+        // truncated series (mpmath, 40 digits, terms down to e^-30), hence 2e-9
+        // above; ours matches the exact sums to 1e-12.
+        for (order, exact) in [
+            (1.1, 9.241_470_999_547_477e-5),
+            (1.5, 1.272_537_434_971_657_7e-4),
+        ] {
+            let r = rdp_subsampled_gaussian(0.01, 1.0, order);
+            assert_rel(r, exact, 1e-12, &format!("exact series, alpha={order}"));
         }
     }
 
@@ -1226,6 +1411,121 @@ mod tests {
             other => panic!("expected UnreachableEpsilon, got {other:?}"),
         }
         assert_eq!(noise_multiplier_for_epsilon(0.0, 100, 1e-5, 1.0), Ok(0.0));
+    }
+
+    // ----- review defects ----------------------------------------------------
+
+    #[test]
+    fn tiny_per_step_rdp_is_resolved_not_rounded_to_zero() {
+        // ln(e^x - e^y) next to 0 with a far smaller y: x + ln1p(-e^(y - x)).
+        let (x, y) = (1.2e-15_f64, -45.0_f64);
+        assert_rel(
+            log_sub(x, y).unwrap(),
+            x - (y - x).exp(),
+            1e-12,
+            "log_sub(1.2e-15, -45)",
+        );
+        // Small q: ln A_alpha = alpha (alpha - 1) / 2 q^2 expm1(1 / sigma^2) + O(q^3),
+        // so the per-step RDP is alpha / 2 q^2 expm1(1 / sigma^2), ~6e-15 at order 1.2.
+        let (q, sigma) = (1e-6_f64, 10.0_f64);
+        for &order in &[1.1, 1.2, 1.5, 2.0, 2.5, 10.9] {
+            let leading = order / 2.0 * q * q * (1.0 / (sigma * sigma)).exp_m1();
+            assert_rel(
+                rdp_subsampled_gaussian(q, sigma, order),
+                leading,
+                1e-4,
+                &format!("rdp(q=1e-6, sigma=10, alpha={order})"),
+            );
+        }
+        // 1e8 steps: 6e-7 at order 1.2, far above delta^2 = 1e-10, so epsilon is
+        // not 0 (dp_accounting's RDP accountant: 0.1029).
+        let (eps, _) = epsilon(q, sigma, 100_000_000, 1e-5).unwrap();
+        assert!(eps > 0.09 && eps < 0.11, "{eps}");
+        // Epsilon 0.001 is below the conversion's floor with these orders (~0.103
+        // at order 63), so only the KL shortcut reaches it: the returned sigma
+        // must make T * KL, KL ~ q^2 expm1(1 / sigma^2) / 2, smaller than delta^2.
+        let s = noise_multiplier_for_epsilon(q, 100_000_000, 1e-5, 0.001).unwrap();
+        let kl_total = 1e8 * q * q * (1.0 / (s * s)).exp_m1() / 2.0;
+        assert!(kl_total < 1e-10, "sigma {s}: T * KL = {kl_total}");
+
+        // Further down, float64 cannot resolve the per-step RDP at small orders at
+        // all: the series gives exactly 0 at order 1.1 for (q, sigma) = (1e-14, 1)
+        // and at order 1.5 for (0.5, 1e7) (true values ~1e-28 and ~2e-15). The KL
+        // shortcut must not take those zeros at face value: the total KL here is
+        // ~1e-9 and ~2e-3, far above delta^2 = 1e-10.
+        let (eps, _) = epsilon(1e-14, 1.0, 10_000_000_000_000_000_000, 1e-5).unwrap();
+        assert!(eps > 0.09, "{eps}");
+        let (eps, _) = epsilon_with_orders(0.5, 1e7, 1_000_000_000_000, 1e-5, &[1.5, 2.0]).unwrap();
+        assert!(eps > 1.0, "{eps}");
+    }
+
+    #[test]
+    fn huge_orders_are_rejected_quickly() {
+        let start = std::time::Instant::now();
+        for order in [1e12, 1e15, 2f64.powi(53), 1e300] {
+            assert!(
+                matches!(
+                    epsilon_with_orders(0.01, 1.0, 1, 1e-5, &[order]),
+                    Err(AccountantError::InvalidOrder(_))
+                ),
+                "{order}"
+            );
+            assert!(
+                rdp_subsampled_gaussian(0.01, 1.0, order).is_nan(),
+                "{order}"
+            );
+            assert!(matches!(
+                noise_multiplier_for_epsilon_with_orders(0.01, 1, 1e-5, 1.0, &[2.0, order]),
+                Err(AccountantError::InvalidOrder(_))
+            ));
+        }
+        assert!(start.elapsed().as_secs_f64() < 1.0);
+    }
+
+    #[test]
+    fn tiny_delta_agrees_between_epsilon_and_inverse() {
+        // delta^2 underflows for delta = 1e-200; q = 0 still releases nothing.
+        let (eps, _) = epsilon(0.0, 1.0, 100, 1e-200).unwrap();
+        assert_eq!(eps, 0.0);
+        assert_eq!(noise_multiplier_for_epsilon(0.0, 100, 1e-200, 1.0), Ok(0.0));
+        // q > 0 with a KL far below delta^2 = 1e-400: epsilon 0; far above: not.
+        let (eps, _) = epsilon(1e-210, 1.0, 1, 1e-200).unwrap();
+        assert_eq!(eps, 0.0);
+        let (eps, _) = epsilon(1e-190, 1.0, 1, 1e-200).unwrap();
+        assert!(eps > 1.0, "{eps}");
+        // The conversion of given RDP values compares in log space too.
+        let (eps, order) = rdp_to_epsilon(&[2.0, 3.0], &[0.0, 0.0], 1e-200).unwrap();
+        assert_eq!((eps, order), (0.0, 2.0));
+        let (eps, _) = rdp_to_epsilon(&[2.0], &[1e-390], 1e-200).unwrap();
+        assert_eq!(eps, 0.0);
+    }
+
+    #[test]
+    fn noise_multiplier_is_f32_exact_and_meets_target() {
+        let (q, steps, delta) = (0.02048, 4883u64, 1e-5);
+        for target in [0.5, 1.0, 3.0, 8.0] {
+            let sigma = noise_multiplier_for_epsilon(q, steps, delta, target).unwrap();
+            assert_eq!(sigma as f32 as f64, sigma, "target {target}");
+            let (e, _) = epsilon(q, sigma, steps, delta).unwrap();
+            assert!(e <= target, "target {target}: eps({sigma}) = {e}");
+            // The next f32 down misses it (the smallest f32 meeting the target).
+            let below = f64::from((sigma as f32).next_down());
+            let (e_below, _) = epsilon(q, below, steps, delta).unwrap();
+            assert!(e_below > target, "target {target}: {below} also meets it");
+        }
+    }
+
+    #[test]
+    fn micro_batch_sensitivity_doubles_beyond_one_row() {
+        assert_eq!(micro_batch_sensitivity(1), 1.0);
+        assert_eq!(micro_batch_sensitivity(0), 1.0);
+        assert_eq!(micro_batch_sensitivity(2), 2.0);
+        assert_eq!(micro_batch_sensitivity(8), 2.0);
+        assert_eq!(micro_batch_sensitivity(usize::MAX), 2.0);
+        // Doubling an f32-exact accountant sigma keeps it f32-exact.
+        let sigma = noise_multiplier_for_epsilon(0.02048, 4883, 1e-5, 8.0).unwrap();
+        let multiplier = sigma * micro_batch_sensitivity(8);
+        assert_eq!(multiplier as f32 as f64, multiplier);
     }
 
     // ----- argument checks -------------------------------------------------

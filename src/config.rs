@@ -75,9 +75,14 @@ pub enum NonFinitePolicy {
 }
 
 /// Gaussian noise for DP-SGD: the output becomes `(sum_j s_j g_j + z) / M` with
-/// `z ~ N(0, (multiplier * S)^2 I)` and `S = sqrt(sum_g C_g^2)` the total
-/// sensitivity (one sample changes one micro-batch, whose clipped contribution has
-/// norm at most `S`).
+/// `z ~ N(0, (multiplier * S)^2 I)` and `S = sqrt(sum_g C_g^2)` the total clip
+/// bound, as TensorFlow Privacy adds `noise_multiplier * l2_norm_clip`. Each
+/// clipped micro-batch mean has norm at most `S`. One sample moves the sum by up
+/// to `S` when micro-batches hold one sample (it adds or removes a whole term),
+/// but by up to `2 S` when they hold more (it moves its micro-batch's clipped mean
+/// from one vector of norm `S` to another): account with
+/// `multiplier / accountant::micro_batch_sensitivity(b)`
+/// ([`micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
 ///
 /// The noise is drawn by Philox4x32-10 keyed by `seed`, with counter
 /// `(element / 4, step)` and Box-Muller, where `element` numbers the outputs of all

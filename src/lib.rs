@@ -20,8 +20,11 @@
 //! [`ClipConfig::with_groups`] clips parameter groups against their own bounds
 //! ([`ClipBound::PerGroup`]; norms and factors become `[M, G]`);
 //! [`ClipConfig::with_noise`] adds seeded Gaussian noise ([`GaussianNoise`],
-//! generator in [`noise`](mod@noise)) calibrated to the total sensitivity
-//! `sqrt(sum_g C_g^2)`; [`accountant`] turns (q, sigma, steps, delta) into epsilon.
+//! generator in [`noise`](mod@noise)) of standard deviation `sigma * S`, `S` the
+//! total bound `sqrt(sum_g C_g^2)`; [`accountant`] turns (q, sigma, steps, delta)
+//! into epsilon, with sigma halved for micro-batches of more than one sample
+//! ([`accountant::micro_batch_sensitivity`]: one sample then moves the sum by up
+//! to `2 S`).
 //! The README's "Using microclip for DP-SGD" has a worked example.
 //!
 //! ## Quick start (host slices)
@@ -66,8 +69,9 @@
 //!
 //! [`Clipper::set_gpu_timing`] makes every later GPU call time its compute pass
 //! with timestamp queries (where the device has wgpu's `TIMESTAMP_QUERY`, which
-//! [`Clipper::new`] requests); [`Clipper::last_gpu_time`] then gives the device
-//! time of the last call's kernels, without the host's encoding and read-back.
+//! [`Clipper::new`] requests, and is not a GL device, whose timestamps do not
+//! bracket the work); [`Clipper::last_gpu_time`] then gives the device time of
+//! the last call's kernels, without the host's encoding and read-back.
 //!
 //! ## burn
 //!
@@ -120,7 +124,10 @@
 //!
 //! The CPU backend reads the input once, in groups of micro-batches, when an f64
 //! accumulator row and a group's means fit its cache budget (20 MiB; the working
-//! memory of one call). Otherwise it takes two passes and, from `b >= 3` rows per
+//! memory of one call) and each micro-batch's factor follows from its own norm
+//! (not so for hard clipping under an adaptive bound with `scale > 1`, nor for
+//! [`NonFinitePolicy::Propagate`] with several groups and an adaptive hard
+//! bound). Otherwise it takes two passes and, from `b >= 3` rows per
 //! micro-batch on average, keeps the `M x sum_p D_p x 4` bytes of f32 means (up
 //! to 1 GiB) between calls for its second pass; below that it reads the input
 //! twice. [`Clipper::scratch_bytes`] reports what a clipper keeps.

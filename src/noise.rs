@@ -12,7 +12,11 @@
 //! `(w0, w1)` and `(w2, w3)`: with `u(w) = (2 * (w >> 9) + 1) / 2^24` (exact in f32,
 //! in `(0, 1)`), `r = sqrt(-2 ln u(w0))`, `theta = 2 pi u(w1) - pi`, the normals are
 //! `r cos theta` and `r sin theta`. The smallest `u` is `2^-24`, so `|z| <= 5.77`:
-//! the tails beyond 5.77 standard deviations (probability 8e-9) are cut.
+//! the tails beyond 5.77 standard deviations (probability 8e-9) are cut, and the
+//! far tail is discrete (the largest radii are 5.77, 5.57, 5.48, ..., each drawn
+//! with probability 2^-23). The accountant's guarantee is for exact Gaussian
+//! noise; like every floating-point sampler (PyTorch's cuts near 6.7 standard
+//! deviations), this one approximates it only up to its tails.
 //!
 //! The random words are integers and match the GPU bit for bit; the normals match
 //! up to the float error of `ln`, `cos` and `sin` (the GPU evaluates them in f32,
