@@ -164,9 +164,7 @@ impl Clipper {
 
     /// Times the GPU backend's compute pass of every later call with timestamp
     /// queries (`on`), or stops; returns whether calls are timed: false on the CPU
-    /// backend, on a GL device (whose timestamps do not bracket the work: on
-    /// llvmpipe's GL driver they gave half the wall-clock time), and on a device
-    /// without wgpu's `TIMESTAMP_QUERY` feature
+    /// backend and on a device without wgpu's `TIMESTAMP_QUERY` feature
     /// ([`Clipper::new`] requests it where the adapter has it; a device passed to
     /// [`Clipper::from_device`] needs it enabled by its creator). Timing adds two
     /// timestamp writes and 16 bytes to each call's read-back.

@@ -69,9 +69,8 @@
 //!
 //! [`Clipper::set_gpu_timing`] makes every later GPU call time its compute pass
 //! with timestamp queries (where the device has wgpu's `TIMESTAMP_QUERY`, which
-//! [`Clipper::new`] requests, and is not a GL device, whose timestamps do not
-//! bracket the work); [`Clipper::last_gpu_time`] then gives the device time of
-//! the last call's kernels, without the host's encoding and read-back.
+//! [`Clipper::new`] requests); [`Clipper::last_gpu_time`] then gives the device
+//! time of the last call's kernels, without the host's encoding and read-back.
 //!
 //! ## burn
 //!

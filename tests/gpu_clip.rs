@@ -795,9 +795,7 @@ fn tensors_in_many_buffers_share_dispatches() {
 fn timed_calls_give_the_same_bits_and_a_device_time() {
     let Some(mut gpu) = gpu() else { return };
     let device = gpu.device().unwrap().clone();
-    // No timer on GL, whose timestamps do not bracket the work (src/gpu/timer.rs).
-    let has_timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
-        && device.adapter_info().backend != wgpu::Backend::Gl;
+    let has_timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
     let (n, widths) = (12, [300, 7]);
     let t = random_tensors(9, n, &widths, 1.0);
     let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(5));

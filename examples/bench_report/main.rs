@@ -41,8 +41,7 @@
 //!   row of a scaled run says `D/S`, and the header says why.
 //! * **Time**: median over `--runs` (default 11) runs after `--warmup` (default 2)
 //!   runs. GPU: where the adapter has timestamp queries (wgpu `TIMESTAMP_QUERY`;
-//!   lavapipe has them; not on GL, whose timestamps gave llvmpipe's GL driver
-//!   half its wall-clock time), the device time of each call's compute pass, written at
+//!   lavapipe has them), the device time of each call's compute pass, written at
 //!   the pass's beginning and end: all of microclip's kernels of the call
 //!   (`Clipper::set_gpu_timing`), or all dispatches of a bench job (the read-sum,
 //!   the copy, the 5-pass baseline); without them, or with `--wall-clock`, the

@@ -268,7 +268,7 @@ impl GpuClipper {
     }
 
     /// Times every later call's compute pass (`on`) or stops; returns whether
-    /// calls are timed (false without `TIMESTAMP_QUERY` on the device, or on GL).
+    /// calls are timed (false without `TIMESTAMP_QUERY` on the device).
     pub fn set_timing(&mut self, on: bool) -> bool {
         self.timer = if on {
             self.timer

@@ -18,15 +18,10 @@ pub(crate) struct PassTimer {
 
 impl PassTimer {
     /// A timer on `device`, or `None` when the device was created without
-    /// `TIMESTAMP_QUERY` (not every adapter has it) or is a GL device: GL's
-    /// timestamps are not taken where the work runs. On llvmpipe's GL driver
-    /// the bench's read-sum of 64 MB timed this way took 6.2 ms against 12.4 by
-    /// the wall clock, and the same kernel on lavapipe's Vulkan 12.5 by its
-    /// timestamps (the eighteenth session, BENCHMARKS.md).
+    /// `TIMESTAMP_QUERY` (not every adapter has it; on GL only with
+    /// `GL_ARB_timer_query`).
     pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Option<Self> {
-        if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
-            || device.adapter_info().backend == wgpu::Backend::Gl
-        {
+        if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
             return None;
         }
         Some(Self {
