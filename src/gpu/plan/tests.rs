@@ -1,0 +1,389 @@
+use super::*;
+
+fn offsets(n: u32, b: u32) -> Vec<u32> {
+    let mut o: Vec<u32> = (0..n).step_by(b as usize).collect();
+    o.push(n);
+    o
+}
+
+#[test]
+fn one_window_when_everything_fits() {
+    let w = plan_windows(&offsets(10, 3), 7, 4, 0, 1 << 20, 256).unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!((w[0].row_start, w[0].row_end, w[0].mb_count), (0, 10, 4));
+    assert!(!w[0].carry_in && !w[0].carry_out);
+    assert_eq!(w[0].bind_size, 10 * 7 * 4);
+}
+
+#[test]
+fn windows_cover_all_rows_and_mark_cut_micro_batches() {
+    // 10 rows of 100 f32 = 400 bytes; the binding holds 2 rows after alignment slack.
+    let o = offsets(10, 3);
+    let w = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
+    assert_eq!(w.len(), 5);
+    let mut row = 0;
+    for win in &w {
+        assert_eq!(win.row_start, row);
+        row = win.row_end;
+        assert!(win.bind_offset % 256 == 0);
+        assert!(win.bind_size <= 1052);
+        let first_byte = win.bind_offset + win.elem_offset as u64 * 4;
+        assert_eq!(first_byte, 12 + win.row_start as u64 * 400);
+    }
+    assert_eq!(row, 10);
+    // rows [2,4): micro-batch 0 = [0,3) began earlier, micro-batch 1 = [3,6) goes on.
+    assert_eq!((w[1].mb_first, w[1].mb_count), (0, 2));
+    assert!(w[1].carry_in && w[1].carry_out);
+    assert!(!w[0].carry_in && w[0].carry_out);
+    assert!(!w[4].carry_out);
+}
+
+#[test]
+fn half_windows_bind_whole_words_within_the_limit() {
+    // 10 rows of 7 halves (14 bytes) at byte 12: windows start mid-word.
+    let o = offsets(10, 3);
+    for max in [60, 64, 100, 1 << 20] {
+        let w = plan_windows(&o, 7, 2, 12, max, 32).unwrap();
+        let mut row = 0;
+        for win in &w {
+            assert_eq!(win.row_start, row);
+            row = win.row_end;
+            assert_eq!(win.bind_offset % 32, 0);
+            assert_eq!(win.bind_size % 4, 0);
+            assert!(win.bind_size <= max, "{max}: {win:?}");
+            let first_byte = win.bind_offset + win.elem_offset as u64 * 2;
+            assert_eq!(first_byte, 12 + win.row_start as u64 * 14);
+            let end = first_byte + (win.row_end - win.row_start) as u64 * 14;
+            assert!(end <= win.bind_offset + win.bind_size);
+        }
+        assert_eq!(row, 10);
+    }
+    assert!(plan_windows(&o, 7, 2, 12, 32, 32).is_err());
+}
+
+#[test]
+fn row_larger_than_a_binding_is_an_error() {
+    let e = plan_windows(&offsets(4, 1), 1000, 4, 0, 2048, 256).unwrap_err();
+    assert!(matches!(e, ClipError::TooLarge(_)));
+}
+
+#[test]
+fn windows_hold_at_most_one_dispatch_of_micro_batches() {
+    let n = 200_000u32;
+    let w = plan_windows(&offsets(n, 1), 1, 4, 0, 1 << 30, 256).unwrap();
+    assert!(w.iter().all(|w| w.mb_count <= MAX_GROUPS_PER_DIM));
+    assert_eq!(w.last().unwrap().row_end, n);
+}
+
+#[test]
+fn vec4_rows_need_aligned_rows() {
+    let w = |cols, base| plan_windows(&offsets(10, 3), cols, 4, base, 1 << 20, 256).unwrap();
+    let vec4_rows = |cols, w: &Window| vec4_aligned(cols, w.elem_offset);
+    assert!(vec4_rows(8, &w(8, 0)[0]));
+    assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
+    assert!(!vec4_rows(8, &w(8, 260)[0]));
+    assert!(!vec4_rows(6, &w(6, 0)[0]));
+}
+
+#[test]
+fn means_are_materialised_from_three_rows_per_micro_batch() {
+    assert!(!materialize_means(256, 256, 1000, 1 << 27, 3)); // b = 1
+    assert!(!materialize_means(10, 4, 1000, 1 << 27, 3)); // b = 2.5
+    assert!(materialize_means(12, 4, 1000, 1 << 27, 3)); // b = 3
+    assert!(materialize_means(256, 1, 1000, 1 << 27, 3));
+    assert!(!materialize_means(256, 64, 1 << 20, 1 << 27, 3)); // 256 MiB of means
+                                                               // A software adapter's rule: from b = 2 on.
+    assert!(!materialize_means(256, 256, 1000, 1 << 27, 2)); // b = 1
+    assert!(!materialize_means(7, 4, 1000, 1 << 27, 2)); // b = 1.75
+    assert!(materialize_means(8, 4, 1000, 1 << 27, 2)); // b = 2
+    assert!(!materialize_means(256, 128, 1 << 20, 1 << 27, 2)); // 512 MiB of means
+}
+
+#[test]
+fn tiles_widen_while_enough_workgroups_remain() {
+    let one = |d: u64| std::iter::once(d);
+    // b = 1 at N = 256, D = 62500: 16 tiles of 4096 per row; 1 of 65536 still
+    // gives 256 workgroups.
+    assert_eq!(tile_cols(one(62_500), 256, 32), 65_536);
+    // M = 8: 8 x 4 tiles of 16384 = 32 workgroups, 8 x 2 of 32768 too few.
+    assert_eq!(tile_cols(one(62_500), 8, 32), 16_384);
+    // M = 1: never narrower than the minimum, even with too few workgroups.
+    assert_eq!(tile_cols(one(62_500), 1, 32), MIN_TILE_COLS);
+    // Hardware adapters ask for u64::MAX workgroups: always the minimum.
+    assert_eq!(tile_cols(one(1 << 20), 1024, u64::MAX), MIN_TILE_COLS);
+    // Many tensors count together.
+    assert_eq!(tile_cols([10u64; 100].into_iter(), 1, 32), MAX_TILE_COLS);
+    assert_eq!(tile_cols(std::iter::empty(), 4, 1), MIN_TILE_COLS);
+}
+
+/// f32 tensors in buffer `buffer` as the norm pass sees them.
+fn f32_in(buffer: usize, windows: &[Window]) -> Pass1Tensor<'_> {
+    Pass1Tensor {
+        buffer,
+        dtype: 0,
+        elem_bytes: 4,
+        windows,
+    }
+}
+
+fn entry(tensor: usize, slot: usize, elem_offset: u32) -> Pass1Entry {
+    Pass1Entry {
+        tensor,
+        window: 0,
+        slot,
+        elem_offset,
+    }
+}
+
+#[test]
+fn tensors_of_one_buffer_share_norm_pass_dispatches() {
+    let o = offsets(10, 3);
+    // f32 tensors of 7 columns (280 bytes) at 256-aligned bytes; buffer 0 or 1.
+    let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+    let (a, b, c) = (one(512), one(0), one(1024));
+    let tensors = [f32_in(0, &a), f32_in(1, &b), f32_in(0, &c)];
+    let d = pass1_dispatches(&tensors, 1 << 20, 1);
+    // Tensors 0 and 2 share buffer 0: one binding from byte 512, tensor 2 at 128 floats.
+    assert_eq!(d.len(), 2);
+    let shared = d.iter().find(|d| d.entries.len() == 2).unwrap();
+    assert_eq!(shared.entries, vec![entry(0, 0, 0), entry(2, 0, 128)]);
+    let binding = shared.bindings[0];
+    assert_eq!((binding.offset, binding.size), (512, 512 + 280));
+    // The same binding limited to 600 bytes: two dispatches.
+    let d = pass1_dispatches(&[f32_in(0, &a), f32_in(0, &c)], 600, 1);
+    assert_eq!(d.len(), 2);
+    // At most TABLE_LEN tensors per dispatch.
+    let many: Vec<Vec<Window>> = (0..TABLE_LEN as u64 + 1).map(|p| one(p * 512)).collect();
+    let tensors: Vec<Pass1Tensor<'_>> = many.iter().map(|w| f32_in(0, w)).collect();
+    let d = pass1_dispatches(&tensors, 1 << 30, 1);
+    let sizes: Vec<usize> = d.iter().map(|d| d.entries.len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), TABLE_LEN + 1);
+    assert!(sizes.iter().all(|&s| s <= TABLE_LEN), "{sizes:?}");
+    // A tensor cut into windows: one dispatch per window, in order, first.
+    let cut = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
+    let tensors = [f32_in(0, &a), f32_in(0, &cut), f32_in(0, &c)];
+    let d = pass1_dispatches(&tensors, 1052, 8);
+    let cut_entries: Vec<_> = d[..cut.len()].iter().map(|d| d.entries[0]).collect();
+    let want: Vec<_> = cut
+        .iter()
+        .enumerate()
+        .map(|(k, w)| Pass1Entry {
+            tensor: 1,
+            window: k,
+            slot: 0,
+            elem_offset: w.elem_offset,
+        })
+        .collect();
+    assert_eq!(cut_entries, want);
+    assert_eq!(d.len(), cut.len() + 1);
+}
+
+#[test]
+fn tensors_of_many_buffers_share_dispatches_through_slots() {
+    let o = offsets(10, 3);
+    let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+    let b0 = one(0);
+    // The 100 tensors, each in its own buffer: 8 per dispatch.
+    let windows: Vec<Vec<Window>> = (0..100).map(|_| one(0)).collect();
+    let tensors: Vec<Pass1Tensor<'_>> = windows
+        .iter()
+        .enumerate()
+        .map(|(p, w)| f32_in(p, w))
+        .collect();
+    let d = pass1_dispatches(&tensors, 1 << 20, 8);
+    assert_eq!(d.len(), 13);
+    for (k, d) in d.iter().enumerate() {
+        assert_eq!(d.bindings.len(), d.entries.len());
+        for (slot, e) in d.entries.iter().enumerate() {
+            assert_eq!(*e, entry(8 * k + slot, slot, 0));
+            assert_eq!(d.bindings[slot].tensor, e.tensor);
+        }
+    }
+    // Without slots: one dispatch per buffer.
+    assert_eq!(pass1_dispatches(&tensors, 1 << 20, 1).len(), 100);
+    // Buffers 0, 1, 0, 1, ...: two bindings, tensors of a buffer in one.
+    let tensors: Vec<Pass1Tensor<'_>> = windows[..6]
+        .iter()
+        .enumerate()
+        .map(|(p, w)| f32_in(p % 2, w))
+        .collect();
+    let d = pass1_dispatches(&tensors, 1 << 20, 8);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].bindings.len(), 2);
+    let slots: Vec<usize> = d[0].entries.iter().map(|e| e.slot).collect();
+    assert_eq!(slots, [0, 1, 0, 1, 0, 1]);
+    // The same with slots = 1: one dispatch per buffer.
+    assert_eq!(pass1_dispatches(&tensors, 1 << 20, 1).len(), 2);
+    // Element types never share: two types, two dispatches.
+    let mut mixed = tensors.clone();
+    mixed[3].dtype = 1;
+    let d = pass1_dispatches(&mixed, 1 << 20, 8);
+    assert_eq!(d.len(), 2);
+    assert!(d.iter().any(|d| d.entries == [entry(3, 0, 0)]));
+    // Tensors of a buffer placed from the highest offset down: the binding's
+    // start moves lower, and every entry's offset counts from the final start.
+    let (hi, mid, lo) = (one(1024), one(512), one(0));
+    let d = pass1_dispatches(
+        &[
+            f32_in(0, &hi),
+            f32_in(1, &b0),
+            f32_in(0, &mid),
+            f32_in(0, &lo),
+        ],
+        1 << 20,
+        8,
+    );
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].entries,
+        vec![
+            entry(0, 0, 256),
+            entry(1, 1, 0),
+            entry(2, 0, 128),
+            entry(3, 0, 0)
+        ]
+    );
+    assert_eq!(
+        (d[0].bindings[0].offset, d[0].bindings[0].size),
+        (0, 1024 + 280)
+    );
+    // At most TABLE_LEN entries per dispatch with slots too.
+    let many: Vec<Vec<Window>> = (0..TABLE_LEN as u64 + 9).map(|p| one(p * 512)).collect();
+    let tensors: Vec<Pass1Tensor<'_>> = many
+        .iter()
+        .enumerate()
+        .map(|(p, w)| f32_in(p % 3, w))
+        .collect();
+    let d = pass1_dispatches(&tensors, 1 << 30, 8);
+    let sizes: Vec<usize> = d.iter().map(|d| d.entries.len()).collect();
+    assert_eq!(sizes, [TABLE_LEN, 9]);
+    // A binding too small for two tensors of a buffer: another slot.
+    let (a, c) = (one(512), one(1024));
+    let d = pass1_dispatches(&[f32_in(0, &a), f32_in(0, &c)], 600, 8);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].entries, vec![entry(0, 0, 0), entry(1, 1, 0)]);
+    assert_eq!(d[0].bindings.len(), 2);
+}
+
+#[test]
+fn table_length_matches_the_shaders() {
+    let line = format!("const TABLE_LEN: u32 = {TABLE_LEN}u;");
+    let shader = include_str!("../../../shaders/tensor_table.wgsl");
+    assert!(shader.contains(&line), "tensor_table.wgsl lacks `{line}`");
+}
+
+#[test]
+fn packing_fills_buffers_in_order_at_aligned_offsets() {
+    let (placed, used) = pack(&[100, 4, 300, 600, 8], 256, 1000);
+    assert_eq!(placed, vec![(0, 0), (0, 256), (0, 512), (1, 0), (1, 768)]);
+    assert_eq!(used, vec![812, 776]);
+    let (placed, used) = pack(&[1000, 1], 256, 1000);
+    assert_eq!((placed, used), (vec![(0, 0), (1, 0)], vec![1000, 1]));
+    // Blocks over the limit each get a buffer of their own.
+    let (placed, used) = pack(&[1500, 1200, 10], 256, 1000);
+    assert_eq!(placed, vec![(0, 0), (1, 0), (2, 0)]);
+    assert_eq!(used, vec![1500, 1200, 10]);
+}
+
+#[test]
+fn dispatch_shapes() {
+    assert_eq!(dispatch_2d(1).unwrap(), (1, 1));
+    assert_eq!(dispatch_2d(65535).unwrap(), (65535, 1));
+    assert_eq!(dispatch_2d(65536).unwrap(), (65535, 2));
+    assert_eq!(tiles(1, 4096), 1);
+    assert_eq!(tiles(4096, 4096), 1);
+    assert_eq!(tiles(4097, 4096), 2);
+}
+
+#[test]
+fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
+    assert!(!cuts(63, 32) && cuts(64, 32) && cuts(70, 32));
+    assert!(!cuts(1000, 0) && !cuts(u32::MAX, u32::MAX) && cuts(u32::MAX, u32::MAX / 2));
+    let entry = |cols, rows, means_base, out_offset, accumulate| MeansSumParams {
+        cols,
+        rows,
+        means_base,
+        stride: cols,
+        weights_base: 5,
+        out_offset,
+        accumulate,
+        skip_zero: 1,
+        vec4_path: 2,
+        groups: 3,
+        group: 2,
+        slot: 1,
+        ..Default::default()
+    };
+    // A short entry among long ones is cut too (into one or two chunks).
+    let table = [
+        entry(7, 70, 3, 100, 1),
+        entry(4100, 40, 9, 0, 0),
+        entry(1, 64, 0, 50, 0),
+    ];
+    let chunked = chunk_rows_table(&table, 32, u64::MAX).unwrap();
+    let all: Vec<_> = chunked.chunks.concat();
+    assert!(chunked.chunks.iter().all(|t| t.len() <= TABLE_LEN));
+    assert_eq!(all.len(), 3 + 2 + 2);
+    // Entry by entry, chunk by chunk: rows, first row, first weight, partial row.
+    let want = [
+        (7, 32, 3, 5, 0),
+        (7, 32, 3 + 32 * 7, 5 + 32, 8),
+        (7, 6, 3 + 64 * 7, 5 + 64, 16),
+        (4100, 32, 9, 5, 24),
+        (4100, 8, 9 + 32 * 4100, 5 + 32, 24 + 4100),
+        (1, 32, 0, 5, 24 + 2 * 4100),
+        (1, 32, 32, 5 + 32, 24 + 2 * 4100 + 4),
+    ];
+    for (e, w) in all.iter().zip(want) {
+        assert_eq!(
+            (e.cols, e.rows, e.means_base, e.weights_base, e.out_offset),
+            w
+        );
+        assert_eq!(e.accumulate, 0);
+        // The rest as in the original entry.
+        assert_eq!(
+            (e.skip_zero, e.vec4_path, e.groups, e.group, e.slot),
+            (1, 2, 3, 2, 1)
+        );
+    }
+    assert_eq!(chunked.scratch_floats, 24 + 2 * 4100 + 8);
+    assert_eq!(chunked.max_chunks(), 3);
+    let reduce: Vec<_> = chunked
+        .reduce
+        .iter()
+        .map(|e| {
+            (
+                e.cols,
+                e.rows,
+                e.means_base,
+                e.stride,
+                e.out_offset,
+                e.accumulate,
+            )
+        })
+        .collect();
+    assert_eq!(
+        reduce,
+        [
+            (7, 3, 0, 8, 100, 1),
+            (4100, 2, 24, 4100, 0, 0),
+            (1, 2, 8224, 4, 50, 0)
+        ]
+    );
+    assert!(chunked.reduce.iter().all(|e| (
+        e.vec4_path,
+        e.groups,
+        e.group,
+        e.skip_zero,
+        e.weights_base
+    ) == (1, 1, 0, 0, 0)));
+    // Nothing to cut, or a scratch matrix over the binding limit: no chunks.
+    assert!(chunk_rows_table(&table[1..2], 32, u64::MAX).is_none());
+    assert!(chunk_rows_table(&table, 0, u64::MAX).is_none());
+    assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8) - 4).is_none());
+    assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8)).is_some());
+    // Many chunks: tables of at most TABLE_LEN entries.
+    let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
+    let sizes: Vec<usize> = long.chunks.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
+}
