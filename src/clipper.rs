@@ -54,8 +54,10 @@ pub struct ClipStats {
     /// The bound `C_g` of each group (NaN when adaptive and no micro-batch is
     /// finite; +inf when an adaptive bound exceeds `f32::MAX`, the factors stay exact).
     pub group_bounds: Vec<f32>,
-    /// The total sensitivity `sqrt(sum_g C_g^2)`: with one group, the bound `C`
-    /// used this step.
+    /// The total bound `S = sqrt(sum_g C_g^2)`: with one group, the bound `C`
+    /// used this step. One sample moves the clipped sum by up to `S`, or `2 S`
+    /// with micro-batches of more than one sample
+    /// ([`accountant::micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
     pub clip_bound: f32,
     /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`.
     pub clipped_count: usize,

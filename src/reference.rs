@@ -24,7 +24,7 @@ pub struct Reference {
     pub factors: Vec<f64>,
     /// `C_g` per group (NaN when adaptive and no micro-batch is finite).
     pub group_bounds: Vec<f64>,
-    /// The total sensitivity `sqrt(sum_g C_g^2)` (`C` with one group).
+    /// The total bound `sqrt(sum_g C_g^2)` (`C` with one group).
     pub clip_bound: f64,
     /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`.
     pub clipped_count: usize,

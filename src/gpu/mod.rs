@@ -10,7 +10,7 @@
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
 //!    (tiles are numbered group by group);
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
-//!    total sensitivity and the noise scale;
+//!    total bound and the noise scale;
 //! 4. `weighted_means`: `out_p = sum_j (s_{j,g} / M) * mean_j` over the stored means
 //!    (per tensor, or once for all tensors into a scratch row), or as the sum over
 //!    the input rows, per tensor and window (or in the norm pass's dispatches into
