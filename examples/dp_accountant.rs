@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example dp_accountant -- --sampling-rate 0.0042667 \
-//!     --noise-multiplier 1.1 --micro-batch-rows 1 --steps 14062 --delta 1e-5
+//!     --noise-multiplier 1.1 --micro-batch-size 1 --steps 14062 --delta 1e-5
 //! ```
 //!
 //! prints a short summary and, as its last line, `epsilon=<value> order=<alpha>`.
@@ -13,19 +13,20 @@
 //!
 //! ```text
 //! cargo run --release --example dp_accountant -- --sampling-rate 0.0042667 \
-//!     --target-epsilon 3 --micro-batch-rows 8 --steps 14062 --delta 1e-5
+//!     --target-epsilon 3 --micro-batch-size 8 --steps 14062 --delta 1e-5
 //! ```
 //!
 //! prints `noise_multiplier=<multiplier>` as its last line: the value to put in
 //! `GaussianNoise::multiplier` (exactly representable as `f32`).
 //!
 //! The sampling rate is the expected batch size over the dataset size (Poisson
-//! sampling). The noise multiplier is the configured `GaussianNoise` multiplier:
-//! the noise standard deviation over the total clip bound `S`, for noise added to
-//! the SUM of the clipped micro-batch means. `--micro-batch-rows B` is the largest
-//! number of examples in one micro-batch (1 = per-example clipping): with `B > 1`
-//! one example can move the sum by `2 S`, so the accountant's sigma is half the
-//! multiplier (`accountant::micro_batch_sensitivity`). Bad arguments print one
+//! sampling). The noise multiplier is the configured `GaussianNoise` multiplier
+//! (accounted as the f32 that field holds): the noise standard deviation over
+//! the total clip bound `S`, for noise added to the SUM of the clipped
+//! micro-batch means. `--micro-batch-size B` is the most examples a micro-batch
+//! can hold (1 = per-example clipping): with `B > 1` one example can move the sum
+//! by `2 S`, so the accountant's sigma is half the multiplier
+//! (`accountant::micro_batch_sensitivity`). Bad arguments print one
 //! `error: ...` line and exit with a non-zero status.
 
 use std::io::Write;
@@ -57,10 +58,11 @@ struct Args {
     #[arg(long, value_name = "E")]
     target_epsilon: Option<f64>,
 
-    /// Largest number of examples in one micro-batch (1 = per-example
-    /// clipping; more doubles the sensitivity to 2 S).
+    /// The most examples a micro-batch can hold, over all steps (1 = per-example
+    /// clipping; more doubles the sensitivity to 2 S). Examples, not rows: rows
+    /// that are already micro-batch means count their examples.
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
-    micro_batch_rows: u64,
+    micro_batch_size: u64,
 
     /// Number of training steps (noisy releases).
     #[arg(long, value_name = "T")]
@@ -122,13 +124,13 @@ fn fail(msg: &str) -> ExitCode {
 
 fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
     let (q, steps, delta) = (args.sampling_rate, args.steps, args.delta);
-    let rows = args.micro_batch_rows;
+    let size = args.micro_batch_size;
     let sensitivity =
-        accountant::micro_batch_sensitivity(usize::try_from(rows).unwrap_or(usize::MAX));
+        accountant::micro_batch_sensitivity(usize::try_from(size).unwrap_or(usize::MAX));
     let sensitivity_line = if sensitivity == 1.0 {
         "  sensitivity      : 1 S (one example per micro-batch)".to_string()
     } else {
-        format!("  sensitivity      : {sensitivity} S (micro-batches of up to {rows} examples)")
+        format!("  sensitivity      : {sensitivity} S (micro-batches of up to {size} examples)")
     };
     let orders = accountant::default_orders();
     let mut lines = vec![
@@ -144,11 +146,16 @@ fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
         ),
     ];
     match args.noise_multiplier {
-        Some(multiplier) => {
+        Some(given) => {
+            if !(given.is_finite() && given >= 0.0) {
+                return Err(accountant::AccountantError::InvalidNoiseMultiplier(given));
+            }
+            // The noise microclip adds: GaussianNoise::multiplier is an f32.
+            let multiplier = f64::from(given as f32);
             let sigma = multiplier / sensitivity;
             let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
             let (classic, classic_order) = accountant::epsilon_classic(q, sigma, steps, delta)?;
-            lines.push(format!("  noise multiplier : {multiplier}"));
+            lines.push(format!("  noise multiplier : {multiplier} (as f32)"));
             lines.push(sensitivity_line);
             lines.push(format!("  accounting sigma : {sigma}"));
             lines.push(format!(

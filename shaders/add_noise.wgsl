@@ -1,6 +1,6 @@
 // Pass 5 (only with Gaussian noise): out_p[c] += noise_scale * z_e, one thread per
 // output element, where e = first + c numbers the outputs of all tensors in order
-// and noise_scale = sigma * sensitivity / M comes from clip_factors. z_e is drawn by
+// and noise_scale = sigma * S / M (S the total bound) comes from clip_factors. z_e is drawn by
 // Philox4x32-10 (key = seed, counter = (e / 4, step)) and Box-Muller, exactly as
 // src/noise.rs does on the CPU, so it depends on nothing but (seed, step, e).
 // Mode 1 writes the raw Philox word of each element instead, mode 2 the f32 bits of

@@ -2,7 +2,7 @@
 // group (fixed, or adaptive: scale * the smallest norm of the group over the finite
 // micro-batches, found by a tree so no host round trip is needed), the factors
 // s_{j,g}, the weights s_{j,g} / M used by the weighted sum, the reported f32 norms,
-// the counts, the total sensitivity sqrt(sum_g C_g^2) and the noise scale.
+// the counts, the total bound sqrt(sum_g C_g^2) and the noise scale.
 //
 // Phases: (A) per micro-batch, the flags of all its groups (a micro-batch is
 // non-finite when any group is); (B) per group, the bound and the factors; (C) the
@@ -27,11 +27,11 @@ struct Params {
 }
 
 struct Stats {
-    sensitivity: f32, // sqrt(sum_g C_g^2)
+    total_bound: f32, // S = sqrt(sum_g C_g^2)
     clipped: u32,
     nonfinite: u32,
     first_nonfinite: u32,
-    noise_scale: f32, // sigma * sensitivity / M
+    noise_scale: f32, // sigma * S / M
     pad0: u32,
     pad1: u32,
     pad2: u32,
@@ -92,7 +92,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     storageBarrier();
 
     // (B) Per group. Every thread also sums C_g^2 as a (scale, ssq) pair (the
-    // bounds are the same in all threads), so the sensitivity sqrt(sum_g C_g^2) and
+    // bounds are the same in all threads), so the total bound sqrt(sum_g C_g^2) and
     // the noise scale are formed without overflow even when a bound is beyond
     // f32::MAX.
     let inv_m = div_wide(1.0, f32(m));
@@ -100,8 +100,8 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var sens_valid = true;
     // An adaptive scale beyond 2^-16..2^16: its mantissa goes into the bounds'
     // pairs and its power of two, 2^shift, is applied to each result formed from
-    // them (ratios, bounds, sensitivity), never to a pair: a pair's root squared
-    // (the sensitivity) would overflow or vanish, its scale leave f32's range
+    // them (ratios, bounds, the total bound), never to a pair: a pair's root squared
+    // (the total bound) would overflow or vanish, its scale leave f32's range
     // where the bound itself does not. Within the range shift = 0 and the scale
     // goes into the root whole (the bound's own micro-batch then has ratio
     // exactly 1 at scale 1).
@@ -228,15 +228,15 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     workgroupBarrier();
     if (lid == 0u) {
         let root = sqrt(sens.y);
-        var sensitivity = times_pow2(sens.x, root, shift);
+        var total_bound = times_pow2(sens.x, root, shift);
         var noise_scale = times_pow2((params.sigma * inv_m) * sens.x, root, shift);
         if (!sens_valid) {
             // No finite micro-batch for an adaptive bound: NaN, but sigma = 0
             // still adds no noise.
-            sensitivity = nan_f32();
+            total_bound = nan_f32();
             noise_scale = select(nan_f32(), 0.0, params.sigma == 0.0);
         }
-        stats = Stats(sensitivity, atomicLoad(&clipped), atomicLoad(&nonfinite),
+        stats = Stats(total_bound, atomicLoad(&clipped), atomicLoad(&nonfinite),
             atomicLoad(&first_nonfinite), noise_scale, 0u, 0u, 0u);
     }
 }

@@ -512,7 +512,12 @@ fn log_kl_upper_bound(q: f64, sigma: f64, steps: u64) -> f64 {
         return f64::INFINITY;
     }
     // ln(expm1(1 / sigma^2)); for huge sigma, expm1(x) = x to full precision.
-    let log_c = if sigma < 1e100 {
+    let x = 1.0 / (sigma * sigma);
+    let log_c = if x > 700.0 {
+        // expm1(x) overflows from about 709.8 (sigma < 0.0375): ln(e^x - 1) =
+        // x + ln(1 - e^-x), +inf only when x itself is.
+        x + (-(-x).exp()).ln_1p()
+    } else if sigma < 1e100 {
         (1.0 / (sigma * sigma)).exp_m1().ln()
     } else {
         -2.0 * sigma.ln()
@@ -721,7 +726,9 @@ pub fn noise_multiplier_for_epsilon_with_orders(
             hi = cand;
             cand /= 2.0;
         }
-        lo = cand;
+        // Stopped by a cand that misses the target (a bracket), or by the floor
+        // (untested: bisect from 0 instead, whose epsilon is +inf for q > 0).
+        lo = if cand > 1e-6 { cand } else { 0.0 };
     }
     // Bisect over the f32 values between lo and hi: non-negative f32 bit
     // patterns are ordered like the values, so this ends with hi the smallest
@@ -740,16 +747,23 @@ pub fn noise_multiplier_for_epsilon_with_orders(
 }
 
 /// The L2 sensitivity of the sum of clipped micro-batch means, in units of the
-/// total clip bound S, when micro-batches hold at most `max_micro_batch_rows`
-/// examples: 1 for per-example clipping (one row per micro-batch: adding or removing
-/// an example adds or removes a whole term of norm <= S), 2 beyond (it moves its
-/// micro-batch's clipped mean from one vector of norm <= S to another; TensorFlow
-/// Privacy's `used_microbatching`). Account with `multiplier / micro_batch_sensitivity(b)`;
-/// configure `multiplier = sigma * micro_batch_sensitivity(b)` for the sigma the accountant found.
+/// total clip bound S, when a micro-batch can hold at most
+/// `max_micro_batch_examples` examples: 1 for per-example clipping (adding or
+/// removing an example adds or removes a whole term of norm <= S), 2 beyond (it
+/// moves its micro-batch's clipped mean from one vector of norm <= S to another;
+/// TensorFlow Privacy's `used_microbatching`). Account with
+/// `multiplier / micro_batch_sensitivity(b)`; configure
+/// `multiplier = sigma * micro_batch_sensitivity(b)` for the sigma the
+/// accountant found.
 ///
-/// `0` rows (no micro-batch holds an example) is treated like `1`.
-pub fn micro_batch_sensitivity(max_micro_batch_rows: usize) -> f64 {
-    if max_micro_batch_rows <= 1 {
+/// `b` counts **examples**, over every step and every neighbouring dataset: the
+/// most a micro-batch can hold, not the rows a call sees. Micro-batches that
+/// mostly hold one example still need 2 when adding an example can make one
+/// hold two; rows that are already micro-batch means (as
+/// the `burn` feature's pushed gradients, clipped with `Uniform(1)`) count their
+/// examples, not 1. `0` is treated like `1`.
+pub fn micro_batch_sensitivity(max_micro_batch_examples: usize) -> f64 {
+    if max_micro_batch_examples <= 1 {
         1.0
     } else {
         2.0

@@ -46,7 +46,9 @@
 //! `[M, D_p]` tensor (`Tensor::cat`, on the device) and clips with `N = M` rows.
 //! Use `MicroBatches::Uniform(1)` then (each row is already a micro-batch mean); to
 //! clip per-sample gradients instead, push one backward per sample and give the
-//! micro-batch size.
+//! micro-batch size. For DP accounting the micro-batch size is still the
+//! examples behind each row, not 1
+//! ([`accountant::micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
 //!
 //! Memory: the pushed rows hold `M x P x 4` bytes of device memory (`P` = the
 //! model's trainable parameter count); while a parameter's rows are stacked, its

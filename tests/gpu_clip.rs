@@ -629,7 +629,7 @@ fn automatic_clipping_with_a_bound_beyond_f32_max() {
     let cfg = ClipConfig::adaptive(1.9968778, MicroBatches::Uniform(2))
         .with_function(ClipFunction::Automatic { gamma: 0.001 });
     check(&mut gpu, &cfg, &t, n, 3e-5, "AUTO-S, bound 5.7e38");
-    // A zero noise multiplier on that infinite-in-f32 sensitivity adds exactly 0.
+    // A zero noise multiplier on that infinite-in-f32 total bound adds exactly 0.
     let cfg = cfg.with_noise(microclip::GaussianNoise {
         multiplier: 0.0,
         seed: 1,

@@ -670,8 +670,33 @@ fn tiny_delta_agrees_between_epsilon_and_inverse() {
     // The conversion of given RDP values compares in log space too.
     let (eps, order) = rdp_to_epsilon(&[2.0, 3.0], &[0.0, 0.0], 1e-200).unwrap();
     assert_eq!((eps, order), (0.0, 2.0));
-    let (eps, _) = rdp_to_epsilon(&[2.0], &[1e-390], 1e-200).unwrap();
+    // An RDP of 1e-300 is far above delta^2 = 1e-400 (which underflows).
+    let (eps, _) = rdp_to_epsilon(&[2.0], &[1e-300], 1e-200).unwrap();
+    assert!(eps > 1.0, "{eps}");
+    // The inverse at q > 0 meets its target at that delta (epsilon cannot drop
+    // below about 7.4 there with the default orders, short of the KL shortcut).
+    let sigma = noise_multiplier_for_epsilon(1e-2, 100, 1e-200, 10.0).unwrap();
+    assert!(sigma > 0.0 && sigma as f32 as f64 == sigma, "{sigma}");
+    assert!(epsilon(1e-2, sigma, 100, 1e-200).unwrap().0 <= 10.0);
+}
+
+#[test]
+fn tiny_sigma_keeps_the_kl_shortcut() {
+    // 1 / sigma^2 beyond expm1's range (sigma < 0.0375) with a q so small that
+    // the total KL is still far below delta^2: epsilon 0, not the formula's 8.3.
+    let (eps, _) = epsilon(1e-300, 0.03, 1, 1e-5).unwrap();
     assert_eq!(eps, 0.0);
+    assert!(epsilon(1e-3, 0.03, 1, 1e-5).unwrap().0 > 1.0);
+}
+
+#[test]
+fn noise_multiplier_search_below_its_halving_floor() {
+    // q = 1, one step, target 1e14: eps(1e-7) already meets it, below the
+    // halving's 1e-6 floor; the result is still the smallest f32 meeting it.
+    let sigma = noise_multiplier_for_epsilon(1.0, 1, 1e-5, 1e14).unwrap();
+    assert!(epsilon(1.0, sigma, 1, 1e-5).unwrap().0 <= 1e14);
+    let below = f64::from((sigma as f32).next_down());
+    assert!(epsilon(1.0, below, 1, 1e-5).unwrap().0 > 1e14, "{sigma}");
 }
 
 #[test]
@@ -696,10 +721,6 @@ fn micro_batch_sensitivity_doubles_beyond_one_row() {
     assert_eq!(micro_batch_sensitivity(2), 2.0);
     assert_eq!(micro_batch_sensitivity(8), 2.0);
     assert_eq!(micro_batch_sensitivity(usize::MAX), 2.0);
-    // Doubling an f32-exact accountant sigma keeps it f32-exact.
-    let sigma = noise_multiplier_for_epsilon(0.02048, 4883, 1e-5, 8.0).unwrap();
-    let multiplier = sigma * micro_batch_sensitivity(8);
-    assert_eq!(multiplier as f32 as f64, multiplier);
 }
 
 // ----- argument checks -------------------------------------------------

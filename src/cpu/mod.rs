@@ -688,12 +688,12 @@ pub(crate) fn clip<T: GradElement>(
         }
     };
     let m = plan.micro_batches() as f64;
-    let sensitivity = f.bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
+    let total_bound = f.bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
     // sigma = 0 adds no noise, whatever the bound (NaN or beyond f32 included).
     let noise_std = config
         .noise
         .filter(|n| n.multiplier != 0.0)
-        .map_or(0.0, |n| n.multiplier as f64 * sensitivity);
+        .map_or(0.0, |n| n.multiplier as f64 * total_bound);
 
     let mut first_element = 0u64;
     let grads = sums
@@ -730,7 +730,7 @@ pub(crate) fn clip<T: GradElement>(
             norms: to_f32(&norms),
             factors: to_f32(&f.factors),
             group_bounds: to_f32(&f.bounds),
-            clip_bound: sensitivity as f32,
+            clip_bound: total_bound as f32,
             clipped_count: f.clipped,
             nonfinite_count: f.nonfinite,
             noise_std: noise_std as f32,

@@ -585,7 +585,7 @@ pub fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize
 /// non-finite micro-batch's other group lies below the bound (Propagate); no
 /// finite micro-batch with groups (the bound and every factor NaN under
 /// Propagate, zeros under Skip); adaptive scales far from 1 (the bound, the
-/// sensitivity and the noise scale stay finite); AUTO-S with `C / gamma` beyond
+/// total bound and the noise scale stay finite); AUTO-S with `C / gamma` beyond
 /// f32 on a micro-batch whose mean is exactly zero.
 pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     use microclip::NonFinitePolicy::{Propagate, Skip};
@@ -649,7 +649,7 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
         none_finite.clone(),
         2,
     ));
-    // Adaptive scales far from 1, with noise (the sensitivity is the bound).
+    // Adaptive scales far from 1, with noise (the total bound is the adaptive bound).
     let t = random_tensors(22, 8, &[5, 300], 1.0);
     for scale in [1e25f32, 3e-20, 1e-30] {
         for function in [ClipFunction::Hard, ClipFunction::Normalize] {
