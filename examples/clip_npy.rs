@@ -255,10 +255,10 @@ fn open_npy(path: &Path) -> Res<Npy> {
     }
     // The data section's size, where the file has one (not a pipe: that one is
     // read as npyz streams it, and a short one fails the read).
-    let item = header.dtype().num_bytes();
-    if let (Some(item), true) = (item, reader.get_ref().metadata()?.is_file()) {
+    let meta = reader.get_ref().metadata()?;
+    if let (Some(item), true) = (header.dtype().num_bytes(), meta.is_file()) {
         let start = reader.stream_position()?;
-        let data = reader.get_ref().metadata()?.len().saturating_sub(start);
+        let data = meta.len().saturating_sub(start);
         let need = len as u128 * item as u128;
         if data as u128 != need {
             return Err(format!(

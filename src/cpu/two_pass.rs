@@ -58,19 +58,13 @@ pub(super) fn sums<T: GradElement>(
             // Several rows per sweep of the accumulator.
             let mut terms: Vec<(f64, &[T])> = Vec::new();
             let mut coarse = Vec::new();
-            for j in 0..plan.micro_batches() {
-                let at = j * plan.groups + plan.group(b);
-                let s = factors[at];
-                if s == 0.0 && !plan.propagate {
-                    continue;
-                }
-                let rows = plan.rows(j);
-                if rows.len() > 1 && mean_too_coarse(norms[at]) {
+            for (_, rows, s, from_rows) in block_terms(plan, b, norms, factors) {
+                if from_rows {
                     coarse.push((rows, s));
-                    continue;
+                } else {
+                    let coef = s / rows.len() as f64;
+                    terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
                 }
-                let coef = s / rows.len() as f64;
-                terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
             }
             axpy_rows(&mut acc, &terms, plan.f16c);
             add_coarse_means(plan, &mut acc, b, coarse);
@@ -78,6 +72,28 @@ pub(super) fn sums<T: GradElement>(
         })
         .collect();
     plan.per_tensor(block_sums.iter().map(Vec::as_slice))
+}
+
+/// The micro-batches pass 2 adds to block `b`: `(j, rows, s_j, from_rows)` for each
+/// whose factor is not a dropped 0 (a 0 stays under Propagate, where `0 * NaN`
+/// must show); `from_rows`: several rows whose norm is below 2^-64, to be summed
+/// from the rows and then scaled ([`mean_too_coarse`], [`add_coarse_means`]).
+fn block_terms<'p, T: GradElement>(
+    plan: &'p Plan<'_, T>,
+    b: &'p super::Block,
+    norms: &'p [f64],
+    factors: &'p [f64],
+) -> impl Iterator<Item = (usize, std::ops::Range<usize>, f64, bool)> + 'p {
+    (0..plan.micro_batches()).filter_map(move |j| {
+        let at = j * plan.groups + plan.group(b);
+        let s = factors[at];
+        if s == 0.0 && !plan.propagate {
+            return None;
+        }
+        let rows = plan.rows(j);
+        let from_rows = rows.len() > 1 && mean_too_coarse(norms[at]);
+        Some((j, rows, s, from_rows))
+    })
 }
 
 /// `acc += s * mean` for each (rows, s) of `coarse`, from the rows
@@ -152,17 +168,11 @@ pub(super) fn sums_of_means<T: GradElement>(
             let mut acc = vec![0.0f64; b.w];
             let mut terms: Vec<(f64, &[f32])> = Vec::new();
             let mut coarse = Vec::new();
-            for (j, mean) in mine.chunks(b.w).enumerate() {
-                let at = j * plan.groups + plan.group(b);
-                let s = factors[at];
-                if s == 0.0 && !plan.propagate {
-                    continue;
-                }
-                let rows = plan.rows(j);
-                if rows.len() > 1 && mean_too_coarse(norms[at]) {
+            for (j, rows, s, from_rows) in block_terms(plan, b, norms, factors) {
+                if from_rows {
                     coarse.push((rows, s));
                 } else {
-                    terms.push((s, mean));
+                    terms.push((s, &mine[j * b.w..(j + 1) * b.w]));
                 }
             }
             axpy_rows(&mut acc, &terms, plan.f16c);
