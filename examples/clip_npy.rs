@@ -43,7 +43,7 @@ use microclip::{
 use npyz::{DType, NpyFile, NpyHeader, Order, TypeChar, WriterBuilder};
 use std::error::Error;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Seek, Write};
+use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -235,10 +235,30 @@ fn in_file<T>(path: &Path, f: impl FnOnce() -> Res<T>) -> Res<T> {
     f().map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
+/// The longest .npy header `open_npy` reads.
+const MAX_HEADER_BYTES: u32 = 1 << 20;
+
 /// Opens an .npy file whose shape and data section agree: the element count fits in
 /// 64 bits and the data section holds exactly the bytes the shape needs.
 fn open_npy(path: &Path) -> Res<Npy> {
     let mut reader = BufReader::new(File::open(path)?);
+    // npyz allocates the header length the file declares (up to 4 GiB in format
+    // versions 2 and 3) before reading it: refuse an absurd one first, from the
+    // bytes the reader has buffered (NumPy's own reader allows 10,000 bytes).
+    if let [0x93, b'N', b'U', b'M', b'P', b'Y', major, _, l0, l1, l2, l3, ..] =
+        *reader.fill_buf()?
+    {
+        let declared = match major {
+            1 => u16::from_le_bytes([l0, l1]) as u32,
+            _ => u32::from_le_bytes([l0, l1, l2, l3]),
+        };
+        if declared > MAX_HEADER_BYTES {
+            return Err(format!(
+                "the header declares {declared} bytes; at most {MAX_HEADER_BYTES} are read"
+            )
+            .into());
+        }
+    }
     // npyz multiplies the dimensions unchecked: a panic in builds with overflow
     // checks (caught here: an error, never a panic), a wrapped element count in
     // others (checked below against the shape).
@@ -406,7 +426,8 @@ fn resolved(path: &Path) -> PathBuf {
 }
 
 /// Refuses outputs that name the same file as another output or as an input (one
-/// would silently overwrite the other).
+/// would silently overwrite the other), by path or, for files that exist, by
+/// identity (hard links).
 fn check_paths(args: &Args) -> Res<()> {
     type Named<'a> = (&'static str, &'a PathBuf, PathBuf);
     fn named<'a>(paths: [(&'static str, Option<&'a PathBuf>); 3]) -> Vec<Named<'a>> {
@@ -426,7 +447,10 @@ fn check_paths(args: &Args) -> Res<()> {
         ("--stats", args.stats.as_ref()),
     ]);
     for (k, (flag, path, real)) in outputs.iter().enumerate() {
-        if let Some((other, ..)) = outputs[..k].iter().chain(&inputs).find(|o| o.2 == *real) {
+        // The same resolved path, or an existing file under another name (a hard
+        // link): same_file compares the files themselves.
+        let same = |o: &&Named| o.2 == *real || same_file::is_same_file(o.1, path).unwrap_or(false);
+        if let Some((other, ..)) = outputs[..k].iter().chain(&inputs).find(same) {
             return Err(format!(
                 "{flag} {} names the same file as {other}; every output needs a file of \
                  its own",

@@ -616,13 +616,13 @@ fn raw_npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
 /// A shape whose element count overflows 64 bits is an error, not a wrapped count
 /// (a [2, 1] matrix) or a panic (npyz's unchecked product in debug builds, an index
 /// past the end in the Fortran reorder); so is a data section shorter or longer than
-/// the shape needs.
+/// the shape needs, and a header longer than 1 MiB.
 #[test]
 fn overflowing_shape_and_wrong_data_size_are_errors() {
     let dir = Dir::new("overflow");
     let two_floats: Vec<u8> = [0.5f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
     let huge = "(2, 9223372036854775809)";
-    let files: [(&str, Vec<u8>); 9] = [
+    let files: [(&str, Vec<u8>); 10] = [
         ("c", raw_npy("<f4", false, huge, &two_floats)),
         ("f", raw_npy("<f4", true, huge, &two_floats)),
         ("f64", raw_npy("<f8", false, huge, &[0; 16])),
@@ -643,6 +643,14 @@ fn overflowing_shape_and_wrong_data_size_are_errors() {
         ("short", raw_npy("<f4", false, "(3, 2)", &two_floats)),
         ("long", raw_npy("<f4", false, "(1, 1)", &two_floats)),
         ("o_short", raw_npy("<i8", false, "(4,)", &[0; 24])),
+        // Version 2.0 declaring a header of 4 GiB - 16 bytes: refused before npyz
+        // allocates it.
+        ("huge_header", {
+            let mut b = b"\x93NUMPY\x02\x00".to_vec();
+            b.extend_from_slice(&0xffff_fff0u32.to_le_bytes());
+            b.extend_from_slice(b"{'descr': '<f4'");
+            b
+        }),
     ];
     for (name, bytes) in &files {
         std::fs::write(dir.path(&format!("{name}.npy")), bytes).unwrap();
@@ -661,6 +669,11 @@ fn overflowing_shape_and_wrong_data_size_are_errors() {
             "24 bytes",
         ),
         ("--grads @long.npy --micro-batch 1", "long.npy", "4 bytes"),
+        (
+            "--grads @huge_header.npy --micro-batch 1",
+            "huge_header.npy",
+            "header declares 4294967280 bytes",
+        ),
         (
             "--grads @g.npy --offsets @o_short.npy",
             "o_short.npy",
@@ -682,7 +695,8 @@ fn overflowing_shape_and_wrong_data_size_are_errors() {
 }
 
 /// Outputs that name the same file, or an input, are refused before anything is
-/// written (also through `..` and symbolic links); inputs are left as they were.
+/// written (also through `..`, symbolic links and hard links); inputs are left as
+/// they were.
 #[test]
 fn outputs_must_not_collide_with_each_other_or_inputs() {
     let dir = Dir::new("collide");
@@ -692,6 +706,7 @@ fn outputs_must_not_collide_with_each_other_or_inputs() {
     std::fs::create_dir(dir.path("sub")).unwrap();
     #[cfg(unix)]
     std::os::unix::fs::symlink(dir.path("g32.npy"), dir.path("link.npy")).unwrap();
+    std::fs::hard_link(dir.path("o.npy"), dir.path("hard.npy")).unwrap();
     let before = |f: &str| std::fs::read(dir.path(f)).unwrap();
     let inputs = ["g32.npy", "o.npy", "cols.npy"].map(|f| (f, before(f)));
 
@@ -705,6 +720,7 @@ fn outputs_must_not_collide_with_each_other_or_inputs() {
         ("--out @sub/../g32.npy", "--grads"),
         ("--out @x.npy --norms @o.npy", "--offsets"),
         ("--out @x.npy --stats @cols.npy", "--groups"),
+        ("--out @x.npy --norms @hard.npy", "--offsets"),
     ];
     if cfg!(unix) {
         cases.push(("--out @link.npy", "--grads"));
