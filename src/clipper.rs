@@ -153,7 +153,11 @@ impl Clipper {
     /// on a software adapter: `ceil(rows / 32) x ceil4(D_p) x 4` bytes summed over
     /// the tensors of its largest dispatch, `ceil(rows / 32) x 4` bytes of ones,
     /// and a 16-byte stand-in) and
-    /// the read-back buffer (not the host path's upload of the input itself). On the
+    /// the read-back buffer. Not counted: the host path's pooled copies of the
+    /// caller's data, kept between calls (the uploaded input, and the outputs,
+    /// `sum D_p x 4` bytes), the outputs [`Self::clip_buffers`] returns (new buffers
+    /// each call, owned by the caller) and the timer's query set and 16 bytes
+    /// ([`Self::set_gpu_timing`]). On the
     /// CPU: the host memory kept between calls, the micro-batch means of the
     /// two-pass path (`M x sum D_p x 4` bytes, from the first call that stores
     /// them; see [Memory](crate#memory)).
@@ -435,6 +439,7 @@ impl Clipper {
         inputs: &[GpuTensor<'_>],
         n_samples: usize,
     ) -> Result<(Vec<wgpu::Buffer>, ClipStats)> {
+        self.begin_call();
         let gpu = self.gpu_engine()?;
         let buffers: Vec<wgpu::Buffer> = inputs
             .iter()
@@ -463,6 +468,7 @@ impl Clipper {
         first: u64,
         count: u32,
     ) -> Result<Vec<u32>> {
+        self.begin_call();
         self.gpu_engine()?.noise_words(noise, first, count, false)
     }
 
@@ -476,6 +482,7 @@ impl Clipper {
         first: u64,
         count: u32,
     ) -> Result<Vec<f32>> {
+        self.begin_call();
         let words = self.gpu_engine()?.noise_words(noise, first, count, true)?;
         Ok(words.into_iter().map(f32::from_bits).collect())
     }

@@ -428,3 +428,76 @@ fn device_below_the_kernels_limits() {
         "{e:?}"
     );
 }
+
+/// A device allowing fewer workgroups per dimension than the plans dispatch is
+/// refused at construction, not failed in every call's validation.
+#[test]
+fn device_with_few_workgroups_per_dimension() {
+    let Some((device, queue)) = device_with(|l| wgpu::Limits {
+        max_compute_workgroups_per_dimension: 1000,
+        ..l
+    }) else {
+        return;
+    };
+    let Err(e) = Clipper::from_device(device, queue) else {
+        panic!("a clipper on a device with 1000 workgroups per dimension");
+    };
+    assert!(
+        matches!(&e, ClipError::Device(m) if m.contains("workgroups per dimension")),
+        "{e:?}"
+    );
+}
+
+/// Host-path outputs that each fit the device's largest buffer but together with
+/// the statistics do not fit one read-back buffer: TooLarge before any work, not
+/// a validation failure (ClipError::Device) in the call.
+#[test]
+fn host_readback_over_the_largest_buffer() {
+    let Some((device, queue)) = device_with(|l| wgpu::Limits {
+        max_buffer_size: 1 << 20,
+        max_storage_buffer_binding_size: 1 << 20,
+        ..l
+    }) else {
+        return;
+    };
+    let mut gpu = Clipper::from_device(device, queue).unwrap();
+    let cols = 100_000; // 400,000 bytes a tensor, 1.6 MB for four
+    let t: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
+    let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
+    let e = gpu.clip(&cfg, &[&t, &t, &t, &t], 1).unwrap_err();
+    assert!(
+        matches!(&e, ClipError::TooLarge(m) if m.contains("read back")),
+        "{e:?}"
+    );
+    // Two of them fit, and give the rows themselves (norm 2.16e3 > 1: clipped).
+    let out = gpu.clip(&cfg, &[&t, &t], 1).unwrap();
+    let norm = (2.0 * t.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sqrt();
+    let want = (t[3] as f64 / norm) as f32;
+    assert!(
+        (out.grads[1][3] - want).abs() <= 1e-6 * want.abs(),
+        "{:?}",
+        &out.grads[1][..4]
+    );
+}
+
+/// The noise test helpers: no words for a count of 0, TooLarge beyond one storage
+/// binding (a validation failure in wgpu's panicking handler before).
+#[test]
+fn noise_words_count_limits() {
+    let Some(mut gpu) = gpu() else {
+        return;
+    };
+    let noise = GaussianNoise {
+        multiplier: 1.0,
+        seed: 7,
+        step: 0,
+    };
+    assert!(gpu.gpu_philox_words(&noise, 0, 0).unwrap().is_empty());
+    gpu.set_max_binding_bytes(4096);
+    let e = gpu.gpu_philox_words(&noise, 0, 1025).unwrap_err();
+    assert!(
+        matches!(&e, ClipError::TooLarge(m) if m.contains("binding")),
+        "{e:?}"
+    );
+    assert_eq!(gpu.gpu_philox_words(&noise, 5, 1024).unwrap().len(), 1024);
+}

@@ -776,6 +776,13 @@ impl Kernels {
         }
     }
 
+    /// Drops every gradient reader, to be built again on first use: after a call
+    /// failed, a pipeline built in it may be invalid, and would fail every later
+    /// call.
+    pub fn forget_readers(&mut self) {
+        self.readers = [None, None, None];
+    }
+
     /// The gradient readers of `dtype`, the slots variants if `slots` (after
     /// [`Self::prepare`] with the same `slots`).
     pub fn readers(&self, dtype: Dtype, slots: bool) -> &GradKernels {

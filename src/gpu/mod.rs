@@ -230,12 +230,17 @@ impl GpuClipper {
         if limits.max_storage_buffers_per_shader_stage < KERNEL_STORAGE_BUFFERS
             || limits.max_compute_invocations_per_workgroup < 256
             || limits.max_compute_workgroup_size_x < 256
+            || limits.max_compute_workgroups_per_dimension < plan::MAX_GROUPS_PER_DIM
         {
             return Err(ClipError::Device(format!(
-                "the device allows {} storage buffers per shader stage and {} invocations \
-                 per workgroup; the kernels need {KERNEL_STORAGE_BUFFERS} and 256",
+                "the device allows {} storage buffers per shader stage, {} invocations \
+                 per workgroup, workgroups of {} in x and {} workgroups per dimension; the \
+                 kernels need {KERNEL_STORAGE_BUFFERS}, 256, 256 and {}",
                 limits.max_storage_buffers_per_shader_stage,
-                limits.max_compute_invocations_per_workgroup
+                limits.max_compute_invocations_per_workgroup,
+                limits.max_compute_workgroup_size_x,
+                limits.max_compute_workgroups_per_dimension,
+                plan::MAX_GROUPS_PER_DIM
             )));
         }
         let small_workgroups = default_small_workgroups(info.device_type);
@@ -753,6 +758,14 @@ impl GpuClipper {
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         let layout = self.plan(&offsets_u32, inputs, outputs, group_of)?;
+        let readback_len = self.readback_len(&layout, inputs, read_outputs);
+        let max_buffer = self.device.limits().max_buffer_size / 16 * 16;
+        if readback_len > max_buffer {
+            return Err(ClipError::TooLarge(format!(
+                "the statistics and outputs read back ({readback_len} bytes) exceed the \
+                 device's largest buffer ({max_buffer} bytes)"
+            )));
+        }
 
         // In error scopes: building a 16-bit type's pipelines on first use, the
         // scratch buffers and the passes report a failure as ClipError::Device,
@@ -778,7 +791,12 @@ impl GpuClipper {
             }
             self.encode_and_submit(config, &offsets_u32, &layout, inputs, outputs, read_outputs)
         })
-        .inspect_err(|_| self.pool.clear())?;
+        .inspect_err(|_| {
+            // A pooled buffer or a pipeline that failed (out of memory, a lost
+            // device) must not serve later calls: both are made again.
+            self.pool.clear();
+            self.kernels.forget_readers();
+        })?;
         let bytes = self.read_back(&readback?)?;
         // The read-back ends with the pass's timestamps when timed.
         let pass_time = self
@@ -789,7 +807,8 @@ impl GpuClipper {
         let m = layout.micro_batches as usize;
         let g = layout.groups as usize;
         let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
-        let floats: &[f32] = bytemuck::cast_slice(&bytes);
+        // Copied (the bytes of a Vec<u8> need not be aligned for f32).
+        let floats: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let at = STATS_BYTES as usize / 4;
         let stats = ClipStats {
             groups: g,
@@ -835,7 +854,35 @@ impl GpuClipper {
         count: u32,
         normals: bool,
     ) -> Result<Vec<u32>> {
-        let count = count.max(1);
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = count as u64 * 4;
+        if bytes > self.max_binding {
+            return Err(ClipError::TooLarge(format!(
+                "{count} words ({bytes} bytes) exceed one storage binding ({} bytes)",
+                self.max_binding
+            )));
+        }
+        let device = self.device.clone();
+        let readback = scoped(&device, || {
+            self.record_noise_words(noise, first, count, normals)
+        })
+        .inspect_err(|_| self.pool.clear())??;
+        let words = self.read_back(&readback)?;
+        // A test helper's output is not kept (up to a binding's size).
+        self.pool.release(Slot::Output(usize::MAX));
+        Ok(bytemuck::pod_collect_to_vec(&words))
+    }
+
+    /// Records and submits [`Self::noise_words`]' pass; returns its read-back buffer.
+    fn record_noise_words(
+        &mut self,
+        noise: &GaussianNoise,
+        first: u64,
+        count: u32,
+        normals: bool,
+    ) -> Result<(wgpu::Buffer, u64)> {
         let bytes = count as u64 * 4;
         let out = self
             .pool
@@ -878,18 +925,33 @@ impl GpuClipper {
         }
         encoder.copy_buffer_to_buffer(&out, 0, &readback, 0, bytes);
         self.queue.submit([encoder.finish()]);
-        let words = self.read_back(&(readback, bytes))?;
-        Ok(bytemuck::cast_slice(&words).to_vec())
+        Ok((readback, bytes))
     }
 
-    fn read_back(&self, (buffer, len): &(wgpu::Buffer, u64)) -> Result<Vec<u8>> {
+    /// Waits for the queue and reads `buffer`'s first `len` bytes. On an error the
+    /// pool is cleared, so that a buffer left mapped or pending is not reused.
+    fn read_back(&mut self, readback: &(wgpu::Buffer, u64)) -> Result<Vec<u8>> {
+        let bytes = self.map_and_read(readback);
+        if bytes.is_err() {
+            self.pool.clear();
+        }
+        bytes
+    }
+
+    fn map_and_read(&self, (buffer, len): &(wgpu::Buffer, u64)) -> Result<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::channel();
         buffer.map_async(wgpu::MapMode::Read, ..*len, move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| ClipError::Device(e.to_string()))?;
+        // wgpu returns only a timeout as an error here; a lost device or running out
+        // of memory while waiting reaches its fatal handler, which panics: caught,
+        // that is a ClipError::Device too.
+        let device = &self.device;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            device.poll(wgpu::PollType::wait_indefinitely())
+        }))
+        .map_err(|panic| ClipError::Device(panic_message(&panic)))?
+        .map_err(|e| ClipError::Device(e.to_string()))?;
         rx.recv()
             .map_err(|e| ClipError::Device(e.to_string()))?
             .map_err(|e| ClipError::Device(e.to_string()))?;
@@ -917,6 +979,16 @@ const MAX_BINDING_BYTES: u64 = (1 << 32) - 256;
 /// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
 /// out-of-memory, internal and validation error scopes: a failure is a
 /// [`ClipError::Device`] rather than a panic in wgpu's default error handler.
+/// The text of a caught panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    format!("waiting for the device failed: {text}")
+}
+
 fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);

@@ -86,6 +86,11 @@ impl Pool {
         self.buffers.clear();
     }
 
+    /// Drops `slot`'s buffer, if any.
+    pub fn release(&mut self, slot: Slot) {
+        self.buffers.remove(&slot);
+    }
+
     /// Bytes of scratch held (everything but the host path's input and output
     /// tensors, which hold the caller's data rather than extra state).
     pub fn scratch_bytes(&self) -> u64 {
