@@ -273,12 +273,16 @@ impl GpuClipper {
     }
 
     /// Times every later call's compute pass (`on`) or stops; returns whether
-    /// calls are timed (false without `TIMESTAMP_QUERY` on the device).
+    /// calls are timed (false without `TIMESTAMP_QUERY` on the device, or when
+    /// its query set or buffers cannot be made).
     pub fn set_timing(&mut self, on: bool) -> bool {
         self.timer = if on {
-            self.timer
-                .take()
-                .or_else(|| PassTimer::new(&self.device, &self.queue))
+            let (device, queue) = (&self.device, &self.queue);
+            self.timer.take().or_else(|| {
+                scoped(device, || PassTimer::new(device, queue))
+                    .ok()
+                    .flatten()
+            })
         } else {
             None
         };
