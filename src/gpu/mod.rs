@@ -20,28 +20,34 @@
 //!    into partial rows, then summed, where that is set (`chunk_rows_table`);
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
+mod defaults;
 mod dispatch;
 mod encode;
 pub(crate) mod kernels;
+mod noise_words;
 mod plan;
 mod pool;
 mod tables;
 mod timer;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{ClipConfig, GaussianNoise, NonFinitePolicy};
+use crate::config::{ClipConfig, NonFinitePolicy};
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
-use dispatch::{bind_group, range, whole};
+pub(crate) use defaults::MAX_PASS4_CHUNK_ROWS;
+use defaults::{
+    default_buffer_slots, default_merge_max_avg_cols, default_min_tile_workgroups,
+    default_pass4_chunk_rows, default_small_workgroups, DEFAULT_MEANS_MIN_ROWS,
+};
 use kernels::{
-    slots_supported, Kernels, Needs, NoiseParams, PartialsVariant, NOISE_MODE_NORMALS,
-    NOISE_MODE_RAW_WORDS, PARTIAL_BYTES, SLOTS, STATS_BYTES,
+    slots_supported, Kernels, Needs, PartialsVariant, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
+use noise_words::noise_params;
 use plan::{
-    aligned_binding, cuts, dispatch_2d, materialize_means, means_cols, pack, pass1_dispatches,
-    plan_windows, tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor, Window, WORKGROUP,
+    aligned_binding, cuts, materialize_means, means_cols, pack, pass1_dispatches, plan_windows,
+    tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor, Window,
 };
-use pool::{Pool, Slot, SCRATCH_USAGE};
+use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
 use wgpu::BufferUsages as U;
 
@@ -848,90 +854,6 @@ impl GpuClipper {
         Ok((stats, grads))
     }
 
-    /// The raw Philox words the noise pass draws for output elements
-    /// `first..first + count` (the same words as [`crate::noise::philox_word`]),
-    /// or, with `normals`, the f32 bits of their standard normals.
-    pub fn noise_words(
-        &mut self,
-        noise: &GaussianNoise,
-        first: u64,
-        count: u32,
-        normals: bool,
-    ) -> Result<Vec<u32>> {
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let bytes = count as u64 * 4;
-        if bytes > self.max_binding {
-            return Err(ClipError::TooLarge(format!(
-                "{count} words ({bytes} bytes) exceed one storage binding ({} bytes)",
-                self.max_binding
-            )));
-        }
-        let device = self.device.clone();
-        let readback = scoped(&device, || {
-            self.record_noise_words(noise, first, count, normals)
-        })
-        .inspect_err(|_| self.pool.clear())??;
-        let words = self.read_back(&readback)?;
-        // A test helper's output is not kept (up to a binding's size).
-        self.pool.release(Slot::Output(usize::MAX));
-        Ok(bytemuck::pod_collect_to_vec(&words))
-    }
-
-    /// Records and submits [`Self::noise_words`]' pass; returns its read-back buffer.
-    fn record_noise_words(
-        &mut self,
-        noise: &GaussianNoise,
-        first: u64,
-        count: u32,
-        normals: bool,
-    ) -> Result<(wgpu::Buffer, u64)> {
-        let bytes = count as u64 * 4;
-        let out = self
-            .pool
-            .get(Slot::Output(usize::MAX), bytes, U::STORAGE | U::COPY_SRC);
-        let stats = self.pool.get(Slot::Stats, STATS_BYTES, SCRATCH_USAGE);
-        let (groups_x, groups_y) = dispatch_2d((count as u64).div_ceil(WORKGROUP))?;
-        let mode = if normals {
-            NOISE_MODE_NORMALS
-        } else {
-            NOISE_MODE_RAW_WORDS
-        };
-        let params = noise_params(noise, first, count, 0, groups_x, mode);
-        let uniforms = self.pool.get(
-            Slot::Params,
-            std::mem::size_of::<NoiseParams>() as u64,
-            U::UNIFORM | U::COPY_DST,
-        );
-        self.queue
-            .write_buffer(&uniforms, 0, bytemuck::bytes_of(&params));
-        let pipeline = &self.kernels.add_noise;
-        let group = bind_group(
-            &self.device,
-            pipeline,
-            vec![
-                range(&uniforms, 0, std::mem::size_of::<NoiseParams>() as u64),
-                whole(&stats),
-                range(&out, 0, bytes),
-            ],
-            Vec::new(),
-        );
-        let readback = self
-            .pool
-            .get(Slot::Readback, bytes, U::MAP_READ | U::COPY_DST);
-        let mut encoder = self.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, &group, &[]);
-            pass.dispatch_workgroups(groups_x, groups_y, 1);
-        }
-        encoder.copy_buffer_to_buffer(&out, 0, &readback, 0, bytes);
-        self.queue.submit([encoder.finish()]);
-        Ok((readback, bytes))
-    }
-
     /// Waits for the queue and reads `buffer`'s first `len` bytes. On an error the
     /// pool is cleared, so that a buffer left mapped or pending is not reused.
     fn read_back(&mut self, readback: &(wgpu::Buffer, u64)) -> Result<Vec<u8>> {
@@ -1019,114 +941,5 @@ fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, at: u64, bytes: &[u8]) {
         let mut last = [0u8; 4];
         last[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
         queue.write_buffer(buffer, at + whole as u64, &last);
-    }
-}
-
-/// The `add_noise` parameters for one tensor whose first output is element `first`.
-fn noise_params(
-    noise: &GaussianNoise,
-    first: u64,
-    cols: u32,
-    out_offset: u32,
-    groups_x: u32,
-    mode: u32,
-) -> NoiseParams {
-    let halves = |v: u64| [v as u32, (v >> 32) as u32];
-    NoiseParams {
-        cols,
-        out_offset,
-        first: halves(first),
-        seed: halves(noise.seed),
-        step: halves(noise.step),
-        groups_x,
-        mode,
-        pad: [0; 2],
-    }
-}
-
-/// The norm pass's minimum workgroup count for an adapter type. A software adapter
-/// (lavapipe, SwiftShader: `DeviceType::Cpu`) pays per workgroup for its start and
-/// its barriers (measured on lavapipe: pass 1 at b = 1 went from 2.2x to 0.8x a
-/// read of the same bytes with 4x wider tiles), so its tiles widen while every
-/// host thread keeps 16 workgroups. Hardware adapters keep the narrowest tile (more
-/// workgroups in flight; wider tiles not measured on one).
-fn default_min_tile_workgroups(device_type: wgpu::DeviceType) -> u64 {
-    match device_type {
-        wgpu::DeviceType::Cpu => {
-            16 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
-        }
-        _ => u64::MAX,
-    }
-}
-
-/// Whether the reduction kernels (passes 1 and 2) run workgroups of one SIMD group
-/// (8 threads, see `kernels::kernel_constants`) on an adapter type: yes on a
-/// software adapter, where a workgroup of several SIMD groups runs them one after
-/// the other as coroutines that switch at every barrier (measured on lavapipe: a
-/// 64-thread workgroup with a 6-level tree reduction cost 3.9 us, an 8-thread one
-/// with a 3-level tree 0.24 us; 100 small tensors at b = 4 went from 3.2x to 2.5x
-/// a read of the same bytes). Hardware adapters keep 64 and 256 threads.
-fn default_small_workgroups(device_type: wgpu::DeviceType) -> bool {
-    device_type == wgpu::DeviceType::Cpu
-}
-
-/// From how many rows per micro-batch on average pass 1 stores the means: 3, the
-/// break-even in bytes being 2 (see `materialize_means`). On lavapipe at b = 2
-/// re-reading the rows cost 2.5x a read (pass 1 1.3x, pass 4 1.3x), storing the
-/// means 2.9x while the host's writes cost 4-6x its reads, about the same while
-/// they cost 1.2x; at b = 4 storing wins (1.9x against 3.0x).
-const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
-
-/// The most rows per chunk of pass 4 over input rows: a chunk is a plain sum
-/// (no blocks of `ROW_BLOCK`), so its rounding error grows with its rows.
-pub(crate) const MAX_PASS4_CHUNK_ROWS: u32 = 64;
-
-/// Rows per chunk of pass 4 over input rows (b <= 2) for an adapter type: 32 on
-/// a software adapter, else 0 (no chunks). Walking a column tile down all N rows
-/// costs lavapipe about 1.4x a linear read of the same bytes; 32 rows at a time
-/// across all columns (chunk after chunk, in one dispatch) about 1.1x (a probe
-/// over 256 rows of 62,500 f32, 64-thread workgroups: 8.8 ms against 6.7-6.8;
-/// BENCHMARKS.md), since then few rows stream at once. The chunks' partial rows
-/// cost one more dispatch and `1/32` of an f32 input's bytes written and read.
-/// Hardware keeps the long walk (not measured there).
-fn default_pass4_chunk_rows(device_type: wgpu::DeviceType) -> u32 {
-    match device_type {
-        wgpu::DeviceType::Cpu => 32,
-        _ => 0,
-    }
-}
-
-/// Up to which average padded tensor width pass 4 runs once for several tensors,
-/// for an adapter type. Merging saves a dispatch per tensor and costs one more
-/// write, read and write of the output (12 bytes per column). On a software
-/// adapter a dispatch costs about 50 us and a 10 KB copy 1.4 us (lavapipe): always.
-/// On hardware, where a dispatch costs a few us, up to 2^18 columns on average
-/// (3 MB of copies a tensor, a few us at HBM speeds; an estimate, not measured on
-/// a GPU yet).
-fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
-    match device_type {
-        wgpu::DeviceType::Cpu => u64::MAX,
-        _ => 1 << 18,
-    }
-}
-
-/// Buffer ranges per input-reading dispatch on `device` by default: [`SLOTS`] on
-/// a hardware adapter that allows the slots variants (their storage bindings),
-/// else 1. The slots variants choose each load's binding by the table entry's
-/// slot: a branch that is the same for the whole workgroup. llvmpipe runs every
-/// side of a branch under a lane mask, so on lavapipe those loads cost about 8
-/// times as much: the input readers took 2.3-3.8x the time over the same bytes
-/// (measured: the 100 tensors in 100 buffers at b = 4 went from 3.8-4.4x a read
-/// to 6-10x, despite 13 norm-pass dispatches instead of 100), so a software
-/// adapter keeps a dispatch per buffer. Hardware runs a workgroup-uniform branch
-/// as one scalar branch and saves each dispatch's launch and barrier (the H200
-/// took 8.6x a read on those 100 buffers with a dispatch each): on by default
-/// there, not yet measured on a GPU.
-fn default_buffer_slots(device: &wgpu::Device) -> usize {
-    let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
-    if slots_supported(device) && !software {
-        SLOTS
-    } else {
-        1
     }
 }
