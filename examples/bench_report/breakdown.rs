@@ -288,7 +288,7 @@ pub fn run(
         let small = clipper.gpu_small_workgroups().ok_or("not a GPU clipper")?;
         // The means' rows are padded to whole quads (plan.rs `means_cols`).
         let d4 = d.next_multiple_of(4);
-        // How microclip loads the input rows (`load_path` in src/gpu/mod.rs): vec4
+        // How microclip loads the input rows (`load_path` in src/gpu/dispatch.rs): vec4
         // when D is a multiple of 4, else on a software adapter aligned loads
         // shifted into place when the buffer holds whole quads, else scalars.
         let input_path = if d.is_multiple_of(4) {
