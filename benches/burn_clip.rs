@@ -10,10 +10,15 @@
 //! of b = 1 and b = 4 rows, C = 1.
 //!
 //! * `microclip`: `BurnClipper::clip_rows` (fused WGSL kernels on burn's buffers;
-//!   returns after the statistics are read back);
+//!   it returns once the statistics are read back, which can be before the
+//!   device-side copy of the clipped average into burn's tensors is done), then
+//!   `Device::sync`;
 //! * `burn ops`: reshape `[M, b, D_p]`, `mean_dim(1)`, squared norms summed over
 //!   all tensors, `sqrt`, `C / norm` clamped to 1, `mul`, `sum_dim(0) / M`, then
-//!   `Device::sync` (so both sides time finished device work).
+//!   `Device::sync`.
+//!
+//! Both sides end with `Device::sync` (which waits for all work submitted to the
+//! shared queue), so both time finished device work.
 //!
 //! Each side runs 3 warm-up and 15 timed iterations; the median and min wall
 //! times are printed.
@@ -111,6 +116,8 @@ fn main() {
         }
         let (mc_med, mc_min) = time(|| {
             let (out, stats) = clipper.clip_rows(&cfg, rows.clone()).unwrap();
+            // The copy into burn's tensors may still be running.
+            device.sync().unwrap();
             std::hint::black_box((out, stats));
         });
         let (bo_med, bo_min) = time(|| {

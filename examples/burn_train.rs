@@ -103,10 +103,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let lo = step * BATCH + j * MICRO;
                 let xj = x.clone().narrow(0, lo, MICRO);
                 let yj = y.clone().narrow(0, lo, MICRO);
-                rows.push(&model, mse(model.forward(xj), yj).backward());
+                rows.push(&model, mse(model.forward(xj), yj).backward())?;
             }
             peak_rows = peak_rows.max(rows.bytes());
-            let (grads, stats) = clipper.clip_module(&config, &model, rows)?;
+            let (grads, stats) = clipper.clip_module(&config, &model, &mut rows)?;
             clipped += stats.clipped_count;
             total += stats.norms.len();
             model = optim.step(LR, model, grads);

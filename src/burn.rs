@@ -50,12 +50,24 @@
 //! examples behind each row, not 1
 //! ([`accountant::micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
 //!
+//! A parameter is one tensor however often the module visits it: tied weights
+//! (one [`Param`] in several fields, one [`ParamId`]) get one row per push, the
+//! gradient burn's autodiff sums over all their uses. A parameter the loss of a
+//! micro-batch does not reach gets a zero row (it adds nothing to that
+//! micro-batch's norm or to the sum); one that no pushed loss reaches is left out
+//! of the returned [`GradientsParams`], as burn's own `GradientsParams::from_grads`
+//! leaves it out, so optimizers leave it alone (no weight decay or momentum step).
+//!
 //! Memory: the pushed rows hold `M x P x 4` bytes of device memory (`P` = the
 //! model's trainable parameter count); while a parameter's rows are stacked, its
-//! rows and the stacked copy coexist, so the peak is `M x P x 4 + M x D_max x 4`
-//! bytes (`D_max` = the largest parameter), plus the clipped output (`P x 4`) and
-//! microclip's scratch ([`Clipper::scratch_bytes`]). Compute is M backward passes
-//! instead of one batched backward.
+//! rows and the stacked copy coexist, so stacking peaks at `M x P x 4 + M x D_max
+//! x 4` bytes (`D_max` = the largest parameter). Clipping then holds the stacked
+//! `M x P x 4` bytes, the clipped output twice (`2 x P x 4` bytes: burn's output
+//! tensors, from CubeCL's pool, and the fresh `wgpu::Buffer`s, one per tensor,
+//! that [`Clipper::clip_buffers`] creates on every call, outside CubeCL's pool and
+//! not counted in [`Clipper::scratch_bytes`], dropped once they are copied into
+//! burn's tensors) and microclip's scratch ([`Clipper::scratch_bytes`]). Compute
+//! is M backward passes instead of one batched backward.
 //!
 //! # No host round trip
 //!
@@ -76,6 +88,8 @@
 //!   handle. `autotune` may be on or off.
 //! * Gradients must be `f32`, on the clipper's device, and produced on the calling
 //!   thread (burn's command stream is per thread; the adapter flushes the caller's).
+//!   [`BurnClipper::clip_rows`] takes contiguous row-major tensors only, not
+//!   strided views or CubeCL's storage-tiled matmul operands.
 
 use ::burn::module::{Module, ModuleVisitor, Param, ParamId};
 use ::burn::optim::GradientsParams;
@@ -132,6 +146,31 @@ pub enum BurnClipError {
     /// No gradients were given (no tensors, or no micro-batch pushed).
     #[error("no gradients given")]
     Empty,
+    /// [`MicroBatchGrads::push`] found no gradient for any trainable parameter of
+    /// the module: nothing to clip (the `Gradients` of another model, or of a
+    /// model without autodiff). Nothing was appended.
+    #[error("the gradients hold none for the module's trainable parameters")]
+    NoGradient,
+    /// A trainable tensor of [`MicroBatchGrads`] has another number of rows than
+    /// micro-batches were pushed (a push was given a module that does not visit
+    /// it).
+    #[error("tensor {tensor} has {rows} rows, but {pushed} micro-batches were pushed")]
+    RowCount {
+        /// Index of the tensor in [`MicroBatchGrads::param_ids`].
+        tensor: usize,
+        /// Its rows.
+        rows: usize,
+        /// Micro-batches pushed.
+        pushed: usize,
+    },
+    /// A trainable tensor of [`MicroBatchGrads`] is not a parameter of the module
+    /// given to [`BurnClipper::clip_module`] (a sub-module or another model), so
+    /// its clipped gradient would have nowhere to go.
+    #[error("tensor {tensor} is not a parameter of the module given to clip_module")]
+    NotInModule {
+        /// Index of the tensor in [`MicroBatchGrads::param_ids`].
+        tensor: usize,
+    },
     /// burn or CubeCL reported an error (device initialization, resource lookup,
     /// flush).
     #[error("burn runtime: {0}")]
@@ -253,10 +292,17 @@ impl BurnClipper {
         &mut self.clipper
     }
 
-    /// Clips gradient matrices: tensor `p` is `[N, D_p]` (f32, contiguous, on this
-    /// clipper's device; autodiff tensors are unwrapped). Returns `out_p` as `[D_p]`
-    /// tensors on the device and the statistics. No gradient data is read to the
-    /// host.
+    /// Clips gradient matrices: tensor `p` is `[N, D_p]` (f32, contiguous
+    /// row-major, not storage-tiled, on this clipper's device; autodiff tensors are
+    /// unwrapped). Returns `out_p` as `[D_p]` f32 tensors on the device and the
+    /// statistics. No gradient data is read to the host. The configuration is
+    /// checked against `N` and the tensor count before any device work.
+    ///
+    /// Besides the outputs (from CubeCL's pool), each call creates fresh
+    /// `wgpu::Buffer`s for microclip to write (`sum_p D_p x 4` bytes, one per
+    /// tensor, [`Clipper::clip_buffers`]), outside CubeCL's pool and not counted
+    /// in [`Clipper::scratch_bytes`]; they are dropped once copied into the
+    /// outputs.
     pub fn clip_rows(
         &mut self,
         config: &ClipConfig,
@@ -264,6 +310,7 @@ impl BurnClipper {
     ) -> Result<(Vec<Tensor<1>>, ClipStats)> {
         let first = rows.first().ok_or(BurnClipError::Empty)?;
         let n_samples = first.dims()[0];
+        check_config(config, n_samples, rows.len())?;
         let mut inputs: Vec<CubeTensor> = Vec::with_capacity(rows.len());
         let mut widths = Vec::with_capacity(rows.len());
         for (i, tensor) in rows.into_iter().enumerate() {
@@ -278,17 +325,26 @@ impl BurnClipper {
             widths.push(cols);
         }
         for (i, t) in inputs.iter().enumerate() {
-            if !t.is_contiguous() {
-                return Err(BurnClipError::Layout {
-                    tensor: i,
-                    reason: "not contiguous row-major".into(),
-                });
-            }
+            // A storage-tiled tensor's strides order its tiles, not its rows:
+            // `is_contiguous` says nothing about it.
+            let reason = if t.meta.is_tiled() {
+                "storage-tiled (a CubeCL matmul layout), not row-major"
+            } else if !t.is_contiguous() {
+                "not contiguous row-major"
+            } else {
+                continue;
+            };
+            return Err(BurnClipError::Layout {
+                tensor: i,
+                reason: reason.into(),
+            });
         }
         let outputs = widths
             .iter()
             .enumerate()
-            .map(|(i, &cols)| self.primitive(i, Tensor::<1>::empty([cols], &self.device)))
+            .map(|(i, &cols)| {
+                self.primitive(i, Tensor::<1>::empty([cols], (&self.device, DType::F32)))
+            })
             .collect::<Result<Vec<_>>>()?;
 
         let stats = {
@@ -313,7 +369,8 @@ impl BurnClipper {
             // CubeCL sub-allocates tensors from shared page buffers, so an output
             // tensor may sit in the same `wgpu::Buffer` as an input, which one
             // dispatch cannot bind both read-only and read-write. microclip writes
-            // into its own buffers; a device-side copy moves them into burn's.
+            // into fresh buffers of its own (created per call, outside CubeCL's
+            // pool); a device-side copy moves them into burn's.
             let (clipped, stats) = self.clipper.clip_buffers(config, &gpu_in, n_samples)?;
             let (device, queue) = match (self.clipper.device(), self.clipper.queue()) {
                 (Some(d), Some(q)) => (d, q),
@@ -339,28 +396,71 @@ impl BurnClipper {
 
     /// Clips the micro-batch gradients collected in `grads` for `module` and
     /// returns the clipped average as [`GradientsParams`] (each parameter's
-    /// gradient in its own shape) plus microclip's statistics. The rows are
-    /// consumed; `config.micro_batches` applies to the pushed rows
-    /// (`MicroBatches::Uniform(1)` when each push is one micro-batch).
+    /// gradient in its own shape) plus microclip's statistics.
+    /// `config.micro_batches` applies to the pushed rows (`MicroBatches::Uniform(1)`
+    /// when each push is one micro-batch); per-tensor settings
+    /// ([`ClipConfig::with_groups`], [`ClipBound::PerGroup`](crate::ClipBound::PerGroup))
+    /// index the tensors in [`MicroBatchGrads::param_ids`] order. A parameter no
+    /// pushed loss reached gets no gradient in the result.
+    ///
+    /// Before any device work it checks the configuration against the pushed
+    /// count and the tensor count, that every tensor has one row per push, and
+    /// that `module` visits every tensor's parameter; such an error leaves `grads`
+    /// as it was, to retry. Otherwise the rows are consumed, whatever the outcome:
+    /// `grads` is left empty, ready for the next step's pushes.
     pub fn clip_module<M: Module>(
         &mut self,
         config: &ClipConfig,
         module: &M,
-        grads: MicroBatchGrads,
+        grads: &mut MicroBatchGrads,
     ) -> Result<(GradientsParams, ClipStats)> {
-        if grads.pushed == 0 || grads.slots.is_empty() {
+        let pushed = grads.pushed;
+        if pushed == 0 || grads.slots.is_empty() {
             return Err(BurnClipError::Empty);
         }
-        let ids: Vec<ParamId> = grads.slots.iter().map(|s| s.id).collect();
+        check_config(config, pushed, grads.slots.len())?;
+        if let Some((tensor, slot)) = grads
+            .slots
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.rows.len() != pushed)
+        {
+            return Err(BurnClipError::RowCount {
+                tensor,
+                rows: slot.rows.len(),
+                pushed,
+            });
+        }
+        let mut find = FindParams {
+            ids: &grads.ids,
+            seen: vec![false; grads.ids.len()],
+        };
+        module.visit(&mut find);
+        if let Some(tensor) = find.seen.iter().position(|&seen| !seen) {
+            return Err(BurnClipError::NotInModule { tensor });
+        }
+
+        grads.pushed = 0;
+        let reached: Vec<bool> = grads
+            .slots
+            .iter_mut()
+            .map(|slot| std::mem::take(&mut slot.reached))
+            .collect();
+        // One parameter at a time, so that only its rows and their stacked copy
+        // coexist.
         let stacked: Vec<Tensor<2>> = grads
             .slots
-            .into_iter()
-            .map(|slot| Tensor::cat(slot.rows, 0))
+            .iter_mut()
+            .map(|slot| Tensor::cat(std::mem::take(&mut slot.rows), 0))
             .collect();
         let (outputs, stats) = self.clip_rows(config, stacked)?;
         let mut register = Register {
-            ids,
-            outputs: outputs.into_iter().map(Some).collect(),
+            ids: &grads.ids,
+            outputs: outputs
+                .into_iter()
+                .zip(reached)
+                .map(|(out, reached)| reached.then_some(out))
+                .collect(),
             params: GradientsParams::new(),
         };
         module.visit(&mut register);
@@ -391,6 +491,14 @@ impl BurnClipper {
     }
 }
 
+/// Checks what does not depend on the data: the configuration, its row offsets
+/// for `n_samples` rows and its parameter groups for `tensors` tensors.
+fn check_config(config: &ClipConfig, n_samples: usize, tensors: usize) -> Result<()> {
+    config.row_offsets(n_samples)?;
+    config.tensor_groups(tensors)?;
+    Ok(())
+}
+
 /// Per-micro-batch gradients of a burn module, one row per backward pass, kept on
 /// the device.
 ///
@@ -398,46 +506,72 @@ impl BurnClipper {
 /// let mut rows = MicroBatchGrads::new(&model);
 /// for (x, y) in micro_batches {
 ///     let loss = loss_fn(model.forward(x), y); // mean over the micro-batch
-///     rows.push(&model, loss.backward());
+///     rows.push(&model, loss.backward())?;
 /// }
-/// let (grads, stats) = clipper.clip_module(&config, &model, rows)?;
+/// let (grads, stats) = clipper.clip_module(&config, &model, &mut rows)?;
 /// model = optimizer.step(lr, model, grads);
 /// ```
 #[derive(Debug)]
 pub struct MicroBatchGrads {
+    /// The trainable parameters, once each, in visiting order.
+    ids: Vec<ParamId>,
+    /// One per entry of `ids`.
     slots: Vec<Slot>,
     pushed: usize,
 }
 
 #[derive(Debug)]
 struct Slot {
-    id: ParamId,
     numel: usize,
     rows: Vec<Tensor<2>>,
+    /// Whether a pushed loss reached the parameter (some row is a gradient).
+    reached: bool,
 }
 
 impl MicroBatchGrads {
     /// Prepares rows for the trainable float parameters of `module`, in the order
-    /// the module visits them.
+    /// the module visits them; a parameter visited more than once (tied weights)
+    /// is one tensor.
     pub fn new<M: Module>(module: &M) -> Self {
-        let mut collect = CollectSlots { slots: Vec::new() };
+        let mut collect = CollectSlots {
+            ids: Vec::new(),
+            slots: Vec::new(),
+        };
         module.visit(&mut collect);
         Self {
+            ids: collect.ids,
             slots: collect.slots,
             pushed: 0,
         }
     }
 
     /// Appends one micro-batch gradient: each trainable parameter's gradient in
-    /// `grads` is flattened into a `[1, D_p]` row (zeros for a parameter the loss
-    /// does not reach). Nothing is read to the host.
-    pub fn push<M: Module>(&mut self, module: &M, grads: Gradients) {
+    /// `grads` is flattened into a `[1, D_p]` row (zeros, in the parameter's
+    /// dtype, for a parameter the loss does not reach; one row for a parameter the
+    /// module visits more than once). Nothing is read to the host.
+    ///
+    /// Fails with [`BurnClipError::NoGradient`], appending nothing, when `grads`
+    /// holds a gradient for none of the parameters.
+    pub fn push<M: Module>(&mut self, module: &M, grads: Gradients) -> Result<()> {
         let mut push = PushRows {
-            slots: &mut self.slots,
+            ids: &self.ids,
+            slots: &self.slots,
             grads,
+            rows: (0..self.ids.len()).map(|_| None).collect(),
         };
         module.visit(&mut push);
+        let rows = push.rows;
+        if !rows.iter().flatten().any(|&(_, reached)| reached) {
+            return Err(BurnClipError::NoGradient);
+        }
+        for (slot, row) in self.slots.iter_mut().zip(rows) {
+            if let Some((row, reached)) = row {
+                slot.rows.push(row);
+                slot.reached |= reached;
+            }
+        }
         self.pushed += 1;
+        Ok(())
     }
 
     /// How many rows (backward passes) were pushed.
@@ -448,6 +582,15 @@ impl MicroBatchGrads {
     /// Whether no row was pushed yet.
     pub fn is_empty(&self) -> bool {
         self.pushed == 0
+    }
+
+    /// The trainable tensors, one [`ParamId`] each, in the order the module visits
+    /// them (a tied parameter once, at its first visit); `param_ids().len()` is
+    /// the number of tensors. This is the tensor order of
+    /// [`BurnClipper::clip_module`]'s call to microclip: the one
+    /// [`ClipConfig::with_groups`] and per-group settings index.
+    pub fn param_ids(&self) -> &[ParamId] {
+        &self.ids
     }
 
     /// The number of trainable parameters `P` (the row width summed over tensors).
@@ -462,47 +605,78 @@ impl MicroBatchGrads {
 }
 
 struct CollectSlots {
+    ids: Vec<ParamId>,
     slots: Vec<Slot>,
 }
 
 impl ModuleVisitor for CollectSlots {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if param.is_require_grad() {
+        if param.is_require_grad() && !self.ids.contains(&param.id) {
+            self.ids.push(param.id);
             self.slots.push(Slot {
-                id: param.id,
                 numel: param.lazy_shape().num_elements(),
                 rows: Vec::new(),
+                reached: false,
             });
         }
     }
 }
 
+/// One push's rows, gathered before any is appended.
 struct PushRows<'a> {
-    slots: &'a mut [Slot],
+    ids: &'a [ParamId],
+    slots: &'a [Slot],
     grads: Gradients,
+    /// Per tensor: its row and whether it is a gradient (not zeros); `None`
+    /// until the module visits the parameter.
+    rows: Vec<Option<(Tensor<2>, bool)>>,
 }
 
 impl ModuleVisitor for PushRows<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let Some(slot) = self.slots.iter_mut().find(|s| s.id == param.id) else {
+        let Some(index) = self.ids.iter().position(|id| *id == param.id) else {
             return;
         };
+        if self.rows[index].is_some() {
+            // A tied parameter's next visit: its gradient is already in.
+            return;
+        }
+        let numel = self.slots[index].numel;
         let value = param.val();
         let row = match value.grad_remove(&mut self.grads) {
-            Some(grad) => grad.reshape([1, slot.numel]),
-            None => Tensor::zeros([1, slot.numel], &value.device().without_autodiff()),
+            Some(grad) => (grad.reshape([1, numel]), true),
+            None => {
+                let device = value.device().without_autodiff();
+                (Tensor::zeros([1, numel], (&device, value.dtype())), false)
+            }
         };
-        slot.rows.push(row);
+        self.rows[index] = Some(row);
     }
 }
 
-struct Register {
-    ids: Vec<ParamId>,
+/// Which of `ids` a module visits.
+struct FindParams<'a> {
+    ids: &'a [ParamId],
+    seen: Vec<bool>,
+}
+
+impl ModuleVisitor for FindParams<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(index) = self.ids.iter().position(|id| *id == param.id) {
+            self.seen[index] = true;
+        }
+    }
+}
+
+struct Register<'a> {
+    ids: &'a [ParamId],
+    /// The clipped output of each tensor; `None` for a parameter no loss reached
+    /// (and, once registered, for the next visit of a tied one).
     outputs: Vec<Option<Tensor<1>>>,
     params: GradientsParams,
 }
 
-impl ModuleVisitor for Register {
+impl ModuleVisitor for Register<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let Some(index) = self.ids.iter().position(|id| *id == param.id) else {
             return;
