@@ -113,8 +113,9 @@ impl Clipper {
 
     /// Builds a GPU clipper on a device and queue the caller already has (a
     /// framework's), so that its buffers can be passed in directly. The device
-    /// must allow 7 storage buffers per shader stage and 256 invocations per
-    /// workgroup (WebGPU's default limits; not wgpu's downlevel ones), else
+    /// must allow 7 storage buffers per shader stage, 256 invocations per
+    /// workgroup and 65,535 workgroups per dimension (WebGPU's default limits;
+    /// not wgpu's downlevel ones), else
     /// [`ClipError::Device`], as when a kernel fails to build on it. Buffers
     /// passed to the clipper must come from this device (and its instance:
     /// wgpu reports a buffer of another device of the same instance, which
