@@ -1,7 +1,8 @@
 // Pass 3: one workgroup turns the (micro-batch, group) norms into the bound of each
 // group (fixed, or adaptive: scale * the smallest norm of the group over the finite
 // micro-batches, found by a tree so no host round trip is needed), the factors
-// s_{j,g}, the weights s_{j,g} / M used by the weighted sum, the reported f32 norms,
+// s_{j,g}, the weights s_{j,g} / M used by the weighted sum (as pairs, see
+// `weight_pair`), the reported f32 norms,
 // the counts, the total bound sqrt(sum_g C_g^2) and the noise scale.
 //
 // Phases: (A) per micro-batch, the flags of all its groups (a micro-batch is
@@ -40,7 +41,7 @@ struct Stats {
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> mb_norms: array<MbNorm>;
 @group(0) @binding(2) var<storage, read_write> factors: array<f32>;
-@group(0) @binding(3) var<storage, read_write> weights: array<f32>;
+@group(0) @binding(3) var<storage, read_write> weights: array<vec2<f32>>;
 @group(0) @binding(4) var<storage, read_write> norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> stats: Stats;
 @group(0) @binding(6) var<storage, read_write> bounds: array<f32>; // C_g: in when fixed, out
@@ -59,6 +60,15 @@ fn nan_f32() -> f32 {
 fn inf_f32() -> f32 {
     return bitcast<f32>(0x7f800000u);
 }
+
+// Weights beyond 2^+-EXTREME_LOG2 (factors C / norm of tiny or huge norms) go
+// to pass 4 as a pair (2^-k, w 2^k), k the exponent of the norm's scale, which
+// weighted_means applies as (w 2^k) * (2^-k * mean): the scaled mean is near its
+// unit vector, so neither the factor (C / 1e-37 overflows f32, and inf * 0 = NaN
+// in a zero column) nor the weight (C / 1e40 is subnormal, 0 where denormals
+// flush) has to fit f32 by itself. Every other weight is the pair (1, w): the
+// same bits as w * mean.
+const EXTREME_LOG2: i32 = 60;
 
 // a * b * 2^shift with the power of two applied where it cannot overflow or
 // vanish first: before the product when it shrinks it, after when it grows it.
@@ -162,6 +172,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             let n = mb_norms[at];
             var factor = 1.0;
             var norm = n.scale * n.root;
+            // The weight as a pair (see EXTREME_LOG2): extreme, factor_k = factor 2^k.
+            var k = 0i;
+            var ratio_k = 0.0;
+            var extreme = false;
+            var log2_ratio = 0i;
+            var factor_k = 0.0;
             if (!bound_valid && params.policy == POLICY_PROPAGATE) {
                 // An adaptive bound without a finite micro-batch is NaN, and so
                 // is every factor of its group (plain arithmetic).
@@ -184,6 +200,14 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     } else {
                         ratio = times_pow2(div_wide(bound.x, n.scale), div_wide(bound.y, n.root), shift);
                     }
+                    // The ratio times 2^k without forming the ratio: n.scale =
+                    // mant * 2^k with mant in [1, 2), k clamped so that 2^-k is a
+                    // normal f32 (the mantissa then absorbs the rest).
+                    let fr = frexp(n.scale);
+                    k = clamp(fr.exp - 1, -126, 126);
+                    ratio_k = times_pow2(div_wide(bound.x, ldexp(n.scale, -k)), div_wide(bound.y, n.root), shift);
+                    log2_ratio = frexp(ratio_k).exp - k;
+                    extreme = abs(log2_ratio) > EXTREME_LOG2;
                 }
                 // norm > C, decided exactly when the scales are equal (GPU
                 // division need not be correctly rounded: C / C can miss 1).
@@ -196,18 +220,27 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     factor = 0.0; // Skip drops the whole micro-batch
                 } else if (params.function == FN_HARD) {
                     factor = select(1.0, ratio, over);
+                    // Only a clipped factor can be extreme (tiny: a huge norm).
+                    extreme = extreme && over;
+                    factor_k = ratio_k;
                 } else if (params.function == FN_NORMALIZE) {
                     factor = select(0.0, ratio, positive);
+                    factor_k = ratio_k;
                 } else {
                     // C / (norm + gamma) = (C / norm) * (norm / (norm + gamma)), so
                     // neither C nor the norm has to fit in f32; a norm beyond f32::MAX
                     // leaves C / norm, and a zero norm gives C / gamma.
-                    if (!positive) {
-                        factor = ldexp(div_wide(bound.x * bound.y, params.gamma), shift);
+                    // C / (norm + gamma) <= C / gamma: a tiny norm is never extreme,
+                    // but its ratio may overflow, so it is divided directly.
+                    if (!positive || log2_ratio > EXTREME_LOG2) {
+                        factor = ldexp(div_wide(bound.x * bound.y, params.gamma + norm), shift);
+                        extreme = false;
                     } else if (norm <= 3.4028235e38) {
                         factor = ratio * div_wide(norm, norm + params.gamma);
+                        factor_k = ratio_k * div_wide(norm, norm + params.gamma);
                     } else {
                         factor = ratio;
+                        factor_k = ratio_k;
                     }
                 }
             }
@@ -216,7 +249,11 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             // factor (C / gamma under AUTO-S may overflow f32: inf * 0 = NaN).
             // (Not a NaN factor: a NaN bound's group stays NaN under Propagate.)
             let zero = n.flags == 0u && n.scale == 0.0 && (bound_valid || params.policy != POLICY_PROPAGATE);
-            weights[at] = select(factor * inv_m, 0.0, zero);
+            var pair = vec2<f32>(1.0, factor * inv_m);
+            if (extreme && n.flags == 0u && mb_flags[j] == 0u) {
+                pair = vec2<f32>(ldexp(1.0, -k), factor_k * inv_m);
+            }
+            weights[at] = select(pair, vec2<f32>(1.0, 0.0), zero);
             norms[at] = norm;
         }
         if (lid == 0u && params.adaptive == 1u) {

@@ -3,7 +3,7 @@
 // src/gpu/plan.rs): row r of micro-batch j (offsets[j] <= r < offsets[j + 1])
 // gets w_{r,g} = w_{j,g} / n_j with n_j = offsets[j + 1] - offsets[j], so that
 // sum over the rows of w_{r,g} x_r = sum_j w_{j,g} mean_j, and weighted_means
-// reads the N rows of a window as it reads M stored means. [N, G] floats; one
+// reads the N rows of a window as it reads M stored means. [N, G] weight pairs; one
 // thread per row, its micro-batch found by binary search over the offsets.
 
 const WG: u32 = 256u;
@@ -17,8 +17,10 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> offsets: array<u32>;
-@group(0) @binding(2) var<storage, read> weights: array<f32>;
-@group(0) @binding(3) var<storage, read_write> row_weights: array<f32>;
+// Weight pairs (m, r), w = m * r (clip_factors.wgsl's EXTREME_LOG2): the row's
+// pair is (m, r / n_j).
+@group(0) @binding(2) var<storage, read> weights: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read_write> row_weights: array<vec2<f32>>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -39,6 +41,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let n = f32(offsets[lo + 1u] - offsets[lo]);
     for (var g = 0u; g < params.groups; g++) {
-        row_weights[row * params.groups + g] = div_wide(weights[lo * params.groups + g], n);
+        let w = weights[lo * params.groups + g];
+        row_weights[row * params.groups + g] = vec2<f32>(w.x, div_wide(w.y, n));
     }
 }

@@ -81,7 +81,9 @@ fn table_len() -> u32 {
 // The means (f32), or the input rows (any element type): read through grad_at /
 // grad_quad of grads_<type>.wgsl.
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
-@group(0) @binding(2) var<storage, read> weights: array<f32>;
+// Weight pairs (m, r): row j adds r * (m * row_j), see clip_factors.wgsl's
+// EXTREME_LOG2 (m = 1 but for factors of tiny or huge norms).
+@group(0) @binding(2) var<storage, read> weights: array<vec2<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 // The same buffer range as `grads`, four elements at a time (a dummy when every
 // entry has vec4_path = 0).
@@ -128,10 +130,10 @@ fn quad_sum(col0: u32) -> vec4<f32> {
             }
         }
         idx += params.stride;
-        if (params.skip_zero == 1u && w == 0.0) {
+        if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
-        block += w * mean;
+        block += w.y * (w.x * mean);
         in_block += 1u;
         if (in_block == ROW_BLOCK && !ROW_CHUNKS) {
             total += block;
@@ -142,7 +144,7 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     return total + block;
 }
 
-fn weight(j: u32) -> f32 {
+fn weight(j: u32) -> vec2<f32> {
     return weights[(params.weights_base + j) * params.groups + params.group];
 }
 
@@ -209,11 +211,11 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
             hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
         }
         e += params.stride;
-        if (params.skip_zero == 1u && w == 0.0) {
+        if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
-        block_lo += w * lo;
-        block_hi += w * hi;
+        block_lo += w.y * (w.x * lo);
+        block_hi += w.y * (w.x * hi);
         in_block += 1u;
         if (in_block == ROW_BLOCK) {
             total_lo += block_lo;
@@ -256,30 +258,30 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
         let q = e >> 2u;
         let s = e & 3u;
         e += params.stride;
-        if (params.skip_zero == 1u && w == 0.0) {
+        if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
         if (loads == LOAD_VEC4) {
-            a0 += w * grad_quad(q);
-            a1 += w * grad_quad(q + step);
-            a2 += w * grad_quad(q + 2u * step);
-            a3 += w * grad_quad(q + 3u * step);
-            a4 += w * grad_quad(q + 4u * step);
-            a5 += w * grad_quad(q + 5u * step);
-            a6 += w * grad_quad(q + 6u * step);
-            a7 += w * grad_quad(q + 7u * step);
+            a0 += w.y * (w.x * grad_quad(q));
+            a1 += w.y * (w.x * grad_quad(q + step));
+            a2 += w.y * (w.x * grad_quad(q + 2u * step));
+            a3 += w.y * (w.x * grad_quad(q + 3u * step));
+            a4 += w.y * (w.x * grad_quad(q + 4u * step));
+            a5 += w.y * (w.x * grad_quad(q + 5u * step));
+            a6 += w.y * (w.x * grad_quad(q + 6u * step));
+            a7 += w.y * (w.x * grad_quad(q + 7u * step));
         } else {
             let mid = grad_quad(q + 4u);
             let lo = shift_quads4(grad_quad(q), grad_quad(q + 1u), grad_quad(q + 2u), grad_quad(q + 3u), mid, s);
             let hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
-            a0 += w * lo[0];
-            a1 += w * lo[1];
-            a2 += w * lo[2];
-            a3 += w * lo[3];
-            a4 += w * hi[0];
-            a5 += w * hi[1];
-            a6 += w * hi[2];
-            a7 += w * hi[3];
+            a0 += w.y * (w.x * lo[0]);
+            a1 += w.y * (w.x * lo[1]);
+            a2 += w.y * (w.x * lo[2]);
+            a3 += w.y * (w.x * lo[3]);
+            a4 += w.y * (w.x * hi[0]);
+            a5 += w.y * (w.x * hi[1]);
+            a6 += w.y * (w.x * hi[2]);
+            a7 += w.y * (w.x * hi[3]);
         }
     }
     let o = (params.out_offset >> 2u) + first;

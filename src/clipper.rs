@@ -148,11 +148,11 @@ impl Clipper {
     /// per-micro-batch state, row offsets, parameters, carry rows, micro-batch means
     /// (`M x sum ceil4(D_p) x 4` bytes, pooled from the first call with `N / M >= 3`),
     /// the output row of a last pass run once for several tensors
-    /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 4` bytes, when the
+    /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 8` bytes, when the
     /// last pass re-reads rows of micro-batches of several rows), the partial rows
     /// of that pass's row chunks when it re-reads the rows (b = 1 too; by default
     /// on a software adapter: `ceil(rows / 32) x ceil4(D_p) x 4` bytes summed over
-    /// the tensors of its largest dispatch, `ceil(rows / 32) x 4` bytes of ones,
+    /// the tensors of its largest dispatch, `ceil(rows / 32) x 8` bytes of ones,
     /// and a 16-byte stand-in) and
     /// the read-back buffer. Not counted: the host path's pooled copies of the
     /// caller's data, kept between calls (the uploaded input, and the outputs,

@@ -104,7 +104,7 @@
 //!
 //! No copy of the `N x D` input is ever made on the device. The GPU path uses
 //! `M x sum_p ceil(D_p / T) x 16` bytes of norm partials (column tiles of T = 4096,
-//! up to 65536 on a software adapter), `M x G x 28 + M x 4`
+//! up to 65536 on a software adapter), `M x G x 32 + M x 4`
 //! bytes of per-(micro-batch, group) state, `(M + 1) x 4` bytes of row offsets,
 //! `G x 8` bytes of group tables and, only when a micro-batch spans two row windows
 //! of a tensor larger than one storage binding, two carry rows of `D_p x 4` bytes.
@@ -114,11 +114,11 @@
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
 //! row when that pass runs once for several tensors; otherwise the last pass
-//! re-reads the rows, with `N x G x 4` bytes of per-row weights when `b > 1` and,
+//! re-reads the rows, with `N x G x 8` bytes of per-row weights when `b > 1` and,
 //! where it walks them in chunks of 32 rows (by default on a software adapter, b
 //! = 1 too), the partial rows of its largest dispatch (`ceil(rows / 32) x
 //! ceil4(D_p) x 4` bytes summed over that dispatch's tensors, about 1/32 of an f32
-//! input's bytes) and `ceil(rows / 32) x 4` bytes of ones. Noise is generated in
+//! input's bytes) and `ceil(rows / 32) x 8` bytes of ones. Noise is generated in
 //! place in the output: no buffer of random numbers.
 //!
 //! The CPU backend reads the input once, in groups of micro-batches, when an f64

@@ -253,11 +253,16 @@ fn near_f32_max_means_and_norms() {
         .map(|k| if k % 3 == 0 { -3.0e38 } else { 3.0e38 })
         .collect();
     // The true norms exceed f32::MAX (reported as +inf), the factors are still
-    // exact. The norms are about 1.2e40, so C = 1e4 keeps the factors C / norm
-    // normal f32 numbers: with C = 1 they would be subnormal (8.6e-41), which a
-    // GPU that flushes denormals (the documented policy) makes 0.
+    // exact. The norms are about 1.2e40: with C = 1 the factors C / norm
+    // (8.6e-41) are below f32's normal range, and reach pass 4 as weight pairs
+    // (clip_factors.wgsl's EXTREME_LOG2); as one f32 weight they were 0 where a
+    // division result below the normal range is flushed (NVIDIA; `cargo test
+    // --features emulate-ftz-division`), and the output with them.
     for cfg in [
         ClipConfig::fixed(1.0e4, MicroBatches::Uniform(2)),
+        ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
+        ClipConfig::fixed(1.0, MicroBatches::Uniform(1)),
+        ClipConfig::fixed(1.0, MicroBatches::Uniform(4)),
         ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
     ] {
         check(
@@ -285,6 +290,60 @@ fn near_f32_max_means_and_norms() {
     let flushed = got.grads.iter().flatten().all(|&v| v == 0.0);
     if !(below_normal && flushed) {
         assert_matches(&got, &want, 1e-4, "tiny");
+    }
+}
+
+/// Factors and weights beyond f32's range: Normalize and AUTO-S on a micro-batch
+/// whose mean is tiny (C / norm = 1e40 overflowed f32 as one weight, and inf * 0
+/// made the whole group's zero columns NaN), and Hard clipping of a huge
+/// micro-batch among many (weight 1e-36 / 1024: subnormal as one f32, 0 on a GPU
+/// that flushes denormals; lavapipe keeps them, so only the first half fails
+/// there without the weight pairs). Every
+/// path of pass 4: b = 1 (the rows are the means), 2 (rows re-read with row
+/// weights) and 4 (stored means).
+#[test]
+fn weights_beyond_f32_range() {
+    let Some(mut gpu) = gpu() else { return };
+    let d = 300;
+    for b in [1, 2, 4] {
+        let n = 4 * b;
+        let mut t = random_tensors(70 + b as u64, n, &[d], 1.0).remove(0);
+        // Micro-batch 1: 1e-37 in column 0, zeros elsewhere.
+        for r in b..2 * b {
+            t[r * d..(r + 1) * d].fill(0.0);
+            t[r * d] = 1e-37;
+        }
+        for function in [
+            ClipFunction::Normalize,
+            ClipFunction::Automatic { gamma: 1e-3 },
+        ] {
+            let cfg = ClipConfig::fixed(1000.0, MicroBatches::Uniform(b)).with_function(function);
+            check(
+                &mut gpu,
+                &cfg,
+                std::slice::from_ref(&t),
+                n,
+                TOL,
+                &format!("b {b} {function:?}, a mean of norm 1e-37"),
+            );
+        }
+    }
+    for b in [1, 2, 4] {
+        let n = 1024 * b;
+        let mut t = random_tensors(80 + b as u64, n, &[7], 1.0).remove(0);
+        // Micro-batch 5 has norm about 1e36: its weight C / (norm M) is 1e-39.
+        for v in &mut t[5 * b * 7..6 * b * 7] {
+            *v *= 1e36;
+        }
+        let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(b));
+        check(
+            &mut gpu,
+            &cfg,
+            std::slice::from_ref(&t),
+            n,
+            TOL,
+            &format!("b {b}, a micro-batch of norm 1e36 among 1024"),
+        );
     }
 }
 

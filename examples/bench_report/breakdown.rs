@@ -272,7 +272,13 @@ pub fn run(
 
         let offsets: Vec<u32> = (0..m).map(|j| (j * b) as u32).chain([n as u32]).collect();
         let offsets = storage_init(gpu, bytemuck::cast_slice(&offsets));
-        let weights: Vec<f32> = stats.factors.iter().map(|&s| s / m as f32).collect();
+        // Weight pairs (1, s_j / M): the factors here are ordinary (see
+        // clip_factors.wgsl's EXTREME_LOG2).
+        let weights: Vec<f32> = stats
+            .factors
+            .iter()
+            .flat_map(|&s| [1.0, s / m as f32])
+            .collect();
         let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
         // The tile width microclip chose for this call.
         let tile_cols = clipper.gpu_tile_cols(&[d], m).ok_or("not a GPU clipper")?;
@@ -356,7 +362,7 @@ pub fn run(
         let row_weights = if with_means || m == n {
             None
         } else {
-            let rw = gpu.storage_buffer("breakdown row weights", (n * 4) as u64)?;
+            let rw = gpu.storage_buffer("breakdown row weights", (n * 8) as u64)?;
             let (rx, ry) = split((n as u64).div_ceil(256));
             let rp = uniform(
                 gpu,
@@ -398,7 +404,7 @@ pub fn run(
         let groups_per = (d as u64).div_ceil(2048);
         let partial_rows =
             gpu.storage_buffer("breakdown chunk partials", (chunks * d4 * 4) as u64)?;
-        let ones = storage_init(gpu, bytemuck::cast_slice(&vec![1.0f32; chunks]));
+        let ones = storage_init(gpu, bytemuck::cast_slice(&vec![1.0f32; 2 * chunks]));
         // Pass 4's partial rows where a dispatch writes none.
         let no_partials = gpu.storage_buffer("breakdown no partials", 16)?;
         let sum = if chunks > 1 {

@@ -401,7 +401,8 @@ impl Scratch {
         } else {
             0
         };
-        let row_weights_bytes = if layout.per_row_weights { n * g * 4 } else { 0 };
+        // Weight pairs (see clip_factors.wgsl): 8 bytes each.
+        let row_weights_bytes = if layout.per_row_weights { n * g * 8 } else { 0 };
         let merged_bytes = if merged {
             layout.total_means_cols * 4
         } else {
@@ -416,7 +417,7 @@ impl Scratch {
             ),
             mb_norms: pool.get(Slot::MbNorms, m * g * MB_NORM_BYTES, storage),
             factors: pool.get(Slot::Factors, m * g * 4, storage),
-            weights: pool.get(Slot::Weights, m * g * 4, storage),
+            weights: pool.get(Slot::Weights, m * g * 8, storage),
             norms: pool.get(Slot::Norms, m * g * 4, storage),
             stats: pool.get(Slot::Stats, STATS_BYTES, storage),
             mb_flags: pool.get(Slot::MbFlags, m * 4, storage),
@@ -447,11 +448,16 @@ impl ChunkScratch {
         let partials = pool.get(Slot::ChunkPartials, floats.unwrap_or(0) * 4, SCRATCH_USAGE);
         let ones = pool.get(
             Slot::Ones,
-            max_chunks.unwrap_or(0) as u64 * 4,
+            max_chunks.unwrap_or(0) as u64 * 8,
             SCRATCH_USAGE,
         );
         if let Some(k) = max_chunks {
-            queue.write_buffer(&ones, 0, bytemuck::cast_slice(&vec![1.0f32; k as usize]));
+            // Weight pairs (1, 1).
+            queue.write_buffer(
+                &ones,
+                0,
+                bytemuck::cast_slice(&vec![1.0f32; 2 * k as usize]),
+            );
         }
         Self {
             partials,

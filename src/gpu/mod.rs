@@ -717,7 +717,7 @@ impl GpuClipper {
         if per_row_weights {
             too_large(
                 format!("{n} rows x {groups} groups of per-row weights"),
-                n * groups as u64 * 4,
+                n * groups as u64 * 8,
             )?;
         }
         let pass1_variants = pass1
