@@ -63,8 +63,11 @@ fn combine_scaled(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
     if (s == 0.0) {
         return vec2<f32>(0.0, 0.0);
     }
-    let ra = div_wide(a.x, s);
-    let rb = div_wide(b.x, s);
+    // The larger scale's own ratio is exactly 1: a division need not give it
+    // (x * (1 / x) can be 1 - 2^-24 on a GPU), and mb_norms combines a thread's
+    // tiles one after another, so a bias per combine would add up.
+    let ra = select(div_wide(a.x, s), 1.0, a.x == s);
+    let rb = select(div_wide(b.x, s), 1.0, b.x == s);
     return vec2<f32>(s, a.y * ra * ra + b.y * rb * rb);
 }
 
