@@ -2,7 +2,7 @@
 // group (fixed, or adaptive: scale * the smallest norm of the group over the finite
 // micro-batches, found by a tree so no host round trip is needed), the factors
 // s_{j,g}, the weights s_{j,g} / M used by the weighted sum (as pairs, see
-// `weight_pair`), the reported f32 norms,
+// EXTREME_LOG2), the reported f32 norms,
 // the counts, the total bound sqrt(sum_g C_g^2) and the noise scale.
 //
 // Phases: (A) per micro-batch, the flags of all its groups (a micro-batch is
@@ -206,8 +206,11 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     let fr = frexp(n.scale);
                     k = clamp(fr.exp - 1, -126, 126);
                     ratio_k = times_pow2(div_wide(bound.x, ldexp(n.scale, -k)), div_wide(bound.y, n.root), shift);
-                    log2_ratio = frexp(ratio_k).exp - k;
-                    extreme = abs(log2_ratio) > EXTREME_LOG2;
+                    // An infinite ratio_k (a ratio above 2^(128 - k), so k > 0 and
+                    // not a tiny norm) keeps the plain weight, as before pairs.
+                    let finite_k = ratio_k <= 3.4028235e38;
+                    log2_ratio = select(0i, frexp(ratio_k).exp - k, finite_k);
+                    extreme = finite_k && abs(log2_ratio) > EXTREME_LOG2;
                 }
                 // norm > C, decided exactly when the scales are equal (GPU
                 // division need not be correctly rounded: C / C can miss 1).
@@ -250,7 +253,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             // (Not a NaN factor: a NaN bound's group stays NaN under Propagate.)
             let zero = n.flags == 0u && n.scale == 0.0 && (bound_valid || params.policy != POLICY_PROPAGATE);
             var pair = vec2<f32>(1.0, factor * inv_m);
-            if (extreme && n.flags == 0u && mb_flags[j] == 0u) {
+            // (A finite group of a non-finite micro-batch: its factor under
+            // Propagate, 0 under Skip.)
+            if (extreme && n.flags == 0u && (mb_flags[j] == 0u || params.policy == POLICY_PROPAGATE)) {
                 pair = vec2<f32>(ldexp(1.0, -k), factor_k * inv_m);
             }
             weights[at] = select(pair, vec2<f32>(1.0, 0.0), zero);

@@ -825,3 +825,63 @@ fn seed_and_step_need_noise_multiplier() {
     let help = String::from_utf8(dir.run("--help").stdout).unwrap();
     assert!(help.contains("[M, G] with --groups"), "{help}");
 }
+
+/// A named pipe as the input streams (no size check, which needs a regular file;
+/// the output-collision check compares metadata and opens nothing) and gives the
+/// regular file's result.
+#[cfg(unix)]
+#[test]
+fn named_pipe_input_streams() {
+    let dir = Dir::new("fifo");
+    let data: Vec<f32> = (0..12).map(|k| k as f32 - 5.5).collect();
+    dir.write("g.npy", &[4, 3], Order::C, &data);
+    let fifo = dir.path("pipe.npy");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let bytes = std::fs::read(dir.path("g.npy")).unwrap();
+    // The output exists (an earlier run's): the collision check compares it.
+    std::fs::write(dir.path("from_pipe.npy"), b"old").unwrap();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(&fifo, &bytes))
+    };
+    let args = [
+        "--micro-batch",
+        "2",
+        "--clip",
+        "1",
+        "--backend",
+        "cpu",
+        "--out",
+    ];
+    let mut child = Command::new(example_bin())
+        .arg("--grads")
+        .arg(&fifo)
+        .args(args)
+        .arg(dir.path("from_pipe.npy"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running clip_npy");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("clip_npy blocked on a named pipe");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    writer.join().unwrap().unwrap();
+    dir.ok("--grads @g.npy --micro-batch 2 --clip 1 --backend cpu --out @from_file.npy");
+    assert_eq!(
+        std::fs::read(dir.path("from_pipe.npy")).unwrap(),
+        std::fs::read(dir.path("from_file.npy")).unwrap()
+    );
+}

@@ -328,6 +328,31 @@ fn weights_beyond_f32_range() {
             );
         }
     }
+    // Propagate with parameter groups: the finite group of a micro-batch that is
+    // non-finite in the other group is weighted like any other (its pair too).
+    for b in [1, 2, 4] {
+        let n = 4 * b;
+        let d = 50;
+        let mut a = random_tensors(90 + b as u64, n, &[d], 1.0).remove(0);
+        let mut tiny = random_tensors(95 + b as u64, n, &[d], 1.0).remove(0);
+        a[3] = f32::NAN; // micro-batch 0, group 0
+        for r in 0..b {
+            tiny[r * d..(r + 1) * d].fill(0.0);
+            tiny[r * d] = 1e-37; // micro-batch 0, group 1
+        }
+        let cfg = ClipConfig::fixed(1000.0, MicroBatches::Uniform(b))
+            .with_function(ClipFunction::Normalize)
+            .with_groups(vec![0, 1])
+            .with_non_finite(NonFinitePolicy::Propagate);
+        check(
+            &mut gpu,
+            &cfg,
+            &[a, tiny],
+            n,
+            TOL,
+            &format!("b {b} Propagate, groups: NaN in one, a mean of norm 1e-37 in the other"),
+        );
+    }
     for b in [1, 2, 4] {
         let n = 1024 * b;
         let mut t = random_tensors(80 + b as u64, n, &[7], 1.0).remove(0);

@@ -458,6 +458,15 @@ impl GpuClipper {
                 widths[p] as u64 * 4
             )));
         }
+        // The outputs read back in one buffer with the statistics (checked exactly
+        // in `run`): refused before the upload.
+        let outputs_bytes: u64 = widths.iter().map(|&d| d as u64 * 4).sum();
+        if outputs_bytes > max_buffer {
+            return Err(ClipError::TooLarge(format!(
+                "the outputs read back ({outputs_bytes} bytes) exceed the device's largest \
+                 buffer ({max_buffer} bytes)"
+            )));
+        }
         // Buffers up to one binding (sharing needs no more) unless a tensor is larger.
         let limit = self.max_binding.min(max_buffer) / 16 * 16;
         let (placed, buffer_bytes) = pack(&sizes, self.storage_align, limit);
@@ -902,9 +911,6 @@ const KERNEL_STORAGE_BUFFERS: u32 = 7;
 /// buffer checked against it still fits once rounded up (and bound whole).
 const MAX_BINDING_BYTES: u64 = (1 << 32) - 256;
 
-/// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
-/// out-of-memory, internal and validation error scopes: a failure is a
-/// [`ClipError::Device`] rather than a panic in wgpu's default error handler.
 /// The text of a caught panic's payload.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let text = panic
@@ -915,6 +921,9 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     format!("waiting for the device failed: {text}")
 }
 
+/// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
+/// out-of-memory, internal and validation error scopes: a failure is a
+/// [`ClipError::Device`] rather than a panic in wgpu's default error handler.
 fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);

@@ -39,6 +39,7 @@ impl GpuClipper {
         let words = self.read_back(&readback)?;
         // A test helper's output is not kept (up to a binding's size).
         self.pool.release(Slot::Output(usize::MAX));
+        self.pool.release(Slot::Readback);
         Ok(bytemuck::pod_collect_to_vec(&words))
     }
 
