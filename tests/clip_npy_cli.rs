@@ -109,17 +109,22 @@ impl Dir {
         serde_json::from_str(&std::fs::read_to_string(self.path("stats.json")).unwrap()).unwrap()
     }
 
-    /// Runs the example with whitespace-separated arguments; `@name` is a file here.
-    fn run(&self, args: &str) -> Output {
+    /// The example with whitespace-separated arguments; `@name` is a file here.
+    fn command(&self, args: &str) -> Command {
         let args = args.split_whitespace().map(|a| match a.strip_prefix('@') {
             Some(file) => self.path(file).into_os_string(),
             None => a.into(),
         });
-        Command::new(example_bin())
+        let mut command = Command::new(example_bin());
+        command
             .args(args)
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .output()
-            .expect("running clip_npy")
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir());
+        command
+    }
+
+    /// Runs [`Self::command`] to its end.
+    fn run(&self, args: &str) -> Output {
+        self.command(args).output().expect("running clip_npy")
     }
 
     /// Runs the example, expecting success; returns stdout.
@@ -748,19 +753,8 @@ fn outputs_must_not_collide_with_each_other_or_inputs() {
 fn closed_stdout_is_an_error_not_a_panic() {
     let dir = Dir::new("stdout");
     dir.write("g.npy", &[4, 3], Order::C, &[1.0f32; 12]);
-    let mut child = Command::new(example_bin())
-        .args(["--grads".as_ref(), dir.path("g.npy").as_os_str()])
-        .args([
-            "--micro-batch",
-            "2",
-            "--clip",
-            "1",
-            "--backend",
-            "cpu",
-            "--out",
-        ])
-        .arg(dir.path("out.npy"))
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+    let mut child = dir
+        .command("--grads @g.npy --micro-batch 2 --clip 1 --backend cpu --out @out.npy")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -845,21 +839,8 @@ fn named_pipe_input_streams() {
         let fifo = fifo.clone();
         std::thread::spawn(move || std::fs::write(&fifo, &bytes))
     };
-    let args = [
-        "--micro-batch",
-        "2",
-        "--clip",
-        "1",
-        "--backend",
-        "cpu",
-        "--out",
-    ];
-    let mut child = Command::new(example_bin())
-        .arg("--grads")
-        .arg(&fifo)
-        .args(args)
-        .arg(dir.path("from_pipe.npy"))
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+    let mut child = dir
+        .command("--grads @pipe.npy --micro-batch 2 --clip 1 --backend cpu --out @from_pipe.npy")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -417,14 +417,20 @@ fn merged_row_over_the_devices_binding() {
 /// refused with a typed error, not a panic in a pipeline build.
 #[test]
 fn device_below_the_kernels_limits() {
-    let Some((device, queue)) = device_with(|_| wgpu::Limits::downlevel_defaults()) else {
+    assert_device_refused(|_| wgpu::Limits::downlevel_defaults(), "storage buffers");
+}
+
+/// `Clipper::from_device` on a device with `limits` must fail with a
+/// `ClipError::Device` that names `what`.
+fn assert_device_refused(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits, what: &str) {
+    let Some((device, queue)) = device_with(limits) else {
         return;
     };
     let Err(e) = Clipper::from_device(device, queue) else {
-        panic!("a clipper on a device with 4 storage buffers per stage");
+        panic!("a clipper on a device with too few {what}");
     };
     assert!(
-        matches!(&e, ClipError::Device(m) if m.contains("storage buffers")),
+        matches!(&e, ClipError::Device(m) if m.contains(what)),
         "{e:?}"
     );
 }
@@ -433,18 +439,12 @@ fn device_below_the_kernels_limits() {
 /// refused at construction, not failed in every call's validation.
 #[test]
 fn device_with_few_workgroups_per_dimension() {
-    let Some((device, queue)) = device_with(|l| wgpu::Limits {
-        max_compute_workgroups_per_dimension: 1000,
-        ..l
-    }) else {
-        return;
-    };
-    let Err(e) = Clipper::from_device(device, queue) else {
-        panic!("a clipper on a device with 1000 workgroups per dimension");
-    };
-    assert!(
-        matches!(&e, ClipError::Device(m) if m.contains("workgroups per dimension")),
-        "{e:?}"
+    assert_device_refused(
+        |l| wgpu::Limits {
+            max_compute_workgroups_per_dimension: 1000,
+            ..l
+        },
+        "workgroups per dimension",
     );
 }
 

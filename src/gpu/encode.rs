@@ -279,19 +279,9 @@ impl GpuClipper {
             + noise_groups.len()
     }
 
-    /// The bytes of a call's read-back buffer (see [`Self::copy_results`]).
-    pub(super) fn readback_len(
-        &self,
-        layout: &CallLayout,
-        inputs: &[GpuTensor<'_>],
-        read_outputs: bool,
-    ) -> u64 {
-        let (m, g) = (layout.micro_batches, layout.groups);
-        let out_bytes: u64 = if read_outputs {
-            inputs.iter().map(|t| t.cols as u64 * 4).sum()
-        } else {
-            0
-        };
+    /// The bytes of a call's read-back buffer (see [`Self::copy_results`]) for
+    /// `m` micro-batches, `g` groups and `out_bytes` of outputs read back.
+    pub(super) fn readback_len(&self, m: u64, g: u64, out_bytes: u64) -> u64 {
         let timer_bytes = if self.timer.is_some() { TIMER_BYTES } else { 0 };
         STATS_BYTES + 8 * m * g + 4 * g + out_bytes + timer_bytes
     }
@@ -310,7 +300,12 @@ impl GpuClipper {
         let (m, g) = (call.layout.micro_batches, call.layout.groups);
         let per_mb = 4 * m * g;
         let outputs_at = STATS_BYTES + 2 * per_mb + 4 * g;
-        let total = self.readback_len(call.layout, call.inputs, call.read_outputs);
+        let out_bytes: u64 = if call.read_outputs {
+            call.inputs.iter().map(|t| t.cols as u64 * 4).sum()
+        } else {
+            0
+        };
+        let total = self.readback_len(m, g, out_bytes);
         let readback = self
             .pool
             .get(Slot::Readback, total, U::MAP_READ | U::COPY_DST);
