@@ -169,6 +169,20 @@ impl Clipper {
         }
     }
 
+    /// Frees the memory this clipper keeps between calls: everything
+    /// [`Self::scratch_bytes`] counts, and on the GPU also the host path's pooled
+    /// copies of the caller's data. Scratch only grows (a call that needs more
+    /// replaces a buffer; one that needs less reuses it), so a clipper that once
+    /// clipped a large batch holds that batch's scratch until this call or its
+    /// drop. The next call allocates what it needs again; pipelines stay built.
+    /// Results do not change.
+    pub fn release_scratch(&mut self) {
+        match &mut self.engine {
+            Engine::Gpu(gpu) => gpu.release_scratch(),
+            Engine::Cpu(cpu) => cpu.release_scratch(),
+        }
+    }
+
     /// Times the GPU backend's compute pass of every later call with timestamp
     /// queries (`on`), or stops; returns whether calls are timed: false on the CPU
     /// backend and on a device without wgpu's `TIMESTAMP_QUERY` feature

@@ -129,7 +129,8 @@
 //! bound). Otherwise it takes two passes and, from `b >= 3` rows per
 //! micro-batch on average, keeps the `M x sum_p D_p x 4` bytes of f32 means (up
 //! to 1 GiB) between calls for its second pass; below that it reads the input
-//! twice. [`Clipper::scratch_bytes`] reports what a clipper keeps.
+//! twice. [`Clipper::scratch_bytes`] reports what a clipper keeps;
+//! [`Clipper::release_scratch`] frees it.
 
 #![warn(missing_docs)]
 

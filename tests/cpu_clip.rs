@@ -65,6 +65,13 @@ fn two_pass_stored_means() {
             .collect();
         assert!(rel_l2(&a.grads, &r64) < 1e-6, "n {n} b {b}");
         assert_eq!(re_read.scratch_bytes(), 0);
+        // Released means are allocated again at the call's size, same bits.
+        stored.release_scratch();
+        assert_eq!(stored.scratch_bytes(), 0, "n {n} b {b}");
+        let again = stored.clip(&cfg, &slices(&t), n).unwrap();
+        assert_eq!(again, a, "n {n} b {b}");
+        let rows = if b >= 3 { n / b } else { 0 };
+        assert_eq!(stored.scratch_bytes(), (4 * rows * cols) as u64);
     }
 }
 

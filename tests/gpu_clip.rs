@@ -547,6 +547,14 @@ fn same_input_gives_bitwise_same_output() {
     let a = gpu.clip(&cfg, &slices(&t), 40).unwrap();
     let b = gpu.clip(&cfg, &slices(&t), 40).unwrap();
     assert_eq!(bits(&a), bits(&b));
+    // Released scratch is allocated again, with the same bits.
+    let kept = gpu.scratch_bytes();
+    assert!(kept > 0);
+    gpu.release_scratch();
+    assert_eq!(gpu.scratch_bytes(), 0);
+    let c = gpu.clip(&cfg, &slices(&t), 40).unwrap();
+    assert_eq!(bits(&a), bits(&c));
+    assert_eq!(gpu.scratch_bytes(), kept);
 }
 
 #[test]

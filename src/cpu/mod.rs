@@ -94,6 +94,11 @@ impl CpuEngine {
         (self.means.capacity() * 4) as u64
     }
 
+    /// Frees the stored means.
+    pub(crate) fn release_scratch(&mut self) {
+        self.means = Vec::new();
+    }
+
     /// The first `len` floats of the pooled means, grown when too short.
     fn means(&mut self, len: usize) -> &mut [f32] {
         if self.means.len() < len {

@@ -326,6 +326,11 @@ impl GpuClipper {
         self.pool.scratch_bytes()
     }
 
+    /// Drops every pooled buffer (calls wait for their work, so none is in use).
+    pub fn release_scratch(&mut self) {
+        self.pool.clear();
+    }
+
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         // Up to a multiple of 16 (the device's limit is one): a limit a test sets
         // just above a row plus the alignment slack must stay above it.

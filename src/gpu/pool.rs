@@ -80,8 +80,9 @@ impl Pool {
         buffer
     }
 
-    /// Drops every buffer (after a failed call: one may be invalid, say out of
-    /// memory, and must not be handed out again).
+    /// Drops every buffer: after a failed call (one may be invalid, say out of
+    /// memory, and must not be handed out again), or to free the memory
+    /// (`Clipper::release_scratch`).
     pub fn clear(&mut self) {
         self.buffers.clear();
     }
