@@ -43,7 +43,7 @@ use microclip::{
 use npyz::{DType, NpyFile, NpyHeader, Order, TypeChar, WriterBuilder};
 use std::error::Error;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -243,11 +243,12 @@ const MAX_HEADER_BYTES: u32 = 1 << 20;
 fn open_npy(path: &Path) -> Res<Npy> {
     let mut reader = BufReader::new(File::open(path)?);
     // npyz allocates the header length the file declares (up to 4 GiB in format
-    // versions 2 and 3) before reading it: refuse an absurd one first, from the
-    // bytes the reader has buffered (NumPy's own reader allows 10,000 bytes).
-    if let [0x93, b'N', b'U', b'M', b'P', b'Y', major, _, l0, l1, l2, l3, ..] =
-        *reader.fill_buf()?
-    {
+    // versions 2 and 3) before reading it: refuse an absurd one first (NumPy's own
+    // reader allows 10,000 bytes). The first 12 bytes are read until they are all
+    // there (a pipe may deliver fewer at a time), then handed to npyz first.
+    let mut head = Vec::with_capacity(12);
+    (&mut reader).take(12).read_to_end(&mut head)?;
+    if let [0x93, b'N', b'U', b'M', b'P', b'Y', major, _, l0, l1, l2, l3] = head[..] {
         let declared = match major {
             1 => u16::from_le_bytes([l0, l1]) as u32,
             _ => u32::from_le_bytes([l0, l1, l2, l3]),
@@ -265,7 +266,7 @@ fn open_npy(path: &Path) -> Res<Npy> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let header = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        NpyHeader::from_reader(&mut reader)
+        NpyHeader::from_reader(&mut head.as_slice().chain(&mut reader))
     }));
     std::panic::set_hook(hook);
     let header = header.map_err(|_| "the header's shape is too large: npyz cannot read it")??;
