@@ -376,18 +376,27 @@ impl GpuClipper {
         self.pass4_chunk_rows
     }
 
+    /// Rebuilds the pipelines (in error scopes: a failure leaves the readers to
+    /// be built again by the next call, which reports its own errors).
     pub fn set_small_workgroups(&mut self, small: Option<bool>) {
         let small = small
             .unwrap_or_else(|| default_small_workgroups(self.device.adapter_info().device_type));
-        self.kernels.set_small_workgroups(&self.device, small);
+        let (device, kernels) = (&self.device, &mut self.kernels);
+        if scoped(device, || kernels.set_small_workgroups(device, small)).is_err() {
+            kernels.forget_readers();
+        }
     }
 
     pub fn small_workgroups(&self) -> bool {
         self.kernels.small_workgroups()
     }
 
+    /// Rebuilds the f16 readers (in error scopes, as [`Self::set_small_workgroups`]).
     pub fn set_f16_unpack(&mut self, unpack: Option<bool>) {
-        self.kernels.set_f16_unpack(&self.device, unpack);
+        let (device, kernels) = (&self.device, &mut self.kernels);
+        if scoped(device, || kernels.set_f16_unpack(device, unpack)).is_err() {
+            kernels.forget_readers();
+        }
     }
 
     pub fn f16_unpack(&self) -> bool {
