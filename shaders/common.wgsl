@@ -1,8 +1,11 @@
 // Shared by every microclip kernel (prepended by the host before compilation).
 //
 // Numerics conventions:
-// * A micro-batch mean is accumulated as sum_i (x_i * inv_n) so it cannot overflow
-//   when the true mean is finite, in blocks of ROW_BLOCK rows (sum of block sums):
+// * A micro-batch mean is accumulated as sum_i (x_i * inv_n) so it does not
+//   overflow when the true mean is finite, unless that mean is within a few
+//   roundings of f32::MAX (rows of f32::MAX with n = 10, 18, 20, 36, 40 on
+//   lavapipe: the terms round up; the micro-batch then counts as non-finite), in
+//   blocks of ROW_BLOCK rows (sum of block sums):
 //   the rounding error grows like ROW_BLOCK + rows / ROW_BLOCK, not like rows.
 // * Squared norms travel as (scale, ssq) pairs: the value is scale^2 * ssq with
 //   scale = max |g| over the covered elements (BLAS nrm2 style), so 1e30 and 1e-30

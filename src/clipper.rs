@@ -171,8 +171,8 @@ impl Clipper {
 
     /// Frees the memory this clipper keeps between calls: everything
     /// [`Self::scratch_bytes`] counts, and on the GPU also the host path's pooled
-    /// copies of the caller's data. Scratch only grows (a call that needs more
-    /// replaces a buffer; one that needs less reuses it), so a clipper that once
+    /// copies of the caller's data. Scratch grows and is kept (a call that needs
+    /// more replaces a buffer; one that needs less reuses it), so a clipper that once
     /// clipped a large batch holds that batch's scratch until this call or its
     /// drop. The next call allocates what it needs again; pipelines stay built.
     /// Results do not change.

@@ -87,9 +87,10 @@
 //!
 //! * Means are accumulated as `sum_i (x_i / n_j)` so they do not overflow when the
 //!   true mean is finite, with one exception on the GPU: a mean within a few
-//!   rounding errors of `f32::MAX` (every row `f32::MAX` in a micro-batch of 10, 18
-//!   or 20 rows: the f32 terms round up) can round to infinity, and the
-//!   micro-batch then counts as non-finite (the CPU's f64 sums do not round so);
+//!   rounding errors of `f32::MAX` (for example every row `f32::MAX` in a
+//!   micro-batch of 10, 18, 20, 36 or 40 rows on lavapipe: the f32 terms round
+//!   up) can round to infinity, and the micro-batch then counts as non-finite
+//!   (the CPU's f64 sums do not round so);
 //!   norms are accumulated as (scale, scaled sum of squares)
 //!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
 //!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported

@@ -701,26 +701,24 @@ impl Kernels {
             .collect()
     }
 
-    /// Rebuilds the pipelines with or without small workgroups (the gradient
-    /// readers of every element type prepared so far).
-    pub fn set_small_workgroups(&mut self, device: &wgpu::Device, small: bool) {
-        if small == self.small_workgroups {
-            return;
-        }
-        let prepared = self.prepared();
-        *self = Self::build_all(
+    /// These pipelines built again with or without small workgroups (the gradient
+    /// readers of every element type prepared so far); the caller swaps them in
+    /// once they built without error.
+    pub fn rebuilt(&self, device: &wgpu::Device, small: bool) -> Self {
+        let mut kernels = Self::build_all(
             device,
             small,
             self.f16_unpack_compiles,
             self.f16_unpack_choice,
         );
-        for (dtype, slots) in prepared {
+        for (dtype, slots) in self.prepared() {
             let needs = Needs {
                 slots,
                 ..Needs::default()
             };
-            self.prepare(device, dtype, needs);
+            kernels.prepare(device, dtype, needs);
         }
+        kernels
     }
 
     /// Sets whether f16 is decoded by `unpack2x16float` where the device compiles

@@ -376,14 +376,16 @@ impl GpuClipper {
         self.pass4_chunk_rows
     }
 
-    /// Rebuilds the pipelines (in error scopes: a failure leaves the readers to
-    /// be built again by the next call, which reports its own errors).
+    /// Rebuilds the pipelines in error scopes and keeps the old ones if that
+    /// fails (`small_workgroups` then reports the setting unchanged).
     pub fn set_small_workgroups(&mut self, small: Option<bool>) {
         let small = small
             .unwrap_or_else(|| default_small_workgroups(self.device.adapter_info().device_type));
-        let (device, kernels) = (&self.device, &mut self.kernels);
-        if scoped(device, || kernels.set_small_workgroups(device, small)).is_err() {
-            kernels.forget_readers();
+        if small != self.kernels.small_workgroups() {
+            if let Ok(kernels) = scoped(&self.device, || self.kernels.rebuilt(&self.device, small))
+            {
+                self.kernels = kernels;
+            }
         }
     }
 
