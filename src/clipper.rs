@@ -253,8 +253,10 @@ impl Clipper {
     /// `CHUNK_ROWS` rows walk them in chunks (`deep_kernel_constants`), and f16
     /// is decoded by `unpack2x16float` where the device compiles it (unless
     /// [`Self::set_gpu_f16_unpack`] chose); `None` restores the adapter's default
-    /// (on for a software adapter). Rebuilds those pipelines. For tests of both
-    /// shapes on one adapter. No effect on the CPU.
+    /// (on for a software adapter). Rebuilds those pipelines; if that fails on
+    /// the device, the old ones stay and [`Self::gpu_small_workgroups`] reports
+    /// the setting unchanged. For tests of both shapes on one adapter. No effect
+    /// on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_small_workgroups(&mut self, small: Option<bool>) {
         if let Engine::Gpu(gpu) = &mut self.engine {
