@@ -1,10 +1,11 @@
 // Pass 5 (only with Gaussian noise): out_p[c] += noise_scale * z_e, one thread per
 // output element, where e = first + c numbers the outputs of all tensors in order
 // and noise_scale = sigma * S / M (S the total bound) comes from clip_factors. z_e is drawn by
-// Philox4x32-10 (key = seed, counter = (e / 4, step)) and Box-Muller, exactly as
-// src/noise.rs does on the CPU, so it depends on nothing but (seed, step, e).
-// Mode 1 writes the raw Philox word of each element instead, mode 2 the f32 bits of
-// z_e (both for tests).
+// Philox4x32-10 (key = seed, counter = (e / 2, step)) and Box-Muller on a 64-bit
+// uniform for the radius, exactly as src/noise.rs does on the CPU, so it depends
+// on nothing but (seed, step, e). Mode 1 writes word e of the Philox stream
+// instead (word e % 4 of counter e / 4), mode 2 the f32 bits of z_e (both for
+// tests).
 
 const WG: u32 = 256u;
 const MODE_ADD_NOISE: u32 = 0u;
@@ -65,19 +66,34 @@ fn uniform01(w: u32) -> f32 {
     return f32(2u * (w >> 9u) + 1u) * 5.9604645e-8;
 }
 
-// -ln(uniform01(w)). Near u = 1 the radius sqrt(-2 ln u) is tiny, and `log` has
-// only an absolute error bound there (2^-21 in Vulkan; lavapipe's is that coarse),
-// which made tiny radii wrong by up to 30 %. So for v = 1 - u < 1/16 (v is exact:
-// (2 * (2^23 - 1 - (w >> 9)) + 1) / 2^24) it sums the series of -ln(1 - v) =
-// v + v^2/2 + ... + v^7/7 (the rest is below 5e-10 of the sum); elsewhere -ln u
-// >= 0.064 and log's absolute error is below 8e-6 of it.
-fn neg_log_uniform01(w: u32) -> f32 {
-    let v = f32(2u * (0x7fffffu - (w >> 9u)) + 1u) * 5.9604645e-8;
+// (x + 1/2) / 2^64 for x = hi * 2^32 + lo, in (0, 1), to f32's relative precision
+// (about 2^-24) down to 2^-65: the radius's uniform, whose smallest value sets
+// the cut tail (9.49 standard deviations; src/noise.rs says why it matters).
+fn unit64(hi: u32, lo: u32) -> f32 {
+    return f32(hi) * 0x1p-32f + (f32(lo) * 0x1p-64f + 0x1p-65f);
+}
+
+// -ln u, u = unit64(hi, lo). Near u = 1 the radius sqrt(-2 ln u) is tiny, and
+// `log` has only an absolute error bound there (2^-21 in Vulkan; lavapipe's is
+// that coarse), which made tiny radii wrong by up to 30 %. So for v = 1 - u < 1/16
+// (v = unit64 of the complement, to f32's relative precision) it sums the series
+// of -ln(1 - v) = v + v^2/2 + ... + v^7/7 (the rest is below 5e-10 of the sum);
+// elsewhere -ln u >= 0.064 and log's absolute error is below 8e-6 of it.
+fn neg_log_unit64(hi: u32, lo: u32) -> f32 {
+    let v = unit64(~hi, ~lo);
     if (v < 0.0625) {
         let tail = 0.2 + v * (0.16666667 + v * 0.14285715);
         return v * (1.0 + v * (0.5 + v * (0.33333334 + v * (0.25 + v * tail))));
     }
-    return -log(uniform01(w));
+    return -log(unit64(hi, lo));
+}
+
+// The Philox block of counter c (64 bits) for this call's seed and step.
+fn block(c: vec2<u32>) -> vec4<u32> {
+    return philox4x32_10(
+        vec4<u32>(c.x, c.y, params.step_lo, params.step_hi),
+        vec2<u32>(params.seed_lo, params.seed_hi),
+    );
 }
 
 @compute @workgroup_size(256)
@@ -88,21 +104,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let e_lo = params.first_lo + col;
     let e_hi = params.first_hi + select(0u, 1u, e_lo < col);
-    let q = vec2<u32>((e_lo >> 2u) | (e_hi << 30u), e_hi >> 2u);
-    let words = philox4x32_10(
-        vec4<u32>(q.x, q.y, params.step_lo, params.step_hi),
-        vec2<u32>(params.seed_lo, params.seed_hi),
-    );
-    let k = e_lo & 3u;
     let at = params.out_offset + col;
     if (params.mode == MODE_RAW_WORDS) {
-        out[at] = words[k];
+        out[at] = block(vec2<u32>((e_lo >> 2u) | (e_hi << 30u), e_hi >> 2u))[e_lo & 3u];
         return;
     }
-    let pair = k >> 1u;
-    let r = sqrt(2.0 * neg_log_uniform01(words[2u * pair]));
-    let theta = 6.2831855 * uniform01(words[2u * pair + 1u]) - 3.1415927;
-    let z = select(r * sin(theta), r * cos(theta), (k & 1u) == 0u);
+    let words = block(vec2<u32>((e_lo >> 1u) | (e_hi << 31u), e_hi >> 1u));
+    let r = sqrt(2.0 * neg_log_unit64(words.x, words.y));
+    let theta = 6.2831855 * uniform01(words.z) - 3.1415927;
+    let z = select(r * sin(theta), r * cos(theta), (e_lo & 1u) == 0u);
     if (params.mode == MODE_NORMALS) {
         out[at] = bitcast<u32>(z);
         return;

@@ -85,7 +85,8 @@ pub enum NonFinitePolicy {
 /// ([`micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
 ///
 /// The noise is drawn by Philox4x32-10 keyed by `seed`, with counter
-/// `(element / 4, step)` and Box-Muller, where `element` numbers the outputs of all
+/// `(element / 2, step)` and Box-Muller (a 64-bit uniform for the radius: its
+/// tail is cut at 9.49 standard deviations), where `element` numbers the outputs of all
 /// tensors in order: it does not depend on the backend, workgroup sizes or row
 /// windows. The GPU and CPU backends draw bitwise the same random bits and the same
 /// normals up to float rounding; see [`noise`](mod@crate::noise).

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{gpu, random_tensors, slices};
-use microclip::noise::{philox_block, philox_word, standard_normal};
+use microclip::noise::{normal_block, philox_word, standard_normal};
 use microclip::{Backend, ClipConfig, Clipper, GaussianNoise, MicroBatches};
 
 fn noise(seed: u64, step: u64) -> GaussianNoise {
@@ -50,10 +50,8 @@ fn gpu_normals_are_accurate_where_the_radius_is_tiny() {
     let z = gpu
         .gpu_standard_normals(&noise(seed, step), 0, count)
         .unwrap();
-    let near_one = |e: u64| {
-        let w = philox_block(seed, step, e)[2 * ((e % 4) as usize / 2)];
-        (w >> 9) >= (1 << 23) - (1 << 9)
-    };
+    // u >= 1 - 2^-14: the top 14 bits of the radius's 64-bit uniform are ones.
+    let near_one = |e: u64| normal_block(seed, step, e)[0] >= u32::MAX << 18;
     let (mut tiny, mut worst_tiny, mut worst) = (0, 0.0f64, 0.0f64);
     for (e, &got) in z.iter().enumerate() {
         let want = standard_normal(seed, step, e as u64);
@@ -70,6 +68,23 @@ fn gpu_normals_are_accurate_where_the_radius_is_tiny() {
     assert!(tiny > 50, "{tiny} elements near u = 1");
     eprintln!("{tiny} tiny radii: worst |gpu - f64| {worst_tiny:e}; others: {worst:e} relative");
     assert!(worst <= 1e-4, "worst relative error {worst}");
+}
+
+#[test]
+fn gpu_normals_reach_past_a_24_bit_radius() {
+    // Elements whose radius word is 12 (u about 2.8e-9, radius 6.27; see the
+    // generator's own tests): the GPU's 64-bit uniform must reach them too.
+    let Some(mut gpu) = gpu() else { return };
+    let first = 294_965_240;
+    let z = gpu.gpu_standard_normals(&noise(7, 1), first, 2).unwrap();
+    for (k, &got) in z.iter().enumerate() {
+        let want = standard_normal(7, 1, first + k as u64);
+        assert!(
+            (got as f64 - want).abs() <= 1e-4 * want.abs(),
+            "{got} {want}"
+        );
+    }
+    assert!((z[0] as f64).hypot(z[1] as f64) > 6.2, "{z:?}");
 }
 
 /// `(out_noised - out_plain) * M / noise_std`: the normals the clipper added.
