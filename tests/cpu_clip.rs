@@ -82,7 +82,10 @@ fn factor_edge_cases_match_the_reference() {
     for (budget, means) in [(usize::MAX, usize::MAX), (0, usize::MAX), (0, 0)] {
         cpu.set_cpu_fused_budget_bytes(budget);
         cpu.set_cpu_means_max_bytes(means);
-        for (what, cfg, t, n) in factor_edge_cases() {
+        for (what, cfg, t, n) in factor_edge_cases()
+            .into_iter()
+            .chain(cancelling_rows_cases())
+        {
             let what = format!("budget {budget} means {means}: {what}");
             check(&mut cpu, &cfg, &t, n, 1e-6, &what);
         }

@@ -195,7 +195,8 @@ impl<'a, T: GradElement> Plan<'a, T> {
     /// `acc += h * mean` for block `b`'s part of the mean of rows `rows`, from the
     /// rows: their f64 sums (into `sum`, scratch of at least `b.w`) scaled by
     /// `1 / n`, the mean [`Self::mean_ssq`] forms before any rounding to f32. For
-    /// micro-batches whose stored f32 mean is too coarse ([`mean_too_coarse`]);
+    /// micro-batches whose stored f32 mean is too coarse ([`mean_too_coarse`]),
+    /// and for every micro-batch of several rows where pass 2 re-reads the input;
     /// summing before scaling keeps rows that cancel from rounding at the size of
     /// `h` times the rows instead of `h` times the mean.
     fn add_mean_from_rows(

@@ -41,10 +41,13 @@ pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
     (0..m).flat_map(|j| plan.norms(|k| ssq[k][j])).collect()
 }
 
-/// Pass 2, once the `[M, G]` factors are known: per tensor,
-/// `sum_j s_j * mean_j = sum_i (s_j(i) / n_j(i)) * x_i`, block by block (a
-/// micro-batch of a norm below 2^-64 summed first, then scaled: see
-/// [`mean_too_coarse`]).
+/// Pass 2, once the `[M, G]` factors are known: per tensor, `sum_j s_j * mean_j`,
+/// block by block, from the rows: one-row micro-batches as `s_j * x_i`, several
+/// rows per sweep of the accumulator; the others summed first, then scaled
+/// ([`add_means_from_rows`]), as the reference does. (Adding `(s_j / n_j) * x_i`
+/// row by row instead let rows that cancel, say `1` and `-1` in a micro-batch of
+/// norm 1e-18 that Normalize scales by 1e18, swamp the other micro-batches'
+/// terms in the accumulator.)
 pub(super) fn sums<T: GradElement>(
     plan: &Plan<'_, T>,
     norms: &[f64],
@@ -55,19 +58,17 @@ pub(super) fn sums<T: GradElement>(
         .par_iter()
         .map(|b| {
             let mut acc = vec![0.0f64; b.w];
-            // Several rows per sweep of the accumulator.
             let mut terms: Vec<(f64, &[T])> = Vec::new();
-            let mut coarse = Vec::new();
-            for (_, rows, s, from_rows) in block_terms(plan, b, norms, factors) {
-                if from_rows {
-                    coarse.push((rows, s));
+            let mut several = Vec::new();
+            for (_, rows, s, _) in block_terms(plan, b, norms, factors) {
+                if rows.len() > 1 {
+                    several.push((rows, s));
                 } else {
-                    let coef = s / rows.len() as f64;
-                    terms.extend(rows.map(|i| (coef, plan.segment(b, i))));
+                    terms.push((s, plan.segment(b, rows.start)));
                 }
             }
             axpy_rows(&mut acc, &terms, plan.f16c);
-            add_coarse_means(plan, &mut acc, b, coarse);
+            add_means_from_rows(plan, &mut acc, b, several);
             acc
         })
         .collect();
@@ -77,7 +78,7 @@ pub(super) fn sums<T: GradElement>(
 /// The micro-batches pass 2 adds to block `b`: `(j, rows, s_j, from_rows)` for each
 /// whose factor is not a dropped 0 (a 0 stays under Propagate, where `0 * NaN`
 /// must show); `from_rows`: several rows whose norm is below 2^-64, to be summed
-/// from the rows and then scaled ([`mean_too_coarse`], [`add_coarse_means`]).
+/// from the rows and then scaled ([`mean_too_coarse`], [`add_means_from_rows`]).
 fn block_terms<'p, T: GradElement>(
     plan: &'p Plan<'_, T>,
     b: &'p super::Block,
@@ -96,19 +97,19 @@ fn block_terms<'p, T: GradElement>(
     })
 }
 
-/// `acc += s * mean` for each (rows, s) of `coarse`, from the rows
+/// `acc += s * mean` for each (rows, s) of `means`, from the rows
 /// ([`Plan::add_mean_from_rows`]).
-fn add_coarse_means<T: GradElement>(
+fn add_means_from_rows<T: GradElement>(
     plan: &Plan<'_, T>,
     acc: &mut [f64],
     b: &super::Block,
-    coarse: Vec<(std::ops::Range<usize>, f64)>,
+    means: Vec<(std::ops::Range<usize>, f64)>,
 ) {
-    if coarse.is_empty() {
+    if means.is_empty() {
         return;
     }
     let mut sum = vec![0.0f64; b.w];
-    for (rows, s) in coarse {
+    for (rows, s) in means {
         plan.add_mean_from_rows(acc, b, rows, s, &mut sum);
     }
 }
@@ -176,7 +177,7 @@ pub(super) fn sums_of_means<T: GradElement>(
                 }
             }
             axpy_rows(&mut acc, &terms, plan.f16c);
-            add_coarse_means(plan, &mut acc, b, coarse);
+            add_means_from_rows(plan, &mut acc, b, coarse);
             acc
         })
         .collect();

@@ -587,6 +587,35 @@ pub fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize
 /// Propagate, zeros under Skip); adaptive scales far from 1 (the bound, the
 /// total bound and the noise scale stay finite); AUTO-S with `C / gamma` beyond
 /// f32 on a micro-batch whose mean is exactly zero.
+/// Micro-batches of two rows that cancel: micro-batch 1's mean (0, 1e-18) is
+/// normalised by 1e18 from rows of magnitude 1, or left unclipped by an adaptive
+/// bound of scale 2 (out = (0.5, 0.5), or about (1e-18, 5e-19)). A pass that
+/// scales each row before summing a micro-batch's rows loses micro-batch 0's
+/// terms to that cancellation (the CPU's re-reading pass did until 2026-12-05;
+/// the GPU's pass 4 over input rows still does).
+pub fn cancelling_rows_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
+    let cancelling = vec![vec![0.3, 0.0, 0.3, 0.0, 1.0, 1e-18, -1.0, 1e-18]];
+    let two = || MicroBatches::Uniform(2);
+    [
+        (ClipFunction::Normalize, ClipConfig::fixed(1.0, two())),
+        (
+            ClipFunction::Automatic { gamma: 1e-20 },
+            ClipConfig::fixed(1.0, two()),
+        ),
+        (ClipFunction::Hard, ClipConfig::adaptive(2.0, two())),
+    ]
+    .into_iter()
+    .map(|(function, cfg)| {
+        (
+            format!("rows that cancel, {function:?}"),
+            cfg.with_function(function),
+            cancelling.clone(),
+            4,
+        )
+    })
+    .collect()
+}
+
 pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     use microclip::NonFinitePolicy::{Propagate, Skip};
     let mut cases = Vec::new();
