@@ -18,7 +18,9 @@ struct Params {
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> offsets: array<u32>;
 // Weight pairs (m, r), w = m * r (clip_factors.wgsl's EXTREME_LOG2): the row's
-// pair is (m, r / n_j).
+// pair is (m / n_j, r) (or (m, r / n_j) where m / n_j is subnormal), m's sign bit
+// set but on the micro-batch's last row (pass 4 sums m x_i over the
+// micro-batch's rows, then scales by r).
 @group(0) @binding(2) var<storage, read> weights: array<vec2<f32>>;
 @group(0) @binding(3) var<storage, read_write> row_weights: array<vec2<f32>>;
 
@@ -40,8 +42,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     let n = f32(offsets[lo + 1u] - offsets[lo]);
+    // Rows before the micro-batch's last carry m with its sign bit set: pass 4
+    // sums them with the next row before scaling (weighted_means.wgsl's
+    // run_continues; m itself is positive).
+    let goes_on = select(0u, 0x80000000u, row + 1u < offsets[lo + 1u]);
     for (var g = 0u; g < params.groups; g++) {
         let w = weights[lo * params.groups + g];
-        row_weights[row * params.groups + g] = vec2<f32>(w.x, div_wide(w.y, n));
+        // m / n below f32's normal range (m = 2^-126 for a norm near f32::MAX)
+        // would flush to 0 where the GPU flushes subnormals: keep m then and
+        // divide r instead (m * row is then far from overflowing).
+        let m_n = div_wide(w.x, n);
+        let pair = select(vec2<f32>(m_n, w.y), vec2<f32>(w.x, div_wide(w.y, n)), m_n < 0x1p-126f);
+        let m = bitcast<f32>(bitcast<u32>(pair.x) | goes_on);
+        row_weights[row * params.groups + g] = vec2<f32>(m, pair.y);
     }
 }

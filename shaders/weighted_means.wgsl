@@ -1,7 +1,8 @@
 // Pass 4: out_p[c] = sum_r w_{r,g} * row_r[c] (g the tensor's group) over `rows`
 // rows of `grads`: the M micro-batch means when pass 1 stored them (see
 // `materialize_means` in src/gpu/plan.rs; weights w_{j,g} = s_{j,g} / M), else the
-// input rows of one window (weights per row, w_{j,g} / n_j, from row_weights.wgsl;
+// input rows of one window (weights per row from row_weights.wgsl: each
+// micro-batch's rows summed as x / n_j, then scaled by w_{j,g}, see ROW_RUNS;
 // at b = 1 the rows are the means and the micro-batch weights serve). Terms are
 // accumulated per column in blocks of ROW_BLOCK (sum of block sums); windows after
 // a tensor's first add to its output. Input rows may instead come in row chunks
@@ -107,6 +108,22 @@ override ROW_CHUNKS: bool = false;
 // took 0.2-0.5 ms less of 15.5-16 ms with it (4 alternating pairs).
 override ALIGNED_ROWS: bool = false;
 
+// The dispatch reads input rows with per-row weights (micro-batches of several
+// rows whose means were not stored): each micro-batch's rows are summed, as
+// |m| * row (m = m_j / n_j), before its r scales them, so that rows that cancel
+// do so first (see run_continues). A pipeline constant: the other dispatches
+// (stored means, one-row micro-batches, the sum of row chunks) add r * (m * row)
+// row by row, which is the same per row, without the run's registers and test
+// (on lavapipe the runs cost about 5% of pass 4 at b = 1, 3 alternating pairs).
+override ROW_RUNS: bool = false;
+
+// Whether row weight `w` marks a row whose micro-batch goes on in the next row
+// (row_weights.wgsl sets the sign bit of its m): the run is scaled by r at the
+// micro-batch's last row, or where the rows of this window or chunk end.
+fn run_continues(w: vec2<f32>) -> bool {
+    return (bitcast<u32>(w.x) & 0x80000000u) != 0u;
+}
+
 // The weighted sum over the micro-batches of one quad (columns col0 .. col0 + 3,
 // any alignment, clipped at cols), with scalar loads unless vec4_path.
 fn quad_sum(col0: u32) -> vec4<f32> {
@@ -114,6 +131,9 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     var total = vec4<f32>(0.0);
     var block = vec4<f32>(0.0);
     var in_block = 0u;
+    var run = vec4<f32>(0.0);
+    var pending = false;
+    var w_run = vec2<f32>(0.0);
     var idx = params.means_base + col0;
     for (var j = 0u; j < params.rows; j++) {
         let w = weight(j);
@@ -133,13 +153,28 @@ fn quad_sum(col0: u32) -> vec4<f32> {
         if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
-        block += w.y * (w.x * mean);
+        if (ROW_RUNS) {
+            run += abs(w.x) * mean;
+            pending = true;
+            w_run = w;
+            if (run_continues(w)) {
+                continue;
+            }
+            block += w.y * run;
+            run = vec4<f32>(0.0);
+            pending = false;
+        } else {
+            block += w.y * (w.x * mean);
+        }
         in_block += 1u;
         if (in_block == ROW_BLOCK && !ROW_CHUNKS) {
             total += block;
             block = vec4<f32>(0.0);
             in_block = 0u;
         }
+    }
+    if (ROW_RUNS && pending) {
+        block += w_run.y * run;
     }
     return total + block;
 }
@@ -193,6 +228,10 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
     var block_lo = mat4x4<f32>();
     var block_hi = mat4x4<f32>();
     var in_block = 0u;
+    var run_lo = mat4x4<f32>();
+    var run_hi = mat4x4<f32>();
+    var pending = false;
+    var w_run = vec2<f32>(0.0);
     // Element index of the first quad in row j.
     var e = params.means_base + first * 4u;
     for (var j = 0u; j < params.rows; j++) {
@@ -214,8 +253,23 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
         if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
-        block_lo += w.y * (w.x * lo);
-        block_hi += w.y * (w.x * hi);
+        if (ROW_RUNS) {
+            run_lo += abs(w.x) * lo;
+            run_hi += abs(w.x) * hi;
+            pending = true;
+            w_run = w;
+            if (run_continues(w)) {
+                continue;
+            }
+            block_lo += w.y * run_lo;
+            block_hi += w.y * run_hi;
+            run_lo = mat4x4<f32>();
+            run_hi = mat4x4<f32>();
+            pending = false;
+        } else {
+            block_lo += w.y * (w.x * lo);
+            block_hi += w.y * (w.x * hi);
+        }
         in_block += 1u;
         if (in_block == ROW_BLOCK) {
             total_lo += block_lo;
@@ -224,6 +278,10 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
             block_hi = mat4x4<f32>();
             in_block = 0u;
         }
+    }
+    if (ROW_RUNS && pending) {
+        block_lo += w_run.y * run_lo;
+        block_hi += w_run.y * run_hi;
     }
     let lo = total_lo + block_lo;
     let hi = total_hi + block_hi;
@@ -252,6 +310,17 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
     var a5 = vec4<f32>();
     var a6 = vec4<f32>();
     var a7 = vec4<f32>();
+    // ROW_RUNS: the current micro-batch's rows.
+    var r0 = vec4<f32>();
+    var r1 = vec4<f32>();
+    var r2 = vec4<f32>();
+    var r3 = vec4<f32>();
+    var r4 = vec4<f32>();
+    var r5 = vec4<f32>();
+    var r6 = vec4<f32>();
+    var r7 = vec4<f32>();
+    var pending = false;
+    var w_run = vec2<f32>(0.0);
     var e = params.means_base + first * 4u;
     for (var j = 0u; j < params.rows; j++) {
         let w = weight(j);
@@ -261,19 +330,51 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
         if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
+        // The row's 8 quads (as two matrices of 4: per component, the same
+        // operations as separate vectors).
+        var lo: mat4x4<f32>;
+        var hi: mat4x4<f32>;
         if (loads == LOAD_VEC4) {
-            a0 += w.y * (w.x * grad_quad(q));
-            a1 += w.y * (w.x * grad_quad(q + step));
-            a2 += w.y * (w.x * grad_quad(q + 2u * step));
-            a3 += w.y * (w.x * grad_quad(q + 3u * step));
-            a4 += w.y * (w.x * grad_quad(q + 4u * step));
-            a5 += w.y * (w.x * grad_quad(q + 5u * step));
-            a6 += w.y * (w.x * grad_quad(q + 6u * step));
-            a7 += w.y * (w.x * grad_quad(q + 7u * step));
+            lo = mat4x4<f32>(grad_quad(q), grad_quad(q + step), grad_quad(q + 2u * step), grad_quad(q + 3u * step));
+            hi = mat4x4<f32>(grad_quad(q + 4u * step), grad_quad(q + 5u * step), grad_quad(q + 6u * step), grad_quad(q + 7u * step));
         } else {
             let mid = grad_quad(q + 4u);
-            let lo = shift_quads4(grad_quad(q), grad_quad(q + 1u), grad_quad(q + 2u), grad_quad(q + 3u), mid, s);
-            let hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
+            lo = shift_quads4(grad_quad(q), grad_quad(q + 1u), grad_quad(q + 2u), grad_quad(q + 3u), mid, s);
+            hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
+        }
+        if (ROW_RUNS) {
+            let m = abs(w.x);
+            r0 += m * lo[0];
+            r1 += m * lo[1];
+            r2 += m * lo[2];
+            r3 += m * lo[3];
+            r4 += m * hi[0];
+            r5 += m * hi[1];
+            r6 += m * hi[2];
+            r7 += m * hi[3];
+            pending = true;
+            w_run = w;
+            if (run_continues(w)) {
+                continue;
+            }
+            a0 += w.y * r0;
+            a1 += w.y * r1;
+            a2 += w.y * r2;
+            a3 += w.y * r3;
+            a4 += w.y * r4;
+            a5 += w.y * r5;
+            a6 += w.y * r6;
+            a7 += w.y * r7;
+            r0 = vec4<f32>();
+            r1 = vec4<f32>();
+            r2 = vec4<f32>();
+            r3 = vec4<f32>();
+            r4 = vec4<f32>();
+            r5 = vec4<f32>();
+            r6 = vec4<f32>();
+            r7 = vec4<f32>();
+            pending = false;
+        } else {
             a0 += w.y * (w.x * lo[0]);
             a1 += w.y * (w.x * lo[1]);
             a2 += w.y * (w.x * lo[2]);
@@ -283,6 +384,16 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
             a6 += w.y * (w.x * hi[2]);
             a7 += w.y * (w.x * hi[3]);
         }
+    }
+    if (ROW_RUNS && pending) {
+        a0 += w_run.y * r0;
+        a1 += w_run.y * r1;
+        a2 += w_run.y * r2;
+        a3 += w_run.y * r3;
+        a4 += w_run.y * r4;
+        a5 += w_run.y * r5;
+        a6 += w_run.y * r6;
+        a7 += w_run.y * r7;
     }
     let o = (params.out_offset >> 2u) + first;
     partials4[o] = a0;

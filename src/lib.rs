@@ -90,13 +90,9 @@
 //!   rounding errors of `f32::MAX` (for example every row `f32::MAX` in a
 //!   micro-batch of 10, 18, 20, 36 or 40 rows on lavapipe: the f32 terms round
 //!   up) can round to infinity, and the micro-batch then counts as non-finite
-//!   (the CPU's f64 sums do not round so). Where the GPU's last pass re-reads
-//!   the input rows (micro-batches of fewer than 3 rows on average, or means
-//!   too large for one storage binding) it scales each row before summing a
-//!   micro-batch's rows:
-//!   rows that cancel to a mean far below them (by 1e7 and more), scaled up by
-//!   the factor, can swamp the other micro-batches' terms (a known defect; the
-//!   CPU sums first);
+//!   (the CPU's f64 sums do not round so). A micro-batch's rows are summed
+//!   before its factor scales them, so rows that cancel to a mean far below
+//!   them cannot swamp the other micro-batches' terms;
 //!   norms are accumulated as (scale, scaled sum of squares)
 //!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
 //!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported

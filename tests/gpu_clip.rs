@@ -542,13 +542,20 @@ fn rows_that_cancel_with_stored_means() {
 }
 
 #[test]
-#[ignore = "known defect: pass 4 over input rows scales each row before summing a \
-            micro-batch's rows (README, Numerics)"]
 fn rows_that_cancel_when_pass4_rereads_the_rows() {
+    // Row runs: each micro-batch's rows summed before its weight scales them,
+    // in one walk over the rows or in chunks of 2 rows, with either kernel shape.
     let Some(mut gpu) = gpu() else { return };
     gpu.set_gpu_means_min_rows(Some(u64::MAX));
-    for (what, cfg, t, n) in cancelling_rows_cases() {
-        check(&mut gpu, &cfg, &t, n, TOL, &what);
+    for small in [false, true] {
+        gpu.set_gpu_small_workgroups(Some(small));
+        for chunk in [0, 2] {
+            gpu.set_gpu_pass4_chunk_rows(Some(chunk));
+            for (what, cfg, t, n) in cancelling_rows_cases() {
+                let what = format!("small {small} chunk rows {chunk}: {what}");
+                check(&mut gpu, &cfg, &t, n, TOL, &what);
+            }
+        }
     }
 }
 

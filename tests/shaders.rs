@@ -39,7 +39,9 @@ fn every_kernel_validates_with_naga() {
             };
             let partials = match name {
                 "mb_partials" => microclip::shaders::partials_constants(small, all_partials),
-                "weighted_means" => microclip::shaders::weighted_means_constants(small, true, true),
+                "weighted_means" => {
+                    microclip::shaders::weighted_means_constants(small, true, true, true)
+                }
                 _ => Vec::new(),
             };
             let constants = [

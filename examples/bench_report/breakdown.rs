@@ -456,15 +456,21 @@ pub fn run(
                         &partial_rows,
                     ],
                     (mx, my),
-                    // microclip's build for the dispatch's rows (aligned or not).
-                    &microclip::shaders::weighted_means_constants(small, true, input_path == 1),
+                    // microclip's build for the dispatch's rows (aligned or not;
+                    // with row runs where rows have per-row weights).
+                    &microclip::shaders::weighted_means_constants(
+                        small,
+                        true,
+                        input_path == 1,
+                        row_weights.is_some(),
+                    ),
                 ),
                 weighted_means(
                     gpu,
                     [&rp, &partial_rows, &ones, &replay_out, &no_partials],
                     (rx, ry),
                     // The partial rows are whole quads.
-                    &microclip::shaders::weighted_means_constants(small, false, true),
+                    &microclip::shaders::weighted_means_constants(small, false, true, false),
                 ),
             ]
         } else {
@@ -502,6 +508,7 @@ pub fn run(
                     small,
                     false,
                     with_means || input_path == 1,
+                    row_weights.is_some(),
                 ),
             )]
         };

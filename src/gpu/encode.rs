@@ -217,8 +217,12 @@ impl GpuClipper {
         let means_groups: Vec<_> = pass4
             .iter()
             .map(|d| {
-                let pipeline =
-                    readers(&d.sources, d.dtype).weighted_means(d.partials.is_some(), d.aligned);
+                let runs = matches!(d.weights, Pass4Weights::Row);
+                let pipeline = readers(&d.sources, d.dtype).weighted_means(
+                    d.partials.is_some(),
+                    d.aligned,
+                    runs,
+                );
                 let (out, out_bind, out_size) = d.out;
                 let [grads, grads4] = d.sources[0].resources(dummy);
                 let (partials, at, size) = d.partials.unwrap_or((bound.no_partials, 0, 16));

@@ -280,15 +280,18 @@ pub fn partials_constants(
 }
 
 /// The constants of pass 4 (`weighted_means`): those of [`kernel_constants`], of
-/// [`row_chunks_kernel_constants`] if `row_chunks`, and with `aligned` (every
+/// [`row_chunks_kernel_constants`] if `row_chunks`, with `aligned` (every
 /// entry of the dispatch reads its rows as whole quads, `vec4_path` 1: the
 /// stored means, the partial rows of row chunks, input rows whose D_p and first
 /// element are multiples of 4) also `ALIGNED_ROWS`, which compiles the shifted
-/// and scalar loads away (see [`partials_constants`]).
+/// and scalar loads away (see [`partials_constants`]), and with `row_runs` (the
+/// dispatch reads input rows with per-row weights) `ROW_RUNS`: each
+/// micro-batch's rows summed before its factor scales them.
 pub fn weighted_means_constants(
     small_workgroups: bool,
     row_chunks: bool,
     aligned: bool,
+    row_runs: bool,
 ) -> Vec<(&'static str, f64)> {
     let mut constants = if row_chunks {
         row_chunks_kernel_constants("weighted_means", small_workgroups).to_vec()
@@ -297,6 +300,9 @@ pub fn weighted_means_constants(
     };
     if aligned {
         constants.push(("ALIGNED_ROWS", 1.0));
+    }
+    if row_runs {
+        constants.push(("ROW_RUNS", 1.0));
     }
     constants
 }
@@ -461,8 +467,8 @@ pub(crate) struct GradKernels {
     partials: [Option<wgpu::ComputePipeline>; 24],
     /// `weighted_means` by [`pass4_index`] ([`weighted_means_constants`]): over
     /// any rows and over aligned rows (built up front), and the same over row
-    /// chunks (built on first use).
-    weighted_means: [Option<wgpu::ComputePipeline>; 4],
+    /// chunks and with row runs (built on first use).
+    weighted_means: [Option<wgpu::ComputePipeline>; 8],
     /// What every build of this set shares: element type, source variant, small
     /// workgroups.
     dtype: Dtype,
@@ -470,9 +476,10 @@ pub(crate) struct GradKernels {
     small_workgroups: bool,
 }
 
-/// Where [`GradKernels`] keeps pass 4 over row chunks or not, aligned rows or not.
-fn pass4_index(row_chunks: bool, aligned: bool) -> usize {
-    row_chunks as usize + 2 * aligned as usize
+/// Where [`GradKernels`] keeps pass 4 over row chunks or not, aligned rows or
+/// not, with row runs or not.
+fn pass4_index(row_chunks: bool, aligned: bool, row_runs: bool) -> usize {
+    row_chunks as usize + 2 * aligned as usize + 4 * row_runs as usize
 }
 
 impl GradKernels {
@@ -489,7 +496,7 @@ impl GradKernels {
             variant,
             small_workgroups,
         };
-        kernels.build_pass4(device, false);
+        kernels.build_pass4(device, false, false);
         kernels
     }
 
@@ -515,13 +522,13 @@ impl GradKernels {
         });
     }
 
-    /// Builds pass 4 over row chunks or not (`chunks`), over any rows and over
-    /// aligned ones, unless they exist.
-    fn build_pass4(&mut self, device: &wgpu::Device, chunks: bool) {
+    /// Builds pass 4 over row chunks or not (`chunks`), with row runs or not
+    /// (`runs`), over any rows and over aligned ones, unless they exist.
+    fn build_pass4(&mut self, device: &wgpu::Device, chunks: bool, runs: bool) {
         let (dtype, source, small) = (self.dtype, self.variant, self.small_workgroups);
         for aligned in [false, true] {
-            self.weighted_means[pass4_index(chunks, aligned)].get_or_insert_with(|| {
-                let constants = weighted_means_constants(small, chunks, aligned);
+            self.weighted_means[pass4_index(chunks, aligned, runs)].get_or_insert_with(|| {
+                let constants = weighted_means_constants(small, chunks, aligned, runs);
                 build(device, "weighted_means", dtype, &constants, source)
             });
         }
@@ -536,9 +543,15 @@ impl GradKernels {
 
     /// Pass 4: the variant that sums row chunks into partial rows if `chunks`
     /// (after [`Kernels::prepare`] with `chunks`), for `aligned` rows only if
-    /// they all are.
-    pub fn weighted_means(&self, chunks: bool, aligned: bool) -> &wgpu::ComputePipeline {
-        self.weighted_means[pass4_index(chunks, aligned)]
+    /// they all are, with row runs if `runs` (after [`Kernels::prepare`] with
+    /// `runs`).
+    pub fn weighted_means(
+        &self,
+        chunks: bool,
+        aligned: bool,
+        runs: bool,
+    ) -> &wgpu::ComputePipeline {
+        self.weighted_means[pass4_index(chunks, aligned, runs)]
             .as_ref()
             .expect("pass-4 variant prepared before encoding")
     }
@@ -555,6 +568,9 @@ pub(crate) struct Needs {
     pub partials: Option<PartialsVariant>,
     /// Pass 4's variant over row chunks.
     pub chunks: bool,
+    /// Pass 4's variants with row runs (input rows with per-row weights), over
+    /// row chunks too if `chunks`.
+    pub runs: bool,
 }
 
 /// The input readers of one element type: over one buffer range, and the slots
@@ -747,6 +763,7 @@ impl Kernels {
             slots,
             partials,
             chunks,
+            runs,
         } = needs;
         let small = self.small_workgroups;
         let one = KernelVariant {
@@ -770,7 +787,13 @@ impl Kernels {
             kernels.build_partials(device, partials);
         }
         if chunks {
-            kernels.build_pass4(device, true);
+            kernels.build_pass4(device, true, false);
+        }
+        if runs {
+            kernels.build_pass4(device, false, true);
+            if chunks {
+                kernels.build_pass4(device, true, true);
+            }
         }
     }
 

@@ -14,8 +14,8 @@
 //! 4. `weighted_means`: `out_p = sum_j (s_{j,g} / M) * mean_j` over the stored means
 //!    (per tensor, or once for all tensors into a scratch row), or as the sum over
 //!    the input rows, per tensor and window (or in the norm pass's dispatches into
-//!    the scratch row), of each row times its micro-batch's weight over the
-//!    micro-batch's size (those row weights from `row_weights`, dispatched after
+//!    the scratch row), of each micro-batch's rows over its size, summed, times
+//!    its weight (those row weights from `row_weights`, dispatched after
 //!    `clip_factors` unless b = 1), those rows in chunks of `pass4_chunk_rows`
 //!    into partial rows, then summed, where that is set (`chunk_rows_table`);
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
@@ -809,6 +809,7 @@ impl GpuClipper {
         let readback = scoped(&device, || {
             let needs = Needs {
                 chunks: layout.row_chunks,
+                runs: layout.per_row_weights,
                 ..Needs::default()
             };
             for t in inputs {

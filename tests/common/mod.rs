@@ -591,8 +591,8 @@ pub fn read_buffer(gpu: &Clipper, buffer: &wgpu::Buffer, offset: u64, len: usize
 /// normalised by 1e18 from rows of magnitude 1, or left unclipped by an adaptive
 /// bound of scale 2 (out = (0.5, 0.5), or about (1e-18, 5e-19)). A pass that
 /// scales each row before summing a micro-batch's rows loses micro-batch 0's
-/// terms to that cancellation (the CPU's re-reading pass did until 2026-12-05;
-/// the GPU's pass 4 over input rows still does).
+/// terms to that cancellation (the CPU's re-reading pass and the GPU's pass 4
+/// over input rows did until 2026-12-05).
 pub fn cancelling_rows_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     let cancelling = vec![vec![0.3, 0.0, 0.3, 0.0, 1.0, 1e-18, -1.0, 1e-18]];
     let two = || MicroBatches::Uniform(2);
