@@ -1,10 +1,11 @@
 // Pass 4's weight of every input row, when it re-reads the rows (micro-batches of
 // several rows whose means were not stored, see `materialize_means` in
 // src/gpu/plan.rs): row r of micro-batch j (offsets[j] <= r < offsets[j + 1])
-// gets w_{r,g} = w_{j,g} / n_j with n_j = offsets[j + 1] - offsets[j], so that
-// sum over the rows of w_{r,g} x_r = sum_j w_{j,g} mean_j, and weighted_means
-// reads the N rows of a window as it reads M stored means. [N, G] weight pairs; one
-// thread per row, its micro-batch found by binary search over the offsets.
+// gets the pair that makes weighted_means (its ROW_RUNS build) sum x_r / n_j over
+// the micro-batch, n_j = offsets[j + 1] - offsets[j], and scale that mean by
+// w_{j,g} at the micro-batch's last row: sum_j w_{j,g} mean_j, as over M stored
+// means. [N, G] weight pairs; one thread per row, its micro-batch found by binary
+// search over the offsets.
 
 const WG: u32 = 256u;
 

@@ -83,7 +83,8 @@ fn table_len() -> u32 {
 // grad_quad of grads_<type>.wgsl.
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 // Weight pairs (m, r): row j adds r * (m * row_j), see clip_factors.wgsl's
-// EXTREME_LOG2 (m = 1 but for factors of tiny or huge norms).
+// EXTREME_LOG2 (m = 1 but for factors of tiny or huge norms); under ROW_RUNS a
+// micro-batch's rows add r * (sum of |m| * row) (row_weights.wgsl).
 @group(0) @binding(2) var<storage, read> weights: array<vec2<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 // The same buffer range as `grads`, four elements at a time (a dummy when every
@@ -119,7 +120,9 @@ override ROW_RUNS: bool = false;
 
 // Whether row weight `w` marks a row whose micro-batch goes on in the next row
 // (row_weights.wgsl sets the sign bit of its m): the run is scaled by r at the
-// micro-batch's last row, or where the rows of this window or chunk end.
+// micro-batch's last row, or where the rows of this window or chunk end. A run
+// is summed in blocks of ROW_BLOCK rows, as the means of pass 1 (a chunk's run,
+// at most a chunk of rows, plainly).
 fn run_continues(w: vec2<f32>) -> bool {
     return (bitcast<u32>(w.x) & 0x80000000u) != 0u;
 }
@@ -132,6 +135,8 @@ fn quad_sum(col0: u32) -> vec4<f32> {
     var block = vec4<f32>(0.0);
     var in_block = 0u;
     var run = vec4<f32>(0.0);
+    var run_block = vec4<f32>(0.0);
+    var run_rows = 0u;
     var pending = false;
     var w_run = vec2<f32>(0.0);
     var idx = params.means_base + col0;
@@ -154,14 +159,22 @@ fn quad_sum(col0: u32) -> vec4<f32> {
             continue;
         }
         if (ROW_RUNS) {
-            run += abs(w.x) * mean;
+            run_block += abs(w.x) * mean;
+            run_rows += 1u;
+            if (run_rows == ROW_BLOCK && !ROW_CHUNKS) {
+                run += run_block;
+                run_block = vec4<f32>(0.0);
+                run_rows = 0u;
+            }
             pending = true;
             w_run = w;
             if (run_continues(w)) {
                 continue;
             }
-            block += w.y * run;
+            block += w.y * (run + run_block);
             run = vec4<f32>(0.0);
+            run_block = vec4<f32>(0.0);
+            run_rows = 0u;
             pending = false;
         } else {
             block += w.y * (w.x * mean);
@@ -174,7 +187,7 @@ fn quad_sum(col0: u32) -> vec4<f32> {
         }
     }
     if (ROW_RUNS && pending) {
-        block += w_run.y * run;
+        block += w_run.y * (run + run_block);
     }
     return total + block;
 }
@@ -230,6 +243,9 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
     var in_block = 0u;
     var run_lo = mat4x4<f32>();
     var run_hi = mat4x4<f32>();
+    var run_block_lo = mat4x4<f32>();
+    var run_block_hi = mat4x4<f32>();
+    var run_rows = 0u;
     var pending = false;
     var w_run = vec2<f32>(0.0);
     // Element index of the first quad in row j.
@@ -254,17 +270,28 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
             continue;
         }
         if (ROW_RUNS) {
-            run_lo += abs(w.x) * lo;
-            run_hi += abs(w.x) * hi;
+            run_block_lo += abs(w.x) * lo;
+            run_block_hi += abs(w.x) * hi;
+            run_rows += 1u;
+            if (run_rows == ROW_BLOCK) {
+                run_lo += run_block_lo;
+                run_hi += run_block_hi;
+                run_block_lo = mat4x4<f32>();
+                run_block_hi = mat4x4<f32>();
+                run_rows = 0u;
+            }
             pending = true;
             w_run = w;
             if (run_continues(w)) {
                 continue;
             }
-            block_lo += w.y * run_lo;
-            block_hi += w.y * run_hi;
+            block_lo += w.y * (run_lo + run_block_lo);
+            block_hi += w.y * (run_hi + run_block_hi);
             run_lo = mat4x4<f32>();
             run_hi = mat4x4<f32>();
+            run_block_lo = mat4x4<f32>();
+            run_block_hi = mat4x4<f32>();
+            run_rows = 0u;
             pending = false;
         } else {
             block_lo += w.y * (w.x * lo);
@@ -280,8 +307,8 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
         }
     }
     if (ROW_RUNS && pending) {
-        block_lo += w_run.y * run_lo;
-        block_hi += w_run.y * run_hi;
+        block_lo += w_run.y * (run_lo + run_block_lo);
+        block_hi += w_run.y * (run_hi + run_block_hi);
     }
     let lo = total_lo + block_lo;
     let hi = total_hi + block_hi;

@@ -85,18 +85,21 @@
 //!
 //! ## Numerics
 //!
-//! * Means are accumulated as `sum_i (x_i / n_j)` so they do not overflow when the
-//!   true mean is finite, with one exception on the GPU: a mean within a few
+//! * On the GPU, means are accumulated in f32 as `sum_i (x_i / n_j)` so they do
+//!   not overflow when the true mean is finite, with one exception: a mean within a few
 //!   rounding errors of `f32::MAX` (for example every row `f32::MAX` in a
 //!   micro-batch of 10, 18, 20, 36 or 40 rows on lavapipe: the f32 terms round
 //!   up) can round to infinity, and the micro-batch then counts as non-finite
 //!   (the CPU's f64 sums do not round so). A micro-batch's rows are summed
 //!   before its factor scales them, so rows that cancel to a mean far below
-//!   them cannot swamp the other micro-batches' terms;
+//!   them cannot swamp the other micro-batches' terms (except where the GPU's
+//!   last pass cuts a micro-batch at a row chunk or window: ragged offsets, a
+//!   tensor larger than one storage binding);
 //!   norms are accumulated as (scale, scaled sum of squares)
 //!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
 //!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported
-//!   as `+inf`) still clips correctly.
+//!   as `+inf`) still clips correctly. The CPU backend sums rows and squares in
+//!   f64 and scales a micro-batch's sum by `1 / n_j` afterwards.
 //! * All reductions are trees or fixed blocks, never float atomics: the same input on
 //!   the same adapter gives bitwise the same output.
 //! * [`reference`](mod@reference) is a plain float64 implementation used by the tests.

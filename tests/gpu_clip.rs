@@ -555,6 +555,16 @@ fn rows_that_cancel_when_pass4_rereads_the_rows() {
                 let what = format!("small {small} chunk rows {chunk}: {what}");
                 check(&mut gpu, &cfg, &t, n, TOL, &what);
             }
+            // Runs longer than ROW_BLOCK rows, and ragged ones, on random rows.
+            let t = random_tensors(31, 45, &[4101, 7], 1.0);
+            for mb in [
+                MicroBatches::Uniform(20),
+                MicroBatches::Offsets(vec![0, 1, 19, 21, 45]),
+            ] {
+                let cfg = ClipConfig::fixed(0.05, mb.clone());
+                let what = format!("small {small} chunk rows {chunk}: {mb:?}");
+                check(&mut gpu, &cfg, &t, 45, TOL, &what);
+            }
         }
     }
 }
@@ -604,8 +614,11 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
     // b = 3: pass 4 reads stored means; b = 1, 2: it reads the rows, all at once
     // and in row chunks of 3 (the chunk pipeline's loads). Both lane mappings of
     // the norm pass (small workgroups: adjacent quads). b = 70 (n = 70): the norm
-    // pass walks its rows in chunks with small workgroups.
-    let runs: [(usize, &[(usize, bool)]); 2] = [
+    // pass walks its rows in chunks with small workgroups. n = 40 with the means
+    // never stored: pass 4 re-reads rows in runs, 20 micro-batches of 2 (past
+    // ROW_BLOCK = 16 micro-batches) and 2 of 20 rows (runs past ROW_BLOCK rows),
+    // also in chunks of 3 rows that cut the runs.
+    let runs: [(usize, &[(usize, bool)]); 3] = [
         (
             10,
             &[
@@ -618,14 +631,17 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
             ],
         ),
         (70, &[(70, true), (70, false)]),
+        (40, &[(2, true), (20, true), (2, false), (20, false)]),
     ];
     for ((d, scale), (n, bs)) in [(4100, 1.0), (4100, 1e-30), (4101, 1.0), (4101, 1e-30)]
         .into_iter()
         .flat_map(|shape| runs.iter().map(move |&run| (shape, run)))
     {
         let t = random_tensors(23, n, &[d], scale).remove(0);
+        let reread = n == 40;
+        gpu.set_gpu_means_min_rows(if reread { Some(u64::MAX) } else { None });
         for (&(b, small), chunk_rows) in bs.iter().flat_map(|r| [(r, 0), (r, 3)]) {
-            if chunk_rows > 0 && b > 2 {
+            if chunk_rows > 0 && b > 2 && !reread {
                 continue;
             }
             gpu.set_gpu_small_workgroups(Some(small));
@@ -663,6 +679,7 @@ fn vec4_and_scalar_loads_give_the_same_bits() {
     }
     gpu.set_gpu_small_workgroups(None);
     gpu.set_gpu_pass4_chunk_rows(None);
+    gpu.set_gpu_means_min_rows(None);
 }
 
 #[test]
