@@ -115,7 +115,8 @@ override ALIGNED_ROWS: bool = false;
 // do so first (see run_continues). A pipeline constant: the other dispatches
 // (stored means, one-row micro-batches, the sum of row chunks) add r * (m * row)
 // row by row, which is the same per row, without the run's registers and test
-// (on lavapipe the runs cost about 5% of pass 4 at b = 1, 3 alternating pairs).
+// (on lavapipe runs in every dispatch made a b = 1 call about 5% slower, 3
+// alternating rounds; at b = 2, where they are needed, 4-8%).
 override ROW_RUNS: bool = false;
 
 // Whether row weight `w` marks a row whose micro-batch goes on in the next row
