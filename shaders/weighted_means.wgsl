@@ -320,7 +320,7 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
 }
 
 // sum_quads8 for a row chunk (ROW_CHUNKS): plain sums of the chunk's
-// rows in eight vec4 accumulators, the eight quads stored as vec4 into the
+// rows in two matrices of four vec4 accumulators, the eight quads stored as vec4 into the
 // chunk's partial row (the host cuts the rows into chunks of a few dozen and sums
 // the partial rows in a second dispatch, see `chunk_rows_table` in
 // src/gpu/plan.rs; a chunk is the block here). On lavapipe the block flushes and
@@ -330,23 +330,12 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
 // 7.7-7.9 in the ROW_CHUNKS pipeline (BENCHMARKS.md). The same operations per column as
 // quad_sum with ROW_CHUNKS (no flush), so the same bits whatever the loads.
 fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
-    var a0 = vec4<f32>();
-    var a1 = vec4<f32>();
-    var a2 = vec4<f32>();
-    var a3 = vec4<f32>();
-    var a4 = vec4<f32>();
-    var a5 = vec4<f32>();
-    var a6 = vec4<f32>();
-    var a7 = vec4<f32>();
+    // Quads 0..3 and 4..7 as the columns of two matrices, as in sum_quads8.
+    var acc_lo = mat4x4<f32>();
+    var acc_hi = mat4x4<f32>();
     // ROW_RUNS: the current micro-batch's rows.
-    var r0 = vec4<f32>();
-    var r1 = vec4<f32>();
-    var r2 = vec4<f32>();
-    var r3 = vec4<f32>();
-    var r4 = vec4<f32>();
-    var r5 = vec4<f32>();
-    var r6 = vec4<f32>();
-    var r7 = vec4<f32>();
+    var run_lo = mat4x4<f32>();
+    var run_hi = mat4x4<f32>();
     var pending = false;
     var w_run = vec2<f32>(0.0);
     var e = params.means_base + first * 4u;
@@ -358,8 +347,6 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
         if (params.skip_zero == 1u && w.y == 0.0) {
             continue;
         }
-        // The row's 8 quads (as two matrices of 4: per component, the same
-        // operations as separate vectors).
         var lo: mat4x4<f32>;
         var hi: mat4x4<f32>;
         if (loads == LOAD_VEC4) {
@@ -371,67 +358,32 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
             hi = shift_quads4(mid, grad_quad(q + 5u), grad_quad(q + 6u), grad_quad(q + 7u), grad_quad(q + 8u), s);
         }
         if (ROW_RUNS) {
-            let m = abs(w.x);
-            r0 += m * lo[0];
-            r1 += m * lo[1];
-            r2 += m * lo[2];
-            r3 += m * lo[3];
-            r4 += m * hi[0];
-            r5 += m * hi[1];
-            r6 += m * hi[2];
-            r7 += m * hi[3];
+            run_lo += abs(w.x) * lo;
+            run_hi += abs(w.x) * hi;
             pending = true;
             w_run = w;
             if (run_continues(w)) {
                 continue;
             }
-            a0 += w.y * r0;
-            a1 += w.y * r1;
-            a2 += w.y * r2;
-            a3 += w.y * r3;
-            a4 += w.y * r4;
-            a5 += w.y * r5;
-            a6 += w.y * r6;
-            a7 += w.y * r7;
-            r0 = vec4<f32>();
-            r1 = vec4<f32>();
-            r2 = vec4<f32>();
-            r3 = vec4<f32>();
-            r4 = vec4<f32>();
-            r5 = vec4<f32>();
-            r6 = vec4<f32>();
-            r7 = vec4<f32>();
+            acc_lo += w.y * run_lo;
+            acc_hi += w.y * run_hi;
+            run_lo = mat4x4<f32>();
+            run_hi = mat4x4<f32>();
             pending = false;
         } else {
-            a0 += w.y * (w.x * lo[0]);
-            a1 += w.y * (w.x * lo[1]);
-            a2 += w.y * (w.x * lo[2]);
-            a3 += w.y * (w.x * lo[3]);
-            a4 += w.y * (w.x * hi[0]);
-            a5 += w.y * (w.x * hi[1]);
-            a6 += w.y * (w.x * hi[2]);
-            a7 += w.y * (w.x * hi[3]);
+            acc_lo += w.y * (w.x * lo);
+            acc_hi += w.y * (w.x * hi);
         }
     }
     if (ROW_RUNS && pending) {
-        a0 += w_run.y * r0;
-        a1 += w_run.y * r1;
-        a2 += w_run.y * r2;
-        a3 += w_run.y * r3;
-        a4 += w_run.y * r4;
-        a5 += w_run.y * r5;
-        a6 += w_run.y * r6;
-        a7 += w_run.y * r7;
+        acc_lo += w_run.y * run_lo;
+        acc_hi += w_run.y * run_hi;
     }
     let o = (params.out_offset >> 2u) + first;
-    partials4[o] = a0;
-    partials4[o + step] = a1;
-    partials4[o + 2u * step] = a2;
-    partials4[o + 3u * step] = a3;
-    partials4[o + 4u * step] = a4;
-    partials4[o + 5u * step] = a5;
-    partials4[o + 6u * step] = a6;
-    partials4[o + 7u * step] = a7;
+    for (var k = 0u; k < 4u; k++) {
+        partials4[o + k * step] = acc_lo[k];
+        partials4[o + (k + 4u) * step] = acc_hi[k];
+    }
 }
 
 @compute @workgroup_size(64)
