@@ -58,13 +58,37 @@ fn split<T: GradElement>(plan: &Plan<'_, T>, threads: usize) -> Vec<Range<usize>
     ranges
 }
 
+/// A worker's remaining waits at the group barrier. A worker that unwinds makes
+/// them as it drops, so that the other workers are not left waiting at the
+/// barrier for it (they finish with meaningless partials and [`run`] re-raises
+/// the panic) instead of hanging the call.
+struct BarrierWaits<'a> {
+    barrier: &'a Barrier,
+    left: usize,
+}
+
+impl BarrierWaits<'_> {
+    fn wait(&mut self) {
+        self.left -= 1;
+        self.barrier.wait();
+    }
+}
+
+impl Drop for BarrierWaits<'_> {
+    fn drop(&mut self) {
+        for _ in 0..self.left {
+            self.barrier.wait();
+        }
+    }
+}
+
 /// One thread's share: returns the norms (thread 0 only) and its accumulator.
 fn worker<T: GradElement>(
     plan: &Plan<'_, T>,
     blocks: Range<usize>,
     group_size: usize,
     partials: &[Vec<AtomicU64>; 2],
-    barrier: &Barrier,
+    barrier: &mut BarrierWaits<'_>,
     record: bool,
 ) -> (Vec<f64>, Vec<f64>) {
     let mine = &plan.blocks[blocks.clone()];
@@ -188,18 +212,30 @@ pub(super) fn run<T: GradElement>(
     let slots = group_size * plan.blocks.len();
     let partials = [0, 1].map(|_| (0..slots).map(|_| AtomicU64::new(0)).collect());
     let barrier = Barrier::new(ranges.len());
+    let waits = plan.micro_batches().div_ceil(group_size);
     let results: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
         let handles: Vec<_> = ranges
             .iter()
             .enumerate()
             .map(|(t, r)| {
                 let (partials, barrier) = (&partials, &barrier);
-                s.spawn(move || worker(plan, r.clone(), group_size, partials, barrier, t == 0))
+                s.spawn(move || {
+                    let mut barrier = BarrierWaits {
+                        barrier,
+                        left: waits,
+                    };
+                    #[cfg(test)]
+                    tests::maybe_panic(t);
+                    worker(plan, r.clone(), group_size, partials, &mut barrier, t == 0)
+                })
             })
             .collect();
-        handles
+        // Every worker is joined (the others finish when one panics), then the
+        // first panic is raised again.
+        let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        joined
             .into_iter()
-            .map(|h| h.join().expect("clip worker panicked"))
+            .map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
             .collect()
     });
     // Each thread's accumulator holds its blocks in order, and the threads' ranges
@@ -213,4 +249,61 @@ pub(super) fn run<T: GradElement>(
     let sums = plan.per_tensor(block_sums);
     let norms = results.into_iter().next().map(|r| r.0).unwrap_or_default();
     (norms, sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use crate::{Backend, ClipConfig, Clipper, MicroBatches};
+
+    /// The worker that panics before its first barrier (usize::MAX: none). Only
+    /// the test below sets it; no other unit test runs the CPU path.
+    static PANIC_WORKER: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+    pub(super) fn maybe_panic(worker: usize) {
+        if PANIC_WORKER.load(SeqCst) == worker {
+            panic!("injected worker panic");
+        }
+    }
+
+    /// A worker that panics makes the call panic with its message, instead of
+    /// leaving the other workers at the barrier (which hung the call before).
+    #[test]
+    fn a_worker_panic_reaches_the_caller_without_hanging() {
+        // Two workers need two blocks of columns and two threads.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (n, d) = (8, 3 * super::BLOCK_COLS + 5);
+        let rows: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let config = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
+        let mut clipper = Clipper::new(Backend::Cpu).unwrap();
+        let before = clipper.clip(&config, &[&rows], n).unwrap();
+
+        PANIC_WORKER.store(threads.min(2) - 1, SeqCst);
+        let (send, receive) = mpsc::channel();
+        let (config_, rows_) = (config.clone(), rows.clone());
+        std::thread::spawn(move || {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                clipper.clip(&config_, &[&rows_], n)
+            }));
+            let message = caught.err().map(|p| {
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            });
+            send.send((message, clipper)).unwrap();
+        });
+        let outcome = receive.recv_timeout(Duration::from_secs(60));
+        PANIC_WORKER.store(usize::MAX, SeqCst);
+        let (message, mut clipper) = outcome.expect("the call hung after a worker panicked");
+        assert_eq!(message.as_deref(), Some("injected worker panic"));
+        // The clipper still works afterwards, with the same result.
+        let after = clipper.clip(&config, &[&rows], n).unwrap();
+        assert_eq!(before.grads, after.grads);
+        assert!(before.grads[0].iter().any(|&v| v != 0.0));
+    }
 }
