@@ -146,6 +146,11 @@ impl<'a, T: GradElement> Plan<'a, T> {
         &self.tensors[b.tensor][i * d + b.c0..i * d + b.c0 + b.w]
     }
 
+    /// Whether block `b` covers its whole tensor (`D_p <= BLOCK_COLS`).
+    fn whole(&self, b: &Block) -> bool {
+        b.w == self.widths[b.tensor]
+    }
+
     fn group(&self, b: &Block) -> usize {
         self.group_of[b.tensor]
     }
@@ -701,11 +706,23 @@ pub(crate) fn clip<T: GradElement>(
         .filter(|n| n.multiplier != 0.0)
         .map_or(0.0, |n| n.multiplier as f64 * total_bound);
 
-    let mut first_element = 0u64;
-    let grads = sums
+    // The noise stream's index of each tensor's first element.
+    let firsts: Vec<u64> = widths
         .iter()
+        .scan(0u64, |next, &d| {
+            let first = *next;
+            *next += d as u64;
+            Some(first)
+        })
+        .collect();
+    // One parallel iteration over the tensors (and their elements): a parallel
+    // iterator started from this thread per tensor cost a wake-up of the pool's
+    // threads each, 10,000 tensors of 20 columns took 16x the time of one tensor.
+    let grads = sums
+        .par_iter()
+        .zip(firsts)
         .enumerate()
-        .map(|(p, sum)| {
+        .map(|(p, (sum, first))| {
             let bound = f.bounds[plan.group_of[p]];
             // With no finite micro-batch the bound is NaN: under Skip every h_j is
             // 0 (every micro-batch dropped), under Propagate every factor is NaN.
@@ -714,8 +731,6 @@ pub(crate) fn clip<T: GradElement>(
                 true => bound / m,
                 false => 1.0 / m,
             };
-            let first = first_element;
-            first_element += sum.len() as u64;
             sum.par_iter()
                 .enumerate()
                 .map(|(c, &v)| {
