@@ -501,3 +501,59 @@ fn noise_words_count_limits() {
     );
     assert_eq!(gpu.gpu_philox_words(&noise, 5, 1024).unwrap().len(), 1024);
 }
+
+/// A call that fails on the device (here a destroyed input buffer) makes the
+/// clipper build its readers again; the next call over 16-bit rows must then
+/// also build the f32 readers that its passes over f32 data (stored means, row
+/// chunk partials) use, whatever its input type: it panicked on a missing
+/// reader before.
+#[test]
+fn a_device_failure_leaves_the_clipper_usable_for_16_bit_rows() {
+    let Some(mut gpu) = gpu() else {
+        return;
+    };
+    let device = gpu.device().unwrap().clone();
+    let (n, cols) = (64, 300);
+    let input = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("destroyed input"),
+        size: (n * cols * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let output = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("output"),
+        size: (cols * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    input.destroy();
+    let t = common::random_tensors(11, n, &[cols, 5], 1.0);
+    let f16_rows = common::rounded(&t, microclip::half::f16::from_f32);
+    let bf16_rows = common::rounded(&t, microclip::half::bf16::from_f32);
+    // b = 4: pass 4 over stored f32 means; b = 1 and 2: over the rows, with row
+    // chunks whose f32 partial rows a last dispatch sums (on lavapipe).
+    for b in [4, 1, 2] {
+        let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(b));
+        let failed = gpu.clip_buffers_into(
+            &cfg,
+            &[GpuTensor::new(&input, 0, cols)],
+            n,
+            &[GpuTensorMut {
+                buffer: &output,
+                offset: 0,
+                cols,
+            }],
+        );
+        assert!(matches!(failed, Err(ClipError::Device(_))), "{failed:?}");
+        common::check_typed(&mut gpu, &cfg, &f16_rows, n, 1e-5, &format!("f16, b = {b}"));
+        common::check_typed(
+            &mut gpu,
+            &cfg,
+            &bf16_rows,
+            n,
+            1e-5,
+            &format!("bf16, b = {b}"),
+        );
+        common::check(&mut gpu, &cfg, &t, n, 1e-5, &format!("f32, b = {b}"));
+    }
+}

@@ -203,6 +203,43 @@ fn windows_over_several_column_tiles() {
     }
 }
 
+/// More micro-batches than one dispatch dimension holds on hardware (65,535
+/// workgroups): the plan cuts the rows into windows of at most that many
+/// micro-batches, with carries where a window cuts a micro-batch (ragged
+/// offsets, bindings of fewer rows than a window). Checks the results of those
+/// cuts; the limit itself is not checked here, since a dispatch past it passes on
+/// lavapipe.
+#[test]
+fn more_micro_batches_than_workgroups_per_dimension() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 140_000;
+    let t = random_tensors(5, n, &[3, 1], 1.0);
+    for b in [1, 2, 3] {
+        let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(b));
+        check(&mut gpu, &cfg, &t, n, TOL, &format!("b {b}"));
+    }
+    // Micro-batches of 1 row, every 1000th of 7 rows, in one tensor of 20 columns.
+    let t = random_tensors(7, n, &[20], 1.0);
+    let mut offsets = vec![0usize];
+    while *offsets.last().unwrap() < n {
+        let step = if offsets.len() % 1000 == 0 { 7 } else { 1 };
+        offsets.push((offsets.last().unwrap() + step).min(n));
+    }
+    for max_binding in [u64::MAX, 80 * 70_001 + 256, 80 * 40_001 + 256] {
+        gpu.set_max_binding_bytes(max_binding);
+        for layout in [
+            MicroBatches::Offsets(offsets.clone()),
+            MicroBatches::Uniform(3),
+        ] {
+            let what = format!("binding {max_binding} {layout:?}")
+                .chars()
+                .take(60)
+                .collect::<String>();
+            check(&mut gpu, &ClipConfig::fixed(0.5, layout), &t, n, TOL, &what);
+        }
+    }
+}
+
 /// Adaptive clipping at every uniform micro-batch size in `bs` against the
 /// float64 reference, with storage bindings cut to `max_binding` bytes (so
 /// tensors are read in row windows).

@@ -812,6 +812,10 @@ impl GpuClipper {
                 runs: layout.per_row_weights,
                 ..Needs::default()
             };
+            // The f32 readers too: the passes over stored means and over row
+            // chunks' partial rows read f32 whatever the input type (built at
+            // construction, and again after a failed call forgot them).
+            self.kernels.prepare(&device, Dtype::F32, Needs::default());
             for t in inputs {
                 self.kernels.prepare(&device, t.dtype, needs);
             }
