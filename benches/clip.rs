@@ -12,7 +12,9 @@
 //! * `gpu_device/N64_D262144_f16`, `.._bf16`: the main shape as 16-bit input
 //!   (b = 1 and 8), next to the read-and-sum over its N x D x 2 bytes;
 //! * `cpu_host/...`: the same shapes on the CPU backend (`Clipper::clip` on host
-//!   slices) next to a multi-threaded rayon sum over the same slice.
+//!   slices) next to a multi-threaded rayon sum over the same slice, and
+//!   `cpu_host/small_N64_b4`: 10,000 tensors of 20 columns against one tensor of
+//!   the same 200,000 columns (per-tensor costs).
 //!
 //! Throughput is the input size, N x D x 4 bytes (x 2 for 16-bit input). GPU timing uses `iter_custom`
 //! with wall clock around each call: `clip_buffers_into` submits and polls the
@@ -55,6 +57,9 @@ const N_MULTI: usize = 64;
 const B_MULTI: usize = 4;
 const TENSORS: usize = 100;
 const MAX_D_P: usize = 12_500;
+/// Many small tensors (CPU): SMALL_TENSORS of SMALL_D_P columns, N_MULTI rows.
+const SMALL_TENSORS: usize = 10_000;
+const SMALL_D_P: usize = 20;
 
 /// A clip bound that clips about half of the micro-batches: the median norm of a
 /// probe call that clips nothing.
@@ -372,6 +377,34 @@ fn cpu_benches(c: &mut Criterion) {
     group.bench_function("read_sum", |bench| {
         bench.iter(|| rayon_sum(black_box(&single)))
     });
+    group.finish();
+    drop((many, single));
+
+    // Many small tensors (biases, norms' scales): per-tensor costs, not bytes.
+    let small: Vec<Vec<f32>> = (0..SMALL_TENSORS)
+        .map(|p| data::host_tensor(SEED, 1000 + p as u64, N_MULTI, SMALL_D_P))
+        .collect();
+    let small_refs: Vec<&[f32]> = small.iter().map(|v| v.as_slice()).collect();
+    let single = data::host_tensor(SEED, 2, N_MULTI, SMALL_TENSORS * SMALL_D_P);
+    let mut group = c.benchmark_group(format!("cpu_host/small_N{N_MULTI}_b{B_MULTI}"));
+    configure(&mut group);
+    group.throughput(Throughput::Bytes((single.len() * 4) as u64));
+    bench_host(
+        &mut group,
+        &mut clipper,
+        &format!("microclip/{SMALL_TENSORS}_tensors_of_{SMALL_D_P}"),
+        N_MULTI,
+        B_MULTI,
+        &small_refs,
+    );
+    bench_host(
+        &mut group,
+        &mut clipper,
+        "microclip/1_tensor",
+        N_MULTI,
+        B_MULTI,
+        &[&single],
+    );
     group.finish();
 }
 
