@@ -114,8 +114,8 @@ impl Clipper {
     /// Builds a GPU clipper on a device and queue the caller already has (a
     /// framework's), so that its buffers can be passed in directly. The device
     /// must allow 7 storage buffers per shader stage, 256 invocations per
-    /// workgroup and 65,535 workgroups per dimension (WebGPU's default limits;
-    /// not wgpu's downlevel ones), else
+    /// workgroup and 256 in x, and 65,535 workgroups per dimension (all within
+    /// WebGPU's default limits; not wgpu's downlevel ones), else
     /// [`ClipError::Device`], as when a kernel fails to build on it. Buffers
     /// passed to the clipper must come from this device (and its instance:
     /// wgpu reports a buffer of another device of the same instance, which
@@ -266,8 +266,10 @@ impl Clipper {
 
     /// Sets whether the GPU's input-reading dispatches may read tensors of several
     /// buffers at once (up to 8, through the kernels' slots variants, where the
-    /// device allows their storage bindings); `None` or `true`: where it does, the
-    /// default; `false`: one dispatch per buffer and pass. For tests and benches
+    /// device allows their storage bindings); `true`: where it does; `None`: the
+    /// adapter's default (on for hardware that allows it, off on a software
+    /// adapter, whose branches cost every slot's loads); `false`: one dispatch per
+    /// buffer and pass. For tests and benches
     /// of both ways on one adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_buffer_slots(&mut self, on: Option<bool>) {

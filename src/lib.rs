@@ -122,13 +122,14 @@
 //! one storage binding, it also keeps the `M x sum ceil4(D_p) x 4` bytes of
 //! micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
-//! re-reading the input in the last pass, plus a `sum ceil4(D_p) x 4`-byte output
-//! row when that pass runs once for several tensors; otherwise the last pass
+//! re-reading the input in the last pass; otherwise the last pass
 //! re-reads the rows, with `N x G x 8` bytes of per-row weights when `b > 1` and,
 //! where it walks them in chunks of 32 rows (by default on a software adapter, b
 //! = 1 too), the partial rows of its largest dispatch (`ceil(rows / 32) x
 //! ceil4(D_p) x 4` bytes summed over that dispatch's tensors, about 1/32 of an f32
-//! input's bytes) and `ceil(rows / 32) x 8` bytes of ones. Noise is generated in
+//! input's bytes) and `ceil(rows / 32) x 8` bytes of ones. Either way, when the
+//! last pass runs once for several tensors (no noise, outputs that accept
+//! copies), it adds a `sum ceil4(D_p) x 4`-byte output row. Noise is generated in
 //! place in the output: no buffer of random numbers.
 //!
 //! The CPU backend reads the input once, in groups of micro-batches, when an f64
