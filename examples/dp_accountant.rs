@@ -27,7 +27,10 @@
 //! can hold (1 = per-example clipping): with `B > 1` one example can move the sum
 //! by `2 S`, so the accountant's sigma is half the multiplier
 //! (`accountant::micro_batch_sensitivity`). Bad arguments print one
-//! `error: ...` line and exit with a non-zero status.
+//! `error: ...` line and exit with a non-zero status; that includes numbers
+//! that overflow `f64` (such as `1e400`) or underflow it to 0, and a noise
+//! multiplier beyond the largest `f32` (about `3.4e38`), which
+//! `GaussianNoise::multiplier` cannot hold.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -41,7 +44,7 @@ use microclip::accountant;
 #[command(name = "dp_accountant")]
 struct Args {
     /// Sampling rate q = expected batch size / dataset size, in [0, 1].
-    #[arg(long, value_name = "Q")]
+    #[arg(long, value_name = "Q", value_parser = parse_f64)]
     sampling_rate: f64,
 
     /// Configured noise multiplier (noise std / total clip bound S, noise added
@@ -49,13 +52,14 @@ struct Args {
     #[arg(
         long,
         value_name = "SIGMA",
+        value_parser = parse_f64,
         conflicts_with = "target_epsilon",
         required_unless_present = "target_epsilon"
     )]
     noise_multiplier: Option<f64>,
 
     /// Target epsilon: compute the smallest noise multiplier that reaches it.
-    #[arg(long, value_name = "E")]
+    #[arg(long, value_name = "E", value_parser = parse_f64)]
     target_epsilon: Option<f64>,
 
     /// The most examples a micro-batch can hold, over all steps (1 = per-example
@@ -69,7 +73,7 @@ struct Args {
     steps: u64,
 
     /// Target delta, in (0, 1).
-    #[arg(long, value_name = "DELTA")]
+    #[arg(long, value_name = "DELTA", value_parser = parse_f64)]
     delta: f64,
 }
 
@@ -94,8 +98,32 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e.to_string()),
+        Err(e) => fail(&e),
     }
+}
+
+/// Parses an `f64` as clap would, but rejects text that names a finite,
+/// non-zero number which `f64` cannot hold (`1e400` would otherwise become
+/// `inf`, and `1e-400` would become 0, and the errors that follow would quote a
+/// value the user never typed). `inf` and `NaN` typed as such are left to the
+/// range checks.
+fn parse_f64(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
+    let mantissa = text.split(['e', 'E']).next().unwrap_or("");
+    let names_a_number = mantissa.chars().any(|c| c.is_ascii_digit());
+    if value.is_infinite() && names_a_number {
+        return Err(format!("{text} is beyond the largest f64 ({:e})", f64::MAX));
+    }
+    if value == 0.0 && mantissa.chars().any(|c| ('1'..='9').contains(&c)) {
+        return Err(format!(
+            "{text} is nonzero but below the smallest positive f64 ({:e})",
+            f64::from_bits(1)
+        ));
+    }
+    Ok(value)
 }
 
 /// A clap error as one line: its first paragraph (the message and, for missing
@@ -122,7 +150,28 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
+/// The noise multiplier as `GaussianNoise::multiplier` (an `f32`) holds it,
+/// or why it cannot.
+fn configured_multiplier(given: f64) -> Result<f64, String> {
+    if !(given.is_finite() && given >= 0.0) {
+        return Err(accountant::AccountantError::InvalidNoiseMultiplier(given).to_string());
+    }
+    // Values from f32::MAX up to half an f32 ulp above it round to f32::MAX;
+    // beyond, the conversion gives +inf.
+    let multiplier = given as f32;
+    if multiplier.is_infinite() {
+        return Err(format!(
+            "noise multiplier {given:e} is beyond the largest f32 ({:e}), so \
+             GaussianNoise::multiplier (an f32) cannot hold it",
+            f32::MAX
+        ));
+    }
+    Ok(f64::from(multiplier))
+}
+
+/// The summary lines, or the one-line error message.
+fn run(args: &Args) -> Result<Vec<String>, String> {
+    let msg = |e: accountant::AccountantError| e.to_string();
     let (q, steps, delta) = (args.sampling_rate, args.steps, args.delta);
     let size = args.micro_batch_size;
     let sensitivity =
@@ -147,14 +196,12 @@ fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
     ];
     match args.noise_multiplier {
         Some(given) => {
-            if !(given.is_finite() && given >= 0.0) {
-                return Err(accountant::AccountantError::InvalidNoiseMultiplier(given));
-            }
             // The noise microclip adds: GaussianNoise::multiplier is an f32.
-            let multiplier = f64::from(given as f32);
+            let multiplier = configured_multiplier(given)?;
             let sigma = multiplier / sensitivity;
-            let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
-            let (classic, classic_order) = accountant::epsilon_classic(q, sigma, steps, delta)?;
+            let (eps, order) = accountant::epsilon(q, sigma, steps, delta).map_err(msg)?;
+            let (classic, classic_order) =
+                accountant::epsilon_classic(q, sigma, steps, delta).map_err(msg)?;
             lines.push(format!("  noise multiplier : {multiplier} (as f32)"));
             lines.push(sensitivity_line);
             lines.push(format!("  accounting sigma : {sigma}"));
@@ -171,9 +218,10 @@ fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
             // and is reported as an invalid target epsilon.
             let target = args.target_epsilon.unwrap_or(f64::NAN);
             // The search returns an f32-exact sigma; doubling keeps it exact.
-            let sigma = accountant::noise_multiplier_for_epsilon(q, steps, delta, target)?;
+            let sigma =
+                accountant::noise_multiplier_for_epsilon(q, steps, delta, target).map_err(msg)?;
             let multiplier = sigma * sensitivity;
-            let (eps, order) = accountant::epsilon(q, sigma, steps, delta)?;
+            let (eps, order) = accountant::epsilon(q, sigma, steps, delta).map_err(msg)?;
             lines.push(format!("  target epsilon   : {target}"));
             lines.push(sensitivity_line);
             lines.push(format!("  accounting sigma : {sigma}"));
@@ -184,4 +232,71 @@ fn run(args: &Args) -> Result<Vec<String>, accountant::AccountantError> {
         }
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(extra: &[&str]) -> Result<Vec<String>, String> {
+        let mut argv = vec![
+            "dp_accountant",
+            "--sampling-rate",
+            "0.01",
+            "--micro-batch-size",
+            "1",
+            "--steps",
+            "1000",
+        ];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).map_err(|e| clap_error_line(&e))?;
+        run(&args)
+    }
+
+    #[test]
+    fn huge_noise_multiplier_is_named_not_inf() {
+        // 1e39 is a finite f64 but beyond f32::MAX: the f32 conversion gave
+        // +inf, reported as "noise multiplier ... got inf".
+        for sigma in ["1e39", "3.5e38", "1e300"] {
+            let err = run_with(&["--noise-multiplier", sigma, "--delta", "1e-5"]).unwrap_err();
+            assert!(
+                err.contains("beyond the largest f32") && !err.contains("inf"),
+                "{sigma}: {err}"
+            );
+        }
+        // The largest f32 itself is accounted: epsilon 0.
+        let lines = run_with(&["--noise-multiplier", "3.4e38", "--delta", "1e-5"]).unwrap();
+        assert!(lines.last().unwrap().starts_with("epsilon=0 "), "{lines:?}");
+    }
+
+    #[test]
+    fn numbers_beyond_f64_are_named_not_inf_or_zero() {
+        for (flag, text) in [
+            ("--noise-multiplier", "1e400"),
+            ("--delta", "1e400"),
+            ("--target-epsilon", "1e999"),
+            ("--delta", "1e-400"),
+            ("--noise-multiplier", "2.5e-330"),
+        ] {
+            let mut extra = vec![flag, text];
+            if flag != "--delta" {
+                extra.extend(["--delta", "1e-5"]);
+            }
+            if flag == "--delta" {
+                extra.extend(["--noise-multiplier", "1"]);
+            }
+            let err = run_with(&extra).unwrap_err();
+            assert!(
+                err.contains(text) && !err.contains("got inf") && !err.contains("got 0"),
+                "{flag} {text}: {err}"
+            );
+        }
+        // inf, NaN and zeros typed as such still reach the range checks.
+        let err = run_with(&["--noise-multiplier", "inf", "--delta", "1e-5"]).unwrap_err();
+        assert!(err.contains("got inf"), "{err}");
+        let err = run_with(&["--noise-multiplier", "1", "--delta", "0.0e-400"]).unwrap_err();
+        assert!(err.contains("got 0"), "{err}");
+        assert_eq!(parse_f64("0.000e5"), Ok(0.0));
+        assert_eq!(parse_f64("1e-320"), Ok(1e-320));
+    }
 }

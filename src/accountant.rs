@@ -18,8 +18,15 @@
 //! the way TensorFlow Privacy's `rdp_accountant._compute_rdp` and Opacus'
 //! `accountants/analysis/rdp.py` do: a finite binomial sum in log space for
 //! integer orders, and the two-sided erfc series for fractional orders (with a
-//! numerically stable log-space subtraction). RDP composes additively, so `T`
-//! steps have RDP `T * rdp(alpha)`. Orders are limited to [`MAX_ORDER`].
+//! numerically stable log-space subtraction). Fractional orders below 1.1 (the
+//! smallest default order; callers may pass their own) use a rearrangement of
+//! that series that sums `A_alpha - 1` with the factor `alpha - 1` in every
+//! term, because `ln(A_alpha)` is divided by `alpha - 1` and the log-space
+//! series' absolute errors (rounding near 1e-16, truncation at `e^-30`) would
+//! be magnified, by up to `1e12` at `alpha = 1 + 1e-12`. The result is capped
+//! at `alpha / (2 sigma^2)`, the RDP without subsampling (a valid bound). RDP
+//! composes additively, so `T` steps have RDP `T * rdp(alpha)`. Orders are
+//! limited to [`MAX_ORDER`].
 //!
 //! # Micro-batch clipping
 //!
@@ -87,7 +94,9 @@
 //! (see [`epsilon_with_orders`]). [`epsilon_classic`] is the older
 //! conversion `eps = min_alpha rdp(alpha) - ln(delta) / (alpha - 1)` (Mironov
 //! 2017, Proposition 3) that TensorFlow Privacy's tutorials printed; over
-//! orders above 1.01 it is never smaller than the improved one.
+//! orders above 1.01 it is never smaller than the improved one. Both give 0
+//! for `q = 0` (the RDP is then 0 at every order, and the classic bound's
+//! infimum over all orders is 0).
 //!
 //! # Checked values
 //!
@@ -110,6 +119,10 @@
 //!   TF Privacy test points: within `1e-9` relative for integer orders and
 //!   `1e-5` for fractional ones (the series stops at terms below `e^-30`, as
 //!   TF Privacy's does).
+//! * Per-step RDP at fractional orders `1 + 1e-12 .. 1.0999` from mpmath
+//!   quadrature (60 digits) of `A_alpha - 1`: within `1e-9` relative (`1e-7`
+//!   at `q = 1e-6`, where the RDP `~5e-15` is left after cancellation among
+//!   terms of size `~1e-9`); TF Privacy's series was off by up to 2.8x there.
 //! * Per-step RDP and `(epsilon, order)` from Opacus' `analysis/rdp.py` run in
 //!   float64: agreement to `1e-9` relative (`2e-9` at one point, where Opacus'
 //!   unstable log-space subtraction rounds and ours matches the exact sum of the
@@ -165,8 +178,9 @@ pub const NOISE_MULTIPLIER_RTOL: f64 = f32::EPSILON as f64;
 pub const MAX_ORDER: f64 = 1e6;
 
 /// Iteration cap of the fractional-order series; an order that does not
-/// converge within it is given RDP `+inf` (conservative; `dp_accounting` does
-/// the same after 1000 terms).
+/// converge within it is given the RDP bound `order / (2 sigma^2)` of the
+/// Gaussian mechanism without subsampling (conservative; `dp_accounting` gives
+/// `+inf` after 1000 terms).
 const MAX_FRAC_TERMS: usize = 100_000;
 
 /// Errors of the accountant. Every public function checks its inputs and
@@ -313,8 +327,15 @@ fn log_a_int(q: f64, sigma: f64, alpha: u64) -> f64 {
 }
 
 /// `ln(A_alpha)` for fractional `alpha > 1`, `0 < q < 1` (TF Privacy / Opacus
-/// `_compute_log_a_frac`). `+inf` when the series does not converge.
+/// `_compute_log_a_frac`). `+inf` when the series does not converge. Orders
+/// below [`NEAR_ONE_ORDER`] go to [`log_a_near_one`], and come back here only
+/// where that one overflows.
 fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
+    if alpha < NEAR_ONE_ORDER {
+        if let Some(log_a) = log_a_near_one(q, sigma, alpha) {
+            return log_a;
+        }
+    }
     let log_q = q.ln();
     let log_1mq = (-q).ln_1p();
     let two_s2 = 2.0 * sigma * sigma;
@@ -372,14 +393,190 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
     f64::INFINITY
 }
 
+/// Fractional orders below this (the smallest default order) are evaluated by
+/// [`log_a_near_one`]; the default orders keep TF Privacy's series unchanged.
+const NEAR_ONE_ORDER: f64 = 1.1;
+
+/// Relative tolerance at which [`log_a_near_one`] stops its series.
+const NEAR_ONE_RTOL: f64 = 1e-13;
+
+/// Nodes (the non-negative half) and weights of 8-point Gauss-Legendre
+/// quadrature on `[-1, 1]` (mpmath, 40 digits, rounded to f64).
+const GAUSS_LEGENDRE_8: [(f64, f64); 4] = [
+    (0.183_434_642_495_649_8, 0.362_683_783_378_362),
+    (0.525_532_409_916_329, 0.313_706_645_877_887_27),
+    (0.796_666_477_413_626_7, 0.222_381_034_453_374_48),
+    (0.960_289_856_497_536_3, 0.101_228_536_290_376_26),
+];
+
+/// `P(N(0, 1) <= x)`, with full relative precision in the lower tail.
+fn norm_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// `P(N(0, 1) > x)`, with full relative precision in the upper tail.
+fn norm_sf(x: f64) -> f64 {
+    0.5 * libm::erfc(x / std::f64::consts::SQRT_2)
+}
+
+/// `P(x - h < N(0, 1) <= x)` for `h > 0`, with full relative precision also for
+/// tiny `h`, where `norm_cdf(x) - norm_cdf(x - h)` would cancel (and `x - h`
+/// itself would lose `h` to rounding): there the density is integrated by
+/// Gauss-Legendre quadrature on an interval over which its exponent changes by
+/// at most about 1.5, which 8 points integrate to rounding.
+fn norm_mass_below(x: f64, h: f64) -> f64 {
+    let lo = x - h;
+    if h <= 1.0 && h * x.abs().max(lo.abs()) <= 1.0 {
+        let (mid, half) = (x - 0.5 * h, 0.5 * h);
+        let density = |t: f64| (-0.5 * t * t).exp();
+        let sum: f64 = GAUSS_LEGENDRE_8
+            .iter()
+            .map(|&(node, weight)| {
+                weight * (density(mid - half * node) + density(mid + half * node))
+            })
+            .sum();
+        half * sum / (2.0 * PI).sqrt()
+    } else if lo >= 0.0 {
+        // Both in the upper tail; norm_sf(x) <= e^(-1/2) norm_sf(lo) or so here.
+        norm_sf(lo) - norm_sf(x)
+    } else if x <= 0.0 {
+        norm_cdf(x) - norm_cdf(lo)
+    } else {
+        // Straddles 0 with h > 1: at least about 0.34 of mass, no cancellation.
+        1.0 - norm_cdf(lo) - norm_sf(x)
+    }
+}
+
+/// `ln(A_alpha)` for `1 < alpha < 2` (used below [`NEAR_ONE_ORDER`]),
+/// `0 < q < 1`, however close `alpha` is to 1 accurate to about `1e-9`
+/// relative, or `4e-16 / (q (e^(1/sigma^2) - 1))` where that is larger (the
+/// cancellation described below; `3e-8` at `q = 1e-6`, `sigma = 10`). `None`
+/// where a term overflows (then `ln A_alpha` is large and the log-space series
+/// of [`log_a_frac`] is accurate); `Some(+inf)` when the series does not
+/// converge within [`MAX_FRAC_TERMS`] (large `sigma` with `q` near 1/2).
+///
+/// The erfc series of [`log_a_frac`] computes `ln A` from terms of size up to
+/// ~1 (and ~q) whose sum is `1 + O((alpha - 1) q^2)`, to an absolute precision
+/// of about `1e-16` plus its truncation at terms below `e^-30`; dividing by
+/// `alpha - 1` magnifies both, so near 1 its RDP could be off by orders of
+/// magnitude. Here, with `d = alpha - 1`, `A - 1` is summed directly. Of the
+/// series' terms, only the first two of each half survive at `alpha = 1`,
+/// and they pair up to exactly `1 - q` and `q` there: with
+/// `z0 = sigma^2 ln(1/q - 1) + 1/2`, `a = z0 / sigma`, `b = a - 1 / sigma`,
+/// `h = d / sigma` and `Phi` the standard normal CDF,
+///
+/// ```text
+/// (1 - q)^alpha Phi(a) + alpha q^d (1 - q) e^(d (d - 1) / (2 sigma^2)) (1 - Phi(a - h)) - (1 - q)
+///   = (1 - q) [expm1(d ln(1 - q)) Phi(a) + expm1(d (ln q + (d - 1) / (2 sigma^2)) + ln1p(d)) (1 - Phi(a - h))
+///              + P(a - h < N < a)],
+/// alpha q (1 - q)^d Phi(b) + q^alpha e^(alpha d / (2 sigma^2)) (1 - Phi(b - h)) - q
+///   = q [expm1(ln1p(d) + d ln(1 - q)) Phi(b) + expm1(d (ln q + alpha / (2 sigma^2))) (1 - Phi(b - h))
+///        + P(b - h < N < b)],
+/// ```
+///
+/// every piece of which carries the factor `d` and is computed to full
+/// relative precision; the other terms (`i >= 2`) carry `binom(alpha, i)`,
+/// hence `d`, and alternate in sign. They are summed until a term is below
+/// [`NEAR_ONE_RTOL`] of the sum or, in the slowly (polynomially) decaying tail
+/// that large `sigma` and `q` near 1/2 give, until the mean of the last two
+/// partial sums is that close (for an alternating series with decreasing,
+/// convex terms, its error is below half the difference of the last two
+/// terms). What remains is the cancellation among terms of size `~d q` in a
+/// sum of size `~d q^2 (e^(1/sigma^2) - 1)`, as at integer orders.
+fn log_a_near_one(q: f64, sigma: f64, alpha: f64) -> Option<f64> {
+    // Exact (Sterbenz) for alpha in [1, 2].
+    let d = alpha - 1.0;
+    let log_q = q.ln();
+    let log_1mq = (-q).ln_1p();
+    let two_s2 = 2.0 * sigma * sigma;
+    let sqrt2_sigma = std::f64::consts::SQRT_2 * sigma;
+    let z0 = sigma * sigma * (log_1mq - log_q) + 0.5;
+    let (a, b, h) = (z0 / sigma, (z0 - 1.0) / sigma, d / sigma);
+    let ln1p_d = d.ln_1p();
+
+    let pair_1mq = (1.0 - q)
+        * ((d * log_1mq).exp_m1() * norm_cdf(a)
+            + (d * (log_q + (d - 1.0) / two_s2) + ln1p_d).exp_m1() * norm_sf(a - h)
+            + norm_mass_below(a, h));
+    let pair_q = q
+        * ((ln1p_d + d * log_1mq).exp_m1() * norm_cdf(b)
+            + (d * (log_q + alpha / two_s2)).exp_m1() * norm_sf(b - h)
+            + norm_mass_below(b, h));
+    let mut sum = pair_1mq + pair_q;
+    if !sum.is_finite() {
+        return None;
+    }
+
+    // |binom(alpha, i)| and its sign from i = 1 on (binom(alpha, 1) = alpha).
+    let mut log_coef = alpha.ln();
+    let mut positive = true;
+    let (mut prev, mut prev2) = (f64::INFINITY, f64::INFINITY);
+    for i in 2..MAX_FRAC_TERMS {
+        let fi = i as f64;
+        let factor = alpha - (fi - 1.0);
+        log_coef += factor.abs().ln() - fi.ln();
+        if factor < 0.0 {
+            positive = !positive;
+        }
+        let j = alpha - fi;
+        // The i-th terms of log_a_frac's two halves.
+        let log_s0 = log_coef
+            + fi * log_q
+            + j * log_1mq
+            + (fi * fi - fi) / two_s2
+            + log_erfc((fi - z0) / sqrt2_sigma)
+            - LN_2;
+        let log_s1 = log_coef
+            + j * log_q
+            + fi * log_1mq
+            + (j * j - j) / two_s2
+            + log_erfc((z0 - j) / sqrt2_sigma)
+            - LN_2;
+        let t = log_s0.exp() + log_s1.exp();
+        if !t.is_finite() {
+            return if t.is_nan() {
+                Some(f64::INFINITY)
+            } else {
+                None
+            };
+        }
+        sum += if positive { t } else { -t };
+        if t <= NEAR_ONE_RTOL * sum.abs() {
+            return Some(sum.ln_1p());
+        }
+        let mean = if positive {
+            sum - 0.5 * t
+        } else {
+            sum + 0.5 * t
+        };
+        if t <= 1e-6 * sum.abs()
+            && t <= prev
+            && prev <= prev2
+            && prev - t <= NEAR_ONE_RTOL * mean.abs()
+        {
+            return Some(mean.ln_1p());
+        }
+        prev2 = prev;
+        prev = t;
+    }
+    Some(f64::INFINITY)
+}
+
 /// RDP at order `order` of ONE step of the Poisson-subsampled Gaussian
 /// mechanism with sampling rate `q` and noise multiplier `sigma`.
 ///
 /// Follows TF Privacy's `_compute_rdp` / Opacus' `_compute_rdp`: `0` when
 /// `q = 0`; `+inf` when `sigma = 0` or `order = +inf`; `order / (2 sigma^2)`
 /// when `q = 1`; otherwise `ln(A_order) / (order - 1)` with the integer-order
-/// binomial sum or the fractional-order erfc series, both in log space. An
-/// order whose series fails to converge gets `+inf`, which is conservative.
+/// binomial sum or the fractional-order erfc series, both in log space (below
+/// order 1.1, the smallest default order, a form of the series that sums
+/// `A_order - 1` directly, so that dividing by `order - 1` does not magnify
+/// its error: accurate to about `1e-9` relative however close the order is to
+/// 1, less for tiny `q / sigma^2`, as at integer orders). The result never exceeds `order / (2 sigma^2)`, the RDP without
+/// subsampling, which is a valid bound (the Rényi divergence is jointly
+/// quasi-convex): an order whose series fails to converge, or over- or
+/// underflows, gets that bound, which is conservative (`+inf` when `sigma^2`
+/// underflows).
 ///
 /// Returns NaN for invalid arguments: `q` NaN or outside `[0, 1]`, `sigma`
 /// NaN, negative or infinite, `order` NaN, `<= 1` or finite and above
@@ -407,13 +604,19 @@ fn rdp_unchecked(q: f64, sigma: f64, order: f64) -> f64 {
         log_a_frac(q, sigma, order)
     };
     let rdp = log_a / (order - 1.0);
+    // Subsampling never hurts: the Rényi divergence is jointly quasi-convex
+    // (van Erven and Harremoës 2014, Theorem 13), so D_alpha((1 - q) mu0 + q mu1
+    // || mu0) <= D_alpha(mu1 || mu0) = order / (2 sigma^2), the RDP at q = 1
+    // (divided in two steps so that it does not overflow for huge sigma). A
+    // series that does not converge (+inf), a NaN from over/underflow (e.g.
+    // sigma^2 underflowing to 0, where the bound is +inf too, or overflowing)
+    // and a truncation error above the bound all give the bound instead.
+    let gaussian = order / 2.0 / sigma / sigma;
     if rdp.is_nan() {
-        // Only reachable through over/underflow (e.g. sigma^2 underflowing to 0):
-        // report no privacy rather than a NaN that could be mistaken for none lost.
-        f64::INFINITY
+        gaussian
     } else {
         // A_alpha >= 1 mathematically; clamp rounding below zero.
-        rdp.max(0.0)
+        rdp.max(0.0).min(gaussian)
     }
 }
 
@@ -594,7 +797,10 @@ pub fn epsilon_with_orders(
     orders: &[f64],
 ) -> Result<(f64, f64), AccountantError> {
     check_delta(delta)?;
-    let rdp = compute_rdp(q, sigma, steps, orders)?;
+    check_q(q)?;
+    check_sigma(sigma)?;
+    check_steps(steps)?;
+    check_orders(orders)?;
     // The KL shortcut (eps = 0 when the total KL is below -ln(1 - delta^2)) is
     // decided here on the closed-form bound T * D_2 >= T * KL, not on the RDP
     // computed at each order as `dp_accounting` (and `rdp_to_epsilon`) do. For
@@ -611,6 +817,7 @@ pub fn epsilon_with_orders(
     if log_kl_upper_bound(q, sigma, steps) < log_kl_threshold(delta) {
         return Ok((0.0, orders[0]));
     }
+    let rdp = compute_rdp(q, sigma, steps, orders)?;
     Ok(improved_conversion(orders, &rdp, delta, false))
 }
 
@@ -618,6 +825,15 @@ pub fn epsilon_with_orders(
 /// `eps = min_alpha rdp(alpha) - ln(delta) / (alpha - 1)`, the one behind the
 /// numbers printed by TF Privacy's tutorials and `compute_dp_sgd_privacy`
 /// before 2020. Always `>=` [`epsilon`] (same orders, all above 1.01).
+///
+/// With `q = 0` (no example is ever used) it is `(0, first order)`, as
+/// [`epsilon`]: the RDP is then 0 at *every* order, so the classic bound
+/// `-ln(delta) / (alpha - 1)` goes to 0 as `alpha -> inf`; the minimum over a
+/// finite list of orders (`ln(1 / delta) / 62`, 0.186 at `delta = 1e-5`, with
+/// the defaults) is an artefact of the list. For `q > 0` it is the minimum
+/// over the given orders, without [`epsilon`]'s KL-divergence shortcut, so it
+/// stays at that floor or above even where [`epsilon`] is 0 (e.g. for huge
+/// `sigma`).
 pub fn epsilon_classic(
     q: f64,
     sigma: f64,
@@ -627,7 +843,7 @@ pub fn epsilon_classic(
     epsilon_classic_with_orders(q, sigma, steps, delta, &default_orders())
 }
 
-/// [`epsilon_classic`] over the given RDP orders.
+/// [`epsilon_classic`] over the given RDP orders (`(0, orders[0])` for `q = 0`).
 pub fn epsilon_classic_with_orders(
     q: f64,
     sigma: f64,
@@ -637,6 +853,11 @@ pub fn epsilon_classic_with_orders(
 ) -> Result<(f64, f64), AccountantError> {
     check_delta(delta)?;
     let rdp = compute_rdp(q, sigma, steps, orders)?;
+    if q == 0.0 {
+        // RDP 0 at every order, not only the listed ones: the infimum of the
+        // classic bound over all orders (alpha -> inf) is 0.
+        return Ok((0.0, orders[0]));
+    }
     rdp_to_epsilon_classic(orders, &rdp, delta)
 }
 

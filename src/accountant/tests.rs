@@ -817,3 +817,145 @@ fn bad_arguments_are_errors_not_panics() {
         assert!(!e.to_string().contains('\n'));
     }
 }
+
+// ----- orders near 1, huge noise multipliers, no sampling ------------------
+
+#[test]
+fn near_one_orders_match_multiprecision() {
+    // Per-step RDP ln(A_alpha) / (alpha - 1) at fractional orders within
+    // 1e-12 .. 0.1 of 1. Expected values from mpmath (60 digits; unchanged at
+    // 80) quadrature of A_alpha - 1 = E_{z ~ N(0, sigma^2)}[(1 + y)^alpha - 1 -
+    // alpha y] with y = q (exp((2z - 1) / (2 sigma^2)) - 1) (the subtracted
+    // alpha y has mean 0 and makes the integrand >= 0, so nothing cancels),
+    // at the exact f64 value of alpha; then ln1p(.) / (alpha - 1). The erfc
+    // series stopped at terms below e^-30 was off by up to 2.8x here (and
+    // by 7e-5 .. 2e-4 at three more of these points).
+    let cases = [
+        (1e-3, 1.0, 1.0 + 1e-6, 8.568_471_000_978_874e-7),
+        (0.01, 1.0, 1.0 + 1e-6, 8.381_229_346_608_699e-5),
+        (1e-4, 0.5, 1.0 + 1e-10, 2.543_067_816_275_194e-7),
+        (1e-5, 2.0, 1.0 + 1e-8, 1.420_122_682_303_688_4e-11),
+        (0.004, 0.8, 1.0 + 1e-12, 2.928_700_327_206_637e-5),
+        (0.1, 3.0, 1.0 + 1e-9, 5.809_701_072_672_541e-4),
+        (0.5, 10.0, 1.0 + 1e-6, 1.251_561_158_616_838_2e-3),
+        (0.9, 0.7, 1.0 + 1e-6, 0.836_378_221_262_280_1),
+        (1e-6, 10.0, 1.001, 5.030_108_574_954_072e-15),
+        (0.02, 0.3, 1.05, 0.044_751_605_223_547_1),
+        (0.01, 1.0, 1.0999, 9.240_608_729_480_427e-5),
+    ];
+    for (q, sigma, order, expected) in cases {
+        // (1e-6, 10): ln A ~ 5e-18 is what is left of terms of size ~1e-9
+        // after cancellation, as at integer orders.
+        let rtol = if q < 1e-5 { 1e-7 } else { 1e-9 };
+        assert_rel(
+            rdp_subsampled_gaussian(q, sigma, order),
+            expected,
+            rtol,
+            &format!("rdp(q={q}, sigma={sigma}, alpha=1+{:e})", order - 1.0),
+        );
+    }
+}
+
+#[test]
+fn near_one_orders_are_monotone_and_continuous() {
+    // RDP is non-decreasing in the order and tends to the KL divergence as the
+    // order tends to 1; near-1 orders must not exceed larger ones, and must
+    // join the series used at the default orders from 1.1 on.
+    let orders = [
+        1.0 + 1e-15,
+        1.0 + 1e-12,
+        1.0 + 1e-9,
+        1.0 + 1e-6,
+        1.0 + 1e-3,
+        1.05,
+        1.1 - 1e-9,
+        1.1,
+        1.2,
+    ];
+    for &(q, sigma) in &[
+        (1e-5, 0.5),
+        (1e-4, 0.5),
+        (0.004, 0.8),
+        (0.01, 1.0),
+        (0.1, 3.0),
+        (0.5, 2.0),
+        (0.9, 0.7),
+    ] {
+        let r = compute_rdp(q, sigma, 1, &orders).unwrap();
+        for k in (1..r.len()).filter(|&k| k != 7) {
+            assert!(
+                r[k - 1] > 0.0 && r[k - 1] <= r[k] * (1.0 + 1e-9),
+                "q={q} sigma={sigma}: rdp({}) = {}, rdp({}) = {}: not positive and non-decreasing",
+                orders[k - 1],
+                r[k - 1],
+                orders[k],
+                r[k]
+            );
+        }
+        // Just below 1.1 (new form) and at 1.1 (TF Privacy's series, whose
+        // truncation at terms below e^-30 is up to ~1e-4 relative here).
+        assert_rel(r[6], r[7], 2e-4, &format!("q={q} sigma={sigma} at 1.1"));
+    }
+}
+
+#[test]
+fn huge_noise_multipliers_are_accounted_not_overflowed() {
+    // The true RDP is below order / (2 sigma^2) (the RDP without
+    // subsampling): 1e-72 at sigma = 1e39, 0 in f64 beyond. The fractional
+    // series' truncation leaves up to ~1e-13 (conservative); never +inf or
+    // NaN (sigma^2 overflows from sigma ~ 1.34e154), and epsilon is 0 by
+    // the KL bound.
+    // (q = 0.5 is the slow case: the series meets its iteration cap at the
+    // orders below 2 and falls back to the bound.)
+    let orders = [1.0 + 1e-6, 1.5, 2.0, 2.5, 63.0, 1e6];
+    for sigma in [1e39, 1e155, 1e300, f64::MAX] {
+        for q in [1e-3, 0.3, 0.5, 0.9, 1.0] {
+            let r = compute_rdp(q, sigma, 1000, &orders).unwrap();
+            for (&order, &r) in orders.iter().zip(&r) {
+                assert!(
+                    (0.0..1e-9).contains(&r),
+                    "q={q} sigma={sigma:e} order={order}: rdp {r}"
+                );
+            }
+            let (eps, order) = epsilon(q, sigma, 1000, 1e-5).unwrap();
+            assert_eq!((eps, order), (0.0, 1.1), "q={q} sigma={sigma:e}");
+        }
+    }
+    // The classic conversion has no KL shortcut: its floor with the default
+    // orders, ln(1e5) / 62 = 0.1857 (order 63), plus a negligible RDP.
+    for (q, sigma) in [(1e-3, 1e39), (0.9, 1e39), (0.5, f64::MAX)] {
+        let (classic, order) = epsilon_classic(q, sigma, 1000, 1e-5).unwrap();
+        assert_abs(classic, 1e5_f64.ln() / 62.0, 1e-9, "classic floor");
+        assert_eq!(order, 63.0);
+    }
+}
+
+#[test]
+fn classic_epsilon_is_zero_without_sampling() {
+    // q = 0: no example is ever used, the RDP is 0 at every order, and the
+    // classic bound rdp - ln(delta) / (alpha - 1) tends to 0 as alpha -> inf;
+    // over the finite default orders it would stop at ln(1e5) / 62 = 0.1857.
+    for delta in [1e-2, 1e-5, 1e-200] {
+        for sigma in [0.0, 0.5, 1.0, 1e6] {
+            let improved = epsilon(0.0, sigma, 1000, delta).unwrap();
+            let classic = epsilon_classic(0.0, sigma, 1000, delta).unwrap();
+            assert_eq!(classic, (0.0, 1.1), "delta={delta} sigma={sigma}");
+            assert_eq!(classic, improved);
+            let classic = epsilon_classic_with_orders(0.0, sigma, 1, delta, &[2.0, 32.0]).unwrap();
+            assert_eq!(classic, (0.0, 2.0));
+        }
+    }
+    // Arguments are still checked.
+    assert!(matches!(
+        epsilon_classic(0.0, 1.0, 1, 0.0),
+        Err(AccountantError::InvalidDelta(_))
+    ));
+    assert_eq!(
+        epsilon_classic(0.0, 1.0, 0, 1e-5),
+        Err(AccountantError::ZeroSteps)
+    );
+    assert!(matches!(
+        epsilon_classic_with_orders(0.0, 1.0, 1, 1e-5, &[0.5]),
+        Err(AccountantError::InvalidOrder(_))
+    ));
+}
