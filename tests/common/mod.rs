@@ -219,7 +219,9 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
     } else {
         let b = want.clip_bound;
         assert!(
-            (s.clip_bound as f64 - b).abs() <= 1e-5 * b,
+            // Relative, down to f32's normal range (an adaptive bound from
+            // subnormal norms keeps fewer bits, or flushes on a GPU).
+            (s.clip_bound as f64 - b).abs() <= 1e-5 * b + F32_FLOOR,
             "{what}: bound {} vs reference {b}",
             s.clip_bound
         );
@@ -235,7 +237,7 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
         assert!(
             same_nonfinite(a, b)
                 || (b > f32::MAX as f64 && a == f64::INFINITY)
-                || (a - b).abs() <= 1e-5 * b,
+                || (a - b).abs() <= 1e-5 * b + F32_FLOOR,
             "{what}: group bound {g} = {a:e}, reference {b:e}"
         );
     }
@@ -243,7 +245,7 @@ pub fn assert_matches(out: &ClipOutput, want: &Reference, tol: f64, what: &str) 
     assert!(
         same_nonfinite(a, b)
             || (b > f32::MAX as f64 && a == f64::INFINITY)
-            || (a - b).abs() <= 1e-5 * b,
+            || (a - b).abs() <= 1e-5 * b + F32_FLOOR,
         "{what}: noise std {a:e}, reference {b:e}"
     );
     assert_eq!(s.clipped_count, want.clipped_count, "{what}: clipped count");
