@@ -453,7 +453,11 @@ fn norm_mass_below(x: f64, h: f64) -> f64 {
 /// cancellation described below; `3e-8` at `q = 1e-6`, `sigma = 10`). `None`
 /// where a term overflows (then `ln A_alpha` is large and the log-space series
 /// of [`log_a_frac`] is accurate); `Some(+inf)` when the series does not
-/// converge within [`MAX_FRAC_TERMS`] (large `sigma` with `q` near 1/2).
+/// converge within [`MAX_FRAC_TERMS`]: with `q` at 1/2 its terms decay only
+/// as `1 / i^2` up to `i ~ sigma`, so from `sigma` of about 300 (probed
+/// against mpmath: `q` from 0.4999999 to 0.5; 0.499 converged) the caller
+/// gets the bound `order / (2 sigma^2)` instead, about 4x the true RDP there
+/// (conservative).
 ///
 /// The erfc series of [`log_a_frac`] computes `ln A` from terms of size up to
 /// ~1 (and ~q) whose sum is `1 + O((alpha - 1) q^2)`, to an absolute precision
@@ -572,7 +576,11 @@ fn log_a_near_one(q: f64, sigma: f64, alpha: f64) -> Option<f64> {
 /// order 1.1, the smallest default order, a form of the series that sums
 /// `A_order - 1` directly, so that dividing by `order - 1` does not magnify
 /// its error: accurate to about `1e-9` relative however close the order is to
-/// 1, less for tiny `q / sigma^2`, as at integer orders). The result never exceeds `order / (2 sigma^2)`, the RDP without
+/// 1, less for tiny `q / sigma^2`, as at integer orders; for `q` very close to
+/// 1/2 (0.4999999 to 0.5 in a probe against mpmath; 0.499 and 0.501
+/// converged) and `sigma` from about 300 that series does not converge and
+/// such an order gets the bound below, about 4x the true RDP and more than the
+/// RDP at order 1.1). The result never exceeds `order / (2 sigma^2)`, the RDP without
 /// subsampling, which is a valid bound (the Rényi divergence is jointly
 /// quasi-convex): an order whose series fails to converge, or over- or
 /// underflows, gets that bound, which is conservative (`+inf` when `sigma^2`
