@@ -314,7 +314,9 @@ mod tests {
     /// leaving the other workers at the barrier (which hung the call before).
     #[test]
     fn a_worker_panic_reaches_the_caller_without_hanging() {
-        // Two workers need two blocks of columns and two threads.
+        // Two workers need two blocks of columns and two threads (with one CPU
+        // there is one worker, no one to leave waiting, and the test only
+        // checks that the panic reaches the caller).
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (n, d) = (8, 3 * super::BLOCK_COLS + 5);
         let rows: Vec<f32> = (0..n * d)
