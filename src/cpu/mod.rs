@@ -717,7 +717,8 @@ pub(crate) fn clip<T: GradElement>(
         .collect();
     // One parallel iteration over the tensors (and their elements): a parallel
     // iterator started from this thread per tensor cost a wake-up of the pool's
-    // threads each, 10,000 tensors of 20 columns took 16x the time of one tensor.
+    // threads each: 10,000 tensors of 20 columns took 150-210 ms, one tensor of
+    // the same 200,000 columns 3 ms.
     let grads = sums
         .par_iter()
         .zip(firsts)
