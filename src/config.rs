@@ -295,6 +295,22 @@ impl ClipConfig {
     }
 }
 
+/// Where each of `lengths` starts when they are laid end to end (exclusive prefix
+/// sums): tensors' first columns, blocks' first columns in a row, and so on.
+pub(crate) fn starts<T>(lengths: impl IntoIterator<Item = T>) -> Vec<T>
+where
+    T: Copy + Default + std::ops::Add<Output = T>,
+{
+    lengths
+        .into_iter()
+        .scan(T::default(), |next, len| {
+            let start = *next;
+            *next = start + len;
+            Some(start)
+        })
+        .collect()
+}
+
 /// Checks tensor lengths against `n_samples` and returns each tensor's row width `D_p`.
 pub(crate) fn tensor_widths(
     lens: impl Iterator<Item = usize>,

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 
 use super::{axpy_rows, factor, mean_too_coarse, sum_squares, widen, Plan, BLOCK_COLS};
-use crate::config::{ClipBound, ClipFunction};
+use crate::config::{starts, ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
 /// The factor `h` applied during the pass: `s_j` with a fixed bound; `s_j / C` with
@@ -130,19 +130,13 @@ fn worker<T: GradElement>(
     // phase B, which then reads the rows instead (see mean_too_coarse).
     let mut coarse = vec![false; group_size * plan.groups];
     // Each block's first column in the thread's accumulator and means.
-    let starts: Vec<usize> = mine
-        .iter()
-        .scan(0, |at, b| {
-            *at += b.w;
-            Some(*at - b.w)
-        })
-        .collect();
+    let block_starts = starts(mine.iter().map(|b| b.w));
     for (step, first) in (0..m).step_by(group_size).enumerate() {
         let mbs = first..(first + group_size).min(m);
         let slot = &partials[step % 2];
         // Phase A: means and partial squared norms of this thread's blocks.
         let mut block_mean = |k: usize, r: usize, j: usize| {
-            let (b, at) = (&plan.blocks[k], starts[k - blocks.start]);
+            let (b, at) = (&plan.blocks[k], block_starts[k - blocks.start]);
             let rows = plan.rows(j);
             let keep = stored(rows.len());
             let mean = &mut means[if keep { r * width + at } else { 0 }..];

@@ -11,7 +11,7 @@ use super::kernels::{
 };
 use super::plan::{aligned_binding, dispatch_2d, means_cols, tiles, RowChunks, WORKGROUP};
 use super::{noise_params, CallLayout, GpuClipper, GpuTensor, GpuTensorMut};
-use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
+use crate::config::{starts, ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use wgpu::BufferUsages as U;
@@ -48,14 +48,7 @@ impl<'a> Call<'a> {
         outputs: &'a [GpuTensorMut<'a>],
         read_outputs: bool,
     ) -> Self {
-        let means_bases = inputs
-            .iter()
-            .scan(0, |at, t| {
-                let base = *at;
-                *at += means_cols(t.cols as u64);
-                Some(base)
-            })
-            .collect();
+        let means_bases = starts(inputs.iter().map(|t| means_cols(t.cols as u64)));
         let out_bindings = inputs
             .iter()
             .zip(outputs)
