@@ -336,39 +336,9 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
             return log_a;
         }
     }
-    let log_q = q.ln();
-    let log_1mq = (-q).ln_1p();
-    let two_s2 = 2.0 * sigma * sigma;
-    let sqrt2_sigma = std::f64::consts::SQRT_2 * sigma;
-    // z0 = sigma^2 ln(1/q - 1) + 1/2, written to stay finite for tiny q.
-    let z0 = sigma * sigma * (log_1mq - log_q) + 0.5;
-
     let mut log_a0 = f64::NEG_INFINITY;
     let mut log_a1 = f64::NEG_INFINITY;
-    // |binom(alpha, i)| and its sign, updated by binom(a, i+1) = binom(a, i) (a - i) / (i + 1).
-    let mut log_coef = 0.0_f64;
-    let mut positive = true;
-
-    for i in 0..MAX_FRAC_TERMS {
-        let fi = i as f64;
-        if i > 0 {
-            let factor = alpha - (fi - 1.0);
-            log_coef += factor.abs().ln() - fi.ln();
-            if factor < 0.0 {
-                positive = !positive;
-            }
-        }
-        let j = alpha - fi;
-
-        let log_t0 = log_coef + fi * log_q + j * log_1mq;
-        let log_t1 = log_coef + j * log_q + fi * log_1mq;
-
-        let log_e0 = -LN_2 + log_erfc((fi - z0) / sqrt2_sigma);
-        let log_e1 = -LN_2 + log_erfc((z0 - j) / sqrt2_sigma);
-
-        let log_s0 = log_t0 + (fi * fi - fi) / two_s2 + log_e0;
-        let log_s1 = log_t1 + (j * j - j) / two_s2 + log_e1;
-
+    for (positive, log_s0, log_s1) in FracSeries::new(q, sigma, alpha) {
         if positive {
             log_a0 = log_add(log_a0, log_s0);
             log_a1 = log_add(log_a1, log_s1);
@@ -391,6 +361,75 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
         }
     }
     f64::INFINITY
+}
+
+/// The terms of the fractional-order erfc series (TF Privacy / Opacus
+/// `_compute_log_a_frac`): for `i = 0, 1, ..` up to [`MAX_FRAC_TERMS`], whether
+/// `binom(alpha, i)` is positive and the logs of the two halves' `i`-th terms
+/// (of sizes `|binom(alpha, i)| q^i (1 - q)^(alpha - i) e^((i^2 - i) / (2
+/// sigma^2)) erfc(..) / 2` and the mirror image). [`log_a_frac`] sums all of
+/// them in log space, [`log_a_near_one`] those from `i = 2` directly.
+struct FracSeries {
+    alpha: f64,
+    log_q: f64,
+    log_1mq: f64,
+    two_s2: f64,
+    sqrt2_sigma: f64,
+    /// `sigma^2 ln(1/q - 1) + 1/2`, written to stay finite for tiny q.
+    z0: f64,
+    i: usize,
+    /// `ln |binom(alpha, i)|`, by `binom(a, i+1) = binom(a, i) (a - i) / (i + 1)`.
+    log_coef: f64,
+    positive: bool,
+}
+
+impl FracSeries {
+    fn new(q: f64, sigma: f64, alpha: f64) -> Self {
+        let log_q = q.ln();
+        let log_1mq = (-q).ln_1p();
+        Self {
+            alpha,
+            log_q,
+            log_1mq,
+            two_s2: 2.0 * sigma * sigma,
+            sqrt2_sigma: std::f64::consts::SQRT_2 * sigma,
+            z0: sigma * sigma * (log_1mq - log_q) + 0.5,
+            i: 0,
+            log_coef: 0.0,
+            positive: true,
+        }
+    }
+}
+
+impl Iterator for FracSeries {
+    /// `(binom(alpha, i) > 0, log_s0, log_s1)`.
+    type Item = (bool, f64, f64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.i >= MAX_FRAC_TERMS {
+            return None;
+        }
+        let fi = self.i as f64;
+        if self.i > 0 {
+            let factor = self.alpha - (fi - 1.0);
+            self.log_coef += factor.abs().ln() - fi.ln();
+            if factor < 0.0 {
+                self.positive = !self.positive;
+            }
+        }
+        self.i += 1;
+        let j = self.alpha - fi;
+
+        let log_t0 = self.log_coef + fi * self.log_q + j * self.log_1mq;
+        let log_t1 = self.log_coef + j * self.log_q + fi * self.log_1mq;
+
+        let log_e0 = -LN_2 + log_erfc((fi - self.z0) / self.sqrt2_sigma);
+        let log_e1 = -LN_2 + log_erfc((self.z0 - j) / self.sqrt2_sigma);
+
+        let log_s0 = log_t0 + (fi * fi - fi) / self.two_s2 + log_e0;
+        let log_s1 = log_t1 + (j * j - j) / self.two_s2 + log_e1;
+        Some((self.positive, log_s0, log_s1))
+    }
 }
 
 /// Fractional orders below this (the smallest default order) are evaluated by
@@ -490,11 +529,8 @@ fn norm_mass_below(x: f64, h: f64) -> f64 {
 fn log_a_near_one(q: f64, sigma: f64, alpha: f64) -> Option<f64> {
     // Exact (Sterbenz) for alpha in [1, 2].
     let d = alpha - 1.0;
-    let log_q = q.ln();
-    let log_1mq = (-q).ln_1p();
-    let two_s2 = 2.0 * sigma * sigma;
-    let sqrt2_sigma = std::f64::consts::SQRT_2 * sigma;
-    let z0 = sigma * sigma * (log_1mq - log_q) + 0.5;
+    let series = FracSeries::new(q, sigma, alpha);
+    let (log_q, log_1mq, two_s2, z0) = (series.log_q, series.log_1mq, series.two_s2, series.z0);
     let (a, b, h) = (z0 / sigma, (z0 - 1.0) / sigma, d / sigma);
     let ln1p_d = d.ln_1p();
 
@@ -511,31 +547,9 @@ fn log_a_near_one(q: f64, sigma: f64, alpha: f64) -> Option<f64> {
         return None;
     }
 
-    // |binom(alpha, i)| and its sign from i = 1 on (binom(alpha, 1) = alpha).
-    let mut log_coef = alpha.ln();
-    let mut positive = true;
     let (mut prev, mut prev2) = (f64::INFINITY, f64::INFINITY);
-    for i in 2..MAX_FRAC_TERMS {
-        let fi = i as f64;
-        let factor = alpha - (fi - 1.0);
-        log_coef += factor.abs().ln() - fi.ln();
-        if factor < 0.0 {
-            positive = !positive;
-        }
-        let j = alpha - fi;
-        // The i-th terms of log_a_frac's two halves.
-        let log_s0 = log_coef
-            + fi * log_q
-            + j * log_1mq
-            + (fi * fi - fi) / two_s2
-            + log_erfc((fi - z0) / sqrt2_sigma)
-            - LN_2;
-        let log_s1 = log_coef
-            + j * log_q
-            + fi * log_1mq
-            + (j * j - j) / two_s2
-            + log_erfc((z0 - j) / sqrt2_sigma)
-            - LN_2;
+    // The i-th terms of log_a_frac's two halves, from i = 2.
+    for (positive, log_s0, log_s1) in series.skip(2) {
         let t = log_s0.exp() + log_s1.exp();
         if !t.is_finite() {
             return if t.is_nan() {
