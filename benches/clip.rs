@@ -355,29 +355,14 @@ fn cpu_benches(c: &mut Criterion) {
         .collect();
     let many_refs: Vec<&[f32]> = many.iter().map(|v| v.as_slice()).collect();
     let single = data::host_tensor(SEED, 1, N_MULTI, total);
-    let mut group = c.benchmark_group(format!("cpu_host/multi_N{N_MULTI}_b{B_MULTI}"));
-    configure(&mut group);
-    group.throughput(Throughput::Bytes((N_MULTI * total * 4) as u64));
-    bench_host(
-        &mut group,
+    bench_many_against_one(
+        c,
         &mut clipper,
+        &format!("cpu_host/multi_N{N_MULTI}_b{B_MULTI}"),
         &format!("microclip/{TENSORS}_tensors"),
-        N_MULTI,
-        B_MULTI,
         &many_refs,
+        &single,
     );
-    bench_host(
-        &mut group,
-        &mut clipper,
-        "microclip/1_tensor",
-        N_MULTI,
-        B_MULTI,
-        &[&single],
-    );
-    group.bench_function("read_sum", |bench| {
-        bench.iter(|| rayon_sum(black_box(&single)))
-    });
-    group.finish();
     drop((many, single));
 
     // Many small tensors (biases, norms' scales): per-tensor costs, not bytes.
@@ -386,25 +371,41 @@ fn cpu_benches(c: &mut Criterion) {
         .collect();
     let small_refs: Vec<&[f32]> = small.iter().map(|v| v.as_slice()).collect();
     let single = data::host_tensor(SEED, 2, N_MULTI, SMALL_TENSORS * SMALL_D_P);
-    let mut group = c.benchmark_group(format!("cpu_host/small_N{N_MULTI}_b{B_MULTI}"));
+    bench_many_against_one(
+        c,
+        &mut clipper,
+        &format!("cpu_host/small_N{N_MULTI}_b{B_MULTI}"),
+        &format!("microclip/{SMALL_TENSORS}_tensors_of_{SMALL_D_P}"),
+        &small_refs,
+        &single,
+    );
+}
+
+/// A CPU group of `many` tensors against `single`, one tensor of their total
+/// width (N_MULTI rows, b = B_MULTI), and the rayon read-and-sum over it.
+fn bench_many_against_one(
+    c: &mut Criterion,
+    clipper: &mut Clipper,
+    name: &str,
+    many_id: &str,
+    many: &[&[f32]],
+    single: &[f32],
+) {
+    let mut group = c.benchmark_group(name);
     configure(&mut group);
     group.throughput(Throughput::Bytes((single.len() * 4) as u64));
+    bench_host(&mut group, clipper, many_id, N_MULTI, B_MULTI, many);
     bench_host(
         &mut group,
-        &mut clipper,
-        &format!("microclip/{SMALL_TENSORS}_tensors_of_{SMALL_D_P}"),
-        N_MULTI,
-        B_MULTI,
-        &small_refs,
-    );
-    bench_host(
-        &mut group,
-        &mut clipper,
+        clipper,
         "microclip/1_tensor",
         N_MULTI,
         B_MULTI,
-        &[&single],
+        &[single],
     );
+    group.bench_function("read_sum", |bench| {
+        bench.iter(|| rayon_sum(black_box(single)))
+    });
     group.finish();
 }
 
