@@ -44,7 +44,7 @@ use microclip::accountant;
 #[command(name = "dp_accountant")]
 struct Args {
     /// Sampling rate q = expected batch size / dataset size, in [0, 1].
-    #[arg(long, value_name = "Q", value_parser = parse_f64)]
+    #[arg(long, value_name = "Q", value_parser = parse_f64, allow_negative_numbers = true)]
     sampling_rate: f64,
 
     /// Configured noise multiplier (noise std / total clip bound S, noise added
@@ -53,13 +53,14 @@ struct Args {
         long,
         value_name = "SIGMA",
         value_parser = parse_f64,
+        allow_negative_numbers = true,
         conflicts_with = "target_epsilon",
         required_unless_present = "target_epsilon"
     )]
     noise_multiplier: Option<f64>,
 
     /// Target epsilon: compute the smallest noise multiplier that reaches it.
-    #[arg(long, value_name = "E", value_parser = parse_f64)]
+    #[arg(long, value_name = "E", value_parser = parse_f64, allow_negative_numbers = true)]
     target_epsilon: Option<f64>,
 
     /// The most examples a micro-batch can hold, over all steps (1 = per-example
@@ -73,7 +74,7 @@ struct Args {
     steps: u64,
 
     /// Target delta, in (0, 1).
-    #[arg(long, value_name = "DELTA", value_parser = parse_f64)]
+    #[arg(long, value_name = "DELTA", value_parser = parse_f64, allow_negative_numbers = true)]
     delta: f64,
 }
 
@@ -105,8 +106,8 @@ fn main() -> ExitCode {
 /// Parses an `f64` as clap would, but rejects text that names a finite,
 /// non-zero number which `f64` cannot hold (`1e400` would otherwise become
 /// `inf`, and `1e-400` would become 0, and the errors that follow would quote a
-/// value the user never typed). `inf` and `NaN` typed as such are left to the
-/// range checks.
+/// value the user never typed). `inf`, `NaN` and negative numbers typed as such
+/// are left to the range checks.
 fn parse_f64(text: &str) -> Result<f64, String> {
     let value: f64 = text
         .trim()
@@ -298,5 +299,46 @@ mod tests {
         assert!(err.contains("got 0"), "{err}");
         assert_eq!(parse_f64("0.000e5"), Ok(0.0));
         assert_eq!(parse_f64("1e-320"), Ok(1e-320));
+    }
+
+    #[test]
+    fn negative_numbers_reach_the_range_checks() {
+        // clap read a value such as `-1` as an unknown flag ("unexpected
+        // argument '-1'"), so a negative value needed `--flag=-1`. (clap's
+        // negative numbers have no signed exponent: `-1e-5` still needs `=`.)
+        for (flag, text, named) in [
+            ("--target-epsilon", "-1", "epsilon"),
+            ("--noise-multiplier", "-0.5", "noise multiplier"),
+            ("--delta", "-0.001", "delta"),
+        ] {
+            let mut extra = vec![flag, text];
+            if flag != "--delta" {
+                extra.extend(["--delta", "1e-5"]);
+            } else {
+                extra.extend(["--noise-multiplier", "1"]);
+            }
+            let err = run_with(&extra).unwrap_err();
+            assert!(
+                err.to_lowercase().contains(named) && !err.contains("unexpected argument"),
+                "{flag} {text}: {err}"
+            );
+        }
+        let err = Args::try_parse_from([
+            "dp_accountant",
+            "--sampling-rate",
+            "-0.1",
+            "--micro-batch-size",
+            "1",
+            "--steps",
+            "10",
+            "--delta",
+            "1e-5",
+            "--noise-multiplier",
+            "1",
+        ])
+        .map_err(|e| clap_error_line(&e))
+        .and_then(|a| run(&a))
+        .unwrap_err();
+        assert!(err.contains("sampling rate"), "{err}");
     }
 }
