@@ -12,7 +12,8 @@
 //! * `G.npy`: 2-D `[N, D]` float16, float32 or float64 (float64 is rounded to
 //!   float32, and a finite value beyond the float32 range is an error; float16 is
 //!   clipped as 16-bit input, half the bytes to read), C or Fortran order. Every
-//!   input's data section must hold exactly the bytes its shape needs.
+//!   input's data section must hold exactly the bytes its shape needs (an input
+//!   that is not a regular file, such as a pipe, is read into memory to check).
 //! * `O.npy`: 1-D int32/int64/uint32/uint64 row offsets `[0, ..., N]`.
 //! * `--clip 1.5` is a fixed bound, `--clip min` the adaptive bound `min_j norm_j`,
 //!   `--clip min:0.5` the adaptive bound `0.5 * min_j norm_j`, `--clip 1,0.5` one
@@ -30,7 +31,10 @@
 //!   `micro_batches`, `groups`, `clip_bound` (the total `sqrt(sum_g C_g^2)`, null when
 //!   not finite), `group_bounds`, `noise_std`, `backend` (`"gpu"` / `"cpu"`) and
 //!   `adapter` (null on the CPU). The same summary is printed to stdout.
-//!   The outputs must be three different files, none of them an input.
+//!   The outputs must be three different files, none of them an input. They are
+//!   written only when the whole run succeeds (each to a temporary file in its
+//!   directory, then renamed over it), and a directory that cannot be written
+//!   fails the run before any input is read.
 //!
 //! Errors are one line on stderr, `error: ...`, with exit status 1.
 
@@ -43,12 +47,12 @@ use microclip::{
 use npyz::{DType, NpyFile, NpyHeader, Order, TypeChar, WriterBuilder};
 use std::error::Error;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 type Res<T> = Result<T, Box<dyn Error>>;
-type Npy = NpyFile<BufReader<File>>;
+type Npy = NpyFile<Box<dyn Read>>;
 
 /// Micro-batch gradient clipping of a [N, D] .npy gradient matrix.
 #[derive(Parser)]
@@ -70,7 +74,7 @@ struct Args {
     #[arg(long, value_enum, default_value = "hard")]
     mode: Mode,
     /// AUTO-S stability constant (only with --mode auto)
-    #[arg(long, value_name = "GAMMA", allow_negative_numbers = true)]
+    #[arg(long, value_name = "GAMMA", value_parser = parse_f32, allow_negative_numbers = true)]
     gamma: Option<f32>,
     /// Parameter groups: 1-D integer column offsets [0, ..., D]
     #[arg(long, value_name = "COLS.npy")]
@@ -79,19 +83,26 @@ struct Args {
     #[arg(
         long,
         value_name = "SIGMA",
+        value_parser = parse_f32,
         requires = "seed",
         allow_negative_numbers = true
     )]
     noise_multiplier: Option<f32>,
     /// Noise generator key (needed with --noise-multiplier, and only with it)
-    #[arg(long, value_name = "SEED", requires = "noise_multiplier")]
+    #[arg(
+        long,
+        value_name = "SEED",
+        requires = "noise_multiplier",
+        allow_negative_numbers = true
+    )]
     seed: Option<u64>,
     /// Training step: each step draws fresh noise (only with --noise-multiplier)
     #[arg(
         long,
         value_name = "STEP",
         default_value_t = 0,
-        requires = "noise_multiplier"
+        requires = "noise_multiplier",
+        allow_negative_numbers = true
     )]
     step: u64,
     /// What to do with a micro-batch whose mean gradient holds NaN or infinity
@@ -132,8 +143,31 @@ enum BackendArg {
     Cpu,
 }
 
+/// Parses an `f32`, but rejects text that names a finite, non-zero number which
+/// `f32` cannot hold (`1e39` would become `inf` and `1e-50` zero, and the range
+/// checks would then quote a value the user never typed). `inf`, `NaN` and
+/// negative numbers typed as such are left to the range checks.
+fn parse_f32(text: &str) -> Result<f32, String> {
+    let wide: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a number: {text:?}"))?;
+    let value = wide as f32;
+    let mantissa = text.split(['e', 'E']).next().unwrap_or("");
+    if value.is_infinite() && mantissa.chars().any(|c| c.is_ascii_digit()) {
+        return Err(format!("{text} is beyond the largest f32 ({:e})", f32::MAX));
+    }
+    if value == 0.0 && mantissa.chars().any(|c| ('1'..='9').contains(&c)) {
+        return Err(format!(
+            "{text} is nonzero but below the smallest positive f32 ({:e})",
+            f32::from_bits(1)
+        ));
+    }
+    Ok(value)
+}
+
 fn parse_clip(s: &str) -> Result<ClipBound, String> {
-    let num = |v: &str| v.parse::<f32>().map_err(|_| format!("not a number: {v:?}"));
+    let num = parse_f32;
     let bound = match s.strip_prefix("min") {
         Some("") => ClipBound::Adaptive { scale: 1.0 },
         Some(rest) => match rest.strip_prefix(':') {
@@ -274,24 +308,47 @@ fn open_npy(path: &Path) -> Res<Npy> {
     if len != header.len() {
         return Err(format!("shape {:?} is too large", header.shape()).into());
     }
-    // The data section's size, where the file has one (not a pipe: that one is
-    // read as npyz streams it, and a short one fails the read).
-    let meta = reader.get_ref().metadata()?;
-    if let (Some(item), true) = (header.dtype().num_bytes(), meta.is_file()) {
+    // The data section's size: a regular file's from its length; a pipe's (or
+    // other stream's) by reading it into memory, up to one byte more than the
+    // shape needs.
+    let Some(item) = header.dtype().num_bytes() else {
+        return Ok(NpyFile::with_header(header, Box::new(reader)));
+    };
+    let need = len as u128 * item as u128;
+    let wrong_size = |data: String| -> Box<dyn Error> {
+        format!(
+            "the data section holds {data} bytes, but shape {:?} of dtype {} needs {need} bytes",
+            header.shape(),
+            header.dtype().descr()
+        )
+        .into()
+    };
+    if reader.get_ref().metadata()?.is_file() {
         let start = reader.stream_position()?;
-        let data = meta.len().saturating_sub(start);
-        let need = len as u128 * item as u128;
+        let data = reader.get_ref().metadata()?.len().saturating_sub(start);
         if data as u128 != need {
-            return Err(format!(
-                "the data section holds {data} bytes, but shape {:?} of dtype {} needs \
-                 {need} bytes",
-                header.shape(),
-                header.dtype().descr()
-            )
-            .into());
+            return Err(wrong_size(data.to_string()));
         }
+        return Ok(NpyFile::with_header(header, Box::new(reader)));
     }
-    Ok(NpyFile::with_header(header, reader))
+    let limit = u64::try_from(need).unwrap_or(u64::MAX).saturating_add(1);
+    let mut data = Vec::new();
+    (&mut reader).take(limit).read_to_end(&mut data)?;
+    if data.len() as u128 != need {
+        let more = if data.len() as u128 > need {
+            "more than "
+        } else {
+            ""
+        };
+        return Err(wrong_size(format!(
+            "{more}{}",
+            need.min(data.len() as u128)
+        )));
+    }
+    Ok(NpyFile::with_header(
+        header,
+        Box::new(std::io::Cursor::new(data)),
+    ))
 }
 
 /// The number of elements of `shape`; an error when its non-zero dimensions multiply
@@ -478,17 +535,83 @@ fn same_existing_file(a: &Path, b: &Path) -> bool {
     false
 }
 
-fn write_f32(path: &Path, shape: &[u64], data: &[f32]) -> Res<()> {
-    in_file(path, || {
-        let file = BufWriter::new(File::create(path)?);
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(shape)
-            .writer(file)
-            .begin_nd()?;
-        w.extend(data.iter().copied())?;
-        Ok(w.finish()?)
-    })
+/// `data` as the bytes of a float32 .npy file of the given shape.
+fn npy_f32(shape: &[u64], data: &[f32]) -> Res<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(&mut bytes)
+        .begin_nd()?;
+    w.extend(data.iter().copied())?;
+    w.finish()?;
+    Ok(bytes)
+}
+
+/// An output file, set up before any input is read: a temporary file in the
+/// target's directory (so that a directory that cannot be written fails the run
+/// before the work), renamed over the target once every output is written. A
+/// failed run leaves every target as it was. A target that exists and is not a
+/// regular file (`/dev/stdout`, a named pipe) is written in place instead, last.
+struct OutputFile {
+    /// The target, through any symbolic links (see `resolved`).
+    target: PathBuf,
+    /// The path as given, for messages.
+    given: PathBuf,
+    temp: Option<tempfile::NamedTempFile>,
+}
+
+impl OutputFile {
+    fn create(path: &Path) -> Res<Self> {
+        in_file(path, || {
+            let target = resolved(path);
+            let special = std::fs::metadata(&target).is_ok_and(|m| !m.is_file());
+            let temp = if special {
+                None
+            } else {
+                let dir = match target.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                let mut builder = tempfile::Builder::new();
+                builder.prefix(".clip_npy-");
+                #[cfg(unix)]
+                {
+                    // The mode a plain create gives (0666 less the umask), not
+                    // the temporary file's 0600.
+                    use std::os::unix::fs::PermissionsExt;
+                    builder.permissions(std::fs::Permissions::from_mode(0o666));
+                }
+                Some(builder.tempfile_in(dir)?)
+            };
+            Ok(Self {
+                target,
+                given: path.to_path_buf(),
+                temp,
+            })
+        })
+    }
+}
+
+/// Writes every output's bytes: all temporary files first, then each renamed
+/// over its target, then the targets that are not regular files.
+fn write_outputs(outputs: Vec<(OutputFile, Vec<u8>)>) -> Res<()> {
+    let mut outputs = outputs;
+    for (out, bytes) in &mut outputs {
+        if let Some(temp) = &mut out.temp {
+            in_file(&out.given, || Ok(temp.write_all(bytes)?))?;
+        }
+    }
+    let (special, regular): (Vec<_>, Vec<_>) =
+        outputs.into_iter().partition(|(out, _)| out.temp.is_none());
+    for (out, _) in regular {
+        let temp = out.temp.expect("regular outputs have a temporary file");
+        in_file(&out.given, || Ok(temp.persist(&out.target).map(drop)?))?;
+    }
+    for (out, bytes) in special {
+        in_file(&out.given, || Ok(std::fs::write(&out.target, &bytes)?))?;
+    }
+    Ok(())
 }
 
 fn run() -> Res<()> {
@@ -504,6 +627,11 @@ fn run() -> Res<()> {
         first.trim_start_matches("error: ").to_string()
     })?;
     check_paths(&args)?;
+    if matches!(args.clip, ClipBound::PerGroup(_)) && args.groups.is_none() {
+        return Err(
+            "--clip C1,C2,... gives one bound per parameter group: it needs --groups".into(),
+        );
+    }
     let layout = match (&args.offsets, args.micro_batch) {
         (Some(path), _) => MicroBatches::Offsets(read_offsets(path)?),
         (None, b) => MicroBatches::Uniform(b.unwrap_or_default()),
@@ -535,6 +663,11 @@ fn run() -> Res<()> {
         cfg.validate()?; // before reading G (with groups: once they are known)
     }
 
+    // Every output's directory is tried before any input is read.
+    let out_file = OutputFile::create(&args.out)?;
+    let norms_file = args.norms.as_deref().map(OutputFile::create).transpose()?;
+    let stats_file = args.stats.as_deref().map(OutputFile::create).transpose()?;
+
     let (grads, n) = read_grads(&args.grads)?;
     let d = grads.len() / n;
     // Column groups become one tensor per group (a host copy of the input).
@@ -565,15 +698,15 @@ fn run() -> Res<()> {
             e => e.into(),
         }
     })?;
-    write_f32(&args.out, &[d as u64], &out.grads.concat())?;
     let s = &out.stats;
     let m = s.norms.len() / s.groups;
-    if let Some(path) = &args.norms {
+    let mut outputs = vec![(out_file, npy_f32(&[d as u64], &out.grads.concat())?)];
+    if let Some(file) = norms_file {
         let shape = match args.groups {
             Some(_) => vec![m as u64, s.groups as u64],
             None => vec![m as u64],
         };
-        write_f32(path, &shape, &s.norms)?;
+        outputs.push((file, npy_f32(&shape, &s.norms)?));
     }
 
     let (backend, adapter) = match &s.backend {
@@ -593,14 +726,12 @@ fn run() -> Res<()> {
         "backend": backend,
         "adapter": adapter,
     });
-    if let Some(path) = &args.stats {
-        in_file(path, || {
-            let mut f = BufWriter::new(File::create(path)?);
-            serde_json::to_writer_pretty(&mut f, &summary)?;
-            writeln!(f)?;
-            Ok(f.flush()?)
-        })?;
+    if let Some(file) = stats_file {
+        let mut json = serde_json::to_vec_pretty(&summary)?;
+        json.push(b'\n');
+        outputs.push((file, json));
     }
+    write_outputs(outputs)?;
     // A closed stdout (`| head -0`) is an error like any other, not a panic.
     let print = || -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();

@@ -17,42 +17,10 @@ use std::sync::OnceLock;
 const N: usize = 13;
 const D: usize = 1027;
 
-/// The example binary, built (or found up to date) by cargo once per test run, in the
-/// profile this test was built with. Asking cargo, rather than taking whatever
-/// `target/*/examples/clip_npy` holds, never runs a stale binary.
+/// The clip_npy binary (see `common::example_bin`).
 fn example_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let profile = if cfg!(debug_assertions) {
-            "test"
-        } else {
-            "release"
-        };
-        let out = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "clip_npy",
-                "--profile",
-                profile,
-            ])
-            .arg("--message-format=json-render-diagnostics")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("running cargo");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "cargo build --example clip_npy: {stderr}"
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clip_npy")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no clip_npy executable")
-    })
+    BIN.get_or_init(|| common::example_bin("clip_npy"))
 }
 
 /// The backends to run: "gpu" too when `common::gpu()` finds an adapter (it fails the
@@ -559,6 +527,38 @@ fn bad_inputs_give_one_error_line() {
             "--grads @g.npy --micro-batch -2 --clip 1 --out @out.npy".into(),
             "micro-batch",
         ),
+        // Per-group bounds need the groups.
+        (
+            "--grads @g.npy --micro-batch 4 --clip 1,2 --out @out.npy".into(),
+            "--groups",
+        ),
+        // Numbers that f32 cannot hold are named as typed, not as inf or 0.
+        (
+            format!("--grads @g.npy {rest} --noise-multiplier 1e39 --seed 3"),
+            "1e39 is beyond the largest f32",
+        ),
+        (
+            "--grads @g.npy --micro-batch 4 --clip 1e-50 --out @out.npy".into(),
+            "1e-50 is nonzero but below",
+        ),
+        (
+            format!("--grads @g.npy {rest} --mode auto --gamma 1e-50"),
+            "1e-50 is nonzero but below",
+        ),
+        // Negative integers reach the integer parser (not "unexpected argument").
+        (
+            format!("--grads @g.npy {rest} --noise-multiplier 1 --seed -3"),
+            "invalid value '-3' for '--seed",
+        ),
+        (
+            format!("--grads @g.npy {rest} --noise-multiplier 1 --seed 3 --step -1"),
+            "invalid value '-1' for '--step",
+        ),
+        // An output directory that does not exist fails before the input is read.
+        (
+            "--grads @missing.npy --micro-batch 4 --clip 1 --out @no-such-dir/o.npy".into(),
+            "no-such-dir",
+        ),
     ];
     let offsets = [
         ("o_short", "N = 13"),
@@ -588,6 +588,47 @@ fn bad_inputs_give_one_error_line() {
             err.contains(needle),
             "{args}: {err:?} does not mention {needle:?}"
         );
+    }
+}
+
+/// A run that fails leaves no output behind, also when only a later output
+/// cannot be written; a successful one gives its outputs the mode a plain create
+/// gives (not a temporary file's 0600) and leaves no temporary file.
+#[test]
+fn failed_runs_write_no_output() {
+    let dir = Dir::new("nooutput");
+    write_grads(&dir);
+    let base = "--grads @g32.npy --micro-batch 4 --clip 1 --backend cpu --out @o.npy";
+    for bad in ["--norms @no-such-dir/n.npy", "--stats @no-such-dir/s.json"] {
+        let err = dir.fails(&format!("{base} {bad}"));
+        assert!(err.contains("no-such-dir"), "{bad}: {err}");
+        assert!(!dir.path("o.npy").exists(), "{bad}: wrote o.npy");
+    }
+    // An existing output survives a failed run unchanged.
+    std::fs::write(dir.path("o.npy"), b"old").unwrap();
+    dir.fails(&format!("{base} --norms @no-such-dir/n.npy"));
+    assert_eq!(std::fs::read(dir.path("o.npy")).unwrap(), b"old");
+    dir.fails("--grads @g32.npy --micro-batch 0 --clip 1 --out @o.npy --stats @s.json");
+    assert_eq!(std::fs::read(dir.path("o.npy")).unwrap(), b"old");
+    assert!(!dir.path("s.json").exists());
+
+    dir.ok(&format!("{base} --norms @n.npy --stats @s.json"));
+    assert_eq!(dir.read_f32("o.npy").0, vec![D as u64]);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".clip_npy"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = dir.path("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for f in ["o.npy", "n.npy", "s.json"] {
+            assert_eq!(mode(&dir.path(f)), mode(&plain), "{f}");
+        }
     }
 }
 
@@ -820,10 +861,10 @@ fn seed_and_step_need_noise_multiplier() {
     assert!(help.contains("[M, G] with --groups"), "{help}");
 }
 
-/// A named pipe as the input streams (no size check, which needs a regular file;
-/// the output-collision check compares metadata and opens nothing) and gives the
-/// regular file's result; a pipe that delivers the header's first bytes in pieces
-/// still has its declared header length checked.
+/// A named pipe as the input gives the regular file's result (the output-collision
+/// check compares metadata and opens nothing); its data section must hold exactly
+/// the bytes its shape needs, as a file's must; a pipe that delivers the header's
+/// first bytes in pieces still has its declared header length checked.
 #[cfg(unix)]
 #[test]
 fn named_pipe_input_streams() {
@@ -834,13 +875,28 @@ fn named_pipe_input_streams() {
     // The output exists (an earlier run's): the collision check compares it.
     std::fs::write(dir.path("from_pipe.npy"), b"old").unwrap();
     let args = "--grads @pipe.npy --micro-batch 2 --clip 1 --backend cpu --out @from_pipe.npy";
-    let (status, stderr) = run_on_pipe(&dir, "pipe.npy", vec![bytes], args);
+    let (status, stderr) = run_on_pipe(&dir, "pipe.npy", vec![bytes.clone()], args);
     assert!(status.success(), "{stderr}");
     dir.ok("--grads @g.npy --micro-batch 2 --clip 1 --backend cpu --out @from_file.npy");
     assert_eq!(
         std::fs::read(dir.path("from_pipe.npy")).unwrap(),
         std::fs::read(dir.path("from_file.npy")).unwrap()
     );
+    // Four bytes more, or fewer, than the shape [4, 3] needs.
+    let args = "--grads @long.npy --micro-batch 2 --clip 1 --backend cpu --out @o.npy";
+    let long = [bytes.as_slice(), &[0; 4]].concat();
+    let (status, stderr) = run_on_pipe(&dir, "long.npy", vec![long], args);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("holds more than 48 bytes") && stderr.contains("needs 48 bytes"),
+        "{stderr}"
+    );
+    let args = "--grads @short.npy --micro-batch 2 --clip 1 --backend cpu --out @o.npy";
+    let short = bytes[..bytes.len() - 4].to_vec();
+    let (status, stderr) = run_on_pipe(&dir, "short.npy", vec![short], args);
+    assert!(!status.success());
+    assert!(stderr.contains("holds 44 bytes"), "{stderr}");
+    assert!(!dir.path("o.npy").exists());
     // A version 2.0 header declaring 4 GiB - 16 bytes, its first 12 bytes
     // arriving in three writes.
     let mut huge = b"\x93NUMPY\x02\x00".to_vec();

@@ -732,3 +732,31 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
     ));
     cases
 }
+
+/// An example's binary, built (or found up to date) by cargo in the profile this
+/// test was built with. Asking cargo, rather than taking whatever
+/// `target/*/examples/<name>` holds, never runs a stale binary.
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let profile = if cfg!(debug_assertions) {
+        "test"
+    } else {
+        "release"
+    };
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name, "--profile", profile])
+        .arg("--message-format=json-render-diagnostics")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running cargo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "cargo build --example {name}: {stderr}"
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo reported no {name} executable"))
+}
