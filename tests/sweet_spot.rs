@@ -250,3 +250,34 @@ fn gpu_and_cpu_backends_train_the_same() {
         }
     }
 }
+
+/// Arguments that cannot run a meaningful sweep are refused before it starts, as
+/// one `error: ...` line (a NaN learning rate had printed a table of NaN with exit
+/// status 0; a `--json` path in a missing directory failed only after the sweep,
+/// without naming the path).
+#[test]
+fn bad_arguments_are_refused_before_the_sweep() {
+    let bin = common::example_bin("sweet_spot");
+    for (args, needle) in [
+        ("--lr nan", "learning rate NaN"),
+        ("--lr 0.1,-1", "learning rate -1"),
+        ("--dragger-scale nan", "--dragger-scale NaN"),
+        ("--dragger-scale -4", "--dragger-scale -4"),
+        ("--p -0.5", "p = -0.5"),
+        ("--b 3", "b = 3"),
+        ("--json no-such-dir/x.json", "no-such-dir"),
+    ] {
+        let out = std::process::Command::new(&bin)
+            .args(args.split_whitespace())
+            .args(["--seeds", "1", "--steps", "1"])
+            .output()
+            .expect("running sweet_spot");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args}: {stderr}");
+        assert!(
+            stderr.trim().lines().count() == 1 && stderr.contains(needle),
+            "{args}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args}: the sweep started");
+    }
+}

@@ -123,7 +123,7 @@ struct Args {
     steps: usize,
     /// Dragger (or minority-domain) fractions, comma-separated
     /// [default: 0,0.1,0.25 for draggers; 0.1,0.25 for multi-domain].
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     p: Option<Vec<f64>>,
     /// Micro-batch sizes, comma-separated (each must divide the batch of 64).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
@@ -132,11 +132,12 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "0.01,0.03,0.1,0.3,1,3,10"
+        default_value = "0.01,0.03,0.1,0.3,1,3,10",
+        allow_negative_numbers = true
     )]
     lr: Vec<f64>,
     /// Scale of dragger inputs.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
     dragger_scale: f64,
     /// microclip backend (cpu by default: this model is launch-bound on a GPU).
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
@@ -202,8 +203,34 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(&p) = cfg.ps.iter().find(|&&p| !(0.0..=1.0).contains(&p)) {
         return Err(format!("p = {p} is not in [0, 1]").into());
     }
+    if let Some(&lr) = cfg.lrs.iter().find(|&&lr| !(lr.is_finite() && lr > 0.0)) {
+        return Err(format!("learning rate {lr} is not finite and > 0").into());
+    }
+    if !(cfg.dragger_scale.is_finite() && cfg.dragger_scale > 0.0) {
+        let scale = cfg.dragger_scale;
+        return Err(format!("--dragger-scale {scale} is not finite and > 0").into());
+    }
+    // The JSON file is written after the sweep: its directory is checked first.
+    if let Some(path) = &args.json {
+        let dir = match std::path::Path::new(path).parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(format!("--json {path}: {} is not a directory", dir.display()).into());
+        }
+    }
     cfg.bs.sort_unstable();
     cfg.bs.dedup();
+    // Repeated values would run (and print) the same arms twice.
+    for list in [&mut cfg.ps, &mut cfg.lrs] {
+        let mut seen = Vec::new();
+        list.retain(|v| {
+            let new = !seen.contains(v);
+            seen.push(*v);
+            new
+        });
+    }
 
     let backend_name = microclip::Clipper::new(cfg.backend)?.backend().to_string();
     let minority = match scenario {
@@ -345,10 +372,8 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => eprintln!("warning: could not write the plot {}: {e}", args.plot),
     }
     if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&to_json(&cfg, &arms, &backend_name))?,
-        )?;
+        let json = serde_json::to_string_pretty(&to_json(&cfg, &arms, &backend_name))?;
+        std::fs::write(path, json).map_err(|e| format!("--json {path}: {e}"))?;
         println!("json: {path}");
     }
     println!("wall time of the sweep: {elapsed:.1}s");
