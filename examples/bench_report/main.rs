@@ -121,10 +121,10 @@ struct Args {
     quick: bool,
     /// Divide every D by this (default: 16 on a software (CPU-type) GPU adapter
     /// such as lavapipe, else 1 = the sizes; --quick: 64).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     scale: Option<usize>,
     /// Timed runs per case (default: 11, or 5 with --quick).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     runs: Option<usize>,
     /// Warm-up runs per case (default: 2, or 1 with --quick).
     #[arg(long)]
@@ -153,11 +153,16 @@ struct Args {
     wall_clock: bool,
 }
 
+/// A count of 1 or more (`--scale 0` had meant the full sizes, `--runs 0` one run).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let opts = cases::Opts {
         warmup: args.warmup.unwrap_or(if args.quick { 1 } else { 2 }),
-        runs: args.runs.unwrap_or(if args.quick { 5 } else { 11 }).max(1),
+        runs: args.runs.unwrap_or(if args.quick { 5 } else { 11 }),
         max_binding: args.max_binding,
         host_row: !args.no_host,
         breakdown: args.breakdown,
