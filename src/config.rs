@@ -60,7 +60,10 @@ pub enum ClipFunction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NonFinitePolicy {
     /// The micro-batch gets factor 0, is counted in `nonfinite_count`, and the
-    /// average still divides by M. Everything else is exact.
+    /// average still divides by M. Everything else is exact. Under an adaptive
+    /// bound with no finite micro-batch the output is 0, but the bound is NaN
+    /// (there is nothing to take its minimum over), and so are the noise's
+    /// standard deviation and, with [`GaussianNoise`], every output element.
     #[default]
     Skip,
     /// Plain arithmetic: the micro-batch's norm is NaN (or +inf when it holds
@@ -183,8 +186,15 @@ impl ClipConfig {
                 if let Some(&c) = bounds.iter().find(|&&c| !positive(c)) {
                     return Err(ClipError::InvalidClipNorm(c));
                 }
+                if self.groups.is_none() {
+                    return Err(ClipError::InvalidGroups(format!(
+                        "{} per-group bounds without parameter groups (see \
+                         ClipConfig::with_groups)",
+                        bounds.len()
+                    )));
+                }
                 let groups = self.group_count();
-                if bounds.len() != groups || self.groups.is_none() {
+                if bounds.len() != groups {
                     return Err(ClipError::InvalidGroups(format!(
                         "{} per-group bounds for {groups} groups",
                         bounds.len()
@@ -255,7 +265,9 @@ impl ClipConfig {
     }
 
     /// The row offsets `[o_0 = 0, ..., o_M = n_samples]` this layout gives for a
-    /// batch of `n_samples`, validated.
+    /// batch of `n_samples`, validated. For `Uniform(b)` this allocates the
+    /// `ceil(n_samples / b) + 1` offsets (the clipping calls first check that the
+    /// inputs hold `n_samples` rows).
     pub fn row_offsets(&self, n_samples: usize) -> Result<Vec<usize>> {
         self.validate()?;
         if n_samples == 0 {

@@ -37,8 +37,14 @@ pub struct Reference {
 
 /// Computes the clipping step in float64 from f32 inputs (each `[n_samples, D_p]`).
 pub fn clip_f64(config: &ClipConfig, tensors: &[&[f32]], n_samples: usize) -> Result<Reference> {
-    let offsets = config.row_offsets(n_samples)?;
+    // As `Clipper::clip`: the lengths before the offsets, whose vector a wrong
+    // n_samples could make huge.
+    config.validate()?;
+    if n_samples == 0 {
+        return Err(ClipError::NoSamples);
+    }
     let widths = tensor_widths(tensors.iter().map(|t| t.len()), n_samples)?;
+    let offsets = config.row_offsets(n_samples)?;
     let group_of = config.tensor_groups(tensors.len())?;
     let m = offsets.len() - 1;
     let groups = config.group_count();

@@ -25,6 +25,24 @@ fn cpu_host_errors() {
     host_errors(&mut cpu);
 }
 
+/// The float64 reference checks the lengths before it forms the offsets: a wrong
+/// `n_samples` of 2^40 had it allocate 8 TiB of offsets (an abort, not an error).
+#[test]
+fn reference_checks_lengths_before_offsets() {
+    let config = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
+    let huge = 1usize << 40;
+    let err = microclip::reference::clip_f64(&config, &[&[1.0, 2.0]], huge).unwrap_err();
+    assert!(
+        matches!(err, ClipError::TensorLength { tensor: 0, len: 2, n_samples } if n_samples == huge),
+        "{err:?}"
+    );
+    let err = microclip::reference::clip_f64(&config, &[&[1.0, 2.0]], 0).unwrap_err();
+    assert!(matches!(err, ClipError::NoSamples), "{err:?}");
+    let ok = microclip::reference::clip_f64(&config, &[&[1.0, 2.0]], 2).unwrap();
+    // Norms 1 and 2, factors 1 and 1 / 2: (1 + 1) / 2.
+    assert_eq!(ok.grads, vec![vec![1.0]]);
+}
+
 #[test]
 fn gpu_host_errors() {
     let Some(mut gpu) = gpu() else { return };
@@ -326,6 +344,8 @@ fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
     // Per-group bounds without groups, or with the wrong count.
     let per_group = |b: Vec<f32>| ClipConfig::new(ClipBound::PerGroup(b), layout.clone());
     groups_err(per_group(vec![1.0]), &[t]);
+    let e = per_group(vec![1.0]).validate().unwrap_err();
+    assert!(e.to_string().contains("with_groups"), "{e}");
     groups_err(per_group(vec![1.0]).with_groups(vec![0, 1]), &two);
     assert_eq!(
         clipper

@@ -180,3 +180,29 @@ fn gpu_noise_moments_and_independent_steps() {
     let again = added_normals(&mut gpu, &cfg, &tensors, n, 4, noise(77, 1));
     assert_eq!(a, again);
 }
+
+/// Under `Skip` and an adaptive bound with no finite micro-batch, the output is
+/// 0 without noise; with noise the bound, the noise's std and every output are
+/// NaN (documented at `NonFinitePolicy::Skip`), on both backends.
+#[test]
+fn noise_without_a_finite_micro_batch_is_nan_under_an_adaptive_bound() {
+    let rows = [f32::NAN, 1.0, 2.0, f32::NAN];
+    let adaptive = ClipConfig::adaptive(1.0, MicroBatches::Uniform(1));
+    let mut clippers = vec![Clipper::new(Backend::Cpu).unwrap()];
+    clippers.extend(gpu());
+    for mut clipper in clippers {
+        let plain = clipper.clip(&adaptive, &[&rows], 2).unwrap();
+        assert_eq!(plain.grads, vec![vec![0.0, 0.0]]);
+        assert_eq!(plain.stats.nonfinite_count, 2);
+        assert!(plain.stats.clip_bound.is_nan());
+        let noisy = clipper
+            .clip(&adaptive.clone().with_noise(noise(7, 0)), &[&rows], 2)
+            .unwrap();
+        assert!(noisy.stats.noise_std.is_nan(), "{:?}", noisy.stats);
+        assert!(
+            noisy.grads[0].iter().all(|v| v.is_nan()),
+            "{:?}",
+            noisy.grads
+        );
+    }
+}
