@@ -80,8 +80,12 @@
 //! ## Backends
 //!
 //! [`Backend::Gpu`] runs the WGSL kernels in `shaders/`; [`Backend::Cpu`] runs the
-//! same semantics on the CPU with rayon; [`Backend::Auto`] takes the GPU when an
-//! adapter exists and the CPU otherwise. [`ClipStats::backend`] says which one ran.
+//! same semantics on the CPU: on rayon's global pool, except its one-read path
+//! (see Memory), which runs one scoped thread per core
+//! (`std::thread::available_parallelism`, not limited by `RAYON_NUM_THREADS`;
+//! where a thread cannot be started, on the calling thread, with the same
+//! result). [`Backend::Auto`] takes the GPU when an adapter exists and the CPU
+//! otherwise. [`ClipStats::backend`] says which one ran.
 //!
 //! ## Numerics
 //!

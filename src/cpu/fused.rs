@@ -17,7 +17,8 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Barrier;
+use std::sync::{Barrier, Condvar, Mutex, PoisonError};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use super::{axpy_rows, factor, mean_too_coarse, sum_squares, widen, Plan, BLOCK_COLS};
 use crate::config::{starts, ClipBound, ClipFunction};
@@ -80,6 +81,52 @@ impl Drop for BarrierWaits<'_> {
             self.barrier.wait();
         }
     }
+}
+
+/// Whether the workers may begin: opened (true) once every worker thread has
+/// started, or closed (false) when one could not be started, so that the started
+/// ones return before their first barrier instead of waiting there for a worker
+/// that does not exist.
+#[derive(Default)]
+struct StartGate {
+    state: Mutex<Option<bool>>,
+    changed: Condvar,
+}
+
+impl StartGate {
+    fn set(&self, go: bool) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Some(go);
+        self.changed.notify_all();
+    }
+
+    fn wait(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(go) = *state {
+                return go;
+            }
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Starts worker `t` on a thread of `scope`; an error when the system refuses a
+/// thread (a process or memory limit).
+fn spawn_worker<'s, 'e, R: Send + 'e>(
+    scope: &'s Scope<'s, 'e>,
+    t: usize,
+    f: impl FnOnce() -> R + Send + 'e,
+) -> std::io::Result<ScopedJoinHandle<'s, R>> {
+    #[cfg(test)]
+    if tests::spawn_fails(t) {
+        return Err(std::io::Error::other("injected spawn failure"));
+    }
+    std::thread::Builder::new()
+        .name(format!("microclip-cpu-{t}"))
+        .spawn_scoped(scope, f)
 }
 
 /// `blocks` cut into runs of consecutive blocks that are all whole tensors or
@@ -243,35 +290,64 @@ pub(super) fn run<T: GradElement>(
         .map_or(1, |n| n.get())
         .min(plan.blocks.len())
         .max(1);
-    let ranges = split(plan, threads);
+    let mut ranges = split(plan, threads);
     let slots = group_size * plan.blocks.len();
     let partials = [0, 1].map(|_| (0..slots).map(|_| AtomicU64::new(0)).collect());
     let barrier = Barrier::new(ranges.len());
+    let gate = StartGate::default();
     let waits = plan.micro_batches().div_ceil(group_size);
-    let results: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .enumerate()
-            .map(|(t, r)| {
-                let (partials, barrier) = (&partials, &barrier);
-                s.spawn(move || {
-                    let mut barrier = BarrierWaits {
-                        barrier,
-                        left: waits,
-                    };
-                    #[cfg(test)]
-                    tests::maybe_panic(t);
-                    worker(plan, r.clone(), group_size, partials, &mut barrier, t == 0)
-                })
-            })
-            .collect();
+    let started: Option<Vec<(Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(ranges.len());
+        for (t, r) in ranges.iter().enumerate() {
+            let (partials, barrier, gate) = (&partials, &barrier, &gate);
+            let spawned = spawn_worker(s, t, move || {
+                if !gate.wait() {
+                    return None;
+                }
+                let mut barrier = BarrierWaits {
+                    barrier,
+                    left: waits,
+                };
+                #[cfg(test)]
+                tests::maybe_panic(t);
+                let out = worker(plan, r.clone(), group_size, partials, &mut barrier, t == 0);
+                Some(out)
+            });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(_) => break,
+            }
+        }
+        let all_started = handles.len() == ranges.len();
+        gate.set(all_started);
         // Every worker is joined (the others finish when one panics), then the
         // first panic is raised again.
         let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-        joined
+        let results = joined
             .into_iter()
-            .map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
+            .map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        let results: Option<Vec<_>> = results.collect();
+        results.filter(|_| all_started)
+    });
+    // A thread that could not be started: the whole pass on the calling thread
+    // (no worker has touched the partials). The blocks' sums do not depend on
+    // how the blocks are shared out, so the result is the same.
+    let results = started.unwrap_or_else(|| {
+        ranges.clear();
+        ranges.push(0..plan.blocks.len());
+        let alone = Barrier::new(1);
+        let mut barrier = BarrierWaits {
+            barrier: &alone,
+            left: waits,
+        };
+        vec![worker(
+            plan,
+            ranges[0].clone(),
+            group_size,
+            &partials,
+            &mut barrier,
+            true,
+        )]
     });
     // Each thread's accumulator holds its blocks in order, and the threads' ranges
     // follow each other: cut them back into blocks.
@@ -289,14 +365,19 @@ pub(super) fn run<T: GradElement>(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    use std::sync::mpsc;
+    use std::sync::{mpsc, Mutex, PoisonError};
     use std::time::Duration;
 
     use crate::{Backend, ClipConfig, Clipper, MicroBatches};
 
     /// The worker that panics before its first barrier (usize::MAX: none). Only
-    /// the test below sets it; no other unit test runs the CPU path.
+    /// the test below sets it.
     static PANIC_WORKER: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// The first worker whose thread "cannot be started" (usize::MAX: none).
+    static SPAWN_FAILS_FROM: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// Held by the tests that set the hooks above (no other unit test runs the
+    /// CPU path).
+    static HOOKS: Mutex<()> = Mutex::new(());
 
     pub(super) fn maybe_panic(worker: usize) {
         if PANIC_WORKER.load(SeqCst) == worker {
@@ -304,19 +385,59 @@ mod tests {
         }
     }
 
-    /// A worker that panics makes the call panic with its message, instead of
-    /// leaving the other workers at the barrier (which hung the call before).
-    #[test]
-    fn a_worker_panic_reaches_the_caller_without_hanging() {
-        // Two workers need two blocks of columns and two threads (with one CPU
-        // there is one worker, no one to leave waiting, and the test only
-        // checks that the panic reaches the caller).
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    pub(super) fn spawn_fails(worker: usize) -> bool {
+        worker >= SPAWN_FAILS_FROM.load(SeqCst)
+    }
+
+    /// Rows of `3 * BLOCK_COLS + 5` columns: several blocks, so two workers
+    /// where there are two CPUs.
+    fn blocks_input() -> (usize, Vec<f32>, ClipConfig) {
         let (n, d) = (8, 3 * super::BLOCK_COLS + 5);
         let rows: Vec<f32> = (0..n * d)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
-        let config = ClipConfig::fixed(1.0, MicroBatches::Uniform(2));
+        (n, rows, ClipConfig::fixed(1.0, MicroBatches::Uniform(2)))
+    }
+
+    /// A worker thread that cannot be started (a process or memory limit) makes
+    /// the call run the pass on the calling thread, with the same result, instead
+    /// of leaving the started workers at the barrier (which hung the call).
+    #[test]
+    fn a_thread_that_cannot_start_leaves_the_pass_to_the_caller() {
+        let _hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (n, rows, config) = blocks_input();
+        let mut clipper = Clipper::new(Backend::Cpu).unwrap();
+        let before = clipper.clip(&config, &[&rows], n).unwrap();
+        assert!(before.grads[0].iter().any(|&v| v != 0.0));
+        // The last of two workers (with one CPU, the only one).
+        SPAWN_FAILS_FROM.store(threads.min(2) - 1, SeqCst);
+        let (send, receive) = mpsc::channel();
+        let (config_, rows_) = (config.clone(), rows.clone());
+        std::thread::spawn(move || {
+            let out = clipper.clip(&config_, &[&rows_], n);
+            send.send(out).unwrap();
+        });
+        let outcome = receive.recv_timeout(Duration::from_secs(60));
+        SPAWN_FAILS_FROM.store(usize::MAX, SeqCst);
+        let after = outcome.expect("the call hung when a thread could not start");
+        let after = after.unwrap();
+        let bits =
+            |v: &[Vec<f32>]| -> Vec<u32> { v.concat().iter().map(|x| x.to_bits()).collect() };
+        assert_eq!(bits(&before.grads), bits(&after.grads));
+        assert_eq!(before.stats.norms, after.stats.norms);
+    }
+
+    /// A worker that panics makes the call panic with its message, instead of
+    /// leaving the other workers at the barrier (which hung the call before).
+    #[test]
+    fn a_worker_panic_reaches_the_caller_without_hanging() {
+        let _hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+        // Two workers need two blocks of columns and two threads (with one CPU
+        // there is one worker, no one to leave waiting, and the test only
+        // checks that the panic reaches the caller).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (n, rows, config) = blocks_input();
         let mut clipper = Clipper::new(Backend::Cpu).unwrap();
         let before = clipper.clip(&config, &[&rows], n).unwrap();
 
