@@ -121,9 +121,11 @@
 //! up to 65536 on a software adapter), `M x G x 32 + M x 4`
 //! bytes of per-(micro-batch, group) state, `(M + 1) x 4` bytes of row offsets,
 //! `G x 8` bytes of group tables and, only when a micro-batch spans two row windows
-//! of a tensor larger than one storage binding, two carry rows of `D_p x 4` bytes.
+//! (of a tensor larger than one storage binding, or, on a software adapter, of a
+//! micro-batch too deep for one shader invocation's loop budget: see the README's
+//! "loop budget"), two carry rows of `D_p x 4` bytes.
 //! When the micro-batches hold `b = N / M >= 3` rows on average and the means fit
-//! one storage binding, it also keeps the `M x sum ceil4(D_p) x 4` bytes of
+//! one storage binding (on a software adapter, at most 3,640 of them), it also keeps the `M x sum ceil4(D_p) x 4` bytes of
 //! micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass; otherwise the last pass

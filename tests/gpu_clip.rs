@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use microclip::half::f16;
 use microclip::reference::clip_f64;
 use microclip::{ClipConfig, ClipFunction, Clipper, MicroBatches, NonFinitePolicy};
 use microclip::{ClipError, ClipOutput, Dtype, GpuTensor, GpuTensorMut};
@@ -237,6 +238,54 @@ fn more_micro_batches_than_workgroups_per_dimension() {
                 .collect::<String>();
             check(&mut gpu, &ClipConfig::fixed(0.5, layout), &t, n, TOL, &what);
         }
+    }
+}
+
+/// Shapes whose loops ran past what llvmpipe allows one shader invocation
+/// (65,535 iterations over all its loops, after which it silently ends them): a
+/// micro-batch of 2,048 rows of 4,096 columns (the norm pass walked its tile
+/// 32 steps per row, and the norms came out 92% low), 80,000 stored means of a
+/// tensor of 5 columns (pass 4 walked them once per quad: the second quad's
+/// column kept 0 of its sum), and 65,535 input rows summed without row chunks
+/// (the hardware default, set here). On hardware these check ordinary shapes.
+#[test]
+fn long_loops_stay_within_a_software_adapters_iteration_limit() {
+    let Some(mut gpu) = gpu() else { return };
+    let (n, d) = (2048, 4096);
+    let deep = random_tensors(11, n, &[d], 1.0);
+    for b in [n, 1000] {
+        let cfg = ClipConfig::fixed(1e-3, MicroBatches::Uniform(b));
+        check(&mut gpu, &cfg, &deep, n, TOL, &format!("deep b {b}"));
+    }
+    let deep16 = rounded(&deep, f16::from_f32);
+    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(n));
+    check_typed(&mut gpu, &cfg, &deep16, n, TOL, "deep f16, adaptive");
+    let n = 240_000;
+    let narrow = random_tensors(12, n, &[5, 9], 1.0);
+    for b in [3, 4] {
+        let cfg = ClipConfig::fixed(1e-3, MicroBatches::Uniform(b));
+        check(
+            &mut gpu,
+            &cfg,
+            &narrow,
+            n,
+            TOL,
+            &format!("many means b {b}"),
+        );
+    }
+    gpu.set_gpu_pass4_chunk_rows(Some(0));
+    let n = 65_535;
+    let rows = random_tensors(13, n, &[5], 1.0);
+    for b in [1, 2] {
+        let cfg = ClipConfig::fixed(1e-3, MicroBatches::Uniform(b));
+        check(
+            &mut gpu,
+            &cfg,
+            &rows,
+            n,
+            TOL,
+            &format!("no row chunks b {b}"),
+        );
     }
 }
 

@@ -70,6 +70,22 @@ pub(super) fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
     }
 }
 
+/// Loop iterations one shader invocation may make, for an adapter type: on a
+/// software adapter 32,768, half of what llvmpipe allows. llvmpipe (lavapipe)
+/// ends every loop of an invocation once they have iterated 65,535 times
+/// between them (`LP_MAX_TGSI_LOOP_ITERATIONS` in Mesa's gallivm, "shared
+/// between every loop in a shader"), silently: a pass-4 walk over 80,000 stored
+/// means, or a norm-pass walk down a micro-batch of 2,048 rows of 4,096-column
+/// tiles, stopped part-way and gave wrong outputs. The call plans cut their row
+/// windows (and choose not to store the means) so that no invocation's loops get
+/// near it (`plan::window_rows_cap`). Hardware adapters have no such limit.
+pub(super) fn default_loop_budget(device_type: wgpu::DeviceType) -> Option<u64> {
+    match device_type {
+        wgpu::DeviceType::Cpu => Some(1 << 15),
+        _ => None,
+    }
+}
+
 /// Buffer ranges per input-reading dispatch on `device` by default: [`SLOTS`] on
 /// a hardware adapter that allows the slots variants (their storage bindings),
 /// else 1. The slots variants choose each load's binding by the table entry's

@@ -36,16 +36,18 @@ use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 pub(crate) use defaults::MAX_PASS4_CHUNK_ROWS;
 use defaults::{
-    default_buffer_slots, default_merge_max_avg_cols, default_min_tile_workgroups,
-    default_pass4_chunk_rows, default_small_workgroups, DEFAULT_MEANS_MIN_ROWS,
+    default_buffer_slots, default_loop_budget, default_merge_max_avg_cols,
+    default_min_tile_workgroups, default_pass4_chunk_rows, default_small_workgroups,
+    DEFAULT_MEANS_MIN_ROWS,
 };
 use kernels::{
     slots_supported, Kernels, Needs, PartialsVariant, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
 use noise_words::noise_params;
 use plan::{
-    aligned_binding, cuts, materialize_means, means_cols, pack, pass1_dispatches, plan_windows,
-    tile_cols, tiles, vec4_aligned, Pass1Dispatch, Pass1Tensor, Window,
+    aligned_binding, cuts, materialize_means, means_cols, pack, pass1_dispatches, pass4_max_rows,
+    plan_windows, tile_cols, tiles, vec4_aligned, window_rows_cap, Pass1Dispatch, Pass1Tensor,
+    Window,
 };
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
@@ -135,6 +137,9 @@ pub(crate) struct GpuClipper {
     /// Pass 4 over input rows walks them this many at a time (0: all at once);
     /// see `default_pass4_chunk_rows`.
     pass4_chunk_rows: u32,
+    /// Loop iterations one shader invocation may make (`None`: no limit); see
+    /// `default_loop_budget`.
+    loop_budget: Option<u64>,
     /// Times each call's compute pass when set (`set_timing`).
     timer: Option<PassTimer>,
     /// Device time of the last call's compute pass, when timed.
@@ -270,6 +275,7 @@ impl GpuClipper {
             merge_max_avg_cols: default_merge_max_avg_cols(info.device_type),
             buffer_slots: default_buffer_slots(&device),
             pass4_chunk_rows: default_pass4_chunk_rows(info.device_type),
+            loop_budget: default_loop_budget(info.device_type),
             timer: None,
             last_pass_time: None,
             last_dispatches: 0,
@@ -667,6 +673,39 @@ impl GpuClipper {
             }
         }
         group_tiles.push(tiles_total as u32);
+        // The stored means only when they fit one binding (else rows are re-read)
+        // and, under a loop budget, pass 4 can sum them in one walk.
+        let total_means_cols: u64 = inputs.iter().map(|t| means_cols(t.cols as u64)).sum();
+        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
+        let with_means = materialize_means(
+            n,
+            micro_batches,
+            total_means_cols,
+            self.max_binding,
+            self.means_min_rows,
+        ) && self
+            .loop_budget
+            .is_none_or(|budget| micro_batches <= pass4_max_rows(budget));
+        let deepest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
+        let max_rows = window_rows_cap(
+            self.loop_budget,
+            tile_cols,
+            deepest,
+            !with_means,
+            self.pass4_chunk_rows,
+        );
+        if let Some(budget) = self.loop_budget {
+            // clip_factors walks the micro-batches, 256 per step, 3 G + 1
+            // times (and a tree of 8 steps per group): up to 3/2 of the budget,
+            // since this one cannot be cut into windows.
+            let steps = (3 * groups as u64 + 1) * micro_batches.div_ceil(256) + 16 * groups as u64;
+            if steps > budget + budget / 2 {
+                return Err(ClipError::TooLarge(format!(
+                    "{micro_batches} micro-batches x {groups} groups on a software adapter, \
+                     whose shaders stop their loops after 65,535 iterations"
+                )));
+            }
+        }
         let mut carry_cols = 0u64;
         let mut tensors = Vec::with_capacity(inputs.len());
         for (p, t) in inputs.iter().enumerate() {
@@ -678,6 +717,7 @@ impl GpuClipper {
                 t.offset,
                 self.max_binding,
                 self.storage_align,
+                max_rows,
             )?;
             // Only a micro-batch that goes on in a later window is carried.
             if windows.iter().any(|w| w.carry_out) {
@@ -725,16 +765,6 @@ impl GpuClipper {
                 aligned_binding(o.offset, o.cols as u64 * 4, self.storage_align, 4);
             too_large(format!("tensor {p}: the f32 output row"), bind_size)?;
         }
-        // The stored means only when they fit one binding (else rows are re-read).
-        let total_means_cols: u64 = inputs.iter().map(|t| means_cols(t.cols as u64)).sum();
-        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let with_means = materialize_means(
-            n,
-            micro_batches,
-            total_means_cols,
-            self.max_binding,
-            self.means_min_rows,
-        );
         // Means are stored and some micro-batch has more than CHUNK_ROWS rows.
         let deep_means = with_means
             && offsets

@@ -68,7 +68,7 @@ fn micro_batch_of(offsets: &[u32], row: u32) -> u32 {
 /// Cuts a `[N, cols]` tensor of `elem_bytes`-byte elements that starts at byte
 /// `base` (a multiple of 4) of its buffer into windows of whole rows, each bound in
 /// at most `max_binding` bytes and touching at most `MAX_GROUPS_PER_DIM`
-/// micro-batches.
+/// micro-batches and at most `max_rows` rows (see `window_rows_cap`).
 pub(crate) fn plan_windows(
     offsets: &[u32],
     cols: u64,
@@ -76,6 +76,7 @@ pub(crate) fn plan_windows(
     base: u64,
     max_binding: u64,
     align: u64,
+    max_rows: u64,
 ) -> Result<Vec<Window>> {
     let n = *offsets.last().expect("offsets hold at least [0, N]");
     let row_bytes = cols * elem_bytes;
@@ -91,6 +92,7 @@ pub(crate) fn plan_windows(
             "one row of {cols} elements ({row_bytes} bytes) does not fit in a storage binding of {max_binding} bytes"
         )));
     }
+    let rows_max = rows_max.min(max_rows.max(1));
     let mut windows = Vec::new();
     let mut row_start = 0u32;
     while row_start < n {
@@ -121,6 +123,47 @@ pub(crate) fn plan_windows(
         row_start = row_end;
     }
     Ok(windows)
+}
+
+/// Columns one norm-pass (`mb_partials`) workgroup of 8 lanes advances per
+/// iteration of its walk along a row: each lane's 4 adjacent quads, 8 lanes
+/// (wider workgroups advance further, so this bounds their iterations too).
+const PASS1_COLS_PER_STEP: u64 = 8 * 4 * 4;
+
+/// Iterations of pass 4's loops per row it sums: a thread whose quads do not all
+/// exist sums its up to 8 quads one at a time, each a walk over all rows, plus
+/// the walks' blocks of `ROW_BLOCK` rows.
+const PASS4_STEPS_PER_ROW: u64 = 9;
+
+/// The most stored means pass 4 may sum in one invocation under a loop `budget`
+/// (see `defaults::default_loop_budget`).
+pub(crate) fn pass4_max_rows(budget: u64) -> u64 {
+    budget / PASS4_STEPS_PER_ROW
+}
+
+/// The most rows a row window may hold under a loop `budget` (u64::MAX: none):
+/// the norm pass walks each micro-batch's rows of the window once per step of
+/// its tile (`tile_cols / PASS1_COLS_PER_STEP` steps), a cap needed only where a
+/// micro-batch is deeper than that allows (`deepest` rows; its sums then carry
+/// from window to window); pass 4, where it re-reads the input rows
+/// (`rereads`), walks a window's rows, or its row chunks' partial rows
+/// (`chunk_rows > 0`: one per chunk).
+pub(crate) fn window_rows_cap(
+    budget: Option<u64>,
+    tile_cols: u64,
+    deepest: u64,
+    rereads: bool,
+    chunk_rows: u32,
+) -> u64 {
+    let Some(budget) = budget else {
+        return u64::MAX;
+    };
+    let pass1 = (budget / tile_cols.div_ceil(PASS1_COLS_PER_STEP)).max(1);
+    let mut cap = if deepest > pass1 { pass1 } else { u64::MAX };
+    if rereads {
+        cap = cap.min(pass4_max_rows(budget) * chunk_rows.max(1) as u64);
+    }
+    cap
 }
 
 /// Entries of one dispatch's tensor table (`TABLE_LEN` in tensor_table.wgsl).

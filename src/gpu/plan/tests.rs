@@ -8,7 +8,7 @@ fn offsets(n: u32, b: u32) -> Vec<u32> {
 
 #[test]
 fn one_window_when_everything_fits() {
-    let w = plan_windows(&offsets(10, 3), 7, 4, 0, 1 << 20, 256).unwrap();
+    let w = plan_windows(&offsets(10, 3), 7, 4, 0, 1 << 20, 256, u64::MAX).unwrap();
     assert_eq!(w.len(), 1);
     assert_eq!((w[0].row_start, w[0].row_end, w[0].mb_count), (0, 10, 4));
     assert!(!w[0].carry_in && !w[0].carry_out);
@@ -19,7 +19,7 @@ fn one_window_when_everything_fits() {
 fn windows_cover_all_rows_and_mark_cut_micro_batches() {
     // 10 rows of 100 f32 = 400 bytes; the binding holds 2 rows after alignment slack.
     let o = offsets(10, 3);
-    let w = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
+    let w = plan_windows(&o, 100, 4, 12, 1052, 256, u64::MAX).unwrap();
     assert_eq!(w.len(), 5);
     let mut row = 0;
     for win in &w {
@@ -43,7 +43,7 @@ fn half_windows_bind_whole_words_within_the_limit() {
     // 10 rows of 7 halves (14 bytes) at byte 12: windows start mid-word.
     let o = offsets(10, 3);
     for max in [60, 64, 100, 1 << 20] {
-        let w = plan_windows(&o, 7, 2, 12, max, 32).unwrap();
+        let w = plan_windows(&o, 7, 2, 12, max, 32, u64::MAX).unwrap();
         let mut row = 0;
         for win in &w {
             assert_eq!(win.row_start, row);
@@ -58,26 +58,27 @@ fn half_windows_bind_whole_words_within_the_limit() {
         }
         assert_eq!(row, 10);
     }
-    assert!(plan_windows(&o, 7, 2, 12, 32, 32).is_err());
+    assert!(plan_windows(&o, 7, 2, 12, 32, 32, u64::MAX).is_err());
 }
 
 #[test]
 fn row_larger_than_a_binding_is_an_error() {
-    let e = plan_windows(&offsets(4, 1), 1000, 4, 0, 2048, 256).unwrap_err();
+    let e = plan_windows(&offsets(4, 1), 1000, 4, 0, 2048, 256, u64::MAX).unwrap_err();
     assert!(matches!(e, ClipError::TooLarge(_)));
 }
 
 #[test]
 fn windows_hold_at_most_one_dispatch_of_micro_batches() {
     let n = 200_000u32;
-    let w = plan_windows(&offsets(n, 1), 1, 4, 0, 1 << 30, 256).unwrap();
+    let w = plan_windows(&offsets(n, 1), 1, 4, 0, 1 << 30, 256, u64::MAX).unwrap();
     assert!(w.iter().all(|w| w.mb_count <= MAX_GROUPS_PER_DIM));
     assert_eq!(w.last().unwrap().row_end, n);
 }
 
 #[test]
 fn vec4_rows_need_aligned_rows() {
-    let w = |cols, base| plan_windows(&offsets(10, 3), cols, 4, base, 1 << 20, 256).unwrap();
+    let w =
+        |cols, base| plan_windows(&offsets(10, 3), cols, 4, base, 1 << 20, 256, u64::MAX).unwrap();
     let vec4_rows = |cols, w: &Window| vec4_aligned(cols, w.elem_offset);
     assert!(vec4_rows(8, &w(8, 0)[0]));
     assert!(vec4_rows(8, &w(8, 272)[0])); // 16 bytes past an aligned start
@@ -139,7 +140,7 @@ fn entry(tensor: usize, slot: usize, elem_offset: u32) -> Pass1Entry {
 fn tensors_of_one_buffer_share_norm_pass_dispatches() {
     let o = offsets(10, 3);
     // f32 tensors of 7 columns (280 bytes) at 256-aligned bytes; buffer 0 or 1.
-    let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+    let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256, u64::MAX).unwrap();
     let (a, b, c) = (one(512), one(0), one(1024));
     let tensors = [f32_in(0, &a), f32_in(1, &b), f32_in(0, &c)];
     let d = pass1_dispatches(&tensors, 1 << 20, 1);
@@ -160,7 +161,7 @@ fn tensors_of_one_buffer_share_norm_pass_dispatches() {
     assert_eq!(sizes.iter().sum::<usize>(), TABLE_LEN + 1);
     assert!(sizes.iter().all(|&s| s <= TABLE_LEN), "{sizes:?}");
     // A tensor cut into windows: one dispatch per window, in order, first.
-    let cut = plan_windows(&o, 100, 4, 12, 1052, 256).unwrap();
+    let cut = plan_windows(&o, 100, 4, 12, 1052, 256, u64::MAX).unwrap();
     let tensors = [f32_in(0, &a), f32_in(0, &cut), f32_in(0, &c)];
     let d = pass1_dispatches(&tensors, 1052, 8);
     let cut_entries: Vec<_> = d[..cut.len()].iter().map(|d| d.entries[0]).collect();
@@ -181,7 +182,7 @@ fn tensors_of_one_buffer_share_norm_pass_dispatches() {
 #[test]
 fn tensors_of_many_buffers_share_dispatches_through_slots() {
     let o = offsets(10, 3);
-    let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256).unwrap();
+    let one = |base| plan_windows(&o, 7, 4, base, 1 << 20, 256, u64::MAX).unwrap();
     let b0 = one(0);
     // The 100 tensors, each in its own buffer: 8 per dispatch.
     let windows: Vec<Vec<Window>> = (0..100).map(|_| one(0)).collect();
@@ -386,4 +387,29 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
     let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
     let sizes: Vec<usize> = long.chunks.iter().map(Vec::len).collect();
     assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
+}
+
+/// Under a loop budget, windows are capped only where the norm pass's walk down a
+/// micro-batch or pass 4's walk over re-read rows would exceed it.
+#[test]
+fn window_rows_cap_follows_the_loop_budget() {
+    let budget = Some(1 << 15);
+    // No budget (hardware): no cap.
+    assert_eq!(window_rows_cap(None, 65536, 1 << 20, true, 0), u64::MAX);
+    // Tiles of 4096 columns: 32 steps per row, 1024 rows per micro-batch.
+    assert_eq!(window_rows_cap(budget, 4096, 1024, false, 32), u64::MAX);
+    assert_eq!(window_rows_cap(budget, 4096, 1025, false, 32), 1024);
+    // Tiles of 65536 columns: 512 steps per row.
+    assert_eq!(window_rows_cap(budget, 65536, 65, false, 32), 64);
+    // Re-read rows: pass 4 sums 3640 rows, or partial rows of 32-row chunks.
+    assert_eq!(window_rows_cap(budget, 65536, 1, true, 0), 3640);
+    assert_eq!(window_rows_cap(budget, 65536, 1, true, 32), 3640 * 32);
+    assert_eq!(window_rows_cap(budget, 4096, 2048, true, 32), 1024);
+    assert_eq!(pass4_max_rows(1 << 15), 3640);
+    // A capped plan: windows of at most 1024 rows, carrying the deep micro-batch.
+    let o = offsets(3000, 3000);
+    let w = plan_windows(&o, 4096, 4, 0, 1 << 30, 256, 1024).unwrap();
+    assert_eq!(w.len(), 3);
+    assert!(w.iter().all(|w| w.row_end - w.row_start <= 1024));
+    assert!(w[0].carry_out && w[1].carry_in && w[1].carry_out && w[2].carry_in);
 }
