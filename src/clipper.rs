@@ -116,10 +116,14 @@ impl Clipper {
     /// must allow 7 storage buffers per shader stage, 256 invocations per
     /// workgroup and 256 in x, and 65,535 workgroups per dimension (all within
     /// WebGPU's default limits; not wgpu's downlevel ones), else
-    /// [`ClipError::Device`], as when a kernel fails to build on it. Buffers
-    /// passed to the clipper must come from this device (and its instance:
-    /// wgpu reports a buffer of another device of the same instance, which
-    /// becomes [`ClipError::Device`], but cannot tell one of another instance).
+    /// [`ClipError::Device`], as when a kernel fails to build on it. A device
+    /// whose storage bindings are smaller than a call's rows and scratch needs
+    /// makes that call [`ClipError::TooLarge`]. Buffers passed to the clipper
+    /// must come from this device (and its instance: wgpu reports a buffer of
+    /// another device of the same instance, which becomes [`ClipError::Device`],
+    /// but cannot tell one of another instance, whose buffer may then be taken
+    /// for one of the clipper's own, giving an error or wrong results: never
+    /// pass one).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         Ok(Self {
             engine: Engine::Gpu(Box::new(GpuClipper::from_device(device, queue)?)),

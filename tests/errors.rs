@@ -455,6 +455,30 @@ fn assert_device_refused(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits, what
     );
 }
 
+/// A device whose storage bindings hold 16 bytes: setting a binding limit above
+/// it does not panic (it did: a clamp whose floor was above its ceiling), and a
+/// call is `TooLarge`.
+#[test]
+fn device_with_tiny_bindings() {
+    let Some((device, queue)) = device_with(|l| wgpu::Limits {
+        max_storage_buffer_binding_size: 16,
+        ..l
+    }) else {
+        return;
+    };
+    let mut clipper = Clipper::from_device(device, queue).unwrap();
+    clipper.set_max_binding_bytes(1 << 20);
+    let rows = [1.0f32; 40];
+    let e = clipper
+        .clip(
+            &ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
+            &[&rows],
+            4,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ClipError::TooLarge(_)), "{e:?}");
+}
+
 /// A device allowing fewer workgroups per dimension than the plans dispatch is
 /// refused at construction, not failed in every call's validation.
 #[test]

@@ -340,8 +340,11 @@ impl GpuClipper {
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         // Up to a multiple of 16 (the device's limit is one): a limit a test sets
         // just above a row plus the alignment slack must stay above it.
+        // (Not `clamp`: a device whose own limit is below the floor keeps it,
+        // and its calls are `TooLarge`.)
         self.max_binding = bytes
-            .clamp(self.storage_align + 16, self.device_max_binding)
+            .max(self.storage_align + 16)
+            .min(self.device_max_binding)
             .next_multiple_of(16)
             .min(self.device_max_binding);
     }
