@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 use crate::data;
 use crate::kernels::{Baseline, Gpu, ReadSum, RefKernels};
-use crate::report::{device_ms, interleaved, median, missing, Method, Report, Row, Timed};
+use crate::report::{
+    device_ms, interleaved, median, missing, paired_ratio, Method, Report, Row, Timed,
+};
 
 /// Input seed of every case.
 const SEED: u64 = 0x5eed_c11b;
@@ -320,6 +322,7 @@ fn device_case(
     let stats = stats.expect("at least one run");
     let read_ms = median(&samples[0]);
     let ours_ms = median(&samples[1]);
+    let samples_read = samples[0].clone();
     let dropped: usize = samples.iter().map(|s| missing(s)).sum();
     let widths: Vec<usize> = tensors.iter().map(|t| t.2).collect();
     let mut notes: Vec<String> = vec![format!(
@@ -344,7 +347,7 @@ fn device_case(
             "{dropped} samples without device timestamps, left out"
         ));
     }
-    let row = |method, median_ms, extra, note: String| Row {
+    let row = |method, samples: &[f64], extra, note: String| Row {
         case: case.to_string(),
         method,
         path: "device",
@@ -354,10 +357,11 @@ fn device_case(
         b,
         tensors: tensors.len(),
         dtype,
-        median_ms,
+        median_ms: median(samples),
         runs: ctx.opts.runs,
         min_bytes: min_bytes(n, d_total, dtype),
         read_ms,
+        read_ratio: paired_ratio(samples, &samples_read),
         extra_device_bytes: extra,
         speedup: None,
         timing: if ctx.timed { "device" } else { "wall" },
@@ -371,7 +375,7 @@ fn device_case(
     };
     let mut rows = vec![row(
         method,
-        ours_ms,
+        &samples[1],
         clipper.scratch_bytes(),
         notes.join("; "),
     )];
@@ -379,7 +383,7 @@ fn device_case(
         let base_ms = median(&samples[2]);
         let mut base = row(
             Method::Baseline5Pass,
-            base_ms,
+            &samples[2],
             bl.extra_bytes,
             format!(
                 "{} dispatches, moves {:.0} MB; speedup of microclip (5-pass / microclip) {:.2}x; rel L2 vs microclip {:.1e}",
@@ -443,6 +447,7 @@ fn gpu_host_case(
         dtype: Dtype::F32,
         min_bytes: min_bytes(n, d, Dtype::F32),
         read_ms: median(&samples[0]),
+        read_ratio: paired_ratio(&samples[1], &samples[0]),
         extra_device_bytes: clipper.scratch_bytes(),
         speedup: None,
         timing: "wall",
@@ -785,7 +790,7 @@ fn push_conventions(header: &mut Vec<String>, opts: &Opts, timing: Timing) {
         }
     ));
     header.push(
-        "min MB = N x D x 4 (x 2 for f16/bf16 input; input read once) + D x 4 (output); GB/s = min bytes / median; read_ratio = median / read-sum median over the same input bytes (1.0 = physical floor; a two-pass method cannot go below 2.0 at b = 1)".to_string(),
+        "min MB = N x D x 4 (x 2 for f16/bf16 input; input read once) + D x 4 (output); GB/s = min bytes / median; read_ratio = median over the timed rounds of (time / read-sum time over the same input bytes in the same round) (1.0 = physical floor; a two-pass method cannot go below 2.0 at b = 1; the JSON also has ratio_of_medians, median ms / read-sum ms)".to_string(),
     );
     header.push(if gpu {
         "read-sum = vec4 read-and-sum WGSL kernel on the same adapter (64 KiB per workgroup, one partial per workgroup); extra device bytes = Clipper::scratch_bytes() after the case (5-pass rows: its intermediates)".to_string()
@@ -879,6 +884,7 @@ fn cpu_case<T: GradElement>(
         runs: opts.runs,
         min_bytes: min_bytes(n, d_total, T::DTYPE),
         read_ms: median(&samples[0]),
+        read_ratio: paired_ratio(&samples[1], &samples[0]),
         extra_device_bytes: clipper.scratch_bytes(),
         speedup: None,
         timing: "wall",

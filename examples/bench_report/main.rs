@@ -51,10 +51,12 @@
 //! * **Bytes**: the minimum a clipping step must move, N x D x 4 (input read once;
 //!   x 2 for 16-bit input) + D x 4 (output written once); GB/s = those bytes /
 //!   median time.
-//! * **read_ratio** = median time / median time of a plain vec4 read-and-sum kernel
-//!   over the same input bytes on the same adapter (CPU: a multi-threaded rayon
-//!   sum over the same slice), sampled interleaved with the case in the same run so
-//!   that both see the same background load. 1.0 is the physical floor; a method
+//! * **read_ratio** = the median over the timed rounds of (time / time of a plain
+//!   vec4 read-and-sum kernel over the same input bytes on the same adapter, in the
+//!   same round) (CPU: a multi-threaded rayon sum over the same slice), sampled
+//!   interleaved with the case in the same run so that both see the same
+//!   background load; per round, because the host can change speed for seconds at
+//!   a time (`report::paired_ratio`; the JSON also has `ratio_of_medians`). 1.0 is the physical floor; a method
 //!   that reads the input twice cannot go below 2.0 at b = 1 (microclip reads it in
 //!   `mb_partials` and again in `weighted_means`). For the 100-tensor cases the
 //!   reference reads one buffer of the same total size.

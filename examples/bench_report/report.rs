@@ -45,6 +45,9 @@ pub struct Row {
     /// Median of the reference read-and-sum over the same input bytes, sampled
     /// interleaved with this row.
     pub read_ms: f64,
+    /// Median over the timed rounds of this row's time / the read-sum's time in
+    /// the same round ([`paired_ratio`]).
+    pub read_ratio: f64,
     pub extra_device_bytes: u64,
     /// 5-pass rows: baseline time / microclip time of the same case.
     pub speedup: Option<f64>,
@@ -63,7 +66,7 @@ impl Row {
     }
 
     pub fn read_ratio(&self) -> f64 {
-        self.median_ms / self.read_ms
+        self.read_ratio
     }
 
     fn method_name(&self) -> &'static str {
@@ -120,6 +123,16 @@ pub fn interleaved(warmup: usize, runs: usize, fs: &mut [&mut Timed<'_>]) -> Vec
         }
     }
     samples
+}
+
+/// The median over the rounds of `ours[i] / read[i]`, each round's time over the
+/// read-and-sum's in the same round. The host can change speed for seconds at a
+/// time (on the AMD EPYC VM both kernels took about half as long in some stretches
+/// as in others), and a change within a row's rounds made the ratio of the two
+/// medians compare one kernel's fast rounds with the other's slow ones.
+pub fn paired_ratio(ours: &[f64], read: &[f64]) -> f64 {
+    let ratios: Vec<f64> = ours.iter().zip(read).map(|(a, b)| a / b).collect();
+    median(&ratios)
 }
 
 /// The median of the samples that have a time (NaN ones left out).
@@ -264,6 +277,7 @@ impl Report {
                         "gbps": r.gbps(),
                         "read_sum_ms": r.read_ms,
                         "read_ratio": r.read_ratio(),
+                        "ratio_of_medians": r.median_ms / r.read_ms,
                         "extra_device_bytes": r.extra_device_bytes,
                         "speedup_of_microclip": r.speedup,
                         "timing": r.timing,
