@@ -355,11 +355,17 @@ impl Clipper {
     }
 
     /// Columns per workgroup the GPU norm pass would use for tensors of `widths`
-    /// columns and `micro_batches` micro-batches (`None` on the CPU). For the
-    /// benchmark's per-kernel replay.
+    /// columns and `micro_batches` micro-batches of at most `deepest` rows
+    /// (`None` on the CPU). For the benchmark's per-kernel replay.
     #[doc(hidden)]
-    pub fn gpu_tile_cols(&self, widths: &[usize], micro_batches: usize) -> Option<u64> {
-        self.gpu().map(|gpu| gpu.tile_cols(widths, micro_batches))
+    pub fn gpu_tile_cols(
+        &self,
+        widths: &[usize],
+        micro_batches: usize,
+        deepest: usize,
+    ) -> Option<u64> {
+        self.gpu()
+            .map(|gpu| gpu.tile_cols(widths, micro_batches, deepest))
     }
 
     /// Sets the host memory the CPU backend's one-read path may keep hot (default

@@ -71,7 +71,7 @@ fn every_tile_width_of_the_norm_pass() {
         gpu.set_gpu_min_tile_workgroups(Some(floor));
         for b in [1, 2, 4, 6] {
             let m = n.div_ceil(b);
-            let tile = gpu.gpu_tile_cols(&widths, m).unwrap();
+            let tile = gpu.gpu_tile_cols(&widths, m, b).unwrap();
             for max_binding in [u64::MAX, 65_537 * 4 * 2 + 256] {
                 gpu.set_max_binding_bytes(max_binding);
                 let cfg = ClipConfig::adaptive(0.8, MicroBatches::Uniform(b));
@@ -82,9 +82,9 @@ fn every_tile_width_of_the_norm_pass() {
     }
     // The floors above reach both ends.
     gpu.set_gpu_min_tile_workgroups(Some(u64::MAX));
-    assert_eq!(gpu.gpu_tile_cols(&widths, 6), Some(4096));
+    assert_eq!(gpu.gpu_tile_cols(&widths, 6, 1), Some(4096));
     gpu.set_gpu_min_tile_workgroups(Some(1));
-    assert_eq!(gpu.gpu_tile_cols(&widths, 1), Some(65_536));
+    assert_eq!(gpu.gpu_tile_cols(&widths, 1, 6), Some(65_536));
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn windows_over_several_column_tiles() {
     let n = 11;
     let widths = [8193, 5, 4095, 4100];
     let t = random_tensors(17, n, &widths, 1.0);
-    assert_eq!(gpu.gpu_tile_cols(&widths, n), Some(4096));
+    assert_eq!(gpu.gpu_tile_cols(&widths, n, 1), Some(4096));
     for max_binding in [8193 * 4 + 256, 3 * 8193 * 4] {
         let what = format!("binding {max_binding}");
         check_windows(&mut gpu, &t, n, max_binding, &[1, 3, 4, 11], &what);
@@ -244,7 +244,8 @@ fn more_micro_batches_than_workgroups_per_dimension() {
 /// Shapes whose loops ran past what llvmpipe allows one shader invocation
 /// (65,535 iterations over all its loops, after which it silently ends them): a
 /// micro-batch of 2,048 rows of 4,096 columns (the norm pass walked its tile
-/// 32 steps per row, and the norms came out 92% low), 80,000 stored means of a
+/// 32 steps per row, and the norms came out 92% low), 1,024 such rows of
+/// values below 2^-40 or above 2^52 (walked twice), 80,000 stored means of a
 /// tensor of 5 columns (pass 4 walked them once per quad: the second quad's
 /// column kept 0 of its sum), and 65,535 input rows summed without row chunks
 /// (the hardware default, set here). On hardware these check ordinary shapes.
@@ -260,6 +261,22 @@ fn long_loops_stay_within_a_software_adapters_iteration_limit() {
     let deep16 = rounded(&deep, f16::from_f32);
     let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(n));
     check_typed(&mut gpu, &cfg, &deep16, n, TOL, "deep f16, adaptive");
+    // Values outside [2^-40, 2^52] make the norm pass walk the rows twice (plain
+    // squares, then Blue's scaled sums): 1,024 rows of 4,096 columns had norms
+    // 93% low, and a fixed bound of 1 gave an output of norm 11.97.
+    for (d, magnitude) in [(4096, 1e-14), (4095, 1e-14), (4096, 1e17), (8192, 1e-14)] {
+        let n = 1024;
+        let t = random_tensors(14, n, &[d], magnitude);
+        let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(n));
+        check(
+            &mut gpu,
+            &cfg,
+            &t,
+            n,
+            TOL,
+            &format!("deep x{magnitude:e} d {d}"),
+        );
+    }
     let n = 240_000;
     let narrow = random_tensors(12, n, &[5, 9], 1.0);
     for b in [3, 4] {

@@ -281,7 +281,9 @@ pub fn run(
             .collect();
         let weights = storage_init(gpu, bytemuck::cast_slice(&weights));
         // The tile width microclip chose for this call.
-        let tile_cols = clipper.gpu_tile_cols(&[d], m).ok_or("not a GPU clipper")?;
+        let tile_cols = clipper
+            .gpu_tile_cols(&[d], m, b.min(n))
+            .ok_or("not a GPU clipper")?;
         let tiles = (d as u64).div_ceil(tile_cols);
         let (tx, ty) = split(tiles);
         let partials = gpu.storage_buffer("breakdown partials", m as u64 * tiles * 16)?;

@@ -330,7 +330,7 @@ fn device_case(
         stats.clipped_count,
         stats.norms.len()
     )];
-    if let Some(tile) = clipper.gpu_tile_cols(&widths, n.div_ceil(b)) {
+    if let Some(tile) = clipper.gpu_tile_cols(&widths, n.div_ceil(b), b.min(n)) {
         notes.push(format!("tiles of {tile} cols"));
     }
     if let Some(dispatches) = clipper.last_gpu_dispatches() {

@@ -76,9 +76,11 @@ pub(super) fn default_merge_max_avg_cols(device_type: wgpu::DeviceType) -> u64 {
 /// between them (`LP_MAX_TGSI_LOOP_ITERATIONS` in Mesa's gallivm, "shared
 /// between every loop in a shader"), silently: a pass-4 walk over 80,000 stored
 /// means, or a norm-pass walk down a micro-batch of 2,048 rows of 4,096-column
-/// tiles, stopped part-way and gave wrong outputs. The call plans cut their row
-/// windows (and choose not to store the means) so that no invocation's loops get
-/// near it (`plan::window_rows_cap`). Hardware adapters have no such limit.
+/// tiles, stopped part-way and gave wrong outputs. The call plans count each
+/// kernel's loop steps against this budget and narrow the norm pass's tiles,
+/// cut row windows, or do not store the means where a walk would pass it
+/// (`plan::tile_cap`, `plan::window_rows_cap`, `plan::pass4_max_rows`).
+/// Hardware adapters have no such limit.
 pub(super) fn default_loop_budget(device_type: wgpu::DeviceType) -> Option<u64> {
     match device_type {
         wgpu::DeviceType::Cpu => Some(1 << 15),

@@ -46,8 +46,8 @@ use kernels::{
 use noise_words::noise_params;
 use plan::{
     aligned_binding, cuts, materialize_means, means_cols, pack, pass1_dispatches, pass4_max_rows,
-    plan_windows, tile_cols, tiles, vec4_aligned, window_rows_cap, Pass1Dispatch, Pass1Tensor,
-    Window,
+    plan_windows, tile_cap, tile_cols, tiles, vec4_aligned, window_rows_cap, Pass1Dispatch,
+    Pass1Tensor, Window,
 };
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
@@ -422,11 +422,12 @@ impl GpuClipper {
         self.means_min_rows
     }
 
-    pub fn tile_cols(&self, widths: &[usize], micro_batches: usize) -> u64 {
+    pub fn tile_cols(&self, widths: &[usize], micro_batches: usize, deepest: usize) -> u64 {
         tile_cols(
             widths.iter().map(|&d| d as u64),
             micro_batches as u64,
             self.min_tile_workgroups,
+            tile_cap(self.loop_budget, deepest as u64),
         )
     }
 
@@ -561,6 +562,11 @@ impl GpuClipper {
             return Err(ClipError::NoTensors);
         }
         let range_error = |tensor: usize, reason: String| ClipError::BufferRange { tensor, reason };
+        // A set, not a scan per output: 600,000 tensors took minutes here.
+        // (wgpu::Buffer hashes and compares by its handle's address.)
+        #[allow(clippy::mutable_key_type)]
+        let input_buffers: std::collections::HashSet<&wgpu::Buffer> =
+            inputs.iter().map(|i| i.buffer).collect();
         for (p, (t, o)) in inputs.iter().zip(outputs).enumerate() {
             if t.cols == 0 {
                 return Err(range_error(p, "cols must be >= 1".into()));
@@ -599,7 +605,7 @@ impl GpuClipper {
                     format!("output has {} cols, input {}", o.cols, t.cols),
                 ));
             }
-            if inputs.iter().any(|i| i.buffer == o.buffer) {
+            if input_buffers.contains(o.buffer) {
                 return Err(range_error(
                     p,
                     "output buffer is also an input buffer".into(),
@@ -660,10 +666,12 @@ impl GpuClipper {
         let mut tile_bases = vec![0u64; inputs.len()];
         let mut group_tiles = Vec::with_capacity(groups + 1);
         let micro_batches = offsets.len() as u64 - 1;
+        let deepest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
         let tile_cols = tile_cols(
             inputs.iter().map(|t| t.cols as u64),
             micro_batches,
             self.min_tile_workgroups,
+            tile_cap(self.loop_budget, deepest),
         );
         let mut tiles_total = 0u64;
         for g in 0..groups {
@@ -689,7 +697,6 @@ impl GpuClipper {
         ) && self
             .loop_budget
             .is_none_or(|budget| micro_batches <= pass4_max_rows(budget));
-        let deepest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
         let max_rows = window_rows_cap(
             self.loop_budget,
             tile_cols,
@@ -706,6 +713,14 @@ impl GpuClipper {
                 return Err(ClipError::TooLarge(format!(
                     "{micro_batches} micro-batches x {groups} groups on a software adapter, \
                      whose shaders stop their loops after 65,535 iterations"
+                )));
+            }
+            // mb_norms walks a group's tiles, 8 per step on a software adapter
+            // (at least one tile per tensor).
+            if tiles_total.div_ceil(8) + 16 > budget + budget / 2 {
+                return Err(ClipError::TooLarge(format!(
+                    "{tiles_total} column tiles on a software adapter, whose shaders stop \
+                     their loops after 65,535 iterations"
                 )));
             }
         }

@@ -130,10 +130,36 @@ pub(crate) fn plan_windows(
 /// (wider workgroups advance further, so this bounds their iterations too).
 const PASS1_COLS_PER_STEP: u64 = 8 * 4 * 4;
 
+/// Walks of the norm pass over a micro-batch's rows counted per step and row:
+/// the plain walk, the walk again with Blue's scaled sums where a value lies
+/// outside [2^-40, 2^52] (`plain_is_safe` in mb_partials.wgsl), and one more for
+/// the tail loops of partial tiles and the deep walk's chunks.
+const PASS1_WALKS: u64 = 3;
+
 /// Iterations of pass 4's loops per row it sums: a thread whose quads do not all
-/// exist sums its up to 8 quads one at a time, each a walk over all rows, plus
-/// the walks' blocks of `ROW_BLOCK` rows.
-const PASS4_STEPS_PER_ROW: u64 = 9;
+/// exist sums its up to 8 quads one at a time, each a walk over all rows, a
+/// partial quad with a loop over its up to 4 elements where it is read by
+/// scalar loads, plus the walks' blocks of `ROW_BLOCK` rows.
+const PASS4_STEPS_PER_ROW: u64 = 13;
+
+/// Row chunks below this many rows may not fit their partial rows in one binding
+/// (`chunk_rows_table` then gives `None` and pass 4 walks the window's rows at
+/// once): the window cap counts on chunks only from this size.
+const MIN_CAPPED_CHUNK_ROWS: u32 = 8;
+
+/// The widest norm-pass tile under a loop `budget` for micro-batches of up to
+/// `deepest` rows (at least `MIN_TILE_COLS`; u64::MAX without a budget): a
+/// narrower tile makes fewer steps per row, so deep micro-batches need no row
+/// windows until even the narrowest tile is too wide.
+pub(crate) fn tile_cap(budget: Option<u64>, deepest: u64) -> u64 {
+    match budget {
+        None => u64::MAX,
+        Some(budget) => {
+            let steps = (budget / (PASS1_WALKS * deepest.max(1))).max(1);
+            (steps * PASS1_COLS_PER_STEP).max(MIN_TILE_COLS)
+        }
+    }
+}
 
 /// The most stored means pass 4 may sum in one invocation under a loop `budget`
 /// (see `defaults::default_loop_budget`).
@@ -158,10 +184,16 @@ pub(crate) fn window_rows_cap(
     let Some(budget) = budget else {
         return u64::MAX;
     };
-    let pass1 = (budget / tile_cols.div_ceil(PASS1_COLS_PER_STEP)).max(1);
+    let steps = tile_cols.div_ceil(PASS1_COLS_PER_STEP);
+    let pass1 = (budget / (PASS1_WALKS * steps)).max(1);
     let mut cap = if deepest > pass1 { pass1 } else { u64::MAX };
     if rereads {
-        cap = cap.min(pass4_max_rows(budget) * chunk_rows.max(1) as u64);
+        let chunks = if chunk_rows >= MIN_CAPPED_CHUNK_ROWS {
+            chunk_rows as u64
+        } else {
+            1
+        };
+        cap = cap.min(pass4_max_rows(budget) * chunks);
     }
     cap
 }
@@ -383,11 +415,12 @@ pub(crate) fn tile_cols(
     widths: impl Iterator<Item = u64> + Clone,
     micro_batches: u64,
     min_workgroups: u64,
+    max_tile: u64,
 ) -> u64 {
     let workgroups =
         |tile: u64| widths.clone().map(|d| tiles(d, tile)).sum::<u64>() * micro_batches;
     let mut tile = MIN_TILE_COLS;
-    while tile < MAX_TILE_COLS && workgroups(tile * 2) >= min_workgroups {
+    while tile * 2 <= MAX_TILE_COLS.min(max_tile) && workgroups(tile * 2) >= min_workgroups {
         tile *= 2;
     }
     tile

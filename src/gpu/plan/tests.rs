@@ -105,16 +105,22 @@ fn tiles_widen_while_enough_workgroups_remain() {
     let one = |d: u64| std::iter::once(d);
     // b = 1 at N = 256, D = 62500: 16 tiles of 4096 per row; 1 of 65536 still
     // gives 256 workgroups.
-    assert_eq!(tile_cols(one(62_500), 256, 32), 65_536);
+    assert_eq!(tile_cols(one(62_500), 256, 32, u64::MAX), 65_536);
     // M = 8: 8 x 4 tiles of 16384 = 32 workgroups, 8 x 2 of 32768 too few.
-    assert_eq!(tile_cols(one(62_500), 8, 32), 16_384);
+    assert_eq!(tile_cols(one(62_500), 8, 32, u64::MAX), 16_384);
     // M = 1: never narrower than the minimum, even with too few workgroups.
-    assert_eq!(tile_cols(one(62_500), 1, 32), MIN_TILE_COLS);
+    assert_eq!(tile_cols(one(62_500), 1, 32, u64::MAX), MIN_TILE_COLS);
     // Hardware adapters ask for u64::MAX workgroups: always the minimum.
-    assert_eq!(tile_cols(one(1 << 20), 1024, u64::MAX), MIN_TILE_COLS);
+    assert_eq!(
+        tile_cols(one(1 << 20), 1024, u64::MAX, u64::MAX),
+        MIN_TILE_COLS
+    );
     // Many tensors count together.
-    assert_eq!(tile_cols([10u64; 100].into_iter(), 1, 32), MAX_TILE_COLS);
-    assert_eq!(tile_cols(std::iter::empty(), 4, 1), MIN_TILE_COLS);
+    assert_eq!(
+        tile_cols([10u64; 100].into_iter(), 1, 32, u64::MAX),
+        MAX_TILE_COLS
+    );
+    assert_eq!(tile_cols(std::iter::empty(), 4, 1, u64::MAX), MIN_TILE_COLS);
 }
 
 /// f32 tensors in buffer `buffer` as the norm pass sees them.
@@ -389,27 +395,37 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
     assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
 }
 
-/// Under a loop budget, windows are capped only where the norm pass's walk down a
-/// micro-batch or pass 4's walk over re-read rows would exceed it.
+/// Under a loop budget, tiles narrow and windows are capped only where the norm
+/// pass's walks down a micro-batch (three per step: plain, Blue's, tails) or pass
+/// 4's walk over re-read rows would exceed it.
 #[test]
 fn window_rows_cap_follows_the_loop_budget() {
     let budget = Some(1 << 15);
     // No budget (hardware): no cap.
     assert_eq!(window_rows_cap(None, 65536, 1 << 20, true, 0), u64::MAX);
-    // Tiles of 4096 columns: 32 steps per row, 1024 rows per micro-batch.
-    assert_eq!(window_rows_cap(budget, 4096, 1024, false, 32), u64::MAX);
-    assert_eq!(window_rows_cap(budget, 4096, 1025, false, 32), 1024);
+    assert_eq!(tile_cap(None, 1 << 20), u64::MAX);
+    // Tiles of 4096 columns: 32 steps per row, 3 walks: 341 rows per micro-batch.
+    assert_eq!(window_rows_cap(budget, 4096, 341, false, 32), u64::MAX);
+    assert_eq!(window_rows_cap(budget, 4096, 342, false, 32), 341);
     // Tiles of 65536 columns: 512 steps per row.
-    assert_eq!(window_rows_cap(budget, 65536, 65, false, 32), 64);
-    // Re-read rows: pass 4 sums 3640 rows, or partial rows of 32-row chunks.
-    assert_eq!(window_rows_cap(budget, 65536, 1, true, 0), 3640);
-    assert_eq!(window_rows_cap(budget, 65536, 1, true, 32), 3640 * 32);
-    assert_eq!(window_rows_cap(budget, 4096, 2048, true, 32), 1024);
-    assert_eq!(pass4_max_rows(1 << 15), 3640);
-    // A capped plan: windows of at most 1024 rows, carrying the deep micro-batch.
-    let o = offsets(3000, 3000);
-    let w = plan_windows(&o, 4096, 4, 0, 1 << 30, 256, 1024).unwrap();
+    assert_eq!(window_rows_cap(budget, 65536, 22, false, 32), 21);
+    // Re-read rows: pass 4 sums 2520 rows, or partial rows of chunks of 8 or more.
+    assert_eq!(window_rows_cap(budget, 65536, 1, true, 0), 2520);
+    assert_eq!(window_rows_cap(budget, 65536, 1, true, 4), 2520);
+    assert_eq!(window_rows_cap(budget, 65536, 1, true, 32), 2520 * 32);
+    assert_eq!(window_rows_cap(budget, 4096, 2048, true, 32), 341);
+    assert_eq!(pass4_max_rows(1 << 15), 2520);
+    // The widest tile for deep micro-batches: 32 rows allow 341 steps (32768
+    // columns), 342 rows or more only the narrowest.
+    assert_eq!(tile_cap(budget, 32), 341 * 128);
+    assert_eq!(tile_cap(budget, 342), MIN_TILE_COLS);
+    let one = std::iter::once(62_500u64);
+    assert_eq!(tile_cols(one.clone(), 8, 1, u64::MAX), MAX_TILE_COLS);
+    assert_eq!(tile_cols(one, 8, 1, tile_cap(budget, 32)), 32_768);
+    // A capped plan: windows of at most 341 rows, carrying the deep micro-batch.
+    let o = offsets(1000, 1000);
+    let w = plan_windows(&o, 4096, 4, 0, 1 << 30, 256, 341).unwrap();
     assert_eq!(w.len(), 3);
-    assert!(w.iter().all(|w| w.row_end - w.row_start <= 1024));
+    assert!(w.iter().all(|w| w.row_end - w.row_start <= 341));
     assert!(w[0].carry_out && w[1].carry_in && w[1].carry_out && w[2].carry_in);
 }
