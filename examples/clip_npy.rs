@@ -148,11 +148,12 @@ enum BackendArg {
 /// checks would then quote a value the user never typed). `inf`, `NaN` and
 /// negative numbers typed as such are left to the range checks.
 fn parse_f32(text: &str) -> Result<f32, String> {
-    let wide: f64 = text
+    // Parsed as f32 directly (rounded once, not through f64): beyond its range
+    // that gives an infinity or 0, told apart below from one typed as such.
+    let value: f32 = text
         .trim()
         .parse()
         .map_err(|_| format!("not a number: {text:?}"))?;
-    let value = wide as f32;
     let mantissa = text.split(['e', 'E']).next().unwrap_or("");
     if value.is_infinite() && mantissa.chars().any(|c| c.is_ascii_digit()) {
         return Err(format!("{text} is beyond the largest f32 ({:e})", f32::MAX));
@@ -551,8 +552,10 @@ fn npy_f32(shape: &[u64], data: &[f32]) -> Res<Vec<u8>> {
 /// An output file, set up before any input is read: a temporary file in the
 /// target's directory (so that a directory that cannot be written fails the run
 /// before the work), renamed over the target once every output is written. A
-/// failed run leaves every target as it was. A target that exists and is not a
-/// regular file (`/dev/stdout`, a named pipe) is written in place instead, last.
+/// failed run leaves every target as it was. A target is replaced by a new file
+/// (the old one's other hard links and permissions are not kept). A target that
+/// exists and is not a regular file (`/dev/stdout`, a named pipe) is written in
+/// place instead, before the renames; a directory is refused.
 struct OutputFile {
     /// The target, through any symbolic links (see `resolved`).
     target: PathBuf,
@@ -565,7 +568,11 @@ impl OutputFile {
     fn create(path: &Path) -> Res<Self> {
         in_file(path, || {
             let target = resolved(path);
-            let special = std::fs::metadata(&target).is_ok_and(|m| !m.is_file());
+            let meta = std::fs::metadata(&target);
+            if meta.as_ref().is_ok_and(|m| m.is_dir()) {
+                return Err("is a directory".into());
+            }
+            let special = meta.is_ok_and(|m| !m.is_file());
             let temp = if special {
                 None
             } else {
@@ -593,8 +600,8 @@ impl OutputFile {
     }
 }
 
-/// Writes every output's bytes: all temporary files first, then each renamed
-/// over its target, then the targets that are not regular files.
+/// Writes every output's bytes: all temporary files first, then the targets that
+/// are not regular files, then each temporary file renamed over its target.
 fn write_outputs(outputs: Vec<(OutputFile, Vec<u8>)>) -> Res<()> {
     let mut outputs = outputs;
     for (out, bytes) in &mut outputs {
@@ -604,12 +611,12 @@ fn write_outputs(outputs: Vec<(OutputFile, Vec<u8>)>) -> Res<()> {
     }
     let (special, regular): (Vec<_>, Vec<_>) =
         outputs.into_iter().partition(|(out, _)| out.temp.is_none());
+    for (out, bytes) in special {
+        in_file(&out.given, || Ok(std::fs::write(&out.target, &bytes)?))?;
+    }
     for (out, _) in regular {
         let temp = out.temp.expect("regular outputs have a temporary file");
         in_file(&out.given, || Ok(temp.persist(&out.target).map(drop)?))?;
-    }
-    for (out, bytes) in special {
-        in_file(&out.given, || Ok(std::fs::write(&out.target, &bytes)?))?;
     }
     Ok(())
 }

@@ -612,6 +612,12 @@ fn failed_runs_write_no_output() {
     assert_eq!(std::fs::read(dir.path("o.npy")).unwrap(), b"old");
     assert!(!dir.path("s.json").exists());
 
+    // A directory as a later output: refused before anything is written.
+    std::fs::create_dir(dir.path("normsdir")).unwrap();
+    let err = dir.fails(&format!("{base} --norms @normsdir"));
+    assert!(err.contains("is a directory"), "{err}");
+    assert_eq!(std::fs::read(dir.path("o.npy")).unwrap(), b"old");
+
     dir.ok(&format!("{base} --norms @n.npy --stats @s.json"));
     assert_eq!(dir.read_f32("o.npy").0, vec![D as u64]);
     let leftovers: Vec<_> = std::fs::read_dir(&dir.0)

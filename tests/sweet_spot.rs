@@ -261,6 +261,8 @@ fn bad_arguments_are_refused_before_the_sweep() {
     for (args, needle) in [
         ("--lr nan", "learning rate NaN"),
         ("--lr 0.1,-1", "learning rate -1"),
+        ("--lr -1,0.1", "learning rate -1"),
+        ("--p -0.1,0.5", "p = -0.1"),
         ("--dragger-scale nan", "--dragger-scale NaN"),
         ("--dragger-scale -4", "--dragger-scale -4"),
         ("--p -0.5", "p = -0.5"),

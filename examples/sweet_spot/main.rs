@@ -123,7 +123,7 @@ struct Args {
     steps: usize,
     /// Dragger (or minority-domain) fractions, comma-separated
     /// [default: 0,0.1,0.25 for draggers; 0.1,0.25 for multi-domain].
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     p: Option<Vec<f64>>,
     /// Micro-batch sizes, comma-separated (each must divide the batch of 64).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
@@ -133,7 +133,7 @@ struct Args {
         long,
         value_delimiter = ',',
         default_value = "0.01,0.03,0.1,0.3,1,3,10",
-        allow_negative_numbers = true
+        allow_hyphen_values = true
     )]
     lr: Vec<f64>,
     /// Scale of dragger inputs.
