@@ -453,15 +453,10 @@ impl Clipper {
             return Err(ClipError::NoSamples);
         }
         // The buffers before the offsets, whose vector a wrong n_samples could
-        // make huge: every input must hold n_samples rows, and row indices are
-        // u32 on the device (a buffer of 2^32 rows would otherwise have its
-        // offsets, 8 bytes a row, formed on the host first).
+        // make huge: every input must hold n_samples rows, fewer than 2^32 - 1
+        // (a buffer of 2^32 rows would otherwise have its offsets, 8 bytes a
+        // row, formed on the host first).
         gpu.check_buffers(n_samples as u64, inputs, outputs)?;
-        if n_samples as u64 >= u32::MAX as u64 {
-            return Err(ClipError::TooLarge(format!(
-                "{n_samples} rows exceed u32 indexing"
-            )));
-        }
         let offsets = config.row_offsets(n_samples)?;
         let groups = config.tensor_groups(inputs.len())?;
         gpu.clip_buffers(config, &offsets, &groups, inputs, outputs)

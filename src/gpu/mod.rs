@@ -626,6 +626,11 @@ impl GpuClipper {
                 ));
             }
         }
+        // Row indices are u32 on the device (checked after the ranges: an
+        // n_samples no buffer holds is a range error).
+        if n >= u32::MAX as u64 {
+            return Err(ClipError::TooLarge(format!("{n} rows exceed u32 indexing")));
+        }
         Ok(())
     }
 
@@ -839,9 +844,6 @@ impl GpuClipper {
         read_outputs: bool,
     ) -> Result<(ClipStats, Vec<Vec<f32>>)> {
         let n = *offsets.last().expect("validated offsets") as u64;
-        if n >= u32::MAX as u64 {
-            return Err(ClipError::TooLarge(format!("{n} rows exceed u32 indexing")));
-        }
         self.check_buffers(n, inputs, outputs)?;
         let offsets_u32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         // (A read-back without outputs, at most 12 bytes per micro-batch and group
