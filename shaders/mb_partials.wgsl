@@ -104,8 +104,13 @@ struct Params {
     write_means: u32,   // 1: also store each finished micro-batch mean in `means`
                         // (read only with WRITE_MEANS = 2)
     means_base: u32,    // element index of mean_0[0] of this tensor in `means`
+                        // (modulo 2^32: where the binding starts after it, only
+                        // base + mb * means_stride + col of the dispatch's own
+                        // micro-batches is in range, and u32 arithmetic wraps)
     tile_cols: u32,     // columns per workgroup: a multiple of 4 * WG, at most 65536
-    means_stride: u32,  // elements between two micro-batches' means: cols rounded up to 4
+    means_stride: u32,  // elements between two micro-batches' means: all tensors'
+                        // padded columns (one matrix), or this tensor's cols
+                        // rounded up to 4 (a block per tensor)
     first_tile: u32,    // this entry's first tile among the dispatch's tiles
     entries: u32,       // (entry 0) entries of the table in use
     dispatch_tiles: u32,// (entry 0) tiles of all entries
@@ -135,8 +140,10 @@ fn table_len() -> u32 {
 // The same rows as `grads`, four elements at a time (bound to a dummy buffer when
 // every entry of the table has vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
-// The [M, sum ceil4(D_p)] micro-batch means of all tensors, read by
-// weighted_means.wgsl (a dummy buffer when write_means = 0), a quad per store:
+// The micro-batch means, read by weighted_means.wgsl: one [M, sum ceil4(D_p)]
+// matrix of all tensors, or, larger than one binding, the rows of per-tensor
+// [M, ceil4(D_p)] blocks that this dispatch's micro-batches write (MeansLayout in
+// src/gpu/plan.rs; a dummy buffer when write_means = 0), a quad per store:
 // means_base, means_stride and every quad's first column are multiples of 4.
 @group(0) @binding(6) var<storage, read_write> means: array<vec4<f32>>;
 // The carried sums this window passes on (a dummy buffer without carry).

@@ -125,7 +125,8 @@
 //! micro-batch too deep for one shader invocation's loop budget: see the README's
 //! "loop budget"), two carry rows of `D_p x 4` bytes.
 //! When the micro-batches hold `b = N / M >= 3` rows on average and the means fit
-//! one storage binding (on a software adapter, at most 2,520 of them), it also keeps the `M x sum ceil4(D_p) x 4` bytes of
+//! one storage binding or, larger, take at most 1 GiB (and, on a software
+//! adapter, number at most 2,520), it also keeps the `M x sum ceil4(D_p) x 4` bytes of
 //! micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
 //! re-reading the input in the last pass; otherwise the last pass

@@ -280,11 +280,14 @@ fn gpu_buffer_errors() {
         ClipError::TooLarge(_)
     ));
     // Buffers bound whole, each just over the 1024-byte binding while every row fits
-    // (rows of up to 1024 - 252 = 772 bytes): the per-row weights when the means do
-    // not fit (3 x 128 x 4 = 1536 bytes of means; 300 x 4 = 1200 bytes of weights) ...
-    let data: Vec<f32> = (0..300 * 128).map(|i| (i % 7) as f32 - 3.0).collect();
-    let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(100));
-    let e = gpu.clip(&cfg, &[&data], 300).unwrap_err();
+    // (rows of up to 1024 - 252 = 772 bytes): the per-row weights when the means are
+    // not stored (micro-batches of 2 and 3 rows, 2.5 on average; 150 x 8 = 1200
+    // bytes of weight pairs; 60 x 16 = 960 bytes of norm partials) ...
+    let data: Vec<f32> = (0..150 * 128).map(|i| (i % 7) as f32 - 3.0).collect();
+    let offsets: Vec<usize> = (0..=60).map(|j| j / 2 * 5 + j % 2 * 2).collect();
+    assert_eq!(offsets[60], 150);
+    let cfg = ClipConfig::fixed(1.0, MicroBatches::Offsets(offsets));
+    let e = gpu.clip(&cfg, &[&data], 150).unwrap_err();
     assert!(
         matches!(&e, ClipError::TooLarge(m) if m.contains("per-row weights")),
         "{e:?}"

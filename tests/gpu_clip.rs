@@ -186,6 +186,88 @@ fn windows_smaller_than_a_tensor() {
     }
 }
 
+/// Means larger than one storage binding, stored as a block per tensor: each
+/// norm-pass dispatch binds the rows of means its micro-batches write, pass 4
+/// sums a block in windows of rows (bindings cut to one row of the widest
+/// tensor, and to a few rows). Unaligned widths, ragged offsets, two groups,
+/// f16 input. Narrow tensors whose dispatches would bind more means than a
+/// binding holds: split dispatches, or re-read rows.
+#[test]
+fn means_larger_than_one_binding() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 60;
+    let widths = [1003, 5, 300];
+    let t = random_tensors(23, n, &widths, 1.0);
+    let padded: usize = widths.iter().map(|d| d.next_multiple_of(4)).sum();
+    // Hardware-style workgroups (64 threads) too, on the narrower binding.
+    for (max_binding, small) in [
+        (1004 * 4 + 256, None),
+        (1004 * 4 + 256, Some(false)),
+        (16384, None),
+    ] {
+        gpu.set_max_binding_bytes(max_binding);
+        gpu.set_gpu_small_workgroups(small);
+        for (b, dtype) in [
+            (3, Dtype::F32),
+            (4, Dtype::F16),
+            (7, Dtype::F32),
+            (60, Dtype::F32),
+        ] {
+            let m = n.div_ceil(b);
+            gpu.release_scratch();
+            let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(b));
+            let what = format!("binding {max_binding} {small:?} b {b} {dtype}");
+            check_as(&mut gpu, &cfg, &t, n, TOL, &what, dtype);
+            let means_bytes = (m * padded * 4) as u64;
+            if means_bytes > max_binding {
+                // The means were kept (re-reading the rows takes far less).
+                assert!(
+                    gpu.scratch_bytes() >= means_bytes,
+                    "{what}: means not stored"
+                );
+            }
+        }
+        let offsets = random_offsets(29, n, 15);
+        let cfg =
+            ClipConfig::fixed(0.05, MicroBatches::Offsets(offsets)).with_groups(vec![0, 1, 0]);
+        check(
+            &mut gpu,
+            &cfg,
+            &t,
+            n,
+            TOL,
+            &format!("binding {max_binding} groups"),
+        );
+    }
+    // 32 f16 tensors of 5 columns: their means (8 padded columns of 4 bytes a
+    // row) take more bytes than their rows at b = 3, so the dispatches they share
+    // are split to bind their rows of means; one such tensor cut into windows
+    // would bind more means per window than one binding holds: re-read.
+    gpu.set_gpu_small_workgroups(None);
+    gpu.set_max_binding_bytes(8192);
+    let cfg = ClipConfig::adaptive(1.0, MicroBatches::Uniform(3));
+    let narrow = random_tensors(37, 1000, &[5], 1.0);
+    check_as(
+        &mut gpu,
+        &cfg,
+        &narrow,
+        1000,
+        TOL,
+        "one narrow tensor",
+        Dtype::F16,
+    );
+    let narrow = random_tensors(31, 48, &[5; 32], 1.0);
+    check_as(
+        &mut gpu,
+        &cfg,
+        &narrow,
+        48,
+        TOL,
+        "32 narrow tensors",
+        Dtype::F16,
+    );
+}
+
 #[test]
 fn windows_over_several_column_tiles() {
     // Rows wider than one norm tile (4096 columns), cut into windows: the carry

@@ -37,6 +37,16 @@ pub(super) fn default_small_workgroups(device_type: wgpu::DeviceType) -> bool {
 /// they cost 1.2x; at b = 4 storing wins (1.9x against 3.0x).
 pub(super) const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
 
+/// The most bytes of micro-batch means a call stores when they do not fit one
+/// storage binding (`MeansLayout::Blocks` in plan.rs; within one binding they are
+/// always stored from `DEFAULT_MEANS_MIN_ROWS` rows per micro-batch on average):
+/// 1 GiB, as the CPU backend's stored means. Larger means would take a fraction
+/// `1 / b` of an input that already fills device memory; their rows are
+/// re-read instead. On lavapipe (128 MiB bindings) the shapes at b = 4
+/// (N = 256, D = 1,000,000: 256 MB of means; N = 64, D = 4,000,000) went from
+/// re-reading the rows to storing blocks (BENCHMARKS.md, twenty-third session).
+pub(super) const MEANS_BLOCKS_MAX_BYTES: u64 = 1 << 30;
+
 /// The most rows per chunk of pass 4 over input rows: a chunk is a plain sum
 /// (no blocks of `ROW_BLOCK`), so its rounding error grows with its rows.
 pub(crate) const MAX_PASS4_CHUNK_ROWS: u32 = 64;

@@ -107,6 +107,8 @@ pub(super) struct Pass1<'a> {
     pub(super) variant: PartialsVariant,
     pub(super) sources: Vec<Source<'a>>,
     pub(super) window: usize,
+    /// The range of the means buffer it binds (byte offset, byte size).
+    pub(super) means: (u64, u64),
     pub(super) groups: (u32, u32, u32),
     pub(super) dtype: Dtype,
 }

@@ -160,7 +160,7 @@ impl GpuClipper {
                     // window k reads what window k - 1 wrote
                     whole(&s.carry[(d.window + 1) % 2]),
                     grads4,
-                    whole(&s.means),
+                    range(&s.means, d.means.0, d.means.1),
                     whole(&s.carry[d.window % 2]),
                 ];
                 let slots = slot_resources(&d.sources, dummy);
@@ -322,7 +322,7 @@ impl GpuClipper {
         // host path, else its buffer.
         let merged = call.merged();
         let mut at = outputs_at;
-        for (o, merged_at) in call.outputs.iter().zip(&call.means_bases) {
+        for (o, merged_at) in call.outputs.iter().zip(&call.layout.means_starts) {
             let len = o.cols as u64 * 4;
             let (source, source_at) = if merged {
                 (&s.merged_out, merged_at * 4)
@@ -358,9 +358,10 @@ struct Scratch {
     bounds: wgpu::Buffer,
     /// Two buffers of one row each, read and written alternately by the windows.
     carry: [wgpu::Buffer; 2],
-    /// The stored means: one `[M, sum ceil4(D_p)]` matrix, tensor p's columns
-    /// from column `sum_{q < p} ceil4(D_q)` on (whole quads, so that pass 4 reads
-    /// them four at a time whatever the widths).
+    /// The stored means (`MeansLayout`): one `[M, sum ceil4(D_p)]` matrix, tensor
+    /// p's columns from column `sum_{q < p} ceil4(D_q)` on, or an `[M, ceil4(D_p)]`
+    /// block per tensor (whole quads, so that pass 4 reads them four at a time
+    /// whatever the widths).
     means: wgpu::Buffer,
     /// Without stored means pass 4 re-reads the input rows, each with its
     /// micro-batch's weight over the micro-batch's size: `[N, G]` floats (at
@@ -395,11 +396,6 @@ impl Scratch {
             ClipBound::Adaptive { .. } => vec![0.0; g as usize],
         };
         queue.write_buffer(&bounds, 0, bytemuck::cast_slice(&fixed_bounds));
-        let means_bytes = if layout.with_means {
-            m * layout.total_means_cols * 4
-        } else {
-            0
-        };
         // Weight pairs (see clip_factors.wgsl): 8 bytes each.
         let row_weights_bytes = if layout.per_row_weights { n * g * 8 } else { 0 };
         let merged_bytes = if merged {
@@ -423,7 +419,7 @@ impl Scratch {
             group_tiles,
             bounds,
             carry: [0, 1].map(|k| pool.get(Slot::Carry(k), layout.carry_cols * 4, storage)),
-            means: pool.get(Slot::Means, means_bytes, storage),
+            means: pool.get(Slot::Means, layout.means_bytes(), storage),
             row_weights: pool.get(Slot::RowWeights, row_weights_bytes, storage),
             merged_out: pool.get(Slot::MergedOutput, merged_bytes, storage),
         }

@@ -4,7 +4,9 @@
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, column tile) partial squared norm of the
 //!    micro-batch mean, for every tensor and row window (and, when
-//!    `materialize_means` says so, the means themselves); tensors share
+//!    `materialize_means` says so, the means themselves: one matrix bound
+//!    whole, or a block per tensor bound by the rows each dispatch writes);
+//!    tensors share
 //!    dispatches through a table (`plan::pass1_dispatches`), those in separate
 //!    buffers through up to 8 binding slots (grads_slots.wgsl);
 //! 2. `mb_norms`: per (micro-batch, parameter group) norm over the group's tiles
@@ -12,7 +14,8 @@
 //! 3. `clip_factors`: bounds (fixed or adaptive), factors, weights, counts, the
 //!    total bound and the noise scale;
 //! 4. `weighted_means`: `out_p = sum_j (s_{j,g} / M) * mean_j` over the stored means
-//!    (per tensor, or once for all tensors into a scratch row), or as the sum over
+//!    (per tensor, in windows of rows for blocks larger than one binding, or once
+//!    for all tensors into a scratch row), or as the sum over
 //!    the input rows, per tensor and window (or in the norm pass's dispatches into
 //!    the scratch row), of each micro-batch's rows over its size, summed, times
 //!    its weight (those row weights from `row_weights`, dispatched after
@@ -31,23 +34,23 @@ mod tables;
 mod timer;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{ClipConfig, NonFinitePolicy};
+use crate::config::{starts, ClipConfig, NonFinitePolicy};
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 pub(crate) use defaults::MAX_PASS4_CHUNK_ROWS;
 use defaults::{
     default_buffer_slots, default_loop_budget, default_merge_max_avg_cols,
     default_min_tile_workgroups, default_pass4_chunk_rows, default_small_workgroups,
-    DEFAULT_MEANS_MIN_ROWS,
+    DEFAULT_MEANS_MIN_ROWS, MEANS_BLOCKS_MAX_BYTES,
 };
 use kernels::{
     slots_supported, Kernels, Needs, PartialsVariant, PARTIAL_BYTES, SLOTS, STATS_BYTES,
 };
 use noise_words::noise_params;
 use plan::{
-    aligned_binding, cuts, materialize_means, means_cols, pack, pass1_dispatches, pass4_max_rows,
-    plan_windows, tile_cap, tile_cols, tiles, vec4_aligned, window_rows_cap, Pass1Dispatch,
-    Pass1Tensor, Window,
+    aligned_binding, blocks_binding, cuts, materialize_means, means_block, means_cols, pack,
+    pass1_dispatches, pass4_max_rows, plan_windows, split_for_blocks, tile_cap, tile_cols, tiles,
+    vec4_aligned, window_rows_cap, MeansLayout, Pass1Dispatch, Pass1Entry, Pass1Tensor, Window,
 };
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
@@ -162,9 +165,15 @@ struct CallLayout {
     carry_cols: u64,
     /// Columns of the stored means matrix, `sum ceil4(D_p)`.
     total_means_cols: u64,
-    /// Pass 1 stores the `[M, total_means_cols]` micro-batch means (else pass 4
-    /// re-reads the input rows).
+    /// Pass 1 stores the micro-batch means (else pass 4 re-reads the input
+    /// rows): `means` is not `MeansLayout::None`.
     with_means: bool,
+    /// How the means are laid out (`plan::materialize_means`).
+    means: MeansLayout,
+    /// Each tensor's first column in a row of all tensors' padded columns
+    /// (`sum_{q < p} ceil4(D_q)`): of its means in a `MeansLayout::Rows` row,
+    /// of its output in the merged row.
+    means_starts: Vec<u64>,
     /// Pass 4 re-reads the input rows and may cut them into row chunks (at least
     /// two chunks of `pass4_chunk_rows` rows): its variant for them is built.
     row_chunks: bool,
@@ -179,6 +188,29 @@ struct CallLayout {
     /// windows, whether the call stores the means, whether some micro-batch of
     /// more than `kernels::CHUNK_ROWS` rows does).
     pass1_variants: Vec<PartialsVariant>,
+}
+
+impl CallLayout {
+    /// Bytes of the stored means (0 without).
+    fn means_bytes(&self) -> u64 {
+        if self.with_means {
+            self.micro_batches * self.total_means_cols * 4
+        } else {
+            0
+        }
+    }
+
+    /// Tensor p's stored means (`plan::means_block`): element of its first
+    /// micro-batch's mean in the means buffer, elements from one mean to the next.
+    fn means_block(&self, p: usize, cols: usize) -> (u64, u64) {
+        means_block(
+            self.means,
+            self.micro_batches,
+            self.means_starts[p],
+            means_cols(cols as u64),
+            self.total_means_cols,
+        )
+    }
 }
 
 impl GpuClipper {
@@ -689,26 +721,28 @@ impl GpuClipper {
             }
         }
         group_tiles.push(tiles_total as u32);
-        // The stored means only when they fit one binding (else rows are re-read)
-        // and, under a loop budget, pass 4 can sum them in one walk.
-        let total_means_cols: u64 = inputs.iter().map(|t| means_cols(t.cols as u64)).sum();
+        // The stored means only when they fit one binding, or as blocks of at
+        // most MEANS_BLOCKS_MAX_BYTES (else rows are re-read), and, under a loop
+        // budget, pass 4 can sum them in one walk.
+        let padded_cols: Vec<u64> = inputs.iter().map(|t| means_cols(t.cols as u64)).collect();
+        let total_means_cols: u64 = padded_cols.iter().sum();
         let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let with_means = materialize_means(
-            n,
-            micro_batches,
-            total_means_cols,
-            self.max_binding,
-            self.means_min_rows,
-        ) && self
+        let mut means = if self
             .loop_budget
-            .is_none_or(|budget| micro_batches <= pass4_max_rows(budget));
-        let max_rows = window_rows_cap(
-            self.loop_budget,
-            tile_cols,
-            deepest,
-            !with_means,
-            self.pass4_chunk_rows,
-        );
+            .is_none_or(|budget| micro_batches <= pass4_max_rows(budget))
+        {
+            materialize_means(
+                n,
+                micro_batches,
+                self.means_min_rows,
+                &padded_cols,
+                self.max_binding,
+                self.storage_align,
+                MEANS_BLOCKS_MAX_BYTES.min(self.device.limits().max_buffer_size),
+            )
+        } else {
+            MeansLayout::None
+        };
         if let Some(budget) = self.loop_budget {
             // clip_factors walks the micro-batches, 256 per step, 3 G + 1
             // times (and a tree of 8 steps per group): up to 3/2 of the budget,
@@ -729,42 +763,78 @@ impl GpuClipper {
                 )));
             }
         }
-        let mut carry_cols = 0u64;
-        let mut tensors = Vec::with_capacity(inputs.len());
-        for (p, t) in inputs.iter().enumerate() {
-            let cols = t.cols as u64;
-            let windows = plan_windows(
-                offsets,
-                cols,
-                t.dtype.size_bytes(),
-                t.offset,
-                self.max_binding,
-                self.storage_align,
-                max_rows,
-            )?;
-            // Only a micro-batch that goes on in a later window is carried.
-            if windows.iter().any(|w| w.carry_out) {
-                carry_cols = carry_cols.max(cols);
+        // Blocks of means that some tensor window cannot bind whole (its
+        // micro-batches' rows over one binding) are not stored: plan again.
+        let means_starts = starts(padded_cols.iter().copied());
+        let (tensors, carry_cols, pass1) = loop {
+            let max_rows = window_rows_cap(
+                self.loop_budget,
+                tile_cols,
+                deepest,
+                means == MeansLayout::None,
+                self.pass4_chunk_rows,
+            );
+            let mut carry_cols = 0u64;
+            let mut tensors = Vec::with_capacity(inputs.len());
+            for (p, t) in inputs.iter().enumerate() {
+                let cols = t.cols as u64;
+                let windows = plan_windows(
+                    offsets,
+                    cols,
+                    t.dtype.size_bytes(),
+                    t.offset,
+                    self.max_binding,
+                    self.storage_align,
+                    max_rows,
+                )?;
+                // Only a micro-batch that goes on in a later window is carried.
+                if windows.iter().any(|w| w.carry_out) {
+                    carry_cols = carry_cols.max(cols);
+                }
+                tensors.push((tile_bases[p], windows, group_of[p] as u32));
             }
-            tensors.push((tile_bases[p], windows, group_of[p] as u32));
-        }
-        // Tensors in the same buffer (key: the first such tensor's index).
-        // (wgpu::Buffer hashes and compares by its handle's address, which its
-        // interior mutability never changes.)
-        #[allow(clippy::mutable_key_type)]
-        let mut first_of = std::collections::HashMap::new();
-        let keyed: Vec<Pass1Tensor<'_>> = inputs
-            .iter()
-            .zip(&tensors)
-            .enumerate()
-            .map(|(p, (t, (_, windows, _)))| Pass1Tensor {
-                buffer: *first_of.entry(t.buffer).or_insert(p),
-                dtype: t.dtype.index(),
-                elem_bytes: t.dtype.size_bytes(),
-                windows,
-            })
-            .collect();
-        let pass1 = pass1_dispatches(&keyed, self.max_binding, self.buffer_slots);
+            // Tensors in the same buffer (key: the first such tensor's index).
+            // (wgpu::Buffer hashes and compares by its handle's address, which its
+            // interior mutability never changes.)
+            #[allow(clippy::mutable_key_type)]
+            let mut first_of = std::collections::HashMap::new();
+            let keyed: Vec<Pass1Tensor<'_>> = inputs
+                .iter()
+                .zip(&tensors)
+                .enumerate()
+                .map(|(p, (t, (_, windows, _)))| Pass1Tensor {
+                    buffer: *first_of.entry(t.buffer).or_insert(p),
+                    dtype: t.dtype.index(),
+                    elem_bytes: t.dtype.size_bytes(),
+                    windows,
+                })
+                .collect();
+            let pass1 = pass1_dispatches(&keyed, self.max_binding, self.buffer_slots);
+            if means != MeansLayout::Blocks {
+                break (tensors, carry_cols, pass1);
+            }
+            // Dispatches whose rows of blocks exceed one binding are split; where
+            // one tensor window's alone do, the rows are re-read instead.
+            let fits = |entries: &[Pass1Entry]| {
+                let rows = entries.iter().map(|e| {
+                    let w = &tensors[e.tensor].1[e.window];
+                    let (start, stride) = means_block(
+                        means,
+                        micro_batches,
+                        means_starts[e.tensor],
+                        padded_cols[e.tensor],
+                        total_means_cols,
+                    );
+                    (start, stride, w.mb_first as u64, w.mb_count as u64)
+                });
+                blocks_binding(rows, self.storage_align).1 <= self.max_binding
+            };
+            match split_for_blocks(pass1, fits) {
+                Some(pass1) => break (tensors, carry_cols, pass1),
+                None => means = MeansLayout::None,
+            }
+        };
+        let with_means = means != MeansLayout::None;
         let too_large = |what: String, bytes: u64| {
             if bytes > self.max_binding {
                 Err(ClipError::TooLarge(format!(
@@ -827,6 +897,8 @@ impl GpuClipper {
             carry_cols,
             total_means_cols,
             with_means,
+            means,
+            means_starts,
             row_chunks,
             per_row_weights,
             pass1,

@@ -168,10 +168,10 @@ pub(crate) fn pass4_max_rows(budget: u64) -> u64 {
 }
 
 /// The most rows a row window may hold under a loop `budget` (u64::MAX: none):
-/// the norm pass walks each micro-batch's rows of the window once per step of
-/// its tile (`tile_cols / PASS1_COLS_PER_STEP` steps), a cap needed only where a
-/// micro-batch is deeper than that allows (`deepest` rows; its sums then carry
-/// from window to window); pass 4, where it re-reads the input rows
+/// the norm pass walks each micro-batch's rows of the window up to
+/// `PASS1_WALKS` times per step of its tile (`tile_cols / PASS1_COLS_PER_STEP`
+/// steps), a cap needed only where a micro-batch is deeper than that allows
+/// (`deepest` rows; its sums then carry from window to window); pass 4, where it re-reads the input rows
 /// (`rereads`), walks a window's rows, or its row chunks' partial rows
 /// (`chunk_rows > 0`: one per chunk).
 pub(crate) fn window_rows_cap(
@@ -434,26 +434,140 @@ pub(crate) fn vec4_aligned(cols: u64, elem_offset: u32) -> bool {
     cols.is_multiple_of(4) && elem_offset.is_multiple_of(4)
 }
 
-/// Whether a call materialises the micro-batch means: pass 1 also writes the
-/// `[M, D_p]` means of every tensor, each row padded to a multiple of 4 elements
-/// (`means_bytes = M x sum ceil4(D_p) x 4` of extra device memory; `total_cols` is
-/// that padded sum) and pass 4 reads them instead of re-reading the `N` input rows
-/// (each weighted by its micro-batch's weight over its size). Input bytes read:
-/// `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
+/// Where the norm pass stores a call's micro-batch means, if it keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MeansLayout {
+    /// Not kept: pass 4 re-reads the input rows.
+    None,
+    /// One `[M, sum ceil4(D_p)]` matrix, tensor p's columns from
+    /// `sum_{q < p} ceil4(D_q)`: it fits one storage binding, bound whole.
+    Rows,
+    /// Tensor after tensor, an `[M, ceil4(D_p)]` block each (tensor p's from
+    /// element `M x sum_{q < p} ceil4(D_q)`), for means larger than one binding:
+    /// each norm-pass dispatch binds the rows its micro-batches write
+    /// ([`blocks_binding`]), pass 4 sums a block in windows of rows
+    /// ([`block_window_rows`]).
+    Blocks,
+}
+
+/// Whether and how a call materialises the micro-batch means: pass 1 also writes
+/// the `[M, D_p]` means of every tensor, each row padded to a multiple of 4
+/// elements (`M x sum ceil4(D_p) x 4` bytes of extra device memory; `padded` are
+/// the `ceil4(D_p)`) and pass 4 reads them instead of re-reading the `N` input
+/// rows (each weighted by its micro-batch's weight over its size). Input bytes
+/// read: `N x D x 4 x (1 + 2 / b)` (means written once, read once) instead of
 /// `2 x N x D x 4`, so it pays in bytes when the average micro-batch holds
 /// `b = N / M >= 3` rows (`min_rows`, 3 by default: `DEFAULT_MEANS_MIN_ROWS`) and
 /// breaks even at `b = 2`.
-/// Only when the means fit one storage binding; otherwise the rows are re-read (no
-/// extra memory but the `N x G` row weights).
+/// [`MeansLayout::Rows`] when the means fit one storage binding; else
+/// [`MeansLayout::Blocks`] when they take at most `max_blocks_bytes` (and element
+/// indices below 2^32) and one padded row of every tensor fits a binding from an
+/// `align`ed start; otherwise the rows are re-read (no extra memory but the
+/// `N x G` row weights). The caller also fits each norm-pass dispatch's rows of
+/// blocks in a binding ([`split_for_blocks`]).
 pub(crate) fn materialize_means(
     n: u64,
     micro_batches: u64,
-    total_cols: u64,
-    max_binding: u64,
     min_rows: u64,
-) -> bool {
-    n >= min_rows.saturating_mul(micro_batches)
-        && micro_batches * total_cols * 4 <= max_binding.min(u32::MAX as u64)
+    padded: &[u64],
+    max_binding: u64,
+    align: u64,
+    max_blocks_bytes: u64,
+) -> MeansLayout {
+    if n < min_rows.saturating_mul(micro_batches) {
+        return MeansLayout::None;
+    }
+    let total: u64 = padded.iter().sum();
+    let elements = micro_batches.saturating_mul(total);
+    let bytes = elements.saturating_mul(4);
+    let widest = padded.iter().copied().max().unwrap_or(0);
+    if bytes <= max_binding.min(u32::MAX as u64) {
+        MeansLayout::Rows
+    } else if bytes <= max_blocks_bytes
+        && elements <= u32::MAX as u64
+        && widest * 4 + align <= max_binding
+    {
+        MeansLayout::Blocks
+    } else {
+        MeansLayout::None
+    }
+}
+
+/// Tensor p's stored means under `layout` (not [`MeansLayout::None`]): (element
+/// of its first micro-batch's mean in the means buffer, elements from one
+/// micro-batch's mean to the next), for `micro_batches`, its padded width
+/// `padded` and its first column `start` in a row of all tensors' `total`.
+pub(crate) fn means_block(
+    layout: MeansLayout,
+    micro_batches: u64,
+    start: u64,
+    padded: u64,
+    total: u64,
+) -> (u64, u64) {
+    match layout {
+        MeansLayout::Blocks => (micro_batches * start, padded),
+        _ => (start, total),
+    }
+}
+
+/// The binding (byte offset, byte size) of [`MeansLayout::Blocks`] means that
+/// one norm-pass dispatch writes, from an `align`ed start: for each of its
+/// entries `(block start, stride, first micro-batch, micro-batches)` (elements,
+/// see [`means_block`]), the rows `first .. first + count` of the block.
+pub(crate) fn blocks_binding(
+    entries: impl Iterator<Item = (u64, u64, u64, u64)>,
+    align: u64,
+) -> (u64, u64) {
+    let (lo, hi) = entries.fold((u64::MAX, 0), |(lo, hi), (base, stride, first, count)| {
+        (
+            lo.min(base + first * stride),
+            hi.max(base + (first + count) * stride),
+        )
+    });
+    let (offset, size, _) = aligned_binding(lo * 4, (hi - lo) * 4, align, 4);
+    (offset, size)
+}
+
+/// The norm-pass dispatches cut so that each one's [`MeansLayout::Blocks`] means
+/// fit one binding (`fits`, over a dispatch's entries): a dispatch shared by
+/// several tensors is split into runs of its entries, in order, each keeping the
+/// dispatch's bindings; `None` where one entry alone does not fit (the call then
+/// re-reads the rows). Whether it does depends on the tensor's windows, not on
+/// how dispatches are shared, so buffer slots never change the choice (nor the
+/// bits: pass 1's results do not depend on which dispatch computes them).
+pub(crate) fn split_for_blocks(
+    dispatches: Vec<Pass1Dispatch>,
+    fits: impl Fn(&[Pass1Entry]) -> bool,
+) -> Option<Vec<Pass1Dispatch>> {
+    let mut out = Vec::with_capacity(dispatches.len());
+    for d in dispatches {
+        let mut run: Vec<Pass1Entry> = Vec::new();
+        for &e in &d.entries {
+            if !fits(&[e]) {
+                return None;
+            }
+            run.push(e);
+            if !fits(&run) {
+                run.pop();
+                out.push(Pass1Dispatch {
+                    entries: std::mem::replace(&mut run, vec![e]),
+                    bindings: d.bindings.clone(),
+                });
+            }
+        }
+        out.push(Pass1Dispatch {
+            entries: run,
+            bindings: d.bindings,
+        });
+    }
+    Some(out)
+}
+
+/// Rows of an [`MeansLayout::Blocks`] block of `stride` floats per row that one
+/// pass-4 dispatch sums: as many as one binding from an `align`ed start holds
+/// (`materialize_means` checked that one row fits).
+pub(crate) fn block_window_rows(stride: u64, max_binding: u64, align: u64) -> u64 {
+    (max_binding.saturating_sub(align) / (stride * 4)).max(1)
 }
 
 /// Pass 4 over input rows cut into row chunks: the chunk dispatches' tables

@@ -9,9 +9,12 @@ use super::dispatch::{
 use super::kernels::{
     FactorsParams, MeansSumParams, NormsParams, PartialsParams, RowWeightsParams, NOISE_MODE_ADD,
 };
-use super::plan::{aligned_binding, dispatch_2d, means_cols, tiles, RowChunks, WORKGROUP};
+use super::plan::{
+    aligned_binding, block_window_rows, blocks_binding, dispatch_2d, tiles, MeansLayout,
+    Pass1Dispatch, RowChunks, WORKGROUP,
+};
 use super::{noise_params, CallLayout, GpuClipper, GpuTensor, GpuTensorMut};
-use crate::config::{starts, ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
+use crate::config::{ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use wgpu::BufferUsages as U;
@@ -24,9 +27,6 @@ pub(super) struct Call<'a> {
     pub(super) inputs: &'a [GpuTensor<'a>],
     pub(super) outputs: &'a [GpuTensorMut<'a>],
     pub(super) read_outputs: bool,
-    /// Column of each tensor's means in the means matrix, and of its output in
-    /// the merged row.
-    pub(super) means_bases: Vec<u64>,
     /// Each output's binding: (start, size, element index of out_p[0] in it).
     out_bindings: Vec<(u64, u64, u32)>,
     /// 1: a zero weight skips its row in pass 4 (so 0 * NaN never happens).
@@ -37,6 +37,10 @@ pub(super) struct Call<'a> {
     /// Pass 4 re-reads the input rows in the norm pass's dispatches (same
     /// bindings, slots too), into the merged row.
     merge_rows: bool,
+    /// The device's storage offset alignment.
+    storage_align: u64,
+    /// The binding limit in use.
+    max_binding: u64,
 }
 
 impl<'a> Call<'a> {
@@ -48,14 +52,13 @@ impl<'a> Call<'a> {
         outputs: &'a [GpuTensorMut<'a>],
         read_outputs: bool,
     ) -> Self {
-        let means_bases = starts(inputs.iter().map(|t| means_cols(t.cols as u64)));
         let out_bindings = inputs
             .iter()
             .zip(outputs)
             .map(|(t, o)| aligned_binding(o.offset, t.cols as u64 * 4, clipper.storage_align, 4))
             .collect();
         // Pass 4 of several tensors into one scratch row (tensor p's columns from
-        // means_bases[p]), then a copy per tensor into its output (or straight
+        // means_starts[p]), then a copy per tensor into its output (or straight
         // into the read-back buffer on the host path): with several tensors, no
         // noise (added per tensor in the output), outputs that accept copies,
         // and tensors narrow enough on average that the dispatches saved
@@ -75,11 +78,12 @@ impl<'a> Call<'a> {
             inputs,
             outputs,
             read_outputs,
-            means_bases,
             out_bindings,
             skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
-            merge_pass4: layout.with_means && layout.groups == 1 && copies_pay,
+            merge_pass4: layout.means == MeansLayout::Rows && layout.groups == 1 && copies_pay,
             merge_rows: !layout.with_means && copies_pay,
+            storage_align: clipper.storage_align,
+            max_binding: clipper.max_binding,
         }
     }
 
@@ -105,6 +109,7 @@ impl<'a> Call<'a> {
         {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
+            let means = self.pass1_means(d);
             for e in &d.entries {
                 let (p, k, elem_offset) = (e.tensor, e.window, e.elem_offset);
                 let whole_quads = whole_quads[e.slot];
@@ -112,6 +117,11 @@ impl<'a> Call<'a> {
                 let w = &windows[k];
                 let cols = self.inputs[p].cols as u64;
                 let n_tiles = tiles(cols, layout.tile_cols);
+                // The binding starts at byte means.0: tensor p's first mean lies
+                // means.0 / 4 elements before its start (an index the shader
+                // only uses plus the means of the dispatch's micro-batches, which
+                // lie inside the binding: wrapping u32 arithmetic gets there).
+                let (means_start, means_stride) = layout.means_block(p, cols as usize);
                 table.push(PartialsParams {
                     cols: cols as u32,
                     elem_offset,
@@ -126,9 +136,9 @@ impl<'a> Call<'a> {
                     last_local: w.mb_count - 1,
                     vec4_path: load_path(cols, elem_offset, whole_quads),
                     write_means: layout.with_means as u32,
-                    means_base: self.means_bases[p] as u32,
+                    means_base: (means_start as u32).wrapping_sub((means.0 / 4) as u32),
                     tile_cols: layout.tile_cols as u32,
-                    means_stride: layout.total_means_cols as u32,
+                    means_stride: means_stride as u32,
                     first_tile: dispatch_tiles as u32,
                     slot: e.slot as u32,
                     ..Default::default()
@@ -145,11 +155,31 @@ impl<'a> Call<'a> {
                 variant,
                 sources: slot_sources(bindings, &table, |e| (e.slot as usize, e.vec4_path)),
                 window,
+                means,
                 groups: (tiles_x, tiles_y, layout.tensors[p].1[window].mb_count),
                 dtype: self.inputs[p].dtype,
             });
         }
         Ok(dispatches)
+    }
+
+    /// The means binding (byte offset, byte size) of norm-pass dispatch `d`: the
+    /// rows of blocks its micro-batches write (`MeansLayout::Blocks`), the whole
+    /// matrix (`Rows`), or 16 bytes the kernel never reads (`None`).
+    fn pass1_means(&self, d: &Pass1Dispatch) -> (u64, u64) {
+        let layout = self.layout;
+        match layout.means {
+            MeansLayout::None => (0, 16),
+            MeansLayout::Rows => (0, layout.means_bytes()),
+            MeansLayout::Blocks => blocks_binding(
+                d.entries.iter().map(|e| {
+                    let w = &layout.tensors[e.tensor].1[e.window];
+                    let (start, stride) = layout.means_block(e.tensor, self.inputs[e.tensor].cols);
+                    (start, stride, w.mb_first as u64, w.mb_count as u64)
+                }),
+                self.storage_align,
+            ),
+        }
     }
 
     /// Pass 4 over the input rows of tensor p's window k (first row at element
@@ -211,7 +241,7 @@ impl<'a> Call<'a> {
                                 e.tensor,
                                 e.window,
                                 e.elem_offset,
-                                self.means_bases[e.tensor] as u32,
+                                self.layout.means_starts[e.tensor] as u32,
                                 whole_quads[e.slot],
                             )
                         })
@@ -251,7 +281,9 @@ impl<'a> Call<'a> {
     }
 
     /// Pass 4 over the stored means, a dispatch per tensor into its output
-    /// (none without stored means or when merged).
+    /// (none without stored means or when merged); under `MeansLayout::Blocks`
+    /// a dispatch per window of a tensor's rows of means that one binding holds,
+    /// the later ones adding to the output.
     pub(super) fn means_pass4(
         &self,
         params: &mut ParamBlocks,
@@ -261,6 +293,7 @@ impl<'a> Call<'a> {
             return Ok(Vec::new());
         }
         let layout = self.layout;
+        let m = layout.micro_batches;
         let mut dispatches = Vec::with_capacity(self.inputs.len());
         for (p, ((_, _, group), (t, o))) in layout
             .tensors
@@ -269,26 +302,47 @@ impl<'a> Call<'a> {
             .enumerate()
         {
             let (out_bind, out_size, out_offset) = self.out_bindings[p];
-            // The stored means: f32, rows padded to whole quads.
-            dispatches.push(Pass4::push(
-                params,
-                vec![MeansSumParams {
-                    cols: t.cols as u32,
-                    means_base: self.means_bases[p] as u32,
-                    rows: layout.micro_batches as u32,
-                    out_offset,
-                    skip_zero: self.skip_zero,
-                    vec4_path: 1,
-                    groups: layout.groups as u32,
-                    group: *group,
-                    stride: layout.total_means_cols as u32,
-                    ..Default::default()
-                }],
-                vec![(means, 0, means.size())],
-                Pass4Weights::MicroBatch,
-                (o.buffer, out_bind, out_size),
-                Dtype::F32,
-            )?);
+            let (start, stride) = layout.means_block(p, t.cols);
+            let window_rows = match layout.means {
+                MeansLayout::Blocks => {
+                    block_window_rows(stride, self.max_binding, self.storage_align)
+                }
+                _ => m,
+            };
+            for first in (0..m).step_by(window_rows as usize) {
+                let rows = window_rows.min(m - first);
+                // The stored means: f32, rows padded to whole quads.
+                let (bind, size, elem) = match layout.means {
+                    MeansLayout::Blocks => aligned_binding(
+                        (start + first * stride) * 4,
+                        rows * stride * 4,
+                        self.storage_align,
+                        4,
+                    ),
+                    _ => (0, layout.means_bytes(), start as u32),
+                };
+                dispatches.push(Pass4::push(
+                    params,
+                    vec![MeansSumParams {
+                        cols: t.cols as u32,
+                        means_base: elem,
+                        rows: rows as u32,
+                        out_offset,
+                        skip_zero: self.skip_zero,
+                        vec4_path: 1,
+                        groups: layout.groups as u32,
+                        group: *group,
+                        stride: stride as u32,
+                        weights_base: first as u32,
+                        accumulate: (first > 0) as u32,
+                        ..Default::default()
+                    }],
+                    vec![(means, bind, size)],
+                    Pass4Weights::MicroBatch,
+                    (o.buffer, out_bind, out_size),
+                    Dtype::F32,
+                )?);
+            }
         }
         Ok(dispatches)
     }
@@ -363,7 +417,7 @@ impl<'a> Call<'a> {
                 stride: cols,
                 ..Default::default()
             }],
-            vec![(means, 0, means.size())],
+            vec![(means, 0, self.layout.means_bytes())],
             Pass4Weights::MicroBatch,
             (merged_out, 0, merged_out.size()),
             Dtype::F32,

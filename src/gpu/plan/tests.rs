@@ -88,16 +88,54 @@ fn vec4_rows_need_aligned_rows() {
 
 #[test]
 fn means_are_materialised_from_three_rows_per_micro_batch() {
-    assert!(!materialize_means(256, 256, 1000, 1 << 27, 3)); // b = 1
-    assert!(!materialize_means(10, 4, 1000, 1 << 27, 3)); // b = 2.5
-    assert!(materialize_means(12, 4, 1000, 1 << 27, 3)); // b = 3
-    assert!(materialize_means(256, 1, 1000, 1 << 27, 3));
-    assert!(!materialize_means(256, 64, 1 << 20, 1 << 27, 3)); // 256 MiB of means
-                                                               // A software adapter's rule: from b = 2 on.
-    assert!(!materialize_means(256, 256, 1000, 1 << 27, 2)); // b = 1
-    assert!(!materialize_means(7, 4, 1000, 1 << 27, 2)); // b = 1.75
-    assert!(materialize_means(8, 4, 1000, 1 << 27, 2)); // b = 2
-    assert!(!materialize_means(256, 128, 1 << 20, 1 << 27, 2)); // 512 MiB of means
+    use MeansLayout::{Blocks, None, Rows};
+    let gib = 1 << 30;
+    let means = |n, m, min_rows, padded: &[u64]| {
+        materialize_means(n, m, min_rows, padded, 1 << 27, 256, gib)
+    };
+    assert_eq!(means(256, 256, 3, &[1000]), None); // b = 1
+    assert_eq!(means(10, 4, 3, &[1000]), None); // b = 2.5
+    assert_eq!(means(12, 4, 3, &[1000]), Rows); // b = 3
+    assert_eq!(means(256, 1, 3, &[1000]), Rows);
+    // 256 MiB of means: blocks, each row within a binding.
+    assert_eq!(means(256, 64, 3, &[1 << 20]), Blocks);
+    assert_eq!(means(256, 64, 3, &[1 << 19, 1 << 19]), Blocks);
+    // A software adapter's rule: from b = 2 on.
+    assert_eq!(means(256, 256, 2, &[1000]), None); // b = 1
+    assert_eq!(means(7, 4, 2, &[1000]), None); // b = 1.75
+    assert_eq!(means(8, 4, 2, &[1000]), Rows); // b = 2
+    assert_eq!(means(256, 128, 2, &[1 << 20]), Blocks); // 512 MiB of means
+                                                        // Over 1 GiB, or one padded row (plus the alignment) over a binding: re-read.
+    assert_eq!(means(1024, 512, 2, &[1 << 20]), None);
+    assert_eq!(means(256, 4, 3, &[1 << 25]), None);
+    assert_eq!(means(256, 4, 3, &[(1 << 25) - 64]), Blocks);
+}
+
+#[test]
+fn blocks_of_means_are_bound_by_the_rows_a_dispatch_writes() {
+    // Tensors of 8 and 1000 padded columns, 10 micro-batches: blocks at
+    // elements 0 and 80.
+    let blocks = [(0u64, 8u64), (80, 1000)];
+    assert_eq!(
+        means_block(MeansLayout::Blocks, 10, 8, 1000, 1008),
+        (80, 1000)
+    );
+    assert_eq!(means_block(MeansLayout::Rows, 10, 8, 1000, 1008), (8, 1008));
+    // Micro-batches 3 and 4 of the second tensor: elements 3080 .. 5080, bound
+    // from byte 12288 (a multiple of 256 below 12320).
+    let entry = |t: usize, first, count| (blocks[t].0, blocks[t].1, first, count);
+    assert_eq!(
+        blocks_binding([entry(1, 3, 2)].into_iter(), 256),
+        (12288, 20320 - 12288)
+    );
+    // With all of the first tensor's: from element 0.
+    assert_eq!(
+        blocks_binding([entry(0, 0, 10), entry(1, 3, 2)].into_iter(), 256),
+        (0, 20320)
+    );
+    // Windows of pass 4: rows of 1000 floats within 64 KiB from an aligned start.
+    assert_eq!(block_window_rows(1000, 65536, 256), 16);
+    assert_eq!(block_window_rows(1000, 4256, 256), 1);
 }
 
 #[test]
@@ -428,4 +466,40 @@ fn window_rows_cap_follows_the_loop_budget() {
     assert_eq!(w.len(), 3);
     assert!(w.iter().all(|w| w.row_end - w.row_start <= 341));
     assert!(w[0].carry_out && w[1].carry_in && w[1].carry_out && w[2].carry_in);
+}
+
+#[test]
+fn shared_dispatches_are_split_to_bind_their_blocks_of_means() {
+    let entry = |tensor| Pass1Entry {
+        tensor,
+        window: 0,
+        slot: tensor % 2,
+        elem_offset: 0,
+    };
+    let bindings = vec![
+        Binding {
+            tensor: 0,
+            offset: 0,
+            size: 64,
+        },
+        Binding {
+            tensor: 1,
+            offset: 0,
+            size: 64,
+        },
+    ];
+    let shared = |tensors: std::ops::Range<usize>| Pass1Dispatch {
+        entries: tensors.map(entry).collect(),
+        bindings: bindings.clone(),
+    };
+    // At most 2 entries fit; tensor 9 alone does not.
+    let fits = |e: &[Pass1Entry]| e.len() <= 2 && e.iter().all(|e| e.tensor != 9);
+    let split = split_for_blocks(vec![shared(0..1), shared(1..6)], fits).unwrap();
+    let tensors: Vec<Vec<usize>> = split
+        .iter()
+        .map(|d| d.entries.iter().map(|e| e.tensor).collect())
+        .collect();
+    assert_eq!(tensors, [vec![0], vec![1, 2], vec![3, 4], vec![5]]);
+    assert!(split.iter().all(|d| d.bindings == bindings));
+    assert!(split_for_blocks(vec![shared(7..10)], fits).is_none());
 }
