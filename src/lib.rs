@@ -129,7 +129,9 @@
 //! adapter, number at most 2,520), it also keeps the `M x sum ceil4(D_p) x 4` bytes of
 //! micro-batch means (a fraction
 //! `1 / b` of the input; rows padded to multiples of 4 elements), which saves
-//! re-reading the input in the last pass; otherwise the last pass
+//! re-reading the input in the last pass (means larger than one binding are
+//! kept as a block per tensor, unless one row window of a tensor would write
+//! more of them than a binding holds); otherwise the last pass
 //! re-reads the rows, with `N x G x 8` bytes of per-row weights when `b > 1` and,
 //! where it walks them in chunks of 32 rows (by default on a software adapter, b
 //! = 1 too), the partial rows of its largest dispatch (`ceil(rows / 32) x
