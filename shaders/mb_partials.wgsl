@@ -136,7 +136,9 @@ fn table_len() -> u32 {
 @group(0) @binding(1) var<storage, read> grads: array<GradWord>;
 @group(0) @binding(2) var<storage, read> offsets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<Partial>;
-@group(0) @binding(4) var<storage, read> carry_in: array<f32>;
+// The carried sums of an earlier window (whole quads: the rows are padded to a
+// multiple of 4 columns; a dummy buffer without carry).
+@group(0) @binding(4) var<storage, read> carry_in: array<vec4<f32>>;
 // The same rows as `grads`, four elements at a time (bound to a dummy buffer when
 // every entry of the table has vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
@@ -146,8 +148,13 @@ fn table_len() -> u32 {
 // src/gpu/plan.rs; a dummy buffer when write_means = 0), a quad per store:
 // means_base, means_stride and every quad's first column are multiples of 4.
 @group(0) @binding(6) var<storage, read_write> means: array<vec4<f32>>;
-// The carried sums this window passes on (a dummy buffer without carry).
-@group(0) @binding(7) var<storage, read_write> carry_out: array<f32>;
+// The carried sums this window passes on (whole quads, as carry_in; a dummy
+// buffer without carry). Quads, not scalars: llvmpipe loads and stores lane by
+// lane with a bounds test per access, and the four scalar loads and stores per
+// quad made a micro-batch cut by a window cost about 1.5x one that is not (the
+// issue's N = 256, D = 1M, b = 32 in 128 MiB windows of 33 rows: 280 ms against
+// 191 ms with windows of 32 rows; BENCHMARKS.md, twenty-third session).
+@group(0) @binding(7) var<storage, read_write> carry_out: array<vec4<f32>>;
 
 // (small, medium, big) sums of squares, and the max |g| bits.
 var<workgroup> red_sums: array<vec3<f32>, WG>;
@@ -264,13 +271,10 @@ fn column_mean4x4(loads: u32, first: u32, rows: u32, stride: u32, inv_n: f32, in
 fn pass_on4(col: u32, mean: vec4<f32>, mb: u32, takes_carry: bool, gives_carry: bool) -> vec4<f32> {
     var v = mean;
     if (takes_carry) {
-        v += vec4<f32>(carry_in[col], carry_in[col + 1u], carry_in[col + 2u], carry_in[col + 3u]);
+        v += carry_in[col >> 2u];
     }
     if (gives_carry) {
-        carry_out[col] = v.x;
-        carry_out[col + 1u] = v.y;
-        carry_out[col + 2u] = v.z;
-        carry_out[col + 3u] = v.w;
+        carry_out[col >> 2u] = v;
     } else if (writes_means()) {
         means[(params.means_base + mb * params.means_stride + col) >> 2u] = v;
     }
@@ -566,16 +570,18 @@ fn walk_tile(blue: bool, lid: u32, span0: u32, span_end: u32, col_end: u32, row0
                 }
             }
         }
-        for (var j = 0u; j < 4u; j++) {
-            let col = col0 + j;
-            if (col < col_end) {
-                if (takes_carry) {
-                    v[j] += carry_in[col];
-                }
-                if (gives_carry) {
-                    carry_out[col] = v[j];
+        // Columns past col_end (0 in v) take nothing from the carry: what its
+        // padding holds never reaches a result.
+        if (takes_carry) {
+            let carried = carry_in[c4];
+            for (var j = 0u; j < 4u; j++) {
+                if (col0 + j < col_end) {
+                    v[j] += carried[j];
                 }
             }
+        }
+        if (gives_carry) {
+            carry_out[c4] = v;
         }
         if (!gives_carry && writes_means()) {
             // Columns past col_end are 0, in the rows' padding.

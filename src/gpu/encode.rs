@@ -11,7 +11,7 @@ use super::kernels::{
     FactorsParams, NoiseParams, NormsParams, RowWeightsParams, MB_NORM_BYTES, PARTIAL_BYTES,
     STATS_BYTES,
 };
-use super::plan::{chunk_rows_table, RowChunks};
+use super::plan::{chunk_rows_table, means_cols, RowChunks};
 use super::pool::{Pool, Slot, SCRATCH_USAGE};
 use super::tables::Call;
 use super::timer::{PassTimer, TIMER_BYTES};
@@ -418,7 +418,9 @@ impl Scratch {
             mb_flags: pool.get(Slot::MbFlags, m * 4, storage),
             group_tiles,
             bounds,
-            carry: [0, 1].map(|k| pool.get(Slot::Carry(k), layout.carry_cols * 4, storage)),
+            // Whole quads: the norm pass reads and writes them four at a time.
+            carry: [0, 1]
+                .map(|k| pool.get(Slot::Carry(k), means_cols(layout.carry_cols) * 4, storage)),
             means: pool.get(Slot::Means, layout.means_bytes(), storage),
             row_weights: pool.get(Slot::RowWeights, row_weights_bytes, storage),
             merged_out: pool.get(Slot::MergedOutput, merged_bytes, storage),

@@ -852,12 +852,13 @@ impl GpuClipper {
             micro_batches * tiles_total * PARTIAL_BYTES,
         )?;
         for (p, o) in outputs.iter().enumerate() {
-            // One f32 row: larger than a 16-bit input row. It also bounds the two
-            // carry rows (D_p x 4 bytes each) of a tensor split over row windows.
+            // One f32 row: larger than a 16-bit input row.
             let (_, bind_size, _) =
                 aligned_binding(o.offset, o.cols as u64 * 4, self.storage_align, 4);
             too_large(format!("tensor {p}: the f32 output row"), bind_size)?;
         }
+        // The two carry rows of a tensor split over row windows, whole quads.
+        too_large("the carried sums".into(), means_cols(carry_cols) * 4)?;
         // Means are stored and some micro-batch has more than CHUNK_ROWS rows.
         let deep_means = with_means
             && offsets

@@ -20,7 +20,9 @@ fn windows_cover_all_rows_and_mark_cut_micro_batches() {
     // 10 rows of 100 f32 = 400 bytes; the binding holds 2 rows after alignment slack.
     let o = offsets(10, 3);
     let w = plan_windows(&o, 100, 4, 12, 1052, 256, u64::MAX).unwrap();
-    assert_eq!(w.len(), 5);
+    // [0, 2) [2, 3) [3, 5) [5, 6) [6, 8) [8, 10): a window ends where a
+    // micro-batch begun in it would be cut.
+    assert_eq!(w.len(), 6);
     let mut row = 0;
     for win in &w {
         assert_eq!(win.row_start, row);
@@ -31,11 +33,29 @@ fn windows_cover_all_rows_and_mark_cut_micro_batches() {
         assert_eq!(first_byte, 12 + win.row_start as u64 * 400);
     }
     assert_eq!(row, 10);
-    // rows [2,4): micro-batch 0 = [0,3) began earlier, micro-batch 1 = [3,6) goes on.
-    assert_eq!((w[1].mb_first, w[1].mb_count), (0, 2));
-    assert!(w[1].carry_in && w[1].carry_out);
+    // rows [2, 3): micro-batch 0 = [0, 3) began earlier; [3, 5): micro-batch 1
+    // = [3, 6) goes on.
+    assert_eq!((w[1].mb_first, w[1].mb_count), (0, 1));
+    assert!(w[1].carry_in && !w[1].carry_out);
+    assert_eq!((w[2].row_start, w[2].mb_first, w[2].mb_count), (3, 1, 1));
+    assert!(!w[2].carry_in && w[2].carry_out);
     assert!(!w[0].carry_in && w[0].carry_out);
-    assert!(!w[4].carry_out);
+    assert_eq!((w[5].row_start, w[5].mb_count), (8, 2));
+    assert!(w[5].carry_in && !w[5].carry_out);
+}
+
+#[test]
+fn windows_end_where_micro_batches_do() {
+    // Windows of up to 4 rows over micro-batches of 3 (and a last one of 1):
+    // [0, 3) [3, 6) [6, 10), none carried.
+    let w = plan_windows(&offsets(10, 3), 100, 4, 0, 1 << 20, 256, 4).unwrap();
+    let rows: Vec<(u32, u32)> = w.iter().map(|w| (w.row_start, w.row_end)).collect();
+    assert_eq!(rows, [(0, 3), (3, 6), (6, 10)]);
+    assert!(w.iter().all(|w| !w.carry_in && !w.carry_out));
+    // Micro-batches deeper than a window are still cut.
+    let w = plan_windows(&offsets(10, 5), 100, 4, 0, 1 << 20, 256, 4).unwrap();
+    let rows: Vec<(u32, u32)> = w.iter().map(|w| (w.row_start, w.row_end)).collect();
+    assert_eq!(rows, [(0, 4), (4, 5), (5, 9), (9, 10)]);
 }
 
 #[test]
