@@ -150,10 +150,9 @@ fn table_len() -> u32 {
 @group(0) @binding(6) var<storage, read_write> means: array<vec4<f32>>;
 // The carried sums this window passes on (whole quads, as carry_in; a dummy
 // buffer without carry). Quads, not scalars: llvmpipe loads and stores lane by
-// lane with a bounds test per access, and the four scalar loads and stores per
-// quad made a micro-batch cut by a window cost about 1.5x one that is not (the
-// issue's N = 256, D = 1M, b = 32 in 128 MiB windows of 33 rows: 280 ms against
-// 191 ms with windows of 32 rows; BENCHMARKS.md, twenty-third session).
+// lane with a bounds test per access; with every micro-batch carried (the
+// issue's N = 256, D = 1M, b = 32 in windows of 16 rows) quads took 139-163 ms
+// against 149-182 ms for four scalars (BENCHMARKS.md, twenty-third session).
 @group(0) @binding(7) var<storage, read_write> carry_out: array<vec4<f32>>;
 
 // (small, medium, big) sums of squares, and the max |g| bits.
