@@ -48,9 +48,10 @@ use kernels::{
 };
 use noise_words::noise_params;
 use plan::{
-    aligned_binding, blocks_binding, cuts, materialize_means, means_block, means_cols, pack,
-    pass1_dispatches, pass4_max_rows, plan_windows, split_for_blocks, tile_cap, tile_cols, tiles,
-    vec4_aligned, window_rows_cap, MeansLayout, Pass1Dispatch, Pass1Entry, Pass1Tensor, Window,
+    aligned_binding, cuts, entries_blocks_binding, materialize_means, means_block, means_cols,
+    pack, pass1_dispatches, pass4_max_rows, plan_windows, split_for_blocks, tile_cap, tile_cols,
+    tiles, vec4_aligned, window_rows_cap, MeansLayout, Pass1Dispatch, Pass1Entry, Pass1Tensor,
+    Window,
 };
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
@@ -165,9 +166,6 @@ struct CallLayout {
     carry_cols: u64,
     /// Columns of the stored means matrix, `sum ceil4(D_p)`.
     total_means_cols: u64,
-    /// Pass 1 stores the micro-batch means (else pass 4 re-reads the input
-    /// rows): `means` is not `MeansLayout::None`.
-    with_means: bool,
     /// How the means are laid out (`plan::materialize_means`).
     means: MeansLayout,
     /// Each tensor's first column in a row of all tensors' padded columns
@@ -191,9 +189,14 @@ struct CallLayout {
 }
 
 impl CallLayout {
+    /// Pass 1 stores the micro-batch means (else pass 4 re-reads the input rows).
+    fn with_means(&self) -> bool {
+        self.means != MeansLayout::None
+    }
+
     /// Bytes of the stored means (0 without).
     fn means_bytes(&self) -> u64 {
-        if self.with_means {
+        if self.with_means() {
             self.micro_batches * self.total_means_cols * 4
         } else {
             0
@@ -815,19 +818,18 @@ impl GpuClipper {
             }
             // Dispatches whose rows of blocks exceed one binding are split; where
             // one tensor window's alone do, the rows are re-read instead.
+            let block = |p: usize| {
+                means_block(
+                    means,
+                    micro_batches,
+                    means_starts[p],
+                    padded_cols[p],
+                    total_means_cols,
+                )
+            };
             let fits = |entries: &[Pass1Entry]| {
-                let rows = entries.iter().map(|e| {
-                    let w = &tensors[e.tensor].1[e.window];
-                    let (start, stride) = means_block(
-                        means,
-                        micro_batches,
-                        means_starts[e.tensor],
-                        padded_cols[e.tensor],
-                        total_means_cols,
-                    );
-                    (start, stride, w.mb_first as u64, w.mb_count as u64)
-                });
-                blocks_binding(rows, self.storage_align).1 <= self.max_binding
+                entries_blocks_binding(entries, &tensors, block, self.storage_align).1
+                    <= self.max_binding
             };
             match split_for_blocks(pass1, fits) {
                 Some(pass1) => break (tensors, carry_cols, pass1),
@@ -897,7 +899,6 @@ impl GpuClipper {
             tensors,
             carry_cols,
             total_means_cols,
-            with_means,
             means,
             means_starts,
             row_chunks,

@@ -540,6 +540,24 @@ pub(crate) fn blocks_binding(
     (offset, size)
 }
 
+/// [`blocks_binding`] of norm-pass `entries`: each entry's window (in `tensors`,
+/// as `CallLayout::tensors` holds them: tile base, windows, group) writes the
+/// rows of its micro-batches in its tensor's block, `block(p)` = (start, stride)
+/// of tensor p's ([`means_block`]).
+pub(crate) fn entries_blocks_binding(
+    entries: &[Pass1Entry],
+    tensors: &[(u64, Vec<Window>, u32)],
+    block: impl Fn(usize) -> (u64, u64),
+    align: u64,
+) -> (u64, u64) {
+    let rows = entries.iter().map(|e| {
+        let w = &tensors[e.tensor].1[e.window];
+        let (start, stride) = block(e.tensor);
+        (start, stride, w.mb_first as u64, w.mb_count as u64)
+    });
+    blocks_binding(rows, align)
+}
+
 /// The norm-pass dispatches cut so that each one's [`MeansLayout::Blocks`] means
 /// fit one binding (`fits`, over a dispatch's entries): a dispatch shared by
 /// several tensors is split into runs of its entries, in order, each keeping the

@@ -10,7 +10,7 @@ use super::kernels::{
     FactorsParams, MeansSumParams, NormsParams, PartialsParams, RowWeightsParams, NOISE_MODE_ADD,
 };
 use super::plan::{
-    aligned_binding, block_window_rows, blocks_binding, dispatch_2d, tiles, MeansLayout,
+    aligned_binding, block_window_rows, dispatch_2d, entries_blocks_binding, tiles, MeansLayout,
     Pass1Dispatch, RowChunks, WORKGROUP,
 };
 use super::{noise_params, CallLayout, GpuClipper, GpuTensor, GpuTensorMut};
@@ -81,7 +81,7 @@ impl<'a> Call<'a> {
             out_bindings,
             skip_zero: (config.non_finite != NonFinitePolicy::Propagate) as u32,
             merge_pass4: layout.means == MeansLayout::Rows && layout.groups == 1 && copies_pay,
-            merge_rows: !layout.with_means && copies_pay,
+            merge_rows: !layout.with_means() && copies_pay,
             storage_align: clipper.storage_align,
             max_binding: clipper.max_binding,
         }
@@ -135,7 +135,7 @@ impl<'a> Call<'a> {
                     carry_out: w.carry_out as u32,
                     last_local: w.mb_count - 1,
                     vec4_path: load_path(cols, elem_offset, whole_quads),
-                    write_means: layout.with_means as u32,
+                    write_means: layout.with_means() as u32,
                     means_base: (means_start as u32).wrapping_sub((means.0 / 4) as u32),
                     tile_cols: layout.tile_cols as u32,
                     means_stride: means_stride as u32,
@@ -171,12 +171,10 @@ impl<'a> Call<'a> {
         match layout.means {
             MeansLayout::None => (0, 16),
             MeansLayout::Rows => (0, layout.means_bytes()),
-            MeansLayout::Blocks => blocks_binding(
-                d.entries.iter().map(|e| {
-                    let w = &layout.tensors[e.tensor].1[e.window];
-                    let (start, stride) = layout.means_block(e.tensor, self.inputs[e.tensor].cols);
-                    (start, stride, w.mb_first as u64, w.mb_count as u64)
-                }),
+            MeansLayout::Blocks => entries_blocks_binding(
+                &d.entries,
+                &layout.tensors,
+                |p| layout.means_block(p, self.inputs[p].cols),
                 self.storage_align,
             ),
         }
@@ -222,7 +220,7 @@ impl<'a> Call<'a> {
         merged_out: &'a wgpu::Buffer,
         quads_binding: impl Fn(&GpuTensor<'a>, u64, u64) -> Option<u64>,
     ) -> Vec<RowsJob<'a>> {
-        if self.layout.with_means {
+        if self.layout.with_means() {
             return Vec::new();
         }
         if self.merge_rows {
@@ -289,7 +287,7 @@ impl<'a> Call<'a> {
         params: &mut ParamBlocks,
         means: &'a wgpu::Buffer,
     ) -> Result<Vec<Pass4<'a>>> {
-        if !self.layout.with_means || self.merge_pass4 {
+        if !self.layout.with_means() || self.merge_pass4 {
             return Ok(Vec::new());
         }
         let layout = self.layout;
