@@ -25,6 +25,11 @@ struct Params {
     function: u32,  // FN_HARD, FN_AUTOMATIC or FN_NORMALIZE
     gamma: f32,     // FN_AUTOMATIC: s = C / (norm + gamma)
     sigma: f32,     // noise multiplier (0 without noise)
+    scale_fract: f32, // scale = scale_fract * 2^scale_exp, scale_fract in [0.5, 1),
+    scale_exp: i32,   // split on the host: exact for a subnormal scale, which a
+                      // GPU may flush before a frexp here
+    pad0: u32,
+    pad1: u32,
 }
 
 struct Stats {
@@ -118,9 +123,8 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var shift = 0i;
     var to_root = params.scale;
     if (params.adaptive == 1u && (params.scale > 65536.0 || params.scale < 0x1p-16f)) {
-        let parts = frexp(params.scale);
-        shift = parts.exp;
-        to_root = parts.fract;
+        shift = params.scale_exp;
+        to_root = params.scale_fract;
     }
     for (var g = 0u; g < groups; g++) {
         // Smallest norm over the finite micro-batches, as a (scale, root) pair.

@@ -478,6 +478,55 @@ fn near_f32_max_means_and_norms() {
     }
 }
 
+/// An adaptive scale below f32's normal range (the config accepts any finite
+/// scale > 0): the bound and factors are subnormal. Before the host split the
+/// scale into mantissa and exponent, lavapipe's `frexp` of the subnormal scale
+/// gave bounds 60x (scale 1e-40) to 6000x (1e-45) too large, and outputs as
+/// wrong, all below the common check's absolute floor (2 x f32::MIN_POSITIVE),
+/// so this test checks against the subnormal quantum 2^-149 instead. A GPU that
+/// flushes denormals may return 0 for each (the documented policy).
+#[test]
+fn subnormal_adaptive_scale() {
+    let Some(mut gpu) = gpu() else { return };
+    let quantum = 2f64.powi(-149);
+    let (n, d) = (12, 37);
+    let t = random_tensors(91, n, &[d], 1.0).remove(0);
+    for scale in [1e-39f32, 1e-40, 3e-43, 1e-45] {
+        let cfg = ClipConfig::adaptive(scale, MicroBatches::Uniform(2));
+        let want = clip_f64(&cfg, &[&t], n).unwrap();
+        let got = gpu.clip(&cfg, &[&t], n).unwrap();
+        let what = format!("scale {scale:e}");
+        let close = |a: f32, b: f64, quanta: f64| {
+            a == 0.0 || (a as f64 - b).abs() <= 1e-5 * b.abs() + quanta * quantum
+        };
+        assert!(
+            close(got.stats.clip_bound, want.clip_bound, 1.0),
+            "{what}: bound {:e}, reference {:e}",
+            got.stats.clip_bound,
+            want.clip_bound
+        );
+        for (j, (&a, &b)) in got.stats.factors.iter().zip(&want.factors).enumerate() {
+            assert!(
+                close(a, b, 1.0),
+                "{what}: factor[{j}] = {a:e}, reference {b:e}"
+            );
+        }
+        // out[c] = (1/M) sum_j s_j g_j[c]: each factor off by up to a quantum
+        // costs |g_j[c]| quanta, each product and the sum round once more.
+        for (c, (&a, &b)) in got.grads[0].iter().zip(&want.grads[0]).enumerate() {
+            let mean_abs_g = (0..n).map(|r| (t[r * d + c] as f64).abs()).sum::<f64>() / n as f64;
+            assert!(
+                close(a, b, mean_abs_g + 2.0),
+                "{what}: out[{c}] = {a:e}, reference {b:e}"
+            );
+        }
+        assert_eq!(
+            got.stats.clipped_count, want.clipped_count,
+            "{what}: clipped"
+        );
+    }
+}
+
 /// Factors and weights beyond f32's range: Normalize and AUTO-S on a micro-batch
 /// whose mean is tiny (C / norm = 1e40 overflowed f32 as one weight, and inf * 0
 /// made the whole group's zero columns NaN), and Hard clipping of a huge

@@ -396,6 +396,13 @@ pub(crate) struct FactorsParams {
     pub function: u32,
     pub gamma: f32,
     pub sigma: f32,
+    /// `scale` as `scale_fract * 2^scale_exp`, `scale_fract` in [0.5, 1): split
+    /// on the host, which is exact for a subnormal scale too (a GPU may flush
+    /// one before its `frexp`; lavapipe's gave bounds off by 60x and more).
+    pub scale_fract: f32,
+    pub scale_exp: i32,
+    pub pad0: u32,
+    pub pad1: u32,
 }
 
 /// `Params` of row_weights.wgsl.

@@ -482,6 +482,7 @@ impl<'a> Call<'a> {
             ClipBound::Adaptive { scale } => (1, scale),
             _ => (0, 1.0),
         };
+        let (scale_fract, scale_exp) = libm::frexpf(scale);
         let factors = params.push(&FactorsParams {
             micro_batches: m as u32,
             adaptive,
@@ -498,6 +499,9 @@ impl<'a> Call<'a> {
                 _ => 0.0,
             },
             sigma: config.noise.map_or(0.0, |n| n.multiplier),
+            scale_fract,
+            scale_exp,
+            ..Default::default()
         });
         Ok(FixedPasses {
             norms,
