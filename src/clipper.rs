@@ -122,8 +122,9 @@ impl Clipper {
     /// must come from this device (and its instance: wgpu reports a buffer of
     /// another device of the same instance, which becomes [`ClipError::Device`],
     /// but cannot tell one of another instance, whose buffer may then be taken
-    /// for one of the clipper's own, giving an error or wrong results: never
-    /// pass one).
+    /// for one of the clipper's own: an error (wgpu panics on a mismatched id,
+    /// caught as [`ClipError::Device`]; or [`ClipError::BufferRange`]) or wrong
+    /// results: never pass one).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         Ok(Self {
             engine: Engine::Gpu(Box::new(GpuClipper::from_device(device, queue)?)),

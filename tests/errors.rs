@@ -604,3 +604,56 @@ fn a_device_failure_leaves_the_clipper_usable_for_16_bit_rows() {
         common::check(&mut gpu, &cfg, &t, n, 1e-5, &format!("f32, b = {b}"));
     }
 }
+
+/// A buffer of another `wgpu::Instance`: wgpu-core 30 panics when the call
+/// binds it (its id names another resource of the clipper's instance). The
+/// panic is caught as a `ClipError::Device` (it unwound out of the call
+/// before, leaving wgpu's error scopes pushed), and the clipper stays usable.
+#[test]
+fn a_buffer_of_another_instance_is_a_device_error() {
+    let Some(mut gpu) = gpu() else {
+        return;
+    };
+    let (other, _queue) = device_with(|limits| limits).expect("a second instance's device");
+    let (n, cols) = (8, 40);
+    // Not the other instance's first buffer: the output below is the first of
+    // the clipper's device, and a buffer with the same id is taken for it
+    // ("output buffer is also an input buffer", an error too).
+    let _first = other.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("another instance's first buffer"),
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let input = other.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("another instance's input"),
+        size: (n * cols * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let output = gpu
+        .device()
+        .unwrap()
+        .create_buffer(&wgpu::BufferDescriptor {
+            label: Some("output"),
+            size: (cols * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+    let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(2));
+    for _ in 0..2 {
+        let failed = gpu.clip_buffers_into(
+            &cfg,
+            &[GpuTensor::new(&input, 0, cols)],
+            n,
+            &[GpuTensorMut {
+                buffer: &output,
+                offset: 0,
+                cols,
+            }],
+        );
+        assert!(matches!(failed, Err(ClipError::Device(_))), "{failed:?}");
+        let t = common::random_tensors(12, n, &[cols], 1.0);
+        common::check(&mut gpu, &cfg, &t, n, 1e-5, "after the failed call");
+    }
+}

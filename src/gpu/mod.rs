@@ -1030,7 +1030,9 @@ impl GpuClipper {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             device.poll(wgpu::PollType::wait_indefinitely())
         }))
-        .map_err(|panic| ClipError::Device(panic_message(&panic)))?
+        .map_err(|panic| {
+            ClipError::Device(panic_message("waiting for the device failed", &*panic))
+        })?
         .map_err(|e| ClipError::Device(e.to_string()))?;
         rx.recv()
             .map_err(|e| ClipError::Device(e.to_string()))?
@@ -1061,30 +1063,34 @@ fn group_count(group_of: &[usize]) -> usize {
     group_of.iter().max().map_or(1, |g| g + 1)
 }
 
-/// The text of a caught panic's payload.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// `what` and the text of a caught panic's payload.
+fn panic_message(what: &str, panic: &(dyn std::any::Any + Send)) -> String {
     let text = panic
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("a panic without a message");
-    format!("waiting for the device failed: {text}")
+    format!("{what}: {text}")
 }
 
 /// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
 /// out-of-memory, internal and validation error scopes: a failure is a
 /// [`ClipError::Device`] rather than a panic in wgpu's default error handler.
+/// A panic inside wgpu itself (wgpu-core 30 panics on a buffer of another
+/// `wgpu::Instance` when binding it) is caught and is a `ClipError::Device` too,
+/// after the scopes are popped.
 fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let result = f();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     let validation = pollster::block_on(validation.pop());
     let internal = pollster::block_on(internal.pop());
     let oom = pollster::block_on(oom.pop());
-    match validation.or(internal).or(oom) {
-        Some(e) => Err(ClipError::Device(e.to_string())),
-        None => Ok(result),
+    match (validation.or(internal).or(oom), result) {
+        (Some(e), _) => Err(ClipError::Device(e.to_string())),
+        (None, Err(panic)) => Err(ClipError::Device(panic_message("wgpu panicked", &*panic))),
+        (None, Ok(result)) => Ok(result),
     }
 }
 
