@@ -151,8 +151,8 @@ struct Args {
     /// Also write every run's numbers as JSON to this file.
     #[arg(long)]
     json: Option<String>,
-    /// Worker threads for the CPU backend [default: all cores].
-    #[arg(long)]
+    /// Worker threads for the CPU backend, 1 or more [default: all cores].
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<usize>,
 }
 
@@ -187,7 +187,7 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
         BackendArg::Cpu => Backend::Cpu,
     };
     if let Some(t) = args.threads {
-        cfg.threads = t.max(1);
+        cfg.threads = t;
     }
     if cfg.seeds == 0
         || cfg.steps == 0
