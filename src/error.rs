@@ -59,10 +59,13 @@ pub enum ClipError {
         outputs: usize,
     },
     /// A shape is beyond what the kernels can address: one input row, or one
-    /// tensor's f32 output row, larger than a storage binding; scratch bound whole
-    /// (the `M x tiles` norm partials, the `N x G` per-row weights) larger than a
-    /// binding; `u32::MAX` rows or more; more workgroups than one dispatch can
-    /// index.
+    /// tensor's f32 output row, larger than a storage binding (less up to 256
+    /// bytes of offset-alignment slack); scratch bound whole (the `M x tiles`
+    /// norm partials, the `N x G` per-row weights) larger than a binding;
+    /// `u32::MAX` rows or more; more workgroups than one dispatch can index; on
+    /// the GPU host-slice path (`Clipper::clip`), a tensor larger than the
+    /// device's largest buffer (caller buffers are read in row windows and have
+    /// no such limit beyond the buffer's own).
     #[error("input too large: {0}")]
     TooLarge(String),
     /// The [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) policy found a

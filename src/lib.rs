@@ -123,7 +123,8 @@
 //! `G x 8` bytes of group tables and, only when a micro-batch spans two row windows
 //! (of a tensor larger than one storage binding, or, on a software adapter, of a
 //! micro-batch too deep for one shader invocation's loop budget: see the README's
-//! "loop budget"), two carry rows of `D_p x 4` bytes.
+//! "loop budget"), two carry rows of `ceil4(max_p D_p) x 4` bytes (`ceil4`:
+//! rounded up to a multiple of 4).
 //! When the micro-batches hold `b = N / M >= 3` rows on average and the means fit
 //! one storage binding or, larger, take at most 1 GiB (and, on a software
 //! adapter, number at most 2,520), it also keeps the `M x sum ceil4(D_p) x 4` bytes of

@@ -39,7 +39,8 @@ pub(super) const DEFAULT_MEANS_MIN_ROWS: u64 = 3;
 
 /// The most bytes of micro-batch means a call stores when they do not fit one
 /// storage binding (`MeansLayout::Blocks` in plan.rs; within one binding they are
-/// always stored from `DEFAULT_MEANS_MIN_ROWS` rows per micro-batch on average):
+/// stored from `DEFAULT_MEANS_MIN_ROWS` rows per micro-batch on average, unless
+/// a software adapter's loop budget caps M, see `pass4_max_rows`):
 /// 1 GiB, as the CPU backend's stored means. Larger means would take a fraction
 /// `1 / b` of an input that already fills device memory; their rows are
 /// re-read instead. On lavapipe (128 MiB bindings) the shapes at b = 4

@@ -68,7 +68,10 @@ fn micro_batch_of(offsets: &[u32], row: u32) -> u32 {
 /// Cuts a `[N, cols]` tensor of `elem_bytes`-byte elements that starts at byte
 /// `base` (a multiple of 4) of its buffer into windows of whole rows, each bound in
 /// at most `max_binding` bytes and touching at most `MAX_GROUPS_PER_DIM`
-/// micro-batches and at most `max_rows` rows (see `window_rows_cap`).
+/// micro-batches and at most `max_rows` rows (see `window_rows_cap`). A window
+/// ends before a micro-batch that begins in it would be cut; only a micro-batch
+/// deeper than a window (one that begins a window and does not fit it) is cut,
+/// and carried from window to window.
 pub(crate) fn plan_windows(
     offsets: &[u32],
     cols: u64,
@@ -89,7 +92,7 @@ pub(crate) fn plan_windows(
     let rows_max = usable / row_bytes;
     if rows_max == 0 {
         return Err(ClipError::TooLarge(format!(
-            "one row of {cols} elements ({row_bytes} bytes) does not fit in a storage binding of {max_binding} bytes"
+            "one row of {cols} elements ({row_bytes} bytes) does not fit in a storage binding of {max_binding} bytes ({usable} usable after the {align}-byte offset alignment's slack)"
         )));
     }
     let rows_max = rows_max.min(max_rows.max(1));

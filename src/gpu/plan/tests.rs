@@ -56,6 +56,100 @@ fn windows_end_where_micro_batches_do() {
     let w = plan_windows(&offsets(10, 5), 100, 4, 0, 1 << 20, 256, 4).unwrap();
     let rows: Vec<(u32, u32)> = w.iter().map(|w| (w.row_start, w.row_end)).collect();
     assert_eq!(rows, [(0, 4), (4, 5), (5, 9), (9, 10)]);
+    // Ragged: a 1-row micro-batch before a deep one is a window of its own; the
+    // deep one is carried through windows of 4, its last window also holds the
+    // short ones that fit after it, and the one that would be cut starts the next.
+    let o = [0, 1, 10, 11, 13, 14];
+    let w = plan_windows(&o, 100, 4, 0, 1 << 20, 256, 4).unwrap();
+    let rows: Vec<(u32, u32, bool, bool)> = w
+        .iter()
+        .map(|w| (w.row_start, w.row_end, w.carry_in, w.carry_out))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (0, 1, false, false),
+            (1, 5, false, true),
+            (5, 9, true, true),
+            (9, 13, true, false),
+            (13, 14, false, false)
+        ]
+    );
+}
+
+/// Random ragged offsets, element sizes, alignments, bases, bindings and row
+/// caps: the windows cover the rows in order within their bindings, carries
+/// match from window to window, a window that carries out holds one
+/// micro-batch and is full, and one that does not ends where the next
+/// micro-batch would not fit (the review of fbddbe1, 20,000 cases there).
+#[test]
+fn windows_keep_their_invariants_on_random_plans() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(1);
+    for _ in 0..5000 {
+        let n: u32 = rng.random_range(1..300);
+        let m: u32 = rng.random_range(1..=n);
+        let mut cuts: Vec<u32> = (1..n).collect();
+        for i in (1..cuts.len()).rev() {
+            cuts.swap(i, rng.random_range(0..=i));
+        }
+        let mut o: Vec<u32> = cuts.into_iter().take((m - 1) as usize).collect();
+        o.push(0);
+        o.push(n);
+        o.sort_unstable();
+        let cols: u64 = rng.random_range(1..50);
+        let eb: u64 = if rng.random_bool(0.5) { 4 } else { 2 };
+        let align: u64 = [16u64, 32, 256][rng.random_range(0..3)];
+        let base: u64 = rng.random_range(0..64u64) * 4;
+        let rows: u64 = rng.random_range(1..20);
+        let max_binding = rows * cols * eb + align + rng.random_range(0..8u64) * 4;
+        let max_rows = if rng.random_bool(0.3) {
+            rng.random_range(1..10)
+        } else {
+            u64::MAX
+        };
+        let usable = (max_binding / 4 * 4)
+            .saturating_sub(align - eb)
+            .saturating_sub(4 - eb);
+        let rows_max = (usable / (cols * eb)).min(max_rows);
+        let planned = plan_windows(&o, cols, eb, base, max_binding, align, max_rows);
+        let Ok(w) = planned else {
+            assert_eq!(rows_max, 0, "{o:?}: {planned:?}");
+            continue;
+        };
+        let mut row = 0;
+        for (k, win) in w.iter().enumerate() {
+            assert_eq!(win.row_start, row);
+            assert!(win.row_end > win.row_start);
+            assert!((win.row_end - win.row_start) as u64 <= rows_max);
+            assert!(win.bind_size <= max_binding, "{o:?} {win:?} {max_binding}");
+            assert_eq!(win.bind_offset % align, 0);
+            let first_byte = win.bind_offset + win.elem_offset as u64 * eb;
+            assert_eq!(first_byte, base + win.row_start as u64 * cols * eb);
+            let end = first_byte + (win.row_end - win.row_start) as u64 * cols * eb;
+            assert!(end <= win.bind_offset + win.bind_size);
+            let mbf = win.mb_first as usize;
+            let mbl = mbf + win.mb_count as usize - 1;
+            assert!(o[mbf] <= win.row_start && o[mbf + 1] > win.row_start);
+            assert!(o[mbl] < win.row_end && o[mbl + 1] >= win.row_end);
+            assert_eq!(win.carry_in, o[mbf] < win.row_start);
+            assert_eq!(win.carry_out, o[mbl + 1] > win.row_end);
+            assert_eq!(win.carry_in, k > 0 && w[k - 1].carry_out);
+            if win.carry_out {
+                assert_eq!(win.mb_count, 1, "{o:?} {w:?}");
+                assert_eq!((win.row_end - win.row_start) as u64, rows_max);
+            } else if win.row_end < n {
+                let next_end = o[mbl + 2];
+                assert!(
+                    (next_end - win.row_start) as u64 > rows_max,
+                    "{o:?} {win:?} rows_max {rows_max}"
+                );
+            }
+            row = win.row_end;
+        }
+        assert_eq!(row, n);
+    }
 }
 
 #[test]
