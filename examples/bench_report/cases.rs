@@ -104,7 +104,7 @@ pub struct Opts {
     pub host_row: bool,
     /// Also time microclip's input-reading kernels one by one (GPU only).
     pub breakdown: bool,
-    /// Divide every D by this (default: 16 on a software (CPU-type) adapter, else 1).
+    /// Divide every D by this (default 1: the sizes).
     pub scale: Option<usize>,
     /// Also run the scaling series (`scaling.rs`).
     pub scaling: bool,
@@ -470,12 +470,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     drop(base);
     let info = device.adapter_info();
     let limits = device.limits();
-    let software = info.device_type == wgpu::DeviceType::Cpu;
-    let sizes = &Sizes::new(opts.scale.unwrap_or(if software { 16 } else { 1 }));
-    let why = match opts.scale {
-        Some(_) => "--scale / --quick",
-        None => "default on a software (CPU-type) adapter, whose shaders run on the host cores far below memory bandwidth; --scale 1 runs the full sizes",
-    };
+    let sizes = &Sizes::new(opts.scale.unwrap_or(1));
     let mut gpu = Gpu::new(device, queue, opts.max_binding);
     let timed = !opts.wall_clock && gpu.enable_timer();
     let mut ctx = GpuCtx {
@@ -511,7 +506,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             std::env::var("LP_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
-        sizes.header(why),
+        sizes.header("--scale / --quick"),
     ];
     header.extend(checks);
     let mut rows = Vec::new();
