@@ -389,6 +389,17 @@ impl Clipper {
         }
     }
 
+    /// Sets the input bytes from which a CPU backend call uses more threads than
+    /// the calling one (default 8 MiB: below, starting threads costs more than
+    /// it saves on a 2-core host); 0 always starts them. For tests of both ways
+    /// (the same bits). No effect on the GPU.
+    #[doc(hidden)]
+    pub fn set_cpu_parallel_min_bytes(&mut self, bytes: usize) {
+        if let Engine::Cpu(cpu) = &mut self.engine {
+            cpu.parallel_min_bytes = bytes;
+        }
+    }
+
     /// Whether the CPU backend widens f16 with F16C where the CPU has it (default
     /// true); false takes the integer decode of CPUs without it. For tests of
     /// both ways (the same bits). No effect on the GPU.

@@ -13,15 +13,24 @@ use microclip::{
 fn random_shapes_match_float64_reference() {
     // The one-read path (the default for these sizes), then the two-pass path
     // (storing the means where b >= 3), then the two-pass path reading the input
-    // twice at every b.
-    run_random_cases(Clipper::new(Backend::Cpu).unwrap(), 128, 1e-6);
-    let mut two_pass = Clipper::new(Backend::Cpu).unwrap();
-    two_pass.set_cpu_fused_budget_bytes(0);
-    run_random_cases(two_pass, 128, 1e-6);
-    let mut re_read = Clipper::new(Backend::Cpu).unwrap();
-    re_read.set_cpu_fused_budget_bytes(0);
-    re_read.set_cpu_means_max_bytes(0);
-    run_random_cases(re_read, 128, 1e-6);
+    // twice at every b; each on the calling thread alone (the default for these
+    // sizes, all below 8 MiB) and with every thread it would start for a large
+    // input.
+    for parallel_min_bytes in [usize::MAX, 0] {
+        let cpu = || {
+            let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+            cpu.set_cpu_parallel_min_bytes(parallel_min_bytes);
+            cpu
+        };
+        run_random_cases(cpu(), 128, 1e-6);
+        let mut two_pass = cpu();
+        two_pass.set_cpu_fused_budget_bytes(0);
+        run_random_cases(two_pass, 128, 1e-6);
+        let mut re_read = cpu();
+        re_read.set_cpu_fused_budget_bytes(0);
+        re_read.set_cpu_means_max_bytes(0);
+        run_random_cases(re_read, 128, 1e-6);
+    }
 }
 
 /// The two-pass path stores the means from b = 3 on (f32), keeps them for the next
@@ -181,13 +190,19 @@ fn fused_group_sizes_agree_bitwise() {
             .with_groups(vec![1, 0]),
     ] {
         let mut first: Option<Vec<Vec<f32>>> = None;
-        for r in [1, 2, 3, 16] {
+        // Group sizes, on the calling thread alone and with a thread per block.
+        for (r, parallel_min_bytes) in [1, 2, 3, 16]
+            .into_iter()
+            .flat_map(|r| [(r, usize::MAX), (r, 0)])
+        {
+            cpu.set_cpu_parallel_min_bytes(parallel_min_bytes);
             cpu.set_cpu_fused_budget_bytes(8 * cols + 4 * cols * r);
-            check(&mut cpu, &cfg, &t, n, 1e-6, &format!("R = {r} {cfg:?}"));
+            let what = format!("R = {r}, parallel from {parallel_min_bytes} bytes, {cfg:?}");
+            check(&mut cpu, &cfg, &t, n, 1e-6, &what);
             let out = cpu.clip(&cfg, &slices(&t), n).unwrap().grads;
             match &first {
                 None => first = Some(out),
-                Some(f) => assert_eq!(&out, f, "R = {r} {cfg:?}"),
+                Some(f) => assert_eq!(&out, f, "{what}"),
             }
         }
         cpu.set_cpu_fused_budget_bytes(0);

@@ -286,52 +286,62 @@ pub(super) fn run<T: GradElement>(
     plan: &Plan<'_, T>,
     group_size: usize,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(plan.blocks.len())
-        .max(1);
+    let threads = if plan.parallel {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(plan.blocks.len())
+            .max(1)
+    } else {
+        1
+    };
     let mut ranges = split(plan, threads);
     let slots = group_size * plan.blocks.len();
     let partials = [0, 1].map(|_| (0..slots).map(|_| AtomicU64::new(0)).collect());
     let barrier = Barrier::new(ranges.len());
     let gate = StartGate::default();
     let waits = plan.micro_batches().div_ceil(group_size);
-    let started: Option<Vec<(Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
-        let mut handles = Vec::with_capacity(ranges.len());
-        for (t, r) in ranges.iter().enumerate() {
-            let (partials, barrier, gate) = (&partials, &barrier, &gate);
-            let spawned = spawn_worker(s, t, move || {
-                if !gate.wait() {
-                    return None;
+    // One thread: the calling one (None below), none started.
+    let started: Option<Vec<(Vec<f64>, Vec<f64>)>> = (threads > 1)
+        .then(|| {
+            std::thread::scope(|s| {
+                let mut handles = Vec::with_capacity(ranges.len());
+                for (t, r) in ranges.iter().enumerate() {
+                    let (partials, barrier, gate) = (&partials, &barrier, &gate);
+                    let spawned = spawn_worker(s, t, move || {
+                        if !gate.wait() {
+                            return None;
+                        }
+                        let mut barrier = BarrierWaits {
+                            barrier,
+                            left: waits,
+                        };
+                        #[cfg(test)]
+                        tests::maybe_panic(t);
+                        let out =
+                            worker(plan, r.clone(), group_size, partials, &mut barrier, t == 0);
+                        Some(out)
+                    });
+                    match spawned {
+                        Ok(h) => handles.push(h),
+                        Err(_) => break,
+                    }
                 }
-                let mut barrier = BarrierWaits {
-                    barrier,
-                    left: waits,
-                };
-                #[cfg(test)]
-                tests::maybe_panic(t);
-                let out = worker(plan, r.clone(), group_size, partials, &mut barrier, t == 0);
-                Some(out)
-            });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(_) => break,
-            }
-        }
-        let all_started = handles.len() == ranges.len();
-        gate.set(all_started);
-        // Every worker is joined (the others finish when one panics), then the
-        // first panic is raised again.
-        let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-        let results = joined
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-        let results: Option<Vec<_>> = results.collect();
-        results.filter(|_| all_started)
-    });
-    // A thread that could not be started: the whole pass on the calling thread
-    // (no worker has touched the partials). The blocks' sums do not depend on
-    // how the blocks are shared out, so the result is the same.
+                let all_started = handles.len() == ranges.len();
+                gate.set(all_started);
+                // Every worker is joined (the others finish when one panics), then the
+                // first panic is raised again.
+                let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+                let results = joined
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+                let results: Option<Vec<_>> = results.collect();
+                results.filter(|_| all_started)
+            })
+        })
+        .flatten();
+    // One thread, or a thread that could not be started: the whole pass on the
+    // calling thread (no worker has touched the partials). The blocks' sums do
+    // not depend on how the blocks are shared out, so the result is the same.
     let results = started.unwrap_or_else(|| {
         ranges.clear();
         ranges.push(0..plan.blocks.len());
@@ -392,7 +402,9 @@ mod tests {
     /// Rows of `3 * BLOCK_COLS + 5` columns: several blocks, so two workers
     /// where there are two CPUs.
     fn blocks_input() -> (usize, Vec<f32>, ClipConfig) {
-        let (n, d) = (8, 3 * super::BLOCK_COLS + 5);
+        // Over PARALLEL_MIN_BYTES, so that the pass starts its threads.
+        let (n, d) = (176, 3 * super::BLOCK_COLS + 5);
+        assert!(n * d * 4 >= super::super::PARALLEL_MIN_BYTES);
         let rows: Vec<f32> = (0..n * d)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();

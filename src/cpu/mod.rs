@@ -36,6 +36,18 @@ use crate::noise::standard_normal;
 /// Columns per block (the unit of parallel work and of the partial norms).
 const BLOCK_COLS: usize = 4096;
 
+/// Input bytes below which a call runs on the calling thread alone. Starting
+/// the fused pass's threads and waking rayon's pool cost about 150-250 us a
+/// call on the project's 2-core VM, far more than a small model's work: a
+/// 64 x 44 gradient took 136 us a call (3 us alone), and the `sweet_spot`
+/// example spent 119 s of system time in 106 s of wall time scheduling
+/// threads. Medians of `N = 64` calls there (throwaway probe, two rounds,
+/// b = 4 / b = 1): alone against parallel, `D = 5,000` (1.3 MB) 48-77 us
+/// against 170-245, `D = 20,000` (5 MB) 187-301 against 326-520, `D = 40,000`
+/// (10 MB) 380-615 against 447-752, `D = 100,000` (26 MB) 1.4-2.1 ms against
+/// 1.1-1.5 (BENCHMARKS.md, twenty-fourth session).
+const PARALLEL_MIN_BYTES: usize = 8 << 20;
+
 /// Norms below 2^-64: see [`mean_too_coarse`].
 const COARSE_MEAN_NORM: f64 = 5.421_010_862_427_522e-20;
 
@@ -71,6 +83,9 @@ pub(crate) struct CpuEngine {
     /// Whether f16 may widen with F16C where the CPU has it (else the integer
     /// decode, as on CPUs without it).
     pub(crate) f16c: bool,
+    /// Input bytes from which a call uses more than the calling thread
+    /// ([`PARALLEL_MIN_BYTES`]).
+    pub(crate) parallel_min_bytes: usize,
     /// The two-pass path's stored means, grown on demand and reused: fresh pages
     /// cost a page fault each on first touch (a new 256 MiB buffer per call made
     /// the two-pass path slower than reading the input twice).
@@ -83,6 +98,7 @@ impl Default for CpuEngine {
             fused_budget: DEFAULT_FUSED_BUDGET_BYTES,
             means_max_bytes: DEFAULT_MEANS_MAX_BYTES,
             f16c: true,
+            parallel_min_bytes: PARALLEL_MIN_BYTES,
             means: Vec::new(),
         }
     }
@@ -129,11 +145,25 @@ struct Plan<'a, T> {
     propagate: bool,
     /// How the hot loops widen f16 (F16C where detected and allowed).
     f16c: F16c,
+    /// Whether the call is worth more than one thread
+    /// ([`CpuEngine::parallel_min_bytes`]).
+    parallel: bool,
 }
 
 impl<'a, T: GradElement> Plan<'a, T> {
     fn micro_batches(&self) -> usize {
         self.offsets.len() - 1
+    }
+
+    /// The least items a parallel iteration hands a rayon task: all of them
+    /// (no task, the calling thread does the work) for a small call, else
+    /// `items` (1 for blocks and tensors; a block's width for elements).
+    fn min_len(&self, items: usize) -> usize {
+        if self.parallel {
+            items
+        } else {
+            usize::MAX
+        }
     }
 
     fn rows(&self, j: usize) -> Range<usize> {
@@ -673,6 +703,11 @@ pub(crate) fn clip<T: GradElement>(
         } else {
             F16c::OFF
         },
+        parallel: tensors
+            .iter()
+            .map(|t| std::mem::size_of_val(*t))
+            .sum::<usize>()
+            >= engine.parallel_min_bytes,
     };
     // Per tensor, sum_j h_j * mean_j, where h_j = s_j / C_g when `adaptive_scaled`
     // (the fused path under an adaptive bound), else s_j.
@@ -714,6 +749,7 @@ pub(crate) fn clip<T: GradElement>(
     // the same 200,000 columns 3 ms.
     let grads = sums
         .par_iter()
+        .with_min_len(plan.min_len(1))
         .zip(firsts)
         .enumerate()
         .map(|(p, (sum, first))| {
@@ -726,6 +762,7 @@ pub(crate) fn clip<T: GradElement>(
                 false => 1.0 / m,
             };
             sum.par_iter()
+                .with_min_len(plan.min_len(BLOCK_COLS))
                 .enumerate()
                 .map(|(c, &v)| {
                     let z = config.noise.map_or(0.0, |n| {

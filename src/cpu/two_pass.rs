@@ -33,6 +33,7 @@ pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
     let ssq: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
+        .with_min_len(plan.min_len(1))
         .map(|b| {
             let mut sum = vec![0.0f64; b.w];
             (0..m).map(|j| block_ssq(plan, b, j, &mut sum)).collect()
@@ -56,6 +57,7 @@ pub(super) fn sums<T: GradElement>(
     let block_sums: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
+        .with_min_len(plan.min_len(1))
         .map(|b| {
             let mut acc = vec![0.0f64; b.w];
             let mut terms: Vec<(f64, &[T])> = Vec::new();
@@ -140,6 +142,7 @@ pub(super) fn norms_and_means<T: GradElement>(plan: &Plan<'_, T>, means: &mut [f
     let ssq: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
+        .with_min_len(plan.min_len(1))
         .zip(per_block(plan, means, <[f32]>::split_at_mut))
         .map(|(b, mine)| {
             let mut sum = vec![0.0f64; b.w];
@@ -164,6 +167,7 @@ pub(super) fn sums_of_means<T: GradElement>(
     let block_sums: Vec<Vec<f64>> = plan
         .blocks
         .par_iter()
+        .with_min_len(plan.min_len(1))
         .zip(per_block(plan, means, <[f32]>::split_at))
         .map(|(b, mine)| {
             let mut acc = vec![0.0f64; b.w];
