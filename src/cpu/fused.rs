@@ -300,12 +300,13 @@ pub(super) fn run<T: GradElement>(
     let barrier = Barrier::new(ranges.len());
     let gate = StartGate::default();
     let waits = plan.micro_batches().div_ceil(group_size);
-    // One thread: the calling one (None below), none started.
+    // Workers 1.. on threads of their own, worker 0 on the calling thread (one
+    // thread fewer to start per call); with one thread, none started (None).
     let started: Option<Vec<(Vec<f64>, Vec<f64>)>> = (threads > 1)
         .then(|| {
             std::thread::scope(|s| {
-                let mut handles = Vec::with_capacity(ranges.len());
-                for (t, r) in ranges.iter().enumerate() {
+                let mut handles = Vec::with_capacity(ranges.len() - 1);
+                for (t, r) in ranges.iter().enumerate().skip(1) {
                     let (partials, barrier, gate) = (&partials, &barrier, &gate);
                     let spawned = spawn_worker(s, t, move || {
                         if !gate.wait() {
@@ -318,7 +319,7 @@ pub(super) fn run<T: GradElement>(
                         #[cfg(test)]
                         tests::maybe_panic(t);
                         let out =
-                            worker(plan, r.clone(), group_size, partials, &mut barrier, t == 0);
+                            worker(plan, r.clone(), group_size, partials, &mut barrier, false);
                         Some(out)
                     });
                     match spawned {
@@ -326,16 +327,36 @@ pub(super) fn run<T: GradElement>(
                         Err(_) => break,
                     }
                 }
-                let all_started = handles.len() == ranges.len();
+                let all_started = handles.len() == ranges.len() - 1;
                 gate.set(all_started);
-                // Every worker is joined (the others finish when one panics), then the
-                // first panic is raised again.
+                // A panic here unwinds through the scope, which joins the others
+                // first (this worker's remaining barrier waits are made as it drops).
+                let first = all_started.then(|| {
+                    let mut barrier = BarrierWaits {
+                        barrier: &barrier,
+                        left: waits,
+                    };
+                    #[cfg(test)]
+                    tests::maybe_panic(0);
+                    worker(
+                        plan,
+                        ranges[0].clone(),
+                        group_size,
+                        &partials,
+                        &mut barrier,
+                        true,
+                    )
+                });
+                // Every worker is joined (the others finish when one panics), then
+                // the first panic is raised again.
                 let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-                let results = joined
+                let rest = joined
                     .into_iter()
                     .map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-                let results: Option<Vec<_>> = results.collect();
-                results.filter(|_| all_started)
+                let rest: Option<Vec<_>> = rest.collect();
+                first
+                    .zip(rest)
+                    .map(|(first, rest)| std::iter::once(first).chain(rest).collect())
             })
         })
         .flatten();
@@ -350,6 +371,8 @@ pub(super) fn run<T: GradElement>(
             barrier: &alone,
             left: waits,
         };
+        #[cfg(test)]
+        tests::maybe_panic(0);
         vec![worker(
             plan,
             ranges[0].clone(),
@@ -453,27 +476,32 @@ mod tests {
         let mut clipper = Clipper::new(Backend::Cpu).unwrap();
         let before = clipper.clip(&config, &[&rows], n).unwrap();
 
-        PANIC_WORKER.store(threads.min(2) - 1, SeqCst);
-        let (send, receive) = mpsc::channel();
-        let (config_, rows_) = (config.clone(), rows.clone());
-        std::thread::spawn(move || {
-            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                clipper.clip(&config_, &[&rows_], n)
-            }));
-            let message = caught.err().map(|p| {
-                p.downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
+        // Worker 0 runs on the calling thread, the others on threads of their own.
+        for panicking in [threads.min(2) - 1, 0] {
+            PANIC_WORKER.store(panicking, SeqCst);
+            let (send, receive) = mpsc::channel();
+            let (config_, rows_) = (config.clone(), rows.clone());
+            std::thread::spawn(move || {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    clipper.clip(&config_, &[&rows_], n)
+                }));
+                let message = caught.err().map(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                });
+                send.send((message, clipper)).unwrap();
             });
-            send.send((message, clipper)).unwrap();
-        });
-        let outcome = receive.recv_timeout(Duration::from_secs(60));
-        PANIC_WORKER.store(usize::MAX, SeqCst);
-        let (message, mut clipper) = outcome.expect("the call hung after a worker panicked");
-        assert_eq!(message.as_deref(), Some("injected worker panic"));
-        // The clipper still works afterwards, with the same result.
-        let after = clipper.clip(&config, &[&rows], n).unwrap();
-        assert_eq!(before.grads, after.grads);
+            let outcome = receive.recv_timeout(Duration::from_secs(60));
+            PANIC_WORKER.store(usize::MAX, SeqCst);
+            let (message, clipper_back) = outcome
+                .unwrap_or_else(|_| panic!("the call hung after worker {panicking} panicked"));
+            clipper = clipper_back;
+            assert_eq!(message.as_deref(), Some("injected worker panic"));
+            // The clipper still works afterwards, with the same result.
+            let after = clipper.clip(&config, &[&rows], n).unwrap();
+            assert_eq!(before.grads, after.grads);
+        }
         assert!(before.grads[0].iter().any(|&v| v != 0.0));
     }
 }

@@ -45,7 +45,9 @@ const BLOCK_COLS: usize = 4096;
 /// b = 4 / b = 1): alone against parallel, `D = 5,000` (1.3 MB) 48-77 us
 /// against 170-245, `D = 20,000` (5 MB) 187-301 against 326-520, `D = 40,000`
 /// (10 MB) 380-615 against 447-752, `D = 100,000` (26 MB) 1.4-2.1 ms against
-/// 1.1-1.5 (BENCHMARKS.md, twenty-fourth session).
+/// 1.1-1.5 (BENCHMARKS.md, twenty-fourth session). Since the fused pass runs
+/// its first worker on the calling thread, parallel at `D = 33,000` (8.4 MB)
+/// takes 301-398 / 471-760 us (525-605 / 522-882 before; three rounds).
 const PARALLEL_MIN_BYTES: usize = 8 << 20;
 
 /// Norms below 2^-64: see [`mean_too_coarse`].
