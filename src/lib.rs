@@ -81,10 +81,12 @@
 //!
 //! [`Backend::Gpu`] runs the WGSL kernels in `shaders/`; [`Backend::Cpu`] runs the
 //! same semantics on the CPU: on rayon's global pool, except its one-read path
-//! (see Memory), which runs one scoped thread per core
-//! (`std::thread::available_parallelism`, not limited by `RAYON_NUM_THREADS`;
-//! where a thread cannot be started, on the calling thread, with the same
-//! result). [`Backend::Auto`] takes the GPU when an adapter exists and the CPU
+//! (see Memory), which runs on the calling thread and one scoped thread per
+//! further core (`std::thread::available_parallelism`, not limited by
+//! `RAYON_NUM_THREADS`; where a thread cannot be started, on the calling
+//! thread alone, with the same result). A call with less than 8 MiB of input
+//! runs on the calling thread alone (starting threads would cost more than its
+//! work). [`Backend::Auto`] takes the GPU when an adapter exists and the CPU
 //! otherwise. [`ClipStats::backend`] says which one ran.
 //!
 //! ## Numerics
