@@ -581,17 +581,7 @@ fn a_device_failure_leaves_the_clipper_usable_for_16_bit_rows() {
     // chunks whose f32 partial rows a last dispatch sums (on lavapipe).
     for b in [4, 1, 2] {
         let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(b));
-        let failed = gpu.clip_buffers_into(
-            &cfg,
-            &[GpuTensor::new(&input, 0, cols)],
-            n,
-            &[GpuTensorMut {
-                buffer: &output,
-                offset: 0,
-                cols,
-            }],
-        );
-        assert!(matches!(failed, Err(ClipError::Device(_))), "{failed:?}");
+        assert_device_error(&mut gpu, &cfg, &input, &output, n, cols);
         common::check_typed(&mut gpu, &cfg, &f16_rows, n, 1e-5, &format!("f16, b = {b}"));
         common::check_typed(
             &mut gpu,
@@ -642,18 +632,31 @@ fn a_buffer_of_another_instance_is_a_device_error() {
         });
     let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(2));
     for _ in 0..2 {
-        let failed = gpu.clip_buffers_into(
-            &cfg,
-            &[GpuTensor::new(&input, 0, cols)],
-            n,
-            &[GpuTensorMut {
-                buffer: &output,
-                offset: 0,
-                cols,
-            }],
-        );
-        assert!(matches!(failed, Err(ClipError::Device(_))), "{failed:?}");
+        assert_device_error(&mut gpu, &cfg, &input, &output, n, cols);
         let t = common::random_tensors(12, n, &[cols], 1.0);
         common::check(&mut gpu, &cfg, &t, n, 1e-5, "after the failed call");
     }
+}
+
+/// Clips the `[n, cols]` f32 tensor `input` into `output` and asserts that the
+/// call fails with `ClipError::Device`.
+fn assert_device_error(
+    gpu: &mut Clipper,
+    cfg: &ClipConfig,
+    input: &wgpu::Buffer,
+    output: &wgpu::Buffer,
+    n: usize,
+    cols: usize,
+) {
+    let failed = gpu.clip_buffers_into(
+        cfg,
+        &[GpuTensor::new(input, 0, cols)],
+        n,
+        &[GpuTensorMut {
+            buffer: output,
+            offset: 0,
+            cols,
+        }],
+    );
+    assert!(matches!(failed, Err(ClipError::Device(_))), "{failed:?}");
 }

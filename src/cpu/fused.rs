@@ -145,6 +145,26 @@ fn whole_runs<'p, T: GradElement>(
     })
 }
 
+/// Worker `t` over `blocks`, making its `waits` at `barrier` (the remaining ones
+/// as it drops, should it unwind); see [`worker`].
+fn run_worker<T: GradElement>(
+    plan: &Plan<'_, T>,
+    t: usize,
+    blocks: Range<usize>,
+    group_size: usize,
+    partials: &[Vec<AtomicU64>; 2],
+    barrier: &Barrier,
+    waits: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut barrier = BarrierWaits {
+        barrier,
+        left: waits,
+    };
+    #[cfg(test)]
+    tests::maybe_panic(t);
+    worker(plan, blocks, group_size, partials, &mut barrier, t == 0)
+}
+
 /// One thread's share: returns the norms (thread 0 only) and its accumulator.
 fn worker<T: GradElement>(
     plan: &Plan<'_, T>,
@@ -312,15 +332,15 @@ pub(super) fn run<T: GradElement>(
                         if !gate.wait() {
                             return None;
                         }
-                        let mut barrier = BarrierWaits {
+                        Some(run_worker(
+                            plan,
+                            t,
+                            r.clone(),
+                            group_size,
+                            partials,
                             barrier,
-                            left: waits,
-                        };
-                        #[cfg(test)]
-                        tests::maybe_panic(t);
-                        let out =
-                            worker(plan, r.clone(), group_size, partials, &mut barrier, false);
-                        Some(out)
+                            waits,
+                        ))
                     });
                     match spawned {
                         Ok(h) => handles.push(h),
@@ -332,19 +352,14 @@ pub(super) fn run<T: GradElement>(
                 // A panic here unwinds through the scope, which joins the others
                 // first (this worker's remaining barrier waits are made as it drops).
                 let first = all_started.then(|| {
-                    let mut barrier = BarrierWaits {
-                        barrier: &barrier,
-                        left: waits,
-                    };
-                    #[cfg(test)]
-                    tests::maybe_panic(0);
-                    worker(
+                    run_worker(
                         plan,
+                        0,
                         ranges[0].clone(),
                         group_size,
                         &partials,
-                        &mut barrier,
-                        true,
+                        &barrier,
+                        waits,
                     )
                 });
                 // Every worker is joined (the others finish when one panics), then
@@ -367,19 +382,14 @@ pub(super) fn run<T: GradElement>(
         ranges.clear();
         ranges.push(0..plan.blocks.len());
         let alone = Barrier::new(1);
-        let mut barrier = BarrierWaits {
-            barrier: &alone,
-            left: waits,
-        };
-        #[cfg(test)]
-        tests::maybe_panic(0);
-        vec![worker(
+        vec![run_worker(
             plan,
+            0,
             ranges[0].clone(),
             group_size,
             &partials,
-            &mut barrier,
-            true,
+            &alone,
+            waits,
         )]
     });
     // Each thread's accumulator holds its blocks in order, and the threads' ranges
