@@ -391,8 +391,9 @@ impl Clipper {
 
     /// Sets the input bytes from which a CPU backend call uses more threads than
     /// the calling one (default 8 MiB: below, starting threads costs more than
-    /// it saves on a 2-core host); 0 always starts them. For tests of both ways
-    /// (the same bits). No effect on the GPU.
+    /// it saves on a 2-core host); 0 starts them whenever the call has work for
+    /// more than one (more than one 4096-column block, more than one core).
+    /// For tests of both ways (the same bits). No effect on the GPU.
     #[doc(hidden)]
     pub fn set_cpu_parallel_min_bytes(&mut self, bytes: usize) {
         if let Engine::Cpu(cpu) = &mut self.engine {

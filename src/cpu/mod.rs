@@ -36,7 +36,9 @@ use crate::noise::standard_normal;
 /// Columns per block (the unit of parallel work and of the partial norms).
 const BLOCK_COLS: usize = 4096;
 
-/// Input bytes below which a call runs on the calling thread alone. Starting
+/// Input bytes below which a call runs on the calling thread alone (no fused
+/// worker threads; rayon's iterations in one piece, though the first one still
+/// starts rayon's global pool once per process). Starting
 /// the fused pass's threads and waking rayon's pool cost about 150-250 us a
 /// call on the project's 2-core VM, far more than a small model's work: a
 /// 64 x 44 gradient took 136 us a call (3 us alone), and the `sweet_spot`

@@ -1076,9 +1076,11 @@ fn panic_message(what: &str, panic: &(dyn std::any::Any + Send)) -> String {
 /// Runs `f` (buffer or pipeline creation, uploads, a call's passes) in
 /// out-of-memory, internal and validation error scopes: a failure is a
 /// [`ClipError::Device`] rather than a panic in wgpu's default error handler.
-/// A panic inside wgpu itself (wgpu-core 30 panics on a buffer of another
-/// `wgpu::Instance` when binding it) is caught and is a `ClipError::Device` too,
-/// after the scopes are popped.
+/// A panic while `f` runs (inside wgpu: wgpu-core 30 panics binding a buffer of
+/// another `wgpu::Instance`; or in microclip's own encoding) is caught and is a
+/// `ClipError::Device` too, after the scopes are popped; the caller then clears
+/// the pool and the readers. The default panic hook still prints it, and
+/// nothing is caught under `panic = "abort"`.
 fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
@@ -1089,7 +1091,10 @@ fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R> {
     let oom = pollster::block_on(oom.pop());
     match (validation.or(internal).or(oom), result) {
         (Some(e), _) => Err(ClipError::Device(e.to_string())),
-        (None, Err(panic)) => Err(ClipError::Device(panic_message("wgpu panicked", &*panic))),
+        (None, Err(panic)) => Err(ClipError::Device(panic_message(
+            "a panic during the call's GPU work",
+            &*panic,
+        ))),
         (None, Ok(result)) => Ok(result),
     }
 }
