@@ -144,12 +144,7 @@ fn host_errors(clipper: &mut Clipper) {
 fn cpu_clipper_rejects_gpu_buffers() {
     let Some(gpu) = gpu() else { return };
     let device = gpu.device().unwrap();
-    let buf = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let buf = common::storage_buffer(device, "a GPU buffer", 64);
     let mut cpu = Clipper::new(Backend::Cpu).unwrap();
     let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
     let err = cpu
@@ -561,18 +556,8 @@ fn a_device_failure_leaves_the_clipper_usable_for_16_bit_rows() {
     };
     let device = gpu.device().unwrap().clone();
     let (n, cols) = (64, 300);
-    let input = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("destroyed input"),
-        size: (n * cols * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    let output = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("output"),
-        size: (cols * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let input = common::storage_buffer(&device, "destroyed input", (n * cols * 4) as u64);
+    let output = common::storage_buffer(&device, "output", (cols * 4) as u64);
     input.destroy();
     let t = common::random_tensors(11, n, &[cols, 5], 1.0);
     let f16_rows = common::rounded(&t, microclip::half::f16::from_f32);
@@ -609,27 +594,9 @@ fn a_buffer_of_another_instance_is_a_device_error() {
     // Not the other instance's first buffer: the output below is the first of
     // the clipper's device, and a buffer with the same id is taken for it
     // ("output buffer is also an input buffer", an error too).
-    let _first = other.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("another instance's first buffer"),
-        size: 16,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    let input = other.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("another instance's input"),
-        size: (n * cols * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    let output = gpu
-        .device()
-        .unwrap()
-        .create_buffer(&wgpu::BufferDescriptor {
-            label: Some("output"),
-            size: (cols * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+    let _first = common::storage_buffer(&other, "another instance's first buffer", 16);
+    let input = common::storage_buffer(&other, "another instance's input", (n * cols * 4) as u64);
+    let output = common::storage_buffer(gpu.device().unwrap(), "output", (cols * 4) as u64);
     let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(2));
     for _ in 0..2 {
         assert_device_error(&mut gpu, &cfg, &input, &output, n, cols);

@@ -255,21 +255,8 @@ fn caller_buffers_of_mixed_element_types() {
     }
 
     // The buffer must hold the 16-bit tensor's bytes rounded up to whole words.
-    let short = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 8,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    let out = gpu
-        .device()
-        .unwrap()
-        .create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: 4,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+    let short = common::storage_buffer(&device, "short f16 input", 8);
+    let out = common::storage_buffer(gpu.device().unwrap(), "output", 4);
     let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
     // 3 rows of 1 f16 at byte 4: 6 bytes, 8 with the last word, 12 > 8.
     let e = gpu

@@ -548,6 +548,17 @@ pub fn run_random_cases(clipper: Clipper, cases: u32, tol: f64) {
         .unwrap();
 }
 
+/// A `size`-byte storage buffer of `device`, contents unset (for calls that
+/// must fail, and for outputs).
+pub fn storage_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
 /// `gpu.clip_buffers` on `inputs`, each returned output buffer read back.
 pub fn clip_buffers_read(
     gpu: &mut Clipper,
