@@ -71,10 +71,10 @@ impl Sizes {
         }
     }
 
-    fn header(&self, why: &str) -> String {
+    fn header(&self) -> String {
         if self.scale > 1 {
             format!(
-                "sizes: the issue's shapes with every D divided by {} ({why}); N, b and the tensor count unchanged",
+                "sizes: the issue's shapes with every D divided by {} (--scale / --quick); N, b and the tensor count unchanged",
                 self.scale
             )
         } else {
@@ -506,7 +506,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
             std::env::var("LP_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
-        sizes.header("--scale / --quick"),
+        sizes.header(),
     ];
     header.extend(checks);
     let mut rows = Vec::new();
@@ -896,7 +896,7 @@ pub fn run_cpu(opts: Opts) -> Result<Report, String> {
             "backend: cpu (rayon, {} threads)",
             rayon::current_num_threads()
         ),
-        sizes.header("--scale / --quick"),
+        sizes.header(),
     ];
     let mut rows = Vec::new();
 
