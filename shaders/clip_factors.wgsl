@@ -215,6 +215,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     let finite_k = ratio_k <= 3.4028235e38;
                     log2_ratio = select(0i, frexp(ratio_k).exp - k, finite_k);
                     extreme = finite_k && abs(log2_ratio) > EXTREME_LOG2;
+                    // C / n.scale overflows where n.scale < 1 although the ratio
+                    // (divided by a root >= 1 too) may fit: then ratio_k / 2^k
+                    // (k < 0, so ratio_k did not overflow; exact, a power of two).
+                    if (nonfinite_flags(ratio) != 0u && finite_k) {
+                        ratio = ldexp(ratio_k, -k);
+                    }
                 }
                 // norm > C, decided exactly when the scales are equal (GPU
                 // division need not be correctly rounded: C / C can miss 1).
@@ -237,11 +243,15 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     // C / (norm + gamma) = (C / norm) * (norm / (norm + gamma)), so
                     // neither C nor the norm has to fit in f32; a norm beyond f32::MAX
                     // leaves C / norm, and a zero norm gives C / gamma.
-                    // C / (norm + gamma) <= C / gamma: a tiny norm is never extreme,
-                    // but its ratio may overflow, so it is divided directly.
+                    // C / (norm + gamma) <= C / gamma: a tiny norm (C / norm beyond
+                    // 2^EXTREME_LOG2) is divided directly. Only where that
+                    // overflows f32 (C / gamma > f32::MAX) does its weight go as a
+                    // pair from ratio_k, like Normalize's, so that the
+                    // micro-batch's terms stay finite wherever s_j g_j is.
                     if (!positive || log2_ratio > EXTREME_LOG2) {
                         factor = ldexp(div_wide(bound.x * bound.y, params.gamma + norm), shift);
-                        extreme = false;
+                        factor_k = ratio_k * div_wide(norm, norm + params.gamma);
+                        extreme = extreme && nonfinite_flags(factor) != 0u;
                     } else if (norm <= 3.4028235e38) {
                         factor = ratio * div_wide(norm, norm + params.gamma);
                         factor_k = ratio_k * div_wide(norm, norm + params.gamma);

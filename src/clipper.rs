@@ -59,7 +59,10 @@ pub struct ClipStats {
     /// with micro-batches of more than one sample
     /// ([`accountant::micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
     pub clip_bound: f32,
-    /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`.
+    /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`,
+    /// as the backend rounds them (the GPU in f32, the CPU in f64): a norm within
+    /// a rounding of `C_g` may count on one backend and not the other (not the
+    /// micro-batch an adaptive bound of scale 1 comes from: it never counts).
     pub clipped_count: usize,
     /// Micro-batches whose mean gradient holds NaN or infinity (in any group).
     pub nonfinite_count: usize,
@@ -485,6 +488,15 @@ impl Clipper {
     ) -> Result<(Vec<wgpu::Buffer>, ClipStats)> {
         self.begin_call();
         let gpu = self.gpu_engine()?;
+        // Everything but the outputs checked before they are created: a bad
+        // configuration or input is its own error, not an out-of-memory one.
+        config.validate()?;
+        if n_samples == 0 {
+            return Err(ClipError::NoSamples);
+        }
+        gpu.check_inputs(n_samples as u64, inputs)?;
+        config.row_offsets(n_samples)?;
+        config.tensor_groups(inputs.len())?;
         let buffers: Vec<wgpu::Buffer> = inputs
             .iter()
             .map(|t| gpu.output_buffer(t.cols))

@@ -35,10 +35,11 @@ pub enum MicroBatches {
 
 /// How a micro-batch's factor `s_j` follows from its norm and the bound `C`.
 ///
-/// The GPU forms factors in f32: one beyond `f32::MAX` (`C / norm_j` above
-/// 3.4e38 under `Normalize` or AUTO-S, e.g. `C = 1` on a norm below 3e-39) is
-/// `+inf`, and so are its micro-batch's terms of the output; the CPU forms them
-/// in f64. A micro-batch whose mean is exactly zero adds nothing on either
+/// A factor beyond `f32::MAX` (`C / norm_j` above 3.4e38 under `Normalize` or
+/// AUTO-S, e.g. `C = 1` on a norm below 3e-39) is reported as `+inf` on both
+/// backends, but the output's terms `s_j g_j` are formed without it (the CPU in
+/// f64, the GPU as a power of two and a scaled factor), so they are finite
+/// wherever they fit f32. A micro-batch whose mean is exactly zero adds nothing
 /// (unless its factor is NaN, see [`NonFinitePolicy::Propagate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum ClipFunction {
@@ -267,7 +268,8 @@ impl ClipConfig {
     /// The row offsets `[o_0 = 0, ..., o_M = n_samples]` this layout gives for a
     /// batch of `n_samples`, validated. For `Uniform(b)` this allocates the
     /// `ceil(n_samples / b) + 1` offsets (the clipping calls first check that the
-    /// inputs hold `n_samples` rows).
+    /// inputs hold `n_samples` rows), or returns [`ClipError::TooLarge`] where
+    /// that vector cannot be allocated.
     pub fn row_offsets(&self, n_samples: usize) -> Result<Vec<usize>> {
         self.validate()?;
         if n_samples == 0 {
@@ -275,7 +277,15 @@ impl ClipConfig {
         }
         match &self.micro_batches {
             MicroBatches::Uniform(b) => {
-                let mut offsets: Vec<usize> = (0..n_samples).step_by(*b).collect();
+                let len = n_samples.div_ceil(*b).checked_add(1);
+                let mut offsets = Vec::new();
+                len.and_then(|len| offsets.try_reserve_exact(len).ok())
+                    .ok_or_else(|| {
+                        ClipError::TooLarge(format!(
+                            "the offsets of {n_samples} samples in micro-batches of {b}"
+                        ))
+                    })?;
+                offsets.extend((0..n_samples).step_by(*b));
                 offsets.push(n_samples);
                 Ok(offsets)
             }

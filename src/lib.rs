@@ -112,6 +112,11 @@
 //! * On GPUs that flush denormals (Vulkan allows it; NVIDIA does), f32-subnormal
 //!   inputs, outputs and clip factors (below 1.2e-38; a factor `C / norm` is that
 //!   small for a norm above `8.5e37 * C`) read and come back as zero.
+//! * On any GPU the terms `x_i / n_j` of a mean are rounded to f32, each to
+//!   within 2^-150 (7e-46) where it is subnormal: a micro-batch whose mean is
+//!   that small (a norm near 1e-37 or below) carries that absolute error, which
+//!   hard clipping leaves alone (factor 1) but `Normalize` and AUTO-S multiply by
+//!   their factor `C / norm`. The CPU's f64 sums are exact there.
 //! * Divisions by numbers beyond 2^126, which some GPUs (NVIDIA) compute through
 //!   a reciprocal flushed to zero, are scaled by 2^-64 first; the tests run with
 //!   that division emulated under the testing feature `emulate-ftz-division`.

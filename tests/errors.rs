@@ -43,6 +43,25 @@ fn reference_checks_lengths_before_offsets() {
     assert_eq!(ok.grads, vec![vec![1.0]]);
 }
 
+/// `row_offsets` is public: offsets it cannot allocate are an error, not a
+/// capacity-overflow panic (`usize::MAX`) or an abort (2^60 offsets).
+#[test]
+fn offsets_too_many_to_allocate() {
+    let config = ClipConfig::fixed(1.0, MicroBatches::Uniform(1));
+    for n in [usize::MAX, 1 << 60] {
+        let err = config.row_offsets(n).unwrap_err();
+        assert!(matches!(err, ClipError::TooLarge(_)), "{n}: {err:?}");
+    }
+    let offsets = ClipConfig::fixed(1.0, MicroBatches::Uniform(usize::MAX))
+        .row_offsets(usize::MAX)
+        .unwrap();
+    assert_eq!(offsets, vec![0, usize::MAX]);
+    let offsets = ClipConfig::fixed(1.0, MicroBatches::Uniform(3))
+        .row_offsets(7)
+        .unwrap();
+    assert_eq!(offsets, vec![0, 3, 6, 7]);
+}
+
 #[test]
 fn gpu_host_errors() {
     let Some(mut gpu) = gpu() else { return };
@@ -179,6 +198,18 @@ fn gpu_buffer_errors() {
     // Fits exactly: 4 rows x 8 cols.
     gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[o(&out, 0, 8)])
         .unwrap();
+    // clip_buffers checks the configuration and the inputs before it creates
+    // its outputs: a tensor claiming 2^40 columns is a range error (it was the
+    // output's TooLarge, after outputs for the tensors before it had been
+    // created), and under a zero bound the bound's error.
+    let huge = [t(&input, 0, 1 << 40)];
+    assert!(
+        range_err(gpu.clip_buffers(&cfg, &huge, 4).unwrap_err()),
+        "huge input"
+    );
+    let zero = ClipConfig::fixed(0.0, MicroBatches::Uniform(2));
+    let err = gpu.clip_buffers(&zero, &huge, 4).unwrap_err();
+    assert!(matches!(err, ClipError::InvalidClipNorm(_)), "{err:?}");
     // An n_samples no buffer holds: typed before its offsets are built.
     assert!(
         range_err(
@@ -248,11 +279,6 @@ fn gpu_buffer_errors() {
     );
     gpu.clip_buffers_into(&cfg, &two_in, 4, &[o(&two_out, 16, 4), o(&two_out, 0, 4)])
         .unwrap();
-    // A width whose f32 output cannot exist: typed, before anything is allocated.
-    let e = gpu
-        .clip_buffers(&cfg, &[t(&input, 0, 1 << 40)], 4)
-        .unwrap_err();
-    assert!(matches!(e, ClipError::TooLarge(_)), "{e:?}");
     assert_eq!(
         gpu.clip_buffers_into(&cfg, &[t(&input, 0, 8)], 4, &[])
             .unwrap_err(),

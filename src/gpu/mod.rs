@@ -587,53 +587,23 @@ impl GpuClipper {
             .map(|(stats, _)| stats)
     }
 
+    /// The checks of [`Self::check_inputs`], then of the outputs: in range, one
+    /// per input with its width, none in an input's buffer, none overlapping.
     pub(crate) fn check_buffers(
         &self,
         n: u64,
         inputs: &[GpuTensor<'_>],
         outputs: &[GpuTensorMut<'_>],
     ) -> Result<()> {
-        if inputs.is_empty() {
-            return Err(ClipError::NoTensors);
-        }
-        let range_error = |tensor: usize, reason: String| ClipError::BufferRange { tensor, reason };
+        self.check_inputs(n, inputs)?;
         // A set, not a scan per output: 600,000 tensors took minutes here.
         // (wgpu::Buffer hashes and compares by its handle's address.)
         #[allow(clippy::mutable_key_type)]
         let input_buffers: std::collections::HashSet<&wgpu::Buffer> =
             inputs.iter().map(|i| i.buffer).collect();
         for (p, (t, o)) in inputs.iter().zip(outputs).enumerate() {
-            if t.cols == 0 {
-                return Err(range_error(p, "cols must be >= 1".into()));
-            }
-            let cols = t.cols as u64;
-            for (what, buffer, offset, len) in [
-                ("input", t.buffer, t.offset, t.bound_bytes(n)),
-                ("output", o.buffer, o.offset, cols.saturating_mul(4)),
-            ] {
-                if offset % 4 != 0 {
-                    return Err(range_error(
-                        p,
-                        format!("{what} offset {offset} is not a multiple of 4"),
-                    ));
-                }
-                if offset.saturating_add(len) > buffer.size() {
-                    return Err(range_error(
-                        p,
-                        format!(
-                            "{what} needs bytes [{offset}, {}) but its buffer has {} bytes",
-                            offset.saturating_add(len),
-                            buffer.size()
-                        ),
-                    ));
-                }
-                if !buffer.usage().contains(U::STORAGE) {
-                    return Err(range_error(
-                        p,
-                        format!("{what} buffer lacks BufferUsages::STORAGE"),
-                    ));
-                }
-            }
+            let bytes = (t.cols as u64).saturating_mul(4);
+            check_range(p, "output", o.buffer, o.offset, bytes)?;
             if o.cols != t.cols {
                 return Err(range_error(
                     p,
@@ -660,6 +630,22 @@ impl GpuClipper {
                     format!("output overlaps the output of tensor {}", w[0]),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Every input is non-empty, aligned, inside its buffer with `n` rows and
+    /// usable as storage, and `n` fits the device's u32 row indices. Checked
+    /// before any device memory is taken for the call (also its outputs).
+    pub(crate) fn check_inputs(&self, n: u64, inputs: &[GpuTensor<'_>]) -> Result<()> {
+        if inputs.is_empty() {
+            return Err(ClipError::NoTensors);
+        }
+        for (p, t) in inputs.iter().enumerate() {
+            if t.cols == 0 {
+                return Err(range_error(p, "cols must be >= 1".into()));
+            }
+            check_range(p, "input", t.buffer, t.offset, t.bound_bytes(n))?;
         }
         // Row indices are u32 on the device (checked after the ranges: an
         // n_samples no buffer holds is a range error).
@@ -1112,4 +1098,36 @@ fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, at: u64, bytes: &[u8]) {
         last[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
         queue.write_buffer(buffer, at + whole as u64, &last);
     }
+}
+
+fn range_error(tensor: usize, reason: String) -> ClipError {
+    ClipError::BufferRange { tensor, reason }
+}
+
+/// Tensor `p`'s `what` ("input" or "output") at `offset`, `len` bytes, in `buffer`:
+/// 4-byte aligned, inside the buffer, with `STORAGE` usage.
+fn check_range(p: usize, what: &str, buffer: &wgpu::Buffer, offset: u64, len: u64) -> Result<()> {
+    if !offset.is_multiple_of(4) {
+        return Err(range_error(
+            p,
+            format!("{what} offset {offset} is not a multiple of 4"),
+        ));
+    }
+    if offset.saturating_add(len) > buffer.size() {
+        return Err(range_error(
+            p,
+            format!(
+                "{what} needs bytes [{offset}, {}) but its buffer has {} bytes",
+                offset.saturating_add(len),
+                buffer.size()
+            ),
+        ));
+    }
+    if !buffer.usage().contains(U::STORAGE) {
+        return Err(range_error(
+            p,
+            format!("{what} buffer lacks BufferUsages::STORAGE"),
+        ));
+    }
+    Ok(())
 }

@@ -741,6 +741,36 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
         t,
         6,
     ));
+    // AUTO-S whose factors C / (norm + gamma) overflow f32 while every term
+    // s_j g_j fits: one sign, then random signs (inf - inf was NaN).
+    let cfg = ClipConfig::fixed(1e30, one_row.clone())
+        .with_function(ClipFunction::Automatic { gamma: 1e-20 });
+    cases.push((
+        "AUTO-S, factors 1e40 on norms of 1e-10".into(),
+        cfg,
+        vec![vec![6e-11, 8e-11, 3e-11, 4e-11]],
+        2,
+    ));
+    let t = random_tensors(25, 6, &[3, 50], 1e-36);
+    for b in [1, 2, 3] {
+        let cfg = ClipConfig::fixed(1e37, MicroBatches::Uniform(b))
+            .with_function(ClipFunction::Automatic { gamma: 1e-3 });
+        cases.push((
+            format!("AUTO-S, factors 1e40 on norms near 1e-35, b = {b}"),
+            cfg,
+            t.clone(),
+            6,
+        ));
+    }
+    // Normalize with C near f32::MAX on a norm of 1 whose largest element is
+    // below 1: C / max |g| overflows f32 where the factor C / norm does not.
+    let cfg = ClipConfig::fixed(3e38, one_row.clone()).with_function(ClipFunction::Normalize);
+    cases.push((
+        "Normalize, C = 3e38 on a norm of 1".into(),
+        cfg,
+        vec![vec![0.6, 0.8]],
+        1,
+    ));
     cases
 }
 
