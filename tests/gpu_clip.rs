@@ -609,14 +609,19 @@ fn weights_beyond_f32_range() {
 #[test]
 fn mixed_magnitudes_in_one_tile() {
     // Every class of the one-pass scaled sum of squares in the same tile: big
-    // (> 2^52), medium and small (< 2^-63) means, and each pair without the third.
+    // (> 2^52), medium and small (< 2^-63) means, and each pair without the third;
+    // then neighbouring classes straddling 2^52 and 2^-63, where the smaller
+    // class carries a visible share of the norm (a dropped class term passed
+    // the others: mutation testing, twenty-fifth session).
     let Some(mut gpu) = gpu() else { return };
     let (n, d) = (4, 5000);
-    let classes: [&[f32]; 4] = [
+    let classes: [&[f32]; 6] = [
         &[1e30, 1.0, 1e-30],
         &[1e20, 3.0],
         &[2.0, 1e-25],
         &[1e-35, 1e-20],
+        &[2e16, 2e15],
+        &[4e-19, 4e-20],
     ];
     for (k, mags) in classes.iter().enumerate() {
         let base = random_tensors(40 + k as u64, n, &[d], 1.0).remove(0);
@@ -628,6 +633,7 @@ fn mixed_magnitudes_in_one_tile() {
         for cfg in [
             ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
             ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
+            ClipConfig::fixed(1.0, MicroBatches::Uniform(4)),
         ] {
             check(
                 &mut gpu,
@@ -635,7 +641,7 @@ fn mixed_magnitudes_in_one_tile() {
                 std::slice::from_ref(&t),
                 n,
                 TOL,
-                &format!("mixed {mags:?}"),
+                &format!("mixed {mags:?}, {:?}", cfg.micro_batches),
             );
         }
     }

@@ -741,6 +741,35 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
         t,
         6,
     ));
+    // Normalize on micro-batches whose mean is exactly zero, whole or in one
+    // group: factor 0, nothing added (a factor of 1 or C / 0 passed every other
+    // case: mutation testing).
+    let mut t = random_tensors(3, 6, &[5, 300], 1.0);
+    for tensor in &mut t {
+        let d = tensor.len() / 6;
+        tensor[2 * d..4 * d].fill(0.0);
+    }
+    t[1][4 * 300..].fill(0.0);
+    for b in [1, 2] {
+        for (bound, cfg) in [
+            ("fixed", ClipConfig::fixed(0.5, MicroBatches::Uniform(b))),
+            (
+                "fixed, groups",
+                ClipConfig::fixed(0.5, MicroBatches::Uniform(b)).with_groups(vec![0, 1]),
+            ),
+            (
+                "adaptive, groups",
+                ClipConfig::adaptive(1.0, MicroBatches::Uniform(b)).with_groups(vec![0, 1]),
+            ),
+        ] {
+            cases.push((
+                format!("Normalize, zero micro-batches, {bound}, b = {b}"),
+                cfg.with_function(ClipFunction::Normalize),
+                t.clone(),
+                6,
+            ));
+        }
+    }
     // AUTO-S whose factors C / (norm + gamma) overflow f32 while every term
     // s_j g_j fits: one sign, then random signs (inf - inf was NaN).
     let cfg = ClipConfig::fixed(1e30, one_row.clone())

@@ -617,3 +617,24 @@ fn shared_dispatches_are_split_to_bind_their_blocks_of_means() {
     assert!(split.iter().all(|d| d.bindings == bindings));
     assert!(split_for_blocks(vec![shared(7..10)], fits).is_none());
 }
+
+/// Row counts around one and two dispatches' worth of one-row micro-batches:
+/// 200,000 rows alone never put a window's natural range one over the limit.
+#[test]
+fn windows_at_exactly_one_dispatch_of_micro_batches() {
+    for n in [
+        65_534u32,
+        65_535,
+        65_536,
+        65_537,
+        2 * 65_535,
+        2 * 65_535 + 1,
+    ] {
+        let w = plan_windows(&offsets(n, 1), 1, 4, 0, 1 << 30, 256, u64::MAX).unwrap();
+        assert!(
+            w.iter().all(|w| w.mb_count <= MAX_GROUPS_PER_DIM),
+            "n {n}: {w:?}"
+        );
+        assert_eq!(w.iter().map(|w| w.mb_count).sum::<u32>(), n, "n {n}");
+    }
+}
