@@ -248,22 +248,23 @@ fn matches_opacus_per_step_rdp() {
             assert_rel(
                 r,
                 e,
-                2e-9,
+                2e-8,
                 &format!("rdp(q={q}, sigma={sigma}, alpha={order})"),
             );
         }
     }
-    // Opacus' log_sub, ln(expm1(x - y)) + y, rounds to ulp(|y|) at every
-    // subtraction; ours (x + ln(1 - e^(y - x))) does not. At (0.01, 1, 1.1)
-    // Opacus is 1.8e-9 (relative) away from the exact sum of the same
-    // truncated series (mpmath, 40 digits, terms down to e^-30), hence 2e-9
-    // above; ours matches the exact sums to 1e-12.
+    // Opacus stops its fractional series at terms below e^-30 (as TF Privacy);
+    // ours sums on until they are also below e^-30 of A - 1. At (0.01, 1, 1.1)
+    // Opacus is 1.1e-8 (relative) below the full sum, hence 2e-8 above (its
+    // log_sub, ln(expm1(x - y)) + y, also rounds to ulp(|y|) at every
+    // subtraction: 1.8e-9 of it). Against the full sums (mpmath quadrature of
+    // A - 1, 40 digits; ref.py of the twenty-fifth session's review):
     for (order, exact) in [
-        (1.1, 9.241_470_999_547_477e-5),
-        (1.5, 1.272_537_434_971_657_7e-4),
+        (1.1, 9.241_471_084_686_958e-5),
+        (1.5, 1.272_537_433_274_498_3e-4),
     ] {
         let r = rdp_subsampled_gaussian(0.01, 1.0, order);
-        assert_rel(r, exact, 1e-12, &format!("exact series, alpha={order}"));
+        assert_rel(r, exact, 1e-11, &format!("full series, alpha={order}"));
     }
 }
 
@@ -459,13 +460,16 @@ fn matches_opacus_get_privacy_spent() {
             (17.69514247295694, 2.9),
         ),
     ];
+    // 1e-9: at (0.001, 0.6) the optimal order 3.7 is fractional, where Opacus'
+    // series stops early and its per-step RDP is 8e-10 above the full sum
+    // (ours is within 4e-13 of mpmath there), and epsilon 3.9e-10 above ours.
     for (q, sigma, steps, delta, improved, classic) in cases {
         let what = format!("q={q} sigma={sigma} steps={steps} delta={delta}");
         let (e, o) = epsilon(q, sigma, steps, delta).unwrap();
-        assert_rel(e, improved.0, 1e-10, &what);
+        assert_rel(e, improved.0, 1e-9, &what);
         assert_eq!(o, improved.1, "{what}");
         let (e, o) = epsilon_classic(q, sigma, steps, delta).unwrap();
-        assert_rel(e, classic.0, 1e-10, &what);
+        assert_rel(e, classic.0, 1e-9, &what);
         assert_eq!(o, classic.1, "{what}");
     }
 }
