@@ -4,7 +4,7 @@
 //! cargo run --release --example clip_npy -- \
 //!     --grads G.npy (--micro-batch B | --offsets O.npy) --clip (C | C1,C2,... | min[:SCALE]) \
 //!     [--mode hard|auto|normalize] [--gamma GAMMA] [--groups COLS.npy] \
-//!     [--noise-multiplier SIGMA --seed SEED [--step STEP]] \
+//!     [--noise-multiplier SIGMA --seed SEED --step STEP] \
 //!     [--non-finite skip|propagate|error] [--backend auto|gpu|cpu] \
 //!     --out OUT.npy [--norms NORMS.npy] [--stats STATS.json]
 //! ```
@@ -23,9 +23,12 @@
 //! * `COLS.npy`: 1-D integer column offsets `[0, ..., D]` splitting the D columns into
 //!   G parameter groups, each clipped against its own bound. The columns of each
 //!   group are copied into a tensor of their own on the host (one copy of the input).
-//! * `--noise-multiplier SIGMA --seed SEED [--step STEP]`: DP-SGD Gaussian noise of
+//! * `--noise-multiplier SIGMA --seed SEED --step STEP`: DP-SGD Gaussian noise of
 //!   standard deviation `SIGMA * sqrt(sum_g C_g^2)` added to the sum before the
-//!   division by M; column `c` draws element `c` of the `(SEED, STEP)` stream.
+//!   division by M; column `c` draws element `c` of the `(SEED, STEP)` stream. All
+//!   three or none: the same `(SEED, STEP)` draws the same noise, so every run
+//!   needs its own STEP (there is no default to reuse by accident), and SEED is
+//!   the noise's secret (random, never published; see `microclip::GaussianNoise`).
 //! * `OUT.npy`: float32 `[D]`, the clipped average; `NORMS.npy`: float32 `[M]`, or
 //!   `[M, G]` with `--groups`; `STATS.json`: `clipped_count`, `nonfinite_count`,
 //!   `micro_batches`, `groups`, `clip_bound` (the total `sqrt(sum_g C_g^2)`, null when
@@ -85,10 +88,11 @@ struct Args {
         value_name = "SIGMA",
         value_parser = parse_f32,
         requires = "seed",
+        requires = "step",
         allow_negative_numbers = true
     )]
     noise_multiplier: Option<f32>,
-    /// Noise generator key (needed with --noise-multiplier, and only with it)
+    /// Noise generator key: secret and random (needed with --noise-multiplier, and only with it)
     #[arg(
         long,
         value_name = "SEED",
@@ -96,15 +100,14 @@ struct Args {
         allow_negative_numbers = true
     )]
     seed: Option<u64>,
-    /// Training step: each step draws fresh noise (only with --noise-multiplier)
+    /// Noise counter: a new one for every run with one seed (needed with --noise-multiplier, and only with it)
     #[arg(
         long,
         value_name = "STEP",
-        default_value_t = 0,
         requires = "noise_multiplier",
         allow_negative_numbers = true
     )]
-    step: u64,
+    step: Option<u64>,
     /// What to do with a micro-batch whose mean gradient holds NaN or infinity
     #[arg(long, value_enum, default_value = "skip")]
     non_finite: Policy,
@@ -663,7 +666,7 @@ fn run() -> Res<()> {
         cfg = cfg.with_noise(GaussianNoise {
             multiplier,
             seed: args.seed.unwrap_or_default(),
-            step: args.step,
+            step: args.step.unwrap_or_default(),
         });
     }
     if args.groups.is_none() {

@@ -94,13 +94,26 @@ pub enum NonFinitePolicy {
 /// tensors in order: it does not depend on the backend, workgroup sizes or row
 /// windows. The GPU and CPU backends draw bitwise the same random bits and the same
 /// normals up to float rounding; see [`noise`](mod@crate::noise).
+///
+/// **The seed is the noise's secret.** Whoever knows `seed` can draw the same
+/// noise and subtract it from a released gradient (epsilon = infinity). Draw it
+/// per training run from a cryptographic source (the operating system's, e.g.
+/// the `getrandom` crate), keep it out of logs, checkpoints others can read and
+/// published configurations. Philox4x32-10 is a statistical generator, not a
+/// cryptographic one: the guarantee assumes its outputs cannot be predicted
+/// without the seed, as with Opacus outside its `secure_mode`.
+///
+/// **Every call needs its own `(seed, step)`.** Elements are numbered from 0 in
+/// each call, so two calls with the same pair add the same noise, and the
+/// difference of their outputs has none: use a new `step` (or seed) for every
+/// call, also for tensors of one training step clipped in separate calls.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GaussianNoise {
     /// Noise multiplier `sigma` (finite, >= 0).
     pub multiplier: f32,
-    /// Key of the generator.
+    /// Key of the generator: secret and random (see above).
     pub seed: u64,
-    /// Training step: each step draws fresh noise.
+    /// Counter of the call: no two calls with one seed may share it (see above).
     pub step: u64,
 }
 

@@ -24,7 +24,11 @@
 //! total bound `sqrt(sum_g C_g^2)`; [`accountant`] turns (q, sigma, steps, delta)
 //! into epsilon, with sigma halved for micro-batches of more than one sample
 //! ([`accountant::micro_batch_sensitivity`]: one sample then moves the sum by up
-//! to `2 S`).
+//! to `2 S`). That accounting assumes Poisson sampling, a fixed bound (not
+//! [`ClipBound::Adaptive`]), micro-batches whose members do not depend on
+//! other samples' presence, and a division by the expected `M`; the
+//! [`accountant`] docs say why each matters. The noise's seed must be secret
+//! and random, and no two calls may share `(seed, step)` ([`GaussianNoise`]).
 //! The README's "Using microclip for DP-SGD" has a worked example.
 //!
 //! ## Quick start (host slices)

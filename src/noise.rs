@@ -18,12 +18,19 @@
 //! batch shifts the noise's centre by up to `1 / sigma` standard deviations, and
 //! with probability about `3e-17` per step at `sigma = 1` (`7e-14` at `sigma =
 //! 0.5`, `5e-19` at `sigma = 2`) the noise lands where it could not land without
-//! that shift; over `T` steps at sampling rate `q` that adds about `T q` times
-//! this to delta, negligible beside any delta in use. (Radii from a 24-bit
+//! that shift, when the shift falls on one Box-Muller pair; spread over all `D`
+//! coordinates it can reach about `sqrt(D / 2) (R / pi) e^(-R^2 / 2) / sigma`
+//! (`R = 9.49`): `6e-16` at `D = 1e8`, `sigma = 1`. Over `T` steps at sampling
+//! rate `q` that adds about `T q` times this to delta, negligible beside any
+//! delta in use. (Radii from a 24-bit
 //! uniform, as before 2026-12-05, were cut at 5.77 standard deviations: about
 //! `2.3e-6` per step at `sigma = 1`, `1.5e-4` at `sigma = 0.5`.) Like every
-//! floating-point sampler, the values are discrete (f32 radii and angles of 24
-//! bits), which the privacy accounting also does not model.
+//! floating-point sampler, the values are discrete (f32 radii, angles from 23
+//! bits: `w2 >> 9`), which the privacy accounting also does not model.
+//!
+//! The generator is statistical, not cryptographic, and the seed is the noise's
+//! secret: see [`GaussianNoise`](crate::GaussianNoise) for how to draw it and why
+//! no two calls may share `(seed, step)`.
 //!
 //! The random words are integers and match the GPU bit for bit; the normals match
 //! up to the float error of `ln`, `cos` and `sin` (the GPU evaluates them in f32,

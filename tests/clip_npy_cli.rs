@@ -353,8 +353,10 @@ fn groups_modes_and_noise_match_reference() {
         ("--clip 1 --mode auto --gamma -1", "gamma"),
         ("--clip 1 --mode soft", "soft"),
         ("--clip 1 --noise-multiplier 1", "--seed"),
+        // No default step: a second run would draw the first one's noise.
+        ("--clip 1 --noise-multiplier 1 --seed 3", "--step"),
         (
-            "--clip 1 --noise-multiplier -1 --seed 3",
+            "--clip 1 --noise-multiplier -1 --seed 3 --step 1",
             "noise multiplier",
         ),
         ("--clip 1 --groups @o_bad.npy", "column groups"),
