@@ -670,11 +670,15 @@ impl GpuClipper {
     /// without small workgroups (the hardware default), scalar loads (not
     /// measured on hardware).
     fn quads_binding(&self, tensor: &GpuTensor<'_>, offset: u64, size: u64) -> Option<u64> {
-        let quads = size.next_multiple_of(4 * tensor.dtype.size_bytes());
-        (self.kernels.small_workgroups()
-            && offset + quads <= tensor.buffer.size()
-            && quads <= self.max_binding)
-            .then_some(quads)
+        let elem_bytes = tensor.dtype.size_bytes();
+        self.kernels.small_workgroups().then_some(())?;
+        plan::whole_quads_binding(
+            offset,
+            size,
+            elem_bytes,
+            tensor.buffer.size(),
+            self.max_binding,
+        )
     }
 
     /// Tiles, row windows and scratch of one call; every buffer bound whole (not

@@ -41,6 +41,25 @@ pub(crate) struct Window {
     pub elem_offset: u32,
 }
 
+/// The size of a binding from `offset` of at least `size` bytes that holds whole
+/// quads of `elem_bytes` elements (`size` rounded up to `4 * elem_bytes`), if a
+/// buffer of `buffer_size` bytes and one binding of at most `max_binding` have
+/// room for it (`GpuClipper::quads_binding`).
+pub(crate) fn whole_quads_binding(
+    offset: u64,
+    size: u64,
+    elem_bytes: u64,
+    buffer_size: u64,
+    max_binding: u64,
+) -> Option<u64> {
+    let quads = size.next_multiple_of(4 * elem_bytes);
+    (offset
+        .checked_add(quads)
+        .is_some_and(|end| end <= buffer_size)
+        && quads <= max_binding)
+        .then_some(quads)
+}
+
 /// A byte range `[offset, offset + len)` of a buffer bound from an aligned start,
 /// with the binding's size rounded up to whole 32-bit words: (binding offset,
 /// binding size, index of the element at `offset` counted in `elem_bytes` elements

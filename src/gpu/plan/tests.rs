@@ -638,3 +638,42 @@ fn windows_at_exactly_one_dispatch_of_micro_batches() {
         assert_eq!(w.iter().map(|w| w.mb_count).sum::<u32>(), n, "n {n}");
     }
 }
+
+/// A binding read as shifted quads holds whole quads of its element type (8
+/// bytes for 16-bit input, 16 for f32), inside the buffer and one binding; a
+/// rounding to 4 bytes passed every GPU test on lavapipe (mutation testing).
+#[test]
+fn whole_quads_bindings_hold_whole_quads_inside_the_buffer() {
+    for elem_bytes in [2u64, 4] {
+        let quad = 4 * elem_bytes;
+        for offset in [0u64, 256, 512] {
+            for size in 1..=3 * quad {
+                let size = size.next_multiple_of(4); // bindings are whole words
+                for buffer_size in [offset + size, offset + size + 4, offset + 3 * quad] {
+                    for max_binding in [size, 2 * quad, u64::MAX] {
+                        let got =
+                            whole_quads_binding(offset, size, elem_bytes, buffer_size, max_binding);
+                        let fits = offset + size.next_multiple_of(quad) <= buffer_size
+                            && size.next_multiple_of(quad) <= max_binding;
+                        assert_eq!(
+                            got.is_some(),
+                            fits,
+                            "{elem_bytes} {offset} {size} {buffer_size}"
+                        );
+                        if let Some(q) = got {
+                            assert_eq!(q % quad, 0);
+                            assert!(q >= size && q < size + quad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // An f16 row ending 4 bytes into a quad: 4 bytes more where the buffer has them.
+    assert_eq!(whole_quads_binding(0, 12, 2, 16, u64::MAX), Some(16));
+    assert_eq!(whole_quads_binding(0, 12, 2, 12, u64::MAX), None);
+    assert_eq!(
+        whole_quads_binding(u64::MAX - 8, 12, 2, u64::MAX, u64::MAX),
+        None
+    );
+}
