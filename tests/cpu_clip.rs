@@ -161,14 +161,17 @@ fn cpu_and_gpu_agree() {
 #[test]
 fn auto_names_the_backend_that_ran() {
     let mut auto = Clipper::new(Backend::Auto).unwrap();
-    let t = random_tensors(1, 4, &[3], 1.0);
-    let out = auto
-        .clip(
-            &ClipConfig::fixed(1.0, MicroBatches::Uniform(2)),
-            &slices(&t),
-            4,
-        )
-        .unwrap();
+    // Auto takes the GPU wherever there is an adapter (gpu() fails the test
+    // without one under MICROCLIP_REQUIRE_GPU=1), the CPU otherwise.
+    let gpu_adapter = gpu().map(|g| g.backend());
+    match (&gpu_adapter, auto.backend()) {
+        (Some(g), chosen) => assert_eq!(&chosen, g),
+        (None, chosen) => assert_eq!(chosen, BackendKind::Cpu),
+    }
+    let t = random_tensors(1, 5, &[3, 70], 1.0);
+    let cfg = ClipConfig::fixed(0.5, MicroBatches::Uniform(2));
+    check(&mut auto, &cfg, &t, 5, 3e-5, "auto");
+    let out = auto.clip(&cfg, &slices(&t), 5).unwrap();
     assert_eq!(out.stats.backend, auto.backend());
     eprintln!("auto chose {}", auto.backend());
 }
