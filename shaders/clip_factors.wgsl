@@ -75,10 +75,15 @@ fn inf_f32() -> f32 {
 // same bits as w * mean.
 const EXTREME_LOG2: i32 = 60;
 
-// a * b * 2^shift with the power of two applied where it cannot overflow or
-// vanish first: before the product when it shrinks it, after when it grows it.
+// a * b * 2^shift with the power of two split so that no partial result
+// overflows or vanishes unless the result does: the part of it that brings a
+// toward 1 first, the rest after the product. (Applied whole before or after
+// the product, a ratio of 1e-18 under 2^+66 lost bits as a subnormal product,
+// and one of 1e-36 under 2^+128 vanished: a review, twenty-fifth session.)
+// With shift = 0, a * b.
 fn times_pow2(a: f32, b: f32, shift: i32) -> f32 {
-    return select(ldexp(a * b, shift), ldexp(a, shift) * b, shift < 0i);
+    let first = clamp(-frexp(a).exp, min(shift, 0i), max(shift, 0i));
+    return ldexp(ldexp(a, first) * b, shift - first);
 }
 
 @compute @workgroup_size(256)
@@ -182,6 +187,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             var extreme = false;
             var log2_ratio = 0i;
             var factor_k = 0.0;
+            var finite_k = false;
             if (!bound_valid && params.policy == POLICY_PROPAGATE) {
                 // An adaptive bound without a finite micro-batch is NaN, and so
                 // is every factor of its group (plain arithmetic).
@@ -206,19 +212,29 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     }
                     // The ratio times 2^k without forming the ratio: n.scale =
                     // mant * 2^k with mant in [1, 2), k clamped so that 2^-k is a
-                    // normal f32 (the mantissa then absorbs the rest).
+                    // normal f32 (the mantissa then absorbs the rest: below 1 for
+                    // a subnormal scale, down to 2^-23). One division by mant * root
+                    // (>= 2^-23), not C / mant times 1 / root: C / mant overflowed
+                    // for a subnormal scale where the ratio fits.
                     let fr = frexp(n.scale);
                     k = clamp(fr.exp - 1, -126, 126);
-                    ratio_k = times_pow2(div_wide(bound.x, ldexp(n.scale, -k)), div_wide(bound.y, n.root), shift);
-                    // An infinite ratio_k (a ratio above 2^(128 - k), so k > 0 and
-                    // not a tiny norm) keeps the plain weight, as before pairs.
-                    let finite_k = ratio_k <= 3.4028235e38;
+                    ratio_k = times_pow2(div_wide(bound.x, ldexp(n.scale, -k) * n.root), bound.y, shift);
+                    // An infinite ratio_k (a ratio above 2^(128 - k): k > 0, not a
+                    // tiny norm; or C near f32::MAX over a subnormal scale) keeps
+                    // the plain weight, as before pairs.
+                    finite_k = ratio_k <= 3.4028235e38;
                     log2_ratio = select(0i, frexp(ratio_k).exp - k, finite_k);
                     extreme = finite_k && abs(log2_ratio) > EXTREME_LOG2;
-                    // C / n.scale overflows where n.scale < 1 although the ratio
-                    // (divided by a root >= 1 too) may fit: then ratio_k / 2^k
-                    // (k < 0, so ratio_k did not overflow; exact, a power of two).
-                    if (nonfinite_flags(ratio) != 0u && finite_k) {
+                    // The ratio itself is ratio_k / 2^k (exact, a power of two)
+                    // wherever ratio_k is finite and not zero: its quotient
+                    // C / (mant * root) stays near C's magnitude, where the plain
+                    // one, C / n.scale, can overflow (n.scale < 1, the root >= 1
+                    // not yet divided), vanish or turn subnormal (C / n.scale
+                    // near 1e-41 under an adaptive bound's 2^+67 lost 2.5e-5 of
+                    // the factor, and one near 1e-56 under 2^+128 vanished: the
+                    // micro-batch dropped; a review, twenty-fifth session).
+                    // Equal scales keep their exact ratio of roots.
+                    if (bound.x != n.scale && finite_k && ratio_k > 0.0) {
                         ratio = ldexp(ratio_k, -k);
                     }
                 }
@@ -248,7 +264,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     // overflows f32 (C / gamma > f32::MAX) does its weight go as a
                     // pair from ratio_k, like Normalize's, so that the
                     // micro-batch's terms stay finite wherever s_j g_j is.
-                    if (!positive || log2_ratio > EXTREME_LOG2) {
+                    // (Also where ratio_k overflowed for a subnormal scale: the
+                    // ratio is then huge too.)
+                    if (!positive || log2_ratio > EXTREME_LOG2 || (!finite_k && k < 0i)) {
                         factor = ldexp(div_wide(bound.x * bound.y, params.gamma + norm), shift);
                         factor_k = ratio_k * div_wide(norm, norm + params.gamma);
                         extreme = extreme && nonfinite_flags(factor) != 0u;

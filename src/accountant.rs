@@ -123,12 +123,13 @@
 //!   `1e-5` for fractional ones.
 //! * A review's mpmath grid (twenty-fifth session: q from 1e-10 to 0.999999,
 //!   sigma 0.3 to 50, 15 orders from 1.0001 to 200; 1485 points): 31 per-step
-//!   RDPs more than 1e-6 below the exact value, all at `q <= 1e-6` and
-//!   fractional orders with RDPs below about 1e-9, where the log-space series'
-//!   absolute rounding of 1e-16 is what is left (63 before the integer sum of
-//!   `A - 1` and the relative stop; up to 2.4% low at integer orders then).
-//!   `epsilon(1e-6, 0.5, 1e9 steps, 1e-5)` is now 2.5e-9 (relative) below
-//!   the exact 1.940294010 (9.5e-7 before).
+//!   RDPs more than 1e-6 below the exact value, all at `q <= 1e-6` (a second
+//!   review's grid, to sigma = 100, found some at `q = 1e-5`, sigma = 100) and
+//!   fractional orders with RDPs below about 1e-9: at most about 1e-17 per
+//!   step in absolute terms, the log-space series' rounding (63 before the
+//!   integer sum of `A - 1` and the relative stop; up to 2.4% low at integer
+//!   orders then). `epsilon(1e-6, 0.5, 1e9 steps, 1e-5)` is now 2.5e-9
+//!   (relative) below the exact 1.940294010 (4.9e-7 before).
 //! * Per-step RDP at fractional orders `1 + 1e-12 .. 1.0999` from mpmath
 //!   quadrature (60 digits) of `A_alpha - 1`: within `1e-9` relative (`1e-7`
 //!   at `q = 1e-6`, where the RDP `~5e-15` is left after cancellation among

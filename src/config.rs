@@ -39,7 +39,10 @@ pub enum MicroBatches {
 /// AUTO-S, e.g. `C = 1` on a norm below 3e-39) is reported as `+inf` on both
 /// backends, but the output's terms `s_j g_j` are formed without it (the CPU in
 /// f64, the GPU as a power of two and a scaled factor), so they are finite
-/// wherever they fit f32. A micro-batch whose mean is exactly zero adds nothing
+/// wherever they fit f32; on the GPU except where a micro-batch's mean lies
+/// wholly below f32's normal range (every element under 1.2e-38) and
+/// `C * 1.2e-38 / max|g_j|` exceeds `f32::MAX`: those terms are `+inf`. A
+/// micro-batch whose mean is exactly zero adds nothing
 /// (unless its factor is NaN, see [`NonFinitePolicy::Propagate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum ClipFunction {

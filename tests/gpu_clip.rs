@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use microclip::half::f16;
 use microclip::reference::clip_f64;
-use microclip::{ClipConfig, ClipFunction, Clipper, MicroBatches, NonFinitePolicy};
+use microclip::{Backend, ClipConfig, ClipFunction, Clipper, MicroBatches, NonFinitePolicy};
 use microclip::{ClipError, ClipOutput, Dtype, GpuTensor, GpuTensorMut};
 use wgpu::util::DeviceExt;
 
@@ -524,6 +524,41 @@ fn subnormal_adaptive_scale() {
             got.stats.clipped_count, want.clipped_count,
             "{what}: clipped"
         );
+    }
+}
+
+/// Micro-batch means entirely below f32's normal range under factors near or
+/// beyond f32::MAX: the factor's mantissa (below 1 for a subnormal scale) made
+/// C / mantissa overflow, so factors that fit and terms s_j g_j that fit came
+/// out inf (a review, twenty-fifth session). Both backends; a GPU that flushes
+/// denormals reads these rows as zero (the documented policy) and is skipped,
+/// and so is the GPU under `emulate-ftz-division`, which flushes the divisions'
+/// subnormal operands but not the loads and sums that make them (no real GPU
+/// does one without the other).
+#[test]
+fn subnormal_means_under_huge_factors() {
+    let rows = vec![vec![5e-39f32, 6e-39, 7e-39, 1.0, 1.0, 1.0]];
+    let one_col = vec![vec![5e-39f32, 1.0]];
+    let auto = ClipFunction::Automatic { gamma: 1.0 };
+    let cases = [
+        (ClipFunction::Normalize, 3e38f32, &rows),
+        (auto, 3e38, &rows),
+        (ClipFunction::Normalize, 1e38, &one_col),
+        (ClipFunction::Normalize, 1.0, &one_col),
+        (auto, 1e38, &one_col),
+    ];
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    let mut gpu = gpu().filter(|_| !cfg!(feature = "emulate-ftz-division"));
+    for (function, c, t) in cases {
+        let cfg = ClipConfig::fixed(c, MicroBatches::Uniform(1)).with_function(function);
+        let what = format!("{function:?}, C = {c:e}, {} cols", t[0].len() / 2);
+        check(&mut cpu, &cfg, t, 2, 1e-5, &format!("cpu: {what}"));
+        if let Some(gpu) = gpu.as_mut() {
+            let flushed = gpu.clip(&cfg, &slices(t), 2).unwrap().stats.norms[0] == 0.0;
+            if !flushed {
+                check(gpu, &cfg, t, 2, 1e-5, &format!("gpu: {what}"));
+            }
+        }
     }
 }
 

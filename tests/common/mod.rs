@@ -791,6 +791,22 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
             6,
         ));
     }
+    // Adaptive scales above 2^16 over ratios C / norm near 1e-18 and 1e-36: the
+    // plain ratio's product vanished before its 2^shift was applied (the clipped
+    // micro-batch dropped, its factor 0; a review, twenty-fifth session).
+    let mut t = vec![0.0f32; 8];
+    for (r, m) in [2e-20f32, 2e-20, 1e36, 1e36].into_iter().enumerate() {
+        t[2 * r] = 0.6 * m;
+        t[2 * r + 1] = 0.8 * m;
+    }
+    for scale in [3e38f32, 1e20] {
+        cases.push((
+            format!("adaptive scale {scale:e}, ratios far below 1"),
+            ClipConfig::adaptive(scale, MicroBatches::Uniform(2)),
+            vec![t.clone()],
+            4,
+        ));
+    }
     // Normalize with C near f32::MAX on a norm of 1 whose largest element is
     // below 1: C / max |g| overflows f32 where the factor C / norm does not.
     let cfg = ClipConfig::fixed(3e38, one_row.clone()).with_function(ClipFunction::Normalize);
