@@ -199,17 +199,10 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                 // Propagate: min(1, C / NaN) = NaN, min(1, C / inf) = 0.
                 factor = select(0.0, select(0.0, nan_f32(), has_nan), params.policy == POLICY_PROPAGATE);
             } else {
-                // C / norm without forming either: ratios of scales, then of roots
-                // (of roots alone when the scales are equal, as for the adaptive
-                // bound's own micro-batch, whose ratio is then exactly 1).
+                // C / norm without forming either.
                 let positive = n.scale > 0.0;
                 var ratio = 1.0;
                 if (positive) {
-                    if (bound.x == n.scale) {
-                        ratio = ldexp(div_wide(bound.y, n.root), shift);
-                    } else {
-                        ratio = times_pow2(div_wide(bound.x, n.scale), div_wide(bound.y, n.root), shift);
-                    }
                     // The ratio times 2^k without forming the ratio: n.scale =
                     // mant * 2^k with mant in [1, 2), k clamped so that 2^-k is a
                     // normal f32 (the mantissa then absorbs the rest: below 1 for
@@ -225,17 +218,23 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     finite_k = ratio_k <= 3.4028235e38;
                     log2_ratio = select(0i, frexp(ratio_k).exp - k, finite_k);
                     extreme = finite_k && abs(log2_ratio) > EXTREME_LOG2;
-                    // The ratio itself is ratio_k / 2^k (exact, a power of two)
-                    // wherever ratio_k is finite and not zero: its quotient
-                    // C / (mant * root) stays near C's magnitude, where the plain
-                    // one, C / n.scale, can overflow (n.scale < 1, the root >= 1
-                    // not yet divided), vanish or turn subnormal (C / n.scale
-                    // near 1e-41 under an adaptive bound's 2^+67 lost 2.5e-5 of
-                    // the factor, and one near 1e-56 under 2^+128 vanished: the
-                    // micro-batch dropped; a review, twenty-fifth session).
-                    // Equal scales keep their exact ratio of roots.
-                    if (bound.x != n.scale && finite_k && ratio_k > 0.0) {
+                    if (bound.x == n.scale) {
+                        // Equal scales (the adaptive bound's own micro-batch): the
+                        // ratio of roots, exactly 1 there.
+                        ratio = ldexp(div_wide(bound.y, n.root), shift);
+                    } else if (finite_k && ratio_k > 0.0) {
+                        // ratio_k / 2^k (exact, a power of two): its quotient
+                        // C / (mant * root) stays near C's magnitude, where the
+                        // plain C / n.scale below can overflow (n.scale < 1, the
+                        // root >= 1 not yet divided), vanish or turn subnormal
+                        // (near 1e-41 under an adaptive bound's 2^+67 it lost
+                        // 2.5e-5 of the factor, near 1e-56 under 2^+128 it
+                        // vanished: the micro-batch dropped; a review,
+                        // twenty-fifth session).
                         ratio = ldexp(ratio_k, -k);
+                    } else {
+                        // Ratios of scales, then of roots.
+                        ratio = times_pow2(div_wide(bound.x, n.scale), div_wide(bound.y, n.root), shift);
                     }
                 }
                 // norm > C, decided exactly when the scales are equal (GPU

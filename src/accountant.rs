@@ -381,7 +381,7 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
                     log_a1 = a1;
                 }
                 // A partial sum went negative: rounding has broken the series
-                // (past TF Privacy's stop: the sum as it stood there).
+                // (past TF Privacy's stop: the last partial sum formed there).
                 _ => return settled.unwrap_or(f64::INFINITY),
             }
         }

@@ -464,17 +464,8 @@ impl Clipper {
                 outputs: outputs.len(),
             });
         }
-        config.validate()?;
-        if n_samples == 0 {
-            return Err(ClipError::NoSamples);
-        }
-        // The buffers before the offsets, whose vector a wrong n_samples could
-        // make huge: every input must hold n_samples rows, fewer than 2^32 - 1
-        // (a buffer of 2^32 rows would otherwise have its offsets, 8 bytes a
-        // row, formed on the host first).
-        gpu.check_buffers(n_samples as u64, inputs, outputs)?;
-        let offsets = config.row_offsets(n_samples)?;
-        let groups = config.tensor_groups(inputs.len())?;
+        let (offsets, groups) = buffer_call_layout(gpu, config, inputs, n_samples)?;
+        gpu.check_outputs(inputs, outputs)?;
         gpu.clip_buffers(config, &offsets, &groups, inputs, outputs)
     }
 
@@ -488,15 +479,9 @@ impl Clipper {
     ) -> Result<(Vec<wgpu::Buffer>, ClipStats)> {
         self.begin_call();
         let gpu = self.gpu_engine()?;
-        // Everything but the outputs checked before they are created: a bad
-        // configuration or input is its own error, not an out-of-memory one.
-        config.validate()?;
-        if n_samples == 0 {
-            return Err(ClipError::NoSamples);
-        }
-        gpu.check_inputs(n_samples as u64, inputs)?;
-        config.row_offsets(n_samples)?;
-        config.tensor_groups(inputs.len())?;
+        // Checked before the outputs are created: a bad configuration or input
+        // is its own error, not an out-of-memory one.
+        let (offsets, groups) = buffer_call_layout(gpu, config, inputs, n_samples)?;
         let buffers: Vec<wgpu::Buffer> = inputs
             .iter()
             .map(|t| gpu.output_buffer(t.cols))
@@ -510,7 +495,7 @@ impl Clipper {
                 cols: t.cols,
             })
             .collect();
-        let stats = self.clip_buffers_into(config, inputs, n_samples, &outputs)?;
+        let stats = gpu.clip_buffers(config, &offsets, &groups, inputs, &outputs)?;
         Ok((buffers, stats))
     }
 
@@ -564,6 +549,27 @@ impl Clipper {
             Engine::Cpu(_) => Err(ClipError::NotGpu),
         }
     }
+}
+
+/// The checks of a call on caller buffers before it takes any memory, and the
+/// row offsets and tensor groups they give: the configuration, `n_samples`, and
+/// the inputs before the offsets, whose vector a wrong `n_samples` could make
+/// huge (every input must hold `n_samples` rows, fewer than 2^32 - 1).
+fn buffer_call_layout(
+    gpu: &GpuClipper,
+    config: &ClipConfig,
+    inputs: &[GpuTensor<'_>],
+    n_samples: usize,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    config.validate()?;
+    if n_samples == 0 {
+        return Err(ClipError::NoSamples);
+    }
+    gpu.check_inputs(n_samples as u64, inputs)?;
+    Ok((
+        config.row_offsets(n_samples)?,
+        config.tensor_groups(inputs.len())?,
+    ))
 }
 
 fn gpu_required() -> bool {

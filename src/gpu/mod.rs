@@ -587,8 +587,7 @@ impl GpuClipper {
             .map(|(stats, _)| stats)
     }
 
-    /// The checks of [`Self::check_inputs`], then of the outputs: in range, one
-    /// per input with its width, none in an input's buffer, none overlapping.
+    /// The checks of [`Self::check_inputs`], then of [`Self::check_outputs`].
     pub(crate) fn check_buffers(
         &self,
         n: u64,
@@ -596,6 +595,16 @@ impl GpuClipper {
         outputs: &[GpuTensorMut<'_>],
     ) -> Result<()> {
         self.check_inputs(n, inputs)?;
+        self.check_outputs(inputs, outputs)
+    }
+
+    /// The outputs of `inputs`: in range, each with its input's width, none in
+    /// an input's buffer, none overlapping another.
+    pub(crate) fn check_outputs(
+        &self,
+        inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensorMut<'_>],
+    ) -> Result<()> {
         // A set, not a scan per output: 600,000 tensors took minutes here.
         // (wgpu::Buffer hashes and compares by its handle's address.)
         #[allow(clippy::mutable_key_type)]
@@ -670,8 +679,10 @@ impl GpuClipper {
     /// without small workgroups (the hardware default), scalar loads (not
     /// measured on hardware).
     fn quads_binding(&self, tensor: &GpuTensor<'_>, offset: u64, size: u64) -> Option<u64> {
+        if !self.kernels.small_workgroups() {
+            return None;
+        }
         let elem_bytes = tensor.dtype.size_bytes();
-        self.kernels.small_workgroups().then_some(())?;
         plan::whole_quads_binding(
             offset,
             size,
