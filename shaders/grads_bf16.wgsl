@@ -16,3 +16,11 @@ fn grad_quad(q: u32) -> vec4<f32> {
     let w = grad_words4(q);
     return vec4<f32>(bf16_pair(w.x), bf16_pair(w.y));
 }
+
+// Elements 4q .. 4q + 7 as two quads (see grads_f32.wgsl): the words of both
+// quads in one `vec4<u32>` load where the rows are bound as octs
+// (grads_octs.wgsl, q even), else two `vec2<u32>` loads.
+fn grad_quad_pair(q: u32) -> mat2x4<f32> {
+    let w = grad_words8(q);
+    return mat2x4<f32>(vec4<f32>(bf16_pair(w.x), bf16_pair(w.y)), vec4<f32>(bf16_pair(w.z), bf16_pair(w.w)));
+}

@@ -1,5 +1,6 @@
 // The input words of a dispatch whose rows lie in one buffer range: the kernel's
 // `grads` and `grads4` bindings (see grads_f32.wgsl for the interface).
+alias GradBinding4 = GradQuad;
 
 // Word i of the binding.
 fn grad_word(i: u32) -> GradWord {

@@ -7,6 +7,7 @@
 // that span several buffers (many tensors each in its own buffer share the norm
 // pass's dispatches instead of one dispatch per tensor); the others keep the
 // one-binding loads, which have no branch.
+alias GradBinding4 = GradQuad;
 @group(0) @binding(16) var<storage, read> grads_1: array<GradWord>;
 @group(0) @binding(17) var<storage, read> grads4_1: array<GradQuad>;
 @group(0) @binding(18) var<storage, read> grads_2: array<GradWord>;

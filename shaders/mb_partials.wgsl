@@ -141,7 +141,7 @@ fn table_len() -> u32 {
 @group(0) @binding(4) var<storage, read> carry_in: array<vec4<f32>>;
 // The same rows as `grads`, four elements at a time (bound to a dummy buffer when
 // every entry of the table has vec4_path = 0).
-@group(0) @binding(5) var<storage, read> grads4: array<GradQuad>;
+@group(0) @binding(5) var<storage, read> grads4: array<GradBinding4>;
 // The micro-batch means, read by weighted_means.wgsl: one [M, sum ceil4(D_p)]
 // matrix of all tensors, or, larger than one binding, the rows of per-tensor
 // [M, ceil4(D_p)] blocks that this dispatch's micro-batches write (MeansLayout in
@@ -226,6 +226,13 @@ fn step_quads(loads: u32, i: u32) -> mat4x4<f32> {
     let qs = quad_step();
     if (loads == LOAD_VEC4) {
         let q = i >> 2u;
+        if (ADJACENT) {
+            // Two pairs (one load each for 16-bit rows bound as octs: q is
+            // even there, see grads_octs.wgsl).
+            let a = grad_quad_pair(q);
+            let b = grad_quad_pair(q + 2u);
+            return mat4x4<f32>(a[0], a[1], b[0], b[1]);
+        }
         return mat4x4<f32>(grad_quad(q), grad_quad(q + qs), grad_quad(q + 2u * qs), grad_quad(q + 3u * qs));
     }
     if (loads == LOAD_SHIFTED) {
@@ -490,6 +497,17 @@ fn shallow_mean4(rows: u32, q: u32, stride4: u32, inv_n: f32) -> vec4<f32> {
     return a + grad_quad(q + stride4) * 0.5;
 }
 
+// shallow_mean4 of the adjacent quads q and q + 1 (grad_quad_pair: q even
+// where 16-bit rows are bound as octs, and so is stride4 there), with the same
+// operations per component.
+fn shallow_mean_pair(rows: u32, q: u32, stride4: u32, inv_n: f32) -> mat2x4<f32> {
+    let a = grad_quad_pair(q) * inv_n;
+    if (rows == 1u) {
+        return a;
+    }
+    return a + grad_quad_pair(q + stride4) * 0.5;
+}
+
 // walk4x4 in mode NORM_ONLY for micro-batches of one or two aligned rows
 // (`rows`, a call-site constant), four quads per iteration in the same order:
 // on lavapipe the row loop's per-lane mask and exit tests cost more than the
@@ -499,14 +517,24 @@ fn shallow_mean4(rows: u32, q: u32, stride4: u32, inv_n: f32) -> vec4<f32> {
 fn walk_shallow(rows: u32, c4: ptr<function, u32>, q_end: u32, row04: u32, stride4: u32, inv_n: f32, s: ptr<function, Sums>) {
     let qs = quad_step();
     while (*c4 + 3u * qs < q_end) {
-        let v0 = shallow_mean4(rows, row04 + *c4, stride4, inv_n);
-        let v1 = shallow_mean4(rows, row04 + *c4 + qs, stride4, inv_n);
-        let v2 = shallow_mean4(rows, row04 + *c4 + 2u * qs, stride4, inv_n);
-        let v3 = shallow_mean4(rows, row04 + *c4 + 3u * qs, stride4, inv_n);
-        add4(false, v0, s);
-        add4(false, v1, s);
-        add4(false, v2, s);
-        add4(false, v3, s);
+        var v: mat4x4<f32>;
+        if (ADJACENT) {
+            // Adjacent quads in two pairs (see step_quads).
+            let a = shallow_mean_pair(rows, row04 + *c4, stride4, inv_n);
+            let b = shallow_mean_pair(rows, row04 + *c4 + 2u, stride4, inv_n);
+            v = mat4x4<f32>(a[0], a[1], b[0], b[1]);
+        } else {
+            v = mat4x4<f32>(
+                shallow_mean4(rows, row04 + *c4, stride4, inv_n),
+                shallow_mean4(rows, row04 + *c4 + qs, stride4, inv_n),
+                shallow_mean4(rows, row04 + *c4 + 2u * qs, stride4, inv_n),
+                shallow_mean4(rows, row04 + *c4 + 3u * qs, stride4, inv_n),
+            );
+        }
+        add4(false, v[0], s);
+        add4(false, v[1], s);
+        add4(false, v[2], s);
+        add4(false, v[3], s);
         *c4 += 4u * RUN;
     }
 }

@@ -89,7 +89,7 @@ fn table_len() -> u32 {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 // The same buffer range as `grads`, four elements at a time (a dummy when every
 // entry has vec4_path = 0).
-@group(0) @binding(4) var<storage, read> grads4: array<GradQuad>;
+@group(0) @binding(4) var<storage, read> grads4: array<GradBinding4>;
 // The partial rows of row chunks (ROW_CHUNKS; a dummy otherwise).
 @group(0) @binding(5) var<storage, read_write> partials4: array<vec4<f32>>;
 
@@ -227,6 +227,17 @@ const QUADS: u32 = 8u;
 const LOAD_VEC4: u32 = 0u;    // a vec4 load per quad (vec4_path = 1)
 const LOAD_SHIFTED: u32 = 1u; // 9 aligned loads shifted into 8 adjacent quads (vec4_path = 2)
 
+// The 8 adjacent quads q .. q + 7 (ADJACENT, step 1) as two matrices, read in
+// pairs: one load per pair for 16-bit rows bound as octs (grads_octs.wgsl; q
+// is even there: the lane's first quad and every row start are).
+fn adjacent_quads8(q: u32) -> array<mat4x4<f32>, 2> {
+    let a = grad_quad_pair(q);
+    let b = grad_quad_pair(q + 2u);
+    let c = grad_quad_pair(q + 4u);
+    let d = grad_quad_pair(q + 6u);
+    return array<mat4x4<f32>, 2>(mat4x4<f32>(a[0], a[1], b[0], b[1]), mat4x4<f32>(c[0], c[1], d[0], d[1]));
+}
+
 // The weighted sums of the QUADS quads first + k * step (k = 0..7) of every row,
 // stored: one row loop with block sums and totals per quad (the same operations
 // per column as quad_sum, so the same bits whatever the loads). With
@@ -256,7 +267,11 @@ fn sum_quads8(loads: u32, first: u32, step: u32) {
         let q = e >> 2u;
         var lo: mat4x4<f32>;
         var hi: mat4x4<f32>;
-        if (loads == LOAD_VEC4) {
+        if (loads == LOAD_VEC4 && ADJACENT) {
+            let m = adjacent_quads8(q);
+            lo = m[0];
+            hi = m[1];
+        } else if (loads == LOAD_VEC4) {
             lo = mat4x4<f32>(grad_quad(q), grad_quad(q + step), grad_quad(q + 2u * step), grad_quad(q + 3u * step));
             hi = mat4x4<f32>(grad_quad(q + 4u * step), grad_quad(q + 5u * step), grad_quad(q + 6u * step), grad_quad(q + 7u * step));
         } else {
@@ -349,7 +364,11 @@ fn sum_quads8_plain(loads: u32, first: u32, step: u32) {
         }
         var lo: mat4x4<f32>;
         var hi: mat4x4<f32>;
-        if (loads == LOAD_VEC4) {
+        if (loads == LOAD_VEC4 && ADJACENT) {
+            let m = adjacent_quads8(q);
+            lo = m[0];
+            hi = m[1];
+        } else if (loads == LOAD_VEC4) {
             lo = mat4x4<f32>(grad_quad(q), grad_quad(q + step), grad_quad(q + 2u * step), grad_quad(q + 3u * step));
             hi = mat4x4<f32>(grad_quad(q + 4u * step), grad_quad(q + 5u * step), grad_quad(q + 6u * step), grad_quad(q + 7u * step));
         } else {

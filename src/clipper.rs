@@ -220,6 +220,13 @@ impl Clipper {
         self.gpu().map(|gpu| gpu.last_dispatches())
     }
 
+    /// Of [`Self::last_gpu_dispatches`], the input readers that read 16-bit rows
+    /// as octs ([`Self::set_gpu_oct_loads`]). For tests and benches.
+    #[doc(hidden)]
+    pub fn last_gpu_oct_dispatches(&self) -> Option<usize> {
+        self.gpu().map(|gpu| gpu.last_oct_dispatches())
+    }
+
     /// Limits the bytes one storage binding may cover (default: the device's
     /// `max_storage_buffer_binding_size`). Larger inputs are processed in row
     /// windows; tests use a small value to exercise that path. Rounded up to a
@@ -312,6 +319,26 @@ impl Clipper {
     #[doc(hidden)]
     pub fn gpu_pass4_chunk_rows(&self) -> Option<u32> {
         self.gpu().map(|gpu| gpu.pass4_chunk_rows())
+    }
+
+    /// Sets whether the GPU reads 16-bit rows that start at multiples of 8
+    /// elements as octs: one `vec4<u32>` load per two quads instead of two
+    /// `vec2<u32>` loads, in the walks whose lanes own adjacent quads; `None`:
+    /// the default (with small workgroups, a software adapter's shapes). The same
+    /// bits either way. For tests and benches of both ways on one adapter. No
+    /// effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_oct_loads(&mut self, on: Option<bool>) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_oct_loads(on);
+        }
+    }
+
+    /// Whether the GPU reads such 16-bit rows as octs now
+    /// ([`Self::set_gpu_oct_loads`]; `None` on the CPU).
+    #[doc(hidden)]
+    pub fn gpu_oct_loads(&self) -> Option<bool> {
+        self.gpu().map(|gpu| gpu.oct_loads())
     }
 
     /// Sets whether the GPU decodes f16 input with WGSL's `unpack2x16float` (about

@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use microclip::half::{bf16, f16};
 use microclip::reference::clip_f64;
-use microclip::{Backend, ClipConfig, ClipError, Clipper, Dtype, GpuTensor, GpuTensorMut};
+use microclip::{
+    Backend, ClipConfig, ClipError, ClipOutput, Clipper, Dtype, GpuTensor, GpuTensorMut,
+};
 use microclip::{GradElement, MicroBatches, NonFinitePolicy};
 use wgpu::util::DeviceExt;
 
@@ -366,4 +368,122 @@ fn f16_tensors_sharing_one_buffer() {
         let want = clip_f64(&cfg, &slices(&want_inputs), n).unwrap();
         assert_matches(&host, &want, TOL, &format!("b {b}"));
     }
+}
+
+/// 16-bit rows that start at multiples of 8 elements are read as octs (one
+/// `vec4<u32>` load per two quads) where oct loads are on (the default with
+/// small workgroups): the same bits as with them off, and the float64
+/// reference's values. Host slices (each tensor uploaded 256-byte aligned), row
+/// windows whose rows stay 8-aligned, and caller buffers where one tensor's rows
+/// are 8-aligned and the other's only 4-aligned (their shared norm pass reads
+/// quads; pass 4 reads the first tensor as octs when it runs per tensor).
+#[test]
+fn oct_loads_give_the_bits_of_quad_loads() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 13;
+    let widths = [8usize, 4096, 24, 1032];
+    let t = random_tensors(61, n, &widths, 1.0);
+    let ragged = MicroBatches::Offsets(vec![0, 1, 2, 5, 6, 12, 13]);
+    let configs = [1, 2, 3, 13]
+        .map(|b| ClipConfig::fixed(0.5, MicroBatches::Uniform(b)))
+        .into_iter()
+        .chain([
+            ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
+            ClipConfig::fixed(0.3, ragged),
+        ]);
+    for cfg in configs {
+        for (dtype, typed) in [
+            (Dtype::F16, widened(&rounded(&t, f16::from_f32))),
+            (Dtype::Bf16, widened(&rounded(&t, bf16::from_f32))),
+        ] {
+            let what = format!("{dtype} {cfg:?}");
+            let run = |gpu: &mut Clipper, octs: bool, max_binding: Option<u64>| {
+                gpu.set_gpu_oct_loads(Some(octs));
+                gpu.set_max_binding_bytes(max_binding.unwrap_or(u64::MAX));
+                let out = match dtype {
+                    Dtype::F16 => {
+                        let h = rounded(&typed, f16::from_f32);
+                        let views: Vec<&[f16]> = h.iter().map(Vec::as_slice).collect();
+                        gpu.clip(&cfg, &views, n).unwrap()
+                    }
+                    _ => {
+                        let h = rounded(&typed, bf16::from_f32);
+                        let views: Vec<&[bf16]> = h.iter().map(Vec::as_slice).collect();
+                        gpu.clip(&cfg, &views, n).unwrap()
+                    }
+                };
+                (out, gpu.last_gpu_oct_dispatches().unwrap())
+            };
+            let want = clip_f64(&cfg, &slices(&typed), n).unwrap();
+            // Whole tensors, then row windows (3 rows of the widest; rows of
+            // 1032 x 2 bytes, a multiple of 16: every window's first row stays
+            // 8-aligned).
+            for max_binding in [None, Some(3 * 4096 * 2 + 256)] {
+                let (quads, none) = run(&mut gpu, false, max_binding);
+                let (octs, used) = run(&mut gpu, true, max_binding);
+                assert_eq!(none, 0, "{what}");
+                assert!(used > 0, "{what} {max_binding:?}: no dispatch read octs");
+                assert!(octs == quads, "{what} {max_binding:?}: not the same bits");
+                assert_matches(&octs, &want, TOL, &what);
+            }
+        }
+    }
+    gpu.set_gpu_oct_loads(None);
+    gpu.set_max_binding_bytes(u64::MAX);
+
+    // Caller buffer: f16 tensors at bytes 16 (8-aligned rows) and, after it, at
+    // a multiple of 8 bytes but not 16 (4-aligned rows: quads only).
+    let t = rounded(&random_tensors(62, n, &[16, 12], 1.0), f16::from_f32);
+    let at = [16u64, 16 + (n * 16 * 2) as u64 + 8];
+    let mut bytes = vec![0u8; at[1] as usize + n * 12 * 2];
+    for (x, &a) in t.iter().zip(&at) {
+        bytes[a as usize..a as usize + x.len() * 2].copy_from_slice(bytemuck::cast_slice(x));
+    }
+    let device = gpu.device().unwrap().clone();
+    let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: &bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    });
+    let inputs = [
+        GpuTensor::new(&input, at[0], 16).with_dtype(Dtype::F16),
+        GpuTensor::new(&input, at[1], 12).with_dtype(Dtype::F16),
+    ];
+    let wide = widened(&t);
+    for b in [1, 2, 13] {
+        // Noise makes pass 4 run per tensor (1e-9 of it: the reference check
+        // stays meaningful).
+        let cfg = ClipConfig::fixed(0.4, MicroBatches::Uniform(b));
+        let noisy = cfg.clone().with_noise(microclip::GaussianNoise {
+            multiplier: 1e-9,
+            seed: 7,
+            step: b as u64,
+        });
+        for cfg in [cfg, noisy] {
+            let mut results = Vec::new();
+            for octs in [false, true] {
+                gpu.set_gpu_oct_loads(Some(octs));
+                let (buffers, stats) = gpu.clip_buffers(&cfg, &inputs, n).unwrap();
+                let grads: Vec<Vec<f32>> = (0..2)
+                    .map(|p| read_buffer(&gpu, &buffers[p], 0, [16, 12][p]))
+                    .collect();
+                results.push((stats, grads, gpu.last_gpu_oct_dispatches().unwrap()));
+            }
+            let what = format!("caller buffer b {b} {cfg:?}");
+            assert_eq!(results[0].2, 0, "{what}");
+            if cfg.noise.is_some() && b < 3 {
+                // Pass 4 re-reads each tensor's rows in its own dispatches.
+                assert!(results[1].2 > 0, "{what}: no dispatch read octs");
+            }
+            assert_eq!(results[0].0, results[1].0, "{what}");
+            assert_eq!(results[0].1, results[1].1, "{what}");
+            let want = clip_f64(&cfg, &slices(&wide), n).unwrap();
+            let got = ClipOutput {
+                grads: results[1].1.clone(),
+                stats: results[1].0.clone(),
+            };
+            assert_matches(&got, &want, TOL, &what);
+        }
+    }
+    gpu.set_gpu_oct_loads(None);
 }

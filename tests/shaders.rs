@@ -154,12 +154,14 @@ fn calls(block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
 }
 
 /// A kernel as the GPU backend composes it: name, input element type, and
-/// variant (rows of several buffers per dispatch; f16 by `unpack2x16float`).
+/// variant (rows of several buffers per dispatch; f16 by `unpack2x16float`;
+/// 16-bit rows bound as octs).
 type Kernel = (&'static str, microclip::Dtype, KernelVariant);
 
 /// Every kernel source the GPU backend composes: each kernel for each input
-/// element type, the slots variants of the input readers, and the f16 readers
-/// decoding with `unpack2x16float` (`f16_unpack` changes no other source).
+/// element type, the slots variants of the input readers, their octs variants
+/// for 16-bit input, and the f16 readers decoding with `unpack2x16float`
+/// (`f16_unpack` changes no other source).
 fn kernels() -> impl Iterator<Item = Kernel> {
     microclip::shaders::kernel_names().flat_map(|n| {
         microclip::Dtype::ALL.into_iter().flat_map(move |d| {
@@ -168,8 +170,19 @@ fn kernels() -> impl Iterator<Item = Kernel> {
                 .into_iter()
                 .filter(move |&u| !u || reader && d == F16);
             unpack.flat_map(move |f16_unpack| {
-                let slots = [false, true].into_iter().filter(move |&s| !s || reader);
-                slots.map(move |slots| (n, d, KernelVariant { slots, f16_unpack }))
+                // One binding, slots (readers), octs (16-bit readers).
+                let ways = [(false, false), (true, false), (false, true)];
+                let ways = ways.into_iter().filter(move |&(slots, octs)| {
+                    (!slots || reader) && (!octs || reader && d != microclip::Dtype::F32)
+                });
+                ways.map(move |(slots, octs)| {
+                    let variant = KernelVariant {
+                        slots,
+                        f16_unpack,
+                        octs,
+                    };
+                    (n, d, variant)
+                })
             })
         })
     })

@@ -169,6 +169,9 @@ struct GpuCtx {
     /// Rows per chunk of pass 4 over input rows of the clippers made now
     /// (`Clipper::set_gpu_pass4_chunk_rows`; `None`: the adapter's default).
     row_chunks: std::cell::Cell<Option<u32>>,
+    /// Oct loads of 16-bit rows of the clippers made now
+    /// (`Clipper::set_gpu_oct_loads`; `None`: the adapter's default).
+    oct_loads: std::cell::Cell<Option<bool>>,
 }
 
 impl GpuCtx {
@@ -187,6 +190,9 @@ impl GpuCtx {
         }
         if let Some(rows) = self.row_chunks.get() {
             c.set_gpu_pass4_chunk_rows(Some(rows));
+        }
+        if let Some(on) = self.oct_loads.get() {
+            c.set_gpu_oct_loads(Some(on));
         }
         c
     }
@@ -367,11 +373,17 @@ fn device_case(
         timing: if ctx.timed { "device" } else { "wall" },
         note,
     };
-    let method = match (ctx.slots.get(), ctx.f16_unpack.get(), ctx.row_chunks.get()) {
-        (Some(on), _, _) => Method::MicroclipSlots(on),
-        (None, Some(on), _) => Method::MicroclipF16Unpack(on),
-        (None, None, Some(rows)) => Method::MicroclipRowChunks(rows > 0),
-        (None, None, None) => Method::Microclip,
+    let method = match (
+        ctx.slots.get(),
+        ctx.f16_unpack.get(),
+        ctx.row_chunks.get(),
+        ctx.oct_loads.get(),
+    ) {
+        (Some(on), ..) => Method::MicroclipSlots(on),
+        (None, Some(on), ..) => Method::MicroclipF16Unpack(on),
+        (None, None, Some(rows), _) => Method::MicroclipRowChunks(rows > 0),
+        (None, None, None, Some(on)) => Method::MicroclipOctLoads(on),
+        (None, None, None, None) => Method::Microclip,
     };
     let mut rows = vec![row(
         method,
@@ -485,6 +497,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         slots: Default::default(),
         f16_unpack: Default::default(),
         row_chunks: Default::default(),
+        oct_loads: Default::default(),
     };
     let checks = crate::check::verify(&ctx.gpu, &ctx.refk, &ctx.baseline)?;
     for c in &checks {
@@ -571,14 +584,19 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
 
     // 16-bit inputs on the main shape: half the bytes to read, against the
     // read-and-sum over those bytes. f16 also with the adapter's other decode
-    // (`unpack2x16float` or integer operations) where it has both.
+    // (`unpack2x16float` or integer operations) where it has both; both types
+    // also with the adapter's other choice of oct loads.
     let other_unpack = ctx.clipper().gpu_f16_unpack() == Some(false);
-    for (dtype, unpack) in [
-        (Dtype::F16, None),
-        (Dtype::F16, Some(other_unpack)),
-        (Dtype::Bf16, None),
+    let other_octs = ctx.clipper().gpu_oct_loads() == Some(false);
+    for (dtype, unpack, octs) in [
+        (Dtype::F16, None, None),
+        (Dtype::F16, Some(other_unpack), None),
+        (Dtype::F16, None, Some(other_octs)),
+        (Dtype::Bf16, None, None),
+        (Dtype::Bf16, None, Some(other_octs)),
     ] {
         ctx.f16_unpack.set(unpack);
+        ctx.oct_loads.set(octs);
         if unpack.is_some() && ctx.clipper().gpu_f16_unpack() != unpack {
             continue;
         }
@@ -599,6 +617,7 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
         }
     }
     ctx.f16_unpack.set(None);
+    ctx.oct_loads.set(None);
 
     // Few wide rows, then many narrow rows (+ the host path on the same shape).
     for (what, (n0, d, b), host) in [

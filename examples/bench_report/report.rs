@@ -21,6 +21,10 @@ pub enum Method {
     /// [`crate::cases::ROW_CHUNK_ROWS`] rows (true) or all rows at once; not in
     /// the summary.
     MicroclipRowChunks(bool),
+    /// Microclip with its GPU oct loads of 16-bit rows set against the
+    /// adapter's default (`Clipper::set_gpu_oct_loads`): on (true) or off; not
+    /// in the summary.
+    MicroclipOctLoads(bool),
 }
 
 /// One measured case.
@@ -79,6 +83,8 @@ impl Row {
             Method::MicroclipF16Unpack(false) => "microclip, f16 by integer decode",
             Method::MicroclipRowChunks(true) => "microclip, pass 4 in row chunks",
             Method::MicroclipRowChunks(false) => "microclip, pass 4 without row chunks",
+            Method::MicroclipOctLoads(true) => "microclip, 16-bit rows as octs",
+            Method::MicroclipOctLoads(false) => "microclip, 16-bit rows without octs",
         }
     }
 }

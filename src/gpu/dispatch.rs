@@ -3,7 +3,7 @@
 //! (`ParamBlocks`), and the binding helpers.
 
 use super::kernels::{slot_binding, MeansSumParams, PartialsParams, PartialsVariant, SLOTS};
-use super::plan::{dispatch_2d, vec4_aligned, MEANS_SUM_COLS, TABLE_LEN};
+use super::plan::{dispatch_2d, oct_rows, vec4_aligned, MEANS_SUM_COLS, TABLE_LEN};
 use crate::dtype::Dtype;
 use crate::error::Result;
 
@@ -41,13 +41,17 @@ pub(super) struct Pass4<'a> {
     /// Every entry reads its rows as whole quads (`vec4_path` 1): the pipeline
     /// built for them (`kernels::weighted_means_constants`).
     pub(super) aligned: bool,
+    /// The octs readers (`KernelVariant::octs`) read its rows.
+    pub(super) octs: bool,
     pub(super) groups: (u32, u32),
     pub(super) dtype: Dtype,
 }
 
 impl<'a> Pass4<'a> {
     /// Numbers the column groups of `table`'s tensors one after the other, sets
-    /// the dispatch's size in entry 0 and appends the table to `params`.
+    /// the dispatch's size in entry 0 and appends the table to `params`. With
+    /// `octs_allowed` (`GpuClipper::oct_loads`) 16-bit rows that allow it are
+    /// read as octs (`plan::oct_rows`).
     pub(super) fn push(
         params: &mut ParamBlocks,
         mut table: Vec<MeansSumParams>,
@@ -55,6 +59,7 @@ impl<'a> Pass4<'a> {
         weights: Pass4Weights,
         out: Range<'a>,
         dtype: Dtype,
+        octs_allowed: bool,
     ) -> Result<Self> {
         let mut dispatch_groups = 0u64;
         for e in &mut table {
@@ -66,8 +71,18 @@ impl<'a> Pass4<'a> {
         table[0].entries = table.len() as u32;
         table[0].dispatch_groups = dispatch_groups as u32;
         let sources = slot_sources(&bindings, &table, |e| (e.slot as usize, e.vec4_path));
+        let aligned = table.iter().all(|e| e.vec4_path == 1);
+        let octs = octs_allowed
+            && aligned
+            && sources.len() == 1
+            && oct_rows(
+                dtype.size_bytes(),
+                sources[0].size,
+                table.iter().map(|e| (e.stride as u64, e.means_base as u64)),
+            );
         Ok(Self {
-            aligned: table.iter().all(|e| e.vec4_path == 1),
+            aligned,
+            octs,
             params: params.push_table(&table, MEANS_TABLE_BYTES),
             sources,
             weights,
@@ -105,6 +120,9 @@ pub(super) struct Pass1<'a> {
     pub(super) params: u64,
     /// The norm pass's build it runs (`CallLayout::pass1_variants`).
     pub(super) variant: PartialsVariant,
+    /// The octs readers (`KernelVariant::octs`) read its rows
+    /// (`CallLayout::pass1_octs`).
+    pub(super) octs: bool,
     pub(super) sources: Vec<Source<'a>>,
     pub(super) window: usize,
     /// The range of the means buffer it binds (byte offset, byte size).

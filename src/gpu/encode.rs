@@ -92,6 +92,8 @@ impl GpuClipper {
             no_partials: &no_partials,
         };
         self.last_dispatches = self.record(&mut encoder, &bound, &pass1, &pass4, &noise, &fixed);
+        self.last_oct_dispatches =
+            pass1.iter().filter(|d| d.octs).count() + pass4.iter().filter(|d| d.octs).count();
         let readback = self.copy_results(&mut encoder, &call, &scratch);
         self.queue.submit([encoder.finish()]);
         Ok(readback)
@@ -143,14 +145,15 @@ impl GpuClipper {
         let k = &self.kernels;
         // The input readers of a dispatch: the slots variants over several
         // buffer ranges.
-        let readers = |sources: &[Source<'_>], dtype| k.readers(dtype, sources.len() > 1);
+        let readers =
+            |sources: &[Source<'_>], dtype, octs| k.readers(dtype, sources.len() > 1, octs);
         // Any read-only buffer, for the bindings a dispatch does not read.
         let dummy = &s.row_offsets;
         // (pipeline, bind group) of each input-reading dispatch.
         let partial_groups: Vec<_> = pass1
             .iter()
             .map(|d| {
-                let pipeline = readers(&d.sources, d.dtype).partials(d.variant);
+                let pipeline = readers(&d.sources, d.dtype, d.octs).partials(d.variant);
                 let [grads, grads4] = d.sources[0].resources(dummy);
                 let resources = vec![
                     uniform(d.params, PARTIALS_TABLE_BYTES),
@@ -218,7 +221,7 @@ impl GpuClipper {
             .iter()
             .map(|d| {
                 let runs = matches!(d.weights, Pass4Weights::Row);
-                let pipeline = readers(&d.sources, d.dtype).weighted_means(
+                let pipeline = readers(&d.sources, d.dtype, d.octs).weighted_means(
                     d.partials.is_some(),
                     d.aligned,
                     runs,

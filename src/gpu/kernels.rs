@@ -11,6 +11,15 @@ const TENSOR_TABLE: &str = include_str!("../../shaders/tensor_table.wgsl");
 const GRADS_SHIFTED: &str = include_str!("../../shaders/grads_shifted.wgsl");
 const GRADS_ONE_BINDING: &str = include_str!("../../shaders/grads_one_binding.wgsl");
 const GRADS_SLOTS: &str = include_str!("../../shaders/grads_slots.wgsl");
+const GRADS_OCTS: &str = include_str!("../../shaders/grads_octs.wgsl");
+
+/// `grad_words8` (the words of two adjacent quads) of the 16-bit loaders where
+/// `grads4` holds quads: two `vec2<u32>` loads (one with
+/// [`KernelVariant::octs`], grads_octs.wgsl).
+const WORDS8_FROM_QUADS: &str = "fn grad_words8(q: u32) -> vec4<u32> {
+    return vec4<u32>(grad_words4(q), grad_words4(q + 1u));
+}
+";
 
 /// Buffer ranges one dispatch of an input-reading kernel can read through its
 /// slots variant (grads_slots.wgsl): slot 0 at the kernel's own bindings, slots
@@ -114,6 +123,12 @@ pub struct KernelVariant {
     /// it (wgpu's `SHADER_F16_IN_F32`). A validation tool must then allow naga's
     /// `SHADER_FLOAT16_IN_FLOAT32`. No effect on other element types or kernels.
     pub f16_unpack: bool,
+    /// 16-bit input whose rows all start at multiples of 8 elements, bound as
+    /// octs (grads_octs.wgsl): the ADJACENT walks read two quads per
+    /// `vec4<u32>` load instead of one per `vec2<u32>` load. What the GPU
+    /// backend runs with small workgroups (a software adapter, which pays per
+    /// load instruction) for such rows. Not with `slots`, nor for f32 input.
+    pub octs: bool,
 }
 
 /// The full WGSL source of a kernel reading f32 gradients: the shared prelude(s)
@@ -141,11 +156,14 @@ pub fn kernel_source_with_slots(name: &str, dtype: Dtype) -> Option<String> {
 }
 
 /// The full WGSL source of kernel `name` for input gradients of `dtype` in
-/// `variant`; `None` for an unknown name and for the slots variant of a kernel
-/// that does not read the input.
+/// `variant`; `None` for an unknown name, for the slots or octs variant of a
+/// kernel that does not read the input, and for octs with slots or f32 input.
 pub fn kernel_source_variant(name: &str, dtype: Dtype, variant: KernelVariant) -> Option<String> {
     let (_, prelude, body) = KERNELS.iter().find(|(n, _, _)| *n == name)?;
-    if variant.slots && *prelude == Prelude::None {
+    if (variant.slots || variant.octs) && *prelude == Prelude::None {
+        return None;
+    }
+    if variant.octs && (variant.slots || dtype == Dtype::F32) {
         return None;
     }
     let loader = match prelude {
@@ -158,9 +176,21 @@ pub fn kernel_source_variant(name: &str, dtype: Dtype, variant: KernelVariant) -
         Prelude::GradsAndMean => (GRADS_SHIFTED, TENSOR_TABLE, COLUMN_MEAN),
     };
     let words = match prelude {
-        Prelude::None => "",
-        _ if variant.slots => GRADS_SLOTS,
-        _ => GRADS_ONE_BINDING,
+        Prelude::None => String::new(),
+        _ if variant.octs => GRADS_OCTS.to_string(),
+        _ => {
+            let quads = if variant.slots {
+                GRADS_SLOTS
+            } else {
+                GRADS_ONE_BINDING
+            };
+            let words8 = if dtype == Dtype::F32 {
+                ""
+            } else {
+                WORDS8_FROM_QUADS
+            };
+            format!("{quads}\n{words8}")
+        }
     };
     let common = if cfg!(feature = "emulate-ftz-division") {
         COMMON.replacen(FDIV_EXACT, FDIV_FLUSHING, 1)
@@ -578,13 +608,17 @@ pub(crate) struct Needs {
     /// Pass 4's variants with row runs (input rows with per-row weights), over
     /// row chunks too if `chunks`.
     pub runs: bool,
+    /// The octs variants ([`KernelVariant::octs`]; 16-bit input, not with
+    /// `slots`) instead of the one-binding ones.
+    pub octs: bool,
 }
 
 /// The input readers of one element type: over one buffer range, and the slots
-/// variants (built on first use).
+/// and octs variants (built on first use).
 struct TypeReaders {
     one: GradKernels,
     slots: Option<GradKernels>,
+    octs: Option<GradKernels>,
     /// Built with [`KernelVariant::f16_unpack`] (both sets).
     f16_unpack: bool,
 }
@@ -635,8 +669,9 @@ fn build(
 ) -> wgpu::ComputePipeline {
     let source = kernel_source_variant(name, dtype, variant).expect("known kernel");
     let label = format!(
-        "{name} ({dtype}{}{})",
+        "{name} ({dtype}{}{}{})",
         if variant.slots { ", slots" } else { "" },
+        if variant.octs { ", octs" } else { "" },
         if variant.f16_unpack && dtype == Dtype::F16 {
             ", unpack2x16float"
         } else {
@@ -771,21 +806,29 @@ impl Kernels {
             partials,
             chunks,
             runs,
+            octs,
         } = needs;
         let small = self.small_workgroups;
         let one = KernelVariant {
             slots: false,
             f16_unpack: self.f16_unpack(),
+            octs: false,
         };
-        let variant = KernelVariant { slots, ..one };
         let readers = self.readers[dtype.index()].get_or_insert_with(|| TypeReaders {
             one: GradKernels::build(device, dtype, small, one),
             slots: None,
+            octs: None,
             f16_unpack: one.f16_unpack,
         });
         let kernels = if slots {
+            let variant = KernelVariant { slots, ..one };
             readers
                 .slots
+                .get_or_insert_with(|| GradKernels::build(device, dtype, small, variant))
+        } else if octs && dtype != Dtype::F32 {
+            let variant = KernelVariant { octs, ..one };
+            readers
+                .octs
                 .get_or_insert_with(|| GradKernels::build(device, dtype, small, variant))
         } else {
             &mut readers.one
@@ -811,9 +854,10 @@ impl Kernels {
         self.readers = [None, None, None];
     }
 
-    /// The gradient readers of `dtype`, the slots variants if `slots` (after
-    /// [`Self::prepare`] with the same `slots`).
-    pub fn readers(&self, dtype: Dtype, slots: bool) -> &GradKernels {
+    /// The gradient readers of `dtype`, the slots variants if `slots`, the
+    /// octs variants if `octs` (after [`Self::prepare`] with the same `slots`
+    /// and `octs`).
+    pub fn readers(&self, dtype: Dtype, slots: bool, octs: bool) -> &GradKernels {
         let readers = self.readers[dtype.index()]
             .as_ref()
             .expect("readers prepared before encoding");
@@ -822,6 +866,11 @@ impl Kernels {
                 .slots
                 .as_ref()
                 .expect("slot readers prepared before encoding")
+        } else if octs && dtype != Dtype::F32 {
+            readers
+                .octs
+                .as_ref()
+                .expect("oct readers prepared before encoding")
         } else {
             &readers.one
         }

@@ -144,12 +144,17 @@ pub(crate) struct GpuClipper {
     /// Loop iterations one shader invocation may make (`None`: no limit); see
     /// `default_loop_budget`.
     loop_budget: Option<u64>,
+    /// Whether 16-bit rows that allow it are read as octs (`None`: with small
+    /// workgroups); see `oct_loads`.
+    oct_loads: Option<bool>,
     /// Times each call's compute pass when set (`set_timing`).
     timer: Option<PassTimer>,
     /// Device time of the last call's compute pass, when timed.
     last_pass_time: Option<std::time::Duration>,
     /// Compute dispatches the last call recorded.
     last_dispatches: usize,
+    /// Of those, the input readers that read 16-bit rows as octs.
+    last_oct_dispatches: usize,
 }
 
 /// Byte layout of one call's scratch data, shared by encoding and read-back.
@@ -186,6 +191,9 @@ struct CallLayout {
     /// windows, whether the call stores the means, whether some micro-batch of
     /// more than `kernels::CHUNK_ROWS` rows does).
     pass1_variants: Vec<PartialsVariant>,
+    /// Per dispatch of `pass1`: its 16-bit rows are read as octs
+    /// (`GpuClipper::oct_loads`, `plan::oct_rows`).
+    pass1_octs: Vec<bool>,
 }
 
 impl CallLayout {
@@ -311,9 +319,11 @@ impl GpuClipper {
             buffer_slots: default_buffer_slots(&device),
             pass4_chunk_rows: default_pass4_chunk_rows(info.device_type),
             loop_budget: default_loop_budget(info.device_type),
+            oct_loads: None,
             timer: None,
             last_pass_time: None,
             last_dispatches: 0,
+            last_oct_dispatches: 0,
             device,
             queue,
         })
@@ -344,6 +354,10 @@ impl GpuClipper {
 
     pub fn last_dispatches(&self) -> usize {
         self.last_dispatches
+    }
+
+    pub fn last_oct_dispatches(&self) -> usize {
+        self.last_oct_dispatches
     }
 
     /// Clears the last call's device time (a new call begins).
@@ -418,6 +432,29 @@ impl GpuClipper {
 
     pub fn pass4_chunk_rows(&self) -> u32 {
         self.pass4_chunk_rows
+    }
+
+    /// Whether the input readers take 16-bit rows that start at multiples of 8
+    /// elements as octs (grads_octs.wgsl: one `vec4<u32>` load per two quads
+    /// instead of two `vec2<u32>` loads): by default with small workgroups, whose
+    /// ADJACENT walks read a lane's quads in pairs (on lavapipe, where each load
+    /// instruction costs per lane, see BENCHMARKS.md); the same bits either way.
+    pub fn oct_loads(&self) -> bool {
+        self.oct_loads
+            .unwrap_or_else(|| self.kernels.small_workgroups())
+    }
+
+    /// Sets [`Self::oct_loads`] (`None`: the default).
+    pub fn set_oct_loads(&mut self, on: Option<bool>) {
+        self.oct_loads = on;
+    }
+
+    /// Whether the octs readers may read 16-bit tensor `t`'s rows (rows of a
+    /// multiple of 8 elements; whether a dispatch's rows start at multiples of 8
+    /// elements of its binding is `plan::oct_rows`), where oct loads are on: its
+    /// type's octs readers are prepared for the call.
+    fn oct_tensor(&self, t: &GpuTensor<'_>) -> bool {
+        self.oct_loads() && t.dtype.size_bytes() == 2 && t.cols.is_multiple_of(8)
     }
 
     /// Rebuilds the pipelines in error scopes and keeps the old ones if that
@@ -891,6 +928,21 @@ impl GpuClipper {
                 stores_means: Some(with_means),
             })
             .collect();
+        let pass1_octs = pass1
+            .iter()
+            .map(|d| {
+                let dtype = inputs[d.entries[0].tensor].dtype;
+                self.oct_loads()
+                    && d.bindings.len() == 1
+                    && plan::oct_rows(
+                        dtype.size_bytes(),
+                        d.bindings[0].size,
+                        d.entries
+                            .iter()
+                            .map(|e| (inputs[e.tensor].cols as u64, e.elem_offset as u64)),
+                    )
+            })
+            .collect();
         Ok(CallLayout {
             micro_batches,
             groups: groups as u64,
@@ -906,6 +958,7 @@ impl GpuClipper {
             per_row_weights,
             pass1,
             pass1_variants,
+            pass1_octs,
         })
     }
 
@@ -943,13 +996,28 @@ impl GpuClipper {
             self.kernels.prepare(&device, Dtype::F32, Needs::default());
             for t in inputs {
                 self.kernels.prepare(&device, t.dtype, needs);
+                // The octs readers for pass 4 over its rows (Pass4::push takes
+                // them only for rows of such a tensor).
+                if self.oct_tensor(t) {
+                    let octs = Needs {
+                        octs: true,
+                        ..needs
+                    };
+                    self.kernels.prepare(&device, t.dtype, octs);
+                }
             }
-            for (d, &partials) in layout.pass1.iter().zip(&layout.pass1_variants) {
+            for ((d, &partials), &octs) in layout
+                .pass1
+                .iter()
+                .zip(&layout.pass1_variants)
+                .zip(&layout.pass1_octs)
+            {
                 let dtype = inputs[d.entries[0].tensor].dtype;
                 let slots = d.bindings.len() > 1;
                 let needs = Needs {
                     slots,
                     partials: Some(partials),
+                    octs,
                     ..needs
                 };
                 self.kernels.prepare(&device, dtype, needs);

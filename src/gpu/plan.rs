@@ -468,6 +468,21 @@ pub(crate) fn vec4_aligned(cols: u64, elem_offset: u32) -> bool {
     cols.is_multiple_of(4) && elem_offset.is_multiple_of(4)
 }
 
+/// Whether an input-reading dispatch over one binding of `bind_size` bytes
+/// may read its 16-bit rows as octs (grads_octs.wgsl): every entry's rows
+/// (`rows`: columns, element index of the first row in the binding) start at
+/// multiples of 8 elements, so each lane's adjacent quads pair up as whole
+/// 16-byte words, and the binding holds whole octs.
+pub(crate) fn oct_rows(
+    elem_bytes: u64,
+    bind_size: u64,
+    mut rows: impl Iterator<Item = (u64, u64)>,
+) -> bool {
+    elem_bytes == 2
+        && bind_size.is_multiple_of(16)
+        && rows.all(|(cols, first)| cols.is_multiple_of(8) && first.is_multiple_of(8))
+}
+
 /// Where the norm pass stores a call's micro-batch means, if it keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MeansLayout {

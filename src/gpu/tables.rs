@@ -41,6 +41,8 @@ pub(super) struct Call<'a> {
     storage_align: u64,
     /// The binding limit in use.
     max_binding: u64,
+    /// 16-bit rows that allow it are read as octs (`GpuClipper::oct_loads`).
+    octs_allowed: bool,
 }
 
 impl<'a> Call<'a> {
@@ -84,6 +86,7 @@ impl<'a> Call<'a> {
             merge_rows: !layout.with_means() && copies_pay,
             storage_align: clipper.storage_align,
             max_binding: clipper.max_binding,
+            octs_allowed: clipper.oct_loads(),
         }
     }
 
@@ -101,11 +104,12 @@ impl<'a> Call<'a> {
     ) -> Result<Vec<Pass1<'a>>> {
         let layout = self.layout;
         let mut dispatches = Vec::with_capacity(layout.pass1.len());
-        for ((d, (bindings, whole_quads)), &variant) in layout
+        for (((d, (bindings, whole_quads)), &variant), &octs) in layout
             .pass1
             .iter()
             .zip(bindings)
             .zip(&layout.pass1_variants)
+            .zip(&layout.pass1_octs)
         {
             let mut table = Vec::with_capacity(d.entries.len());
             let mut dispatch_tiles = 0u64;
@@ -153,6 +157,7 @@ impl<'a> Call<'a> {
             dispatches.push(Pass1 {
                 params: params.push_table(&table, PARTIALS_TABLE_BYTES),
                 variant,
+                octs,
                 sources: slot_sources(bindings, &table, |e| (e.slot as usize, e.vec4_path)),
                 window,
                 means,
@@ -339,6 +344,7 @@ impl<'a> Call<'a> {
                     Pass4Weights::MicroBatch,
                     (o.buffer, out_bind, out_size),
                     Dtype::F32,
+                    self.octs_allowed,
                 )?);
             }
         }
@@ -369,6 +375,7 @@ impl<'a> Call<'a> {
                     weights,
                     job.out,
                     job.dtype,
+                    self.octs_allowed,
                 )?);
                 continue;
             };
@@ -380,6 +387,7 @@ impl<'a> Call<'a> {
                     weights,
                     job.out,
                     job.dtype,
+                    self.octs_allowed,
                 )?;
                 chunk.partials = Some(partial_rows);
                 dispatches.push(chunk);
@@ -391,6 +399,7 @@ impl<'a> Call<'a> {
                 Pass4Weights::Ones,
                 job.out,
                 Dtype::F32,
+                self.octs_allowed,
             )?);
         }
         Ok(dispatches)
@@ -419,6 +428,7 @@ impl<'a> Call<'a> {
             Pass4Weights::MicroBatch,
             (merged_out, 0, merged_out.size()),
             Dtype::F32,
+            self.octs_allowed,
         )
     }
 

@@ -677,3 +677,14 @@ fn whole_quads_bindings_hold_whole_quads_inside_the_buffer() {
         None
     );
 }
+
+#[test]
+fn oct_rows_only_for_16_bit_rows_on_whole_octs() {
+    let rows = [(8u64, 0u64), (1032, 8), (16, 4096)];
+    assert!(oct_rows(2, 4128, rows.into_iter()));
+    // f32 rows, a binding ending mid-oct, a width or a first row off by 4.
+    assert!(!oct_rows(4, 4128, rows.into_iter()));
+    assert!(!oct_rows(2, 4120, rows.into_iter()));
+    assert!(!oct_rows(2, 4128, [(12, 0)].into_iter()));
+    assert!(!oct_rows(2, 4128, rows.into_iter().chain([(8, 4)])));
+}
