@@ -382,52 +382,69 @@ fn oct_loads_give_the_bits_of_quad_loads() {
     let Some(mut gpu) = gpu() else { return };
     let n = 13;
     let widths = [8usize, 4096, 24, 1032];
-    let t = random_tensors(61, n, &widths, 1.0);
     let ragged = MicroBatches::Offsets(vec![0, 1, 2, 5, 6, 12, 13]);
-    let configs = [1, 2, 3, 13]
+    let configs: Vec<ClipConfig> = [1, 2, 3, 13]
         .map(|b| ClipConfig::fixed(0.5, MicroBatches::Uniform(b)))
         .into_iter()
         .chain([
             ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)),
             ClipConfig::fixed(0.3, ragged),
-        ]);
-    for cfg in configs {
-        for (dtype, typed) in [
-            (Dtype::F16, widened(&rounded(&t, f16::from_f32))),
-            (Dtype::Bf16, widened(&rounded(&t, bf16::from_f32))),
-        ] {
-            let what = format!("{dtype} {cfg:?}");
-            let run = |gpu: &mut Clipper, octs: bool, max_binding: Option<u64>| {
-                gpu.set_gpu_oct_loads(Some(octs));
-                gpu.set_max_binding_bytes(max_binding.unwrap_or(u64::MAX));
-                let out = match dtype {
-                    Dtype::F16 => {
-                        let h = rounded(&typed, f16::from_f32);
-                        let views: Vec<&[f16]> = h.iter().map(Vec::as_slice).collect();
-                        gpu.clip(&cfg, &views, n).unwrap()
-                    }
-                    _ => {
-                        let h = rounded(&typed, bf16::from_f32);
-                        let views: Vec<&[bf16]> = h.iter().map(Vec::as_slice).collect();
-                        gpu.clip(&cfg, &views, n).unwrap()
-                    }
-                };
-                (out, gpu.last_gpu_oct_dispatches().unwrap())
+        ])
+        .collect();
+    // f16 and bf16 of magnitude 1; bf16 also near 1e-30 and 1e30, where the
+    // norm pass walks again with Blue's sums (b = 1 and 3).
+    let data = [
+        (Dtype::F16, 1.0, &configs[..]),
+        (Dtype::Bf16, 1.0, &configs[..]),
+        (Dtype::Bf16, 1e-30, &configs[..3]),
+        (Dtype::Bf16, 1e30, &configs[..3]),
+    ];
+    // The software adapter's walks (lanes on adjacent quads, read in pairs),
+    // then, with small workgroups off, the hardware walks on the same octs
+    // (one quad per load, half of an oct: slower, the same bits).
+    for small in [None, Some(false)] {
+        gpu.set_gpu_small_workgroups(small);
+        for &(dtype, magnitude, configs) in &data {
+            let t = random_tensors(61, n, &widths, magnitude);
+            let typed = match dtype {
+                Dtype::F16 => widened(&rounded(&t, f16::from_f32)),
+                _ => widened(&rounded(&t, bf16::from_f32)),
             };
-            let want = clip_f64(&cfg, &slices(&typed), n).unwrap();
-            // Whole tensors, then row windows (3 rows of the widest; rows of
-            // 1032 x 2 bytes, a multiple of 16: every window's first row stays
-            // 8-aligned).
-            for max_binding in [None, Some(3 * 4096 * 2 + 256)] {
-                let (quads, none) = run(&mut gpu, false, max_binding);
-                let (octs, used) = run(&mut gpu, true, max_binding);
-                assert_eq!(none, 0, "{what}");
-                assert!(used > 0, "{what} {max_binding:?}: no dispatch read octs");
-                assert!(octs == quads, "{what} {max_binding:?}: not the same bits");
-                assert_matches(&octs, &want, TOL, &what);
+            for cfg in configs {
+                let what = format!("{dtype} x {magnitude:e} small {small:?} {cfg:?}");
+                let run = |gpu: &mut Clipper, octs: bool, max_binding: Option<u64>| {
+                    gpu.set_gpu_oct_loads(Some(octs));
+                    gpu.set_max_binding_bytes(max_binding.unwrap_or(u64::MAX));
+                    let out = match dtype {
+                        Dtype::F16 => {
+                            let h = rounded(&typed, f16::from_f32);
+                            let views: Vec<&[f16]> = h.iter().map(Vec::as_slice).collect();
+                            gpu.clip(cfg, &views, n).unwrap()
+                        }
+                        _ => {
+                            let h = rounded(&typed, bf16::from_f32);
+                            let views: Vec<&[bf16]> = h.iter().map(Vec::as_slice).collect();
+                            gpu.clip(cfg, &views, n).unwrap()
+                        }
+                    };
+                    (out, gpu.last_gpu_oct_dispatches().unwrap())
+                };
+                let want = clip_f64(cfg, &slices(&typed), n).unwrap();
+                // Whole tensors, then row windows (3 rows of the widest; rows of
+                // 1032 x 2 bytes, a multiple of 16: every window's first row
+                // stays 8-aligned).
+                for max_binding in [None, Some(3 * 4096 * 2 + 256)] {
+                    let (quads, none) = run(&mut gpu, false, max_binding);
+                    let (octs, used) = run(&mut gpu, true, max_binding);
+                    assert_eq!(none, 0, "{what}");
+                    assert!(used > 0, "{what} {max_binding:?}: no dispatch read octs");
+                    assert!(octs == quads, "{what} {max_binding:?}: not the same bits");
+                    assert_matches(&octs, &want, TOL, &what);
+                }
             }
         }
     }
+    gpu.set_gpu_small_workgroups(None);
     gpu.set_gpu_oct_loads(None);
     gpu.set_max_binding_bytes(u64::MAX);
 
