@@ -503,8 +503,9 @@ pub(crate) struct GradKernels {
     /// shallow one's).
     partials: [Option<wgpu::ComputePipeline>; 24],
     /// `weighted_means` by [`pass4_index`] ([`weighted_means_constants`]): over
-    /// any rows and over aligned rows (built up front), and the same over row
-    /// chunks and with row runs (built on first use).
+    /// any rows and over aligned rows (built up front; aligned rows only in the
+    /// octs variant), and the same over row chunks and with row runs (built on
+    /// first use).
     weighted_means: [Option<wgpu::ComputePipeline>; 8],
     /// What every build of this set shares: element type, source variant, small
     /// workgroups.
@@ -560,10 +561,13 @@ impl GradKernels {
     }
 
     /// Builds pass 4 over row chunks or not (`chunks`), with row runs or not
-    /// (`runs`), over any rows and over aligned ones, unless they exist.
+    /// (`runs`), over any rows and over aligned ones (only those in the octs
+    /// variant: `Pass4::push` takes it only where every row is), unless they
+    /// exist.
     fn build_pass4(&mut self, device: &wgpu::Device, chunks: bool, runs: bool) {
         let (dtype, source, small) = (self.dtype, self.variant, self.small_workgroups);
-        for aligned in [false, true] {
+        let alignments: &[bool] = if source.octs { &[true] } else { &[false, true] };
+        for &aligned in alignments {
             self.weighted_means[pass4_index(chunks, aligned, runs)].get_or_insert_with(|| {
                 let constants = weighted_means_constants(small, chunks, aligned, runs);
                 build(device, "weighted_means", dtype, &constants, source)
