@@ -325,6 +325,25 @@ fn gpu_loaders_decode_every_finite_value_exactly() {
     loader_is_exact(&mut gpu, bf16::from_bits, 1e18);
 }
 
+/// A storage buffer on `gpu`'s device holding each f16 tensor at its byte
+/// offset in `at`, the other bytes `fill`, its size rounded up to whole words.
+fn f16_buffer(gpu: &Clipper, tensors: &[Vec<f16>], at: &[u64], fill: u8) -> wgpu::Buffer {
+    let end = tensors
+        .iter()
+        .zip(at)
+        .map(|(x, &a)| a as usize + x.len() * 2);
+    let mut bytes = vec![fill; end.max().unwrap_or(0).next_multiple_of(4)];
+    for (x, &a) in tensors.iter().zip(at) {
+        bytes[a as usize..a as usize + x.len() * 2].copy_from_slice(bytemuck::cast_slice(x));
+    }
+    let device = gpu.device().unwrap();
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: &bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    })
+}
+
 /// Three f16 tensors in one caller buffer (so they share norm-pass dispatches):
 /// the first at byte 4 (rows of 8 halves start 2 halves past a quad: scalar
 /// loads), the second right after it, the third at a 16-byte boundary (vec4
@@ -339,16 +358,7 @@ fn f16_tensors_sharing_one_buffer() {
     let mut at = vec![4u64];
     at.push((at[0] + (n * widths[0] * 2) as u64).next_multiple_of(4));
     at.push((at[1] + (n * widths[1] * 2) as u64).next_multiple_of(16) + 16);
-    let mut bytes = vec![0xffu8; (at[2] as usize + n * widths[2] * 2).next_multiple_of(4)];
-    for (x, &a) in t.iter().zip(&at) {
-        bytes[a as usize..a as usize + x.len() * 2].copy_from_slice(bytemuck::cast_slice(x));
-    }
-    let device = gpu.device().unwrap().clone();
-    let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: None,
-        contents: &bytes,
-        usage: wgpu::BufferUsages::STORAGE,
-    });
+    let input = f16_buffer(&gpu, &t, &at, 0xff);
     let inputs: Vec<GpuTensor<'_>> = widths
         .iter()
         .zip(&at)
@@ -452,16 +462,7 @@ fn oct_loads_give_the_bits_of_quad_loads() {
     // a multiple of 8 bytes but not 16 (4-aligned rows: quads only).
     let t = rounded(&random_tensors(62, n, &[16, 12], 1.0), f16::from_f32);
     let at = [16u64, 16 + (n * 16 * 2) as u64 + 8];
-    let mut bytes = vec![0u8; at[1] as usize + n * 12 * 2];
-    for (x, &a) in t.iter().zip(&at) {
-        bytes[a as usize..a as usize + x.len() * 2].copy_from_slice(bytemuck::cast_slice(x));
-    }
-    let device = gpu.device().unwrap().clone();
-    let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: None,
-        contents: &bytes,
-        usage: wgpu::BufferUsages::STORAGE,
-    });
+    let input = f16_buffer(&gpu, &t, &at, 0);
     let inputs = [
         GpuTensor::new(&input, at[0], 16).with_dtype(Dtype::F16),
         GpuTensor::new(&input, at[1], 12).with_dtype(Dtype::F16),
