@@ -139,8 +139,9 @@ fn table_len() -> u32 {
 // The carried sums of an earlier window (whole quads: the rows are padded to a
 // multiple of 4 columns; a dummy buffer without carry).
 @group(0) @binding(4) var<storage, read> carry_in: array<vec4<f32>>;
-// The same rows as `grads`, four elements at a time (bound to a dummy buffer when
-// every entry of the table has vec4_path = 0).
+// The same rows as `grads`, four elements at a time, or eight for 16-bit rows
+// bound as octs (grads_octs.wgsl; bound to a dummy buffer when every entry of
+// the table has vec4_path = 0).
 @group(0) @binding(5) var<storage, read> grads4: array<GradBinding4>;
 // The micro-batch means, read by weighted_means.wgsl: one [M, sum ceil4(D_p)]
 // matrix of all tensors, or, larger than one binding, the rows of per-tensor

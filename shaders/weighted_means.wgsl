@@ -87,8 +87,9 @@ fn table_len() -> u32 {
 // micro-batch's rows add r * (sum of |m| * row) (row_weights.wgsl).
 @group(0) @binding(2) var<storage, read> weights: array<vec2<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-// The same buffer range as `grads`, four elements at a time (a dummy when every
-// entry has vec4_path = 0).
+// The same buffer range as `grads`, four elements at a time, or eight for 16-bit
+// rows bound as octs (grads_octs.wgsl; a dummy when every entry has vec4_path =
+// 0).
 @group(0) @binding(4) var<storage, read> grads4: array<GradBinding4>;
 // The partial rows of row chunks (ROW_CHUNKS; a dummy otherwise).
 @group(0) @binding(5) var<storage, read_write> partials4: array<vec4<f32>>;
