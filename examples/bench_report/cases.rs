@@ -588,32 +588,37 @@ pub fn run_gpu(opts: Opts) -> Result<Report, String> {
     // also with the adapter's other choice of oct loads.
     let other_unpack = ctx.clipper().gpu_f16_unpack() == Some(false);
     let other_octs = ctx.clipper().gpu_oct_loads() == Some(false);
-    for (dtype, unpack, octs) in [
-        (Dtype::F16, None, None),
-        (Dtype::F16, Some(other_unpack), None),
-        (Dtype::F16, None, Some(other_octs)),
-        (Dtype::Bf16, None, None),
-        (Dtype::Bf16, None, Some(other_octs)),
-    ] {
-        ctx.f16_unpack.set(unpack);
-        ctx.oct_loads.set(octs);
-        if unpack.is_some() && ctx.clipper().gpu_f16_unpack() != unpack {
-            continue;
-        }
+    // (f16 decode, oct loads) of each run: `None` the adapter's default.
+    let default = (None, None);
+    let f16_runs = [
+        default,
+        (Some(other_unpack), None),
+        (None, Some(other_octs)),
+    ];
+    let bf16_runs = [default, (None, Some(other_octs))];
+    for (dtype, runs) in [(Dtype::F16, &f16_runs[..]), (Dtype::Bf16, &bf16_runs[..])] {
+        // One upload per type, read by each of its runs.
         let x = data::device_tensor_as(&ctx.gpu, SEED, 0, n, d0, dtype)?;
         let reference = ctx.refk.read_sum(&ctx.gpu, &x, (n * d0 * 2) as u64);
-        for b in HALF_BS.into_iter().filter(|&b| b <= n) {
-            rows.extend(device_case(
-                &ctx,
-                &format!("main {dtype}"),
-                n,
-                b,
-                &[(&x, 0, d0)],
-                dtype,
-                &reference,
-                false,
-                &note,
-            )?);
+        for &(unpack, octs) in runs {
+            ctx.f16_unpack.set(unpack);
+            ctx.oct_loads.set(octs);
+            if unpack.is_some() && ctx.clipper().gpu_f16_unpack() != unpack {
+                continue;
+            }
+            for b in HALF_BS.into_iter().filter(|&b| b <= n) {
+                rows.extend(device_case(
+                    &ctx,
+                    &format!("main {dtype}"),
+                    n,
+                    b,
+                    &[(&x, 0, d0)],
+                    dtype,
+                    &reference,
+                    false,
+                    &note,
+                )?);
+            }
         }
     }
     ctx.f16_unpack.set(None);
