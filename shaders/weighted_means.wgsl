@@ -6,10 +6,11 @@
 // at b = 1 the rows are the means and the micro-batch weights serve). Terms are
 // accumulated per column in blocks of ROW_BLOCK (sum of block sums); windows after
 // a tensor's first add to its output. Input rows may instead come in row chunks
-// (a software adapter's default; `chunk_rows_table` in src/gpu/plan.rs): the
-// ROW_CHUNKS pipeline sums each chunk of a few dozen rows into a partial row
-// (table entry = chunk; no blocks, the chunk is the block), then this one sums
-// the partial rows (weights 1) into the output.
+// (a software adapter's default; `chunk_rows_table` in src/gpu/plan.rs, and
+// `chunk_windows_table` for a tensor's row windows together): the ROW_CHUNKS
+// pipeline sums each chunk of a few dozen rows into a partial row (table entry =
+// chunk; no blocks, the chunk is the block), then this one sums the partial
+// rows (weights 1) into the output.
 //
 // A workgroup of 64 threads covers WG = 64 * QUADS groups of 4 adjacent columns
 // (quads), 2048 columns. Each run of RUN threads owns RUN * QUADS adjacent quads

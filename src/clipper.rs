@@ -159,9 +159,9 @@ impl Clipper {
     /// (`sum ceil4(D_p) x 4` bytes), per-row weights (`N x G x 8` bytes, when the
     /// last pass re-reads rows of micro-batches of several rows), the partial rows
     /// of that pass's row chunks when it re-reads the rows (b = 1 too; by default
-    /// on a software adapter: `ceil(rows / 32) x ceil4(D_p) x 4` bytes summed over
-    /// the tensors of its largest dispatch, `ceil(rows / 32) x 8` bytes of ones,
-    /// and a 16-byte stand-in) and
+    /// on a software adapter: about `rows / 32 x ceil4(D_p) x 4` bytes summed
+    /// over the tensors of its largest dispatch, or over a tensor's row windows
+    /// cut together, 8 bytes of ones per partial row, and a 16-byte stand-in) and
     /// the read-back buffer. Not counted: the host path's pooled copies of the
     /// caller's data, kept between calls (the uploaded input, and the outputs,
     /// `sum D_p x 4` bytes), the outputs [`Self::clip_buffers`] returns (new buffers
@@ -305,7 +305,9 @@ impl Clipper {
     /// summed into partial rows, then one more dispatch adds those up; `Some(0)`:
     /// all rows at once; `None`: the adapter's default (32 on a software adapter,
     /// 0 on hardware); values above 64 count as 64 (a chunk is summed without
-    /// blocks). Only dispatches with an entry of at least `2 x rows` rows are cut.
+    /// blocks). Only dispatches with an entry of at least `2 x rows` rows are cut,
+    /// and the row windows of a tensor larger than one binding (together: one
+    /// sum of all their partial rows into the output).
     /// For tests and benches of both ways on one adapter. No effect on the CPU.
     #[doc(hidden)]
     pub fn set_gpu_pass4_chunk_rows(&mut self, rows: Option<u32>) {

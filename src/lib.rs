@@ -145,10 +145,11 @@
 //! kept as a block per tensor, unless one row window of a tensor would write
 //! more of them than a binding holds); otherwise the last pass
 //! re-reads the rows, with `N x G x 8` bytes of per-row weights when `b > 1` and,
-//! where it walks them in chunks of 32 rows (by default on a software adapter, b
-//! = 1 too), the partial rows of its largest dispatch (`ceil(rows / 32) x
-//! ceil4(D_p) x 4` bytes summed over that dispatch's tensors, about 1/32 of an f32
-//! input's bytes) and `ceil(rows / 32) x 8` bytes of ones. Either way, when the
+//! where it walks them in chunks of about 32 rows (by default on a software
+//! adapter, b = 1 too), the partial rows of its largest dispatch, or of all the
+//! row windows of a tensor larger than one binding (about `rows / 32 x
+//! ceil4(D_p) x 4` bytes summed over that dispatch's tensors, about 1/32 of an
+//! f32 input's bytes), and 8 bytes of ones per partial row. Either way, when the
 //! last pass runs once for several tensors (no noise, outputs that accept
 //! copies), it adds a `sum ceil4(D_p) x 4`-byte output row. Noise is generated in
 //! place in the output: no buffer of random numbers.

@@ -186,6 +186,63 @@ fn windows_smaller_than_a_tensor() {
     }
 }
 
+/// A tensor's row windows cut into row chunks together (pass 4 re-reading the
+/// rows): each window into chunks of nearly equal rows, one sum of all of them
+/// into the output. Windows of 9 and 20 rows in chunks of 8 (one and three per
+/// window: their partial rows must fit one binding too), uniform and
+/// ragged micro-batches that cross chunk and window ends (row runs at b > 1),
+/// two groups, f16 rows, against the float64 reference; on one tensor the
+/// dispatch count says the windows took that path (one more dispatch than
+/// without chunks: the sum; each window cut on its own would add one per
+/// window).
+#[test]
+fn row_windows_cut_into_chunks_together() {
+    let Some(mut gpu) = gpu() else { return };
+    gpu.set_gpu_means_min_rows(Some(u64::MAX));
+    let n = 61;
+    let t = random_tensors(41, n, &[1003, 6], 1.0);
+    let windows = [9 * 1003 * 4 + 256, 20 * 1003 * 4 + 256];
+    let batches = [
+        MicroBatches::Uniform(1),
+        MicroBatches::Uniform(2),
+        MicroBatches::Uniform(7),
+        MicroBatches::Offsets(vec![0, 1, 8, 9, 30, 33, 60, 61]),
+    ];
+    for (max_binding, mb) in windows
+        .into_iter()
+        .flat_map(|w| batches.iter().map(move |mb| (w, mb)))
+    {
+        gpu.set_max_binding_bytes(max_binding);
+        let mut dispatches = Vec::new();
+        for chunk_rows in [0, 8] {
+            gpu.set_gpu_pass4_chunk_rows(Some(chunk_rows));
+            let what = format!("binding {max_binding} {mb:?} chunks of {chunk_rows}");
+            let cfg = ClipConfig::adaptive(1.0, mb.clone());
+            check(&mut gpu, &cfg, &t[..1], n, TOL, &what);
+            dispatches.push(gpu.last_gpu_dispatches().unwrap());
+            let groups = ClipConfig::fixed(0.05, mb.clone()).with_groups(vec![1, 0]);
+            check(&mut gpu, &groups, &t, n, TOL, &format!("{what} groups"));
+            check_as(
+                &mut gpu,
+                &cfg,
+                &t,
+                n,
+                TOL,
+                &format!("{what} f16"),
+                Dtype::F16,
+            );
+        }
+        assert_eq!(
+            dispatches[1],
+            dispatches[0] + 1,
+            "binding {max_binding} {mb:?}"
+        );
+    }
+    gpu.set_gpu_pass4_chunk_rows(None);
+    gpu.set_gpu_means_min_rows(None);
+    gpu.set_max_binding_bytes(u64::MAX);
+}
+
 /// Means larger than one storage binding, stored as a block per tensor: each
 /// norm-pass dispatch binds the rows of means its micro-batches write, pass 4
 /// sums a block in windows of rows (bindings cut to one row of the widest
@@ -1301,11 +1358,17 @@ fn last_pass_in_row_chunks() {
                     dispatches.push(gpu.last_gpu_dispatches().unwrap());
                 }
                 // Chunks add at least their sum's dispatch (with 5-row chunks of
-                // 200 rows, two tables of chunks as well); 32- and 64-row chunks
-                // cut the 200 rows, not the one tensor's 40-row windows.
+                // 200 rows, two tables of chunks as well). The one tensor's five
+                // 40-row windows are cut together (chunk_windows_table): a chunk
+                // dispatch per window in place of its dispatch, and one sum.
                 let what = format!("{cfg:?}, binding {max_binding}: dispatches {dispatches:?}");
-                assert!(dispatches[1] >= dispatches[0] + 2, "{what}");
-                if max_binding == u64::MAX || tensors.len() > 1 {
+                if max_binding != u64::MAX && tensors.len() == 1 {
+                    assert!(
+                        dispatches[1..].iter().all(|&d| d == dispatches[0] + 1),
+                        "{what}"
+                    );
+                } else {
+                    assert!(dispatches[1] >= dispatches[0] + 2, "{what}");
                     assert!(dispatches[2] > dispatches[0], "{what}");
                     assert!(dispatches[3] > dispatches[0], "{what}");
                 }

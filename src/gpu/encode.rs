@@ -5,13 +5,13 @@
 
 use super::dispatch::{
     bind_group, range, slot_resources, whole, FixedPasses, Noise, ParamBlocks, Pass1, Pass4,
-    Pass4Weights, Range, Source, MEANS_TABLE_BYTES, PARTIALS_TABLE_BYTES,
+    Pass4Weights, Range, RowsJob, Source, MEANS_TABLE_BYTES, PARTIALS_TABLE_BYTES,
 };
 use super::kernels::{
     FactorsParams, NoiseParams, NormsParams, RowWeightsParams, MB_NORM_BYTES, PARTIAL_BYTES,
     STATS_BYTES,
 };
-use super::plan::{chunk_rows_table, means_cols, RowChunks};
+use super::plan::{chunk_rows_table, chunk_windows_table, means_cols, pass4_max_rows, RowChunks};
 use super::pool::{Pool, Slot, SCRATCH_USAGE};
 use super::tables::Call;
 use super::timer::{PassTimer, TIMER_BYTES};
@@ -49,19 +49,17 @@ impl GpuClipper {
         let rows_jobs = call.rows_jobs(&pass1_bindings, &scratch.merged_out, |t, at, size| {
             self.quads_binding(t, at, size)
         });
-        // Pass 4 over input rows, each dispatch cut into row chunks when it
-        // walks enough rows (`chunk_rows_table`): the chunks' sums go to partial
-        // rows of a scratch matrix (shared by the dispatches, one after the
-        // other), which a second dispatch sums into the outputs with weight 1.
-        // Extra memory: the largest dispatch's partial rows, about
+        // Pass 4 over input rows cut into row chunks where it walks enough rows:
+        // a tensor's row windows together (`chunk_windows_table`), else each
+        // dispatch on its own (`chunk_rows_table`). The chunks' sums go to
+        // partial rows of a scratch matrix (shared by the units, one after the
+        // other), which one more dispatch sums into the outputs with weight 1.
+        // Extra memory: the largest unit's partial rows, about
         // `rows / pass4_chunk_rows x ceil4(D_p) x 4` bytes, and the ones.
-        let chunked: Vec<Option<RowChunks>> = rows_jobs
-            .iter()
-            .map(|j| chunk_rows_table(&j.table, self.pass4_chunk_rows, self.max_binding))
-            .collect();
-        let chunks = ChunkScratch::new(&mut self.pool, &self.queue, &chunked);
+        let units = self.chunk_units(rows_jobs);
+        let chunks = ChunkScratch::new(&mut self.pool, &self.queue, &units);
         let mut pass4 = call.means_pass4(&mut params, &scratch.means)?;
-        pass4.extend(call.rows_pass4(&mut params, rows_jobs, chunked, chunks.rows())?);
+        pass4.extend(call.rows_pass4(&mut params, units, chunks.rows())?);
         if call.merge_pass4 {
             pass4.push(call.merged_means_pass4(
                 &mut params,
@@ -97,6 +95,43 @@ impl GpuClipper {
         let readback = self.copy_results(&mut encoder, &call, &scratch);
         self.queue.submit([encoder.finish()]);
         Ok(readback)
+    }
+
+    /// Pass 4's groups of jobs over input rows with their row chunks: a
+    /// tensor's windows as one unit where `chunk_windows_table` cuts them, else
+    /// a unit per job, cut or not by `chunk_rows_table`.
+    fn chunk_units<'a>(
+        &self,
+        groups: Vec<Vec<RowsJob<'a>>>,
+    ) -> Vec<(Vec<RowsJob<'a>>, Option<RowChunks>)> {
+        let max_reduce_rows = self.loop_budget.map_or(u64::MAX, pass4_max_rows);
+        let mut units = Vec::new();
+        for jobs in groups {
+            let windows: Vec<_> = jobs
+                .iter()
+                .filter_map(|j| j.table.first().copied())
+                .collect();
+            let whole = jobs.iter().all(|j| j.table.len() == 1);
+            let cut = whole
+                .then(|| {
+                    chunk_windows_table(
+                        &windows,
+                        self.pass4_chunk_rows,
+                        self.max_binding,
+                        max_reduce_rows,
+                    )
+                })
+                .flatten();
+            if cut.is_some() {
+                units.push((jobs, cut));
+                continue;
+            }
+            for job in jobs {
+                let cut = chunk_rows_table(&job.table, self.pass4_chunk_rows, self.max_binding);
+                units.push((vec![job], cut));
+            }
+        }
+        units
     }
 
     /// Each norm-pass dispatch's bindings (buffer, offset, size) by slot, each
@@ -441,10 +476,15 @@ struct ChunkScratch {
 }
 
 impl ChunkScratch {
-    /// Sized for the largest of the `chunked` dispatches (empty if none is cut).
-    fn new(pool: &mut Pool, queue: &wgpu::Queue, chunked: &[Option<RowChunks>]) -> Self {
-        let floats = chunked.iter().flatten().map(|c| c.scratch_floats).max();
-        let max_chunks = chunked.iter().flatten().map(RowChunks::max_chunks).max();
+    /// Sized for the largest of the cut `units` (empty if none is cut).
+    fn new(
+        pool: &mut Pool,
+        queue: &wgpu::Queue,
+        units: &[(Vec<RowsJob<'_>>, Option<RowChunks>)],
+    ) -> Self {
+        let cut = || units.iter().filter_map(|(_, c)| c.as_ref());
+        let floats = cut().map(|c| c.scratch_floats).max();
+        let max_chunks = cut().map(RowChunks::max_chunks).max();
         let partials = pool.get(Slot::ChunkPartials, floats.unwrap_or(0) * 4, SCRATCH_USAGE);
         let ones = pool.get(
             Slot::Ones,

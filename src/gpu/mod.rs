@@ -20,7 +20,8 @@
 //!    the scratch row), of each micro-batch's rows over its size, summed, times
 //!    its weight (those row weights from `row_weights`, dispatched after
 //!    `clip_factors` unless b = 1), those rows in chunks of `pass4_chunk_rows`
-//!    into partial rows, then summed, where that is set (`chunk_rows_table`);
+//!    into partial rows, then summed, where that is set (`chunk_rows_table`; a
+//!    tensor's row windows together, `chunk_windows_table`);
 //! 5. `add_noise` (only with noise): `out_p += noise_scale * z`, per tensor.
 
 mod defaults;
@@ -904,8 +905,11 @@ impl GpuClipper {
             && offsets
                 .windows(2)
                 .any(|w| (w[1] - w[0]) as u64 > kernels::CHUNK_ROWS);
-        // N is the last of the u32 row offsets.
-        let row_chunks = !with_means && cuts(n as u32, self.pass4_chunk_rows);
+        // N is the last of the u32 row offsets; a tensor's row windows may be
+        // cut together (`chunk_windows_table`).
+        let row_chunks = !with_means
+            && (cuts(n as u32, self.pass4_chunk_rows)
+                || (self.pass4_chunk_rows > 0 && tensors.iter().any(|t| t.1.len() > 1)));
         let per_row_weights = !with_means && micro_batches != n;
         if per_row_weights {
             too_large(

@@ -1,6 +1,7 @@
 //! Planning: how a tensor is cut into row windows that fit one storage binding, and
 //! how many workgroups each pass dispatches. Pure arithmetic, tested without a GPU.
 
+use super::defaults::MAX_PASS4_CHUNK_ROWS;
 use super::kernels::MeansSumParams;
 use crate::error::{ClipError, Result};
 
@@ -644,9 +645,11 @@ pub(crate) fn block_window_rows(stride: u64, max_binding: u64, align: u64) -> u6
 /// adding to it where `e` did).
 #[derive(Debug)]
 pub(crate) struct RowChunks {
-    /// The chunk dispatches' tables, at most [`TABLE_LEN`] entries each; every
-    /// entry's `out_offset` is its partial row's first element in the scratch.
-    pub chunks: Vec<Vec<MeansSumParams>>,
+    /// The chunk dispatches' tables, at most [`TABLE_LEN`] entries each, with
+    /// the index of the table (a window, for `chunk_windows_table`) whose rows
+    /// and binding they read; every entry's `out_offset` is its partial row's
+    /// first element in the scratch.
+    pub chunks: Vec<(usize, Vec<MeansSumParams>)>,
     /// The reduction's table (one entry per entry of the original table): rows
     /// are the partial rows (`stride` whole quads apart, `vec4_path` 1), weights
     /// from a buffer of ones (`weights_base` 0, one group).
@@ -722,9 +725,86 @@ pub(crate) fn chunk_rows_table(
         return None;
     }
     Some(RowChunks {
-        chunks: entries.chunks(TABLE_LEN).map(<[_]>::to_vec).collect(),
+        chunks: entries.chunks(TABLE_LEN).map(|t| (0, t.to_vec())).collect(),
         reduce,
         scratch_floats: base,
+    })
+}
+
+/// Cuts the row windows of one tensor (`windows`: one entry per window, each
+/// over its own binding, the later ones adding to the output) into row chunks
+/// whose partial rows one reduction sums into the output: the output is then
+/// written once, not read and written again per window (a window of about
+/// `chunk_rows` rows is otherwise walked whole, with block sums and scalar
+/// stores into the output). A window of `r` rows becomes `round(r /
+/// chunk_rows)` chunks (at least one) of nearly equal rows, under 1.5 x
+/// `chunk_rows` and at most `MAX_PASS4_CHUNK_ROWS`: the 33-row windows of a
+/// 1,000,000-column f32 tensor in a 128 MiB binding are one chunk each, not a
+/// chunk of 32 and one of 1. `None` with fewer than two windows, without
+/// chunks (`chunk_rows` 0), or when the partial rows would not fit
+/// `max_binding` bytes or be more than `max_reduce_rows` (the reduction walks
+/// them in one invocation; see `pass4_max_rows`): each window is then cut on
+/// its own (`chunk_rows_table`).
+pub(crate) fn chunk_windows_table(
+    windows: &[MeansSumParams],
+    chunk_rows: u32,
+    max_binding: u64,
+    max_reduce_rows: u64,
+) -> Option<RowChunks> {
+    let first = windows.first()?;
+    if windows.len() < 2 || chunk_rows == 0 {
+        return None;
+    }
+    debug_assert!(windows.iter().all(|w| w.cols == first.cols
+        && w.out_offset == first.out_offset
+        && w.groups == first.groups
+        && w.group == first.group));
+    debug_assert!(windows[1..].iter().all(|w| w.accumulate == 1));
+    let stride = means_cols(first.cols as u64);
+    let mut chunks = Vec::new();
+    let mut partial = 0u64;
+    for (k, w) in windows.iter().enumerate() {
+        let count = (w.rows.saturating_add(chunk_rows / 2) / chunk_rows)
+            .max(w.rows.div_ceil(MAX_PASS4_CHUNK_ROWS))
+            .max(1);
+        let (short, long) = (w.rows / count, w.rows % count);
+        let mut row = 0;
+        let mut entries = Vec::with_capacity(count as usize);
+        for c in 0..count {
+            let rows = short + (c < long) as u32;
+            entries.push(MeansSumParams {
+                means_base: w.means_base + row * w.stride,
+                rows,
+                weights_base: w.weights_base + row,
+                out_offset: (partial * stride) as u32,
+                accumulate: 0,
+                ..*w
+            });
+            row += rows;
+            partial += 1;
+        }
+        chunks.extend(entries.chunks(TABLE_LEN).map(|t| (k, t.to_vec())));
+    }
+    if partial > max_reduce_rows || partial * stride * 4 > max_binding.min(u32::MAX as u64) {
+        return None;
+    }
+    Some(RowChunks {
+        chunks,
+        reduce: vec![MeansSumParams {
+            cols: first.cols,
+            means_base: 0,
+            rows: partial as u32,
+            out_offset: first.out_offset,
+            skip_zero: 0,
+            vec4_path: 1,
+            groups: 1,
+            group: 0,
+            stride: stride as u32,
+            weights_base: 0,
+            accumulate: first.accumulate,
+            ..Default::default()
+        }],
+        scratch_floats: partial * stride,
     })
 }
 

@@ -216,15 +216,16 @@ impl<'a> Call<'a> {
     }
 
     /// The pass-4 dispatches over input rows (none when the call stores the
-    /// means), before row chunks: per tensor and window into its output, or in
-    /// the norm pass's dispatches and `bindings` into `merged_out`.
-    /// `quads_binding` is `GpuClipper::quads_binding`.
+    /// means), before row chunks, in groups: per tensor its windows into its
+    /// output (one group), or in the norm pass's dispatches and `bindings` into
+    /// `merged_out` (a group each). `quads_binding` is
+    /// `GpuClipper::quads_binding`.
     pub(super) fn rows_jobs(
         &self,
         bindings: &[(Vec<Range<'a>>, Vec<bool>)],
         merged_out: &'a wgpu::Buffer,
         quads_binding: impl Fn(&GpuTensor<'a>, u64, u64) -> Option<u64>,
-    ) -> Vec<RowsJob<'a>> {
+    ) -> Vec<Vec<RowsJob<'a>>> {
         if self.layout.with_means() {
             return Vec::new();
         }
@@ -234,28 +235,30 @@ impl<'a> Call<'a> {
                 .pass1
                 .iter()
                 .zip(bindings)
-                .map(|(d, (bindings, whole_quads))| RowsJob {
-                    table: d
-                        .entries
-                        .iter()
-                        .map(|e| MeansSumParams {
-                            slot: e.slot as u32,
-                            ..self.rows_block(
-                                e.tensor,
-                                e.window,
-                                e.elem_offset,
-                                self.layout.means_starts[e.tensor] as u32,
-                                whole_quads[e.slot],
-                            )
-                        })
-                        .collect(),
-                    bindings: bindings.clone(),
-                    out: (merged_out, 0, merged_out.size()),
-                    dtype: self.inputs[d.entries[0].tensor].dtype,
+                .map(|(d, (bindings, whole_quads))| {
+                    vec![RowsJob {
+                        table: d
+                            .entries
+                            .iter()
+                            .map(|e| MeansSumParams {
+                                slot: e.slot as u32,
+                                ..self.rows_block(
+                                    e.tensor,
+                                    e.window,
+                                    e.elem_offset,
+                                    self.layout.means_starts[e.tensor] as u32,
+                                    whole_quads[e.slot],
+                                )
+                            })
+                            .collect(),
+                        bindings: bindings.clone(),
+                        out: (merged_out, 0, merged_out.size()),
+                        dtype: self.inputs[d.entries[0].tensor].dtype,
+                    }]
                 })
                 .collect();
         }
-        let mut jobs = Vec::new();
+        let mut groups = Vec::new();
         for (p, ((_, windows, _), (t, o))) in self
             .layout
             .tensors
@@ -264,6 +267,7 @@ impl<'a> Call<'a> {
             .enumerate()
         {
             let (out_bind, out_size, out_offset) = self.out_bindings[p];
+            let mut jobs = Vec::with_capacity(windows.len());
             for (k, w) in windows.iter().enumerate() {
                 let quads_size = quads_binding(t, w.bind_offset, w.bind_size);
                 jobs.push(RowsJob {
@@ -279,8 +283,9 @@ impl<'a> Call<'a> {
                     dtype: t.dtype,
                 });
             }
+            groups.push(jobs);
         }
-        jobs
+        groups
     }
 
     /// Pass 4 over the stored means, a dispatch per tensor into its output
@@ -351,13 +356,14 @@ impl<'a> Call<'a> {
         Ok(dispatches)
     }
 
-    /// The pass-4 dispatches of `jobs`, each cut as `chunked` says (its chunks
-    /// into `partial_rows`, then their sum with weights of one) or whole.
+    /// The pass-4 dispatches of `units`, each a group of jobs cut as its
+    /// `RowChunks` say (the chunks of job `k` read its rows and write
+    /// `partial_rows`, then one dispatch sums them with weights of one into
+    /// the first job's output) or, without, every job whole.
     pub(super) fn rows_pass4(
         &self,
         params: &mut ParamBlocks,
-        jobs: Vec<RowsJob<'a>>,
-        chunked: Vec<Option<RowChunks>>,
+        units: Vec<(Vec<RowsJob<'a>>, Option<RowChunks>)>,
         partial_rows: Range<'a>,
     ) -> Result<Vec<Pass4<'a>>> {
         let weights = if self.layout.per_row_weights {
@@ -366,20 +372,23 @@ impl<'a> Call<'a> {
             Pass4Weights::MicroBatch
         };
         let mut dispatches = Vec::new();
-        for (job, chunks) in jobs.into_iter().zip(chunked) {
+        for (jobs, chunks) in units {
             let Some(chunks) = chunks else {
-                dispatches.push(Pass4::push(
-                    params,
-                    job.table,
-                    job.bindings,
-                    weights,
-                    job.out,
-                    job.dtype,
-                    self.octs_allowed,
-                )?);
+                for job in jobs {
+                    dispatches.push(Pass4::push(
+                        params,
+                        job.table,
+                        job.bindings,
+                        weights,
+                        job.out,
+                        job.dtype,
+                        self.octs_allowed,
+                    )?);
+                }
                 continue;
             };
-            for table in chunks.chunks {
+            for (k, table) in chunks.chunks {
+                let job = &jobs[k];
                 let mut chunk = Pass4::push(
                     params,
                     table,
@@ -397,7 +406,7 @@ impl<'a> Call<'a> {
                 chunks.reduce,
                 vec![partial_rows],
                 Pass4Weights::Ones,
-                job.out,
+                jobs[0].out,
                 Dtype::F32,
                 self.octs_allowed,
             )?);

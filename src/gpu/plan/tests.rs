@@ -480,8 +480,15 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
         entry(1, 64, 0, 50, 0),
     ];
     let chunked = chunk_rows_table(&table, 32, u64::MAX).unwrap();
-    let all: Vec<_> = chunked.chunks.concat();
-    assert!(chunked.chunks.iter().all(|t| t.len() <= TABLE_LEN));
+    let all: Vec<_> = chunked
+        .chunks
+        .iter()
+        .flat_map(|(k, t)| {
+            assert_eq!(*k, 0);
+            t.clone()
+        })
+        .collect();
+    assert!(chunked.chunks.iter().all(|(_, t)| t.len() <= TABLE_LEN));
     assert_eq!(all.len(), 3 + 2 + 2);
     // Entry by entry, chunk by chunk: rows, first row, first weight, partial row.
     let want = [
@@ -543,8 +550,122 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
     assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8)).is_some());
     // Many chunks: tables of at most TABLE_LEN entries.
     let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
-    let sizes: Vec<usize> = long.chunks.iter().map(Vec::len).collect();
+    let sizes: Vec<usize> = long.chunks.iter().map(|(_, t)| t.len()).collect();
     assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
+}
+
+/// A tensor's row windows (33, 80, 10 and 50 rows; the first at row 0, the
+/// others adding to the output) cut together: chunks of nearly equal rows,
+/// round(rows / 32) per window, every row once, partial rows one after the
+/// other, one reduction of all of them into the output.
+#[test]
+fn row_windows_cut_together_reduce_once() {
+    let rows = [33, 80, 10, 50];
+    let mut first_row = 0;
+    let windows: Vec<_> = rows
+        .iter()
+        .enumerate()
+        .map(|(k, &r)| {
+            let w = MeansSumParams {
+                cols: 4101,
+                rows: r,
+                // Each window's rows from the start of its own binding.
+                means_base: 3,
+                stride: 4101,
+                weights_base: first_row,
+                out_offset: 40,
+                accumulate: (k > 0) as u32,
+                skip_zero: 1,
+                vec4_path: 2,
+                groups: 2,
+                group: 1,
+                ..Default::default()
+            };
+            first_row += r;
+            w
+        })
+        .collect();
+    let cut = chunk_windows_table(&windows, 32, u64::MAX, u64::MAX).unwrap();
+    // Window, rows, first element, first weight row, partial row's offset.
+    let got: Vec<_> = cut
+        .chunks
+        .iter()
+        .flat_map(|(k, t)| t.iter().map(move |e| (*k, e)))
+        .map(|(k, e)| (k, e.rows, e.means_base, e.weights_base, e.out_offset))
+        .collect();
+    let s = 4104;
+    assert_eq!(
+        got,
+        [
+            (0, 33, 3, 0, 0),
+            (1, 27, 3, 33, s),
+            (1, 27, 3 + 27 * 4101, 60, 2 * s),
+            (1, 26, 3 + 54 * 4101, 87, 3 * s),
+            (2, 10, 3, 113, 4 * s),
+            (3, 25, 3, 123, 5 * s),
+            (3, 25, 3 + 25 * 4101, 148, 6 * s),
+        ]
+    );
+    assert!(cut.chunks.iter().flat_map(|(_, t)| t).all(|e| (
+        e.accumulate,
+        e.skip_zero,
+        e.vec4_path,
+        e.groups,
+        e.group,
+        e.stride
+    ) == (0, 1, 2, 2, 1, 4101)));
+    assert_eq!(cut.scratch_floats, 7 * s as u64);
+    assert_eq!(cut.max_chunks(), 7);
+    let r = &cut.reduce[..];
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (
+            r[0].cols,
+            r[0].rows,
+            r[0].means_base,
+            r[0].stride,
+            r[0].out_offset
+        ),
+        (4101, 7, 0, s, 40)
+    );
+    assert_eq!(
+        (
+            r[0].accumulate,
+            r[0].vec4_path,
+            r[0].groups,
+            r[0].group,
+            r[0].weights_base
+        ),
+        (0, 1, 1, 0, 0)
+    );
+    // One window, no chunks, too many partial rows for the budget or the
+    // binding: not cut together.
+    assert!(chunk_windows_table(&windows[..1], 32, u64::MAX, u64::MAX).is_none());
+    assert!(chunk_windows_table(&windows, 0, u64::MAX, u64::MAX).is_none());
+    assert!(chunk_windows_table(&windows, 32, u64::MAX, 6).is_none());
+    assert!(chunk_windows_table(&windows, 32, u64::MAX, 7).is_some());
+    assert!(chunk_windows_table(&windows, 32, 7 * s as u64 * 4 - 4, u64::MAX).is_none());
+    // Many chunks of one window: tables of at most TABLE_LEN entries.
+    let long = MeansSumParams {
+        rows: 40 * 4,
+        ..windows[1]
+    };
+    let many = chunk_windows_table(&[windows[0], long], 4, u64::MAX, u64::MAX).unwrap();
+    let sizes: Vec<_> = many.chunks.iter().map(|(k, t)| (*k, t.len())).collect();
+    assert_eq!(sizes, [(0, 8), (1, TABLE_LEN), (1, 40 - TABLE_LEN)]);
+    // Chunks of 64: a 90-row window is two of 45 rows, not one over 64.
+    let deep = MeansSumParams {
+        rows: 90,
+        ..windows[1]
+    };
+    let cut = chunk_windows_table(&[windows[0], deep], 64, u64::MAX, u64::MAX).unwrap();
+    let rows: Vec<_> = cut
+        .chunks
+        .iter()
+        .flat_map(|(_, t)| t)
+        .map(|e| e.rows)
+        .collect();
+    assert_eq!(rows, [33, 45, 45]);
 }
 
 /// Under a loop budget, tiles narrow and windows are capped only where the norm
