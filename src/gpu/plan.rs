@@ -665,6 +665,26 @@ impl RowChunks {
     }
 }
 
+/// The reduction's entry for `e`'s `rows` partial rows from element `base` of
+/// the scratch, `stride` apart: weights of one (`weights_base` 0, one group),
+/// into `e`'s output, adding to it where `e` did.
+fn partial_rows_sum(e: &MeansSumParams, base: u64, rows: u32, stride: u64) -> MeansSumParams {
+    MeansSumParams {
+        cols: e.cols,
+        means_base: base as u32,
+        rows,
+        out_offset: e.out_offset,
+        skip_zero: 0,
+        vec4_path: 1,
+        groups: 1,
+        group: 0,
+        stride: stride as u32,
+        weights_base: 0,
+        accumulate: e.accumulate,
+        ..Default::default()
+    }
+}
+
 /// Whether `rows` rows make at least two chunks of `chunk_rows` (> 0): only
 /// tables with such an entry are cut.
 pub(crate) fn cuts(rows: u32, chunk_rows: u32) -> bool {
@@ -705,20 +725,7 @@ pub(crate) fn chunk_rows_table(
                 ..*e
             });
         }
-        reduce.push(MeansSumParams {
-            cols: e.cols,
-            means_base: base as u32,
-            rows: chunks,
-            out_offset: e.out_offset,
-            skip_zero: 0,
-            vec4_path: 1,
-            groups: 1,
-            group: 0,
-            stride: stride as u32,
-            weights_base: 0,
-            accumulate: e.accumulate,
-            ..Default::default()
-        });
+        reduce.push(partial_rows_sum(e, base, chunks, stride));
         base += chunks as u64 * stride;
     }
     if base * 4 > max_binding.min(u32::MAX as u64) {
@@ -790,20 +797,7 @@ pub(crate) fn chunk_windows_table(
     }
     Some(RowChunks {
         chunks,
-        reduce: vec![MeansSumParams {
-            cols: first.cols,
-            means_base: 0,
-            rows: partial as u32,
-            out_offset: first.out_offset,
-            skip_zero: 0,
-            vec4_path: 1,
-            groups: 1,
-            group: 0,
-            stride: stride as u32,
-            weights_base: 0,
-            accumulate: first.accumulate,
-            ..Default::default()
-        }],
+        reduce: vec![partial_rows_sum(first, 0, partial as u32, stride)],
         scratch_floats: partial * stride,
     })
 }
