@@ -213,8 +213,9 @@ impl Clipper {
         self.gpu().and_then(|gpu| gpu.last_pass_time())
     }
 
-    /// Compute dispatches the last GPU call recorded (0 before the first; `None`
-    /// on the CPU). For tests and benches of how tensors share dispatches.
+    /// Compute dispatches the last GPU call recorded (0 before the first and
+    /// after a call that failed before recording; `None` on the CPU). For tests
+    /// and benches of how tensors share dispatches.
     #[doc(hidden)]
     pub fn last_gpu_dispatches(&self) -> Option<usize> {
         self.gpu().map(|gpu| gpu.last_dispatches())
@@ -557,10 +558,11 @@ impl Clipper {
         Ok(words.into_iter().map(f32::from_bits).collect())
     }
 
-    /// Forgets the last call's device time, so that a call that fails leaves none.
+    /// Forgets the last call's device time and dispatch counts, so that a call
+    /// that fails leaves none.
     fn begin_call(&mut self) {
         if let Engine::Gpu(gpu) = &mut self.engine {
-            gpu.forget_pass_time();
+            gpu.forget_last_call();
         }
     }
 

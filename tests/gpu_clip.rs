@@ -1299,9 +1299,13 @@ fn timed_calls_give_the_same_bits_and_a_device_time() {
     assert_eq!(positive(gpu.last_gpu_time()), has_timestamps, "device path");
     // A call that fails leaves no time behind: before the pass (b = 0), or after
     // it (a NaN under NonFinitePolicy::Error).
+    // Nor dispatch counts from the call before it.
+    assert!(gpu.last_gpu_dispatches().unwrap() > 0);
     let bad = ClipConfig::fixed(0.5, MicroBatches::Uniform(0));
     assert!(gpu.clip(&bad, &slices(&t), n).is_err());
     assert_eq!(gpu.last_gpu_time(), None);
+    assert_eq!(gpu.last_gpu_dispatches(), Some(0));
+    assert_eq!(gpu.last_gpu_oct_dispatches(), Some(0));
     gpu.clip(&cfg, &slices(&t), n).unwrap();
     let mut nan = t.clone();
     nan[1][3] = f32::NAN;

@@ -361,9 +361,12 @@ impl GpuClipper {
         self.last_oct_dispatches
     }
 
-    /// Clears the last call's device time (a new call begins).
-    pub fn forget_pass_time(&mut self) {
+    /// Clears what the last call left (its device time and dispatch counts): a
+    /// new call begins, so one that fails before recording reports none.
+    pub fn forget_last_call(&mut self) {
         self.last_pass_time = None;
+        self.last_dispatches = 0;
+        self.last_oct_dispatches = 0;
     }
 
     pub fn adapter_name(&self) -> &str {
