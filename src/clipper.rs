@@ -302,11 +302,13 @@ impl Clipper {
     }
 
     /// Sets how many rows at a time the GPU's last pass walks when it re-reads the
-    /// input rows (micro-batches of 1 or 2 rows on average): chunks of `rows` rows
-    /// summed into partial rows, then one more dispatch adds those up; `Some(0)`:
-    /// all rows at once; `None`: the adapter's default (32 on a software adapter,
-    /// 0 on hardware); values above 64 count as 64 (a chunk is summed without
-    /// blocks). Only dispatches with an entry of at least `2 x rows` rows are cut,
+    /// input rows (micro-batches of 1 or 2 rows on average): chunks of about `rows`
+    /// rows (`round(r / rows)` chunks of nearly equal rows for each run of `r`
+    /// rows, none over 64) summed into partial rows, then one more dispatch adds
+    /// those up; `Some(0)`: all rows at once; `None`: the adapter's default (32 on
+    /// a software adapter, 0 on hardware); values above 64 count as 64 (a chunk
+    /// is summed without blocks). Only dispatches with an entry of at least
+    /// `2 x rows` rows are cut,
     /// and the row windows of a tensor larger than one binding (together: one
     /// sum of all their partial rows into the output).
     /// For tests and benches of both ways on one adapter. No effect on the CPU.

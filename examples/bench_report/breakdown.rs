@@ -390,15 +390,23 @@ pub fn run(
             .run(gpu);
             Some(rw)
         };
-        // Over the input rows microclip walks them in chunks of `chunk_rows`
-        // rows when there are at least two (`chunk_rows_table` in
-        // src/gpu/plan.rs): one dispatch sums each chunk into a partial row, a
+        // Over the input rows microclip walks them in chunks of about
+        // `chunk_rows` rows when there are at least two (`chunk_rows_table` in
+        // src/gpu/plan.rs: round(n / chunk_rows) chunks of nearly equal rows,
+        // none over 64): one dispatch sums each chunk into a partial row, a
         // second one adds those up with weight 1.
         let chunk_rows = clipper.gpu_pass4_chunk_rows().ok_or("not a GPU clipper")? as usize;
         let chunks = if !with_means && chunk_rows > 0 && n >= 2 * chunk_rows {
-            n.div_ceil(chunk_rows)
+            ((n + chunk_rows / 2) / chunk_rows).max(n.div_ceil(64))
         } else {
             1
+        };
+        // Rows of chunk c and its first row.
+        let chunk = |c: usize| {
+            (
+                n / chunks + usize::from(c < n % chunks),
+                c * (n / chunks) + c.min(n % chunks),
+            )
         };
         if chunks > TABLE_LEN {
             return Err(format!("breakdown: {chunks} row chunks exceed one table"));
@@ -413,11 +421,11 @@ pub fn run(
             let (mx, my) = split(chunks as u64 * groups_per);
             let mut table = [MeansSumParams::default(); TABLE_LEN];
             for (c, e) in table.iter_mut().take(chunks).enumerate() {
-                let first = c * chunk_rows;
+                let (rows, first) = chunk(c);
                 *e = MeansSumParams {
                     cols: d as u32,
                     means_base: (first * d) as u32,
-                    rows: chunk_rows.min(n - first) as u32,
+                    rows: rows as u32,
                     out_offset: (c * d4) as u32,
                     skip_zero: 1,
                     vec4_path: input_path,
@@ -555,7 +563,7 @@ pub fn run(
                         "N rows of the input, row weights"
                     },
                     if chunks > 1 {
-                        format!(" in {chunks} chunks of {chunk_rows} rows + their sum")
+                        format!(" in {chunks} chunks of about {chunk_rows} rows + their sum")
                     } else {
                         String::new()
                     }

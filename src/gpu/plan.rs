@@ -693,13 +693,13 @@ pub(crate) fn cuts(rows: u32, chunk_rows: u32) -> bool {
 
 /// Cuts the rows of a pass-4 table over input rows (`table`: entries reading
 /// rows of the input, `stride` elements apart, weights `weights_base + j`) into
-/// chunks of `chunk_rows`, or `None` when no entry has two chunks or the scratch
-/// matrix would not fit `max_binding` bytes. Walking a few rows at a time across
-/// all columns, instead of every row down one column tile, is what lavapipe reads
-/// at about the speed of a linear read (see `default_pass4_chunk_rows`).
-/// Every entry of a cut table is cut (a short one into one chunk), so no chunk
-/// holds more than `chunk_rows` rows and an entry's sum never depends on the
-/// other entries of its dispatch.
+/// row chunks (`cut_entry`), or `None` when no entry has two chunks or the
+/// scratch matrix would not fit `max_binding` bytes. Walking a few rows at a
+/// time across all columns, instead of every row down one column tile, is what
+/// lavapipe reads at about the speed of a linear read (see
+/// `default_pass4_chunk_rows`). Every entry of a cut table is cut (a short one
+/// into one chunk), so no chunk holds more than `MAX_PASS4_CHUNK_ROWS` rows
+/// and an entry's sum never depends on the other entries of its dispatch.
 pub(crate) fn chunk_rows_table(
     table: &[MeansSumParams],
     chunk_rows: u32,
@@ -712,21 +712,11 @@ pub(crate) fn chunk_rows_table(
     let mut reduce = Vec::with_capacity(table.len());
     let mut base = 0u64;
     for e in table {
-        let chunks = e.rows.div_ceil(chunk_rows).max(1);
         let stride = means_cols(e.cols as u64);
-        for c in 0..chunks {
-            let first = c * chunk_rows;
-            entries.push(MeansSumParams {
-                means_base: e.means_base + first * e.stride,
-                rows: (e.rows - first).min(chunk_rows),
-                weights_base: e.weights_base + first,
-                out_offset: (base + c as u64 * stride) as u32,
-                accumulate: 0,
-                ..*e
-            });
-        }
-        reduce.push(partial_rows_sum(e, base, chunks, stride));
-        base += chunks as u64 * stride;
+        let chunks = cut_entry(e, chunk_rows, base, stride);
+        reduce.push(partial_rows_sum(e, base, chunks.len() as u32, stride));
+        base += chunks.len() as u64 * stride;
+        entries.extend(chunks);
     }
     if base * 4 > max_binding.min(u32::MAX as u64) {
         return None;
@@ -738,17 +728,45 @@ pub(crate) fn chunk_rows_table(
     })
 }
 
+/// The row chunks of one pass-4 entry over input rows (`chunk_rows` > 0): its
+/// `r` rows become `round(r / chunk_rows)` chunks (at least one, and at least
+/// `ceil(r / MAX_PASS4_CHUNK_ROWS)`) of nearly equal rows, so under 1.5 x
+/// `chunk_rows` rows each and never more than `MAX_PASS4_CHUNK_ROWS`. Every
+/// chunk sweeps all the entry's columns and stores a partial row, so a short
+/// last chunk would cost nearly what a full one does: 70 rows are two chunks
+/// of 35, not 32 + 32 + 6, and the 33-row windows of a 1,000,000-column f32
+/// tensor in a 128 MiB binding one chunk each, not 32 + 1. Chunk `c`'s partial
+/// row starts at element `out0 + c * stride` of the scratch matrix.
+fn cut_entry(e: &MeansSumParams, chunk_rows: u32, out0: u64, stride: u64) -> Vec<MeansSumParams> {
+    let count = (e.rows.saturating_add(chunk_rows / 2) / chunk_rows)
+        .max(e.rows.div_ceil(MAX_PASS4_CHUNK_ROWS))
+        .max(1);
+    let (short, long) = (e.rows / count, e.rows % count);
+    let mut row = 0;
+    (0..count)
+        .map(|c| {
+            let rows = short + (c < long) as u32;
+            let chunk = MeansSumParams {
+                means_base: e.means_base + row * e.stride,
+                rows,
+                weights_base: e.weights_base + row,
+                out_offset: (out0 + c as u64 * stride) as u32,
+                accumulate: 0,
+                ..*e
+            };
+            row += rows;
+            chunk
+        })
+        .collect()
+}
+
 /// Cuts the row windows of one tensor (`windows`: one entry per window, each
 /// over its own binding, the later ones adding to the output) into row chunks
-/// whose partial rows one reduction sums into the output: the output is then
-/// written once, not read and written again per window (a window of about
-/// `chunk_rows` rows is otherwise walked whole, with block sums and scalar
-/// stores into the output). A window of `r` rows becomes `round(r /
-/// chunk_rows)` chunks (at least one) of nearly equal rows, under 1.5 x
-/// `chunk_rows` and at most `MAX_PASS4_CHUNK_ROWS`: the 33-row windows of a
-/// 1,000,000-column f32 tensor in a 128 MiB binding are one chunk each, not a
-/// chunk of 32 and one of 1. `None` with fewer than two windows, without
-/// chunks (`chunk_rows` 0), or when the partial rows would not fit
+/// (`cut_entry`) whose partial rows one reduction sums into the output: the
+/// output is then written once, not read and written again per window (a
+/// window of about `chunk_rows` rows is otherwise walked whole, with block sums
+/// and scalar stores into the output). `None` with fewer than two windows,
+/// without chunks (`chunk_rows` 0), or when the partial rows would not fit
 /// `max_binding` bytes or be more than `max_reduce_rows` (the reduction walks
 /// them in one invocation; see `pass4_max_rows`): each window is then cut on
 /// its own (`chunk_rows_table`).
@@ -771,25 +789,8 @@ pub(crate) fn chunk_windows_table(
     let mut chunks = Vec::new();
     let mut partial = 0u64;
     for (k, w) in windows.iter().enumerate() {
-        let count = (w.rows.saturating_add(chunk_rows / 2) / chunk_rows)
-            .max(w.rows.div_ceil(MAX_PASS4_CHUNK_ROWS))
-            .max(1);
-        let (short, long) = (w.rows / count, w.rows % count);
-        let mut row = 0;
-        let mut entries = Vec::with_capacity(count as usize);
-        for c in 0..count {
-            let rows = short + (c < long) as u32;
-            entries.push(MeansSumParams {
-                means_base: w.means_base + row * w.stride,
-                rows,
-                weights_base: w.weights_base + row,
-                out_offset: (partial * stride) as u32,
-                accumulate: 0,
-                ..*w
-            });
-            row += rows;
-            partial += 1;
-        }
+        let entries = cut_entry(w, chunk_rows, partial * stride, stride);
+        partial += entries.len() as u64;
         chunks.extend(entries.chunks(TABLE_LEN).map(|t| (k, t.to_vec())));
     }
     if partial > max_reduce_rows || partial * stride * 4 > max_binding.min(u32::MAX as u64) {

@@ -473,9 +473,10 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
         slot: 1,
         ..Default::default()
     };
-    // A short entry among long ones is cut too (into one or two chunks).
+    // A short entry among long ones is cut too (into one chunk); rows are
+    // split evenly, round(rows / 32) chunks: 100 rows are 34 + 33 + 33.
     let table = [
-        entry(7, 70, 3, 100, 1),
+        entry(7, 100, 3, 100, 1),
         entry(4100, 40, 9, 0, 0),
         entry(1, 64, 0, 50, 0),
     ];
@@ -489,16 +490,15 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
         })
         .collect();
     assert!(chunked.chunks.iter().all(|(_, t)| t.len() <= TABLE_LEN));
-    assert_eq!(all.len(), 3 + 2 + 2);
+    assert_eq!(all.len(), 3 + 1 + 2);
     // Entry by entry, chunk by chunk: rows, first row, first weight, partial row.
     let want = [
-        (7, 32, 3, 5, 0),
-        (7, 32, 3 + 32 * 7, 5 + 32, 8),
-        (7, 6, 3 + 64 * 7, 5 + 64, 16),
-        (4100, 32, 9, 5, 24),
-        (4100, 8, 9 + 32 * 4100, 5 + 32, 24 + 4100),
-        (1, 32, 0, 5, 24 + 2 * 4100),
-        (1, 32, 32, 5 + 32, 24 + 2 * 4100 + 4),
+        (7, 34, 3, 5, 0),
+        (7, 33, 3 + 34 * 7, 5 + 34, 8),
+        (7, 33, 3 + 67 * 7, 5 + 67, 16),
+        (4100, 40, 9, 5, 24),
+        (1, 32, 0, 5, 24 + 4100),
+        (1, 32, 32, 5 + 32, 24 + 4100 + 4),
     ];
     for (e, w) in all.iter().zip(want) {
         assert_eq!(
@@ -512,7 +512,7 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
             (1, 2, 3, 2, 1)
         );
     }
-    assert_eq!(chunked.scratch_floats, 24 + 2 * 4100 + 8);
+    assert_eq!(chunked.scratch_floats, 24 + 4100 + 8);
     assert_eq!(chunked.max_chunks(), 3);
     let reduce: Vec<_> = chunked
         .reduce
@@ -532,8 +532,8 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
         reduce,
         [
             (7, 3, 0, 8, 100, 1),
-            (4100, 2, 24, 4100, 0, 0),
-            (1, 2, 8224, 4, 50, 0)
+            (4100, 1, 24, 4100, 0, 0),
+            (1, 2, 4124, 4, 50, 0)
         ]
     );
     assert!(chunked.reduce.iter().all(|e| (
@@ -546,12 +546,17 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
     // Nothing to cut, or a scratch matrix over the binding limit: no chunks.
     assert!(chunk_rows_table(&table[1..2], 32, u64::MAX).is_none());
     assert!(chunk_rows_table(&table, 0, u64::MAX).is_none());
-    assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8) - 4).is_none());
-    assert!(chunk_rows_table(&table, 32, 4 * (24 + 2 * 4100 + 8)).is_some());
+    assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8) - 4).is_none());
+    assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8)).is_some());
     // Many chunks: tables of at most TABLE_LEN entries.
     let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
     let sizes: Vec<usize> = long.chunks.iter().map(|(_, t)| t.len()).collect();
     assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
+    // Never more than MAX_PASS4_CHUNK_ROWS rows: 150 rows in chunks of 64 are
+    // three of 50 (round(150 / 64) = 2 chunks would hold 75 rows each).
+    let capped = chunk_rows_table(&[entry(5, 150, 0, 0, 0)], 64, u64::MAX).unwrap();
+    let rows: Vec<u32> = capped.chunks[0].1.iter().map(|e| e.rows).collect();
+    assert_eq!(rows, [50, 50, 50]);
 }
 
 /// A tensor's row windows (33, 80, 10 and 50 rows; the first at row 0, the
