@@ -41,6 +41,9 @@
 //!
 //! Errors are one line on stderr, `error: ...`, with exit status 1.
 
+#[path = "shared/parse_float.rs"]
+mod parse_float;
+
 use clap::{ArgGroup, Parser, ValueEnum};
 use microclip::half::f16;
 use microclip::{
@@ -146,28 +149,9 @@ enum BackendArg {
     Cpu,
 }
 
-/// Parses an `f32`, but rejects text that names a finite, non-zero number which
-/// `f32` cannot hold (`1e39` would become `inf` and `1e-50` zero, and the range
-/// checks would then quote a value the user never typed). `inf`, `NaN` and
-/// negative numbers typed as such are left to the range checks.
+/// An `f32` argument (`shared/parse_float.rs`).
 fn parse_f32(text: &str) -> Result<f32, String> {
-    // Parsed as f32 directly (rounded once, not through f64): beyond its range
-    // that gives an infinity or 0, told apart below from one typed as such.
-    let value: f32 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a number: {text:?}"))?;
-    let mantissa = text.split(['e', 'E']).next().unwrap_or("");
-    if value.is_infinite() && mantissa.chars().any(|c| c.is_ascii_digit()) {
-        return Err(format!("{text} is beyond the largest f32 ({:e})", f32::MAX));
-    }
-    if value == 0.0 && mantissa.chars().any(|c| ('1'..='9').contains(&c)) {
-        return Err(format!(
-            "{text} is nonzero but below the smallest positive f32 ({:e})",
-            f32::from_bits(1)
-        ));
-    }
-    Ok(value)
+    parse_float::parse_float(text)
 }
 
 fn parse_clip(s: &str) -> Result<ClipBound, String> {

@@ -32,6 +32,9 @@
 //! multiplier beyond the largest `f32` (about `3.4e38`), which
 //! `GaussianNoise::multiplier` cannot hold.
 
+#[path = "shared/parse_float.rs"]
+mod parse_float;
+
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -103,28 +106,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses an `f64` as clap would, but rejects text that names a finite,
-/// non-zero number which `f64` cannot hold (`1e400` would otherwise become
-/// `inf`, and `1e-400` would become 0, and the errors that follow would quote a
-/// value the user never typed). `inf`, `NaN` and negative numbers typed as such
-/// are left to the range checks.
+/// An `f64` argument (`shared/parse_float.rs`).
 fn parse_f64(text: &str) -> Result<f64, String> {
-    let value: f64 = text
-        .trim()
-        .parse()
-        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
-    let mantissa = text.split(['e', 'E']).next().unwrap_or("");
-    let names_a_number = mantissa.chars().any(|c| c.is_ascii_digit());
-    if value.is_infinite() && names_a_number {
-        return Err(format!("{text} is beyond the largest f64 ({:e})", f64::MAX));
-    }
-    if value == 0.0 && mantissa.chars().any(|c| ('1'..='9').contains(&c)) {
-        return Err(format!(
-            "{text} is nonzero but below the smallest positive f64 ({:e})",
-            f64::from_bits(1)
-        ));
-    }
-    Ok(value)
+    parse_float::parse_float(text)
 }
 
 /// A clap error as one line: its first paragraph (the message and, for missing
