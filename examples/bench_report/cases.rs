@@ -814,7 +814,7 @@ fn push_conventions(header: &mut Vec<String>, opts: &Opts, timing: Timing) {
     header.push(if gpu {
         "read-sum = vec4 read-and-sum WGSL kernel on the same adapter (64 KiB per workgroup, one partial per workgroup); extra device bytes = Clipper::scratch_bytes() after the case (5-pass rows: its intermediates)".to_string()
     } else {
-        "read-sum = rayon sum (8 f32 lanes per task) over the same slice; extra device bytes = host bytes the clipper keeps between calls (Clipper::scratch_bytes(): the two-pass path's stored means; not the per-call working memory)".to_string()
+        "read-sum = rayon sum (32 f32 lanes per task, SIMD level picked at run time) over the same slice; extra device bytes = host bytes the clipper keeps between calls (Clipper::scratch_bytes(): the two-pass path's stored means; not the per-call working memory)".to_string()
     });
 }
 
@@ -825,21 +825,28 @@ fn push_conventions(header: &mut Vec<String>, opts: &Opts, timing: Timing) {
 /// last-level cache of most machines the bench runs on).
 const CACHE_PROBE_BYTES: usize = 16 << 20;
 
-/// Multi-threaded sum of a slice: 64 Ki-element tasks, 8 independent f32 lanes each
-/// (so the compiler vectorises it), a memory-bound read of every element once.
+/// Multi-threaded sum of a slice: 64 Ki-element tasks, each a read of every
+/// element once into 32 independent f32 lanes.
 fn cpu_sum(x: &[f32]) -> f32 {
-    x.par_chunks(1 << 16)
-        .map(|c| {
-            let mut acc = [0.0f32; 8];
-            let mut it = c.chunks_exact(8);
-            for v in &mut it {
-                for (a, &e) in acc.iter_mut().zip(v) {
-                    *a += e;
-                }
-            }
-            acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
-        })
-        .sum()
+    x.par_chunks(1 << 16).map(sum_lanes).sum()
+}
+
+/// `sum(c)` in 32 independent f32 lanes (four 256-bit or two 512-bit vectors),
+/// compiled for the same SIMD levels as microclip's CPU loops. On the
+/// twenty-eighth session's AMD VM the earlier 8 lanes in baseline x86-64 code
+/// (SSE2) were bound by the additions' latency: 1 GB in 50-55 ms, against 39 ms
+/// this way and 38-40 ms for PyTorch's own sum (BENCHMARKS.md). The floor must
+/// be a read that the clipper cannot beat.
+#[multiversion::multiversion(targets = "simd")]
+fn sum_lanes(c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 32];
+    let mut it = c.chunks_exact(32);
+    for v in &mut it {
+        for (a, &e) in acc.iter_mut().zip(v) {
+            *a += e;
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
 }
 
 fn cpu_copy(src: &[f32], dst: &mut [f32]) {
