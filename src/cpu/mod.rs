@@ -448,8 +448,14 @@ fn tail_means<T: GradElement, const K: usize>(
     v
 }
 
-/// Rows added to a row of f64 sums per sweep by [`add_rows`] and [`axpy_rows`].
-const ROWS_PER_SWEEP: usize = 4;
+/// Rows added to a row of f64 sums per sweep by [`add_rows`]: 8, which took
+/// the means of deep micro-batches (b = 32, 256) about 12% less time than 4
+/// (twenty-eighth session, BENCHMARKS.md).
+const ROWS_PER_SWEEP: usize = 8;
+
+/// (factor, row) pairs added to the f64 accumulator per sweep by [`axpy_rows`]:
+/// 4 (8 made b = 1, a sweep over a group of 4-5 rows, about 6% slower).
+const AXPY_ROWS_PER_SWEEP: usize = 4;
 
 /// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep.
 const MEAN_ROWS_PER_SWEEP: usize = 8;
@@ -469,6 +475,10 @@ fn add_rows<'x, T: GradElement>(
         let first = start == rows.start;
         let x = |i: usize| row(start + i);
         match (rows.end - start).min(ROWS_PER_SWEEP) {
+            8 => add_k::<T, 8>(sum, std::array::from_fn(x), first, f16c),
+            7 => add_k::<T, 7>(sum, std::array::from_fn(x), first, f16c),
+            6 => add_k::<T, 6>(sum, std::array::from_fn(x), first, f16c),
+            5 => add_k::<T, 5>(sum, std::array::from_fn(x), first, f16c),
             4 => add_k::<T, 4>(sum, std::array::from_fn(x), first, f16c),
             3 => add_k::<T, 3>(sum, std::array::from_fn(x), first, f16c),
             2 => add_k::<T, 2>(sum, std::array::from_fn(x), first, f16c),
@@ -521,11 +531,11 @@ fn add_k<T: GradElement, const K: usize>(sum: &mut [f64], x: [&[T]; K], first: b
 }
 
 /// `acc[c] += h * x[c]` in f64 for every (factor h, row x) pair in order,
-/// [`ROWS_PER_SWEEP`] pairs at a time ([`axpy_k`]): the same operations per column
+/// [`AXPY_ROWS_PER_SWEEP`] pairs at a time ([`axpy_k`]): the same operations per column
 /// as one pair at a time (the same bits), one load and store of the accumulator
 /// per sweep.
 fn axpy_rows<T: GradElement>(acc: &mut [f64], terms: &[(f64, &[T])], f16c: F16c) {
-    for chunk in terms.chunks(ROWS_PER_SWEEP) {
+    for chunk in terms.chunks(AXPY_ROWS_PER_SWEEP) {
         let h = |i: usize| chunk[i].0;
         let x = |i: usize| chunk[i].1;
         match chunk.len() {
