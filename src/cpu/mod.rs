@@ -449,7 +449,7 @@ fn tail_means<T: GradElement, const K: usize>(
 }
 
 /// Rows added to a row of f64 sums per sweep by [`add_rows`]: 8, which took
-/// the means of deep micro-batches (b = 32, 256) about 12% less time than 4
+/// the means of deep micro-batches (b = 32, 256) about 13% less time than 4
 /// (twenty-eighth session, BENCHMARKS.md).
 const ROWS_PER_SWEEP: usize = 8;
 
