@@ -107,21 +107,18 @@ impl GpuClipper {
         let max_reduce_rows = self.loop_budget.map_or(u64::MAX, pass4_max_rows);
         let mut units = Vec::new();
         for jobs in groups {
-            let windows: Vec<_> = jobs
-                .iter()
-                .filter_map(|j| j.table.first().copied())
-                .collect();
-            let whole = jobs.iter().all(|j| j.table.len() == 1);
-            let cut = whole
-                .then(|| {
-                    chunk_windows_table(
-                        &windows,
-                        self.pass4_chunk_rows,
-                        self.max_binding,
-                        max_reduce_rows,
-                    )
-                })
-                .flatten();
+            // A tensor's windows: one table entry per job.
+            let cut = if jobs.iter().all(|j| j.table.len() == 1) {
+                let windows: Vec<_> = jobs.iter().map(|j| j.table[0]).collect();
+                chunk_windows_table(
+                    &windows,
+                    self.pass4_chunk_rows,
+                    self.max_binding,
+                    max_reduce_rows,
+                )
+            } else {
+                None
+            };
             if cut.is_some() {
                 units.push((jobs, cut));
                 continue;
