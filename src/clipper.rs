@@ -60,7 +60,8 @@ pub struct ClipStats {
     /// ([`accountant::micro_batch_sensitivity`](crate::accountant::micro_batch_sensitivity)).
     pub clip_bound: f32,
     /// (micro-batch, group) pairs of finite micro-batches with `norm_{j,g} > C_g`,
-    /// as the backend rounds them (the GPU in f32, the CPU in f64): a norm within
+    /// as the backend rounds them (the GPU in f32, the CPU in f64 but for a
+    /// one-row micro-batch's squares, in short f32 sums): a norm within
     /// a rounding of `C_g` may count on one backend and not the other (not the
     /// micro-batch an adaptive bound of scale 1 comes from: it never counts).
     pub clipped_count: usize,

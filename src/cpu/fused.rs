@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Barrier, Condvar, Mutex, PoisonError};
 use std::thread::{Scope, ScopedJoinHandle};
 
-use super::{axpy_rows, factor, mean_too_coarse, sum_squares, widen, Plan, BLOCK_COLS};
+use super::{axpy_rows, factor, mean_too_coarse, Plan, BLOCK_COLS};
 use crate::config::{starts, ClipBound, ClipFunction};
 use crate::dtype::{Dtype, GradElement};
 
@@ -206,19 +206,11 @@ fn worker<T: GradElement>(
             let (b, at) = (&plan.blocks[k], block_starts[k - blocks.start]);
             let rows = plan.rows(j);
             let keep = stored(rows.len());
-            let mean = &mut means[if keep { r * width + at } else { 0 }..];
-            let ssq = if !keep {
-                sum_squares(plan.segment(b, rows.start), plan.f16c)
-            } else if rows.len() == 1 {
-                let mean = &mut mean[..b.w];
-                // A 16-bit row: a plain widening loop, then the squares of the
-                // copy in L1 (the same bits as mean_ssq; f16 at b = 1 took 1.3x
-                // as long with the decode inside the squares' loop).
-                widen(plan.segment(b, rows.start), mean);
-                sum_squares(mean, plan.f16c)
-            } else {
-                plan.mean_ssq(b, rows.clone(), &mut sum, Some(&mut mean[..b.w]))
-            };
+            // A 16-bit row that is kept: a plain widening loop, then the squares
+            // of the copy in L1 (mean_ssq; f16 at b = 1 took 1.3x as long with
+            // the decode inside the squares' loop).
+            let mean = keep.then(|| &mut means[r * width + at..][..b.w]);
+            let ssq = plan.mean_ssq(b, rows, &mut sum, mean);
             slot[r * n_blocks + k].store(ssq.to_bits(), Relaxed);
         };
         // Blocks of tensors wider than a block: micro-batch by micro-batch, each

@@ -1,5 +1,9 @@
 //! The CPU backend: the same contract as the kernels, multi-threaded, accumulating
 //! in float64 (f32 squares summed in f64 can neither overflow nor underflow).
+//! One exception: a one-row micro-batch's squares are formed and added in f32,
+//! 8 to a lane, before they join the f64 sums, within `9 * 2^-24` of its squared
+//! norm (and in f64 where f32 cannot hold them; [`sum_squares`]). Means, and
+//! the weighted sum, stay in f64.
 //!
 //! Two paths, chosen per call (see [`choose`]):
 //! * [`fused`]: one read of the input. For a group of R micro-batches, each thread
@@ -21,6 +25,9 @@
 
 mod fused;
 mod two_pass;
+
+#[cfg(test)]
+mod tests;
 
 use std::ops::Range;
 
@@ -200,7 +207,8 @@ impl<'a, T: GradElement> Plan<'a, T> {
 
     /// The squared norm of block `b`'s part of the mean of rows `rows`, which it
     /// also stores as f32 in `mean` when given; `sum` is scratch of at least `b.w`.
-    /// Micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
+    /// One row: [`sum_squares`] (of its f32 copy when it is stored: the same
+    /// bits). Micro-batches of 2 to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
     /// ([`mean_ssq_k`]: sums, mean and squares per column in registers); larger ones
     /// as f64 column sums first ([`add_rows`]), then [`scale_and_sum_squares`].
     /// Both give the same bits, and the same for every element type.
@@ -223,7 +231,16 @@ impl<'a, T: GradElement> Plan<'a, T> {
                 4 => mean_ssq_k::<T, 4>(std::array::from_fn(x), inv_n, mean, self.f16c),
                 3 => mean_ssq_k::<T, 3>(std::array::from_fn(x), inv_n, mean, self.f16c),
                 2 => mean_ssq_k::<T, 2>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                _ => mean_ssq_k::<T, 1>(std::array::from_fn(x), inv_n, mean, self.f16c),
+                _ => match mean {
+                    // One row: its f32 squares (sum_squares), of the row itself or
+                    // of its f32 copy (the same bits).
+                    Some(mean) => {
+                        let mean = &mut mean[..b.w];
+                        widen(x(0), mean);
+                        sum_squares(mean, self.f16c)
+                    }
+                    None => sum_squares(x(0), self.f16c),
+                },
             };
         }
         let sum = &mut sum[..b.w];
@@ -280,9 +297,66 @@ const LANES: usize = 8;
 // `GradElement::to_f32`), so 16-bit rows move half the bytes of f32 ones and give
 // the same bits as f32 rows of the same values.
 
-/// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial sums.
+/// f32 lanes of [`sum_squares`]' short sums.
+const SQUARE_LANES: usize = 32;
+
+/// Squares each of [`sum_squares`]' f32 lanes adds before its short sum joins
+/// an f64 sum.
+const SQUARES_PER_LANE: usize = 8;
+
+/// `sum_c x_c^2` over a row segment (a one-row micro-batch's part of a squared
+/// norm). The squares are formed and added in f32, [`SQUARES_PER_LANE`] to each
+/// of [`SQUARE_LANES`] lanes, and each lane's short sum is then added to an f64
+/// sum; the columns after the last whole chunk go to [`sum_squares_f64`]. Each
+/// square rounds once and each short sum adds 8 positive terms, so the result is
+/// within about `9 * 2^-24` (5.4e-7) of the exact sum, relative. Widening every
+/// element to f64 first took 1.4x as long: a throwaway probe summing 1 GB of
+/// squares on the Emerald Rapids VM of the twenty-ninth session took 56-58 ms
+/// in f64, 40-41 ms this way, against 37-38 ms for a plain f32 sum
+/// (BENCHMARKS.md).
+///
+/// Where f32 cannot hold the squares, the whole segment is summed in f64
+/// instead: when the f32 part is not finite (squares beyond f32's range, or
+/// inf or NaN input), or below `2^-126` per column (squares in f32's
+/// subnormal range keep no relative precision), unless every one of its
+/// columns is zero.
 #[multiversion(targets = "simd")]
 fn sum_squares<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
+    const CHUNK: usize = SQUARE_LANES * SQUARES_PER_LANE;
+    let full = row.len() - row.len() % CHUNK;
+    let mut wide = [0.0f64; SQUARE_LANES];
+    for chunk in row[..full].chunks_exact(CHUNK) {
+        let mut short = [0.0f32; SQUARE_LANES];
+        for squares in chunk.chunks_exact(SQUARE_LANES) {
+            for (l8, x8) in short.chunks_exact_mut(8).zip(squares.chunks_exact(8)) {
+                let x = T::to_f32_x8(x8.try_into().expect("8 columns"), f16c);
+                for (l, x) in l8.iter_mut().zip(x) {
+                    *l += x * x;
+                }
+            }
+        }
+        for (w, s) in wide.iter_mut().zip(short) {
+            *w += s as f64;
+        }
+    }
+    let chunks: f64 = wide.iter().sum();
+    let smallest = full as f64 * f32::MIN_POSITIVE as f64;
+    let zeros = || {
+        row[..full]
+            .chunks_exact(8)
+            .all(|x8| T::to_f32_x8(x8.try_into().expect("8 columns"), f16c) == [0.0; 8])
+    };
+    if !chunks.is_finite() || (chunks < smallest && !(chunks == 0.0 && zeros())) {
+        return sum_squares_f64(row, f16c);
+    }
+    chunks + sum_squares_f64(&row[full..], f16c)
+}
+
+/// `sum_c (x_c as f64)^2` over a row segment, in `LANES` interleaved partial
+/// sums (exact squares; [`sum_squares`] where f32 cannot hold them, and for
+/// the columns after its last whole chunk).
+#[inline(always)]
+fn sum_squares_f64<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let full = row.len() - row.len() % LANES;
     let rest = &row[full..];

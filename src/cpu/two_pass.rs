@@ -10,22 +10,8 @@
 
 use rayon::prelude::*;
 
-use super::{axpy_rows, mean_too_coarse, sum_squares, Plan};
+use super::{axpy_rows, mean_too_coarse, Plan};
 use crate::dtype::GradElement;
-
-/// Squared norm of block `b`'s part of micro-batch `j`'s mean; `sum` is scratch.
-fn block_ssq<T: GradElement>(
-    plan: &Plan<'_, T>,
-    b: &super::Block,
-    j: usize,
-    sum: &mut [f64],
-) -> f64 {
-    let rows = plan.rows(j);
-    if rows.len() == 1 {
-        return sum_squares(plan.segment(b, rows.start), plan.f16c);
-    }
-    plan.mean_ssq(b, rows, sum, None)
-}
 
 /// Pass 1: the `[M, G]` norms, per block in parallel, summed in block order.
 pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
@@ -36,7 +22,9 @@ pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
         .with_min_len(plan.min_len(1))
         .map(|b| {
             let mut sum = vec![0.0f64; b.w];
-            (0..m).map(|j| block_ssq(plan, b, j, &mut sum)).collect()
+            (0..m)
+                .map(|j| plan.mean_ssq(b, plan.rows(j), &mut sum, None))
+                .collect()
         })
         .collect();
     (0..m).flat_map(|j| plan.norms(|k| ssq[k][j])).collect()

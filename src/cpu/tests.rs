@@ -1,0 +1,104 @@
+//! Unit tests of the CPU backend's hot loops (the end-to-end checks against the
+//! float64 reference are in `tests/cpu_clip.rs`).
+
+use half::{bf16, f16};
+
+use super::{sum_squares, sum_squares_f64};
+use crate::dtype::{F16c, GradElement};
+
+/// `sum x^2` in f64 of exact squares, one term after another.
+fn exact(row: &[f32]) -> f64 {
+    row.iter().map(|&x| x as f64 * x as f64).sum()
+}
+
+/// `len` values of magnitudes from about 1e-3 to 1e3, of both signs.
+fn random_row(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let unit = (s >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            let exponent = ((s >> 8) % 7) as i32 - 3;
+            (unit - 0.5) * 10f32.powi(exponent)
+        })
+        .collect()
+}
+
+/// Lengths around the f32 chunks (256 columns) and a whole block.
+const LENGTHS: [usize; 10] = [0, 1, 7, 8, 255, 256, 257, 511, 4096, 4100];
+
+/// The f32 short sums stay within `9 * 2^-24` of the exact sum, relative.
+#[test]
+fn squares_in_f32_short_sums_stay_within_their_bound() {
+    for (k, &len) in LENGTHS.iter().enumerate() {
+        let row = random_row(k as u64 + 3, len);
+        let (got, want) = (sum_squares(&row, F16c::OFF), exact(&row));
+        let bound = 9.0 * f64::powi(2.0, -24) * want;
+        assert!((got - want).abs() <= bound, "len {len}: {got} vs {want}");
+        if len >= 256 {
+            // The f32 path ran (it rounds differently from the f64 one).
+            assert_ne!(got, sum_squares_f64(&row, F16c::OFF), "len {len}");
+        }
+    }
+}
+
+/// Rows whose squares f32 cannot hold are summed in f64: beyond f32's range,
+/// in its subnormal range, a tiny value among zeros, and inf and NaN input.
+#[test]
+fn squares_beyond_f32_fall_back_to_f64() {
+    let mut huge = random_row(5, 300);
+    huge.iter_mut().for_each(|x| *x *= 1e20);
+    let mut tiny = random_row(6, 300);
+    tiny.iter_mut().for_each(|x| *x *= 1e-22);
+    let mut lone = vec![0.0f32; 300];
+    lone[123] = 1e-30;
+    let mut inf = random_row(7, 300);
+    inf[7] = f32::INFINITY;
+    for (what, row) in [("huge", &huge), ("tiny", &tiny), ("lone", &lone)] {
+        let got = sum_squares(row, F16c::OFF);
+        assert_eq!(got, sum_squares_f64(row, F16c::OFF), "{what}");
+        let want = exact(row);
+        assert!(got.is_finite() && got > 0.0, "{what}: {got}");
+        assert!(
+            (got - want).abs() <= 1e-15 * want,
+            "{what}: {got} vs {want}"
+        );
+    }
+    assert_eq!(sum_squares(&inf, F16c::OFF), f64::INFINITY);
+    let mut nan = random_row(8, 300);
+    nan[299] = f32::NAN;
+    assert!(sum_squares(&nan, F16c::OFF).is_nan());
+    // Zeros (either sign) are exact in f32: no fallback needed, and 0.
+    let mut zeros = vec![0.0f32; 600];
+    zeros[5] = -0.0;
+    assert_eq!(sum_squares(&zeros, F16c::OFF), 0.0);
+}
+
+/// 16-bit rows give the bits of their f32 widening, with F16C and without.
+#[test]
+fn sixteen_bit_squares_match_their_f32_widening() {
+    for (k, &len) in LENGTHS.iter().enumerate() {
+        let row = random_row(k as u64 + 11, len);
+        let halves: Vec<f16> = row.iter().map(|&x| f16::from_f32(x)).collect();
+        // bf16 has f32's range: every other row's squares are beyond it.
+        let scale = if k % 2 == 0 { 1.0 } else { 1e25 };
+        let brains: Vec<bf16> = row.iter().map(|&x| bf16::from_f32(x * scale)).collect();
+        let wide = |v: &[f32]| sum_squares(v, F16c::OFF).to_bits();
+        let h32: Vec<f32> = halves.iter().map(|x| x.to_f32()).collect();
+        let b32: Vec<f32> = brains.iter().map(|x| GradElement::to_f32(*x)).collect();
+        for f16c in [F16c::OFF, F16c::detect()] {
+            assert_eq!(
+                sum_squares(&halves, f16c).to_bits(),
+                wide(&h32),
+                "f16 {len}"
+            );
+            assert_eq!(
+                sum_squares(&brains, f16c).to_bits(),
+                wide(&b32),
+                "bf16 {len}"
+            );
+        }
+    }
+}
