@@ -53,7 +53,8 @@
 //! re-exported): `clip` takes `&[&[T]]`, and [`GpuTensor::with_dtype`] marks a
 //! buffer's element type ([`Dtype`]). 16-bit values are widened exactly and
 //! accumulated in f32 (GPU) or f64 (CPU, where a one-row micro-batch's squares
-//! are added 8 at a time in f32 first, within 5.4e-7 of its squared norm);
+//! are added 8 at a time in f32 first, within 5.4e-7 of its squared norm,
+//! relative);
 //! outputs and statistics are f32.
 //!
 //! ## GPU buffers the caller owns
@@ -111,7 +112,8 @@
 //!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
 //!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported
 //!   as `+inf`) still clips correctly. The CPU backend sums rows and squares in
-//!   f64 and scales a micro-batch's sum by `1 / n_j` afterwards.
+//!   f64 (a one-row micro-batch's squares 8 at a time in f32 first, see "Input
+//!   precision") and scales a micro-batch's sum by `1 / n_j` afterwards.
 //! * All reductions are trees or fixed blocks, never float atomics: the same input on
 //!   the same adapter gives bitwise the same output.
 //! * [`reference`](mod@reference) is a plain float64 implementation used by the tests.

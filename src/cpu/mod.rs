@@ -308,8 +308,12 @@ const SQUARES_PER_LANE: usize = 8;
 /// norm). The squares are formed and added in f32, [`SQUARES_PER_LANE`] to each
 /// of [`SQUARE_LANES`] lanes, and each lane's short sum is then added to an f64
 /// sum; the columns after the last whole chunk go to [`sum_squares_f64`]. Each
-/// square rounds once and each short sum adds 8 positive terms, so the result is
-/// within about `9 * 2^-24` (5.4e-7) of the exact sum, relative. Widening every
+/// square rounds once and each short sum adds 8 non-negative terms (`8 * 2^-24`
+/// of the sum, relative); a square in f32's subnormal range loses at most
+/// `2^-150`, which the fallback below keeps within another `2^-24` of the sum.
+/// So the result is within about `9 * 2^-24` (5.4e-7) of the exact sum,
+/// relative (in the default floating-point environment: with flush-to-zero
+/// set by foreign code, subnormal squares would flush). Widening every
 /// element to f64 first took 1.4x as long: a throwaway probe summing 1 GB of
 /// squares on the Emerald Rapids VM of the twenty-ninth session took 56-58 ms
 /// in f64, 40-41 ms this way, against 37-38 ms for a plain f32 sum
