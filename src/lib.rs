@@ -54,8 +54,7 @@
 //! buffer's element type ([`Dtype`]). 16-bit values are widened exactly and
 //! accumulated in f32 (GPU) or f64 (CPU, where a one-row micro-batch's squares
 //! are added 8 at a time in f32 first, within 5.4e-7 of its squared norm,
-//! relative);
-//! outputs and statistics are f32.
+//! relative); outputs and statistics are f32.
 //!
 //! ## GPU buffers the caller owns
 //!

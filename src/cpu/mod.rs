@@ -332,9 +332,11 @@ fn sum_squares<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
     for chunk in row[..full].chunks_exact(CHUNK) {
         let mut short = [0.0f32; SQUARE_LANES];
         for squares in chunk.chunks_exact(SQUARE_LANES) {
-            for (l8, x8) in short.chunks_exact_mut(8).zip(squares.chunks_exact(8)) {
-                let x = T::to_f32_x8(x8.try_into().expect("8 columns"), f16c);
-                for (l, x) in l8.iter_mut().zip(x) {
+            for (c0, l8) in (0..SQUARE_LANES)
+                .step_by(LANES)
+                .zip(short.chunks_exact_mut(LANES))
+            {
+                for (l, x) in l8.iter_mut().zip(lanes_f32(squares, c0, f16c)) {
                     *l += x * x;
                 }
             }
@@ -346,9 +348,9 @@ fn sum_squares<T: GradElement>(row: &[T], f16c: F16c) -> f64 {
     let chunks: f64 = wide.iter().sum();
     let smallest = full as f64 * f32::MIN_POSITIVE as f64;
     let zeros = || {
-        row[..full]
-            .chunks_exact(8)
-            .all(|x8| T::to_f32_x8(x8.try_into().expect("8 columns"), f16c) == [0.0; 8])
+        (0..full)
+            .step_by(LANES)
+            .all(|c0| lanes_f32(row, c0, f16c) == [0.0; LANES])
     };
     if !chunks.is_finite() || (chunks < smallest && !(chunks == 0.0 && zeros())) {
         return sum_squares_f64(row, f16c);
@@ -461,14 +463,21 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
     lanes.iter().sum()
 }
 
+/// Columns `c0 .. c0 + LANES` of `x` as f32 (exact), one lane each: all LANES
+/// in one vector (f16's decode costs a dozen integer operations per vector, or
+/// one F16C instruction).
+#[inline(always)]
+fn lanes_f32<T: GradElement>(x: &[T], c0: usize, f16c: F16c) -> [f32; LANES] {
+    let x: &[T; LANES] = x[c0..c0 + LANES].try_into().expect("LANES columns");
+    T::to_f32_x8(x, f16c)
+}
+
 /// Columns `c0 .. c0 + LANES` of `x` as f64 (exact), one lane each.
 #[inline(always)]
 fn lanes_f64<T: GradElement>(x: &[T], c0: usize, f16c: F16c) -> [f64; LANES] {
-    let x: &[T; LANES] = x[c0..c0 + LANES].try_into().expect("LANES columns");
-    // Widened as f32 first: all LANES in one vector (f16's decode costs a dozen
-    // integer operations per vector, or one F16C instruction), then as f64 (one
-    // vector with AVX-512, two with AVX2).
-    let w32 = T::to_f32_x8(x, f16c);
+    // Widened as f32 first (lanes_f32), then as f64 (one vector with AVX-512,
+    // two with AVX2).
+    let w32 = lanes_f32(x, c0, f16c);
     let mut w = [0.0f64; LANES];
     for l in 0..LANES {
         w[l] = w32[l] as f64;
