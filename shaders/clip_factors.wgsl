@@ -256,8 +256,8 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     factor_k = ratio_k;
                 } else {
                     // C / (norm + gamma) = (C / norm) * (norm / (norm + gamma)), so
-                    // neither C nor the norm has to fit in f32; a norm beyond f32::MAX
-                    // leaves C / norm, and a zero norm gives C / gamma.
+                    // neither C nor the norm has to fit in f32 (nor norm + gamma:
+                    // see the shrink below), and a zero norm gives C / gamma.
                     // C / (norm + gamma) <= C / gamma: a tiny norm (C / norm beyond
                     // 2^EXTREME_LOG2) is divided directly. Only where that
                     // overflows f32 (C / gamma > f32::MAX) does its weight go as a
@@ -269,12 +269,22 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                         factor = ldexp(div_wide(bound.x * bound.y, params.gamma + norm), shift);
                         factor_k = ratio_k * div_wide(norm, norm + params.gamma);
                         extreme = extreme && nonfinite_flags(factor) != 0u;
-                    } else if (norm <= 3.4028235e38) {
-                        factor = ratio * div_wide(norm, norm + params.gamma);
-                        factor_k = ratio_k * div_wide(norm, norm + params.gamma);
                     } else {
-                        factor = ratio;
-                        factor_k = ratio_k;
+                        // The shrink norm / (norm + gamma): directly where
+                        // norm + gamma fits f32, else as 1 / (1 + gamma / norm)
+                        // from the norm's pair (a norm or gamma near f32::MAX,
+                        // or a norm beyond it). Before, an overflowing sum gave
+                        // a factor of 0 (the micro-batch dropped) and a norm
+                        // beyond f32::MAX left out gamma (a review, thirtieth
+                        // session).
+                        let sum = norm + params.gamma;
+                        let shrink = select(
+                            div_wide(1.0, 1.0 + div_wide(div_wide(params.gamma, n.scale), n.root)),
+                            div_wide(norm, sum),
+                            sum <= 3.4028235e38,
+                        );
+                        factor = ratio * shrink;
+                        factor_k = ratio_k * shrink;
                     }
                 }
             }

@@ -1107,6 +1107,55 @@ fn automatic_clipping_with_a_bound_beyond_f32_max() {
     check(&mut gpu, &cfg, &t, n, 3e-5, "AUTO-S, bound 5.7e38, sigma 0");
 }
 
+/// AUTO-S where `norm + gamma` does not fit f32 (found by a review): a norm or
+/// gamma near `f32::MAX` made the sum overflow and the factor 0 (the micro-batch
+/// dropped; 0 against 0.75 for `x = 3e38`, `C = 3e38`, `gamma = 1e38`), and a norm
+/// beyond `f32::MAX` left gamma out (0.199 against 0.119 for three elements of
+/// 2.9e38, `C = 1e38`, `gamma = f32::MAX`).
+#[test]
+fn automatic_clipping_where_norm_plus_gamma_overflows() {
+    let Some(mut gpu) = gpu() else { return };
+    let auto = |gamma: f32| ClipFunction::Automatic { gamma };
+    let one = |c: f32| ClipConfig::fixed(c, MicroBatches::Uniform(1));
+    let cases = [
+        (vec![vec![3e38f32]], 1, one(3e38).with_function(auto(1e38))),
+        (
+            vec![vec![3e38f32]],
+            1,
+            one(1.0).with_function(auto(f32::MAX)),
+        ),
+        (
+            vec![vec![2.9e38f32; 3]],
+            1,
+            one(1e38).with_function(auto(f32::MAX)),
+        ),
+        (
+            vec![vec![3e38f32, 1e38, -2e38, 5e37]],
+            2,
+            ClipConfig::adaptive(1.0, MicroBatches::Uniform(1)).with_function(auto(3e38)),
+        ),
+    ];
+    for (k, (t, n, cfg)) in cases.iter().enumerate() {
+        check(&mut gpu, cfg, t, *n, 3e-5, &format!("case {k}"));
+    }
+    // Random rows near f32::MAX, norms from below to far beyond it.
+    let n = 6;
+    let t = random_tensors(7, n, &[3, 1, 70], 1e37);
+    for (c, gamma) in [(1e38, 1e38), (3e38, f32::MAX), (1.0, 3e38)] {
+        let cfg = ClipConfig::fixed(c, MicroBatches::Uniform(2)).with_function(auto(gamma));
+        check(
+            &mut gpu,
+            &cfg,
+            &t,
+            n,
+            3e-5,
+            &format!("C {c}, gamma {gamma}"),
+        );
+    }
+    let cfg = ClipConfig::adaptive(0.5, MicroBatches::Uniform(3)).with_function(auto(f32::MAX));
+    check(&mut gpu, &cfg, &t, n, 3e-5, "adaptive, gamma f32::MAX");
+}
+
 /// Many tensors in one caller buffer (more than one norm-pass table of 32), at
 /// offsets that leave some rows 16-byte aligned and some not, with widths from 1
 /// to two tiles: tensors of one buffer share the norm pass's dispatches. With a
