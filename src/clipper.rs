@@ -68,7 +68,8 @@ pub struct ClipStats {
     /// Micro-batches whose mean gradient holds NaN or infinity (in any group).
     pub nonfinite_count: usize,
     /// Standard deviation of the Gaussian noise added before the division by M,
-    /// `sigma * clip_bound` (0 without noise).
+    /// `sigma * S` (0 without noise), multiplied in f64: finite whenever the
+    /// product fits f32, even where `clip_bound` (`S` in f32) is +inf.
     pub noise_std: f32,
     /// The backend that ran.
     pub backend: BackendKind,

@@ -6,7 +6,7 @@ mod common;
 
 use common::{gpu, random_tensors, slices};
 use microclip::noise::{normal_block, philox_word, standard_normal};
-use microclip::{Backend, ClipConfig, Clipper, GaussianNoise, MicroBatches};
+use microclip::{Backend, ClipBound, ClipConfig, Clipper, GaussianNoise, MicroBatches};
 
 fn noise(seed: u64, step: u64) -> GaussianNoise {
     GaussianNoise {
@@ -204,5 +204,30 @@ fn noise_without_a_finite_micro_batch_is_nan_under_an_adaptive_bound() {
             "{:?}",
             noisy.grads
         );
+    }
+}
+
+/// A total bound `S` beyond `f32::MAX` (two groups bounded at `f32::MAX`:
+/// `S = 4.8e38`, reported as inf) with `sigma * S` within it: both backends
+/// report the noise's std as that finite product (the GPU reported inf, from
+/// its f32 `S`, before a review found it).
+#[test]
+fn noise_std_fits_f32_where_the_total_bound_does_not() {
+    let rows = [1.0f32, -2.0, 0.5, 3.0];
+    let bounds = ClipBound::PerGroup(vec![f32::MAX, f32::MAX]);
+    let sigma = GaussianNoise {
+        multiplier: 0.7,
+        ..noise(3, 4)
+    };
+    let cfg = ClipConfig::new(bounds, MicroBatches::Uniform(1))
+        .with_groups(vec![0, 1])
+        .with_noise(sigma);
+    let want = (0.7f32 as f64 * 2f64.sqrt() * f32::MAX as f64) as f32;
+    let mut clippers = vec![Clipper::new(Backend::Cpu).unwrap()];
+    clippers.extend(gpu());
+    for mut clipper in clippers {
+        let out = clipper.clip(&cfg, &[&rows[..2], &rows[2..]], 2).unwrap();
+        assert_eq!(out.stats.clip_bound, f32::INFINITY);
+        assert_eq!(out.stats.noise_std, want, "{:?}", out.stats.backend);
     }
 }

@@ -1057,19 +1057,32 @@ impl GpuClipper {
         // Copied (the bytes of a Vec<u8> need not be aligned for f32).
         let floats: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let at = STATS_BYTES as usize / 4;
+        let group_bounds = &floats[at + 2 * m * g..at + 2 * m * g + g];
+        // sigma * S, where sigma = 0 means no noise even if S overflowed f32. S
+        // beyond f32 (reported as inf) is formed again in f64 from the group
+        // bounds, so that a product that fits f32 is reported as such, as on the
+        // CPU (an f32 S that fits gives the same bits either way: the f64
+        // product of two f32 is exact).
+        let total_bound = match floats[0] {
+            s if s.is_finite() => s as f64,
+            _ => group_bounds
+                .iter()
+                .map(|&c| c as f64 * c as f64)
+                .sum::<f64>()
+                .sqrt(),
+        };
         let stats = ClipStats {
             groups: g,
             clip_bound: floats[0],
             clipped_count: word(1) as usize,
             nonfinite_count: word(2) as usize,
-            // sigma * S, where sigma = 0 means no noise even if S overflowed f32.
             noise_std: config
                 .noise
                 .filter(|n| n.multiplier != 0.0)
-                .map_or(0.0, |n| n.multiplier * floats[0]),
+                .map_or(0.0, |n| (n.multiplier as f64 * total_bound) as f32),
             norms: floats[at..at + m * g].to_vec(),
             factors: floats[at + m * g..at + 2 * m * g].to_vec(),
-            group_bounds: floats[at + 2 * m * g..at + 2 * m * g + g].to_vec(),
+            group_bounds: group_bounds.to_vec(),
             backend: BackendKind::Gpu(self.adapter_name.clone()),
         };
         if config.non_finite == NonFinitePolicy::Error && stats.nonfinite_count > 0 {
