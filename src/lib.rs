@@ -106,7 +106,8 @@
 //!   before its factor scales them, so rows that cancel to a mean far below
 //!   them cannot swamp the other micro-batches' terms (except where the GPU's
 //!   last pass cuts a micro-batch at a row chunk or window: ragged offsets, a
-//!   tensor larger than one storage binding);
+//!   tensor larger than one storage binding; and at the far end of f32,
+//!   below);
 //!   norms are accumulated as (scale, scaled sum of squares)
 //!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
 //!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported
@@ -127,6 +128,14 @@
 //! * Divisions by numbers beyond 2^126, which some GPUs (NVIDIA) compute through
 //!   a reciprocal flushed to zero, are scaled by 2^-64 first; the tests run with
 //!   that division emulated under the testing feature `emulate-ftz-division`.
+//! * At the far ends of f32 the GPU is less exact than the CPU (a differential
+//!   fuzz, thirtieth session): rows that exceed their micro-batch's mean by about
+//!   1e38 under a factor beyond 2^60 (`Normalize` or AUTO-S) overflow in the
+//!   last pass when it re-reads the rows (b < 3), giving NaN outputs; bounds in
+//!   f32's subnormal range give factors up to about 20% off; AUTO-S with gamma
+//!   beyond about 1e30 times the norm (or both subnormal) loses its factors'
+//!   precision or flushes them to 0; and an adaptive bound beyond `f32::MAX` under `Normalize` or AUTO-S
+//!   makes terms beyond f32, which give inf or NaN where they meet.
 //!
 //! ## Memory
 //!
