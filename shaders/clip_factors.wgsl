@@ -265,26 +265,24 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     // micro-batch's terms stay finite wherever s_j g_j is.
                     // (Also where ratio_k overflowed for a subnormal scale: the
                     // ratio is then huge too.)
+                    // The shrink norm / (norm + gamma): directly where
+                    // norm + gamma fits f32, else as 1 / (1 + gamma / norm) from
+                    // the norm's pair (a norm or gamma near f32::MAX, or a norm
+                    // beyond it). Before, an overflowing sum gave a factor of 0
+                    // (the micro-batch dropped) and a norm beyond f32::MAX left
+                    // out gamma (a review, thirtieth session).
+                    let sum = norm + params.gamma;
+                    let shrink = select(
+                        div_wide(1.0, 1.0 + div_wide(div_wide(params.gamma, n.scale), n.root)),
+                        div_wide(norm, sum),
+                        sum <= 3.4028235e38,
+                    );
+                    factor_k = ratio_k * shrink;
                     if (!positive || log2_ratio > EXTREME_LOG2 || (!finite_k && k < 0i)) {
                         factor = ldexp(div_wide(bound.x * bound.y, params.gamma + norm), shift);
-                        factor_k = ratio_k * div_wide(norm, norm + params.gamma);
                         extreme = extreme && nonfinite_flags(factor) != 0u;
                     } else {
-                        // The shrink norm / (norm + gamma): directly where
-                        // norm + gamma fits f32, else as 1 / (1 + gamma / norm)
-                        // from the norm's pair (a norm or gamma near f32::MAX,
-                        // or a norm beyond it). Before, an overflowing sum gave
-                        // a factor of 0 (the micro-batch dropped) and a norm
-                        // beyond f32::MAX left out gamma (a review, thirtieth
-                        // session).
-                        let sum = norm + params.gamma;
-                        let shrink = select(
-                            div_wide(1.0, 1.0 + div_wide(div_wide(params.gamma, n.scale), n.root)),
-                            div_wide(norm, sum),
-                            sum <= 3.4028235e38,
-                        );
                         factor = ratio * shrink;
-                        factor_k = ratio_k * shrink;
                     }
                 }
             }
