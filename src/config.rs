@@ -262,6 +262,15 @@ impl ClipConfig {
         Ok(())
     }
 
+    /// The noise's standard deviation `sigma * S` for a total bound `S`, in f64
+    /// (0 without noise, or with `sigma = 0` whatever `S`, NaN or beyond f32
+    /// included).
+    pub(crate) fn noise_std(&self, total_bound: f64) -> f64 {
+        self.noise
+            .filter(|n| n.multiplier != 0.0)
+            .map_or(0.0, |n| n.multiplier as f64 * total_bound)
+    }
+
     /// The number of parameter groups G (1 without groups).
     pub fn group_count(&self) -> usize {
         self.groups
@@ -372,4 +381,9 @@ pub(crate) fn tensor_widths(
         return Err(ClipError::NoTensors);
     }
     Ok(widths)
+}
+
+/// The total bound `S = sqrt(sum_g C_g^2)` of the group bounds, in f64.
+pub(crate) fn total_bound(group_bounds: impl IntoIterator<Item = f64>) -> f64 {
+    group_bounds.into_iter().map(|c| c * c).sum::<f64>().sqrt()
 }

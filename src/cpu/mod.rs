@@ -35,7 +35,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{starts, ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
+use crate::config::{starts, total_bound, ClipBound, ClipConfig, ClipFunction, NonFinitePolicy};
 use crate::dtype::{Dtype, F16c, GradElement};
 use crate::error::{ClipError, Result};
 use crate::noise::standard_normal;
@@ -835,12 +835,8 @@ pub(crate) fn clip<T: GradElement>(
         }
     };
     let m = plan.micro_batches() as f64;
-    let total_bound = f.bounds.iter().map(|c| c * c).sum::<f64>().sqrt();
-    // sigma = 0 adds no noise, whatever the bound (NaN or beyond f32 included).
-    let noise_std = config
-        .noise
-        .filter(|n| n.multiplier != 0.0)
-        .map_or(0.0, |n| n.multiplier as f64 * total_bound);
+    let total_bound = total_bound(f.bounds.iter().copied());
+    let noise_std = config.noise_std(total_bound);
 
     // The noise stream's index of each tensor's first element.
     let firsts = starts(widths.iter().map(|&d| d as u64));

@@ -35,7 +35,7 @@ mod tables;
 mod timer;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{starts, ClipConfig, NonFinitePolicy};
+use crate::config::{starts, total_bound, ClipConfig, NonFinitePolicy};
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 pub(crate) use defaults::MAX_PASS4_CHUNK_ROWS;
@@ -1058,28 +1058,20 @@ impl GpuClipper {
         let floats: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let at = STATS_BYTES as usize / 4;
         let group_bounds = &floats[at + 2 * m * g..at + 2 * m * g + g];
-        // sigma * S, where sigma = 0 means no noise even if S overflowed f32. S
-        // beyond f32 (reported as inf) is formed again in f64 from the group
-        // bounds, so that a product that fits f32 is reported as such, as on the
-        // CPU (an f32 S that fits gives the same bits either way: the f64
-        // product of two f32 is exact).
+        // S beyond f32 (reported as inf) is formed again in f64 from the group
+        // bounds, so that a noise std sigma * S that fits f32 is reported as
+        // such, as on the CPU (an f32 S that fits gives the same bits either
+        // way: the f64 product of two f32 is exact).
         let total_bound = match floats[0] {
             s if s.is_finite() => s as f64,
-            _ => group_bounds
-                .iter()
-                .map(|&c| c as f64 * c as f64)
-                .sum::<f64>()
-                .sqrt(),
+            _ => total_bound(group_bounds.iter().map(|&c| c as f64)),
         };
         let stats = ClipStats {
             groups: g,
             clip_bound: floats[0],
             clipped_count: word(1) as usize,
             nonfinite_count: word(2) as usize,
-            noise_std: config
-                .noise
-                .filter(|n| n.multiplier != 0.0)
-                .map_or(0.0, |n| (n.multiplier as f64 * total_bound) as f32),
+            noise_std: config.noise_std(total_bound) as f32,
             norms: floats[at..at + m * g].to_vec(),
             factors: floats[at + m * g..at + 2 * m * g].to_vec(),
             group_bounds: group_bounds.to_vec(),
