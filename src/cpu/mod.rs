@@ -221,27 +221,30 @@ impl<'a, T: GradElement> Plan<'a, T> {
     ) -> f64 {
         let inv_n = 1.0 / rows.len() as f64;
         let row = |i: usize| self.segment(b, i);
-        if rows.len() <= MEAN_ROWS_PER_SWEEP {
-            let x = |i: usize| row(rows.start + i);
-            return match rows.len() {
-                8 => mean_ssq_k::<T, 8>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                7 => mean_ssq_k::<T, 7>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                6 => mean_ssq_k::<T, 6>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                5 => mean_ssq_k::<T, 5>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                4 => mean_ssq_k::<T, 4>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                3 => mean_ssq_k::<T, 3>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                2 => mean_ssq_k::<T, 2>(std::array::from_fn(x), inv_n, mean, self.f16c),
-                _ => match mean {
-                    // One row: its f32 squares (sum_squares), of the row itself or
-                    // of its f32 copy (the same bits).
-                    Some(mean) => {
-                        let mean = &mut mean[..b.w];
-                        widen(x(0), mean);
-                        sum_squares(mean, self.f16c)
-                    }
-                    None => sum_squares(x(0), self.f16c),
-                },
+        let x = |i: usize| row(rows.start + i);
+        // One sweep for 2 to MEAN_ROWS_PER_SWEEP rows, a const K each.
+        macro_rules! one_sweep {
+            ($($k:literal)*) => {
+                match rows.len() {
+                    $($k => return mean_ssq_k::<T, $k>(std::array::from_fn(x), inv_n, mean, self.f16c),)*
+                    _ => {}
+                }
             };
+        }
+        if rows.len() == 1 {
+            // One row: its f32 squares (sum_squares), of the row itself or of its
+            // f32 copy (the same bits).
+            return match mean {
+                Some(mean) => {
+                    let mean = &mut mean[..b.w];
+                    widen(x(0), mean);
+                    sum_squares(mean, self.f16c)
+                }
+                None => sum_squares(x(0), self.f16c),
+            };
+        }
+        if rows.len() <= MEAN_ROWS_PER_SWEEP {
+            one_sweep!(2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
         }
         let sum = &mut sum[..b.w];
         add_rows(sum, rows, row, self.f16c);
@@ -418,7 +421,8 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f
 /// mean and square stay in registers (the same operations in the same order, so
 /// the same bits). For micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows, where
 /// the second sweep cost about as much as the rows' loads (b = 2 took half the
-/// time with one sweep).
+/// time with one sweep; b = 10 to 16 on the tall shape 7-15% less, thirty-first
+/// session).
 #[multiversion(targets = "simd")]
 fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
@@ -544,8 +548,11 @@ const ROWS_PER_SWEEP: usize = 8;
 /// 4 (8 made b = 1, a sweep over a group of 4-5 rows, about 6% slower).
 const AXPY_ROWS_PER_SWEEP: usize = 4;
 
-/// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep.
-const MEAN_ROWS_PER_SWEEP: usize = 8;
+/// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep
+/// (a const K each, in [`Plan::mean_ssq`]'s match). 16 took N = 1024, D = 65,536,
+/// b = 16 from 11.8-13.5 to 11.0-11.9 ms on the Xeon VM; a sweep of 32 rows did
+/// not help b = 32 (thirty-first session, BENCHMARKS.md).
+const MEAN_ROWS_PER_SWEEP: usize = 16;
 
 /// `sum[c] = sum_i x_i[c]` in f64 over the rows `rows` (`row(i)`), added in order,
 /// [`ROWS_PER_SWEEP`] rows at a time ([`add_k`]): each column's sum stays in a

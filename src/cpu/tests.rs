@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use super::{sum_squares, sum_squares_f64};
+use super::{add_rows, mean_ssq_k, scale_and_sum_squares, sum_squares, sum_squares_f64};
 use crate::dtype::{F16c, GradElement};
 
 /// `sum x^2` in f64 of exact squares, one term after another.
@@ -111,4 +111,48 @@ fn sixteen_bit_squares_match_their_f32_widening() {
             );
         }
     }
+}
+
+/// A micro-batch's mean and squared norm in one sweep ([`mean_ssq_k`], 2 to
+/// `MEAN_ROWS_PER_SWEEP` rows) have the bits of the f64 row sums followed by the
+/// scaling ([`add_rows`], [`scale_and_sum_squares`]), which deeper micro-batches
+/// take: for every K of the sweep's match, rows that cancel, and widths with a
+/// tail of fewer than 8 columns.
+#[test]
+fn one_sweep_means_match_the_row_sums() {
+    fn check<const K: usize>() {
+        for &len in &[1, 7, 8, 37, 4100] {
+            // Rows of magnitudes 2^-40 to 2^40 apart: their f64 sums round, so
+            // that another order of additions gives other bits.
+            let mut rows: Vec<Vec<f32>> = (0..K)
+                .map(|r| {
+                    let scale = f32::powi(2.0, (r as i32 * 29) % 81 - 40);
+                    let row = random_row((K * 100 + r) as u64 + len as u64, len);
+                    row.iter().map(|&x| x * scale).collect()
+                })
+                .collect();
+            // The last row cancels the first (with a row between them).
+            if K > 2 {
+                rows[K - 1] = rows[0].iter().map(|&x| -x).collect();
+            }
+            let x: [&[f32]; K] = std::array::from_fn(|r| &rows[r][..]);
+            let inv_n = 1.0 / K as f64;
+            let mut one = vec![0.0f32; len];
+            let ssq_one = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut one), F16c::OFF);
+            let mut sum = vec![0.0f64; len];
+            add_rows(&mut sum, 0..K, |r| &rows[r][..], F16c::OFF);
+            let mut two = vec![0.0f32; len];
+            let ssq_two = scale_and_sum_squares(&sum, inv_n, Some(&mut two));
+            assert_eq!(ssq_one.to_bits(), ssq_two.to_bits(), "K {K}, {len} columns");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&two), "K {K}, {len} columns");
+            assert!(ssq_one > 0.0);
+        }
+    }
+    check::<2>();
+    check::<3>();
+    check::<8>();
+    check::<9>();
+    check::<15>();
+    check::<16>();
 }
