@@ -117,7 +117,7 @@ fn sixteen_bit_squares_match_their_f32_widening() {
 /// `MEAN_ROWS_PER_SWEEP` rows) have the bits of the f64 row sums followed by the
 /// scaling ([`add_rows`], [`scale_and_sum_squares`]), which deeper micro-batches
 /// take: for every K of the sweep's match, rows that cancel, and widths with a
-/// tail of fewer than 8 columns.
+/// tail of fewer than 8 columns; 16-bit rows give the bits of their f32 widening.
 #[test]
 fn one_sweep_means_match_the_row_sums() {
     fn check<const K: usize>() {
@@ -147,6 +147,43 @@ fn one_sweep_means_match_the_row_sums() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&one), bits(&two), "K {K}, {len} columns");
             assert!(ssq_one > 0.0);
+            // 16-bit rows: the bits of their f32 widening, with F16C and without
+            // (bf16 rows as they are; f16 rows of the same values at f16's range).
+            let brains: Vec<Vec<bf16>> = rows
+                .iter()
+                .map(|r| r.iter().map(|&v| bf16::from_f32(v)).collect())
+                .collect();
+            let halves: Vec<Vec<f16>> = rows
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|&v| f16::from_f32(v.clamp(-6e4, 6e4)))
+                        .collect()
+                })
+                .collect();
+            let wide = |rows: &[Vec<f32>]| {
+                let x: [&[f32]; K] = std::array::from_fn(|r| &rows[r][..]);
+                let mut mean = vec![0.0f32; len];
+                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut mean), F16c::OFF);
+                (ssq.to_bits(), bits(&mean))
+            };
+            let b32: Vec<Vec<f32>> = brains
+                .iter()
+                .map(|r| r.iter().map(|v| v.to_f32()).collect())
+                .collect();
+            let h32: Vec<Vec<f32>> = halves
+                .iter()
+                .map(|r| r.iter().map(|v| v.to_f32()).collect())
+                .collect();
+            for f16c in [F16c::OFF, F16c::detect()] {
+                let x: [&[bf16]; K] = std::array::from_fn(|r| &brains[r][..]);
+                let mut mean = vec![0.0f32; len];
+                let ssq = mean_ssq_k::<bf16, K>(x, inv_n, Some(&mut mean), f16c);
+                assert_eq!((ssq.to_bits(), bits(&mean)), wide(&b32), "bf16 K {K}");
+                let x: [&[f16]; K] = std::array::from_fn(|r| &halves[r][..]);
+                let ssq = mean_ssq_k::<f16, K>(x, inv_n, Some(&mut mean), f16c);
+                assert_eq!((ssq.to_bits(), bits(&mean)), wide(&h32), "f16 K {K}");
+            }
         }
     }
     check::<2>();
