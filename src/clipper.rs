@@ -476,8 +476,8 @@ impl Clipper {
     /// Clips gradients that already live in `wgpu::Buffer`s on this clipper's
     /// device, writing `out_p` (f32, `D_p` elements) into the caller's buffers.
     /// No gradient data crosses to the host; the statistics are read back.
-    /// Outputs must not overlap each other or any input buffer
-    /// ([`ClipError::BufferRange`]). Under
+    /// Outputs must not overlap each other, and no output may lie in a buffer
+    /// that holds an input, even at other bytes ([`ClipError::BufferRange`]). Under
     /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) the non-finite
     /// micro-batches are found on the device, so when the call returns
     /// [`ClipError::NonFinite`] the outputs already hold the result with those
