@@ -222,7 +222,9 @@ impl<'a, T: GradElement> Plan<'a, T> {
         let inv_n = 1.0 / rows.len() as f64;
         let row = |i: usize| self.segment(b, i);
         let x = |i: usize| row(rows.start + i);
-        // One sweep for 2 to MEAN_ROWS_PER_SWEEP rows, a const K each.
+        // One sweep for 2 to MEAN_ROWS_PER_SWEEP rows, a const K each (the list
+        // below ends at MEAN_ROWS_PER_SWEEP; larger micro-batches fall through).
+        const _: () = assert!(MEAN_ROWS_PER_SWEEP == 16);
         macro_rules! one_sweep {
             ($($k:literal)*) => {
                 match rows.len() {
@@ -243,9 +245,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
                 None => sum_squares(x(0), self.f16c),
             };
         }
-        if rows.len() <= MEAN_ROWS_PER_SWEEP {
-            one_sweep!(2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-        }
+        one_sweep!(2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
         let sum = &mut sum[..b.w];
         add_rows(sum, rows, row, self.f16c);
         scale_and_sum_squares(sum, inv_n, mean)
