@@ -279,7 +279,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
                     );
                     factor_k = ratio_k * shrink;
                     if (!positive || log2_ratio > EXTREME_LOG2 || (!finite_k && k < 0i)) {
-                        factor = ldexp(div_wide(bound.x * bound.y, params.gamma + norm), shift);
+                        factor = ldexp(div_wide(bound.x * bound.y, sum), shift);
                         extreme = extreme && nonfinite_flags(factor) != 0u;
                     } else {
                         factor = ratio * shrink;
