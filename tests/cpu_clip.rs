@@ -82,6 +82,19 @@ fn two_pass_stored_means() {
         let rows = if b >= 3 { n / b } else { 0 };
         assert_eq!(stored.scratch_bytes(), (4 * rows * cols) as u64);
     }
+    // The cap on the stored means (`set_cpu_means_max_bytes`) at its boundary:
+    // means of exactly the cap are stored, one byte less re-reads the input.
+    let (n, b) = (20, 5);
+    let t = random_tensors(3, n, &widths, 1.0);
+    let cfg = ClipConfig::fixed(0.05, MicroBatches::Uniform(b));
+    let bytes = 4 * (n / b) * cols;
+    for (cap, kept) in [(bytes, bytes), (bytes - 1, 0)] {
+        let mut capped = Clipper::new(Backend::Cpu).unwrap();
+        capped.set_cpu_fused_budget_bytes(0);
+        capped.set_cpu_means_max_bytes(cap);
+        check(&mut capped, &cfg, &t, n, 1e-6, &format!("cap {cap}"));
+        assert_eq!(capped.scratch_bytes(), kept as u64, "cap {cap}");
+    }
 }
 
 #[test]
@@ -208,9 +221,45 @@ fn fused_group_sizes_agree_bitwise() {
                 Some(f) => assert_eq!(&out, f, "{what}"),
             }
         }
-        cpu.set_cpu_fused_budget_bytes(0);
-        check(&mut cpu, &cfg, &t, n, 1e-6, &format!("two-pass {cfg:?}"));
+        // Budgets too small for one micro-batch's means beside the accumulator
+        // (R would be 0): the two-pass path.
+        for budget in [0, 8 * cols, 12 * cols - 1] {
+            cpu.set_cpu_fused_budget_bytes(budget);
+            check(
+                &mut cpu,
+                &cfg,
+                &t,
+                n,
+                1e-6,
+                &format!("budget {budget}, {cfg:?}"),
+            );
+        }
     }
+}
+
+/// One-row micro-batches whose terms cancel in f64 (1 + 1e16 - 1e16 is 0: the 1
+/// is lost in the first sum; another order gives 1 / 3) come out with the same
+/// bits from every group size R and both two-pass paths: the terms are added in
+/// micro-batch order everywhere.
+#[test]
+fn terms_add_in_micro_batch_order() {
+    let mut cpu = Clipper::new(Backend::Cpu).unwrap();
+    let t = vec![vec![1.0f32, 1e16, -1e16]];
+    let cfg = ClipConfig::fixed(1e30, MicroBatches::Uniform(1));
+    let mut outputs = Vec::new();
+    for (budget, means) in [
+        (8 + 4, usize::MAX),
+        (8 + 4 * 2, usize::MAX),
+        (8 + 4 * 3, usize::MAX),
+        (0, usize::MAX),
+        (0, 0),
+    ] {
+        cpu.set_cpu_fused_budget_bytes(budget);
+        cpu.set_cpu_means_max_bytes(means);
+        let out = cpu.clip(&cfg, &slices(&t), 3).unwrap().grads[0][0];
+        outputs.push((budget, means, out.to_bits()));
+    }
+    assert!(outputs.iter().all(|o| o.2 == outputs[0].2), "{outputs:?}");
 }
 
 /// Found by the random cases: with D = 1 and means near 1e30, AUTO-S's factors
@@ -272,6 +321,11 @@ fn tiny_norm_means_match_the_reference() {
         let t = random_tensors(31, 6, &[1000, 7], magnitude);
         cases.push((format!("b {b}, magnitude {magnitude:e}"), t, 6, b));
     }
+    // Means whose elements are all f32 subnormals (about 1e-40) but whose norm,
+    // over 2^18 columns, is above 2^-126 (about 4e-38): too coarse to store up to
+    // 2^-64 (mean_too_coarse), not only below f32's normal range.
+    let wide = random_tensors(37, 4, &[1 << 18], 1e-40);
+    cases.push(("2^18 subnormal columns".to_string(), wide, 4, 2));
     // The one-read path, then the two-pass paths (stored means, re-reading).
     for (budget, means) in [(usize::MAX, usize::MAX), (0, usize::MAX), (0, 0)] {
         cpu.set_cpu_fused_budget_bytes(budget);

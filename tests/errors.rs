@@ -131,6 +131,15 @@ fn host_errors(clipper: &mut Clipper) {
             n_samples: 4
         }
     );
+    // An empty tensor (no columns) is a length error too.
+    assert_eq!(
+        clipper.clip(&ok, &[&t, &[]], 4).unwrap_err(),
+        ClipError::TensorLength {
+            tensor: 1,
+            len: 0,
+            n_samples: 4
+        }
+    );
     // An n_samples no tensor holds: typed before its offsets (2^49 of them) are built.
     assert_eq!(
         clipper.clip(&ok, &[&t], 1 << 50).unwrap_err(),
@@ -342,6 +351,18 @@ fn gpu_buffer_errors() {
 fn group_and_noise_errors(clipper: &mut Clipper, t: &[f32]) {
     let layout = MicroBatches::Uniform(2);
     let two = [t, t];
+    // Group 1 of 0..3 is empty, with every index below the tensor count.
+    let e = clipper
+        .clip(
+            &ClipConfig::fixed(1.0, layout.clone()).with_groups(vec![0, 2, 2]),
+            &[t, t, t],
+            4,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClipError::InvalidGroups(m) if m.contains("group 1 has no tensor")),
+        "{e:?}"
+    );
     let mut groups_err = |cfg: ClipConfig, tensors: &[&[f32]]| {
         let e = clipper.clip(&cfg, tensors, 4).unwrap_err();
         assert!(matches!(e, ClipError::InvalidGroups(_)), "{cfg:?}: {e:?}");
