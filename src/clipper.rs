@@ -341,6 +341,17 @@ impl Clipper {
         }
     }
 
+    /// Fills every pooled GPU buffer with 0xFF bytes (f32 NaN) each time a call
+    /// takes it (`on`), so that a kernel reading scratch its call did not write
+    /// (a stale result of an earlier call, in normal use) gives NaN. For tests;
+    /// slow (a host copy of each buffer per call). No effect on the CPU.
+    #[doc(hidden)]
+    pub fn set_gpu_poison_scratch(&mut self, on: bool) {
+        if let Engine::Gpu(gpu) = &mut self.engine {
+            gpu.set_poison_scratch(on);
+        }
+    }
+
     /// Whether the GPU reads such 16-bit rows as octs now
     /// ([`Self::set_gpu_oct_loads`]; `None` on the CPU).
     #[doc(hidden)]

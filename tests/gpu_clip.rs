@@ -469,6 +469,16 @@ fn random_shapes_match_float64_reference() {
     run_random_cases(gpu, 64, TOL);
 }
 
+/// Every pooled buffer filled with 0xFF bytes (NaN) each time a call takes it
+/// (`set_gpu_poison_scratch`): no kernel reads scratch its own call did not
+/// write, which in normal use would be what an earlier call left there.
+#[test]
+fn no_call_reads_scratch_it_did_not_write() {
+    let Some(mut gpu) = gpu() else { return };
+    gpu.set_gpu_poison_scratch(true);
+    run_random_cases(gpu, 64, TOL);
+}
+
 #[test]
 fn large_rows_stay_accurate() {
     // D in the millions: tree/blocked accumulation keeps the f32 result within 3e-5.

@@ -453,6 +453,12 @@ impl GpuClipper {
         self.oct_loads = on;
     }
 
+    /// Fills every pooled buffer a call takes with 0xFF bytes first (`on`), or
+    /// stops ([`Pool::set_poison`]).
+    pub fn set_poison_scratch(&mut self, on: bool) {
+        self.pool.set_poison(on.then(|| self.queue.clone()));
+    }
+
     /// Whether the octs readers may read 16-bit tensor `t`'s rows (rows of a
     /// multiple of 8 elements; whether a dispatch's rows start at multiples of 8
     /// elements of its binding is `plan::oct_rows`), where oct loads are on: its

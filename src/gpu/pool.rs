@@ -52,6 +52,9 @@ pub(crate) const SCRATCH_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub(crate) struct Pool {
     device: wgpu::Device,
     buffers: HashMap<Slot, wgpu::Buffer>,
+    /// Set (for tests): every buffer handed out is first filled with 0xFF bytes
+    /// (f32 NaN, u32::MAX) through this queue.
+    poison: Option<wgpu::Queue>,
 }
 
 impl Pool {
@@ -59,24 +62,40 @@ impl Pool {
         Self {
             device,
             buffers: HashMap::new(),
+            poison: None,
         }
+    }
+
+    /// Poisons every buffer [`Self::get`] hands out from now on (`Some`), or stops.
+    /// Queue writes run before the commands of the submission after them, and
+    /// after the writes queued before, so a call sees 0xFF wherever it reads a
+    /// scratch byte that neither it nor the host wrote since taking the buffer:
+    /// what a pooled buffer left by an earlier call could hold.
+    pub fn set_poison(&mut self, queue: Option<wgpu::Queue>) {
+        self.poison = queue;
     }
 
     /// A buffer of at least `size` bytes with `usage`.
     pub fn get(&mut self, slot: Slot, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         let size = size.max(16).next_multiple_of(16);
-        if let Some(b) = self.buffers.get(&slot) {
-            if b.size() >= size && b.usage() == usage {
-                return b.clone();
+        let buffer = match self.buffers.get(&slot) {
+            Some(b) if b.size() >= size && b.usage() == usage => b.clone(),
+            _ => {
+                let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("microclip {slot:?}")),
+                    size,
+                    usage,
+                    mapped_at_creation: false,
+                });
+                self.buffers.insert(slot, buffer.clone());
+                buffer
+            }
+        };
+        if let Some(queue) = &self.poison {
+            if usage.contains(wgpu::BufferUsages::COPY_DST) {
+                queue.write_buffer(&buffer, 0, &vec![0xFF; buffer.size() as usize]);
             }
         }
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(&format!("microclip {slot:?}")),
-            size,
-            usage,
-            mapped_at_creation: false,
-        });
-        self.buffers.insert(slot, buffer.clone());
         buffer
     }
 
