@@ -210,7 +210,7 @@ fn worker<T: GradElement>(
             // of the copy in L1 (mean_ssq; f16 at b = 1 took 1.3x as long with
             // the decode inside the squares' loop).
             let mean = keep.then(|| &mut means[r * width + at..][..b.w]);
-            let ssq = plan.mean_ssq(b, rows, &mut sum, mean);
+            let ssq = plan.mean_ssq(b, rows, &mut sum, mean, false);
             slot[r * n_blocks + k].store(ssq.to_bits(), Relaxed);
         };
         // Blocks of tensors wider than a block: micro-batch by micro-batch, each

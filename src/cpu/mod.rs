@@ -206,7 +206,8 @@ impl<'a, T: GradElement> Plan<'a, T> {
     }
 
     /// The squared norm of block `b`'s part of the mean of rows `rows`, which it
-    /// also stores as f32 in `mean` when given; `sum` is scratch of at least `b.w`.
+    /// also stores as f32 in `mean` when given (past the cache when `stream`: see
+    /// [`store_means`]); `sum` is scratch of at least `b.w`.
     /// One row: [`sum_squares`] (of its f32 copy when it is stored: the same
     /// bits). Micro-batches of 2 to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
     /// ([`mean_ssq_k`]: sums, mean and squares per column in registers); larger ones
@@ -218,6 +219,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
         rows: Range<usize>,
         sum: &mut [f64],
         mean: Option<&mut [f32]>,
+        stream: bool,
     ) -> f64 {
         let inv_n = 1.0 / rows.len() as f64;
         let row = |i: usize| self.segment(b, i);
@@ -228,7 +230,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
         macro_rules! one_sweep {
             ($($k:literal)*) => {
                 match rows.len() {
-                    $($k => return mean_ssq_k::<T, $k>(std::array::from_fn(x), inv_n, mean, self.f16c),)*
+                    $($k => return mean_ssq_k::<T, $k>(std::array::from_fn(x), inv_n, mean, stream, self.f16c),)*
                     _ => {}
                 }
             };
@@ -248,7 +250,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
         one_sweep!(2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
         let sum = &mut sum[..b.w];
         add_rows(sum, rows, row, self.f16c);
-        scale_and_sum_squares(sum, inv_n, mean)
+        scale_and_sum_squares(sum, inv_n, mean, stream)
     }
 
     /// `acc += h * mean` for block `b`'s part of the mean of rows `rows`, from the
@@ -390,19 +392,60 @@ fn widen<T: GradElement>(src: &[T], dst: &mut [f32]) {
     }
 }
 
-/// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given) and returns
-/// `sum_c (sum[c] * inv_n)^2`, in `LANES` interleaved partial sums.
+/// Stores the means `v` as f32 into `m` (at most LANES of them). `stream`: means
+/// read back only after the whole pass, far past the cache (the two-pass path's
+/// stored means); on x86-64 they are then written with non-temporal stores
+/// where `m` is a whole, 16-byte aligned chunk, so their lines are not read
+/// for ownership first (at b = 4 a quarter of the input's bytes). Callers end
+/// such a pass with [`fence_streamed_means`]. Otherwise, and for the means a
+/// pass reads back soon (the fused path's), plain stores.
+#[inline(always)]
+fn store_means(m: &mut [f32], v: &[f64; LANES], stream: bool) {
+    let f: [f32; LANES] = std::array::from_fn(|l| v[l] as f32);
+    #[cfg(target_arch = "x86_64")]
+    if stream && m.len() == LANES && (m.as_ptr() as usize).is_multiple_of(16) {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        // SAFETY: SSE is in x86-64's baseline; `m` holds LANES = 8 floats and
+        // starts 16-byte aligned, so both halves are aligned 16-byte stores
+        // within it.
+        unsafe {
+            _mm_stream_ps(m.as_mut_ptr(), _mm_loadu_ps(f.as_ptr()));
+            _mm_stream_ps(m.as_mut_ptr().add(4), _mm_loadu_ps(f.as_ptr().add(4)));
+        }
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = stream;
+    let len = m.len();
+    m.copy_from_slice(&f[..len]);
+}
+
+/// Orders this thread's non-temporal stores of [`store_means`] before its later
+/// stores, so that the pass's end publishes the means to the other threads
+/// (non-temporal stores are not ordered by the release of a plain store).
+fn fence_streamed_means() {
+    // SAFETY: SSE is in x86-64's baseline.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
+/// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given; `stream`: see
+/// [`store_means`]) and returns `sum_c (sum[c] * inv_n)^2`, in `LANES`
+/// interleaved partial sums.
 #[multiversion(targets = "simd")]
-fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>) -> f64 {
+fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>, stream: bool) -> f64 {
     let mut lanes = [0.0f64; LANES];
     match mean {
         Some(mean) => {
             for (cs, cm) in sum.chunks(LANES).zip(mean.chunks_mut(LANES)) {
-                for ((l, &s), m) in lanes.iter_mut().zip(cs).zip(cm) {
-                    let v = s * inv_n;
-                    *l += v * v;
-                    *m = v as f32;
+                let mut v = [0.0f64; LANES];
+                for ((l, v), &s) in lanes.iter_mut().zip(&mut v).zip(cs) {
+                    *v = s * inv_n;
+                    *l += *v * *v;
                 }
+                store_means(cm, &v, stream);
             }
         }
         None => {
@@ -428,6 +471,7 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
     inv_n: f64,
     mean: Option<&mut [f32]>,
+    stream: bool,
     f16c: F16c,
 ) -> f64 {
     let n = x[0].len();
@@ -447,14 +491,10 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
             for (c0, m) in (0..full).step_by(LANES).zip(mean.chunks_exact_mut(LANES)) {
                 let v = chunk(c0);
                 add(&v);
-                for (m, &v) in m.iter_mut().zip(&v) {
-                    *m = v as f32;
-                }
+                store_means(m, &v, stream);
             }
             let tail = tail_means(&x, full, inv_n);
-            for (m, &v) in mean[full..n].iter_mut().zip(&tail) {
-                *m = v as f32;
-            }
+            store_means(&mut mean[full..n], &tail, false);
             add(&tail);
         }
         None => {

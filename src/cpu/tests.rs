@@ -117,7 +117,8 @@ fn sixteen_bit_squares_match_their_f32_widening() {
 /// `MEAN_ROWS_PER_SWEEP` rows) have the bits of the f64 row sums followed by the
 /// scaling ([`add_rows`], [`scale_and_sum_squares`]), which deeper micro-batches
 /// take: for every K of the sweep's match, rows that cancel, and widths with a
-/// tail of fewer than 8 columns; 16-bit rows give the bits of their f32 widening.
+/// tail of fewer than 8 columns; 16-bit rows give the bits of their f32 widening,
+/// and means stored past the cache the bits of plain stores.
 #[test]
 fn one_sweep_means_match_the_row_sums() {
     fn check<const K: usize>() {
@@ -138,15 +139,28 @@ fn one_sweep_means_match_the_row_sums() {
             let x: [&[f32]; K] = std::array::from_fn(|r| &rows[r][..]);
             let inv_n = 1.0 / K as f64;
             let mut one = vec![0.0f32; len];
-            let ssq_one = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut one), F16c::OFF);
+            let ssq_one = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut one), false, F16c::OFF);
             let mut sum = vec![0.0f64; len];
             add_rows(&mut sum, 0..K, |r| &rows[r][..], F16c::OFF);
             let mut two = vec![0.0f32; len];
-            let ssq_two = scale_and_sum_squares(&sum, inv_n, Some(&mut two));
+            let ssq_two = scale_and_sum_squares(&sum, inv_n, Some(&mut two), false);
             assert_eq!(ssq_one.to_bits(), ssq_two.to_bits(), "K {K}, {len} columns");
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&one), bits(&two), "K {K}, {len} columns");
             assert!(ssq_one > 0.0);
+            // Means stored past the cache (store_means: non-temporal stores where
+            // a chunk starts 16-byte aligned): the same bits, at each of the four
+            // f32 offsets within 16 bytes (one of them aligned), over NaN.
+            let mut line = vec![0.0f32; len + 3];
+            for at in 0..4 {
+                let m = &mut line[at..at + len];
+                m.fill(f32::NAN);
+                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut *m), true, F16c::OFF);
+                assert_eq!((ssq.to_bits(), bits(m)), (ssq_one.to_bits(), bits(&one)));
+                m.fill(f32::NAN);
+                let ssq = scale_and_sum_squares(&sum, inv_n, Some(&mut *m), true);
+                assert_eq!((ssq.to_bits(), bits(m)), (ssq_two.to_bits(), bits(&two)));
+            }
             // 16-bit rows: the bits of their f32 widening, with F16C and without
             // (bf16 rows as they are; f16 rows of the same values at f16's range).
             let brains: Vec<Vec<bf16>> = rows
@@ -164,7 +178,7 @@ fn one_sweep_means_match_the_row_sums() {
             let wide = |rows: &[Vec<f32>]| {
                 let x: [&[f32]; K] = std::array::from_fn(|r| &rows[r][..]);
                 let mut mean = vec![0.0f32; len];
-                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut mean), F16c::OFF);
+                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut mean), false, F16c::OFF);
                 (ssq.to_bits(), bits(&mean))
             };
             let b32: Vec<Vec<f32>> = brains
@@ -178,10 +192,10 @@ fn one_sweep_means_match_the_row_sums() {
             for f16c in [F16c::OFF, F16c::detect()] {
                 let x: [&[bf16]; K] = std::array::from_fn(|r| &brains[r][..]);
                 let mut mean = vec![0.0f32; len];
-                let ssq = mean_ssq_k::<bf16, K>(x, inv_n, Some(&mut mean), f16c);
+                let ssq = mean_ssq_k::<bf16, K>(x, inv_n, Some(&mut mean), false, f16c);
                 assert_eq!((ssq.to_bits(), bits(&mean)), wide(&b32), "bf16 K {K}");
                 let x: [&[f16]; K] = std::array::from_fn(|r| &halves[r][..]);
-                let ssq = mean_ssq_k::<f16, K>(x, inv_n, Some(&mut mean), f16c);
+                let ssq = mean_ssq_k::<f16, K>(x, inv_n, Some(&mut mean), false, f16c);
                 assert_eq!((ssq.to_bits(), bits(&mean)), wide(&h32), "f16 K {K}");
             }
         }

@@ -4,13 +4,15 @@
 //! core's cache. The second pass reads the input again ([`norms`], [`sums`]) or,
 //! from 3 rows per micro-batch on, the f32 means the first pass stored
 //! ([`norms_and_means`], [`sums_of_means`]): `1 / b` of the input's elements, so
-//! the step moves about `1 + 3 / b` inputs' worth of bytes (means written, with
-//! the write's read for ownership, and read back) instead of 2 (N = 64, D = 4M,
-//! b = 4 on the 2-core VM: 109 ms -> 79 ms).
+//! the step moves about `1 + 2 / b` inputs' worth of bytes (means written and read
+//! back) instead of 2 (N = 64, D = 4M, b = 4 on the 2-core VM: 109 ms -> 79 ms).
+//! The means are written past the cache on x86-64 ([`super::store_means`]), which
+//! spares their lines' read for ownership, `1 / b` more (`1 + 3 / b` elsewhere;
+//! the same shape on the Xeon VM: 69.6-75.1 ms -> 62.3-66.3).
 
 use rayon::prelude::*;
 
-use super::{axpy_rows, mean_too_coarse, Plan};
+use super::{axpy_rows, fence_streamed_means, mean_too_coarse, Plan};
 use crate::dtype::GradElement;
 
 /// Pass 1: the `[M, G]` norms, per block in parallel, summed in block order.
@@ -23,7 +25,7 @@ pub(super) fn norms<T: GradElement>(plan: &Plan<'_, T>) -> Vec<f64> {
         .map(|b| {
             let mut sum = vec![0.0f64; b.w];
             (0..m)
-                .map(|j| plan.mean_ssq(b, plan.rows(j), &mut sum, None))
+                .map(|j| plan.mean_ssq(b, plan.rows(j), &mut sum, None, false))
                 .collect()
         })
         .collect();
@@ -134,10 +136,13 @@ pub(super) fn norms_and_means<T: GradElement>(plan: &Plan<'_, T>, means: &mut [f
         .zip(per_block(plan, means, <[f32]>::split_at_mut))
         .map(|(b, mine)| {
             let mut sum = vec![0.0f64; b.w];
-            mine.chunks_mut(b.w)
+            let ssq = mine
+                .chunks_mut(b.w)
                 .enumerate()
-                .map(|(j, mean)| plan.mean_ssq(b, plan.rows(j), &mut sum, Some(mean)))
-                .collect()
+                .map(|(j, mean)| plan.mean_ssq(b, plan.rows(j), &mut sum, Some(mean), true))
+                .collect();
+            fence_streamed_means();
+            ssq
         })
         .collect();
     (0..m).flat_map(|j| plan.norms(|k| ssq[k][j])).collect()
