@@ -298,11 +298,11 @@ pub(super) fn run<T: GradElement>(
     plan: &Plan<'_, T>,
     group_size: usize,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    #[cfg(test)]
+    let available = tests::threads(available);
     let threads = if plan.parallel {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(plan.blocks.len())
-            .max(1)
+        available.min(plan.blocks.len()).max(1)
     } else {
         1
     };
@@ -410,6 +410,8 @@ mod tests {
     static PANIC_WORKER: AtomicUsize = AtomicUsize::new(usize::MAX);
     /// The first worker whose thread "cannot be started" (usize::MAX: none).
     static SPAWN_FAILS_FROM: AtomicUsize = AtomicUsize::new(usize::MAX);
+    /// The CPUs the pass sees (0: the machine's own).
+    static THREADS: AtomicUsize = AtomicUsize::new(0);
     /// Held by the tests that set the hooks above (no other unit test runs the
     /// CPU path).
     static HOOKS: Mutex<()> = Mutex::new(());
@@ -422,6 +424,13 @@ mod tests {
 
     pub(super) fn spawn_fails(worker: usize) -> bool {
         worker >= SPAWN_FAILS_FROM.load(SeqCst)
+    }
+
+    pub(super) fn threads(available: usize) -> usize {
+        match THREADS.load(SeqCst) {
+            0 => available,
+            set => set,
+        }
     }
 
     /// Rows of `3 * BLOCK_COLS + 5` columns: several blocks, so two workers
@@ -463,6 +472,32 @@ mod tests {
             |v: &[Vec<f32>]| -> Vec<u32> { v.concat().iter().map(|x| x.to_bits()).collect() };
         assert_eq!(bits(&before.grads), bits(&after.grads));
         assert_eq!(before.stats.norms, after.stats.norms);
+    }
+
+    /// With three workers, a thread that cannot start after another one has
+    /// started: the start gate sends the started worker back before its first
+    /// barrier, which it would otherwise wait at for a worker that does not
+    /// exist (the call hung), and the calling thread runs the pass alone.
+    #[test]
+    fn a_later_thread_that_cannot_start_releases_the_started_ones() {
+        let _hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+        let (n, rows, config) = blocks_input();
+        let mut clipper = Clipper::new(Backend::Cpu).unwrap();
+        let before = clipper.clip(&config, &[&rows], n).unwrap();
+        THREADS.store(3, SeqCst);
+        SPAWN_FAILS_FROM.store(2, SeqCst);
+        let (send, receive) = mpsc::channel();
+        let (config_, rows_) = (config.clone(), rows.clone());
+        std::thread::spawn(move || {
+            let out = clipper.clip(&config_, &[&rows_], n);
+            send.send(out).unwrap();
+        });
+        let outcome = receive.recv_timeout(Duration::from_secs(60));
+        THREADS.store(0, SeqCst);
+        SPAWN_FAILS_FROM.store(usize::MAX, SeqCst);
+        let after = outcome.expect("the call hung when its third thread could not start");
+        let after = after.unwrap();
+        assert_eq!(before, after);
     }
 
     /// A worker that panics makes the call panic with its message, instead of
