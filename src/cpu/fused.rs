@@ -403,7 +403,7 @@ mod tests {
     use std::sync::{mpsc, Mutex, PoisonError};
     use std::time::Duration;
 
-    use crate::{Backend, ClipConfig, Clipper, MicroBatches};
+    use crate::{Backend, ClipConfig, ClipOutput, Clipper, MicroBatches};
 
     /// The worker that panics before its first barrier (usize::MAX: none). Only
     /// the test below sets it.
@@ -445,6 +445,31 @@ mod tests {
         (n, rows, ClipConfig::fixed(1.0, MicroBatches::Uniform(2)))
     }
 
+    /// `clipper.clip` of `(config, rows, n)` on a thread of its own, the pass
+    /// seeing `threads` CPUs (0: the machine's own) and the threads of workers
+    /// `spawn_fails_from` and later refused; the hooks are reset afterwards.
+    /// Panics with `hung` if the call has not returned within 60 s.
+    fn clip_with_refused_threads(
+        mut clipper: Clipper,
+        (config, rows, n): (&ClipConfig, &[f32], usize),
+        threads: usize,
+        spawn_fails_from: usize,
+        hung: &str,
+    ) -> ClipOutput {
+        THREADS.store(threads, SeqCst);
+        SPAWN_FAILS_FROM.store(spawn_fails_from, SeqCst);
+        let (send, receive) = mpsc::channel();
+        let (config, rows) = (config.clone(), rows.to_vec());
+        std::thread::spawn(move || {
+            let out = clipper.clip(&config, &[&rows], n);
+            send.send(out).unwrap();
+        });
+        let outcome = receive.recv_timeout(Duration::from_secs(60));
+        THREADS.store(0, SeqCst);
+        SPAWN_FAILS_FROM.store(usize::MAX, SeqCst);
+        outcome.expect(hung).unwrap()
+    }
+
     /// A worker thread that cannot be started (a process or memory limit) makes
     /// the call run the pass on the calling thread, with the same result, instead
     /// of leaving the started workers at the barrier (which hung the call).
@@ -457,17 +482,13 @@ mod tests {
         let before = clipper.clip(&config, &[&rows], n).unwrap();
         assert!(before.grads[0].iter().any(|&v| v != 0.0));
         // The last of two workers (with one CPU, the only one).
-        SPAWN_FAILS_FROM.store(threads.min(2) - 1, SeqCst);
-        let (send, receive) = mpsc::channel();
-        let (config_, rows_) = (config.clone(), rows.clone());
-        std::thread::spawn(move || {
-            let out = clipper.clip(&config_, &[&rows_], n);
-            send.send(out).unwrap();
-        });
-        let outcome = receive.recv_timeout(Duration::from_secs(60));
-        SPAWN_FAILS_FROM.store(usize::MAX, SeqCst);
-        let after = outcome.expect("the call hung when a thread could not start");
-        let after = after.unwrap();
+        let after = clip_with_refused_threads(
+            clipper,
+            (&config, &rows, n),
+            0,
+            threads.min(2) - 1,
+            "the call hung when a thread could not start",
+        );
         let bits =
             |v: &[Vec<f32>]| -> Vec<u32> { v.concat().iter().map(|x| x.to_bits()).collect() };
         assert_eq!(bits(&before.grads), bits(&after.grads));
@@ -484,19 +505,13 @@ mod tests {
         let (n, rows, config) = blocks_input();
         let mut clipper = Clipper::new(Backend::Cpu).unwrap();
         let before = clipper.clip(&config, &[&rows], n).unwrap();
-        THREADS.store(3, SeqCst);
-        SPAWN_FAILS_FROM.store(2, SeqCst);
-        let (send, receive) = mpsc::channel();
-        let (config_, rows_) = (config.clone(), rows.clone());
-        std::thread::spawn(move || {
-            let out = clipper.clip(&config_, &[&rows_], n);
-            send.send(out).unwrap();
-        });
-        let outcome = receive.recv_timeout(Duration::from_secs(60));
-        THREADS.store(0, SeqCst);
-        SPAWN_FAILS_FROM.store(usize::MAX, SeqCst);
-        let after = outcome.expect("the call hung when its third thread could not start");
-        let after = after.unwrap();
+        let after = clip_with_refused_threads(
+            clipper,
+            (&config, &rows, n),
+            3,
+            2,
+            "the call hung when its third thread could not start",
+        );
         assert_eq!(before, after);
     }
 
