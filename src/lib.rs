@@ -105,9 +105,11 @@
 //!   (the CPU's f64 sums do not round so). A micro-batch's rows are summed
 //!   before its factor scales them, so rows that cancel to a mean far below
 //!   them cannot swamp the other micro-batches' terms (except where the GPU's
-//!   last pass cuts a micro-batch at a row chunk or window: ragged offsets, a
-//!   tensor larger than one storage binding; and at the far end of f32,
-//!   below);
+//!   last pass cuts a micro-batch: at a row window of a tensor larger than one
+//!   storage binding, or at a row chunk on a software adapter, which ends
+//!   between micro-batches wherever one ends within half a chunk of its even
+//!   cut, so in practice only in micro-batches longer than a chunk of about
+//!   32 rows; and at the far end of f32, below);
 //!   norms are accumulated as (scale, scaled sum of squares)
 //!   pairs like BLAS `nrm2`, so values near `1e30` or `1e-30` give the right factor;
 //!   factors are computed from the scaled form, so a norm beyond `f32::MAX` (reported

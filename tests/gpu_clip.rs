@@ -911,6 +911,44 @@ fn rows_that_cancel_when_pass4_rereads_the_rows() {
     }
 }
 
+/// Pass 4's row chunks end between micro-batches where one ends near the even
+/// cut: 70 rows of two-row micro-batches in chunks of 32 would be cut at row 35,
+/// inside micro-batch 17, whose rows (about 1e10) cancel to a small mean. Cut
+/// there, its halves would each be scaled and added to the other micro-batches'
+/// terms in f32 and swamp them (most outputs were 0 before the cuts moved).
+#[test]
+fn rows_that_cancel_where_an_even_chunk_cut_would_fall() {
+    let Some(mut gpu) = gpu() else { return };
+    let n = 70;
+    let widths = [583, 9];
+    let mut t = random_tensors(34, n, &widths, 1.0);
+    let big = random_tensors(35, 1, &widths, 1e10);
+    let small = random_tensors(36, 1, &widths, 1.0);
+    for ((x, &d), (big, small)) in t.iter_mut().zip(&widths).zip(big.iter().zip(&small)) {
+        for c in 0..d {
+            x[34 * d + c] = big[c];
+            x[35 * d + c] = -big[c] + small[c] * 1e5;
+        }
+    }
+    // One- and two-row micro-batches, [34, 36) among them (means not stored).
+    let ragged: Vec<usize> = (0..70).filter(|r| r % 3 != 2).chain([70]).collect();
+    assert!(ragged.contains(&34) && ragged.contains(&36) && !ragged.contains(&35));
+    for mb in [MicroBatches::Uniform(2), MicroBatches::Offsets(ragged)] {
+        for chunk in [None, Some(32)] {
+            gpu.set_gpu_pass4_chunk_rows(chunk);
+            let cfg = ClipConfig::fixed(1e6, mb.clone());
+            check(
+                &mut gpu,
+                &cfg,
+                &t,
+                n,
+                TOL,
+                &format!("{mb:?}, chunk rows {chunk:?}"),
+            );
+        }
+    }
+}
+
 #[test]
 fn same_input_gives_bitwise_same_output() {
     let Some(mut gpu) = gpu() else { return };

@@ -56,7 +56,7 @@ impl GpuClipper {
         // other), which one more dispatch sums into the outputs with weight 1.
         // Extra memory: the largest unit's partial rows, about
         // `rows / pass4_chunk_rows x ceil4(D_p) x 4` bytes, and the ones.
-        let units = self.chunk_units(rows_jobs);
+        let units = self.chunk_units(rows_jobs, offsets);
         let chunks = ChunkScratch::new(&mut self.pool, &self.queue, &units);
         let mut pass4 = call.means_pass4(&mut params, &scratch.means)?;
         pass4.extend(call.rows_pass4(&mut params, units, chunks.rows())?);
@@ -99,10 +99,12 @@ impl GpuClipper {
 
     /// Pass 4's groups of jobs over input rows with their row chunks: a
     /// tensor's windows as one unit where `chunk_windows_table` cuts them, else
-    /// a unit per job, cut or not by `chunk_rows_table`.
+    /// a unit per job, cut or not by `chunk_rows_table` (at the micro-batch
+    /// starts `offsets` where they can).
     fn chunk_units<'a>(
         &self,
         groups: Vec<Vec<RowsJob<'a>>>,
+        offsets: &[u32],
     ) -> Vec<(Vec<RowsJob<'a>>, Option<RowChunks>)> {
         let max_reduce_rows = self.loop_budget.map_or(u64::MAX, pass4_max_rows);
         let mut units = Vec::new();
@@ -115,6 +117,7 @@ impl GpuClipper {
                     self.pass4_chunk_rows,
                     self.max_binding,
                     max_reduce_rows,
+                    offsets,
                 )
             } else {
                 None
@@ -124,7 +127,8 @@ impl GpuClipper {
                 continue;
             }
             for job in jobs {
-                let cut = chunk_rows_table(&job.table, self.pass4_chunk_rows, self.max_binding);
+                let cut =
+                    chunk_rows_table(&job.table, self.pass4_chunk_rows, self.max_binding, offsets);
                 units.push((vec![job], cut));
             }
         }

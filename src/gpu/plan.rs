@@ -693,8 +693,9 @@ pub(crate) fn cuts(rows: u32, chunk_rows: u32) -> bool {
 
 /// Cuts the rows of a pass-4 table over input rows (`table`: entries reading
 /// rows of the input, `stride` elements apart, weights `weights_base + j`) into
-/// row chunks (`cut_entry`), or `None` when no entry has two chunks or the
-/// scratch matrix would not fit `max_binding` bytes. Walking a few rows at a
+/// row chunks (`cut_entry`, at micro-batch boundaries of `offsets` where it
+/// can), or `None` when no entry has two chunks or the scratch matrix would not
+/// fit `max_binding` bytes. Walking a few rows at a
 /// time across all columns, instead of every row down one column tile, is what
 /// lavapipe reads at about the speed of a linear read (see
 /// `default_pass4_chunk_rows`). Every entry of a cut table is cut (a short one
@@ -704,6 +705,7 @@ pub(crate) fn chunk_rows_table(
     table: &[MeansSumParams],
     chunk_rows: u32,
     max_binding: u64,
+    offsets: &[u32],
 ) -> Option<RowChunks> {
     if !table.iter().any(|e| cuts(e.rows, chunk_rows)) {
         return None;
@@ -713,7 +715,7 @@ pub(crate) fn chunk_rows_table(
     let mut base = 0u64;
     for e in table {
         let stride = means_cols(e.cols as u64);
-        let chunks = cut_entry(e, chunk_rows, base, stride);
+        let chunks = cut_entry(e, chunk_rows, base, stride, offsets);
         reduce.push(partial_rows_sum(e, base, chunks.len() as u32, stride));
         base += chunks.len() as u64 * stride;
         entries.extend(chunks);
@@ -737,27 +739,70 @@ pub(crate) fn chunk_rows_table(
 /// of 35, not 32 + 32 + 6, and the 33-row windows of a 1,000,000-column f32
 /// tensor in a 128 MiB binding one chunk each, not 32 + 1. Chunk `c`'s partial
 /// row starts at element `out0 + c * stride` of the scratch matrix.
-fn cut_entry(e: &MeansSumParams, chunk_rows: u32, out0: u64, stride: u64) -> Vec<MeansSumParams> {
+///
+/// Each cut moves to the nearest micro-batch start (`offsets`, rows of the
+/// whole call; the entry's first row is its `weights_base`) within half a
+/// chunk of the even cut, as long as every chunk keeps 1 to
+/// `MAX_PASS4_CHUNK_ROWS` rows: pass 4 sums a micro-batch's rows before its
+/// weight scales them only within a chunk, so a cut micro-batch whose rows
+/// cancel would add its large halves to the other micro-batches' terms in
+/// f32 (see `run_continues` in weighted_means.wgsl). Same chunk count, so the
+/// same scratch.
+fn cut_entry(
+    e: &MeansSumParams,
+    chunk_rows: u32,
+    out0: u64,
+    stride: u64,
+    offsets: &[u32],
+) -> Vec<MeansSumParams> {
     let count = (e.rows.saturating_add(chunk_rows / 2) / chunk_rows)
         .max(e.rows.div_ceil(MAX_PASS4_CHUNK_ROWS))
         .max(1);
     let (short, long) = (e.rows / count, e.rows % count);
-    let mut row = 0;
-    (0..count)
-        .map(|c| {
-            let rows = short + (c < long) as u32;
-            let chunk = MeansSumParams {
-                means_base: e.means_base + row * e.stride,
-                rows,
-                weights_base: e.weights_base + row,
-                out_offset: (out0 + c as u64 * stride) as u32,
-                accumulate: 0,
-                ..*e
-            };
-            row += rows;
-            chunk
+    // Chunk c's first row (relative to the entry's), c = 0..=count.
+    let mut bounds = vec![0u32; count as usize + 1];
+    bounds[count as usize] = e.rows;
+    for c in 1..count {
+        let even = c * short + c.min(long);
+        let later = count - c;
+        let lo =
+            (bounds[c as usize - 1] + 1).max(e.rows.saturating_sub(MAX_PASS4_CHUNK_ROWS * later));
+        let hi = (bounds[c as usize - 1] + MAX_PASS4_CHUNK_ROWS).min(e.rows - later);
+        let reach = short / 2;
+        let window = (even.saturating_sub(reach).max(lo), (even + reach).min(hi));
+        bounds[c as usize] =
+            nearest_start(offsets, e.weights_base, even, window).unwrap_or(even.max(lo).min(hi));
+    }
+    bounds
+        .windows(2)
+        .enumerate()
+        .map(|(c, b)| MeansSumParams {
+            means_base: e.means_base + b[0] * e.stride,
+            rows: b[1] - b[0],
+            weights_base: e.weights_base + b[0],
+            out_offset: (out0 + c as u64 * stride) as u32,
+            accumulate: 0,
+            ..*e
         })
         .collect()
+}
+
+/// The micro-batch start (an element of the sorted `offsets`, less `first`)
+/// nearest to `row` within `window` (inclusive), the earlier one of a tie.
+fn nearest_start(offsets: &[u32], first: u32, row: u32, window: (u32, u32)) -> Option<u32> {
+    let (lo, hi) = window;
+    if lo > hi {
+        return None;
+    }
+    let at = offsets.partition_point(|&o| o < first + row);
+    let inside = |o: u32| o.checked_sub(first).filter(|s| (lo..=hi).contains(s));
+    let after = offsets.get(at).and_then(|&o| inside(o));
+    let before = at.checked_sub(1).and_then(|k| inside(offsets[k]));
+    match (before, after) {
+        (Some(b), Some(a)) if row - b <= a - row => Some(b),
+        (_, Some(a)) => Some(a),
+        (b, None) => b,
+    }
 }
 
 /// Cuts the row windows of one tensor (`windows`: one entry per window, each
@@ -775,6 +820,7 @@ pub(crate) fn chunk_windows_table(
     chunk_rows: u32,
     max_binding: u64,
     max_reduce_rows: u64,
+    offsets: &[u32],
 ) -> Option<RowChunks> {
     let first = windows.first()?;
     if windows.len() < 2 || chunk_rows == 0 {
@@ -789,7 +835,7 @@ pub(crate) fn chunk_windows_table(
     let mut chunks = Vec::new();
     let mut partial = 0u64;
     for (k, w) in windows.iter().enumerate() {
-        let entries = cut_entry(w, chunk_rows, partial * stride, stride);
+        let entries = cut_entry(w, chunk_rows, partial * stride, stride, offsets);
         partial += entries.len() as u64;
         chunks.extend(entries.chunks(TABLE_LEN).map(|t| (k, t.to_vec())));
     }

@@ -480,7 +480,7 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
         entry(4100, 40, 9, 0, 0),
         entry(1, 64, 0, 50, 0),
     ];
-    let chunked = chunk_rows_table(&table, 32, u64::MAX).unwrap();
+    let chunked = chunk_rows_table(&table, 32, u64::MAX, &[]).unwrap();
     let all: Vec<_> = chunked
         .chunks
         .iter()
@@ -544,17 +544,17 @@ fn row_chunks_cover_every_row_once_and_reduce_into_the_outputs() {
         e.weights_base
     ) == (1, 1, 0, 0, 0)));
     // Nothing to cut, or a scratch matrix over the binding limit: no chunks.
-    assert!(chunk_rows_table(&table[1..2], 32, u64::MAX).is_none());
-    assert!(chunk_rows_table(&table, 0, u64::MAX).is_none());
-    assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8) - 4).is_none());
-    assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8)).is_some());
+    assert!(chunk_rows_table(&table[1..2], 32, u64::MAX, &[]).is_none());
+    assert!(chunk_rows_table(&table, 0, u64::MAX, &[]).is_none());
+    assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8) - 4, &[]).is_none());
+    assert!(chunk_rows_table(&table, 32, 4 * (24 + 4100 + 8), &[]).is_some());
     // Many chunks: tables of at most TABLE_LEN entries.
-    let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX).unwrap();
+    let long = chunk_rows_table(&[entry(5, 32 * 40, 0, 0, 0)], 32, u64::MAX, &[]).unwrap();
     let sizes: Vec<usize> = long.chunks.iter().map(|(_, t)| t.len()).collect();
     assert_eq!(sizes, [TABLE_LEN, 40 - TABLE_LEN]);
     // Never more than MAX_PASS4_CHUNK_ROWS rows: 150 rows in chunks of 64 are
     // three of 50 (round(150 / 64) = 2 chunks would hold 75 rows each).
-    let capped = chunk_rows_table(&[entry(5, 150, 0, 0, 0)], 64, u64::MAX).unwrap();
+    let capped = chunk_rows_table(&[entry(5, 150, 0, 0, 0)], 64, u64::MAX, &[]).unwrap();
     let rows: Vec<u32> = capped.chunks[0].1.iter().map(|e| e.rows).collect();
     assert_eq!(rows, [50, 50, 50]);
 }
@@ -590,7 +590,7 @@ fn row_windows_cut_together_reduce_once() {
             w
         })
         .collect();
-    let cut = chunk_windows_table(&windows, 32, u64::MAX, u64::MAX).unwrap();
+    let cut = chunk_windows_table(&windows, 32, u64::MAX, u64::MAX, &[]).unwrap();
     // Window, rows, first element, first weight row, partial row's offset.
     let got: Vec<_> = cut
         .chunks
@@ -645,17 +645,17 @@ fn row_windows_cut_together_reduce_once() {
     );
     // One window, no chunks, too many partial rows for the budget or the
     // binding: not cut together.
-    assert!(chunk_windows_table(&windows[..1], 32, u64::MAX, u64::MAX).is_none());
-    assert!(chunk_windows_table(&windows, 0, u64::MAX, u64::MAX).is_none());
-    assert!(chunk_windows_table(&windows, 32, u64::MAX, 6).is_none());
-    assert!(chunk_windows_table(&windows, 32, u64::MAX, 7).is_some());
-    assert!(chunk_windows_table(&windows, 32, 7 * s as u64 * 4 - 4, u64::MAX).is_none());
+    assert!(chunk_windows_table(&windows[..1], 32, u64::MAX, u64::MAX, &[]).is_none());
+    assert!(chunk_windows_table(&windows, 0, u64::MAX, u64::MAX, &[]).is_none());
+    assert!(chunk_windows_table(&windows, 32, u64::MAX, 6, &[]).is_none());
+    assert!(chunk_windows_table(&windows, 32, u64::MAX, 7, &[]).is_some());
+    assert!(chunk_windows_table(&windows, 32, 7 * s as u64 * 4 - 4, u64::MAX, &[]).is_none());
     // Many chunks of one window: tables of at most TABLE_LEN entries.
     let long = MeansSumParams {
         rows: 40 * 4,
         ..windows[1]
     };
-    let many = chunk_windows_table(&[windows[0], long], 4, u64::MAX, u64::MAX).unwrap();
+    let many = chunk_windows_table(&[windows[0], long], 4, u64::MAX, u64::MAX, &[]).unwrap();
     let sizes: Vec<_> = many.chunks.iter().map(|(k, t)| (*k, t.len())).collect();
     assert_eq!(sizes, [(0, 8), (1, TABLE_LEN), (1, 40 - TABLE_LEN)]);
     // Chunks of 64: a 90-row window is two of 45 rows, not one over 64.
@@ -663,7 +663,7 @@ fn row_windows_cut_together_reduce_once() {
         rows: 90,
         ..windows[1]
     };
-    let cut = chunk_windows_table(&[windows[0], deep], 64, u64::MAX, u64::MAX).unwrap();
+    let cut = chunk_windows_table(&[windows[0], deep], 64, u64::MAX, u64::MAX, &[]).unwrap();
     let rows: Vec<_> = cut
         .chunks
         .iter()
@@ -813,4 +813,112 @@ fn oct_rows_only_for_16_bit_rows_on_whole_octs() {
     assert!(!oct_rows(2, 4120, rows.into_iter()));
     assert!(!oct_rows(2, 4128, [(12, 0)].into_iter()));
     assert!(!oct_rows(2, 4128, rows.into_iter().chain([(8, 4)])));
+}
+
+/// The rows of each chunk of a cut table, in order.
+fn chunk_rows_of(cut: &RowChunks) -> Vec<u32> {
+    cut.chunks
+        .iter()
+        .flat_map(|(_, t)| t)
+        .map(|e| e.rows)
+        .collect()
+}
+
+/// A pass-4 entry over `rows` input rows from row `first_row` of the call.
+fn rows_entry(rows: u32, first_row: u32) -> MeansSumParams {
+    MeansSumParams {
+        cols: 10,
+        rows,
+        stride: 10,
+        weights_base: first_row,
+        ..Default::default()
+    }
+}
+
+/// Chunk cuts move to the nearest micro-batch start within half a chunk of the
+/// even cut, keeping the chunk count and 1 to MAX_PASS4_CHUNK_ROWS rows a chunk.
+#[test]
+fn row_chunks_end_at_micro_batch_starts_where_they_can() {
+    let cut = |rows, first_row, chunk_rows, offsets: &[u32]| {
+        let table = [rows_entry(rows, first_row)];
+        chunk_rows_of(&chunk_rows_table(&table, chunk_rows, u64::MAX, offsets).unwrap())
+    };
+    // 70 rows in two-row micro-batches: the even cut (35) would split rows 34
+    // and 35; the earlier of the two nearest starts (34, 36) takes it.
+    assert_eq!(cut(70, 0, 32, &offsets(70, 2)), [34, 36]);
+    // Every row a start (b = 1), or none given: the even cut.
+    assert_eq!(cut(70, 0, 32, &offsets(70, 1)), [35, 35]);
+    assert_eq!(cut(70, 0, 32, &[]), [35, 35]);
+    // A window from row 101 of the call: the call's starts, less 101.
+    assert_eq!(cut(70, 101, 32, &offsets(300, 2)), [35, 35]);
+    assert_eq!(cut(70, 100, 32, &offsets(300, 2)), [34, 36]);
+    // The nearest start within half a chunk (17 rows), else the even cut.
+    assert_eq!(cut(70, 0, 32, &[0, 10, 50, 70]), [50, 20]);
+    assert_eq!(cut(70, 0, 32, &[0, 5, 60, 70]), [35, 35]);
+    // Never more than MAX_PASS4_CHUNK_ROWS rows: 150 rows in three chunks (even
+    // cuts 50 and 100); the first moves to the start at 26, so the second may
+    // lie at most 64 rows later (90), with no start there.
+    assert_eq!(cut(150, 0, 64, &[0, 26, 150]), [26, 64, 60]);
+    // The chunks' first rows and weights follow their rows.
+    let table = [MeansSumParams {
+        means_base: 3,
+        ..rows_entry(70, 100)
+    }];
+    let chunks = chunk_rows_table(&table, 32, u64::MAX, &offsets(300, 2)).unwrap();
+    let firsts: Vec<_> = chunks.chunks[0]
+        .1
+        .iter()
+        .map(|e| (e.means_base, e.weights_base, e.out_offset))
+        .collect();
+    assert_eq!(firsts, [(3, 100, 0), (3 + 34 * 10, 134, 12)]);
+}
+
+proptest::proptest! {
+    /// Any micro-batch starts: the same chunk count as the even cut, every row
+    /// once, 1 to MAX_PASS4_CHUNK_ROWS rows a chunk; with uniform micro-batches
+    /// of 2 or 3 rows and chunks of at least twice as many and at most half the
+    /// most rows (the default 32 among them), every cut at a start (the entry's
+    /// first row need not be one). Chunks of nearly MAX_PASS4_CHUNK_ROWS rows
+    /// cannot all end at starts: 1,767 rows in 28 chunks of at most 64 rows
+    /// need some of 64, no multiple of 3.
+    #[test]
+    fn row_chunks_keep_their_count_and_limits(
+        rows in 1u32..3000,
+        first_row in 0u32..50,
+        chunk_rows in 1u32..=MAX_PASS4_CHUNK_ROWS,
+        steps in proptest::collection::vec(1u32..80, 1..200),
+        b in 2u32..=3,
+    ) {
+        let mut ragged = vec![0u32];
+        for s in steps.iter().cycle() {
+            let next = ragged.last().unwrap() + s;
+            if next >= first_row + rows {
+                break;
+            }
+            ragged.push(next);
+        }
+        ragged.push(first_row + rows);
+        let table = [rows_entry(rows, first_row)];
+        let even = chunk_rows_table(&table, chunk_rows, u64::MAX, &[]);
+        let uniform = offsets(first_row + rows, b);
+        for starts in [&ragged, &uniform] {
+            let cut = chunk_rows_table(&table, chunk_rows, u64::MAX, starts);
+            proptest::prop_assert_eq!(cut.is_some(), even.is_some());
+            let (Some(cut), Some(even)) = (cut, &even) else { continue };
+            let sizes = chunk_rows_of(&cut);
+            proptest::prop_assert_eq!(sizes.len(), chunk_rows_of(even).len());
+            proptest::prop_assert_eq!(sizes.iter().sum::<u32>(), rows);
+            proptest::prop_assert!(sizes.iter().all(|&r| (1..=MAX_PASS4_CHUNK_ROWS).contains(&r)));
+            let mut row = first_row;
+            for e in cut.chunks.iter().flat_map(|(_, t)| t) {
+                proptest::prop_assert_eq!(e.weights_base, row);
+                row += e.rows;
+            }
+            if starts == &uniform && (2 * b..=MAX_PASS4_CHUNK_ROWS / 2).contains(&chunk_rows) {
+                for e in cut.chunks.iter().flat_map(|(_, t)| t).skip(1) {
+                    proptest::prop_assert_eq!(e.weights_base % b, 0, "{:?}", sizes);
+                }
+            }
+        }
+    }
 }
