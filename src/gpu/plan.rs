@@ -733,7 +733,8 @@ pub(crate) fn chunk_rows_table(
 /// The row chunks of one pass-4 entry over input rows (`chunk_rows` > 0): its
 /// `r` rows become `round(r / chunk_rows)` chunks (at least one, and at least
 /// `ceil(r / MAX_PASS4_CHUNK_ROWS)`) of nearly equal rows, so under 1.5 x
-/// `chunk_rows` rows each and never more than `MAX_PASS4_CHUNK_ROWS`. Every
+/// `chunk_rows` rows each (before the cuts move, below) and never more than
+/// `MAX_PASS4_CHUNK_ROWS`. Every
 /// chunk sweeps all the entry's columns and stores a partial row, so a short
 /// last chunk would cost nearly what a full one does: 70 rows are two chunks
 /// of 35, not 32 + 32 + 6, and the 33-row windows of a 1,000,000-column f32
@@ -765,11 +766,19 @@ fn cut_entry(
     for c in 1..count {
         let even = c * short + c.min(long);
         let later = count - c;
-        let lo =
-            (bounds[c as usize - 1] + 1).max(e.rows.saturating_sub(MAX_PASS4_CHUNK_ROWS * later));
-        let hi = (bounds[c as usize - 1] + MAX_PASS4_CHUNK_ROWS).min(e.rows - later);
+        let prev = bounds[c as usize - 1];
+        let lo = (prev + 1).max(
+            e.rows
+                .saturating_sub(MAX_PASS4_CHUNK_ROWS.saturating_mul(later)),
+        );
+        let hi = prev
+            .saturating_add(MAX_PASS4_CHUNK_ROWS)
+            .min(e.rows - later);
         let reach = short / 2;
-        let window = (even.saturating_sub(reach).max(lo), (even + reach).min(hi));
+        let window = (
+            even.saturating_sub(reach).max(lo),
+            even.saturating_add(reach).min(hi),
+        );
         bounds[c as usize] =
             nearest_start(offsets, e.weights_base, even, window).unwrap_or(even.max(lo).min(hi));
     }
