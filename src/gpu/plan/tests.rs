@@ -671,6 +671,29 @@ fn row_windows_cut_together_reduce_once() {
         .map(|e| e.rows)
         .collect();
     assert_eq!(rows, [33, 45, 45]);
+    // With two-row micro-batches each window's cuts fall on the call's even
+    // rows (its own first row is given): the 80 rows from row 33 are 27 + 26 +
+    // 27 rather than 27 + 27 + 26 (the even cut at row 87 moves to the earlier
+    // of rows 86 and 88), the 50 rows from row 123 are cut at row 148 as before.
+    let cut = chunk_windows_table(&windows, 32, u64::MAX, u64::MAX, &offsets(173, 2)).unwrap();
+    let got: Vec<_> = cut
+        .chunks
+        .iter()
+        .flat_map(|(_, t)| t)
+        .map(|e| (e.weights_base, e.rows))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, 33),
+            (33, 27),
+            (60, 26),
+            (86, 27),
+            (113, 10),
+            (123, 25),
+            (148, 25)
+        ]
+    );
 }
 
 /// Under a loop budget, tiles narrow and windows are capped only where the norm
