@@ -298,10 +298,10 @@ pub(super) fn run<T: GradElement>(
     plan: &Plan<'_, T>,
     group_size: usize,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-    #[cfg(test)]
-    let available = tests::threads(available);
     let threads = if plan.parallel {
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        #[cfg(test)]
+        let available = tests::threads(available);
         available.min(plan.blocks.len()).max(1)
     } else {
         1
