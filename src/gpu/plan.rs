@@ -760,6 +760,8 @@ fn cut_entry(
         .max(e.rows.div_ceil(MAX_PASS4_CHUNK_ROWS))
         .max(1);
     let (short, long) = (e.rows / count, e.rows % count);
+    // How far a cut may move: half a chunk.
+    let reach = short / 2;
     // Chunk c's first row (relative to the entry's), c = 0..=count.
     let mut bounds = vec![0u32; count as usize + 1];
     bounds[count as usize] = e.rows;
@@ -774,7 +776,6 @@ fn cut_entry(
         let hi = prev
             .saturating_add(MAX_PASS4_CHUNK_ROWS)
             .min(e.rows - later);
-        let reach = short / 2;
         let window = (
             even.saturating_sub(reach).max(lo),
             even.saturating_add(reach).min(hi),
