@@ -931,7 +931,7 @@ fn rows_that_cancel_where_an_even_chunk_cut_would_fall() {
         }
     }
     // One- and two-row micro-batches, [34, 36) among them (means not stored).
-    let ragged: Vec<usize> = (0..70).filter(|r| r % 3 != 2).chain([70]).collect();
+    let ragged: Vec<usize> = (0..n).filter(|r| r % 3 != 2).chain([n]).collect();
     assert!(ragged.contains(&34) && ragged.contains(&36) && !ragged.contains(&35));
     for mb in [MicroBatches::Uniform(2), MicroBatches::Offsets(ragged)] {
         for chunk in [None, Some(32)] {
