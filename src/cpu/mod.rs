@@ -416,8 +416,15 @@ fn store_means(m: &mut [f32], v: &[f64; LANES], stream: bool) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = stream;
-    let len = m.len();
-    m.copy_from_slice(&f[..len]);
+    // A whole chunk as one fixed-size store: with the length known only at run
+    // time, `copy_from_slice` became a call to `memcpy` per 8 means.
+    match <&mut [f32; LANES]>::try_from(&mut *m) {
+        Ok(whole) => *whole = f,
+        Err(_) => {
+            let len = m.len();
+            m.copy_from_slice(&f[..len]);
+        }
+    }
 }
 
 /// Orders this thread's non-temporal stores of [`store_means`] before its later
