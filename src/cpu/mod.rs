@@ -211,8 +211,10 @@ impl<'a, T: GradElement> Plan<'a, T> {
     /// One row: [`sum_squares`] (of its f32 copy when it is stored: the same
     /// bits). Micro-batches of 2 to [`MEAN_ROWS_PER_SWEEP`] rows in one sweep
     /// ([`mean_ssq_k`]: sums, mean and squares per column in registers); larger ones
-    /// as f64 column sums first ([`add_rows`]), then [`scale_and_sum_squares`].
-    /// Both give the same bits, and the same for every element type.
+    /// as f64 column sums of all but their last [`MEAN_ROWS_PER_SWEEP`] rows first
+    /// ([`add_rows`]), then those rows in the one sweep, added to the sums. The
+    /// same bits as every row summed first and then scaled, and the same for
+    /// every element type.
     fn mean_ssq(
         &self,
         b: &Block,
@@ -230,7 +232,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
         macro_rules! one_sweep {
             ($($k:literal)*) => {
                 match rows.len() {
-                    $($k => return mean_ssq_k::<T, $k>(std::array::from_fn(x), inv_n, mean, stream, self.f16c),)*
+                    $($k => return mean_ssq_k::<T, $k>(std::array::from_fn(x), inv_n, mean, stream, self.f16c, None),)*
                     _ => {}
                 }
             };
@@ -248,9 +250,15 @@ impl<'a, T: GradElement> Plan<'a, T> {
             };
         }
         one_sweep!(2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+        // Deeper: all but the last MEAN_ROWS_PER_SWEEP rows as f64 column sums,
+        // then those rows added to them in the one sweep that also scales and
+        // squares (the same additions in the same order as summing every row
+        // first: the same bits, without a second sweep over the sums).
         let sum = &mut sum[..b.w];
-        add_rows(sum, rows, row, self.f16c);
-        scale_and_sum_squares(sum, inv_n, mean, stream)
+        let last = rows.end - MEAN_ROWS_PER_SWEEP;
+        add_rows(sum, rows.start..last, row, self.f16c);
+        let x = std::array::from_fn(|i| row(last + i));
+        mean_ssq_k::<T, MEAN_ROWS_PER_SWEEP>(x, inv_n, mean, stream, self.f16c, Some(sum))
     }
 
     /// `acc += h * mean` for block `b`'s part of the mean of rows `rows`, from the
@@ -440,8 +448,10 @@ fn fence_streamed_means() {
 
 /// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given; `stream`: see
 /// [`store_means`]) and returns `sum_c (sum[c] * inv_n)^2`, in `LANES`
-/// interleaved partial sums.
-#[multiversion(targets = "simd")]
+/// interleaved partial sums: the second sweep of the two-loop formulation that
+/// the tests hold [`mean_ssq_k`] to (deep micro-batches took it until the
+/// thirty-fourth session).
+#[cfg(test)]
 fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>, stream: bool) -> f64 {
     let mut lanes = [0.0f64; LANES];
     match mean {
@@ -466,13 +476,15 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>, stre
     lanes.iter().sum()
 }
 
-/// [`add_k`] of all `K` rows (the first assigned) followed by
-/// [`scale_and_sum_squares`], without the f64 row between them: each column's sum,
-/// mean and square stay in registers (the same operations in the same order, so
-/// the same bits). For micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows, where
-/// the second sweep cost about as much as the rows' loads (b = 2 took half the
-/// time with one sweep; b = 10 to 16 on the tall shape 7-15% less, thirty-first
-/// session).
+/// [`add_k`] of all `K` rows (the first assigned, or added to the f64 sums of
+/// the micro-batch's `earlier` rows) followed by `scale_and_sum_squares` (a
+/// second sweep over the f64 row, which the tests keep), without the f64 row
+/// between them: each column's sum, mean and square stay in registers (the
+/// same operations in the same order, so the same bits). For micro-batches of
+/// up to [`MEAN_ROWS_PER_SWEEP`] rows, where the second sweep cost about as much
+/// as the rows' loads (b = 2 took half the time with one sweep; b = 10 to 16 on
+/// the tall shape 7-15% less, thirty-first session), and for the last rows of
+/// deeper ones.
 #[multiversion(targets = "simd")]
 fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
@@ -480,13 +492,18 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
     mean: Option<&mut [f32]>,
     stream: bool,
     f16c: F16c,
+    earlier: Option<&[f64]>,
 ) -> f64 {
     let n = x[0].len();
     let full = n - n % LANES;
+    let earlier = earlier.map(|e| &e[..n]);
     // Whole chunks of LANES columns (column c0 + l in lane l): the means, in
     // inlined functions rather than closures, which LLVM did not inline for
     // 16-bit rows (f16 at b = 8 took 2.5x as long, one call per lane).
-    let chunk = |c0: usize| -> [f64; LANES] { chunk_means(&x, c0, inv_n, f16c) };
+    let chunk = |c0: usize| -> [f64; LANES] {
+        let earlier = earlier.map(|e| e[c0..c0 + LANES].try_into().expect("LANES columns"));
+        chunk_means(&x, c0, inv_n, f16c, earlier)
+    };
     let mut lanes = [0.0f64; LANES];
     let mut add = |v: &[f64; LANES]| {
         for (a, &v) in lanes.iter_mut().zip(v) {
@@ -500,7 +517,7 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
                 add(&v);
                 store_means(m, &v, stream);
             }
-            let tail = tail_means(&x, full, inv_n);
+            let tail = tail_means(&x, full, inv_n, earlier);
             store_means(&mut mean[full..n], &tail, false);
             add(&tail);
         }
@@ -508,7 +525,7 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
             for c0 in (0..full).step_by(LANES) {
                 add(&chunk(c0));
             }
-            add(&tail_means(&x, full, inv_n));
+            add(&tail_means(&x, full, inv_n, earlier));
         }
     }
     lanes.iter().sum()
@@ -548,16 +565,21 @@ fn chunked_len<T: GradElement>(n: usize) -> usize {
 }
 
 /// The means of columns `c0 .. c0 + LANES` of the K rows: the rows added in order
-/// (the first assigned), then scaled by `inv_n`.
+/// (the first assigned, or added to the sums of the `earlier` rows of their
+/// micro-batch), then scaled by `inv_n`.
 #[inline(always)]
 fn chunk_means<T: GradElement, const K: usize>(
     x: &[&[T]; K],
     c0: usize,
     inv_n: f64,
     f16c: F16c,
+    earlier: Option<[f64; LANES]>,
 ) -> [f64; LANES] {
-    let mut s = lanes_f64(x[0], c0, f16c);
-    for r in &x[1..] {
+    let (mut s, rest) = match earlier {
+        Some(e) => (e, &x[..]),
+        None => (lanes_f64(x[0], c0, f16c), &x[1..]),
+    };
+    for r in rest {
         let v = lanes_f64(r, c0, f16c);
         for l in 0..LANES {
             s[l] += v[l];
@@ -569,16 +591,21 @@ fn chunk_means<T: GradElement, const K: usize>(
     s
 }
 
-/// The means of columns `full..` (fewer than LANES) in lanes 0.., zeros after.
+/// The means of columns `full..` (fewer than LANES) in lanes 0.., zeros after
+/// (`earlier`: as in [`chunk_means`]).
 fn tail_means<T: GradElement, const K: usize>(
     x: &[&[T]; K],
     full: usize,
     inv_n: f64,
+    earlier: Option<&[f64]>,
 ) -> [f64; LANES] {
     let mut v = [0.0f64; LANES];
     for (l, v) in v.iter_mut().enumerate().take(x[0].len() - full) {
-        let mut s = x[0][full + l].to_f32() as f64;
-        for r in &x[1..] {
+        let (mut s, rest) = match earlier {
+            Some(e) => (e[full + l], &x[..]),
+            None => (x[0][full + l].to_f32() as f64, &x[1..]),
+        };
+        for r in rest {
             s += r[full + l].to_f32() as f64;
         }
         *v = s * inv_n;

@@ -139,7 +139,7 @@ fn one_sweep_means_match_the_row_sums() {
             let x: [&[f32]; K] = std::array::from_fn(|r| &rows[r][..]);
             let inv_n = 1.0 / K as f64;
             let mut one = vec![0.0f32; len];
-            let ssq_one = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut one), false, F16c::OFF);
+            let ssq_one = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut one), false, F16c::OFF, None);
             let mut sum = vec![0.0f64; len];
             add_rows(&mut sum, 0..K, |r| &rows[r][..], F16c::OFF);
             let mut two = vec![0.0f32; len];
@@ -148,6 +148,43 @@ fn one_sweep_means_match_the_row_sums() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&one), bits(&two), "K {K}, {len} columns");
             assert!(ssq_one > 0.0);
+            // Deeper micro-batches (Plan::mean_ssq): the sums of `head` earlier
+            // rows, then these K rows added to them in the one sweep; the bits
+            // of all head + K rows summed first. The earlier rows cancel the
+            // last ones (reversed in sign and order), so the sums pass through
+            // values far from the mean.
+            for head in [1, 5, 8, 9, 16] {
+                let earlier: Vec<Vec<f32>> = (0..head)
+                    .map(|r| {
+                        rows[(K - 1 - r % K) % K]
+                            .iter()
+                            .map(|&v| -v * 0.75)
+                            .collect()
+                    })
+                    .collect();
+                let deep = |r: usize| -> &[f32] {
+                    if r < head {
+                        &earlier[r]
+                    } else {
+                        &rows[r - head]
+                    }
+                };
+                let inv_n = 1.0 / (head + K) as f64;
+                let mut sums = vec![0.0f64; len];
+                add_rows(&mut sums, 0..head, deep, F16c::OFF);
+                let mut one = vec![f32::NAN; len];
+                let ssq_one =
+                    mean_ssq_k::<f32, K>(x, inv_n, Some(&mut one), false, F16c::OFF, Some(&sums));
+                let mut all = vec![0.0f64; len];
+                add_rows(&mut all, 0..head + K, deep, F16c::OFF);
+                let mut two = vec![0.0f32; len];
+                let ssq_two = scale_and_sum_squares(&all, inv_n, Some(&mut two), false);
+                let what = format!("K {K}, {head} earlier rows, {len} columns");
+                assert_eq!(ssq_one.to_bits(), ssq_two.to_bits(), "{what}");
+                assert_eq!(bits(&one), bits(&two), "{what}");
+                let ssq_none = mean_ssq_k::<f32, K>(x, inv_n, None, false, F16c::OFF, Some(&sums));
+                assert_eq!(ssq_none.to_bits(), ssq_two.to_bits(), "{what}, no means");
+            }
             // Means stored past the cache (store_means: non-temporal stores where
             // a chunk starts 16-byte aligned): the same bits, at each of the four
             // f32 offsets within 16 bytes (one of them aligned), over NaN.
@@ -155,7 +192,7 @@ fn one_sweep_means_match_the_row_sums() {
             for at in 0..4 {
                 let m = &mut line[at..at + len];
                 m.fill(f32::NAN);
-                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut *m), true, F16c::OFF);
+                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut *m), true, F16c::OFF, None);
                 assert_eq!((ssq.to_bits(), bits(m)), (ssq_one.to_bits(), bits(&one)));
                 m.fill(f32::NAN);
                 let ssq = scale_and_sum_squares(&sum, inv_n, Some(&mut *m), true);
@@ -178,7 +215,7 @@ fn one_sweep_means_match_the_row_sums() {
             let wide = |rows: &[Vec<f32>]| {
                 let x: [&[f32]; K] = std::array::from_fn(|r| &rows[r][..]);
                 let mut mean = vec![0.0f32; len];
-                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut mean), false, F16c::OFF);
+                let ssq = mean_ssq_k::<f32, K>(x, inv_n, Some(&mut mean), false, F16c::OFF, None);
                 (ssq.to_bits(), bits(&mean))
             };
             let b32: Vec<Vec<f32>> = brains
@@ -192,10 +229,10 @@ fn one_sweep_means_match_the_row_sums() {
             for f16c in [F16c::OFF, F16c::detect()] {
                 let x: [&[bf16]; K] = std::array::from_fn(|r| &brains[r][..]);
                 let mut mean = vec![0.0f32; len];
-                let ssq = mean_ssq_k::<bf16, K>(x, inv_n, Some(&mut mean), false, f16c);
+                let ssq = mean_ssq_k::<bf16, K>(x, inv_n, Some(&mut mean), false, f16c, None);
                 assert_eq!((ssq.to_bits(), bits(&mean)), wide(&b32), "bf16 K {K}");
                 let x: [&[f16]; K] = std::array::from_fn(|r| &halves[r][..]);
-                let ssq = mean_ssq_k::<f16, K>(x, inv_n, Some(&mut mean), false, f16c);
+                let ssq = mean_ssq_k::<f16, K>(x, inv_n, Some(&mut mean), false, f16c, None);
                 assert_eq!((ssq.to_bits(), bits(&mean)), wide(&h32), "f16 K {K}");
             }
         }
