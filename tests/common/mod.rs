@@ -653,6 +653,15 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
             ));
         }
     }
+    // A norm exactly at a fixed bound is not clipped (norm > C counts), beside
+    // one above it: rows [3, 4] and [6, 8], norms 5 and 10 under C = 5 (the
+    // norms and C / norm = 1 are exact in f32, whatever the division).
+    cases.push((
+        "a norm exactly at the fixed bound".into(),
+        ClipConfig::fixed(5.0, one_row.clone()),
+        vec![vec![3.0, 4.0, 6.0, 8.0]],
+        2,
+    ));
     // No finite micro-batch: group 0 NaN everywhere, group 1 finite.
     let none_finite = vec![vec![f32::NAN, f32::NAN], vec![3.0, 4.0]];
     for function in [
