@@ -252,6 +252,39 @@ fn blocks_of_means_are_bound_by_the_rows_a_dispatch_writes() {
     assert_eq!(block_window_rows(1000, 4256, 256), 1);
 }
 
+/// Every pass-4 window of a block of means, bound from an `align`ed start at or
+/// before its first row, stays within one binding, wherever the block starts
+/// (the alignment slack is part of the binding); the windows are as long as
+/// that allows.
+#[test]
+fn block_windows_stay_within_one_binding() {
+    let align = 256;
+    for stride in [4, 8, 1000, 1004] {
+        for max_binding in [1024, 4256, 65536, 65536 + 68] {
+            // materialize_means stores such blocks only where a row fits.
+            if stride * 4 + align > max_binding {
+                continue;
+            }
+            let rows = block_window_rows(stride, max_binding, align);
+            for start in (0..2 * align).step_by(4) {
+                for first in (0..5 * rows).step_by(rows as usize) {
+                    let offset = start + first * stride * 4;
+                    let (_, size, _) = aligned_binding(offset, rows * stride * 4, align, 4);
+                    assert!(
+                        size <= max_binding,
+                        "stride {stride}, binding {max_binding}, start {start}: \
+                         {rows} rows bind {size} bytes"
+                    );
+                }
+            }
+            // One row more would not fit from the worst start.
+            let worst = align - 4;
+            let (_, size, _) = aligned_binding(worst, (rows + 1) * stride * 4, align, 4);
+            assert!(size > max_binding, "stride {stride}, binding {max_binding}");
+        }
+    }
+}
+
 #[test]
 fn tiles_widen_while_enough_workgroups_remain() {
     let one = |d: u64| std::iter::once(d);
