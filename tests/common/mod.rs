@@ -654,12 +654,13 @@ pub fn factor_edge_cases() -> Vec<(String, ClipConfig, Vec<Vec<f32>>, usize)> {
         }
     }
     // A norm exactly at a fixed bound is not clipped (norm > C counts), beside
-    // one above it: rows [3, 4] and [6, 8], norms 5 and 10 under C = 5 (the
-    // norms and C / norm = 1 are exact in f32, whatever the division).
+    // one above it: rows [1, 1, 1, 1] and [2, 2, 2, 2], norms 2 and 4 under
+    // C = 2 (powers of two: the norms and C / norm are exact in f32, whatever
+    // the division, so no rounding decides the count).
     cases.push((
         "a norm exactly at the fixed bound".into(),
-        ClipConfig::fixed(5.0, one_row.clone()),
-        vec![vec![3.0, 4.0, 6.0, 8.0]],
+        ClipConfig::fixed(2.0, one_row.clone()),
+        vec![vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]],
         2,
     ));
     // No finite micro-batch: group 0 NaN everywhere, group 1 finite.
