@@ -254,6 +254,8 @@ impl<'a, T: GradElement> Plan<'a, T> {
         // then those rows added to them in the one sweep that also scales and
         // squares (the same additions in the same order as summing every row
         // first: the same bits, without a second sweep over the sums).
+        // (Offsets are strictly increasing: no micro-batch is empty.)
+        debug_assert!(rows.len() > MEAN_ROWS_PER_SWEEP);
         let sum = &mut sum[..b.w];
         let last = rows.end - MEAN_ROWS_PER_SWEEP;
         add_rows(sum, rows.start..last, row, self.f16c);
