@@ -448,39 +448,9 @@ fn fence_streamed_means() {
     };
 }
 
-/// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given; `stream`: see
-/// [`store_means`]) and returns `sum_c (sum[c] * inv_n)^2`, in `LANES`
-/// interleaved partial sums: the second sweep of the two-loop formulation that
-/// the tests hold [`mean_ssq_k`] to (deep micro-batches took it until the
-/// thirty-fourth session).
-#[cfg(test)]
-fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>, stream: bool) -> f64 {
-    let mut lanes = [0.0f64; LANES];
-    match mean {
-        Some(mean) => {
-            for (cs, cm) in sum.chunks(LANES).zip(mean.chunks_mut(LANES)) {
-                let mut v = [0.0f64; LANES];
-                for ((l, v), &s) in lanes.iter_mut().zip(&mut v).zip(cs) {
-                    *v = s * inv_n;
-                    *l += *v * *v;
-                }
-                store_means(cm, &v, stream);
-            }
-        }
-        None => {
-            for cs in sum.chunks(LANES) {
-                for (l, &s) in lanes.iter_mut().zip(cs) {
-                    *l += (s * inv_n) * (s * inv_n);
-                }
-            }
-        }
-    }
-    lanes.iter().sum()
-}
-
 /// [`add_k`] of all `K` rows (the first assigned, or added to the f64 sums of
-/// the micro-batch's `earlier` rows) followed by `scale_and_sum_squares` (a
-/// second sweep over the f64 row, which the tests keep), without the f64 row
+/// the micro-batch's `earlier` rows) followed by a second sweep over the f64 row that
+/// scales, squares and stores (the two-loop formulation the tests keep), without the f64 row
 /// between them: each column's sum, mean and square stay in registers (the
 /// same operations in the same order, so the same bits). For micro-batches of
 /// up to [`MEAN_ROWS_PER_SWEEP`] rows, where the second sweep cost about as much

@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use super::{add_rows, mean_ssq_k, scale_and_sum_squares, sum_squares, sum_squares_f64};
+use super::{add_rows, mean_ssq_k, store_means, sum_squares, sum_squares_f64, LANES};
 use crate::dtype::{F16c, GradElement};
 
 /// `sum x^2` in f64 of exact squares, one term after another.
@@ -113,12 +113,42 @@ fn sixteen_bit_squares_match_their_f32_widening() {
     }
 }
 
+/// Writes `mean[c] = sum[c] * inv_n` (as f32 when `mean` is given; `stream`: see
+/// `store_means`) and returns `sum_c (sum[c] * inv_n)^2`, in `LANES`
+/// interleaved partial sums: the second sweep of the two-loop formulation that
+/// the test below holds [`mean_ssq_k`] to (deep micro-batches took it until the
+/// thirty-fourth session).
+fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>, stream: bool) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    match mean {
+        Some(mean) => {
+            for (cs, cm) in sum.chunks(LANES).zip(mean.chunks_mut(LANES)) {
+                let mut v = [0.0f64; LANES];
+                for ((l, v), &s) in lanes.iter_mut().zip(&mut v).zip(cs) {
+                    *v = s * inv_n;
+                    *l += *v * *v;
+                }
+                store_means(cm, &v, stream);
+            }
+        }
+        None => {
+            for cs in sum.chunks(LANES) {
+                for (l, &s) in lanes.iter_mut().zip(cs) {
+                    *l += (s * inv_n) * (s * inv_n);
+                }
+            }
+        }
+    }
+    lanes.iter().sum()
+}
+
 /// A micro-batch's mean and squared norm in one sweep ([`mean_ssq_k`], 2 to
-/// `MEAN_ROWS_PER_SWEEP` rows) have the bits of the f64 row sums followed by the
-/// scaling ([`add_rows`], [`scale_and_sum_squares`]), which deeper micro-batches
-/// take: for every K of the sweep's match, rows that cancel, and widths with a
-/// tail of fewer than 8 columns; 16-bit rows give the bits of their f32 widening,
-/// and means stored past the cache the bits of plain stores.
+/// `MEAN_ROWS_PER_SWEEP` rows, after the f64 sums of any earlier rows) have the
+/// bits of the f64 row sums followed by the scaling ([`add_rows`],
+/// [`scale_and_sum_squares`]): for every K of the sweep's match, rows that
+/// cancel, and widths with a tail of fewer than 8 columns; 16-bit rows give the
+/// bits of their f32 widening, and means stored past the cache the bits of plain
+/// stores.
 #[test]
 fn one_sweep_means_match_the_row_sums() {
     fn check<const K: usize>() {
