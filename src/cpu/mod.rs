@@ -228,7 +228,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
         let x = |i: usize| row(rows.start + i);
         // One sweep for 2 to MEAN_ROWS_PER_SWEEP rows, a const K each (the list
         // below ends at MEAN_ROWS_PER_SWEEP; larger micro-batches fall through).
-        const _: () = assert!(MEAN_ROWS_PER_SWEEP == 16);
+        const _: () = assert!(MEAN_ROWS_PER_SWEEP == 8);
         macro_rules! one_sweep {
             ($($k:literal)*) => {
                 match rows.len() {
@@ -249,7 +249,7 @@ impl<'a, T: GradElement> Plan<'a, T> {
                 None => sum_squares(x(0), self.f16c),
             };
         }
-        one_sweep!(2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+        one_sweep!(2 3 4 5 6 7 8);
         // Deeper: all but the last MEAN_ROWS_PER_SWEEP rows as f64 column sums,
         // then those rows added to them in the one sweep that also scales and
         // squares (the same additions in the same order as summing every row
@@ -449,14 +449,13 @@ fn fence_streamed_means() {
 }
 
 /// [`add_k`] of all `K` rows (the first assigned, or added to the f64 sums of
-/// the micro-batch's `earlier` rows) followed by a second sweep over the f64 row that
-/// scales, squares and stores (the two-loop formulation the tests keep), without the f64 row
-/// between them: each column's sum, mean and square stay in registers (the
-/// same operations in the same order, so the same bits). For micro-batches of
-/// up to [`MEAN_ROWS_PER_SWEEP`] rows, where the second sweep cost about as much
-/// as the rows' loads (b = 2 took half the time with one sweep; b = 10 to 16 on
-/// the tall shape 7-15% less, thirty-first session), and for the last rows of
-/// deeper ones.
+/// the micro-batch's `earlier` rows) followed by a second sweep over the f64
+/// row that scales, squares and stores (the two-loop formulation the tests
+/// keep), without the f64 row between them: each column's sum, mean and square
+/// stay in registers (the same operations in the same order, so the same
+/// bits). For micro-batches of up to [`MEAN_ROWS_PER_SWEEP`] rows, where the
+/// second sweep cost about as much as the rows' loads (b = 2 took half the
+/// time with one sweep), and for the last rows of deeper ones.
 #[multiversion(targets = "simd")]
 fn mean_ssq_k<T: GradElement, const K: usize>(
     x: [&[T]; K],
@@ -595,10 +594,13 @@ const ROWS_PER_SWEEP: usize = 8;
 const AXPY_ROWS_PER_SWEEP: usize = 4;
 
 /// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep
-/// (a const K each, in [`Plan::mean_ssq`]'s match). 16 took N = 1024, D = 65,536,
-/// b = 16 from 11.8-13.5 to 11.0-11.9 ms on the Xeon VM; a sweep of 32 rows did
-/// not help b = 32 (thirty-first session, BENCHMARKS.md).
-const MEAN_ROWS_PER_SWEEP: usize = 16;
+/// (a const K each, in [`Plan::mean_ssq`]'s match): 8, as [`ROWS_PER_SWEEP`].
+/// 16 took N = 1024, D = 65,536, b = 16 from 11.8-13.5 to 11.0-11.9 ms on an
+/// Intel Xeon VM (thirty-first session), but 1.3-1.5x as long as 8 on an AMD
+/// EPYC VM (Zen 4): 14.2-16.4 against 9.8-12.1 ms there, and the main shape
+/// at b = 16 65-70 against 50 ms (thirty-fifth session, BENCHMARKS.md). A sweep
+/// of 16 rows reads 16 streams at once; Zen 4 kept up with 8.
+const MEAN_ROWS_PER_SWEEP: usize = 8;
 
 /// `sum[c] = sum_i x_i[c]` in f64 over the rows `rows` (`row(i)`), added in order,
 /// [`ROWS_PER_SWEEP`] rows at a time ([`add_k`]): each column's sum stays in a

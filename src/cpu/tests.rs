@@ -269,8 +269,6 @@ fn one_sweep_means_match_the_row_sums() {
     }
     check::<2>();
     check::<3>();
+    check::<7>();
     check::<8>();
-    check::<9>();
-    check::<15>();
-    check::<16>();
 }
