@@ -596,10 +596,11 @@ const AXPY_ROWS_PER_SWEEP: usize = 4;
 /// Rows of the largest micro-batch whose mean [`mean_ssq_k`] forms in one sweep
 /// (a const K each, in [`Plan::mean_ssq`]'s match): 8, as [`ROWS_PER_SWEEP`].
 /// 16 took N = 1024, D = 65,536, b = 16 from 11.8-13.5 to 11.0-11.9 ms on an
-/// Intel Xeon VM (thirty-first session), but 1.3-1.5x as long as 8 on an AMD
-/// EPYC VM (Zen 4): 14.2-16.4 against 9.8-12.1 ms there, and the main shape
-/// at b = 16 65-70 against 50 ms (thirty-fifth session, BENCHMARKS.md). A sweep
-/// of 16 rows reads 16 streams at once; Zen 4 kept up with 8.
+/// Intel Xeon VM (thirty-first session, when 8 rows still took a second sweep
+/// over their f64 sums), but 1.3-1.5x as long as 8 on an AMD EPYC VM (Zen 4):
+/// 14.2-16.4 against 9.8-12.1 ms there, and the main shape at b = 16 65-70
+/// against 50 ms (thirty-fifth session, BENCHMARKS.md). A sweep of 16 rows
+/// reads 16 streams at once; Zen 4 kept up with 8.
 const MEAN_ROWS_PER_SWEEP: usize = 8;
 
 /// `sum[c] = sum_i x_i[c]` in f64 over the rows `rows` (`row(i)`), added in order,
