@@ -145,10 +145,10 @@ fn scale_and_sum_squares(sum: &[f64], inv_n: f64, mean: Option<&mut [f32]>, stre
 /// A micro-batch's mean and squared norm in one sweep ([`mean_ssq_k`], 2 to
 /// `MEAN_ROWS_PER_SWEEP` rows, after the f64 sums of any earlier rows) have the
 /// bits of the f64 row sums followed by the scaling ([`add_rows`],
-/// [`scale_and_sum_squares`]): for every K of the sweep's match, rows that
-/// cancel, and widths with a tail of fewer than 8 columns; 16-bit rows give the
-/// bits of their f32 widening, and means stored past the cache the bits of plain
-/// stores.
+/// [`scale_and_sum_squares`]): for K at both ends of the sweep's match (2, 3,
+/// 7 and 8), rows that cancel, and widths with a tail of fewer than 8 columns;
+/// 16-bit rows give the bits of their f32 widening, and means stored past the
+/// cache the bits of plain stores.
 #[test]
 fn one_sweep_means_match_the_row_sums() {
     fn check<const K: usize>() {
