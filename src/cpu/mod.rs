@@ -471,10 +471,7 @@ fn mean_ssq_k<T: GradElement, const K: usize>(
     // Whole chunks of LANES columns (column c0 + l in lane l): the means, in
     // inlined functions rather than closures, which LLVM did not inline for
     // 16-bit rows (f16 at b = 8 took 2.5x as long, one call per lane).
-    let chunk = |c0: usize| -> [f64; LANES] {
-        let earlier = earlier.map(|e| e[c0..c0 + LANES].try_into().expect("LANES columns"));
-        chunk_means(&x, c0, inv_n, f16c, earlier)
-    };
+    let chunk = |c0: usize| -> [f64; LANES] { chunk_means(&x, c0, inv_n, f16c, earlier) };
     let mut lanes = [0.0f64; LANES];
     let mut add = |v: &[f64; LANES]| {
         for (a, &v) in lanes.iter_mut().zip(v) {
@@ -536,18 +533,18 @@ fn chunked_len<T: GradElement>(n: usize) -> usize {
 }
 
 /// The means of columns `c0 .. c0 + LANES` of the K rows: the rows added in order
-/// (the first assigned, or added to the sums of the `earlier` rows of their
-/// micro-batch), then scaled by `inv_n`.
+/// (the first assigned, or added to `earlier`, the f64 column sums of the
+/// micro-batch's earlier rows), then scaled by `inv_n`.
 #[inline(always)]
 fn chunk_means<T: GradElement, const K: usize>(
     x: &[&[T]; K],
     c0: usize,
     inv_n: f64,
     f16c: F16c,
-    earlier: Option<[f64; LANES]>,
+    earlier: Option<&[f64]>,
 ) -> [f64; LANES] {
     let (mut s, rest) = match earlier {
-        Some(e) => (e, &x[..]),
+        Some(e) => (e[c0..c0 + LANES].try_into().expect("LANES columns"), &x[..]),
         None => (lanes_f64(x[0], c0, f16c), &x[1..]),
     };
     for r in rest {
