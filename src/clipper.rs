@@ -90,8 +90,10 @@ enum Engine {
     Cpu(cpu::CpuEngine),
 }
 
-/// Runs micro-batch clipping. Build once and reuse: GPU pipelines are created in the
-/// constructor and scratch buffers are kept between calls.
+/// Runs micro-batch clipping. Build once and reuse: the GPU's core pipelines are
+/// created in the constructor (the 16-bit readers and the kernels' variants on
+/// the first call that needs them), and pipelines and scratch buffers are kept
+/// between calls.
 pub struct Clipper {
     engine: Engine,
 }

@@ -63,7 +63,8 @@
 //! into caller buffers; [`Clipper::clip_buffers`] returns new buffers instead. Only
 //! the statistics (O(M) bytes) come back to the host. Build the clipper on the
 //! framework's own device with [`Clipper::from_device`] (an error, not a panic,
-//! when the device's limits are below WebGPU's defaults).
+//! when the device's limits are below what the kernels need, all within
+//! WebGPU's defaults).
 //!
 //! Tensors in one buffer share the kernels' dispatches. On a hardware adapter so
 //! do tensors in up to 8 separate buffers, where the device allows 21 storage
@@ -97,16 +98,20 @@
 //!
 //! ## Numerics
 //!
-//! * On the GPU, means are accumulated in f32 as `sum_i (x_i / n_j)` so they do
-//!   not overflow when the true mean is finite, with one exception: a mean within a few
-//!   rounding errors of `f32::MAX` (for example every row `f32::MAX` in a
-//!   micro-batch of 10, 18, 20, 36 or 40 rows on lavapipe: the f32 terms round
-//!   up) can round to infinity, and the micro-batch then counts as non-finite
+//! * On the GPU, means are accumulated in f32 as `sum_i (x_i * (1/n_j))`
+//!   (`1/n_j` rounded to f32) so they do not overflow when the true mean is
+//!   finite, with one exception: a mean within a few rounding errors of
+//!   `f32::MAX` (for example every row `f32::MAX` in a micro-batch of 10, 18,
+//!   20, 36 or 40 rows on lavapipe: the f32 terms round up) can round to
+//!   infinity, and the micro-batch then counts as non-finite
 //!   (the CPU's f64 sums do not round so). A micro-batch's rows are summed
 //!   before its factor scales them, so rows that cancel to a mean far below
 //!   them cannot swamp the other micro-batches' terms (except where the GPU's
 //!   last pass cuts a micro-batch: at a row window of a tensor larger than one
-//!   storage binding, or at a row chunk on a software adapter, which ends
+//!   storage binding or, on a software adapter, of its loop budget (a
+//!   micro-batch of more than 341 rows, or a re-read of more than 80,640
+//!   rows; the README's "loop budget"), or at a row chunk on a software
+//!   adapter, which ends
 //!   between micro-batches wherever one ends within half a chunk of its even
 //!   cut, so in practice only in micro-batches longer than a chunk of about
 //!   32 rows; and at the far end of f32, below);
@@ -122,7 +127,7 @@
 //! * On GPUs that flush denormals (Vulkan allows it; NVIDIA does), f32-subnormal
 //!   inputs, outputs and clip factors (below 1.2e-38; a factor `C / norm` is that
 //!   small for a norm above `8.5e37 * C`) read and come back as zero.
-//! * On any GPU the terms `x_i / n_j` of a mean are rounded to f32, each to
+//! * On any GPU the terms `x_i * (1/n_j)` of a mean are rounded to f32, each to
 //!   within 2^-150 (7e-46) where it is subnormal: a micro-batch whose mean is
 //!   that small (a norm near 1e-37 or below) carries that absolute error, which
 //!   hard clipping leaves alone (factor 1) but `Normalize` and AUTO-S multiply by
@@ -133,7 +138,8 @@
 //! * At the far ends of f32 the GPU is less exact than the CPU (a differential
 //!   fuzz, thirtieth session): rows that exceed their micro-batch's mean by about
 //!   1e38 under a factor beyond 2^60 (`Normalize` or AUTO-S) overflow in the
-//!   last pass when it re-reads the rows (b < 3), giving NaN outputs; bounds in
+//!   last pass when it re-reads the rows (b < 3, or means not stored for
+//!   another reason; see Memory), giving NaN outputs; bounds in
 //!   f32's subnormal range give factors up to about 20% off; AUTO-S with gamma
 //!   beyond about 1e30 times the norm (or both subnormal) loses its factors'
 //!   precision or flushes them to 0; and an adaptive bound beyond `f32::MAX` under `Normalize` or AUTO-S
