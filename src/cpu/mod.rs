@@ -596,8 +596,12 @@ const AXPY_ROWS_PER_SWEEP: usize = 4;
 /// Intel Xeon VM (thirty-first session, when 8 rows still took a second sweep
 /// over their f64 sums), but 1.3-1.5x as long as 8 on an AMD EPYC VM (Zen 4):
 /// 14.2-16.4 against 9.8-12.1 ms there, and the main shape at b = 16 65-70
-/// against 50 ms (thirty-fifth session, BENCHMARKS.md). A sweep of 16 rows
-/// reads 16 streams at once; Zen 4 kept up with 8.
+/// against 50 ms (thirty-fifth session, BENCHMARKS.md). A sweep of K rows
+/// reads K streams at once: a plain f32 sum of K rows at a time over 256 MB on
+/// that VM's 2 cores read 27-33 GB/s at K = 4 to 8, 24-30 at 16 and 14-20 at
+/// 24 to 32, with rows on the 4 KiB grid or off it; two 8-row sweeps per
+/// block of columns ([`Plan::mean_ssq`]'s order for 16 rows) read as fast as
+/// K = 8 (thirty-sixth session).
 const MEAN_ROWS_PER_SWEEP: usize = 8;
 
 /// `sum[c] = sum_i x_i[c]` in f64 over the rows `rows` (`row(i)`), added in order,
