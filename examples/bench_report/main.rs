@@ -80,9 +80,10 @@
 //! the bench kernels alike (to exercise the windowed paths).
 //!
 //! `--scaling` adds two series (see `scaling.rs`): the main shape with N x D cut
-//! by up to 8 (b = 1 and 8, with a least-squares line through the times), and
-//! the main shape at every power-of-two b. Their rows go to `--json` too; the
-//! summary line leaves them out.
+//! by up to 8 (b = 1 and 8, with a least-squares line through the times and the
+//! read_ratio's range over the shapes), and the main shape at every power-of-two
+//! b (time and read_ratio, each over its value at M = 1). Their rows go to
+//! `--json` too; the summary line leaves them out.
 //!
 //! `--breakdown` adds a per-kernel table (see `breakdown.rs`): microclip's
 //! `mb_partials` and `weighted_means` replayed one by one on the main shape shrunk to

@@ -10,6 +10,13 @@
 //!   line gives the slope ratio: the read_ratio that large inputs tend to.
 //! * **M**: the main shape at b = 1, 2, 4, ..., 256 (M = 256 down to 1).
 //!
+//! The raw times follow the host's speed, which on a shared VM wanders by up to
+//! 2x between shapes (BENCHMARKS.md, thirty-sixth session); each shape's
+//! read_ratio (against the read-sum interleaved with it) does not. So the N x D
+//! summary also gives the read_ratio's range over the shapes (linear growth:
+//! a narrow range, since the read-sum's own time is linear), and the M table
+//! its read_ratio over the one at M = 1 beside the ratio of raw times.
+//!
 //! The rows also go to `--json` (cases `scaling: N x D` and `scaling: M`); the
 //! summary line does not count them.
 
@@ -82,7 +89,10 @@ pub fn footer(rows: &[Row]) -> Vec<String> {
         }
         let (a, k) = fit(&points);
         let mut worst: f64 = 0.0;
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
         for r in &series {
+            lo = lo.min(r.read_ratio());
+            hi = hi.max(r.read_ratio());
             let line = a + k * elems(r);
             let dev = (r.median_ms - line) / r.median_ms;
             worst = worst.max(dev.abs());
@@ -104,9 +114,10 @@ pub fn footer(rows: &[Row]) -> Vec<String> {
             .map(|r| (elems(r), r.read_ms))
             .collect::<Vec<_>>());
         fits.push(format!(
-            "b = {b}: t = {a:.3} ms + {k:.4} ms per million elements (N x D), largest |deviation| from the line {:.1}% of the time; the read-sum's line {ra:.3} ms + {rk:.4} ms per million: slope ratio {:.2} (the read_ratio of large inputs, fixed costs aside)",
+            "b = {b}: t = {a:.3} ms + {k:.4} ms per million elements (N x D), largest |deviation| from the line {:.1}% of the time; the read-sum's line {ra:.3} ms + {rk:.4} ms per million: slope ratio {:.2} (the read_ratio of large inputs, fixed costs aside); read_ratio over the {} shapes {lo:.2}-{hi:.2}",
             100.0 * worst,
-            k / rk
+            k / rk,
+            series.len()
         ));
     }
     out.push(String::new());
@@ -122,20 +133,21 @@ pub fn footer(rows: &[Row]) -> Vec<String> {
             ),
             String::new(),
             format!(
-                "| b | M | median ms | read-sum ms | read_ratio | time / time at M = {} |",
+                "| b | M | median ms | read-sum ms | read_ratio | time / time at M = {0} | read_ratio / read_ratio at M = {0} |",
                 last.micro_batches()
             ),
-            "|---:|---:|---:|---:|---:|---:|".to_string(),
+            "|---:|---:|---:|---:|---:|---:|---:|".to_string(),
         ]);
         for r in &series {
             out.push(format!(
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 r.b,
                 r.micro_batches(),
                 r.median_ms,
                 r.read_ms,
                 r.read_ratio(),
-                r.median_ms / last.median_ms
+                r.median_ms / last.median_ms,
+                r.read_ratio() / last.read_ratio()
             ));
         }
     }
