@@ -65,7 +65,9 @@ pub enum ClipError {
     /// `u32::MAX` rows or more; more workgroups than one dispatch can index; on
     /// the GPU host-slice path (`Clipper::clip`), a tensor larger than the
     /// device's largest buffer (caller buffers are read in row windows and have
-    /// no such limit beyond the buffer's own).
+    /// no such limit beyond the buffer's own); the call's uniform blocks (256
+    /// bytes a dispatch) beyond the device's largest buffer, which only a device
+    /// asked for a few KiB can see.
     #[error("input too large: {0}")]
     TooLarge(String),
     /// The [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error) policy found a

@@ -674,3 +674,39 @@ fn assert_device_error(
     );
     assert!(matches!(failed, Err(ClipError::Device(_))), "{failed:?}");
 }
+
+/// A device whose largest buffer (4 KiB) cannot hold the call's dispatch
+/// parameters (one 256-byte uniform block per dispatch, over 5 KiB here):
+/// `TooLarge` before any work (it was a validation failure, `ClipError::Device`).
+/// With 64 KiB the same calls run and match the reference.
+#[test]
+fn dispatch_parameters_over_the_largest_buffer() {
+    let t: Vec<f32> = (0..8 * 37).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+    let u: Vec<f32> = (0..8 * 3).map(|i| (i % 4) as f32 * 0.5 - 0.7).collect();
+    for (max_buffer, fits) in [(4096, false), (1 << 16, true)] {
+        let Some((device, queue)) = device_with(|l| wgpu::Limits {
+            max_buffer_size: max_buffer,
+            max_storage_buffer_binding_size: 4096,
+            ..l
+        }) else {
+            return;
+        };
+        let mut gpu = Clipper::from_device(device, queue).unwrap();
+        for b in [1, 2, 4] {
+            let cfg = ClipConfig::fixed(1.0, MicroBatches::Uniform(b));
+            match gpu.clip(&cfg, &[&t, &u], 8) {
+                Ok(out) => {
+                    assert!(fits, "b {b}: ran with {max_buffer}-byte buffers");
+                    let want = microclip::reference::clip_f64(&cfg, &[&t, &u], 8).unwrap();
+                    for (g, w) in out.grads.iter().flatten().zip(want.grads.iter().flatten()) {
+                        assert!((*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "b {b}");
+                    }
+                }
+                Err(e) => assert!(
+                    !fits && matches!(&e, ClipError::TooLarge(m) if m.contains("parameters")),
+                    "b {b}, {max_buffer}-byte buffers: {e:?}"
+                ),
+            }
+        }
+    }
+}

@@ -17,7 +17,7 @@ use super::tables::Call;
 use super::timer::{PassTimer, TIMER_BYTES};
 use super::{CallLayout, GpuClipper, GpuTensor, GpuTensorMut};
 use crate::config::{ClipBound, ClipConfig};
-use crate::error::Result;
+use crate::error::{ClipError, Result};
 use wgpu::BufferUsages as U;
 
 impl GpuClipper {
@@ -69,6 +69,16 @@ impl GpuClipper {
         }
         let noise = call.noise(&mut params)?;
         let fixed = call.fixed_passes(&mut params, n)?;
+        // Every dispatch's uniform block in one buffer (a few KiB; WebGPU
+        // guarantees buffers of 256 MiB, but wgpu lets a device ask for less).
+        let params_bytes = params.bytes.len() as u64;
+        let max_buffer = self.device.limits().max_buffer_size;
+        if params_bytes > max_buffer {
+            return Err(ClipError::TooLarge(format!(
+                "the call's {params_bytes} bytes of dispatch parameters exceed the \
+                 device's largest buffer ({max_buffer} bytes)"
+            )));
+        }
         let uniforms = self.pool.get(
             Slot::Params,
             params.bytes.len() as u64,
