@@ -344,7 +344,7 @@ pub fn run(
                 carry_out.as_entire_binding(),
             ],
             (tx, ty, m as u32),
-            // The build microclip runs (`pass1_variants` in src/gpu/mod.rs): rows
+            // The build microclip runs (`pass1_variants` in src/gpu/layout.rs): rows
             // aligned or not as the loads say, no carry (one window), the
             // means stored or not for the whole call, and deep where
             // micro-batches of more than CHUNK_ROWS rows store means.

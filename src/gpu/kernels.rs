@@ -38,7 +38,7 @@ pub(crate) fn slot_binding(k: usize) -> u32 {
 pub(crate) enum Prelude {
     /// Nothing more.
     None,
-    /// The gradient loader of the element type (grads_<type>.wgsl), its
+    /// The gradient loader of the element type (`grads_<type>.wgsl`), its
     /// unaligned quads (grads_shifted.wgsl), then the tensor table's search
     /// (tensor_table.wgsl).
     Grads,

@@ -1,5 +1,11 @@
-//! GPU execution: validation of caller buffers, buffer pooling, encoding of the
-//! four passes, submission and the read-back of the statistics.
+//! GPU execution: the clipper's device and settings, the host-slice and
+//! caller-buffer calls, submission and the read-back of the statistics. Each
+//! concern below it has its module: `validate` (caller buffers), `layout` (a
+//! call's tiles, windows and scratch), `plan` (the planning arithmetic it
+//! uses), `encode`, `tables` and `dispatch` (recording the passes), `kernels`
+//! (the pipelines), `pool` (scratch buffers reused across calls), `defaults`
+//! (settings per kind of adapter), `timer` (timestamp queries) and
+//! `noise_words` (the noise generator's raw output, for tests).
 //!
 //! Passes (one compute pass, wgpu inserts the barriers between dispatches):
 //! 1. `mb_partials`: per (micro-batch, column tile) partial squared norm of the
@@ -28,32 +34,29 @@ mod defaults;
 mod dispatch;
 mod encode;
 pub(crate) mod kernels;
+mod layout;
 mod noise_words;
 mod plan;
 mod pool;
 mod tables;
 mod timer;
+mod validate;
+
+use layout::CallLayout;
 
 use crate::clipper::{BackendKind, ClipOutput, ClipStats};
-use crate::config::{starts, total_bound, ClipConfig, NonFinitePolicy};
+use crate::config::{total_bound, ClipConfig, NonFinitePolicy};
 use crate::dtype::{Dtype, GradElement};
 use crate::error::{ClipError, Result};
 pub(crate) use defaults::MAX_PASS4_CHUNK_ROWS;
 use defaults::{
     default_buffer_slots, default_loop_budget, default_merge_max_avg_cols,
     default_min_tile_workgroups, default_pass4_chunk_rows, default_small_workgroups,
-    DEFAULT_MEANS_MIN_ROWS, MEANS_BLOCKS_MAX_BYTES,
+    DEFAULT_MEANS_MIN_ROWS,
 };
-use kernels::{
-    slots_supported, Kernels, Needs, PartialsVariant, PARTIAL_BYTES, SLOTS, STATS_BYTES,
-};
+use kernels::{slots_supported, Kernels, Needs, SLOTS, STATS_BYTES};
 use noise_words::noise_params;
-use plan::{
-    aligned_binding, cuts, entries_blocks_binding, materialize_means, means_block, means_cols,
-    pack, pass1_dispatches, pass4_max_rows, plan_windows, split_for_blocks, tile_cap, tile_cols,
-    tiles, vec4_aligned, window_rows_cap, MeansLayout, Pass1Dispatch, Pass1Entry, Pass1Tensor,
-    Window,
-};
+use plan::{pack, tile_cap, tile_cols};
 use pool::{Pool, Slot};
 use timer::{PassTimer, TIMER_BYTES};
 use wgpu::BufferUsages as U;
@@ -156,73 +159,6 @@ pub(crate) struct GpuClipper {
     last_dispatches: usize,
     /// Of those, the input readers that read 16-bit rows as octs.
     last_oct_dispatches: usize,
-}
-
-/// Byte layout of one call's scratch data, shared by encoding and read-back.
-struct CallLayout {
-    micro_batches: u64,
-    groups: u64,
-    tiles_total: u64,
-    /// Columns per norm-pass workgroup.
-    tile_cols: u64,
-    /// First tile of each group, then `tiles_total`.
-    group_tiles: Vec<u32>,
-    /// (tile base, windows, group) per tensor.
-    tensors: Vec<(u64, Vec<Window>, u32)>,
-    carry_cols: u64,
-    /// Columns of the stored means matrix, `sum ceil4(D_p)`.
-    total_means_cols: u64,
-    /// How the means are laid out (`plan::materialize_means`).
-    means: MeansLayout,
-    /// Each tensor's first column in a row of all tensors' padded columns
-    /// (`sum_{q < p} ceil4(D_q)`): of its means in a `MeansLayout::Rows` row,
-    /// of its output in the merged row.
-    means_starts: Vec<u64>,
-    /// Pass 4 re-reads the input rows and may cut them into row chunks (at least
-    /// two chunks of `pass4_chunk_rows` rows): its variant for them is built.
-    row_chunks: bool,
-    /// Pass 4 re-reads rows of micro-batches of several rows, with `[N, G]` per-row
-    /// weights.
-    per_row_weights: bool,
-    /// The norm pass's dispatches (tensors of one buffer share them, and with
-    /// buffer slots tensors of up to 8 buffers).
-    pass1: Vec<Pass1Dispatch>,
-    /// Per dispatch of `pass1`: the norm pass's build it runs (whether all its
-    /// entries' rows are read as whole quads, whether none carries sums between
-    /// windows, whether the call stores the means, whether some micro-batch of
-    /// more than `kernels::CHUNK_ROWS` rows does).
-    pass1_variants: Vec<PartialsVariant>,
-    /// Per dispatch of `pass1`: its 16-bit rows are read as octs
-    /// (`GpuClipper::oct_loads`, `plan::oct_rows`).
-    pass1_octs: Vec<bool>,
-}
-
-impl CallLayout {
-    /// Pass 1 stores the micro-batch means (else pass 4 re-reads the input rows).
-    fn with_means(&self) -> bool {
-        self.means != MeansLayout::None
-    }
-
-    /// Bytes of the stored means (0 without).
-    fn means_bytes(&self) -> u64 {
-        if self.with_means() {
-            self.micro_batches * self.total_means_cols * 4
-        } else {
-            0
-        }
-    }
-
-    /// Tensor p's stored means (`plan::means_block`): element of its first
-    /// micro-batch's mean in the means buffer, elements from one mean to the next.
-    fn means_block(&self, p: usize, cols: usize) -> (u64, u64) {
-        means_block(
-            self.means,
-            self.micro_batches,
-            self.means_starts[p],
-            means_cols(cols as u64),
-            self.total_means_cols,
-        )
-    }
 }
 
 impl GpuClipper {
@@ -641,83 +577,6 @@ impl GpuClipper {
             .map(|(stats, _)| stats)
     }
 
-    /// The checks of [`Self::check_inputs`], then of [`Self::check_outputs`].
-    pub(crate) fn check_buffers(
-        &self,
-        n: u64,
-        inputs: &[GpuTensor<'_>],
-        outputs: &[GpuTensorMut<'_>],
-    ) -> Result<()> {
-        self.check_inputs(n, inputs)?;
-        self.check_outputs(inputs, outputs)
-    }
-
-    /// The outputs of `inputs`: in range, each with its input's width, none in
-    /// an input's buffer, none overlapping another.
-    pub(crate) fn check_outputs(
-        &self,
-        inputs: &[GpuTensor<'_>],
-        outputs: &[GpuTensorMut<'_>],
-    ) -> Result<()> {
-        // A set, not a scan per output: 600,000 tensors took minutes here.
-        // (wgpu::Buffer hashes and compares by its handle's address.)
-        #[allow(clippy::mutable_key_type)]
-        let input_buffers: std::collections::HashSet<&wgpu::Buffer> =
-            inputs.iter().map(|i| i.buffer).collect();
-        for (p, (t, o)) in inputs.iter().zip(outputs).enumerate() {
-            let bytes = (t.cols as u64).saturating_mul(4);
-            check_range(p, "output", o.buffer, o.offset, bytes)?;
-            if o.cols != t.cols {
-                return Err(range_error(
-                    p,
-                    format!("output has {} cols, input {}", o.cols, t.cols),
-                ));
-            }
-            if input_buffers.contains(o.buffer) {
-                return Err(range_error(
-                    p,
-                    "output buffer is also an input buffer".into(),
-                ));
-            }
-        }
-        // Outputs in one buffer, by offset: each must end before the next starts.
-        let mut order: Vec<usize> = (0..outputs.len()).collect();
-        order.sort_by(|&a, &b| {
-            (outputs[a].buffer, outputs[a].offset).cmp(&(outputs[b].buffer, outputs[b].offset))
-        });
-        for w in order.windows(2) {
-            let (a, b) = (&outputs[w[0]], &outputs[w[1]]);
-            if a.buffer == b.buffer && a.offset + a.cols as u64 * 4 > b.offset {
-                return Err(range_error(
-                    w[1],
-                    format!("output overlaps the output of tensor {}", w[0]),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Every input is non-empty, aligned, inside its buffer with `n` rows and
-    /// usable as storage, and `n` fits the device's u32 row indices. Checked
-    /// before any device memory is taken for the call (also its outputs).
-    pub(crate) fn check_inputs(&self, n: u64, inputs: &[GpuTensor<'_>]) -> Result<()> {
-        if inputs.is_empty() {
-            return Err(ClipError::NoTensors);
-        }
-        for (p, t) in inputs.iter().enumerate() {
-            if t.cols == 0 {
-                return Err(range_error(p, "cols must be >= 1".into()));
-            }
-            check_range(p, "input", t.buffer, t.offset, t.bound_bytes(n))?;
-        }
-        // Row indices are u32 on the device (checked after the ranges: an
-        // n_samples no buffer holds is a range error).
-        if n >= u32::MAX as u64 {
-            return Err(ClipError::TooLarge(format!("{n} rows exceed u32 indexing")));
-        }
-        Ok(())
-    }
-
     /// With small workgroups (the default on a software adapter, where the norm
     /// pass's lanes then own adjacent quads), the size of a binding of
     /// `tensor`'s buffer from `offset` of at least `size` bytes that holds whole
@@ -744,242 +603,6 @@ impl GpuClipper {
             tensor.buffer.size(),
             self.max_binding,
         )
-    }
-
-    /// Tiles, row windows and scratch of one call; every buffer bound whole (not
-    /// per window) is checked against one storage binding here, so a shape too
-    /// large is a [`ClipError::TooLarge`], not a validation error at dispatch.
-    fn plan(
-        &self,
-        offsets: &[u32],
-        inputs: &[GpuTensor<'_>],
-        outputs: &[GpuTensorMut<'_>],
-        group_of: &[usize],
-    ) -> Result<CallLayout> {
-        let groups = group_count(group_of);
-        // Tiles are numbered group by group, so each group's tiles are contiguous.
-        let mut tile_bases = vec![0u64; inputs.len()];
-        let mut group_tiles = Vec::with_capacity(groups + 1);
-        let micro_batches = offsets.len() as u64 - 1;
-        let deepest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
-        let tile_cols = tile_cols(
-            inputs.iter().map(|t| t.cols as u64),
-            micro_batches,
-            self.min_tile_workgroups,
-            tile_cap(self.loop_budget, deepest),
-        );
-        let mut tiles_total = 0u64;
-        for g in 0..groups {
-            group_tiles.push(tiles_total as u32);
-            for (p, t) in inputs.iter().enumerate() {
-                if group_of[p] == g {
-                    tile_bases[p] = tiles_total;
-                    tiles_total += tiles(t.cols as u64, tile_cols);
-                }
-            }
-        }
-        group_tiles.push(tiles_total as u32);
-        // The stored means only when they fit one binding, or as blocks of at
-        // most MEANS_BLOCKS_MAX_BYTES (else rows are re-read), and, under a loop
-        // budget, pass 4 can sum them in one walk.
-        let padded_cols: Vec<u64> = inputs.iter().map(|t| means_cols(t.cols as u64)).collect();
-        let total_means_cols: u64 = padded_cols.iter().sum();
-        let n = *offsets.last().expect("offsets hold [0, N]") as u64;
-        let mut means = if self
-            .loop_budget
-            .is_none_or(|budget| micro_batches <= pass4_max_rows(budget))
-        {
-            materialize_means(
-                n,
-                micro_batches,
-                self.means_min_rows,
-                &padded_cols,
-                self.max_binding,
-                self.storage_align,
-                MEANS_BLOCKS_MAX_BYTES.min(self.device.limits().max_buffer_size),
-            )
-        } else {
-            MeansLayout::None
-        };
-        if let Some(budget) = self.loop_budget {
-            // clip_factors walks the micro-batches, 256 per step, 3 G + 1
-            // times (and a tree of 8 steps per group): up to 3/2 of the budget,
-            // since this one cannot be cut into windows.
-            let steps = (3 * groups as u64 + 1) * micro_batches.div_ceil(256) + 16 * groups as u64;
-            if steps > budget + budget / 2 {
-                return Err(ClipError::TooLarge(format!(
-                    "{micro_batches} micro-batches x {groups} groups on a software adapter, \
-                     whose shaders stop their loops after 65,535 iterations"
-                )));
-            }
-            // mb_norms walks a group's tiles, 8 per step on a software adapter
-            // (at least one tile per tensor).
-            if tiles_total.div_ceil(8) + 16 > budget + budget / 2 {
-                return Err(ClipError::TooLarge(format!(
-                    "{tiles_total} column tiles on a software adapter, whose shaders stop \
-                     their loops after 65,535 iterations"
-                )));
-            }
-        }
-        // Blocks of means that some tensor window cannot bind whole (its
-        // micro-batches' rows over one binding) are not stored: plan again.
-        let means_starts = starts(padded_cols.iter().copied());
-        let (tensors, carry_cols, pass1) = loop {
-            let max_rows = window_rows_cap(
-                self.loop_budget,
-                tile_cols,
-                deepest,
-                means == MeansLayout::None,
-                self.pass4_chunk_rows,
-            );
-            let mut carry_cols = 0u64;
-            let mut tensors = Vec::with_capacity(inputs.len());
-            for (p, t) in inputs.iter().enumerate() {
-                let cols = t.cols as u64;
-                let windows = plan_windows(
-                    offsets,
-                    cols,
-                    t.dtype.size_bytes(),
-                    t.offset,
-                    self.max_binding,
-                    self.storage_align,
-                    max_rows,
-                )?;
-                // Only a micro-batch that goes on in a later window is carried.
-                if windows.iter().any(|w| w.carry_out) {
-                    carry_cols = carry_cols.max(cols);
-                }
-                tensors.push((tile_bases[p], windows, group_of[p] as u32));
-            }
-            // Tensors in the same buffer (key: the first such tensor's index).
-            // (wgpu::Buffer hashes and compares by its handle's address, which its
-            // interior mutability never changes.)
-            #[allow(clippy::mutable_key_type)]
-            let mut first_of = std::collections::HashMap::new();
-            let keyed: Vec<Pass1Tensor<'_>> = inputs
-                .iter()
-                .zip(&tensors)
-                .enumerate()
-                .map(|(p, (t, (_, windows, _)))| Pass1Tensor {
-                    buffer: *first_of.entry(t.buffer).or_insert(p),
-                    dtype: t.dtype.index(),
-                    elem_bytes: t.dtype.size_bytes(),
-                    windows,
-                })
-                .collect();
-            let pass1 = pass1_dispatches(&keyed, self.max_binding, self.buffer_slots);
-            if means != MeansLayout::Blocks {
-                break (tensors, carry_cols, pass1);
-            }
-            // Dispatches whose rows of blocks exceed one binding are split; where
-            // one tensor window's alone do, the rows are re-read instead.
-            let block = |p: usize| {
-                means_block(
-                    means,
-                    micro_batches,
-                    means_starts[p],
-                    padded_cols[p],
-                    total_means_cols,
-                )
-            };
-            let fits = |entries: &[Pass1Entry]| {
-                entries_blocks_binding(entries, &tensors, block, self.storage_align).1
-                    <= self.max_binding
-            };
-            match split_for_blocks(pass1, fits) {
-                Some(pass1) => break (tensors, carry_cols, pass1),
-                None => means = MeansLayout::None,
-            }
-        };
-        let with_means = means != MeansLayout::None;
-        let too_large = |what: String, bytes: u64| {
-            if bytes > self.max_binding {
-                Err(ClipError::TooLarge(format!(
-                    "{what} need {bytes} bytes, over one storage binding ({} bytes)",
-                    self.max_binding
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        // The per-micro-batch norm records (M x G x 16 bytes) are never larger
-        // than the partials (every group has a tile), so this bounds them too.
-        too_large(
-            format!("{micro_batches} micro-batches x {tiles_total} column tiles of norm partials"),
-            micro_batches * tiles_total * PARTIAL_BYTES,
-        )?;
-        for (p, o) in outputs.iter().enumerate() {
-            // One f32 row: larger than a 16-bit input row.
-            let (_, bind_size, _) =
-                aligned_binding(o.offset, o.cols as u64 * 4, self.storage_align, 4);
-            too_large(format!("tensor {p}: the f32 output row"), bind_size)?;
-        }
-        // The two carry rows of a tensor split over row windows, whole quads.
-        too_large("the carried sums".into(), means_cols(carry_cols) * 4)?;
-        // Means are stored and some micro-batch has more than CHUNK_ROWS rows.
-        let deep_means = with_means
-            && offsets
-                .windows(2)
-                .any(|w| (w[1] - w[0]) as u64 > kernels::CHUNK_ROWS);
-        // N is the last of the u32 row offsets; a tensor's row windows may be
-        // cut together (`chunk_windows_table`).
-        let row_chunks = !with_means
-            && (cuts(n as u32, self.pass4_chunk_rows)
-                || (self.pass4_chunk_rows > 0 && tensors.iter().any(|t| t.1.len() > 1)));
-        let per_row_weights = !with_means && micro_batches != n;
-        if per_row_weights {
-            too_large(
-                format!("{n} rows x {groups} groups of per-row weights"),
-                n * groups as u64 * 8,
-            )?;
-        }
-        let pass1_variants = pass1
-            .iter()
-            .map(|d| PartialsVariant {
-                deep: deep_means,
-                aligned: d
-                    .entries
-                    .iter()
-                    .all(|e| vec4_aligned(inputs[e.tensor].cols as u64, e.elem_offset)),
-                no_carry: d.entries.iter().all(|e| {
-                    let w = &tensors[e.tensor].1[e.window];
-                    !w.carry_in && !w.carry_out
-                }),
-                stores_means: Some(with_means),
-            })
-            .collect();
-        let pass1_octs = pass1
-            .iter()
-            .map(|d| {
-                let dtype = inputs[d.entries[0].tensor].dtype;
-                self.oct_loads()
-                    && d.bindings.len() == 1
-                    && plan::oct_rows(
-                        dtype.size_bytes(),
-                        d.bindings[0].size,
-                        d.entries
-                            .iter()
-                            .map(|e| (inputs[e.tensor].cols as u64, e.elem_offset as u64)),
-                    )
-            })
-            .collect();
-        Ok(CallLayout {
-            micro_batches,
-            groups: groups as u64,
-            tiles_total,
-            tile_cols,
-            group_tiles,
-            tensors,
-            carry_cols,
-            total_means_cols,
-            means,
-            means_starts,
-            row_chunks,
-            per_row_weights,
-            pass1,
-            pass1_variants,
-            pass1_octs,
-        })
     }
 
     fn run(
@@ -1216,36 +839,4 @@ fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, len: u64, tensors: &[(u64,
         written = at + bytes.len();
     }
     view.slice(written..).fill(0);
-}
-
-fn range_error(tensor: usize, reason: String) -> ClipError {
-    ClipError::BufferRange { tensor, reason }
-}
-
-/// Tensor `p`'s `what` ("input" or "output") at `offset`, `len` bytes, in `buffer`:
-/// 4-byte aligned, inside the buffer, with `STORAGE` usage.
-fn check_range(p: usize, what: &str, buffer: &wgpu::Buffer, offset: u64, len: u64) -> Result<()> {
-    if !offset.is_multiple_of(4) {
-        return Err(range_error(
-            p,
-            format!("{what} offset {offset} is not a multiple of 4"),
-        ));
-    }
-    if offset.saturating_add(len) > buffer.size() {
-        return Err(range_error(
-            p,
-            format!(
-                "{what} needs bytes [{offset}, {}) but its buffer has {} bytes",
-                offset.saturating_add(len),
-                buffer.size()
-            ),
-        ));
-    }
-    if !buffer.usage().contains(U::STORAGE) {
-        return Err(range_error(
-            p,
-            format!("{what} buffer lacks BufferUsages::STORAGE"),
-        ));
-    }
-    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The parameter tables and buffer ranges of one call's dispatches, pass by
-//! pass (`Call`), from the call's layout (`CallLayout`, see `plan.rs`); the
+//! pass (`Call`), from the call's layout (`CallLayout`, see `layout.rs`); the
 //! recording (`encode.rs`) binds and dispatches them.
 
 use super::dispatch::{
@@ -27,7 +27,7 @@ pub(super) struct Call<'a> {
     pub(super) inputs: &'a [GpuTensor<'a>],
     pub(super) outputs: &'a [GpuTensorMut<'a>],
     pub(super) read_outputs: bool,
-    /// Each output's binding: (start, size, element index of out_p[0] in it).
+    /// Each output's binding: (start, size, element index of `out_p[0]` in it).
     out_bindings: Vec<(u64, u64, u32)>,
     /// 1: a zero weight skips its row in pass 4 (so 0 * NaN never happens).
     skip_zero: u32,
