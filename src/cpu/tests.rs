@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use super::{add_rows, mean_ssq_k, store_means, sum_squares, sum_squares_f64, LANES};
+use super::loops::{add_rows, mean_ssq_k, store_means, sum_squares, sum_squares_f64, LANES};
 use crate::dtype::{F16c, GradElement};
 
 /// `sum x^2` in f64 of exact squares, one term after another.

@@ -6,7 +6,7 @@
 //! ([`norms_and_means`], [`sums_of_means`]): `1 / b` of the input's elements, so
 //! the step moves about `1 + 2 / b` inputs' worth of bytes (means written and read
 //! back) instead of 2 (N = 64, D = 4M, b = 4 on the 2-core VM: 109 ms -> 79 ms).
-//! The means are written past the cache on x86-64 ([`super::store_means`]), which
+//! The means are written past the cache on x86-64 ([`super::loops::store_means`]), which
 //! spares their lines' read for ownership, `1 / b` more (`1 + 3 / b` elsewhere;
 //! the same shape on the Xeon VM: 69.6-75.1 ms -> 62.3-66.3).
 
