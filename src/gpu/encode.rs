@@ -79,11 +79,9 @@ impl GpuClipper {
                  device's largest buffer ({max_buffer} bytes)"
             )));
         }
-        let uniforms = self.pool.get(
-            Slot::Params,
-            params.bytes.len() as u64,
-            U::UNIFORM | U::COPY_DST,
-        );
+        let uniforms = self
+            .pool
+            .get(Slot::Params, params_bytes, U::UNIFORM | U::COPY_DST);
         self.queue.write_buffer(&uniforms, 0, &params.bytes);
         // The partial rows' binding of pass-4 dispatches without row chunks.
         let no_partials = self.pool.get(Slot::NoPartials, 16, SCRATCH_USAGE);
